@@ -1,0 +1,1 @@
+//! Generic REST adapter (axum) for KES aggregates (work in progress).

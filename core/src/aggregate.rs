@@ -1,0 +1,93 @@
+//! The domain side: aggregates decide, events record what was decided.
+
+use std::fmt::Debug;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Something that happened to an aggregate, named in the past tense
+/// (`ProjectRenamed`, not `RenameProject`).
+///
+/// Events are stored forever, so their shape is a contract with the future:
+/// when it has to change, bump [`DomainEvent::revision`] for that event type
+/// and register an upcaster (see [`crate::codec::Upcasters`]) that turns the
+/// old stored JSON into the new shape.
+pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
+    /// The stable name of this event's type, e.g. `"ProjectRenamed"`.
+    /// Stored next to the payload and shown in audit histories.
+    fn event_type(&self) -> &'static str;
+
+    /// The schema revision of this event's type, starting at 1.
+    fn revision(&self) -> u32 {
+        1
+    }
+}
+
+/// A consistency boundary: one thing whose rules are checked together,
+/// such as a project or a task.
+///
+/// `handle` decides, `apply` records. `handle` is pure: it looks only at the
+/// current state and the command, performs no I/O and either returns the
+/// events that the command causes or a domain error. `apply` never fails: an
+/// event is a fact that already happened, so the state must accept it.
+///
+/// ```
+/// use kes_core::{Aggregate, DomainEvent};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+/// struct Counter { value: i64 }
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// enum CounterEvent { Added { by: i64 } }
+/// impl DomainEvent for CounterEvent {
+///     fn event_type(&self) -> &'static str { "Added" }
+/// }
+///
+/// #[derive(Debug, thiserror::Error, PartialEq)]
+/// #[error("a counter never goes below zero")]
+/// struct BelowZero;
+///
+/// impl Aggregate for Counter {
+///     const NAME: &'static str = "counter";
+///     type Command = i64;
+///     type Event = CounterEvent;
+///     type Error = BelowZero;
+///     fn handle(&self, by: i64) -> Result<Vec<CounterEvent>, BelowZero> {
+///         if self.value + by < 0 { return Err(BelowZero) }
+///         Ok(vec![CounterEvent::Added { by }])
+///     }
+///     fn apply(&mut self, event: &CounterEvent) {
+///         match event { CounterEvent::Added { by } => self.value += by }
+///     }
+/// }
+/// # let mut c = Counter::default();
+/// # for e in c.handle(3).unwrap() { c.apply(&e) }
+/// # assert_eq!(c.value, 3);
+/// ```
+pub trait Aggregate: Default + Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
+    /// The aggregate type's name, singular and lower case (`"project"`).
+    /// Names topics, tables and (pluralised by the HTTP adapter) routes.
+    const NAME: &'static str;
+
+    /// What a caller asks the aggregate to do.
+    type Command: Debug + Send + 'static;
+
+    /// What the aggregate records when a command succeeds.
+    type Event: DomainEvent;
+
+    /// Why the aggregate refused a command (a broken business rule).
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Decides which events `command` causes, or why it is refused.
+    fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// Moves the state forward by one event.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Whether this state is a deletion (tombstone). A deleted aggregate is
+    /// not found by reads, its list row is removed, and the Kafka table
+    /// writes a tombstone for it. Its events stay in the log.
+    fn is_deleted(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,356 @@
+//! The command path: one command at a time per aggregate, checked, decided,
+//! appended.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::aggregate::Aggregate;
+use crate::envelope::{Metadata, Position};
+use crate::store::{Appended, EventStore, ExpectedVersion, StoreError};
+
+/// Why a command produced no events.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError<E> {
+    /// The aggregate refused the command (a business rule); nothing appended.
+    #[error("rejected: {0}")]
+    Rejected(#[source] E),
+    /// The command needs an existing aggregate and there is none (or it was
+    /// deleted).
+    #[error("{aggregate} {id} not found")]
+    NotFound {
+        /// Aggregate type.
+        aggregate: &'static str,
+        /// Aggregate id.
+        id: String,
+    },
+    /// The aggregate is not at the version the caller expected.
+    #[error("{aggregate} {id}: expected {expected}, but it is at version {actual}")]
+    Conflict {
+        /// Aggregate type.
+        aggregate: &'static str,
+        /// Aggregate id.
+        id: String,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The actual version.
+        actual: u64,
+    },
+    /// The store failed; see [`StoreError::is_transient`].
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl<E> CommandError<E> {
+    fn from_store(aggregate: &'static str, e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { id, expected, actual, .. } => Self::Conflict { aggregate, id, expected, actual },
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// What a successful command answers.
+#[derive(Debug, Clone)]
+pub struct CommandOutcome<A> {
+    /// The aggregate's state after the command.
+    pub state: A,
+    /// Its version after the command (the ETag).
+    pub version: u64,
+    /// Where the command's last event sits in the log; `None` when the
+    /// command decided no events.
+    pub position: Option<Position>,
+    /// How many events the command appended (0 for a replay of a retry).
+    pub events: usize,
+    /// True when this answer is the replay of an earlier command with the
+    /// same idempotency key.
+    pub deduplicated: bool,
+}
+
+/// Tunables of a [`CommandBus`].
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// How many idempotency keys the bus remembers in memory.
+    pub idempotency_capacity: usize,
+    /// How long an idempotency key is remembered in memory. Stores remember
+    /// keys on their own terms too (see each store's docs).
+    pub idempotency_ttl: Duration,
+    /// How many lock shards the per-aggregate lock table has.
+    pub lock_shards: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self { idempotency_capacity: 100_000, idempotency_ttl: Duration::from_secs(24 * 3600), lock_shards: 64 }
+    }
+}
+
+/// Runs commands against one aggregate type.
+///
+/// Commands on the same aggregate id run one after another; commands on
+/// different ids run in parallel (the lock table is sharded and its locks
+/// are held only for a map lookup, never across I/O).
+pub struct CommandBus<A: Aggregate, S> {
+    store: S,
+    locks: KeyedLocks,
+    recent: Mutex<IdempotencyCache>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
+    /// A bus over `store` with the default configuration.
+    pub fn new(store: S) -> Self {
+        Self::with_config(store, BusConfig::default())
+    }
+
+    /// A bus over `store` configured by `config`.
+    pub fn with_config(store: S, config: BusConfig) -> Self {
+        Self {
+            store,
+            locks: KeyedLocks::new(config.lock_shards.max(1)),
+            recent: Mutex::new(IdempotencyCache::new(config.idempotency_capacity, config.idempotency_ttl)),
+            _aggregate: PhantomData,
+        }
+    }
+
+    /// The store behind this bus.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Runs `command` on aggregate `id`.
+    ///
+    /// Loads the latest state, checks `expected`, lets the aggregate decide,
+    /// and appends its events atomically. A domain error appends nothing.
+    /// When `metadata.idempotency_key` was used before on `id`, nothing runs
+    /// and the first answer is repeated (with the current state).
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: A::Command,
+        expected: ExpectedVersion,
+        metadata: Metadata,
+    ) -> Result<CommandOutcome<A>, CommandError<A::Error>> {
+        let _turn = self.locks.lock(id).await;
+        let key = metadata.idempotency_key.clone();
+        if let Some(key) = &key {
+            if let Some(first) = self.recall(id, key).await? {
+                return self.replay(id, first).await;
+            }
+        }
+        let snapshot = self.store.load(id).await.map_err(|e| CommandError::from_store(A::NAME, e))?;
+        let (state, version) = snapshot.map(|s| (s.state, s.version)).unwrap_or_default();
+        let exists = version > 0 && !state.is_deleted();
+        match expected {
+            ExpectedVersion::Exists if !exists => {
+                return Err(CommandError::NotFound { aggregate: A::NAME, id: id.to_owned() });
+            }
+            ExpectedVersion::Exact(_) if !exists && version > 0 => {
+                return Err(CommandError::NotFound { aggregate: A::NAME, id: id.to_owned() });
+            }
+            e if !e.admits(version) => {
+                return Err(CommandError::Conflict {
+                    aggregate: A::NAME,
+                    id: id.to_owned(),
+                    expected,
+                    actual: version,
+                });
+            }
+            _ => {}
+        }
+        let events = state.handle(command).map_err(CommandError::Rejected)?;
+        if events.is_empty() {
+            return Ok(CommandOutcome { state, version, position: None, events: 0, deduplicated: false });
+        }
+        let mut next = state;
+        for event in &events {
+            next.apply(event);
+        }
+        let count = events.len();
+        let appended = self
+            .store
+            .append(id, ExpectedVersion::Exact(version), events, metadata)
+            .await
+            .map_err(|e| CommandError::from_store(A::NAME, e))?;
+        if appended.deduplicated {
+            // Another process used the key first; answer as it did.
+            return self.replay(id, appended).await;
+        }
+        if let Some(key) = key {
+            self.remember(id, key, appended);
+        }
+        Ok(CommandOutcome {
+            state: next,
+            version: appended.version,
+            position: Some(appended.position),
+            events: count,
+            deduplicated: false,
+        })
+    }
+
+    async fn recall(&self, id: &str, key: &str) -> Result<Option<Appended>, CommandError<A::Error>> {
+        let cached = self.recent.lock().map(|mut c| c.get(id, key)).unwrap_or(None);
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        self.store.recall(id, key).await.map_err(|e| CommandError::from_store(A::NAME, e))
+    }
+
+    fn remember(&self, id: &str, key: String, appended: Appended) {
+        if let Ok(mut cache) = self.recent.lock() {
+            cache.put(id.to_owned(), key, appended);
+        }
+    }
+
+    async fn replay(&self, id: &str, first: Appended) -> Result<CommandOutcome<A>, CommandError<A::Error>> {
+        let state = self
+            .store
+            .load(id)
+            .await
+            .map_err(|e| CommandError::from_store(A::NAME, e))?
+            .map(|s| s.state)
+            .unwrap_or_default();
+        Ok(CommandOutcome {
+            state,
+            version: first.version,
+            position: Some(first.position),
+            events: 0,
+            deduplicated: true,
+        })
+    }
+}
+
+/// Per-key async locks whose table entries disappear when unused.
+struct KeyedLocks {
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>]>,
+}
+
+struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    fn new(shards: usize) -> Self {
+        Self { hasher: RandomState::new(), shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        let i = self.hasher.hash_one(key) as usize % self.shards.len();
+        &self.shards[i]
+    }
+
+    async fn lock(&self, key: &str) -> KeyedGuard<'_> {
+        let lock = {
+            let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+            shard.entry(key.to_owned()).or_default().clone()
+        };
+        KeyedGuard { locks: self, key: key.to_owned(), guard: Some(lock.lock_owned().await) }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        let mut shard = self.locks.shard(&self.key).lock().unwrap_or_else(|p| p.into_inner());
+        // The table and this guard hold the only references: nobody else
+        // waits for this key, so the entry can go.
+        if let Some(entry) = shard.get(&self.key) {
+            if Arc::strong_count(entry) == 2 {
+                shard.remove(&self.key);
+            }
+        }
+        self.guard.take();
+    }
+}
+
+/// Recently used idempotency keys, bounded in count and age.
+struct IdempotencyCache {
+    capacity: usize,
+    ttl: Duration,
+    entries: HashMap<(String, String), (Instant, Appended)>,
+    order: VecDeque<(Instant, (String, String))>,
+}
+
+impl IdempotencyCache {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        Self { capacity, ttl, entries: HashMap::new(), order: VecDeque::new() }
+    }
+
+    fn get(&mut self, id: &str, key: &str) -> Option<Appended> {
+        self.expire(Instant::now());
+        self.entries.get(&(id.to_owned(), key.to_owned())).map(|(_, a)| *a)
+    }
+
+    fn put(&mut self, id: String, key: String, appended: Appended) {
+        if self.capacity == 0 {
+            return;
+        }
+        let now = Instant::now();
+        self.expire(now);
+        while self.entries.len() >= self.capacity {
+            match self.order.pop_front() {
+                Some((_, k)) => {
+                    self.entries.remove(&k);
+                }
+                None => break,
+            }
+        }
+        self.entries.insert((id.clone(), key.clone()), (now, appended));
+        self.order.push_back((now, (id, key)));
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < self.ttl {
+                break;
+            }
+            if let Some((_, k)) = self.order.pop_front() {
+                self.entries.remove(&k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn appended(v: u64) -> Appended {
+        Appended { version: v, position: Position::new(0, v), deduplicated: false }
+    }
+
+    #[test]
+    fn idempotency_cache_is_bounded_by_count_and_age() {
+        let mut c = IdempotencyCache::new(2, Duration::from_secs(60));
+        c.put("a".into(), "k1".into(), appended(1));
+        c.put("a".into(), "k2".into(), appended(2));
+        c.put("a".into(), "k3".into(), appended(3));
+        assert_eq!(c.get("a", "k1"), None);
+        assert_eq!(c.get("a", "k3"), Some(appended(3)));
+        assert_eq!(c.get("b", "k3"), None, "keys are per aggregate");
+        let mut short = IdempotencyCache::new(10, Duration::ZERO);
+        short.put("a".into(), "k".into(), appended(1));
+        assert_eq!(short.get("a", "k"), None);
+    }
+
+    #[tokio::test]
+    async fn keyed_locks_forget_unused_keys() {
+        let locks = KeyedLocks::new(4);
+        {
+            let _a = locks.lock("a").await;
+            let _b = locks.lock("b").await;
+            assert_eq!(locks.len(), 2);
+        }
+        assert_eq!(locks.len(), 0);
+    }
+}

@@ -1,0 +1,1 @@
+//! Backend conformance suites (feature `testing`).

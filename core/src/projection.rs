@@ -1,0 +1,436 @@
+//! Projections: durable, checkpointed, rebuildable consumers of the log.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::aggregate::Aggregate;
+use crate::envelope::{Checkpoint, Envelope, Position};
+use crate::store::{EventStore, StoreError};
+use crate::view::{Row, RowChange, ViewCopy, ViewError, ViewProgress, ViewStore};
+
+/// Why a projection could not apply a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// Reading the log failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the view failed.
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// No projection of that name is registered.
+    #[error("no projection named {0:?}")]
+    Unknown(String),
+    /// The runner was shut down.
+    #[error("projection runner stopped")]
+    Stopped,
+}
+
+/// A named, versioned consumer of the log that keeps its checkpoint with
+/// its data, and can be rebuilt into a shadow copy and swapped in.
+#[async_trait]
+pub trait Projection<E>: Send + Sync {
+    /// The projection's name (unique per runner).
+    fn name(&self) -> &str;
+
+    /// Its version: when the stored copy was built with another, the runner
+    /// rebuilds it from the log.
+    fn version(&self) -> u32;
+
+    /// The stored progress of `copy`.
+    async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ProjectionError>;
+
+    /// Applies `batch` to `copy` and stores `checkpoint` with it, atomically.
+    async fn apply(
+        &self,
+        copy: ViewCopy,
+        batch: &[Envelope<E>],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), ProjectionError>;
+
+    /// Starts an empty shadow copy.
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError>;
+
+    /// Makes the shadow copy live.
+    async fn swap(&self) -> Result<(), ProjectionError>;
+}
+
+/// Turns an aggregate's state into its list row.
+pub type RowFn<A> = Arc<dyn Fn(&A) -> Row + Send + Sync>;
+
+/// The projection behind a list view: folds each aggregate's events into
+/// its state (kept in the view beside the row) and writes the row that
+/// `to_row` derives from it.
+pub struct ViewProjection<A: Aggregate> {
+    view: Arc<dyn ViewStore>,
+    to_row: RowFn<A>,
+}
+
+impl<A: Aggregate> ViewProjection<A> {
+    /// A projection writing `to_row(state)` of every aggregate into `view`.
+    pub fn new(view: Arc<dyn ViewStore>, to_row: impl Fn(&A) -> Row + Send + Sync + 'static) -> Self {
+        Self { view, to_row: Arc::new(to_row) }
+    }
+}
+
+#[async_trait]
+impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
+    fn name(&self) -> &str {
+        &self.view.schema().name
+    }
+
+    fn version(&self) -> u32 {
+        self.view.schema().version
+    }
+
+    async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ProjectionError> {
+        Ok(self.view.progress(copy).await?)
+    }
+
+    async fn apply(
+        &self,
+        copy: ViewCopy,
+        batch: &[Envelope<A::Event>],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), ProjectionError> {
+        let mut ids: Vec<String> = batch.iter().map(|e| e.aggregate_id.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let stored = self.view.states(copy, &ids).await?;
+        let mut states: HashMap<&str, (u64, A)> = HashMap::with_capacity(ids.len());
+        for (id, s) in &stored {
+            let state = serde_json::from_value(s.state.clone())
+                .map_err(|e| ViewError::Corrupt { id: id.clone(), reason: format!("stored state: {e}") })?;
+            states.insert(id.as_str(), (s.version, state));
+        }
+        let mut touched: Vec<&str> = Vec::new();
+        for envelope in batch {
+            let (version, state) = states.entry(envelope.aggregate_id.as_str()).or_insert_with(|| (0, A::default()));
+            // Replays after a crash may repeat events the view already has.
+            if envelope.version <= *version {
+                continue;
+            }
+            state.apply(&envelope.payload);
+            *version = envelope.version;
+            touched.push(envelope.aggregate_id.as_str());
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let mut changes = Vec::with_capacity(touched.len());
+        for id in touched {
+            let (version, state) = &states[id];
+            let json = serde_json::to_value(state).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))?;
+            let row = if state.is_deleted() { None } else { Some((self.to_row)(state)) };
+            changes.push(RowChange { id: id.to_owned(), version: *version, state: json, row });
+        }
+        self.view.write(copy, &changes, checkpoint).await?;
+        Ok(())
+    }
+
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
+        Ok(self.view.begin_rebuild().await?)
+    }
+
+    async fn swap(&self) -> Result<(), ProjectionError> {
+        Ok(self.view.swap().await?)
+    }
+}
+
+/// Tunables of a [`ProjectionRunner`].
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Most appends applied in one batch (one view transaction).
+    pub batch_size: usize,
+    /// Pause before retrying after a failure.
+    pub retry_delay: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self { batch_size: 512, retry_delay: Duration::from_millis(500) }
+    }
+}
+
+/// What the runner knows of one projection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// How far its live copy has consumed the log.
+    pub checkpoint: Checkpoint,
+    /// Records in the log it has not applied yet.
+    pub lag: u64,
+    /// The last failure, cleared by the next successful batch.
+    pub last_error: Option<String>,
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebuildReport {
+    /// The projection rebuilt.
+    pub name: String,
+    /// Events applied to the new copy.
+    pub events: u64,
+    /// Wall time from start to swap.
+    pub elapsed: Duration,
+}
+
+/// Waits until the reads of a view reflect a given write.
+#[async_trait]
+pub trait CatchUp: Send + Sync {
+    /// Returns once every projection has applied the record at `position`,
+    /// or `false` when `timeout` passed first.
+    async fn wait_for(&self, position: Position, timeout: Duration) -> bool;
+}
+
+struct Slot<E> {
+    projection: Arc<dyn Projection<E>>,
+    progress: watch::Sender<Checkpoint>,
+    /// Held while a batch is applied to the live copy, and by a rebuild
+    /// while it swaps; counts swaps so that the live loop resubscribes.
+    gate: tokio::sync::Mutex<u64>,
+    rebuilding: tokio::sync::Mutex<()>,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Feeds projections from the log, each from its own checkpoint, in
+/// batches; rebuilds them on demand or when their version changed.
+pub struct ProjectionRunner<A: Aggregate, S> {
+    store: S,
+    config: RunnerConfig,
+    slots: Vec<Arc<Slot<A::Event>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+enum Interrupt {
+    Stopped,
+    Swapped,
+}
+
+impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
+    /// A runner over `store` for `projections`; nothing runs until
+    /// [`ProjectionRunner::start`].
+    pub fn new(store: S, projections: Vec<Arc<dyn Projection<A::Event>>>, config: RunnerConfig) -> Arc<Self> {
+        let slots = projections
+            .into_iter()
+            .map(|projection| {
+                Arc::new(Slot {
+                    projection,
+                    progress: watch::channel(Checkpoint::start()).0,
+                    gate: tokio::sync::Mutex::new(0),
+                    rebuilding: tokio::sync::Mutex::new(()),
+                    last_error: Mutex::new(None),
+                })
+            })
+            .collect();
+        Arc::new(Self {
+            store,
+            config,
+            slots,
+            tasks: Mutex::new(Vec::new()),
+            stop: watch::channel(false).0,
+            _aggregate: PhantomData,
+        })
+    }
+
+    /// Loads each projection's stored checkpoint; rebuilds the ones built
+    /// with another version (their old copy serves meanwhile); then follows
+    /// the log in the background.
+    pub async fn start(self: &Arc<Self>) -> Result<(), ProjectionError> {
+        for slot in &self.slots {
+            let stored = slot.projection.progress(ViewCopy::Live).await?;
+            if let Some(p) = &stored {
+                slot.progress.send_replace(p.checkpoint.clone());
+            }
+            let outdated = stored.as_ref().is_some_and(|p| p.schema_version != slot.projection.version());
+            let runner = Arc::clone(self);
+            let slot = Arc::clone(slot);
+            let task = tokio::spawn(async move {
+                if outdated {
+                    let name = slot.projection.name().to_owned();
+                    match runner.rebuild(&name, &|_, _| {}).await {
+                        Ok(r) => tracing::info!(projection = %name, events = r.events, "rebuilt for new version"),
+                        Err(e) => tracing::error!(projection = %name, error = %e, "rebuild for new version failed"),
+                    }
+                }
+                runner.follow(&slot).await;
+            });
+            self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        }
+        Ok(())
+    }
+
+    /// Stops following the log; batches in progress finish first.
+    pub async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// The names of the registered projections.
+    pub fn names(&self) -> Vec<String> {
+        self.slots.iter().map(|s| s.projection.name().to_owned()).collect()
+    }
+
+    /// Status of every projection, with lag against the log's head.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
+        let head = self.store.head().await?;
+        Ok(self
+            .slots
+            .iter()
+            .map(|s| {
+                let checkpoint = s.progress.borrow().clone();
+                ProjectionStatus {
+                    name: s.projection.name().to_owned(),
+                    lag: checkpoint.lag_behind(&head),
+                    checkpoint,
+                    last_error: s.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+                }
+            })
+            .collect())
+    }
+
+    fn slot(&self, name: &str) -> Result<&Arc<Slot<A::Event>>, ProjectionError> {
+        self.slots.iter().find(|s| s.projection.name() == name).ok_or_else(|| ProjectionError::Unknown(name.to_owned()))
+    }
+
+    /// Rebuilds projection `name` from the start of the log into a shadow
+    /// copy while the live copy keeps serving and following the log, then
+    /// swaps the copies. `progress(done, total)` is called after each batch
+    /// with the records applied and the log size at the start.
+    pub async fn rebuild(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<RebuildReport, ProjectionError> {
+        let slot = self.slot(name)?;
+        let _only_one = slot.rebuilding.lock().await;
+        let started = Instant::now();
+        let projection = &slot.projection;
+        projection.begin_rebuild().await?;
+        let head = self.store.head().await?;
+        let total = head.lag_behind(&Checkpoint::start());
+        let mut stream = self.store.subscribe(Checkpoint::start()).await?.ready_chunks(self.config.batch_size);
+        let mut checkpoint = Checkpoint::start();
+        let mut events = 0u64;
+        while !checkpoint.covers_all(&head) {
+            let batch = self.next_batch(&mut stream).await?;
+            let next = advanced(&checkpoint, &batch);
+            projection.apply(ViewCopy::Shadow, &batch, &next).await?;
+            events += batch.len() as u64;
+            checkpoint = next;
+            progress(total - checkpoint.lag_behind(&head).min(total), total);
+        }
+        // The rest arrived while we rebuilt: take it with the live copy
+        // paused, so that the swap loses nothing.
+        let mut generation = slot.gate.lock().await;
+        let head = self.store.head().await?;
+        while !checkpoint.covers_all(&head) {
+            let batch = self.next_batch(&mut stream).await?;
+            let next = advanced(&checkpoint, &batch);
+            projection.apply(ViewCopy::Shadow, &batch, &next).await?;
+            events += batch.len() as u64;
+            checkpoint = next;
+        }
+        projection.swap().await?;
+        *generation += 1;
+        slot.progress.send_replace(checkpoint);
+        Ok(RebuildReport { name: name.to_owned(), events, elapsed: started.elapsed() })
+    }
+
+    async fn next_batch(
+        &self,
+        stream: &mut (impl futures::Stream<Item = Vec<Result<Vec<Envelope<A::Event>>, StoreError>>> + Unpin),
+    ) -> Result<Vec<Envelope<A::Event>>, ProjectionError> {
+        let chunk = stream.next().await.ok_or_else(|| StoreError::Unavailable("the log subscription ended".into()))?;
+        let mut batch = Vec::new();
+        for item in chunk {
+            batch.extend(item?);
+        }
+        Ok(batch)
+    }
+
+    async fn follow(&self, slot: &Slot<A::Event>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            match self.follow_once(slot, &mut stop).await {
+                Ok(Interrupt::Stopped) => return,
+                Ok(Interrupt::Swapped) => continue,
+                Err(e) => {
+                    tracing::warn!(projection = slot.projection.name(), error = %e, "projection failed; retrying");
+                    if let Ok(mut last) = slot.last_error.lock() {
+                        *last = Some(e.to_string());
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tokio::time::sleep(self.config.retry_delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn follow_once(
+        &self,
+        slot: &Slot<A::Event>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Interrupt, ProjectionError> {
+        let generation = *slot.gate.lock().await;
+        let mut checkpoint = slot.projection.progress(ViewCopy::Live).await?.map(|p| p.checkpoint).unwrap_or_default();
+        slot.progress.send_replace(checkpoint.clone());
+        let mut stream = self.store.subscribe(checkpoint.clone()).await?.ready_chunks(self.config.batch_size);
+        loop {
+            let batch = tokio::select! {
+                _ = stop.changed() => return Ok(Interrupt::Stopped),
+                batch = self.next_batch(&mut stream) => batch?,
+            };
+            let gate = slot.gate.lock().await;
+            if *gate != generation {
+                return Ok(Interrupt::Swapped);
+            }
+            let next = advanced(&checkpoint, &batch);
+            slot.projection.apply(ViewCopy::Live, &batch, &next).await?;
+            drop(gate);
+            checkpoint = next;
+            slot.progress.send_replace(checkpoint.clone());
+            if let Ok(mut last) = slot.last_error.lock() {
+                *last = None;
+            }
+        }
+    }
+}
+
+fn advanced<E>(checkpoint: &Checkpoint, batch: &[Envelope<E>]) -> Checkpoint {
+    let mut next = checkpoint.clone();
+    for e in batch {
+        next.advance(e.position);
+    }
+    next
+}
+
+#[async_trait]
+impl<A: Aggregate, S: EventStore<A> + Clone> CatchUp for ProjectionRunner<A, S> {
+    async fn wait_for(&self, position: Position, timeout: Duration) -> bool {
+        let waits = self.slots.iter().map(|slot| {
+            let mut rx = slot.progress.subscribe();
+            async move { rx.wait_for(|c| c.covers(position)).await.is_ok() }
+        });
+        tokio::time::timeout(timeout, futures::future::join_all(waits))
+            .await
+            .is_ok_and(|all| all.into_iter().all(|ok| ok))
+    }
+}

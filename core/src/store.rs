@@ -1,0 +1,210 @@
+//! The event log contract every store backend fulfils.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::Aggregate;
+use crate::envelope::{Checkpoint, Envelope, Metadata, Position};
+
+/// What the caller believes the stream's version to be when appending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpectedVersion {
+    /// Append whatever the current version is.
+    Any,
+    /// The stream must not exist yet (a create).
+    NoStream,
+    /// The stream must exist (at any version).
+    Exists,
+    /// The stream must be exactly at this version (from `If-Match`).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream currently at `actual` (0 = no stream) satisfies this.
+    pub fn admits(self, actual: u64) -> bool {
+        match self {
+            Self::Any => true,
+            Self::NoStream => actual == 0,
+            Self::Exists => actual > 0,
+            Self::Exact(v) => actual == v,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("any version"),
+            Self::NoStream => f.write_str("no stream"),
+            Self::Exists => f.write_str("an existing stream"),
+            Self::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// What a successful append reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// The stream's version after the append (its last event's version).
+    pub version: u64,
+    /// Where the last event of the append sits in the log.
+    pub position: Position,
+    /// True when the idempotency key was seen before: nothing was appended
+    /// and `version`/`position` are those of the first append with that key.
+    pub deduplicated: bool,
+}
+
+/// The latest state of one aggregate, as the table holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot<A> {
+    /// The state after the last event.
+    pub state: A,
+    /// The version of the last event (≥ 1).
+    pub version: u64,
+}
+
+/// Why a store operation failed. Backends sort their own failures into
+/// these portable kinds; the HTTP edge maps each kind to one status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The stream is not at the expected version; nothing was appended.
+    #[error("{aggregate} {id}: expected {expected}, but the stream is at version {actual}")]
+    Conflict {
+        /// Aggregate type.
+        aggregate: String,
+        /// Aggregate id.
+        id: String,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The stream's actual version (0 = no stream).
+        actual: u64,
+    },
+    /// The backend cannot be reached or timed out; retrying later may work.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be decoded.
+    #[error("stored event of {aggregate} {id} at version {version} cannot be read: {reason}")]
+    Corrupt {
+        /// Aggregate type.
+        aggregate: String,
+        /// Aggregate id.
+        id: String,
+        /// Version of the unreadable event (0 when it is the table row).
+        version: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The request itself is unacceptable (empty append, bad id).
+    #[error("invalid request to the event store: {0}")]
+    Invalid(String),
+    /// The backend failed in a way that retrying will not fix.
+    #[error("event store failure: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// An endless stream of the log's records in log order, one item per
+/// append (all events of one command together, so that a reader never
+/// stores a checkpoint in the middle of a command).
+pub type EventStream<E> = BoxStream<'static, Result<Vec<Envelope<E>>, StoreError>>;
+
+/// The append-only event log of one aggregate type plus its table of latest
+/// states.
+///
+/// Every backend runs the conformance suite in `kes_core::conformance`
+/// (feature `testing`).
+#[async_trait]
+pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
+    /// Appends the events of one command to stream `id`, all or none, after
+    /// checking `expected`. The table row of `id` moves in the same step.
+    ///
+    /// When `metadata.idempotency_key` was already used on this stream, it
+    /// appends nothing and answers what the first append answered, with
+    /// `deduplicated` set.
+    async fn append(
+        &self,
+        id: &str,
+        expected: ExpectedVersion,
+        events: Vec<A::Event>,
+        metadata: Metadata,
+    ) -> Result<Appended, StoreError>;
+
+    /// What the append that used `idempotency_key` on stream `id` answered,
+    /// if one did (with `deduplicated` set). How long keys are remembered is
+    /// the backend's retention, documented by each backend.
+    async fn recall(&self, id: &str, idempotency_key: &str) -> Result<Option<Appended>, StoreError>;
+
+    /// The latest state and version of `id` from the table, without replay;
+    /// `None` when the stream does not exist.
+    async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError>;
+
+    /// The whole stream of `id`, oldest first (the audit history).
+    async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError>;
+
+    /// Every record after `from`, in log order, then new ones as they are
+    /// appended. Per aggregate, events arrive in version order.
+    async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError>;
+
+    /// The end of the log now: a checkpoint that has consumed everything
+    /// appended so far. Used to measure projection lag.
+    async fn head(&self) -> Result<Checkpoint, StoreError>;
+
+    /// Whether the backend answers now (for readiness probes).
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.head().await.map(drop)
+    }
+}
+
+#[async_trait]
+impl<A: Aggregate, S: EventStore<A> + ?Sized> EventStore<A> for std::sync::Arc<S> {
+    async fn append(
+        &self,
+        id: &str,
+        expected: ExpectedVersion,
+        events: Vec<A::Event>,
+        metadata: Metadata,
+    ) -> Result<Appended, StoreError> {
+        (**self).append(id, expected, events, metadata).await
+    }
+    async fn recall(&self, id: &str, idempotency_key: &str) -> Result<Option<Appended>, StoreError> {
+        (**self).recall(id, idempotency_key).await
+    }
+    async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        (**self).load(id).await
+    }
+    async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        (**self).read(id).await
+    }
+    async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
+        (**self).subscribe(from).await
+    }
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        (**self).head().await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        (**self).ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_version_admits() {
+        assert!(ExpectedVersion::Any.admits(0) && ExpectedVersion::Any.admits(7));
+        assert!(ExpectedVersion::NoStream.admits(0) && !ExpectedVersion::NoStream.admits(1));
+        assert!(!ExpectedVersion::Exists.admits(0) && ExpectedVersion::Exists.admits(1));
+        assert!(ExpectedVersion::Exact(3).admits(3) && !ExpectedVersion::Exact(3).admits(4));
+    }
+}

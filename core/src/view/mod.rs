@@ -1,0 +1,145 @@
+//! List views: schemas, queries, pages, and the traits list backends
+//! implement.
+
+mod query;
+mod schema;
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub use query::{Cond, Cursor, Filter, FilterOp, ListQuery, QueryError, SortKey, ValidFilter, ValidQuery, ValidSort};
+pub use schema::{Field, FieldType, FieldValue, ID_FIELD, Row, SchemaError, ViewSchema};
+
+use crate::envelope::Checkpoint;
+
+/// One row of a page.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ListItem {
+    /// The aggregate id.
+    pub id: String,
+    /// The aggregate version the row reflects.
+    pub version: u64,
+    /// The row's fields.
+    pub row: Row,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page {
+    /// The rows, in query order.
+    pub items: Vec<ListItem>,
+    /// The cursor of the next page; `None` on the last page.
+    pub next: Option<String>,
+    /// How many rows match the query in all.
+    pub total: u64,
+}
+
+/// Why a list view operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ViewError {
+    /// The query is not valid for this view (a client error).
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    /// The schema is not valid, or a row does not fit it.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The backend cannot be reached now.
+    #[error("list view unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be read back.
+    #[error("list view data of {id} cannot be read: {reason}")]
+    Corrupt {
+        /// The aggregate id of the unreadable row.
+        id: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Any other backend failure.
+    #[error("list view failure: {0}")]
+    Backend(String),
+}
+
+/// The read side of a list view: answers list queries.
+#[async_trait]
+pub trait ListView: Send + Sync {
+    /// The schema the view was built from.
+    fn schema(&self) -> &ViewSchema;
+
+    /// One page of rows matching `query`. Implementations validate the query
+    /// against [`ListView::schema`] first ([`ListQuery::validate`]).
+    async fn list(&self, query: &ListQuery) -> Result<Page, ViewError>;
+
+    /// How far the live copy has consumed the log (for read-your-writes).
+    async fn position(&self) -> Result<Checkpoint, ViewError>;
+}
+
+/// Which copy of a view a write goes to: the one serving queries, or the
+/// one being rebuilt beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ViewCopy {
+    /// The copy that answers queries.
+    Live,
+    /// The copy being rebuilt; it answers nothing until swapped in.
+    Shadow,
+}
+
+/// The aggregate state a view keeps beside each row, so that the next event
+/// can be applied to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredState {
+    /// The version of the last event applied.
+    pub version: u64,
+    /// The aggregate state as JSON.
+    pub state: serde_json::Value,
+}
+
+/// A change to one row, produced by a projection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowChange {
+    /// The aggregate id (the row's key).
+    pub id: String,
+    /// The aggregate version after the change.
+    pub version: u64,
+    /// The aggregate state after the change.
+    pub state: serde_json::Value,
+    /// The row to show, or `None` when the aggregate was deleted (the row
+    /// disappears from lists; its state is kept).
+    pub row: Option<Row>,
+}
+
+/// What a view copy remembers of its progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewProgress {
+    /// How far it has consumed the log.
+    pub checkpoint: Checkpoint,
+    /// The schema version it was built with.
+    pub schema_version: u32,
+}
+
+/// The write side of a list backend: rows, the states behind them and the
+/// checkpoint, written together.
+///
+/// Every backend runs the ListView conformance suite
+/// (`kes_core::conformance`, feature `testing`).
+#[async_trait]
+pub trait ViewStore: ListView {
+    /// The progress of `copy`; `None` when it was never written.
+    async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ViewError>;
+
+    /// The stored states of `ids` in `copy` (absent ids are left out).
+    async fn states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, ViewError>;
+
+    /// Applies `changes` and moves the checkpoint of `copy` to `checkpoint`,
+    /// atomically: after a crash either all of it is there or none.
+    async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError>;
+
+    /// Starts an empty shadow copy (dropping any earlier unfinished one).
+    async fn begin_rebuild(&self) -> Result<(), ViewError>;
+
+    /// Makes the shadow copy the live one, atomically for readers; the old
+    /// live copy is dropped.
+    async fn swap(&self) -> Result<(), ViewError>;
+}

@@ -1,0 +1,1 @@
+//! The projects service and benchmarks of KES (work in progress).

@@ -1,0 +1,1 @@
+//! Event log and compacted table on Kafka (work in progress).

@@ -1,0 +1,1 @@
+//! Event store and table in SQLite (the embedded default) or PostgreSQL (work in progress).

@@ -1,0 +1,1 @@
+//! List views in a Tantivy search index (work in progress).

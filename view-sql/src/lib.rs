@@ -1,0 +1,1 @@
+//! List views in PostgreSQL or SQLite (work in progress).
