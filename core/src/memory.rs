@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, DomainEvent};
+use crate::codec::{JsonCodec, encode_all};
 use crate::envelope::{Checkpoint, Envelope, Metadata, Position};
 use crate::store::{Appended, EventStore, EventStream, ExpectedVersion, Snapshot, StoreError};
 use crate::view::{
@@ -84,6 +85,9 @@ impl<A: Aggregate> EventStore<A> for InMemoryStore<A> {
         if events.is_empty() {
             return Err(StoreError::Invalid("an append needs at least one event".into()));
         }
+        // Nothing is kept encoded here, but an event that no store could
+        // encode is refused like a durable store would refuse it.
+        encode_all(&JsonCodec::default(), &events)?;
         let mut log = self.log();
         let log = &mut *log;
         if let Some(key) = &metadata.idempotency_key {

@@ -1,0 +1,347 @@
+//! The EventStore conformance suite. Each function takes a fresh, empty
+//! store and panics with a message when the store breaks the contract.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::ledger::{Ledger, LedgerCommand, LedgerEvent};
+use crate::bus::{CommandBus, CommandError};
+use crate::envelope::{Checkpoint, Envelope, Metadata};
+use crate::store::{EventStore, ExpectedVersion, StoreError};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn meta() -> Metadata {
+    Metadata::default()
+}
+
+async fn open<S: EventStore<Ledger>>(store: &S, id: &str) {
+    store.append(id, ExpectedVersion::NoStream, vec![LedgerEvent::Opened], meta()).await.expect("open a ledger");
+}
+
+/// Reads `items` appends from a subscription starting at `from`.
+pub async fn take<S: EventStore<Ledger>>(store: &S, from: Checkpoint, items: usize) -> Vec<Vec<Envelope<LedgerEvent>>> {
+    let mut stream = store.subscribe(from).await.expect("subscribe");
+    let mut out = Vec::with_capacity(items);
+    while out.len() < items {
+        match tokio::time::timeout(WAIT, stream.next()).await {
+            Ok(Some(Ok(item))) => out.push(item),
+            Ok(Some(Err(e))) => panic!("subscription failed after {} items: {e}", out.len()),
+            Ok(None) => panic!("subscription ended after {} of {items} items", out.len()),
+            Err(_) => panic!("subscription delivered {} of {items} items within {WAIT:?}", out.len()),
+        }
+    }
+    out
+}
+
+fn assert_contiguous(events: &[Envelope<LedgerEvent>], id: &str, count: u64) {
+    let versions: Vec<u64> = events.iter().filter(|e| e.aggregate_id == id).map(|e| e.version).collect();
+    assert_eq!(versions, (1..=count).collect::<Vec<_>>(), "versions of {id} are not 1..={count}");
+}
+
+/// Events appended are loaded (state + version) and read back with their
+/// envelopes and metadata intact.
+pub async fn append_load_read_round_trip<S: EventStore<Ledger>>(store: S) {
+    let mut metadata = Metadata {
+        correlation_id: Some("corr-1".into()),
+        causation_id: Some("cause-1".into()),
+        principal: Some("alice".into()),
+        ..Metadata::default()
+    };
+    metadata.extra.insert("client".into(), "conformance".into());
+    let first = store
+        .append(
+            "l-1",
+            ExpectedVersion::NoStream,
+            vec![LedgerEvent::Opened, LedgerEvent::Added { amount: 5 }],
+            metadata.clone(),
+        )
+        .await
+        .expect("first append");
+    assert_eq!(first.version, 2);
+    assert!(!first.deduplicated);
+    let second = store
+        .append("l-1", ExpectedVersion::Exact(2), vec![LedgerEvent::Added { amount: -2 }], meta())
+        .await
+        .expect("second");
+    assert_eq!(second.version, 3);
+    assert!(second.position > first.position, "positions grow within a stream");
+
+    let snapshot = store.load("l-1").await.expect("load").expect("the stream exists");
+    assert_eq!(snapshot.version, 3);
+    assert_eq!(snapshot.state, Ledger { open: true, closed: false, total: 3, entries: 2 });
+
+    let history = store.read("l-1").await.expect("read");
+    assert_eq!(history.len(), 3);
+    assert_contiguous(&history, "l-1", 3);
+    assert_eq!(history[0].payload, LedgerEvent::Opened);
+    assert_eq!(history[0].event_type, "LedgerOpened");
+    assert_eq!(history[1].event_type, "EntryAdded");
+    assert_eq!(history[0].revision, 1);
+    assert!(history.iter().all(|e| e.aggregate_type == "ledger" && e.aggregate_id == "l-1"));
+    assert_eq!(history[0].metadata, metadata);
+    assert_eq!(history[1].metadata, metadata);
+    assert_eq!(history[2].metadata, Metadata::default());
+    assert_eq!(history[2].position, second.position);
+    let ids: HashSet<_> = history.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 3, "event ids are unique");
+    let age = chrono::Utc::now() - history[0].recorded_at;
+    assert!(age.num_seconds().abs() < 300, "recorded_at is the append time, got {}", history[0].recorded_at);
+}
+
+/// A stream never written is `None` to `load` and empty to `read`.
+pub async fn missing_stream_is_empty<S: EventStore<Ledger>>(store: S) {
+    assert!(store.load("nobody").await.expect("load").is_none());
+    assert!(store.read("nobody").await.expect("read").is_empty());
+    assert!(store.recall("nobody", "key").await.expect("recall").is_none());
+    store.ping().await.expect("ping");
+}
+
+/// Every form of stale expectation is a typed conflict and appends nothing.
+pub async fn stale_expected_version_is_a_conflict<S: EventStore<Ledger>>(store: S) {
+    open(&store, "l-1").await;
+    store
+        .append("l-1", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 1 }], meta())
+        .await
+        .expect("append");
+    for expected in [ExpectedVersion::Exact(1), ExpectedVersion::Exact(3), ExpectedVersion::NoStream] {
+        match store.append("l-1", expected, vec![LedgerEvent::Added { amount: 100 }], meta()).await {
+            Err(StoreError::Conflict { actual: 2, .. }) => {}
+            other => panic!("expected a conflict at version 2 for {expected}, got {other:?}"),
+        }
+    }
+    match store.append("l-2", ExpectedVersion::Exists, vec![LedgerEvent::Opened], meta()).await {
+        Err(StoreError::Conflict { actual: 0, .. }) => {}
+        other => panic!("expected a conflict on a missing stream, got {other:?}"),
+    }
+    assert_eq!(store.read("l-1").await.expect("read").len(), 2);
+    assert!(store.read("l-2").await.expect("read").is_empty());
+    assert_eq!(store.load("l-1").await.expect("load").expect("exists").state.total, 1);
+}
+
+/// A multi-event append lands whole, as one subscription item; a failed one
+/// (conflict, or an event that cannot be encoded) leaves nothing behind.
+pub async fn multi_event_append_is_atomic<S: EventStore<Ledger>>(store: S) {
+    let three = vec![LedgerEvent::Opened, LedgerEvent::Added { amount: 1 }, LedgerEvent::Added { amount: 2 }];
+    store.append("l-1", ExpectedVersion::NoStream, three, meta()).await.expect("append three");
+    let half_bad = vec![LedgerEvent::Added { amount: 10 }, LedgerEvent::Unencodable];
+    assert!(
+        store.append("l-1", ExpectedVersion::Exact(3), half_bad, meta()).await.is_err(),
+        "an unencodable event fails"
+    );
+    let stale = vec![LedgerEvent::Added { amount: 10 }, LedgerEvent::Added { amount: 20 }];
+    assert!(store.append("l-1", ExpectedVersion::Exact(2), stale, meta()).await.is_err());
+    let snapshot = store.load("l-1").await.expect("load").expect("exists");
+    assert_eq!((snapshot.version, snapshot.state.total), (3, 3), "failed appends changed the table");
+    assert_eq!(store.read("l-1").await.expect("read").len(), 3, "failed appends left events");
+    // Later appends still work after the failures.
+    store
+        .append("l-1", ExpectedVersion::Exact(3), vec![LedgerEvent::Added { amount: 4 }], meta())
+        .await
+        .expect("append");
+    let items = take(&store, Checkpoint::start(), 2).await;
+    assert_eq!(items[0].len(), 3, "the events of one command arrive together");
+    assert_eq!(items[1].len(), 1);
+    assert_contiguous(&items.concat(), "l-1", 4);
+}
+
+/// Several writers racing on one stream with the same expected version:
+/// exactly one wins, the others get conflicts.
+pub async fn racing_appends_admit_exactly_one<S: EventStore<Ledger> + Clone>(store: S) {
+    open(&store, "l-1").await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.append("l-1", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: i }], meta()).await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(a) => {
+                assert_eq!(a.version, 2);
+                wins += 1;
+            }
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("a racing append failed with {e} instead of a conflict"),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one racing append may win");
+    assert_eq!(store.read("l-1").await.expect("read").len(), 2);
+}
+
+async fn hammer<S: EventStore<Ledger> + Clone>(store: S, ids: &[String], tasks: usize, per_task: usize) {
+    let bus = Arc::new(CommandBus::new(store.clone()));
+    for id in ids {
+        bus.execute(id, LedgerCommand::Open, ExpectedVersion::NoStream, meta()).await.expect("open");
+    }
+    let ids: Arc<Vec<String>> = Arc::new(ids.to_vec());
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let bus = Arc::clone(&bus);
+            let ids = Arc::clone(&ids);
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    let id = &ids[(t * per_task + i) % ids.len()];
+                    bus.execute(id, LedgerCommand::Add(1), ExpectedVersion::Any, meta()).await.expect("command");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.expect("task");
+    }
+    let total = tasks * per_task;
+    let mut per_id: BTreeMap<&str, u64> = BTreeMap::new();
+    for i in 0..total {
+        *per_id.entry(&ids[i % ids.len()]).or_default() += 1;
+    }
+    let mut all_events = 0;
+    for (id, adds) in &per_id {
+        let snapshot = store.load(id).await.expect("load").expect("exists");
+        assert_eq!(snapshot.version, adds + 1, "{id} ends at the wrong version");
+        assert_eq!(snapshot.state.entries, *adds, "{id} lost an update");
+        let history = store.read(id).await.expect("read");
+        assert_contiguous(&history, id, adds + 1);
+        all_events += history.len();
+    }
+    assert_eq!(all_events, total + ids.len());
+    // The subscription sees every event exactly once, in version order.
+    let head = store.head().await.expect("head");
+    let mut seen = Vec::new();
+    let mut checkpoint = Checkpoint::start();
+    let mut stream = store.subscribe(Checkpoint::start()).await.expect("subscribe");
+    while !checkpoint.covers_all(&head) {
+        let item = tokio::time::timeout(WAIT, stream.next()).await.expect("in time").expect("endless").expect("item");
+        for e in item {
+            checkpoint.advance(e.position);
+            seen.push(e);
+        }
+    }
+    let unique: HashSet<_> = seen.iter().map(|e| e.event_id).collect();
+    assert_eq!(unique.len(), seen.len(), "the subscription repeated events");
+    assert_eq!(seen.len(), all_events, "the subscription missed events");
+    for id in per_id.keys() {
+        assert_contiguous(&seen, id, per_id[id] + 1);
+    }
+}
+
+/// 32 tasks × 100 commands through the command bus on one aggregate:
+/// exact count, contiguous versions, nothing lost or repeated.
+pub async fn concurrent_commands_on_one_aggregate<S: EventStore<Ledger> + Clone>(store: S) {
+    hammer(store, &["hot".to_owned()], 32, 100).await;
+}
+
+/// 32 tasks × 100 commands spread over 100 aggregates.
+pub async fn concurrent_commands_on_many_aggregates<S: EventStore<Ledger> + Clone>(store: S) {
+    let ids: Vec<String> = (0..100).map(|i| format!("l-{i:03}")).collect();
+    hammer(store, &ids, 32, 100).await;
+}
+
+/// A subscription resumed from a checkpoint continues exactly where the
+/// first one stopped, then delivers appends made after it started.
+pub async fn subscribe_resumes_from_checkpoint<S: EventStore<Ledger>>(store: S) {
+    for id in ["a", "b", "c"] {
+        open(&store, id).await;
+    }
+    for round in 0..3u64 {
+        for id in ["a", "b", "c"] {
+            let v = ExpectedVersion::Exact(round + 1);
+            store.append(id, v, vec![LedgerEvent::Added { amount: 1 }], meta()).await.expect("append");
+        }
+    }
+    let all = take(&store, Checkpoint::start(), 12).await;
+    let mut checkpoint = Checkpoint::start();
+    for item in &all[..5] {
+        for e in item {
+            checkpoint.advance(e.position);
+        }
+    }
+    let rest = take(&store, checkpoint.clone(), 7).await;
+    assert_eq!(rest, all[5..].to_vec(), "the resumed subscription has a gap or a repeat");
+    for id in ["a", "b", "c"] {
+        assert_contiguous(&all.concat(), id, 4);
+    }
+    // Live tail: an append made while subscribed arrives.
+    let mut stream = store.subscribe(checkpoint).await.expect("subscribe");
+    for _ in 0..7 {
+        tokio::time::timeout(WAIT, stream.next()).await.expect("in time").expect("endless").expect("item");
+    }
+    store.append("d", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], meta()).await.expect("append");
+    let live = tokio::time::timeout(WAIT, stream.next()).await.expect("in time").expect("endless").expect("item");
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].aggregate_id, "d");
+    let head = store.head().await.expect("head");
+    let mut end = Checkpoint::start();
+    for e in all.concat().iter().chain(&live) {
+        end.advance(e.position);
+    }
+    assert!(end.covers_all(&head) && head.covers_all(&end), "head {head:?} is not the end of the log {end:?}");
+}
+
+/// The same idempotency key on the same stream appends once and answers
+/// what the first append answered; on another stream it is a new key.
+pub async fn idempotency_key_appends_once<S: EventStore<Ledger>>(store: S) {
+    open(&store, "l-1").await;
+    let keyed = Metadata { idempotency_key: Some("retry-1".into()), ..Metadata::default() };
+    let first = store
+        .append("l-1", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 7 }], keyed.clone())
+        .await
+        .expect("first");
+    assert!(!first.deduplicated);
+    // The retry carries the expectation of the first try, which is stale now.
+    let again = store
+        .append("l-1", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 7 }], keyed.clone())
+        .await
+        .expect("retry");
+    assert!(again.deduplicated);
+    assert_eq!((again.version, again.position), (first.version, first.position));
+    let recalled = store.recall("l-1", "retry-1").await.expect("recall").expect("the key is remembered");
+    assert_eq!((recalled.version, recalled.position), (first.version, first.position));
+    assert_eq!(store.read("l-1").await.expect("read").len(), 2, "the retry appended");
+    assert_eq!(store.load("l-1").await.expect("load").expect("exists").state.total, 7);
+    open(&store, "l-2").await;
+    let other = store
+        .append("l-2", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 1 }], keyed)
+        .await
+        .expect("other stream");
+    assert!(!other.deduplicated, "keys are per stream");
+}
+
+/// A deleted (closed) aggregate keeps its version: it cannot be re-created
+/// from version 1, and its history stays readable.
+pub async fn deleted_stream_keeps_its_version<S: EventStore<Ledger>>(store: S) {
+    open(&store, "l-1").await;
+    store.append("l-1", ExpectedVersion::Exact(1), vec![LedgerEvent::Closed], meta()).await.expect("close");
+    if let Some(snapshot) = store.load("l-1").await.expect("load") {
+        assert_eq!(snapshot.version, 2);
+        assert!(snapshot.state.closed);
+    }
+    match store.append("l-1", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], meta()).await {
+        Err(StoreError::Conflict { actual: 2, .. }) => {}
+        other => panic!("re-creating a deleted stream must conflict at version 2, got {other:?}"),
+    }
+    assert_eq!(store.read("l-1").await.expect("read").len(), 2);
+}
+
+/// A domain error through the bus appends nothing; the error stays typed.
+pub async fn rejected_command_appends_nothing<S: EventStore<Ledger>>(store: S) {
+    let bus = CommandBus::new(store);
+    match bus.execute("l-1", LedgerCommand::Add(1), ExpectedVersion::Any, meta()).await {
+        Err(CommandError::Rejected(super::ledger::LedgerError::NotOpen)) => {}
+        other => panic!("expected a domain rejection, got {other:?}"),
+    }
+    bus.execute("l-1", LedgerCommand::Open, ExpectedVersion::NoStream, meta()).await.expect("open");
+    assert!(matches!(
+        bus.execute("l-1", LedgerCommand::Open, ExpectedVersion::Any, meta()).await,
+        Err(CommandError::Rejected(super::ledger::LedgerError::AlreadyOpen))
+    ));
+    assert_eq!(bus.store().read("l-1").await.expect("read").len(), 1);
+    let head = bus.store().head().await.expect("head");
+    assert_eq!(Checkpoint::start().lag_behind(&head), 1, "only the open reached the log");
+}
