@@ -1,0 +1,332 @@
+//! SQL text with bound arguments, and how a validated query becomes SQL.
+//!
+//! Identifiers come only from a validated [`ViewSchema`] (plain lower-case
+//! names, always double-quoted); every value is a bound parameter (`$n`,
+//! which both PostgreSQL and SQLite accept).
+
+use std::fmt::Write as _;
+
+use kes_core::view::{Cond, Field, ID_FIELD, ValidFilter, ValidQuery};
+use kes_core::{FieldType, FieldValue, FilterOp, ViewSchema};
+
+/// The SQL dialect of a view database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Dialect {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+/// One bound value. NULLs carry their type because PostgreSQL types
+/// parameters from what the client declares.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Arg {
+    Text(Option<String>),
+    Int(Option<i64>),
+    Float(Option<f64>),
+    Bool(Option<bool>),
+}
+
+impl Arg {
+    pub(crate) fn of(value: &FieldValue) -> Self {
+        match value {
+            FieldValue::Text(s) => Self::Text(Some(s.clone())),
+            FieldValue::Integer(i) => Self::Int(Some(*i)),
+            FieldValue::Float(f) => Self::Float(Some(*f)),
+            FieldValue::Bool(b) => Self::Bool(Some(*b)),
+            FieldValue::Timestamp(_) => Self::Int(value.as_micros()),
+        }
+    }
+
+    pub(crate) fn null(ty: FieldType) -> Self {
+        match ty {
+            FieldType::Text | FieldType::Keyword => Self::Text(None),
+            FieldType::Integer | FieldType::Timestamp => Self::Int(None),
+            FieldType::Float => Self::Float(None),
+            FieldType::Bool => Self::Bool(None),
+        }
+    }
+}
+
+/// A statement under construction.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Sql {
+    pub(crate) text: String,
+    pub(crate) args: Vec<Arg>,
+}
+
+impl Sql {
+    pub(crate) fn new(text: impl Into<String>) -> Self {
+        Self { text: text.into(), args: Vec::new() }
+    }
+
+    pub(crate) fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    /// Binds `arg` and returns its placeholder, for use anywhere later.
+    pub(crate) fn bind(&mut self, arg: Arg) -> String {
+        self.args.push(arg);
+        format!("${}", self.args.len())
+    }
+
+    /// Binds `arg` and writes its placeholder.
+    pub(crate) fn arg(&mut self, arg: Arg) -> &mut Self {
+        let placeholder = self.bind(arg);
+        self.push(&placeholder)
+    }
+}
+
+/// The quoted column of a field (`id` is the key column).
+pub(crate) fn column(field: &Field) -> String {
+    if field.name == ID_FIELD { "id".to_owned() } else { format!("\"{}\"", field.name) }
+}
+
+/// The hidden column holding the lower-cased text of a searchable field:
+/// lower-cased in Rust, so that `q` folds case exactly like the core's
+/// semantics (Unicode, not only ASCII) in both dialects.
+pub(crate) fn search_column(field: &Field) -> String {
+    format!("\"_lc_{}\"", field.name)
+}
+
+/// The SQL type of a field's column.
+pub(crate) fn column_type(dialect: Dialect, ty: FieldType) -> &'static str {
+    match (dialect, ty) {
+        // "C" compares by byte, which for UTF-8 is code-point order.
+        (Dialect::Postgres, FieldType::Text | FieldType::Keyword) => "TEXT COLLATE \"C\"",
+        (Dialect::Postgres, FieldType::Integer | FieldType::Timestamp) => "BIGINT",
+        (Dialect::Postgres, FieldType::Float) => "DOUBLE PRECISION",
+        (Dialect::Postgres, FieldType::Bool) => "BOOLEAN",
+        // SQLite's default BINARY collation is already code-point order.
+        (Dialect::Sqlite, FieldType::Text | FieldType::Keyword) => "TEXT",
+        (Dialect::Sqlite, FieldType::Integer | FieldType::Timestamp) => "INTEGER",
+        (Dialect::Sqlite, FieldType::Float) => "REAL",
+        (Dialect::Sqlite, FieldType::Bool) => "BOOLEAN",
+    }
+}
+
+/// The smallest string greater than every string starting with `prefix`,
+/// or `None` when there is none (then `>= prefix` alone is exact).
+fn prefix_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last as u32 {
+            0xD7FF => Some('\u{E000}'),
+            c => char::from_u32(c + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+fn filter(sql: &mut Sql, f: &ValidFilter) {
+    let col = column(&f.field);
+    let first = Arg::of(&f.values[0]);
+    let cmp = |sql: &mut Sql, op: &str| {
+        sql.push(&col).push(op);
+        sql.arg(first.clone());
+    };
+    match f.op {
+        FilterOp::Eq => cmp(sql, " = "),
+        FilterOp::Ne => cmp(sql, " <> "),
+        FilterOp::Gt => cmp(sql, " > "),
+        FilterOp::Gte => cmp(sql, " >= "),
+        FilterOp::Lt => cmp(sql, " < "),
+        FilterOp::Lte => cmp(sql, " <= "),
+        FilterOp::In => {
+            sql.push(&col).push(" IN (");
+            for (i, v) in f.values.iter().enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.arg(Arg::of(v));
+            }
+            sql.push(")");
+        }
+        // A range instead of LIKE: case-sensitive in both dialects (SQLite's
+        // LIKE folds ASCII case), free of wildcards, and it can use the index.
+        FilterOp::Prefix => {
+            let FieldValue::Text(prefix) = &f.values[0] else {
+                sql.push("1 = 0");
+                return;
+            };
+            sql.push("(").push(&col).push(" >= ").arg(Arg::Text(Some(prefix.clone())));
+            if let Some(bound) = prefix_bound(prefix) {
+                sql.push(" AND ").push(&col).push(" < ").arg(Arg::Text(Some(bound)));
+            }
+            sql.push(")");
+        }
+    }
+}
+
+fn cond(sql: &mut Sql, c: &Cond) {
+    match c {
+        Cond::False => {
+            sql.push("1 = 0");
+        }
+        Cond::And(all) | Cond::Or(all) if all.is_empty() => {
+            sql.push(if matches!(c, Cond::And(_)) { "1 = 1" } else { "1 = 0" });
+        }
+        Cond::And(all) | Cond::Or(all) => {
+            let join = if matches!(c, Cond::And(_)) { " AND " } else { " OR " };
+            sql.push("(");
+            for (i, part) in all.iter().enumerate() {
+                if i > 0 {
+                    sql.push(join);
+                }
+                cond(sql, part);
+            }
+            sql.push(")");
+        }
+        Cond::Cmp { field, op, value } => {
+            let op = match op {
+                FilterOp::Gt => " > ",
+                FilterOp::Lt => " < ",
+                _ => " = ",
+            };
+            sql.push(&column(field)).push(op).arg(Arg::of(value));
+        }
+        Cond::IsNull(field) => {
+            sql.push(&column(field)).push(" IS NULL");
+        }
+    }
+}
+
+/// Appends ` WHERE …` for the rows a query matches, ignoring paging.
+fn matching(sql: &mut Sql, dialect: Dialect, schema: &ViewSchema, query: &ValidQuery) {
+    sql.push(" WHERE _live");
+    for f in &query.filters {
+        sql.push(" AND ");
+        filter(sql, f);
+    }
+    if let Some(q) = &query.q {
+        let searchable: Vec<&Field> = schema.fields.iter().filter(|f| f.searchable).collect();
+        if searchable.is_empty() {
+            sql.push(" AND 1 = 0");
+        } else {
+            let placeholder = sql.bind(Arg::Text(Some(q.to_lowercase())));
+            // strpos/instr: a plain substring test, no wildcards to escape.
+            let contains = match dialect {
+                Dialect::Postgres => "strpos",
+                Dialect::Sqlite => "instr",
+            };
+            sql.push(" AND (");
+            for (i, f) in searchable.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" OR ");
+                }
+                let _ = write!(sql.text, "{contains}({}, {placeholder}) > 0", search_column(f));
+            }
+            sql.push(")");
+        }
+    }
+}
+
+/// The statement counting every row `query` matches.
+pub(crate) fn count(dialect: Dialect, table: &str, schema: &ViewSchema, query: &ValidQuery) -> Sql {
+    let mut sql = Sql::new(format!("SELECT COUNT(*) FROM {table}"));
+    matching(&mut sql, dialect, schema, query);
+    sql
+}
+
+/// The statement reading one page plus one row (to know whether a next
+/// page exists): `id`, `_version`, then every field in schema order.
+pub(crate) fn page(dialect: Dialect, table: &str, schema: &ViewSchema, query: &ValidQuery, offset: u64) -> Sql {
+    let mut sql = Sql::new("SELECT id, _version");
+    for f in &schema.fields {
+        sql.push(", ").push(&column(f));
+    }
+    let _ = write!(sql.text, " FROM {table}");
+    matching(&mut sql, dialect, schema, query);
+    if let Some(keyset) = query.keyset() {
+        sql.push(" AND ");
+        cond(&mut sql, &keyset);
+    }
+    sql.push(" ORDER BY ");
+    for (i, key) in query.sort.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.push(&column(&key.field));
+        // Missing values last in both directions, as the core orders them.
+        sql.push(if key.descending { " DESC NULLS LAST" } else { " ASC NULLS LAST" });
+    }
+    sql.push(" LIMIT ").arg(Arg::Int(Some(i64::from(query.page_size) + 1)));
+    if offset > 0 {
+        sql.push(" OFFSET ").arg(Arg::Int(Some(i64::try_from(offset).unwrap_or(i64::MAX))));
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kes_core::{Field, ListQuery, Row};
+
+    fn schema() -> ViewSchema {
+        ViewSchema::new("items", 1)
+            .field(Field::text("name").filterable().sortable().searchable())
+            .field(Field::integer("n").filterable().sortable())
+            .field(Field::text("note").searchable())
+    }
+
+    #[test]
+    fn prefix_bounds_step_the_last_code_point() {
+        assert_eq!(prefix_bound("ab").as_deref(), Some("ac"));
+        assert_eq!(prefix_bound("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(prefix_bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_bound("\u{10FFFF}"), None);
+        assert_eq!(prefix_bound(""), None);
+    }
+
+    #[test]
+    fn values_are_bound_never_spliced() {
+        let evil = "x'; DROP TABLE items; --";
+        let q = ListQuery::new()
+            .filter("name", FilterOp::Eq, evil)
+            .filter("name", FilterOp::Prefix, evil)
+            .search(evil)
+            .validate(&schema())
+            .unwrap();
+        for dialect in [Dialect::Postgres, Dialect::Sqlite] {
+            let sql = page(dialect, "view_items", &schema(), &q, 0);
+            assert!(!sql.text.contains("DROP"), "{}", sql.text);
+            assert!(sql.args.contains(&Arg::Text(Some(evil.to_owned()))));
+            assert!(sql.args.contains(&Arg::Text(Some(evil.to_lowercase()))));
+        }
+    }
+
+    #[test]
+    fn search_reuses_one_parameter_across_fields() {
+        let q = ListQuery::new().search("Ab").validate(&schema()).unwrap();
+        let sql = count(Dialect::Sqlite, "t", &schema(), &q);
+        assert_eq!(
+            sql.text,
+            "SELECT COUNT(*) FROM t WHERE _live AND (instr(\"_lc_name\", $1) > 0 OR instr(\"_lc_note\", $1) > 0)"
+        );
+        assert_eq!(sql.args, vec![Arg::Text(Some("ab".into()))]);
+    }
+
+    #[test]
+    fn keyset_pages_render_the_cursor_condition_and_nulls_last() {
+        let s = schema();
+        let first = ListQuery::new().sort_by("-n").page_size(2).validate(&s).unwrap();
+        let mut row = Row::new();
+        row.insert("n".into(), 7.into());
+        let next =
+            ListQuery::new().sort_by("-n").page_size(2).after(first.cursor_after("b", &row)).validate(&s).unwrap();
+        let sql = page(Dialect::Postgres, "t", &s, &next, 0);
+        assert_eq!(
+            sql.text,
+            "SELECT id, _version, \"name\", \"n\", \"note\" FROM t WHERE _live AND ((\"n\" < $1 OR \"n\" IS NULL) OR \
+             (\"n\" = $2 AND id > $3)) ORDER BY \"n\" DESC NULLS LAST, id ASC NULLS LAST LIMIT $4"
+        );
+        assert_eq!(sql.args[3], Arg::Int(Some(3)));
+    }
+}

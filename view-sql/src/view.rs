@@ -1,0 +1,740 @@
+//! [`SqlView`]: the tables, the write path and the query path.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{TimeZone, Utc};
+use kes_core::view::{Cursor, SchemaError, ViewProgress};
+use kes_core::{
+    Checkpoint, FieldType, FieldValue, ListItem, ListQuery, ListView, Page, Position, QueryError, Row, RowChange,
+    StoredState, ViewCopy, ViewError, ViewSchema, ViewStore,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ColumnIndex, Database, Decode, Encode, PgPool, Row as _, SqlitePool, Type};
+
+use crate::error::SqlViewError;
+use crate::sql::{self, Arg, Dialect, Sql};
+
+/// Where the examples keep their list views when no URL is given.
+pub const DEFAULT_URL: &str = "sqlite://data/views.db";
+
+/// The table holding every view copy's checkpoint.
+const CHECKPOINTS: &str = "kes_view_checkpoints";
+
+/// Most bound values per statement: below SQLite's 32766 and
+/// PostgreSQL's 65535.
+const MAX_ARGS: usize = 30_000;
+
+/// Most rows per multi-row statement; larger ones stop paying off.
+const MAX_ROWS_PER_STATEMENT: usize = 1_000;
+
+/// Serialises schema setup across processes sharing one PostgreSQL
+/// database: concurrent `CREATE … IF NOT EXISTS` can otherwise collide.
+const SETUP_LOCK: i64 = 0x6b65_735f_7669_6577;
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$p` bound to the concrete pool, so that one block of
+/// code serves both dialects without generic executor bounds.
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident| $body:expr) => {
+        match $pool {
+            Pool::Postgres($p) => $body,
+            Pool::Sqlite($p) => $body,
+        }
+    };
+}
+
+/// How to open a [`SqlView`] beyond its URL.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SqlViewOptions {
+    /// PostgreSQL only: the schema (namespace) holding the view's tables,
+    /// created when missing; `None` keeps the connection's search path.
+    /// Lets several applications or tests share one database.
+    pub pg_schema: Option<String>,
+    /// Most connections in the read pool (default 5). SQLite writes always
+    /// go through one connection of their own: SQLite has one writer.
+    pub max_connections: Option<u32>,
+}
+
+impl SqlViewOptions {
+    /// Puts the view's tables into PostgreSQL schema `name`.
+    pub fn pg_schema(mut self, name: impl Into<String>) -> Self {
+        self.pg_schema = Some(name.into());
+        self
+    }
+
+    /// Sets the size of the read pool.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+}
+
+/// A list view in PostgreSQL or SQLite: a table per view copy (live, and a
+/// shadow while rebuilding) with one typed column per schema field, indexes
+/// on `(field, id)` for filterable and sortable fields, and the checkpoint
+/// of each copy in `kes_view_checkpoints`, written in the same transaction
+/// as the rows.
+///
+/// It implements [`ListView`] (queries) and [`ViewStore`] (what
+/// [`kes_core::ViewProjection`] writes through).
+#[derive(Debug)]
+pub struct SqlView {
+    schema: ViewSchema,
+    dialect: Dialect,
+    read: Pool,
+    write: Pool,
+    live: String,
+    shadow: String,
+}
+
+fn plain_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= 48
+}
+
+/// Binds the arguments of `sql` to a query of any sqlx database.
+fn bound<'q, DB: Database>(sql: &'q Sql) -> sqlx::query::Query<'q, DB, <DB as Database>::Arguments<'q>>
+where
+    Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB> + Type<DB>,
+    Option<f64>: Encode<'q, DB> + Type<DB>,
+    Option<bool>: Encode<'q, DB> + Type<DB>,
+{
+    let mut query = sqlx::query::<DB>(&sql.text);
+    for arg in &sql.args {
+        query = match arg {
+            Arg::Text(v) => query.bind(v.as_deref()),
+            Arg::Int(v) => query.bind(*v),
+            Arg::Float(v) => query.bind(*v),
+            Arg::Bool(v) => query.bind(*v),
+        };
+    }
+    query
+}
+
+/// Reads one page row: `id`, `_version`, then the schema's fields.
+fn item<R: sqlx::Row>(row: &R, schema: &ViewSchema) -> Result<ListItem, SqlViewError>
+where
+    usize: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let id: String = row.try_get(0)?;
+    let corrupt = |reason: String| SqlViewError::Corrupt { id: id.clone(), reason };
+    let version: i64 = row.try_get(1).map_err(|e| corrupt(e.to_string()))?;
+    let version = u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
+    let mut values = Row::new();
+    for (i, field) in schema.fields.iter().enumerate() {
+        let at = i + 2;
+        let value = match field.ty {
+            FieldType::Text | FieldType::Keyword => {
+                row.try_get::<Option<String>, _>(at).map(|v| v.map(FieldValue::Text))
+            }
+            FieldType::Integer => row.try_get::<Option<i64>, _>(at).map(|v| v.map(FieldValue::Integer)),
+            FieldType::Float => row.try_get::<Option<f64>, _>(at).map(|v| v.map(FieldValue::Float)),
+            FieldType::Bool => row.try_get::<Option<bool>, _>(at).map(|v| v.map(FieldValue::Bool)),
+            FieldType::Timestamp => match row.try_get::<Option<i64>, _>(at) {
+                Ok(Some(micros)) => match Utc.timestamp_micros(micros).single() {
+                    Some(t) => Ok(Some(FieldValue::Timestamp(t))),
+                    None => return Err(corrupt(format!("{}: timestamp {micros} out of range", field.name))),
+                },
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+        .map_err(|e| corrupt(format!("{}: {e}", field.name)))?;
+        if let Some(value) = value {
+            values.insert(field.name.clone(), value);
+        }
+    }
+    Ok(ListItem { id, version, row: values })
+}
+
+fn copy_name(copy: ViewCopy) -> &'static str {
+    match copy {
+        ViewCopy::Live => "live",
+        ViewCopy::Shadow => "shadow",
+    }
+}
+
+fn progress_of(view: &str, stored: Option<(String, i64)>) -> Result<Option<ViewProgress>, SqlViewError> {
+    let Some((text, version)) = stored else { return Ok(None) };
+    let corrupt = |reason: String| SqlViewError::Corrupt { id: format!("checkpoint of view {view}"), reason };
+    let checkpoint = Checkpoint::from_json(&text).map_err(|e| corrupt(e.to_string()))?;
+    let schema_version = u32::try_from(version).map_err(|_| corrupt(format!("schema version {version}")))?;
+    Ok(Some(ViewProgress { checkpoint, schema_version }))
+}
+
+impl SqlView {
+    /// Opens (creating when missing) the view of `schema` in the database
+    /// at `url`: `postgres://…` or `sqlite://path` (the file and its
+    /// directory are created; [`DEFAULT_URL`] is what the examples use).
+    pub async fn open(url: &str, schema: ViewSchema) -> Result<Self, SqlViewError> {
+        Self::open_with(url, schema, SqlViewOptions::default()).await
+    }
+
+    /// [`SqlView::open`] with options.
+    pub async fn open_with(url: &str, schema: ViewSchema, options: SqlViewOptions) -> Result<Self, SqlViewError> {
+        schema.validate()?;
+        let max = options.max_connections.unwrap_or(5).max(1);
+        let (dialect, read, write) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut connect = PgConnectOptions::from_str(url)?;
+            if let Some(name) = &options.pg_schema {
+                if !plain_name(name) {
+                    return Err(SqlViewError::BadSchemaName(name.clone()));
+                }
+                connect = connect.options([("search_path", name.as_str())]);
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(connect)
+                .await?;
+            (Dialect::Postgres, Pool::Postgres(pool.clone()), Pool::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let connect = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10));
+            let file = connect.get_filename().to_owned();
+            let in_memory = file.to_string_lossy().contains("sqlx-in-memory") || file.as_os_str() == ":memory:";
+            if in_memory {
+                // One connection keeps an in-memory database alive and whole.
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .connect_with(connect)
+                    .await?;
+                (Dialect::Sqlite, Pool::Sqlite(pool.clone()), Pool::Sqlite(pool))
+            } else {
+                if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|source| SqlViewError::Directory { path: dir.display().to_string(), source })?;
+                }
+                let write = SqlitePoolOptions::new().max_connections(1).connect_with(connect.clone()).await?;
+                let read = SqlitePoolOptions::new().max_connections(max).connect_with(connect).await?;
+                (Dialect::Sqlite, Pool::Sqlite(read), Pool::Sqlite(write))
+            }
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default();
+            return Err(SqlViewError::BadUrl(format!("{scheme}: (expected postgres:// or sqlite:)")));
+        };
+        let view = Self {
+            live: format!("view_{}", schema.name),
+            shadow: format!("shadow_{}", schema.name),
+            schema,
+            dialect,
+            read,
+            write,
+        };
+        view.setup(options.pg_schema.as_deref()).await?;
+        Ok(view)
+    }
+
+    /// The dialect of the database behind the view.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The name of the table serving queries (`view_{name}`).
+    pub fn table(&self) -> &str {
+        &self.live
+    }
+
+    fn table_of(&self, copy: ViewCopy) -> &str {
+        match copy {
+            ViewCopy::Live => &self.live,
+            ViewCopy::Shadow => &self.shadow,
+        }
+    }
+
+    fn text_type(&self) -> &'static str {
+        sql::column_type(self.dialect, FieldType::Text)
+    }
+
+    /// The statements creating an empty copy named `table` with its indexes.
+    fn create_copy(&self, table: &str) -> Vec<String> {
+        let mut columns = format!(
+            "id {} PRIMARY KEY, _version BIGINT NOT NULL, _state TEXT NOT NULL, _live BOOLEAN NOT NULL",
+            self.text_type()
+        );
+        for f in &self.schema.fields {
+            columns.push_str(&format!(", {} {}", sql::column(f), sql::column_type(self.dialect, f.ty)));
+        }
+        for f in self.schema.fields.iter().filter(|f| f.searchable) {
+            columns.push_str(&format!(", {} {}", sql::search_column(f), self.text_type()));
+        }
+        let mut statements = vec![format!("CREATE TABLE {table} ({columns})")];
+        // Index names are unique per database in SQLite and survive a
+        // rename: a fresh token per copy keeps a shadow's names clear of
+        // the live copy's.
+        let token = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        for (i, f) in self.schema.fields.iter().enumerate().filter(|(_, f)| f.filterable || f.sortable) {
+            statements.push(format!(
+                "CREATE INDEX \"ix_{}_{token}_{i}\" ON {table} ({}, id)",
+                self.schema.name,
+                sql::column(f)
+            ));
+        }
+        statements
+    }
+
+    async fn setup(&self, pg_schema: Option<&str>) -> Result<(), SqlViewError> {
+        let exists = self.exists_sql(&self.live);
+        let columns = match self.dialect {
+            Dialect::Postgres => Sql::new(
+                "SELECT column_name::text FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = $1",
+            ),
+            Dialect::Sqlite => Sql::new("SELECT name FROM pragma_table_info($1)"),
+        };
+        let mut columns = columns;
+        columns.args.push(Arg::Text(Some(self.live.clone())));
+        let checkpoints = format!(
+            "CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (view_name TEXT NOT NULL, view_copy TEXT NOT NULL, \
+             checkpoint TEXT NOT NULL, schema_version BIGINT NOT NULL, PRIMARY KEY (view_name, view_copy))"
+        );
+        on_pool!(&self.write, |pool| {
+            let mut tx = pool.begin().await?;
+            if let Some(name) = pg_schema {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SETUP_LOCK).execute(&mut *tx).await?;
+                sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{name}\"")).execute(&mut *tx).await?;
+            } else if self.dialect == Dialect::Postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SETUP_LOCK).execute(&mut *tx).await?;
+            }
+            sqlx::query(&checkpoints).execute(&mut *tx).await?;
+            let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
+            if found == 0 {
+                for statement in self.create_copy(&self.live) {
+                    sqlx::query(&statement).execute(&mut *tx).await?;
+                }
+            } else {
+                // A copy built from an older schema keeps answering until
+                // the rebuild swaps a new one in: give it the new columns.
+                let have: Vec<String> = bound(&columns)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()?;
+                let mut wanted: Vec<(String, &'static str)> =
+                    self.schema.fields.iter().map(|f| (f.name.clone(), sql::column_type(self.dialect, f.ty))).collect();
+                wanted.extend(
+                    self.schema
+                        .fields
+                        .iter()
+                        .filter(|f| f.searchable)
+                        .map(|f| (format!("_lc_{}", f.name), self.text_type())),
+                );
+                for (name, ty) in wanted.into_iter().filter(|(n, _)| !have.contains(n)) {
+                    sqlx::query(&format!("ALTER TABLE {} ADD COLUMN \"{name}\" {ty}", self.live))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    fn exists_sql(&self, table: &str) -> Sql {
+        let mut sql = Sql::new(match self.dialect {
+            Dialect::Postgres => {
+                "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = $1"
+            }
+            Dialect::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
+        });
+        sql.args.push(Arg::Text(Some(table.to_owned())));
+        sql
+    }
+
+    /// PostgreSQL text cannot hold NUL; refuse such values up front rather
+    /// than let the database fail the statement.
+    fn check_text(&self, text: &str) -> bool {
+        self.dialect != Dialect::Postgres || !text.contains('\0')
+    }
+
+    fn upserts(&self, table: &str, changes: &[&RowChange]) -> Result<Vec<Sql>, SqlViewError> {
+        let fields = &self.schema.fields;
+        let searchable: Vec<_> = fields.iter().filter(|f| f.searchable).collect();
+        let mut columns = vec!["id".to_owned(), "_version".into(), "_state".into(), "_live".into()];
+        columns.extend(fields.iter().map(sql::column));
+        columns.extend(searchable.iter().map(|f| sql::search_column(f)));
+        let head = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
+        let tail = format!(
+            " ON CONFLICT (id) DO UPDATE SET {}",
+            columns[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ")
+        );
+        let per_statement = (MAX_ARGS / columns.len()).clamp(1, MAX_ROWS_PER_STATEMENT);
+        let mut statements = Vec::new();
+        for chunk in changes.chunks(per_statement) {
+            let mut sql = Sql::new(head.clone());
+            for (n, change) in chunk.iter().enumerate() {
+                let version = i64::try_from(change.version)
+                    .map_err(|_| SqlViewError::Corrupt { id: change.id.clone(), reason: "version too large".into() })?;
+                let state = serde_json::to_string(&change.state)
+                    .map_err(|e| SqlViewError::Corrupt { id: change.id.clone(), reason: e.to_string() })?;
+                sql.push(if n == 0 { "(" } else { ", (" });
+                sql.arg(Arg::Text(Some(change.id.clone())))
+                    .push(", ")
+                    .arg(Arg::Int(Some(version)))
+                    .push(", ")
+                    .arg(Arg::Text(Some(state)))
+                    .push(", ")
+                    .arg(Arg::Bool(Some(change.row.is_some())));
+                for f in fields {
+                    let value = change.row.as_ref().and_then(|r| r.get(&f.name));
+                    sql.push(", ").arg(value.map_or_else(|| Arg::null(f.ty), Arg::of));
+                }
+                for f in &searchable {
+                    let value = match change.row.as_ref().and_then(|r| r.get(&f.name)) {
+                        Some(FieldValue::Text(t)) => Some(t.to_lowercase()),
+                        _ => None,
+                    };
+                    sql.push(", ").arg(Arg::Text(value));
+                }
+                sql.push(")");
+            }
+            sql.push(&tail);
+            statements.push(sql);
+        }
+        Ok(statements)
+    }
+
+    fn checkpoint_sql(&self, copy: ViewCopy, checkpoint: &Checkpoint) -> Sql {
+        let mut sql = Sql::new(format!(
+            "INSERT INTO {CHECKPOINTS} (view_name, view_copy, checkpoint, schema_version) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (view_name, view_copy) DO UPDATE SET checkpoint = excluded.checkpoint, \
+             schema_version = excluded.schema_version"
+        ));
+        sql.args = vec![
+            Arg::Text(Some(self.schema.name.clone())),
+            Arg::Text(Some(copy_name(copy).into())),
+            Arg::Text(Some(checkpoint.to_json())),
+            Arg::Int(Some(i64::from(self.schema.version))),
+        ];
+        sql
+    }
+
+    fn checks(&self, changes: &[RowChange]) -> Result<(), SqlViewError> {
+        let nul = |what: String| SchemaError {
+            view: self.schema.name.clone(),
+            reason: format!("{what} holds a NUL character, which PostgreSQL text cannot store"),
+        };
+        for change in changes {
+            if !self.check_text(&change.id) {
+                return Err(nul(format!("id {:?}", change.id)).into());
+            }
+            if let Some(row) = &change.row {
+                self.schema.check_row(row)?;
+                for (name, value) in row {
+                    if matches!(value, FieldValue::Text(t) if !self.check_text(t)) {
+                        return Err(nul(format!("field {name} of {}", change.id)).into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_copy(
+        &self,
+        copy: ViewCopy,
+        changes: &[RowChange],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), SqlViewError> {
+        self.checks(changes)?;
+        // The last change of an id wins, as if applied one by one; a
+        // multi-row upsert may not touch one row twice.
+        let mut at: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
+        let mut last: Vec<&RowChange> = Vec::with_capacity(changes.len());
+        for change in changes {
+            match at.get(change.id.as_str()) {
+                Some(&i) => last[i] = change,
+                None => {
+                    at.insert(&change.id, last.len());
+                    last.push(change);
+                }
+            }
+        }
+        let table = self.table_of(copy);
+        let statements = self.upserts(table, &last)?;
+        let checkpoint = self.checkpoint_sql(copy, checkpoint);
+        let exists = self.exists_sql(table);
+        on_pool!(&self.write, |pool| {
+            let mut tx = pool.begin().await?;
+            if copy == ViewCopy::Shadow {
+                let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
+                if found == 0 {
+                    return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+                }
+            }
+            for statement in &statements {
+                bound(statement).execute(&mut *tx).await?;
+            }
+            bound(&checkpoint).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    async fn read_states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, SqlViewError> {
+        let table = self.table_of(copy);
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut sql = Sql::new(format!("SELECT id, _version, _state FROM {table} WHERE id IN ("));
+            for (i, id) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.arg(Arg::Text(Some(id.clone())));
+            }
+            sql.push(")");
+            let rows: Vec<(String, i64, String)> = on_pool!(&self.read, |pool| {
+                match bound(&sql).fetch_all(pool).await {
+                    Ok(rows) => rows
+                        .iter()
+                        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                        .collect::<Result<Vec<_>, sqlx::Error>>()?,
+                    Err(e) => {
+                        let e = SqlViewError::from(e);
+                        return Err(if copy == ViewCopy::Shadow && e.is_missing_table() {
+                            SqlViewError::NoRebuild(self.schema.name.clone())
+                        } else {
+                            e
+                        });
+                    }
+                }
+            });
+            for (id, version, state) in rows {
+                let corrupt = |reason: String| SqlViewError::Corrupt { id: id.clone(), reason };
+                let version = u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
+                let state = serde_json::from_str(&state).map_err(|e| corrupt(format!("stored state: {e}")))?;
+                out.insert(id, StoredState { version, state });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, SqlViewError> {
+        let mut sql = Sql::new(format!(
+            "SELECT checkpoint, schema_version FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = $2"
+        ));
+        sql.args = vec![Arg::Text(Some(self.schema.name.clone())), Arg::Text(Some(copy_name(copy).into()))];
+        let stored: Option<(String, i64)> = on_pool!(&self.read, |pool| {
+            match bound(&sql).fetch_optional(pool).await? {
+                Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                None => None,
+            }
+        });
+        progress_of(&self.schema.name, stored)
+    }
+
+    /// Refuses text values PostgreSQL could not even compare.
+    fn check_query(&self, query: &kes_core::view::ValidQuery) -> Result<(), QueryError> {
+        for f in &query.filters {
+            for v in &f.values {
+                if matches!(v, FieldValue::Text(t) if !self.check_text(t)) {
+                    return Err(QueryError::BadValue {
+                        field: f.field.name.clone(),
+                        ty: f.field.ty,
+                        value: "a value with a NUL character".into(),
+                    });
+                }
+            }
+        }
+        if query.q.as_deref().is_some_and(|q| !self.check_text(q)) {
+            return Err(QueryError::BadSearch("NUL characters are not allowed".into()));
+        }
+        Ok(())
+    }
+
+    async fn list_once(&self, page: &Sql, count: &Sql) -> Result<(Vec<ListItem>, u64), SqlViewError> {
+        let (items, total) = on_pool!(&self.read, |pool| {
+            // One snapshot for the page and its total.
+            let mut tx = match self.dialect {
+                Dialect::Postgres => pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?,
+                Dialect::Sqlite => pool.begin().await?,
+            };
+            let rows = bound(page).fetch_all(&mut *tx).await?;
+            let total: i64 = bound(count).fetch_one(&mut *tx).await?.try_get(0)?;
+            tx.commit().await?;
+            let items = rows.iter().map(|r| item(r, &self.schema)).collect::<Result<Vec<_>, _>>()?;
+            (items, total)
+        });
+        Ok((items, u64::try_from(total).unwrap_or(0)))
+    }
+
+    async fn list_page(&self, query: &ListQuery) -> Result<Page, SqlViewError> {
+        let query = query.validate(&self.schema)?;
+        self.check_query(&query)?;
+        let offset = match &query.after {
+            Some(Cursor::Offset(n)) => *n,
+            _ => 0,
+        };
+        let page = sql::page(self.dialect, &self.live, &self.schema, &query, offset);
+        let count = sql::count(self.dialect, &self.live, &self.schema, &query);
+        // A swap drops the old table; a statement that resolved its name
+        // just before may find it gone. Once more resolves the new one.
+        let (mut items, total) = match self.list_once(&page, &count).await {
+            Err(e) if e.is_missing_table() => self.list_once(&page, &count).await?,
+            other => other?,
+        };
+        let more = items.len() > query.page_size as usize;
+        items.truncate(query.page_size as usize);
+        let next = match items.last() {
+            Some(_) if more && query.relevance => Some(query.cursor_at_offset(offset + items.len() as u64)),
+            Some(last) if more => Some(query.cursor_after(&last.id, &last.row)),
+            _ => None,
+        };
+        Ok(Page { items, next, total })
+    }
+
+    /// The database's plan for the page statement of `query`: PostgreSQL
+    /// `EXPLAIN`, SQLite `EXPLAIN QUERY PLAN`, one line per plan node.
+    pub async fn explain(&self, query: &ListQuery) -> Result<String, SqlViewError> {
+        let query = query.validate(&self.schema)?;
+        self.check_query(&query)?;
+        let offset = match &query.after {
+            Some(Cursor::Offset(n)) => *n,
+            _ => 0,
+        };
+        let mut sql = sql::page(self.dialect, &self.live, &self.schema, &query, offset);
+        let lines: Vec<String> = on_pool!(&self.read, |pool| {
+            match self.dialect {
+                Dialect::Postgres => sql.text.insert_str(0, "EXPLAIN "),
+                Dialect::Sqlite => sql.text.insert_str(0, "EXPLAIN QUERY PLAN "),
+            }
+            let at = if self.dialect == Dialect::Postgres { 0 } else { 3 };
+            bound(&sql).fetch_all(pool).await?.iter().map(|r| r.try_get(at)).collect::<Result<_, _>>()?
+        });
+        Ok(lines.join("\n"))
+    }
+
+    /// Waits until the live copy has applied the record at `position`
+    /// (read-your-writes); `false` when `timeout` passed first.
+    pub async fn wait_for(&self, position: Position, timeout: Duration) -> Result<bool, SqlViewError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let done = self.read_progress(ViewCopy::Live).await?.is_some_and(|p| p.checkpoint.covers(position));
+            if done {
+                return Ok(true);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    async fn begin_shadow(&self) -> Result<(), SqlViewError> {
+        let mut statements = vec![format!("DROP TABLE IF EXISTS {}", self.shadow)];
+        statements.extend(self.create_copy(&self.shadow));
+        let mut forget = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'shadow'"));
+        forget.args.push(Arg::Text(Some(self.schema.name.clone())));
+        on_pool!(&self.write, |pool| {
+            let mut tx = pool.begin().await?;
+            for statement in &statements {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            bound(&forget).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    async fn swap_copies(&self) -> Result<(), SqlViewError> {
+        let exists = self.exists_sql(&self.shadow);
+        let name = Arg::Text(Some(self.schema.name.clone()));
+        let mut drop_live = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'live'"));
+        drop_live.args.push(name.clone());
+        let mut promote = Sql::new(format!(
+            "UPDATE {CHECKPOINTS} SET view_copy = 'live' WHERE view_name = $1 AND view_copy = 'shadow'"
+        ));
+        promote.args.push(name);
+        let ddl = [
+            format!("DROP TABLE IF EXISTS {}", self.live),
+            format!("ALTER TABLE {} RENAME TO {}", self.shadow, self.live),
+        ];
+        // Both dialects run DDL inside transactions: readers see the old
+        // copy or the new one, never neither.
+        on_pool!(&self.write, |pool| {
+            let mut tx = pool.begin().await?;
+            let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
+            if found == 0 {
+                return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+            }
+            for statement in &ddl {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            bound(&drop_live).execute(&mut *tx).await?;
+            bound(&promote).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Closes the connection pools; later calls fail as unavailable.
+    pub async fn close(&self) {
+        on_pool!(&self.read, |pool| pool.close().await);
+        on_pool!(&self.write, |pool| pool.close().await);
+    }
+}
+
+#[async_trait]
+impl ListView for SqlView {
+    fn schema(&self) -> &ViewSchema {
+        &self.schema
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page, ViewError> {
+        Ok(self.list_page(query).await?)
+    }
+
+    async fn position(&self) -> Result<Checkpoint, ViewError> {
+        Ok(self.read_progress(ViewCopy::Live).await?.map(|p| p.checkpoint).unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl ViewStore for SqlView {
+    async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ViewError> {
+        Ok(self.read_progress(copy).await?)
+    }
+
+    async fn states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, ViewError> {
+        Ok(self.read_states(copy, ids).await?)
+    }
+
+    async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
+        Ok(self.write_copy(copy, changes, checkpoint).await?)
+    }
+
+    async fn begin_rebuild(&self) -> Result<(), ViewError> {
+        Ok(self.begin_shadow().await?)
+    }
+
+    async fn swap(&self) -> Result<(), ViewError> {
+        Ok(self.swap_copies().await?)
+    }
+}

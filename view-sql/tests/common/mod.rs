@@ -1,0 +1,82 @@
+//! Fresh views for tests: PostgreSQL (one schema per view) and SQLite (one
+//! temporary file per view).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use kes_core::ViewSchema;
+use kes_view_sql::{SqlView, SqlViewError, SqlViewOptions};
+
+/// The PostgreSQL server the tests use.
+pub fn pg_url() -> String {
+    std::env::var("KES_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema name no other test uses.
+pub fn fresh_pg_schema() -> String {
+    format!("kes_vsql_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A SQLite URL of a file no other test uses.
+pub fn fresh_sqlite_url() -> String {
+    let dir: PathBuf = std::env::temp_dir().join(format!("kes-view-sql-{}", uuid::Uuid::new_v4().simple()));
+    format!("sqlite://{}", dir.join("views.db").display())
+}
+
+/// Skips (returns `None`) when PostgreSQL is unreachable, unless `CI` is
+/// set: then a missing database fails the test.
+pub fn skip_or_fail(e: SqlViewError) -> Option<SqlView> {
+    if e.is_unavailable() && std::env::var_os("CI").is_none() {
+        eprintln!("skipped: PostgreSQL at {} is not reachable ({e}); set CI=1 to fail instead", pg_url());
+        return None;
+    }
+    panic!("cannot open the view: {e}");
+}
+
+/// Opens the view of `schema` in PostgreSQL schema `pg_schema`.
+pub async fn pg_in(pg_schema: &str, schema: ViewSchema) -> Option<SqlView> {
+    match SqlView::open_with(&pg_url(), schema, SqlViewOptions::default().pg_schema(pg_schema)).await {
+        Ok(view) => Some(view),
+        Err(e) => skip_or_fail(e),
+    }
+}
+
+/// A fresh, empty PostgreSQL view.
+pub async fn pg(schema: ViewSchema) -> Option<SqlView> {
+    pg_in(&fresh_pg_schema(), schema).await
+}
+
+/// Opens the view of `schema` in the SQLite database at `url`.
+pub async fn sqlite_at(url: &str, schema: ViewSchema) -> Option<SqlView> {
+    Some(SqlView::open(url, schema).await.unwrap_or_else(|e| panic!("cannot open {url}: {e}")))
+}
+
+/// A fresh, empty SQLite view in a temporary file.
+pub async fn sqlite(schema: ViewSchema) -> Option<SqlView> {
+    sqlite_at(&fresh_sqlite_url(), schema).await
+}
+
+/// Where a view lives, so that a test can open it again (a restart).
+#[derive(Debug, Clone)]
+pub enum Place {
+    /// A PostgreSQL schema.
+    Postgres(String),
+    /// A SQLite URL.
+    Sqlite(String),
+}
+
+impl Place {
+    /// A new place of the given dialect.
+    pub fn fresh(postgres: bool) -> Self {
+        if postgres { Self::Postgres(fresh_pg_schema()) } else { Self::Sqlite(fresh_sqlite_url()) }
+    }
+
+    /// Opens the view of `schema` there.
+    pub async fn open(&self, schema: ViewSchema) -> Option<SqlView> {
+        match self {
+            Self::Postgres(s) => pg_in(s, schema).await,
+            Self::Sqlite(url) => sqlite_at(url, schema).await,
+        }
+    }
+}
