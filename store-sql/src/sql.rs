@@ -1,0 +1,204 @@
+//! The statements both dialects run, and how their rows become envelopes.
+//!
+//! Every statement uses `$n` placeholders, which PostgreSQL and SQLite both
+//! understand, and only syntax the two share (`ON CONFLICT … DO UPDATE`,
+//! `CAST(… AS TEXT)`, scalar subqueries), so that the store has one code
+//! path. What differs lives in `store.rs`: how an append transaction starts
+//! (an advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite) and the
+//! migrations.
+
+use chrono::{DateTime, Utc};
+use kes_core::{Metadata, Position, RawEnvelope, StoreError};
+use sqlx::{Decode, Row, Type};
+use uuid::Uuid;
+
+/// Columns read back for an envelope, in the order [`envelope_from_row`]
+/// expects them. `CAST` turns PostgreSQL's JSONB into text so that one
+/// decoder serves both dialects.
+const ENVELOPE_COLUMNS: &str = "position, aggregate_id, version, command_end, event_id, event_type, revision, \
+     payload, CAST(metadata AS TEXT), recorded_at";
+
+/// Everything an append needs to decide, read in one round trip once the log
+/// is held: the stream's version, the log's next position, what an earlier
+/// append with the same retry key answered, and the table row.
+pub(crate) const APPEND_PREPARE: &str = "SELECT \
+    (SELECT COALESCE(MAX(version), 0) FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2), \
+    (SELECT COALESCE(MAX(position) + 1, 0) FROM kes_events WHERE aggregate_type = $1), \
+    (SELECT version FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2 AND idempotency_key = $3), \
+    (SELECT position FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2 AND idempotency_key = $3), \
+    s.version, CAST(s.state AS TEXT) \
+    FROM (SELECT 1 AS one) AS one \
+    LEFT JOIN kes_aggregates AS s ON s.aggregate_type = $1 AND s.aggregate_id = $2";
+
+/// Serialises appends of one aggregate type on PostgreSQL until commit.
+/// Taken before the next position is read, so positions are handed out in
+/// commit order and a reader never sees position n+1 without n. The key
+/// includes the schema so that stores in different schemas do not wait on
+/// each other.
+pub(crate) const PG_LOCK_LOG: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('kes_events/' || current_schema() || '/' || $1, 0))";
+
+/// Columns of one inserted event (see [`insert_events`]).
+pub(crate) const INSERT_COLUMNS: usize = 12;
+
+/// Events inserted per statement: below both dialects' limits on bound
+/// parameters (32766 for SQLite, 65535 for PostgreSQL).
+pub(crate) const EVENTS_PER_INSERT: usize = 1000;
+
+/// A multi-row insert of `rows` events.
+pub(crate) fn insert_events(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO kes_events (aggregate_type, position, aggregate_id, version, command_end, event_id, \
+         event_type, revision, payload, metadata, recorded_at, idempotency_key) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..INSERT_COLUMNS {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * INSERT_COLUMNS + col + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Writes the table row of an aggregate after an append.
+pub(crate) const UPSERT_STATE: &str = "INSERT INTO kes_aggregates (aggregate_type, aggregate_id, version, state, \
+    updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
+    version = excluded.version, state = excluded.state, updated_at = excluded.updated_at";
+
+/// Writes back a table row rebuilt by replay, unless an append moved it on
+/// meanwhile.
+pub(crate) const REPAIR_STATE: &str = "INSERT INTO kes_aggregates (aggregate_type, aggregate_id, version, state, \
+    updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
+    version = excluded.version, state = excluded.state, updated_at = excluded.updated_at \
+    WHERE kes_aggregates.version <= excluded.version";
+
+/// The table row of one aggregate.
+pub(crate) const LOAD_STATE: &str =
+    "SELECT version, CAST(state AS TEXT) FROM kes_aggregates WHERE aggregate_type = $1 AND aggregate_id = $2";
+
+/// What the append with a retry key answered.
+pub(crate) const RECALL: &str = "SELECT version, position FROM kes_events \
+    WHERE aggregate_type = $1 AND aggregate_id = $2 AND idempotency_key = $3";
+
+/// The current version of one stream (0 when it does not exist).
+pub(crate) const STREAM_VERSION: &str =
+    "SELECT COALESCE(MAX(version), 0) FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2";
+
+/// The last position of the log (NULL when it is empty).
+pub(crate) const HEAD: &str = "SELECT MAX(position) FROM kes_events WHERE aggregate_type = $1";
+
+/// One stream, oldest first.
+pub(crate) fn read_stream() -> String {
+    format!(
+        "SELECT {ENVELOPE_COLUMNS} FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY version"
+    )
+}
+
+/// A page of the log from a position on.
+pub(crate) fn read_log() -> String {
+    format!(
+        "SELECT {ENVELOPE_COLUMNS} FROM kes_events WHERE aggregate_type = $1 AND position >= $2 \
+         ORDER BY position LIMIT $3"
+    )
+}
+
+/// The events of one command after `version` (when a page ended inside it).
+pub(crate) fn read_command_rest() -> String {
+    format!(
+        "SELECT {ENVELOPE_COLUMNS} FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+         AND version > $3 AND version <= $4 ORDER BY version"
+    )
+}
+
+/// One stored event before its payload is decoded, with the boundary of the
+/// command it belongs to.
+#[derive(Debug)]
+pub(crate) struct StoredEvent {
+    pub(crate) raw: RawEnvelope,
+    /// Version of the last event of the same append.
+    pub(crate) command_end: u64,
+}
+
+impl StoredEvent {
+    /// Whether this is the last event of its command.
+    pub(crate) fn ends_command(&self) -> bool {
+        self.raw.version >= self.command_end
+    }
+}
+
+/// Reads one row selected with the envelope columns. Any column that does
+/// not decode is [`StoreError::Corrupt`], naming as much of the row as could
+/// be read; never a panic.
+pub(crate) fn envelope_from_row<R>(row: &R, aggregate: &str) -> Result<StoredEvent, StoreError>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Uuid: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let id: String = row.try_get(1).unwrap_or_default();
+    let version: i64 = row.try_get(2).unwrap_or_default();
+    let corrupt = |reason: String| StoreError::Corrupt {
+        aggregate: aggregate.to_owned(),
+        id: id.clone(),
+        version: u64::try_from(version).unwrap_or(0),
+        reason,
+    };
+    let column = |name: &str, e: sqlx::Error| corrupt(format!("column {name}: {e}"));
+    let position: i64 = row.try_get(0).map_err(|e| column("position", e))?;
+    let _: String = row.try_get(1).map_err(|e| column("aggregate_id", e))?;
+    let version: u64 = row
+        .try_get::<i64, _>(2)
+        .map_err(|e| column("version", e))
+        .and_then(|v| u64::try_from(v).map_err(|_| corrupt(format!("negative version {v}"))))?;
+    let command_end: i64 = row.try_get(3).map_err(|e| column("command_end", e))?;
+    let event_id: Uuid = row.try_get(4).map_err(|e| column("event_id", e))?;
+    let event_type: String = row.try_get(5).map_err(|e| column("event_type", e))?;
+    let revision: i64 = row.try_get(6).map_err(|e| column("revision", e))?;
+    let payload: String = row.try_get(7).map_err(|e| column("payload", e))?;
+    let metadata: String = row.try_get(8).map_err(|e| column("metadata", e))?;
+    let recorded_at: DateTime<Utc> = row.try_get(9).map_err(|e| column("recorded_at", e))?;
+    let metadata: Metadata =
+        serde_json::from_str(&metadata).map_err(|e| corrupt(format!("metadata is not valid: {e}")))?;
+    Ok(StoredEvent {
+        raw: RawEnvelope {
+            event_id,
+            aggregate_type: aggregate.to_owned(),
+            aggregate_id: id.clone(),
+            version,
+            event_type,
+            revision: u32::try_from(revision).map_err(|_| corrupt(format!("revision {revision} out of range")))?,
+            recorded_at,
+            metadata,
+            position: Position::new(
+                0,
+                u64::try_from(position).map_err(|_| corrupt(format!("negative position {position}")))?,
+            ),
+            payload: payload.into_bytes(),
+        },
+        command_end: u64::try_from(command_end).map_err(|_| corrupt(format!("negative command end {command_end}")))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_row_insert_numbers_every_parameter_once() {
+        let sql = insert_events(2);
+        assert!(sql.ends_with("($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"));
+        assert_eq!(sql.matches('$').count(), 2 * INSERT_COLUMNS);
+        assert!(EVENTS_PER_INSERT * INSERT_COLUMNS < 32_766);
+    }
+}

@@ -1,0 +1,793 @@
+//! [`SqlStore`]: the event log and table of one aggregate type in SQLite or
+//! PostgreSQL.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use kes_core::codec::encode_all;
+use kes_core::{
+    Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, Metadata,
+    Position, Snapshot, StoreError,
+};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::types::Json;
+use sqlx::{ConnectOptions, Connection, Executor};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::{SqlStoreError, db, is_unique_violation, redact};
+use crate::sql::{self, StoredEvent};
+
+/// Which database a [`SqlStore`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dialect {
+    /// An embedded SQLite file (or an in-memory database).
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// The connections of a store. SQLite gets a writer pool of exactly one
+/// connection (SQLite has one writer per file anyway; queueing in the pool
+/// is cheaper than spinning on `SQLITE_BUSY`) and a pool of readers, which
+/// WAL mode lets run beside the writer.
+#[derive(Clone)]
+enum Pools {
+    Sqlite { writer: SqlitePool, reader: SqlitePool },
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the pool that serves reads. The body
+/// is written once and compiled for each dialect.
+macro_rules! on_reader {
+    ($pools:expr, |$pool:ident| $body:expr) => {
+        match $pools {
+            Pools::Sqlite { reader: $pool, .. } => $body,
+            Pools::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$pool` bound to the pool that serves writes.
+macro_rules! on_writer {
+    ($pools:expr, |$pool:ident| $body:expr) => {
+        match $pools {
+            Pools::Sqlite { writer: $pool, .. } => $body,
+            Pools::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` inside a transaction `$tx` that holds the log of aggregate
+/// type `$name` for writing: `BEGIN IMMEDIATE` on SQLite (the write lock is
+/// taken at once, so a busy database waits in `busy_timeout` instead of
+/// failing on a lock upgrade), an advisory transaction lock on PostgreSQL.
+macro_rules! in_append_tx {
+    ($pools:expr, $name:expr, |$tx:ident| $body:expr) => {
+        match $pools {
+            Pools::Sqlite { writer, .. } => {
+                let mut $tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+                $body
+            }
+            Pools::Postgres(pool) => {
+                let mut $tx = pool.begin().await.map_err(db)?;
+                sqlx::query(sql::PG_LOCK_LOG).bind($name).execute(&mut *$tx).await.map_err(db)?;
+                $body
+            }
+        }
+    };
+}
+
+/// What one append transaction ended with.
+enum Outcome {
+    Appended(Appended),
+    /// The stream is not at the expected version.
+    Conflict(u64),
+    /// An insert hit a unique key: another writer got there first.
+    Raced,
+}
+
+/// Builds a [`SqlStore`]: URL, codec, PostgreSQL schema and pool settings.
+pub struct SqlStoreBuilder<A: Aggregate> {
+    url: String,
+    codec: Arc<dyn Codec<A::Event>>,
+    schema: Option<String>,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    busy_timeout: Duration,
+    poll_interval: Duration,
+    page_size: u32,
+}
+
+impl<A: Aggregate> fmt::Debug for SqlStoreBuilder<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlStoreBuilder")
+            .field("url", &redact(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("busy_timeout", &self.busy_timeout)
+            .field("poll_interval", &self.poll_interval)
+            .field("page_size", &self.page_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Aggregate> SqlStoreBuilder<A> {
+    fn new(url: &str) -> Self {
+        Self {
+            url: url.trim().to_owned(),
+            codec: Arc::new(JsonCodec::default()),
+            schema: None,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(10),
+            busy_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(50),
+            page_size: 500,
+        }
+    }
+
+    /// The payload codec (default: [`JsonCodec`] without upcasters). The
+    /// SQL store keeps payloads as text, so the codec must produce UTF-8.
+    pub fn codec(mut self, codec: Arc<dyn Codec<A::Event>>) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// PostgreSQL only: keep the tables in this schema (created when
+    /// missing) instead of the server's default search path. Lets several
+    /// stores, or tests running in parallel, share one database.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// Most connections the store opens (readers for SQLite; the writer is
+    /// always one connection). Default 10.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long an operation waits for a free connection before it fails as
+    /// unavailable. Default 10 s.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// SQLite only: how long a statement waits on a lock held by another
+    /// process before failing. Default 10 s.
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// How often a caught-up subscription looks for appends made by other
+    /// processes (appends through this store wake it at once). Default 50 ms.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many events a subscription reads per query. Default 500.
+    pub fn page_size(mut self, size: u32) -> Self {
+        self.page_size = size.max(1);
+        self
+    }
+
+    /// Connects, applies the embedded migrations and returns the store.
+    pub async fn open(self) -> Result<SqlStore<A>, SqlStoreError> {
+        let (pools, dialect) = if self.url.starts_with("sqlite:") {
+            (self.open_sqlite().await?, Dialect::Sqlite)
+        } else if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
+            (self.open_postgres().await?, Dialect::Postgres)
+        } else {
+            return Err(SqlStoreError::Url {
+                url: redact(&self.url),
+                reason: "expected sqlite:PATH or postgres://…".into(),
+            });
+        };
+        Ok(SqlStore {
+            inner: Arc::new(Inner {
+                pools,
+                dialect,
+                codec: self.codec,
+                poll_interval: self.poll_interval,
+                page_size: i64::from(self.page_size),
+                appended: watch::channel(0).0,
+            }),
+        })
+    }
+
+    async fn open_sqlite(&self) -> Result<Pools, SqlStoreError> {
+        let bad_url = |e: sqlx::Error| SqlStoreError::Url { url: redact(&self.url), reason: e.to_string() };
+        let memory = self.url.contains(":memory:") || self.url.contains("mode=memory");
+        let mut options = SqliteConnectOptions::from_str(&self.url)
+            .map_err(bad_url)?
+            .create_if_missing(true)
+            .busy_timeout(self.busy_timeout)
+            // FULL: an append is acknowledged only once its WAL frame is
+            // on disk, so an acknowledged command survives a power cut too.
+            .synchronous(SqliteSynchronous::Full);
+        if !memory {
+            options = options.journal_mode(SqliteJournalMode::Wal);
+            if let Some(dir) = options.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
+                create_dir(dir)?;
+            }
+        }
+        // An in-memory database lives as long as one connection to it does,
+        // and shared-cache connections lock each other out: one connection
+        // serves everything there.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(u32::from(memory))
+            .idle_timeout(if memory { None } else { Some(Duration::from_secs(600)) })
+            .max_lifetime(if memory { None } else { Some(Duration::from_secs(1800)) })
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(options.clone())
+            .await
+            .map_err(SqlStoreError::Connect)?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await.map_err(SqlStoreError::Migrate)?;
+        let reader = if memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(self.max_connections)
+                .acquire_timeout(self.acquire_timeout)
+                .connect_with(options)
+                .await
+                .map_err(SqlStoreError::Connect)?
+        };
+        Ok(Pools::Sqlite { writer, reader })
+    }
+
+    async fn open_postgres(&self) -> Result<Pools, SqlStoreError> {
+        let mut options = PgConnectOptions::from_str(&self.url)
+            .map_err(|e| SqlStoreError::Url { url: redact(&self.url), reason: e.to_string() })?;
+        if let Some(schema) = &self.schema {
+            check_schema_name(schema)?;
+            let mut conn = options.connect().await.map_err(SqlStoreError::Connect)?;
+            conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+                .await
+                .map_err(SqlStoreError::Database)?;
+            conn.close().await.map_err(SqlStoreError::Connect)?;
+            // A startup parameter: every connection of the pool, including
+            // ones opened after a reconnect, lands in the schema.
+            options = options.options([("search_path", schema.as_str())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(SqlStoreError::Connect)?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(SqlStoreError::Migrate)?;
+        Ok(Pools::Postgres(pool))
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), SqlStoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| SqlStoreError::CreateDir { path: dir.to_owned(), source })
+}
+
+/// Schema names are spliced into `CREATE SCHEMA` and the search path, so
+/// only plain identifiers pass.
+fn check_schema_name(schema: &str) -> Result<(), SqlStoreError> {
+    let plain = !schema.is_empty()
+        && schema.len() <= 63
+        && !schema.starts_with(|c: char| c.is_ascii_digit())
+        && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if plain { Ok(()) } else { Err(SqlStoreError::SchemaName(schema.chars().take(80).collect())) }
+}
+
+struct Inner<A: Aggregate> {
+    pools: Pools,
+    dialect: Dialect,
+    codec: Arc<dyn Codec<A::Event>>,
+    poll_interval: Duration,
+    page_size: i64,
+    /// Bumped after every commit through this store, so that subscribers in
+    /// this process need not wait for their next poll.
+    appended: watch::Sender<u64>,
+}
+
+/// The event log and table of aggregate type `A` in SQLite or PostgreSQL.
+///
+/// Cheap to clone: clones share the connection pools. See the crate docs
+/// for the layout and guarantees.
+pub struct SqlStore<A: Aggregate> {
+    inner: Arc<Inner<A>>,
+}
+
+impl<A: Aggregate> Clone for SqlStore<A> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl<A: Aggregate> fmt::Debug for SqlStore<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlStore").field("aggregate", &A::NAME).field("dialect", &self.inner.dialect).finish()
+    }
+}
+
+impl<A: Aggregate> SqlStore<A> {
+    /// Opens the store at `url` (`sqlite:PATH`, `sqlite::memory:` or
+    /// `postgres://…`) with the default settings, applying the migrations.
+    /// The folder of a SQLite file is created when missing.
+    pub async fn open(url: &str) -> Result<Self, SqlStoreError> {
+        Self::builder(url).open().await
+    }
+
+    /// Opens the store at `url` with payloads written and read by `codec`.
+    pub async fn open_with_codec(url: &str, codec: Arc<dyn Codec<A::Event>>) -> Result<Self, SqlStoreError> {
+        Self::builder(url).codec(codec).open().await
+    }
+
+    /// A builder for every other setting.
+    pub fn builder(url: &str) -> SqlStoreBuilder<A> {
+        SqlStoreBuilder::new(url)
+    }
+
+    /// The database this store runs on.
+    pub fn dialect(&self) -> Dialect {
+        self.inner.dialect
+    }
+
+    /// Closes the connection pools; later operations fail as unavailable.
+    pub async fn close(&self) {
+        match &self.inner.pools {
+            Pools::Sqlite { writer, reader } => {
+                reader.close().await;
+                writer.close().await;
+            }
+            Pools::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    fn decode(&self, stored: StoredEvent) -> Result<Envelope<A::Event>, StoreError> {
+        stored.raw.decode(&*self.inner.codec)
+    }
+
+    /// The stream `id` as stored, oldest first.
+    async fn read_stored(&self, id: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let query = sql::read_stream();
+        on_reader!(&self.inner.pools, |pool| {
+            let rows = sqlx::query(&query).bind(A::NAME).bind(id).fetch_all(pool).await.map_err(db)?;
+            rows.iter().map(|r| sql::envelope_from_row(r, A::NAME)).collect()
+        })
+    }
+
+    fn replay(&self, events: Vec<StoredEvent>) -> Result<(A, u64), StoreError> {
+        let mut state = A::default();
+        let mut version = 0;
+        for stored in events {
+            let envelope = self.decode(stored)?;
+            state.apply(&envelope.payload);
+            version = envelope.version;
+        }
+        Ok((state, version))
+    }
+
+    /// The table's JSON of a state.
+    fn state_json(&self, id: &str, state: &A) -> Result<Value, StoreError> {
+        serde_json::to_value(state)
+            .map_err(|e| StoreError::Backend(format!("{} {id}: state not serialisable: {e}", A::NAME)))
+    }
+
+    /// Reads up to one page of the log from position `next`, cut at command
+    /// boundaries. Returns the appends found and the position after them.
+    async fn page(&self, next: u64) -> Result<(Vec<Vec<Envelope<A::Event>>>, u64), StoreError> {
+        let from = i64::try_from(next).unwrap_or(i64::MAX);
+        let query = sql::read_log();
+        let stored: Vec<StoredEvent> = on_reader!(&self.inner.pools, |pool| {
+            let rows = sqlx::query(&query)
+                .bind(A::NAME)
+                .bind(from)
+                .bind(self.inner.page_size)
+                .fetch_all(pool)
+                .await
+                .map_err(db)?;
+            rows.iter().map(|r| sql::envelope_from_row(r, A::NAME)).collect::<Result<_, _>>()?
+        });
+        let mut groups: Vec<Vec<StoredEvent>> = Vec::new();
+        for event in stored {
+            match groups.last_mut() {
+                Some(group) if continues(group, &event) => group.push(event),
+                _ => groups.push(vec![event]),
+            }
+        }
+        if groups.last().is_some_and(|g| !complete(g)) {
+            if groups.len() > 1 {
+                // The page ended inside a command: leave it for the next page.
+                groups.pop();
+            } else if let Some(group) = groups.last_mut() {
+                // One command larger than a page: fetch the rest of it.
+                let rest = self.command_rest(group).await?;
+                group.extend(rest);
+            }
+        }
+        let mut appends = Vec::with_capacity(groups.len());
+        let mut after = next;
+        for mut group in groups {
+            if let Some(last) = group.last().filter(|_| !complete(&group)) {
+                return Err(StoreError::Corrupt {
+                    aggregate: A::NAME.to_owned(),
+                    id: last.raw.aggregate_id.clone(),
+                    version: last.raw.version,
+                    reason: format!("the command ending at version {} is incomplete in the log", last.command_end),
+                });
+            }
+            group.sort_by_key(|e| e.raw.version);
+            for e in &group {
+                after = after.max(e.raw.position.offset + 1);
+            }
+            appends.push(group.into_iter().map(|e| self.decode(e)).collect::<Result<Vec<_>, _>>()?);
+        }
+        Ok((appends, after))
+    }
+
+    async fn command_rest(&self, group: &[StoredEvent]) -> Result<Vec<StoredEvent>, StoreError> {
+        let Some(last) = group.last() else { return Ok(Vec::new()) };
+        let query = sql::read_command_rest();
+        let (id, after, end) =
+            (&last.raw.aggregate_id, version_param(last.raw.version), version_param(last.command_end));
+        on_reader!(&self.inner.pools, |pool| {
+            let rows =
+                sqlx::query(&query).bind(A::NAME).bind(id).bind(after).bind(end).fetch_all(pool).await.map_err(db)?;
+            rows.iter().map(|r| sql::envelope_from_row(r, A::NAME)).collect()
+        })
+    }
+
+    async fn stream_version(&self, id: &str) -> Result<u64, StoreError> {
+        let version: i64 = on_reader!(&self.inner.pools, |pool| {
+            sqlx::query_scalar(sql::STREAM_VERSION).bind(A::NAME).bind(id).fetch_one(pool).await.map_err(db)?
+        });
+        Ok(u64::try_from(version).unwrap_or(0))
+    }
+
+    /// Writes a table row rebuilt by replay. Best effort: the answer of
+    /// `load` is right either way, only the next `load` is slower.
+    async fn repair_state(&self, id: &str, state: &A, version: u64) {
+        let Ok(json) = self.state_json(id, state) else { return };
+        let now = now();
+        let result = on_writer!(&self.inner.pools, |pool| {
+            sqlx::query(sql::REPAIR_STATE)
+                .bind(A::NAME)
+                .bind(id)
+                .bind(version_param(version))
+                .bind(Json(&json))
+                .bind(now)
+                .execute(pool)
+                .await
+                .map(drop)
+        });
+        if let Err(e) = result {
+            tracing::warn!(aggregate = A::NAME, id, error = %e, "could not write the rebuilt table row");
+        }
+    }
+}
+
+/// Whether `event` belongs to the same command as the open `group`.
+fn continues(group: &[StoredEvent], event: &StoredEvent) -> bool {
+    group.last().is_some_and(|last| {
+        !last.ends_command()
+            && last.raw.aggregate_id == event.raw.aggregate_id
+            && last.command_end == event.command_end
+            && last.raw.version + 1 == event.raw.version
+    })
+}
+
+/// Whether the group ends with the last event of its command.
+fn complete(group: &[StoredEvent]) -> bool {
+    group.last().is_some_and(StoredEvent::ends_command)
+}
+
+fn version_param(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_db(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Now, at the microsecond precision both databases keep, so that what is
+/// stored reads back equal.
+fn now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+#[async_trait]
+impl<A: Aggregate> EventStore<A> for SqlStore<A> {
+    async fn append(
+        &self,
+        id: &str,
+        expected: ExpectedVersion,
+        events: Vec<A::Event>,
+        metadata: Metadata,
+    ) -> Result<Appended, StoreError> {
+        if events.is_empty() {
+            return Err(StoreError::Invalid("an append needs at least one event".into()));
+        }
+        let encoded = encode_all(&*self.inner.codec, &events)?;
+        let payloads = encoded
+            .iter()
+            .map(|e| {
+                std::str::from_utf8(&e.payload).map_err(|_| {
+                    StoreError::Invalid(format!("the SQL store keeps text payloads; {} is not UTF-8", e.event_type))
+                })
+            })
+            .collect::<Result<Vec<&str>, _>>()?;
+        let metadata_json =
+            serde_json::to_value(&metadata).map_err(|e| StoreError::Invalid(format!("metadata: {e}")))?;
+        let key = metadata.idempotency_key.as_deref();
+        let recorded_at = now();
+        let count = events.len() as u64;
+        let event_ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+
+        let outcome = in_append_tx!(&self.inner.pools, A::NAME, |tx| {
+            let (actual, next_position, key_version, key_position, table_version, table_state): (
+                i64,
+                i64,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                Option<String>,
+            ) = sqlx::query_as(sql::APPEND_PREPARE)
+                .bind(A::NAME)
+                .bind(id)
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+            let actual = from_db(actual);
+            if let (Some(version), Some(position)) = (key_version, key_position) {
+                Outcome::Appended(Appended {
+                    version: from_db(version),
+                    position: Position::new(0, from_db(position)),
+                    deduplicated: true,
+                })
+            } else if !expected.admits(actual) {
+                Outcome::Conflict(actual)
+            } else {
+                let current = table_state
+                    .filter(|_| table_version.map(from_db) == Some(actual))
+                    .and_then(|json| serde_json::from_str::<A>(&json).ok());
+                let mut state = match current {
+                    Some(state) => state,
+                    None if actual == 0 => A::default(),
+                    None => {
+                        // The table row is missing, stale or of an older
+                        // shape: the log decides.
+                        let query = sql::read_stream();
+                        let rows = sqlx::query(&query).bind(A::NAME).bind(id).fetch_all(&mut *tx).await.map_err(db)?;
+                        let stored =
+                            rows.iter().map(|r| sql::envelope_from_row(r, A::NAME)).collect::<Result<Vec<_>, _>>()?;
+                        self.replay(stored)?.0
+                    }
+                };
+                for event in &events {
+                    state.apply(event);
+                }
+                let state_json = self.state_json(id, &state)?;
+                let end = actual + count;
+                let first_position = from_db(next_position);
+                let mut raced = false;
+                let mut index = 0;
+                while index < encoded.len() && !raced {
+                    let rows = (encoded.len() - index).min(sql::EVENTS_PER_INSERT);
+                    let statement = sql::insert_events(rows);
+                    let mut query = sqlx::query(&statement);
+                    for i in index..index + rows {
+                        let version = actual + 1 + i as u64;
+                        query = query
+                            .bind(A::NAME)
+                            .bind(version_param(first_position + i as u64))
+                            .bind(id)
+                            .bind(version_param(version))
+                            .bind(version_param(end))
+                            .bind(event_ids[i])
+                            .bind(encoded[i].event_type)
+                            .bind(i64::from(encoded[i].revision))
+                            .bind(payloads[i])
+                            .bind(Json(&metadata_json))
+                            .bind(recorded_at)
+                            .bind(if version == end { key } else { None });
+                    }
+                    match query.execute(&mut *tx).await {
+                        Ok(_) => index += rows,
+                        Err(e) if is_unique_violation(&e) => raced = true,
+                        Err(e) => return Err(db(e)),
+                    }
+                }
+                if raced {
+                    Outcome::Raced
+                } else {
+                    sqlx::query(sql::UPSERT_STATE)
+                        .bind(A::NAME)
+                        .bind(id)
+                        .bind(version_param(end))
+                        .bind(Json(&state_json))
+                        .bind(recorded_at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    tx.commit().await.map_err(db)?;
+                    self.inner.appended.send_modify(|n| *n = n.wrapping_add(1));
+                    Outcome::Appended(Appended {
+                        version: end,
+                        position: Position::new(0, first_position + count - 1),
+                        deduplicated: false,
+                    })
+                }
+            }
+        });
+        match outcome {
+            Outcome::Appended(appended) => Ok(appended),
+            Outcome::Conflict(actual) => {
+                Err(StoreError::Conflict { aggregate: A::NAME.to_owned(), id: id.to_owned(), expected, actual })
+            }
+            Outcome::Raced => {
+                // The transaction was rolled back when it was dropped. Only a
+                // writer outside this store's locking gets here (e.g. an
+                // older version of it); answer as if we had waited for it.
+                if let Some(key) = key {
+                    if let Some(first) = self.recall(id, key).await? {
+                        return Ok(first);
+                    }
+                }
+                let actual = self.stream_version(id).await?;
+                Err(StoreError::Conflict { aggregate: A::NAME.to_owned(), id: id.to_owned(), expected, actual })
+            }
+        }
+    }
+
+    async fn recall(&self, id: &str, idempotency_key: &str) -> Result<Option<Appended>, StoreError> {
+        let found: Option<(i64, i64)> = on_reader!(&self.inner.pools, |pool| {
+            sqlx::query_as(sql::RECALL)
+                .bind(A::NAME)
+                .bind(id)
+                .bind(idempotency_key)
+                .fetch_optional(pool)
+                .await
+                .map_err(db)?
+        });
+        Ok(found.map(|(version, position)| Appended {
+            version: from_db(version),
+            position: Position::new(0, from_db(position)),
+            deduplicated: true,
+        }))
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        let row: Option<(i64, String)> = on_reader!(&self.inner.pools, |pool| {
+            sqlx::query_as(sql::LOAD_STATE).bind(A::NAME).bind(id).fetch_optional(pool).await.map_err(db)?
+        });
+        if let Some((version, json)) = row {
+            match serde_json::from_str::<A>(&json) {
+                Ok(state) => return Ok(Some(Snapshot { state, version: from_db(version) })),
+                Err(e) => {
+                    tracing::info!(aggregate = A::NAME, id, error = %e, "table row no longer decodes; replaying");
+                }
+            }
+        }
+        // No row (the table was dropped or never written) or one of an older
+        // shape: the log decides, and the row is written back.
+        let stored = self.read_stored(id).await?;
+        if stored.is_empty() {
+            return Ok(None);
+        }
+        let (state, version) = self.replay(stored)?;
+        self.repair_state(id, &state, version).await;
+        Ok(Some(Snapshot { state, version }))
+    }
+
+    async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        self.read_stored(id).await?.into_iter().map(|e| self.decode(e)).collect()
+    }
+
+    async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
+        let tail = Tail {
+            store: self.clone(),
+            next: from.next_offset(0),
+            ready: VecDeque::new(),
+            wake: self.inner.appended.subscribe(),
+            backoff: false,
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(tail, Tail::next_item)))
+    }
+
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        let last: Option<i64> = on_reader!(&self.inner.pools, |pool| {
+            sqlx::query_scalar(sql::HEAD).bind(A::NAME).fetch_one(pool).await.map_err(db)?
+        });
+        let mut head = Checkpoint::start();
+        if let Some(last) = last {
+            head.set_next(0, from_db(last) + 1);
+        }
+        Ok(head)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        on_reader!(&self.inner.pools, |pool| { sqlx::query("SELECT 1").execute(pool).await.map(drop).map_err(db) })
+    }
+}
+
+/// The state of one subscription.
+struct Tail<A: Aggregate> {
+    store: SqlStore<A>,
+    /// The position of the next event to deliver.
+    next: u64,
+    /// Appends read but not delivered yet.
+    ready: VecDeque<Vec<Envelope<A::Event>>>,
+    wake: watch::Receiver<u64>,
+    /// The last read failed transiently: wait before the next one.
+    backoff: bool,
+    /// A permanent failure was delivered; the stream ends.
+    done: bool,
+}
+
+impl<A: Aggregate> Tail<A> {
+    async fn next_item(mut self) -> Option<(Result<Vec<Envelope<A::Event>>, StoreError>, Self)> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Some((Ok(item), self));
+            }
+            if self.done {
+                return None;
+            }
+            if std::mem::take(&mut self.backoff) {
+                tokio::time::sleep(self.store.inner.poll_interval.max(Duration::from_millis(200))).await;
+            }
+            // Marks the current append count as seen *before* reading, so
+            // that an append committed after the read wakes the wait below.
+            self.wake.borrow_and_update();
+            match self.store.page(self.next).await {
+                Ok((appends, after)) if !appends.is_empty() => {
+                    self.ready.extend(appends);
+                    self.next = after;
+                }
+                Ok(_) => {
+                    let poll = self.store.inner.poll_interval;
+                    tokio::select! {
+                        _ = self.wake.changed() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                }
+                Err(e) => {
+                    // A transient failure is reported and retried; anything
+                    // else (a corrupt event) ends the stream, since skipping
+                    // an event would silently lose it.
+                    self.backoff = e.is_transient();
+                    self.done = !self.backoff;
+                    return Some((Err(e), self));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(check_schema_name("kes_test_1").is_ok());
+        for bad in ["", "1abc", "a-b", "a\"; DROP SCHEMA public; --", &"x".repeat(64)] {
+            assert!(check_schema_name(bad).is_err(), "{bad:?} passed");
+        }
+    }
+}
