@@ -136,10 +136,10 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
     ) -> Result<CommandOutcome<A>, CommandError<A::Error>> {
         let _turn = self.locks.lock(id).await;
         let key = metadata.idempotency_key.clone();
-        if let Some(key) = &key {
-            if let Some(first) = self.recall(id, key).await? {
-                return self.replay(id, first).await;
-            }
+        if let Some(key) = &key
+            && let Some(first) = self.recall(id, key).await?
+        {
+            return self.replay(id, first).await;
         }
         let snapshot = self.store.load(id).await.map_err(|e| CommandError::from_store(A::NAME, e))?;
         let (state, version) = snapshot.map(|s| (s.state, s.version)).unwrap_or_default();
@@ -223,10 +223,13 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
     }
 }
 
+/// One shard of the lock table: aggregate id → its lock.
+type LockShard = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
 /// Per-key async locks whose table entries disappear when unused.
 struct KeyedLocks {
     hasher: RandomState,
-    shards: Box<[Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>]>,
+    shards: Box<[LockShard]>,
 }
 
 struct KeyedGuard<'a> {
@@ -240,7 +243,7 @@ impl KeyedLocks {
         Self { hasher: RandomState::new(), shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect() }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+    fn shard(&self, key: &str) -> &LockShard {
         let i = self.hasher.hash_one(key) as usize % self.shards.len();
         &self.shards[i]
     }
@@ -264,10 +267,8 @@ impl Drop for KeyedGuard<'_> {
         let mut shard = self.locks.shard(&self.key).lock().unwrap_or_else(|p| p.into_inner());
         // The table and this guard hold the only references: nobody else
         // waits for this key, so the entry can go.
-        if let Some(entry) = shard.get(&self.key) {
-            if Arc::strong_count(entry) == 2 {
-                shard.remove(&self.key);
-            }
+        if shard.get(&self.key).is_some_and(|entry| Arc::strong_count(entry) == 2) {
+            shard.remove(&self.key);
         }
         self.guard.take();
     }

@@ -90,10 +90,10 @@ impl<A: Aggregate> EventStore<A> for InMemoryStore<A> {
         encode_all(&JsonCodec::default(), &events)?;
         let mut log = self.log();
         let log = &mut *log;
-        if let Some(key) = &metadata.idempotency_key {
-            if let Some(first) = log.streams.get(id).and_then(|s| s.keys.get(key)) {
-                return Ok(Appended { deduplicated: true, ..*first });
-            }
+        if let Some(key) = &metadata.idempotency_key
+            && let Some(first) = log.streams.get(id).and_then(|s| s.keys.get(key))
+        {
+            return Ok(Appended { deduplicated: true, ..*first });
         }
         let actual = log.streams.get(id).map_or(0, |s| s.version);
         if !expected.admits(actual) {

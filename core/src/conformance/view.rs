@@ -388,7 +388,8 @@ pub async fn rows_outside_the_schema_are_refused(view: Arc<dyn ViewStore>) {
 /// page sizes are typed query errors.
 pub async fn invalid_queries_are_typed_errors(view: Arc<dyn ViewStore>) {
     load_fixture(&view).await;
-    let cases: Vec<(ListQuery, fn(&QueryError) -> bool)> = vec![
+    type Expect = fn(&QueryError) -> bool;
+    let cases: Vec<(ListQuery, Expect)> = vec![
         (ListQuery::new().filter("colour", FilterOp::Eq, "red"), |e| matches!(e, QueryError::UnknownField(_))),
         (ListQuery::new().filter("note", FilterOp::Eq, "x"), |e| matches!(e, QueryError::NotFilterable(_))),
         (ListQuery::new().sort_by("note"), |e| matches!(e, QueryError::NotSortable(_))),

@@ -1,0 +1,154 @@
+//! The projection runner over the in-memory store and view: batches,
+//! checkpoints, resume, rebuild, lag and read-your-writes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kes_core::conformance::{Ledger, LedgerEvent};
+use kes_core::{
+    CatchUp, EventStore, ExpectedVersion, Field, FieldValue, InMemoryStore, InMemoryView, ListQuery, ListView,
+    Metadata, Position, Projection, ProjectionRunner, Row, RowChange, RunnerConfig, ViewCopy, ViewProjection,
+    ViewSchema, ViewStore,
+};
+
+fn schema() -> ViewSchema {
+    ViewSchema::new("ledgers", 1)
+        .field(Field::integer("total").filterable().sortable())
+        .field(Field::integer("entries"))
+}
+
+fn row(l: &Ledger) -> Row {
+    let mut r = Row::new();
+    r.insert("total".into(), FieldValue::Integer(l.total));
+    r.insert("entries".into(), FieldValue::Integer(l.entries as i64));
+    r
+}
+
+struct Setup {
+    store: InMemoryStore<Ledger>,
+    view: Arc<InMemoryView>,
+    runner: Arc<ProjectionRunner<Ledger, InMemoryStore<Ledger>>>,
+}
+
+fn setup(store: InMemoryStore<Ledger>, view: Arc<InMemoryView>, batch_size: usize) -> Setup {
+    let projection: Arc<dyn Projection<LedgerEvent>> = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
+    let config = RunnerConfig { batch_size, retry_delay: Duration::from_millis(20) };
+    let runner = ProjectionRunner::new(store.clone(), vec![projection], config);
+    Setup { store, view, runner }
+}
+
+async fn add(store: &InMemoryStore<Ledger>, id: &str, amounts: &[i64]) -> Position {
+    let version = store.load(id).await.unwrap().map_or(0, |s| s.version);
+    let mut events: Vec<LedgerEvent> = amounts.iter().map(|a| LedgerEvent::Added { amount: *a }).collect();
+    if version == 0 {
+        events.insert(0, LedgerEvent::Opened);
+    }
+    store.append(id, ExpectedVersion::Exact(version), events, Metadata::default()).await.unwrap().position
+}
+
+async fn totals(view: &InMemoryView) -> Vec<(String, Row)> {
+    let page = view.list(&ListQuery::new().page_size(100)).await.unwrap();
+    page.items.into_iter().map(|i| (i.id, i.row)).collect()
+}
+
+#[tokio::test]
+async fn follows_the_log_and_waits_for_a_position() {
+    let s = setup(InMemoryStore::new(), Arc::new(InMemoryView::new(schema()).unwrap()), 4);
+    s.runner.start().await.unwrap();
+    let mut last = Position::new(0, 0);
+    for i in 0..30 {
+        last = add(&s.store, &format!("l-{}", i % 5), &[i]).await;
+    }
+    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await, "the view never caught up");
+    let rows = totals(&s.view).await;
+    assert_eq!(rows.len(), 5);
+    let sum: i64 =
+        rows.iter().map(|(_, r)| if let Some(FieldValue::Integer(t)) = r.get("total") { *t } else { 0 }).sum();
+    assert_eq!(sum, (0..30).sum::<i64>());
+    let status = s.runner.status().await.unwrap();
+    assert_eq!(status[0].lag, 0);
+    assert!(status[0].last_error.is_none());
+    // A position the log has not reached yet is not waited for forever.
+    assert!(!s.runner.wait_for(Position::new(0, 1_000), Duration::from_millis(50)).await);
+    s.runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_runner_resumes_from_its_checkpoint_without_double_applying() {
+    let store = InMemoryStore::new();
+    let view = Arc::new(InMemoryView::new(schema()).unwrap());
+    let first = setup(store.clone(), view.clone(), 3);
+    first.runner.start().await.unwrap();
+    let p = add(&store, "a", &[1, 2, 3]).await;
+    assert!(first.runner.wait_for(p, Duration::from_secs(5)).await);
+    first.runner.shutdown().await;
+    add(&store, "a", &[10]).await;
+    let p = add(&store, "b", &[5]).await;
+    let second = setup(store.clone(), view.clone(), 3);
+    second.runner.start().await.unwrap();
+    assert!(second.runner.wait_for(p, Duration::from_secs(5)).await);
+    let rows = totals(&view).await;
+    assert_eq!(rows[0].1.get("total"), Some(&FieldValue::Integer(16)));
+    assert_eq!(rows[0].1.get("entries"), Some(&FieldValue::Integer(4)), "an event was applied twice");
+    assert_eq!(rows[1].1.get("total"), Some(&FieldValue::Integer(5)));
+    second.runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn rebuild_serves_the_old_copy_then_swaps_in_an_equal_one() {
+    let s = setup(InMemoryStore::new(), Arc::new(InMemoryView::new(schema()).unwrap()), 7);
+    s.runner.start().await.unwrap();
+    let mut last = Position::new(0, 0);
+    for i in 0..200 {
+        last = add(&s.store, &format!("l-{}", i % 13), &[i]).await;
+    }
+    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
+    let before = totals(&s.view).await;
+    // Writes keep coming while the rebuild runs.
+    let writer = {
+        let store = s.store.clone();
+        tokio::spawn(async move {
+            let mut last = Position::new(0, 0);
+            for i in 0..50 {
+                last = add(&store, &format!("l-{}", i % 17), &[1]).await;
+                tokio::task::yield_now().await;
+            }
+            last
+        })
+    };
+    let report = s.runner.rebuild("ledgers", &|_, _| {}).await.unwrap();
+    assert!(report.events >= 213, "the rebuild read only {} events", report.events);
+    let last = writer.await.unwrap();
+    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
+    let after = totals(&s.view).await;
+    // A fresh view built from scratch must agree with the rebuilt one.
+    let fresh = setup(s.store.clone(), Arc::new(InMemoryView::new(schema()).unwrap()), 64);
+    fresh.runner.start().await.unwrap();
+    assert!(fresh.runner.wait_for(last, Duration::from_secs(5)).await);
+    assert_eq!(after, totals(&fresh.view).await);
+    assert_ne!(before, after);
+    assert_eq!(s.runner.status().await.unwrap()[0].lag, 0);
+    s.runner.shutdown().await;
+    fresh.runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn unreadable_view_state_is_reported_and_retried_not_panicked() {
+    let s = setup(InMemoryStore::new(), Arc::new(InMemoryView::new(schema()).unwrap()), 8);
+    let bad = RowChange { id: "a".into(), version: 0, state: serde_json::json!("not a ledger"), row: None };
+    s.view.write(ViewCopy::Live, &[bad], &kes_core::Checkpoint::start()).await.unwrap();
+    s.runner.start().await.unwrap();
+    let p = add(&s.store, "a", &[1]).await;
+    assert!(!s.runner.wait_for(p, Duration::from_millis(200)).await, "a corrupt state was silently overwritten");
+    let status = s.runner.status().await.unwrap();
+    assert!(status[0].last_error.as_deref().is_some_and(|e| e.contains("cannot be read")), "{status:?}");
+    assert_eq!(status[0].lag, 2);
+    s.runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_projection_names_are_an_error() {
+    let s = setup(InMemoryStore::new(), Arc::new(InMemoryView::new(schema()).unwrap()), 8);
+    assert!(s.runner.rebuild("nope", &|_, _| {}).await.is_err());
+    assert_eq!(s.runner.names(), vec!["ledgers".to_owned()]);
+}
