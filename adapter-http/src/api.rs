@@ -1,0 +1,881 @@
+//! Mounting aggregates on one router, and the routes that serve them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use kes_core::{
+    Aggregate, CatchUp, CommandBus, CommandError, CommandOutcome, Envelope, EventStore, ExpectedVersion, ListQuery,
+    ListView, Metadata, Position, ProjectionRunner, ProjectionStatus, QueryError, StoreError,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use schemars::JsonSchema;
+use serde_json::{Map, Value, json};
+use tower::Layer;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::normalize_path::NormalizePathLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::{HttpError, PROBLEM_JSON, RETRY_AFTER_SECS, problem_response, problem_type};
+use crate::metrics::Metrics;
+use crate::openapi::{self, Describe};
+use crate::resource::{Operation, Resource, id_for_key};
+
+/// The position token header: sent with every write answer, sent back by a
+/// read that wants to see that write.
+pub const POSITION_HEADER: &str = "kes-position";
+/// How consistent a list answer is: `eventual` (no token was sent),
+/// `caught-up` (the views reached the token) or `stale` (they did not
+/// within [`HttpConfig::consistency_timeout`]; the answer is what they had).
+pub const CONSISTENCY_HEADER: &str = "kes-consistency";
+/// Set to `true` on an answer replayed for a repeated `Idempotency-Key`.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// The retry key of a write.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// The correlation id of a write; without it, the request id is used.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+/// The request id (set by the server when the client sent none).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Longest accepted id, idempotency key, principal or correlation id.
+const MAX_TOKEN: usize = 255;
+/// Longest accepted full-text query.
+const MAX_SEARCH: usize = 256;
+
+/// Tunables of the HTTP adapter.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// `info.title` of the OpenAPI document.
+    pub title: String,
+    /// `info.version` of the OpenAPI document.
+    pub version: String,
+    /// Origins allowed by CORS (`http://localhost:5173`); `*` allows any;
+    /// empty sends no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// Largest accepted request body in bytes (413 above).
+    pub body_limit: usize,
+    /// Longest time a request may take (then 503 `timeout`).
+    pub request_timeout: Duration,
+    /// Longest time a list read that carries a position token waits for
+    /// the views to catch up before it answers with what they have.
+    pub consistency_timeout: Duration,
+    /// The header the principal is read from (unless [`Api::principal`]
+    /// replaces it).
+    pub principal_header: HeaderName,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            title: "KES API".into(),
+            version: "0.1.0".into(),
+            cors_origins: Vec::new(),
+            body_limit: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            consistency_timeout: Duration::from_secs(2),
+            principal_header: HeaderName::from_static("x-principal"),
+        }
+    }
+}
+
+/// Reads the principal of a request (after authentication middleware ran,
+/// which may have left it in the headers or the extensions).
+pub type PrincipalFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+
+/// Reports projection progress for `/metrics` (`kes_projection_lag`).
+///
+/// [`ProjectionRunner`] implements it; so can anything else that knows lags.
+#[async_trait]
+pub trait ProjectionStatusSource: Send + Sync {
+    /// The status of each projection.
+    async fn projection_status(&self) -> Result<Vec<ProjectionStatus>, StoreError>;
+}
+
+#[async_trait]
+impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionStatusSource for ProjectionRunner<A, S> {
+    async fn projection_status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
+        self.status().await
+    }
+}
+
+/// What every route of the API shares.
+pub(crate) struct Shared {
+    pub(crate) config: HttpConfig,
+    principal: Option<PrincipalFn>,
+    pub(crate) metrics: Metrics,
+}
+
+impl Shared {
+    fn principal(&self, parts: &Parts) -> Result<Option<String>, HttpError> {
+        let found = match &self.principal {
+            Some(f) => f(parts),
+            None => match parts.headers.get(&self.config.principal_header) {
+                None => None,
+                Some(v) => Some(
+                    v.to_str()
+                        .map_err(|_| HttpError::InvalidHeader {
+                            name: "principal",
+                            reason: "not visible ASCII".into(),
+                        })?
+                        .to_owned(),
+                ),
+            },
+        };
+        match found {
+            Some(p) if p.len() > MAX_TOKEN => {
+                Err(HttpError::InvalidHeader { name: "principal", reason: format!("longer than {MAX_TOKEN} bytes") })
+            }
+            other => Ok(other.filter(|p| !p.is_empty())),
+        }
+    }
+}
+
+/// One mounted aggregate, seen without its types.
+#[async_trait]
+pub(crate) trait Mount: Describe + Send + Sync {
+    fn plural(&self) -> &str;
+    /// Name and reachability of each backend this mount uses.
+    async fn readiness(&self) -> Vec<(String, bool)>;
+}
+
+/// The REST API: aggregates mounted under their plural names, plus
+/// `/openapi.json`, `/health` and `/metrics`.
+///
+/// ```
+/// # use kes_core::{Aggregate, DomainEvent};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Default, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+/// # struct Note { text: String }
+/// # #[derive(Debug, Clone, Serialize, Deserialize)]
+/// # enum NoteEvent { Written { text: String } }
+/// # impl DomainEvent for NoteEvent { fn event_type(&self) -> &'static str { "Written" } }
+/// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;
+/// # impl Aggregate for Note {
+/// #     const NAME: &'static str = "note";
+/// #     type Command = String; type Event = NoteEvent; type Error = No;
+/// #     fn handle(&self, text: String) -> Result<Vec<NoteEvent>, No> { Ok(vec![NoteEvent::Written { text }]) }
+/// #     fn apply(&mut self, e: &NoteEvent) { match e { NoteEvent::Written { text } => self.text = text.clone() } }
+/// # }
+/// use std::sync::Arc;
+/// use kes_core::{CommandBus, InMemoryStore, InMemoryView, ProjectionRunner, ViewProjection, ViewSchema, Field};
+/// use kes_http::{Api, HttpConfig, Resource};
+///
+/// #[derive(Deserialize, schemars::JsonSchema)]
+/// struct Write { #[serde(default)] text: String }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let store = InMemoryStore::<Note>::new();
+/// let view = Arc::new(InMemoryView::new(ViewSchema::new("notes", 1).field(Field::text("text").searchable())).unwrap());
+/// let projection = ViewProjection::<Note>::new(view.clone(), |n| [("text".to_owned(), n.text.as_str().into())].into());
+/// let runner = ProjectionRunner::new(store.clone(), vec![Arc::new(projection)], Default::default());
+/// runner.start().await.unwrap();
+///
+/// let notes = Resource::<Note>::new("notes").create(|w: Write| w.text);
+/// let app: axum::Router = Api::new(HttpConfig::default())
+///     .mount(notes, Arc::new(CommandBus::new(store)), view, runner.clone())
+///     .unwrap()
+///     .projections(runner)
+///     .into_router();
+/// // axum::serve(listener, app).await
+/// # let _ = app;
+/// # });
+/// ```
+pub struct Api {
+    config: HttpConfig,
+    principal: Option<PrincipalFn>,
+    prometheus: Option<PrometheusHandle>,
+    routes: Vec<Box<dyn FnOnce(Arc<Shared>) -> Router + Send>>,
+    mounts: Vec<Arc<dyn Mount>>,
+    sources: Vec<Arc<dyn ProjectionStatusSource>>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("config", &self.config)
+            .field("mounts", &self.mounts.iter().map(|m| m.plural().to_owned()).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// An API with nothing mounted.
+    pub fn new(config: HttpConfig) -> Self {
+        Self { config, principal: None, prometheus: None, routes: Vec::new(), mounts: Vec::new(), sources: Vec::new() }
+    }
+
+    /// Mounts `resource` under `/{plural}`: commands go through `bus`,
+    /// lists come from `view`, and `catch_up` (usually the
+    /// [`ProjectionRunner`] feeding `view`) lets reads wait for writes.
+    ///
+    /// `S` may be a concrete store or an `Arc<dyn EventStore<A>>` chosen
+    /// at run time. Fails when a name is invalid, reserved or taken.
+    pub fn mount<A, S>(
+        mut self,
+        resource: Resource<A>,
+        bus: Arc<CommandBus<A, S>>,
+        view: Arc<dyn ListView>,
+        catch_up: Arc<dyn CatchUp>,
+    ) -> Result<Self, HttpError>
+    where
+        A: Aggregate + JsonSchema,
+        S: EventStore<A>,
+    {
+        resource.validate()?;
+        if self.mounts.iter().any(|m| m.plural() == resource.plural) {
+            return Err(HttpError::Config(format!("/{} is mounted twice", resource.plural)));
+        }
+        let description = Arc::new(MountedDescription::<A> {
+            resource: resource.clone(),
+            schema: view.schema().clone(),
+            bus_store: Arc::new(StorePing { bus: Arc::clone(&bus) }),
+            view: Arc::clone(&view),
+        });
+        self.mounts.push(description);
+        self.routes.push(Box::new(move |shared| {
+            let mounted = Arc::new(Mounted { resource, bus, view, catch_up, shared });
+            routes(mounted)
+        }));
+        Ok(self)
+    }
+
+    /// Reads the principal with `f` instead of the configured header.
+    pub fn principal(mut self, f: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.principal = Some(Arc::new(f));
+        self
+    }
+
+    /// Adds a source of projection lags for `/metrics`.
+    pub fn projections(mut self, source: Arc<dyn ProjectionStatusSource>) -> Self {
+        self.sources.push(source);
+        self
+    }
+
+    /// Records into the process-wide recorder that `handle` renders (from
+    /// `PrometheusBuilder::install_recorder`), so that the application's
+    /// own metrics appear on `/metrics` too. Without it, the API keeps a
+    /// recorder of its own.
+    pub fn prometheus(mut self, handle: PrometheusHandle) -> Self {
+        self.prometheus = Some(handle);
+        self
+    }
+
+    /// The finished router, with every layer applied.
+    pub fn into_router(self) -> Router {
+        let metrics = match self.prometheus {
+            Some(handle) => Metrics::global(handle),
+            None => Metrics::local(),
+        };
+        let shared = Arc::new(Shared { config: self.config, principal: self.principal, metrics });
+        let document = Arc::new(openapi::document(&shared.config, &self.mounts));
+        let service = Arc::new(Service { mounts: self.mounts, sources: self.sources, shared: Arc::clone(&shared) });
+
+        let mut router = Router::new()
+            .route("/openapi.json", get(move || openapi_json(Arc::clone(&document))))
+            .route("/health", get(health).with_state(Arc::clone(&service)))
+            .route("/metrics", get(metrics_text).with_state(service));
+        for build in self.routes {
+            router = router.merge(build(Arc::clone(&shared)));
+        }
+        let config = &shared.config;
+        let inner = router
+            .fallback(|| async { HttpError::NotFound("no such route".into()) })
+            .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
+            .layer(CatchPanicLayer::custom(panic_response))
+            .layer(RequestBodyLimitLayer::new(config.body_limit))
+            .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, config.request_timeout))
+            .layer(axum::middleware::map_response(problemize))
+            .layer(CompressionLayer::new())
+            .layer(cors(config))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(TraceLayer::new_for_http());
+        // Outside the router: routing must see the path without its slash.
+        Router::new().fallback_service(NormalizePathLayer::trim_trailing_slash().layer(inner))
+    }
+}
+
+fn cors(config: &HttpConfig) -> CorsLayer {
+    let origin = if config.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let h = |s: &'static str| HeaderName::from_static(s);
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::AUTHORIZATION,
+            h(IDEMPOTENCY_KEY_HEADER),
+            h(POSITION_HEADER),
+            h(CORRELATION_HEADER),
+            h(REQUEST_ID_HEADER),
+            config.principal_header.clone(),
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::LOCATION,
+            header::RETRY_AFTER,
+            h(POSITION_HEADER),
+            h(CONSISTENCY_HEADER),
+            h(REPLAYED_HEADER),
+            h(REQUEST_ID_HEADER),
+        ])
+        .max_age(Duration::from_secs(600))
+}
+
+/// A panic in a handler: logged with its message, answered with a bare 500.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> http::Response<Body> {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = message, "a request handler panicked");
+    problem_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        problem_type::INTERNAL,
+        "the server failed to answer; the failure was logged".into(),
+    )
+}
+
+/// Gives error answers made by layers and axum itself (empty or plain-text
+/// 404, 405, 413, 503…) the same problem+json shape as the adapter's own.
+async fn problemize(response: Response) -> Response {
+    let status = response.status();
+    let is_problem =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (kind, detail) = match status {
+        StatusCode::NOT_FOUND => (problem_type::NOT_FOUND, "no such route"),
+        StatusCode::METHOD_NOT_ALLOWED => (problem_type::METHOD_NOT_ALLOWED, "method not allowed on this route"),
+        StatusCode::PAYLOAD_TOO_LARGE => (problem_type::PAYLOAD_TOO_LARGE, "the body is larger than the limit"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (problem_type::UNSUPPORTED_MEDIA_TYPE, "unsupported media type"),
+        StatusCode::SERVICE_UNAVAILABLE => (problem_type::TIMEOUT, "the request timed out"),
+        s if s.is_client_error() => (problem_type::BAD_REQUEST, "the request could not be read"),
+        _ => (problem_type::INTERNAL, "the server failed to answer; the failure was logged"),
+    };
+    let (mut parts, _) = response.into_parts();
+    let fresh = problem_response(status, kind, detail.into());
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::RETRY_AFTER] {
+        parts.headers.remove(&name);
+    }
+    let (fresh_parts, body) = fresh.into_parts();
+    parts.headers.extend(fresh_parts.headers);
+    Response::from_parts(parts, body)
+}
+
+async fn openapi_json(document: Arc<Value>) -> Response {
+    json_response(StatusCode::OK, document.as_ref())
+}
+
+/// What `/health` and `/metrics` need.
+struct Service {
+    mounts: Vec<Arc<dyn Mount>>,
+    sources: Vec<Arc<dyn ProjectionStatusSource>>,
+    shared: Arc<Shared>,
+}
+
+async fn health(State(service): State<Arc<Service>>) -> Response {
+    let checks = futures::future::join_all(service.mounts.iter().map(|m| m.readiness())).await;
+    let mut ok = true;
+    let mut out = Map::new();
+    for (name, up) in checks.into_iter().flatten() {
+        ok &= up;
+        out.insert(name, json!(if up { "up" } else { "down" }));
+    }
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let mut response =
+        json_response(status, &json!({ "status": if ok { "ok" } else { "unavailable" }, "checks": out }));
+    if !ok {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    response
+}
+
+async fn metrics_text(State(service): State<Arc<Service>>) -> Response {
+    for source in &service.sources {
+        let polled = tokio::time::timeout(Duration::from_secs(2), source.projection_status()).await;
+        match polled {
+            Ok(Ok(statuses)) => service.shared.metrics.projections(&statuses),
+            Ok(Err(e)) => tracing::warn!(error = %e, "projection status unavailable for /metrics"),
+            Err(_) => tracing::warn!("projection status timed out for /metrics"),
+        }
+    }
+    let mut response = service.shared.metrics.render().into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
+/// Pings the store behind a bus, without knowing `S`.
+#[async_trait]
+trait Ping: Send + Sync {
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+struct StorePing<A: Aggregate, S> {
+    bus: Arc<CommandBus<A, S>>,
+}
+
+#[async_trait]
+impl<A: Aggregate, S: EventStore<A>> Ping for StorePing<A, S> {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.bus.store().ping().await
+    }
+}
+
+/// The type-erased side of a mount: docs and readiness.
+pub(crate) struct MountedDescription<A: Aggregate> {
+    pub(crate) resource: Resource<A>,
+    pub(crate) schema: kes_core::ViewSchema,
+    bus_store: Arc<dyn Ping>,
+    view: Arc<dyn ListView>,
+}
+
+#[async_trait]
+impl<A: Aggregate + JsonSchema> Mount for MountedDescription<A> {
+    fn plural(&self) -> &str {
+        &self.resource.plural
+    }
+
+    async fn readiness(&self) -> Vec<(String, bool)> {
+        let probe = Duration::from_secs(2);
+        let store = tokio::time::timeout(probe, self.bus_store.ping()).await;
+        let view = tokio::time::timeout(probe, self.view.position()).await;
+        if let Ok(Err(e)) = &store {
+            tracing::warn!(aggregate = A::NAME, error = %e, "store not ready");
+        }
+        if let Ok(Err(e)) = &view {
+            tracing::warn!(aggregate = A::NAME, error = %e, "list view not ready");
+        }
+        vec![
+            (format!("{}.store", self.resource.plural), matches!(store, Ok(Ok(_)))),
+            (format!("{}.view", self.resource.plural), matches!(view, Ok(Ok(_)))),
+        ]
+    }
+}
+
+/// The typed side of a mount: what its routes run on.
+struct Mounted<A: Aggregate, S> {
+    resource: Resource<A>,
+    bus: Arc<CommandBus<A, S>>,
+    view: Arc<dyn ListView>,
+    catch_up: Arc<dyn CatchUp>,
+    shared: Arc<Shared>,
+}
+
+type M<A, S> = Arc<Mounted<A, S>>;
+
+fn routes<A: Aggregate, S: EventStore<A>>(m: M<A, S>) -> Router {
+    let plural = m.resource.plural.clone();
+    let mut collection: MethodRouter<M<A, S>> = get(list::<A, S>);
+    if m.resource.create.is_some() {
+        collection = collection.post(create::<A, S>);
+    }
+    let mut item: MethodRouter<M<A, S>> = get(get_one::<A, S>);
+    if m.resource.replace.is_some() {
+        item = item.put(replace::<A, S>);
+    }
+    if m.resource.patch.is_some() {
+        item = item.patch(patch::<A, S>);
+    }
+    if m.resource.delete.is_some() {
+        item = item.delete(delete::<A, S>);
+    }
+    let mut router = Router::new()
+        .route(&format!("/{plural}"), collection)
+        .route(&format!("/{plural}/{{id}}"), item)
+        .route(&format!("/{plural}/{{id}}/events"), get(events::<A, S>));
+    if !m.resource.commands.is_empty() {
+        router = router.route(&format!("/{plural}/{{id}}/{{command}}"), post(named::<A, S>));
+    }
+    router.with_state(m)
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => {
+            let mut r = (status, bytes).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => HttpError::Internal(format!("cannot serialise the answer: {e}")).into_response(),
+    }
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, HttpError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim()))
+            .map_err(|_| HttpError::InvalidHeader { name, reason: "not visible ASCII".into() }),
+    }
+}
+
+/// `If-Match` → the expected version: `"3"` (or `3`) → exactly 3, `*` → it
+/// must exist. One tag only: a version is a single point.
+fn if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>, HttpError> {
+    let Some(text) = header_text(headers, "if-match")? else { return Ok(None) };
+    if text == "*" {
+        return Ok(Some(ExpectedVersion::Exists));
+    }
+    let bad = |reason: &str| HttpError::InvalidHeader { name: "if-match", reason: reason.into() };
+    if text.starts_with("W/") {
+        return Err(bad("weak tags cannot be compared for writes"));
+    }
+    let tag = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
+    match tag.parse::<u64>() {
+        Ok(0) | Err(_) => Err(bad("expected one entity tag holding a version, like \"3\"")),
+        Ok(v) => Ok(Some(ExpectedVersion::Exact(v))),
+    }
+}
+
+/// Whether `If-None-Match` names `version` (weak comparison, as RFC 9110 asks).
+fn none_match(headers: &HeaderMap, version: u64) -> Result<bool, HttpError> {
+    let Some(text) = header_text(headers, "if-none-match")? else { return Ok(false) };
+    Ok(text.split(',').map(str::trim).any(|tag| {
+        tag == "*" || {
+            let tag = tag.strip_prefix("W/").unwrap_or(tag);
+            tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(tag).parse::<u64>() == Ok(version)
+        }
+    }))
+}
+
+fn position_token(headers: &HeaderMap) -> Result<Option<Position>, HttpError> {
+    let Some(text) = header_text(headers, POSITION_HEADER)? else { return Ok(None) };
+    text.parse::<Position>()
+        .map(Some)
+        .map_err(|e| HttpError::InvalidHeader { name: POSITION_HEADER, reason: e.to_string() })
+}
+
+fn check_id(id: &str) -> Result<(), HttpError> {
+    if id.is_empty() || id.len() > MAX_TOKEN || id.chars().any(|c| c.is_control() || c == '/') {
+        return Err(HttpError::BadRequest(format!("an id is 1 to {MAX_TOKEN} bytes without control characters or /")));
+    }
+    Ok(())
+}
+
+fn bounded_token(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, HttpError> {
+    match header_text(headers, name)? {
+        None | Some("") => Ok(None),
+        Some(t) if t.len() > MAX_TOKEN => {
+            Err(HttpError::InvalidHeader { name, reason: format!("longer than {MAX_TOKEN} bytes") })
+        }
+        Some(t) => Ok(Some(t.to_owned())),
+    }
+}
+
+/// Who asked, as part of what, under which retry key.
+fn metadata(shared: &Shared, parts: &Parts) -> Result<Metadata, HttpError> {
+    let request_id = bounded_token(&parts.headers, REQUEST_ID_HEADER).ok().flatten();
+    let correlation_id = bounded_token(&parts.headers, CORRELATION_HEADER)?.or_else(|| request_id.clone());
+    let mut extra = std::collections::BTreeMap::new();
+    if let Some(r) = request_id {
+        extra.insert("request_id".to_owned(), r);
+    }
+    Ok(Metadata {
+        correlation_id,
+        causation_id: None,
+        principal: shared.principal(parts)?,
+        idempotency_key: bounded_token(&parts.headers, IDEMPOTENCY_KEY_HEADER)?,
+        extra,
+    })
+}
+
+/// Reads the body: JSON, or a flat form turned into a JSON object; an
+/// empty body is `{}`.
+async fn read_body<C>(shared: &Shared, parts: &Parts, body: Body, op: &Operation<C>) -> Result<Value, HttpError> {
+    let limit = shared.config.body_limit;
+    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            HttpError::PayloadTooLarge(limit)
+        } else {
+            HttpError::MalformedBody("the body could not be read".into())
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    let media = match header_text(&parts.headers, "content-type")? {
+        None => "application/json".to_owned(),
+        Some(t) => t.split(';').next().unwrap_or("").trim().to_ascii_lowercase(),
+    };
+    if media == "application/json" || (media.starts_with("application/") && media.ends_with("+json")) {
+        return serde_json::from_slice(&bytes).map_err(|e| HttpError::MalformedBody(format!("not JSON: {e}")));
+    }
+    if media == "application/x-www-form-urlencoded" {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
+            .map_err(|e| HttpError::MalformedBody(format!("not form data: {e}")))?;
+        let mut fields = Map::new();
+        for (k, v) in pairs {
+            match fields.get_mut(&k) {
+                // A repeated key is a list (`tag=a&tag=b`).
+                Some(Value::Array(items)) => items.push(v.into()),
+                Some(first) => *first = Value::Array(vec![first.take(), v.into()]),
+                None => {
+                    fields.insert(k, v.into());
+                }
+            }
+        }
+        return Ok(op.coerce_form(fields));
+    }
+    Err(HttpError::UnsupportedMediaType(media.chars().take(64).collect()))
+}
+
+/// How a write ended, for the metrics' `outcome` label.
+fn outcome<E>(result: &Result<CommandOutcome<impl Sized>, CommandError<E>>) -> &'static str {
+    match result {
+        Ok(o) if o.deduplicated => "replayed",
+        Ok(_) => "ok",
+        Err(CommandError::Rejected(_)) => "rejected",
+        Err(CommandError::NotFound { .. }) => "not_found",
+        Err(CommandError::Conflict { .. }) => "conflict",
+        Err(CommandError::Store(e)) if e.is_transient() => "unavailable",
+        Err(_) => "error",
+    }
+}
+
+enum Write {
+    Create,
+    Update,
+    Delete,
+}
+
+impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
+    /// Runs one write: body → command → bus → answer with version and position.
+    async fn write(
+        &self,
+        kind: Write,
+        command_name: &str,
+        op: &Operation<A::Command>,
+        id: Option<String>,
+        request: Request,
+    ) -> Result<Response, HttpError> {
+        let (parts, body) = request.into_parts();
+        let meta = metadata(&self.shared, &parts)?;
+        let (id, expected, if_match) = match (&kind, id) {
+            (Write::Create, _) => {
+                let id = match &meta.idempotency_key {
+                    Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), key),
+                    None => self.resource.ids.next(),
+                };
+                (id, ExpectedVersion::NoStream, false)
+            }
+            (_, Some(id)) => {
+                check_id(&id)?;
+                let given = if_match(&parts.headers)?;
+                (id, given.unwrap_or(ExpectedVersion::Exists), given.is_some())
+            }
+            (_, None) => return Err(HttpError::NotFound("no id".into())),
+        };
+        let value = match kind {
+            Write::Delete => Value::Object(Map::new()),
+            _ => read_body(&self.shared, &parts, body, op).await?,
+        };
+        let command = op.command(&id, value)?;
+        let started = Instant::now();
+        let result = self.bus.execute(&id, command, expected, meta).await;
+        self.shared.metrics.command(A::NAME, command_name, outcome(&result), started.elapsed());
+        let done = result.map_err(|e| match e {
+            CommandError::Rejected(e) => HttpError::Rejected(e.to_string()),
+            CommandError::NotFound { .. } => HttpError::NotFound(format!("no {} {id}", A::NAME)),
+            CommandError::Conflict { actual, .. } if if_match => {
+                HttpError::PreconditionFailed(format!("{} {id} is at version {actual}", A::NAME))
+            }
+            CommandError::Conflict { actual, .. } if actual > 0 && matches!(kind, Write::Create) => {
+                HttpError::Conflict(format!("{} {id} already exists", A::NAME))
+            }
+            CommandError::Conflict { actual, .. } => {
+                HttpError::Conflict(format!("{} {id} changed meanwhile; it is at version {actual}", A::NAME))
+            }
+            CommandError::Store(e) => HttpError::from(e),
+            other => HttpError::Internal(other.to_string()),
+        })?;
+        let mut response = match kind {
+            Write::Create => json_response(StatusCode::CREATED, &done.state),
+            Write::Update => json_response(StatusCode::OK, &done.state),
+            Write::Delete => StatusCode::NO_CONTENT.into_response(),
+        };
+        let headers = response.headers_mut();
+        headers.insert(header::ETAG, etag(done.version));
+        if let Some(p) = done.position.and_then(|p| HeaderValue::from_str(&p.to_string()).ok()) {
+            headers.insert(POSITION_HEADER, p);
+        }
+        if done.deduplicated {
+            headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+        }
+        if matches!(kind, Write::Create) {
+            if let Ok(location) = HeaderValue::from_str(&format!("/{}/{id}", self.resource.plural)) {
+                headers.insert(header::LOCATION, location);
+            }
+        }
+        Ok(response)
+    }
+
+    async fn get_one(&self, id: String, headers: HeaderMap) -> Result<Response, HttpError> {
+        check_id(&id)?;
+        // The table moves with every append (the bus reads it too), so a
+        // read by id already sees this process's writes: no token to wait for.
+        let snapshot = self.bus.store().load(&id).await?;
+        let snapshot = snapshot
+            .filter(|s| !s.state.is_deleted())
+            .ok_or_else(|| HttpError::NotFound(format!("no {} {id}", A::NAME)))?;
+        if none_match(&headers, snapshot.version)? {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            r.headers_mut().insert(header::ETAG, etag(snapshot.version));
+            return Ok(r);
+        }
+        let mut r = json_response(StatusCode::OK, &snapshot.state);
+        r.headers_mut().insert(header::ETAG, etag(snapshot.version));
+        Ok(r)
+    }
+
+    async fn list(&self, parts: Parts) -> Result<Response, HttpError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
+            .map_err(|e| HttpError::MalformedQuery(e.to_string()))?;
+        let query = ListQuery::from_pairs(pairs)?;
+        if let Some(q) = &query.q {
+            let schema = self.view.schema();
+            if q.chars().count() > MAX_SEARCH {
+                return Err(QueryError::BadSearch(format!("longer than {MAX_SEARCH} characters")).into());
+            }
+            if q.chars().any(char::is_control) {
+                return Err(QueryError::BadSearch("control characters are not searchable".into()).into());
+            }
+            if !schema.fields.iter().any(|f| f.searchable) {
+                return Err(QueryError::BadSearch("this list has no searchable fields".into()).into());
+            }
+        }
+        let consistency = match position_token(&parts.headers)? {
+            None => "eventual",
+            Some(p) => {
+                if self.catch_up.wait_for(p, self.shared.config.consistency_timeout).await {
+                    "caught-up"
+                } else {
+                    "stale"
+                }
+            }
+        };
+        let page = self.view.list(&query).await?;
+        let mut r = json_response(StatusCode::OK, &page);
+        r.headers_mut().insert(CONSISTENCY_HEADER, HeaderValue::from_static(consistency));
+        Ok(r)
+    }
+
+    async fn events(&self, id: String) -> Result<Response, HttpError> {
+        check_id(&id)?;
+        let history = self.bus.store().read(&id).await?;
+        if history.is_empty() {
+            return Err(HttpError::NotFound(format!("no {} {id}", A::NAME)));
+        }
+        let items: Vec<Value> = history.iter().map(event_record).collect();
+        Ok(json_response(StatusCode::OK, &json!({ "id": id, "items": items })))
+    }
+}
+
+fn event_record<E: serde::Serialize>(e: &Envelope<E>) -> Value {
+    json!({
+        "event_id": e.event_id,
+        "version": e.version,
+        "type": e.event_type,
+        "revision": e.revision,
+        "recorded_at": e.recorded_at,
+        "position": e.position.to_string(),
+        "metadata": e.metadata,
+        "payload": serde_json::to_value(&e.payload).unwrap_or(Value::Null),
+    })
+}
+
+fn answer(result: Result<Response, HttpError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn create<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
+    let Some(op) = &m.resource.create else { return HttpError::MethodNotAllowed.into_response() };
+    answer(m.write(Write::Create, "create", op, None, request).await)
+}
+
+async fn replace<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let Some(op) = &m.resource.replace else { return HttpError::MethodNotAllowed.into_response() };
+    answer(m.write(Write::Update, "replace", op, Some(id), request).await)
+}
+
+async fn patch<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let Some(op) = &m.resource.patch else { return HttpError::MethodNotAllowed.into_response() };
+    answer(m.write(Write::Update, "patch", op, Some(id), request).await)
+}
+
+async fn delete<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let Some(op) = &m.resource.delete else { return HttpError::MethodNotAllowed.into_response() };
+    answer(m.write(Write::Delete, "delete", op, Some(id), request).await)
+}
+
+async fn named<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    Path((id, command)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    let Some(op) = m.resource.commands.get(&command) else {
+        return HttpError::NotFound(format!(
+            "{} has no command {:?}",
+            A::NAME,
+            command.chars().take(64).collect::<String>()
+        ))
+        .into_response();
+    };
+    answer(m.write(Write::Update, &command, op, Some(id), request).await)
+}
+
+async fn get_one<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    answer(m.get_one(id, headers).await)
+}
+
+async fn list<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
+    answer(m.list(request.into_parts().0).await)
+}
+
+async fn events<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, Path(id): Path<String>) -> Response {
+    answer(m.events(id).await)
+}

@@ -1,0 +1,77 @@
+//! Prometheus metrics through the `metrics` facade.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kes_core::ProjectionStatus;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Commands handled, by aggregate, command and outcome.
+pub const COMMANDS_TOTAL: &str = "kes_commands_total";
+/// Command latency in seconds (a histogram), by aggregate, command and outcome.
+pub const COMMAND_SECONDS: &str = "kes_command_duration_seconds";
+/// Log records a projection has not applied yet, by projection.
+pub const PROJECTION_LAG: &str = "kes_projection_lag";
+/// 1 while a projection's last batch failed, by projection.
+pub const PROJECTION_FAILING: &str = "kes_projection_failing";
+
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// Where the API records: a recorder of its own (so that several APIs in
+/// one process, as in tests, do not mix), or the process-wide one.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    own: Option<Arc<PrometheusRecorder>>,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    pub(crate) fn local() -> Self {
+        let builder = PrometheusBuilder::new();
+        // Bucket values are constants known to be valid; fall back to summaries otherwise.
+        let builder = match builder.set_buckets_for_metric(Matcher::Full(COMMAND_SECONDS.into()), &BUCKETS) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "histogram buckets refused");
+                PrometheusBuilder::new()
+            }
+        };
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        Self { own: Some(Arc::new(recorder)), handle }
+    }
+
+    pub(crate) fn global(handle: PrometheusHandle) -> Self {
+        Self { own: None, handle }
+    }
+
+    fn record(&self, f: impl FnOnce()) {
+        match &self.own {
+            Some(r) => metrics::with_local_recorder(r.as_ref(), f),
+            None => f(),
+        }
+    }
+
+    pub(crate) fn command(&self, aggregate: &'static str, command: &str, outcome: &'static str, took: Duration) {
+        let command = command.to_owned();
+        self.record(|| {
+            let labels = [("aggregate", aggregate.to_owned()), ("command", command), ("outcome", outcome.to_owned())];
+            metrics::counter!(COMMANDS_TOTAL, &labels).increment(1);
+            metrics::histogram!(COMMAND_SECONDS, &labels).record(took.as_secs_f64());
+        });
+    }
+
+    pub(crate) fn projections(&self, statuses: &[ProjectionStatus]) {
+        self.record(|| {
+            for s in statuses {
+                let labels = [("projection", s.name.clone())];
+                metrics::gauge!(PROJECTION_LAG, &labels).set(s.lag as f64);
+                metrics::gauge!(PROJECTION_FAILING, &labels).set(if s.last_error.is_some() { 1.0 } else { 0.0 });
+            }
+        });
+    }
+
+    pub(crate) fn render(&self) -> String {
+        self.handle.render()
+    }
+}

@@ -1,0 +1,445 @@
+//! The OpenAPI 3.1 document of every mounted aggregate.
+//!
+//! Bodies and states are described by their schemars (JSON Schema 2020-12,
+//! the dialect OpenAPI 3.1 uses) schemas, stored under
+//! `components/schemas`; list rows are described from the view's
+//! [`ViewSchema`], so filters, sorts and page sizes are typed parameters a
+//! client generator or fuzzer can use.
+
+use std::sync::Arc;
+
+use kes_core::{Aggregate, FieldType, FilterOp, ViewSchema};
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, SchemaGenerator};
+use serde_json::{Map, Value, json};
+
+use crate::api::{HttpConfig, Mount, MountedDescription};
+use crate::resource::Operation;
+
+/// Adds one mount's paths and schemas to the document.
+pub(crate) trait Describe {
+    fn describe(&self, g: &mut SchemaGenerator, paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>);
+}
+
+fn r(kind: &str, name: &str) -> Value {
+    json!({ "$ref": format!("#/components/{kind}/{name}") })
+}
+
+fn field_schema(ty: FieldType) -> Value {
+    match ty {
+        FieldType::Text | FieldType::Keyword => json!({ "type": "string" }),
+        FieldType::Integer => json!({ "type": "integer", "format": "int64" }),
+        FieldType::Float => json!({ "type": "number", "format": "double" }),
+        FieldType::Bool => json!({ "type": "boolean" }),
+        FieldType::Timestamp => json!({ "type": "string", "format": "date-time" }),
+    }
+}
+
+fn op_id(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+/// The whole document.
+pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>]) -> Value {
+    let mut g = SchemaSettings::draft2020_12()
+        .with(|s| {
+            s.definitions_path = "/components/schemas".into();
+            s.meta_schema = None;
+        })
+        .into_generator();
+    let mut paths = Map::new();
+    let mut schemas = Map::new();
+    for m in mounts {
+        m.describe(&mut g, &mut paths, &mut schemas);
+    }
+    for (name, schema) in g.take_definitions(true) {
+        schemas.insert(name, schema);
+    }
+    schemas.insert(
+        "kes.Problem".into(),
+        json!({
+            "type": "object",
+            "description": "An RFC 9457 problem document.",
+            "required": ["type", "title", "status", "detail"],
+            "properties": {
+                "type": { "type": "string", "description": "Stable URI of the kind of problem (urn:kes:problem:…)." },
+                "title": { "type": "string" },
+                "status": { "type": "integer", "minimum": 400, "maximum": 599 },
+                "detail": { "type": "string" }
+            }
+        }),
+    );
+    schemas.insert(
+        "kes.Metadata".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "correlation_id": { "type": "string" },
+                "causation_id": { "type": "string" },
+                "principal": { "type": "string" },
+                "idempotency_key": { "type": "string" },
+                "extra": { "type": "object", "additionalProperties": { "type": "string" } }
+            }
+        }),
+    );
+    schemas.insert(
+        "kes.EventRecord".into(),
+        json!({
+            "type": "object",
+            "required": ["event_id", "version", "type", "revision", "recorded_at", "position", "metadata", "payload"],
+            "properties": {
+                "event_id": { "type": "string", "format": "uuid" },
+                "version": { "type": "integer", "minimum": 1 },
+                "type": { "type": "string" },
+                "revision": { "type": "integer", "minimum": 1 },
+                "recorded_at": { "type": "string", "format": "date-time" },
+                "position": { "type": "string", "pattern": "^[0-9]+:[0-9]+$" },
+                "metadata": r("schemas", "kes.Metadata"),
+                "payload": { "description": "The event as the aggregate recorded it." }
+            }
+        }),
+    );
+    schemas.insert(
+        "kes.History".into(),
+        json!({
+            "type": "object",
+            "required": ["id", "items"],
+            "properties": {
+                "id": { "type": "string" },
+                "items": { "type": "array", "items": r("schemas", "kes.EventRecord") }
+            }
+        }),
+    );
+    schemas.insert(
+        "kes.Health".into(),
+        json!({
+            "type": "object",
+            "required": ["status", "checks"],
+            "properties": {
+                "status": { "enum": ["ok", "unavailable"] },
+                "checks": { "type": "object", "additionalProperties": { "enum": ["up", "down"] } }
+            }
+        }),
+    );
+    add_service_paths(&mut paths);
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": config.title,
+            "version": config.version,
+            "description": "Event-sourced aggregates over REST. Writes answer with the new version (ETag) and a \
+                log position token (KES-Position); send the token back on a list read to wait until the views \
+                reflect the write."
+        },
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "parameters": parameters(),
+            "headers": headers(),
+            "responses": responses(),
+        }
+    })
+}
+
+fn add_service_paths(paths: &mut Map<String, Value>) {
+    paths.insert(
+        "/health".into(),
+        json!({ "get": {
+            "operationId": "health",
+            "summary": "Readiness: every store and list view answers.",
+            "tags": ["service"],
+            "responses": {
+                "200": { "description": "Ready.", "content": { "application/json": { "schema": r("schemas", "kes.Health") } } },
+                "503": { "description": "A backend is down.", "headers": { "Retry-After": r("headers", "Retry-After") },
+                         "content": { "application/json": { "schema": r("schemas", "kes.Health") } } }
+            }
+        }}),
+    );
+    paths.insert(
+        "/metrics".into(),
+        json!({ "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics: commands, latencies, projection lag.",
+            "tags": ["service"],
+            "responses": { "200": { "description": "Prometheus text format.", "content": { "text/plain": { "schema": { "type": "string" } } } } }
+        }}),
+    );
+    paths.insert(
+        "/openapi.json".into(),
+        json!({ "get": {
+            "operationId": "openapi",
+            "summary": "This document.",
+            "tags": ["service"],
+            "responses": { "200": { "description": "OpenAPI 3.1.", "content": { "application/json": { "schema": { "type": "object" } } } } }
+        }}),
+    );
+}
+
+fn parameters() -> Value {
+    json!({
+        "kes.Id": { "name": "id", "in": "path", "required": true, "description": "The aggregate id.",
+                    "schema": { "type": "string", "minLength": 1, "maxLength": 255 } },
+        "kes.IfMatch": { "name": "If-Match", "in": "header", "required": false,
+                         "description": "The version the write expects (an ETag such as \"3\", or *). 412 when stale.",
+                         "schema": { "type": "string", "pattern": "^(\\*|\"?[1-9][0-9]*\"?)$" } },
+        "kes.IfNoneMatch": { "name": "If-None-Match", "in": "header", "required": false,
+                             "description": "ETags the client holds; 304 when the version is among them.",
+                             "schema": { "type": "string" } },
+        "kes.IdempotencyKey": { "name": "Idempotency-Key", "in": "header", "required": false,
+                                "description": "Retry key: the same key on the same aggregate appends once and replays the first answer.",
+                                "schema": { "type": "string", "minLength": 1, "maxLength": 255 } },
+        "kes.Position": { "name": "KES-Position", "in": "header", "required": false,
+                          "description": "A position token from a write; the read waits (bounded) until the views reached it.",
+                          "schema": { "type": "string", "pattern": "^[0-9]+:[0-9]+$" } },
+    })
+}
+
+fn headers() -> Value {
+    json!({
+        "ETag": { "description": "The aggregate's version, quoted.", "schema": { "type": "string" } },
+        "Location": { "description": "The created aggregate.", "schema": { "type": "string" } },
+        "KES-Position": { "description": "Where the write sits in the log (PARTITION:OFFSET).", "schema": { "type": "string" } },
+        "KES-Consistency": { "description": "eventual, caught-up or stale.", "schema": { "enum": ["eventual", "caught-up", "stale"] } },
+        "Idempotent-Replayed": { "description": "true when the answer repeats a first one with the same Idempotency-Key.", "schema": { "type": "string" } },
+        "Retry-After": { "description": "Seconds to wait before retrying.", "schema": { "type": "integer" } },
+    })
+}
+
+fn problem(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/problem+json": { "schema": r("schemas", "kes.Problem") } } })
+}
+
+fn responses() -> Value {
+    let mut unavailable = problem("A store or view is unavailable, or the request timed out; retry later.");
+    unavailable["headers"] = json!({ "Retry-After": r("headers", "Retry-After") });
+    json!({
+        "kes.BadRequest": problem("Malformed body, query, cursor, search or header."),
+        "kes.NotFound": problem("No such aggregate (or it was deleted)."),
+        "kes.Conflict": problem("The aggregate changed meanwhile, or already exists."),
+        "kes.PreconditionFailed": problem("The If-Match version is stale; nothing was appended."),
+        "kes.PayloadTooLarge": problem("The body exceeds the limit."),
+        "kes.UnsupportedMediaType": problem("The body is neither JSON nor form data."),
+        "kes.Rejected": problem("The aggregate refused the command (a business rule)."),
+        "kes.Unavailable": unavailable,
+        "kes.Internal": problem("The server failed; details are in its log."),
+    })
+}
+
+fn refs(codes: &[&str]) -> Map<String, Value> {
+    codes
+        .iter()
+        .map(|code| {
+            let name = match *code {
+                "400" => "kes.BadRequest",
+                "404" => "kes.NotFound",
+                "409" => "kes.Conflict",
+                "412" => "kes.PreconditionFailed",
+                "413" => "kes.PayloadTooLarge",
+                "415" => "kes.UnsupportedMediaType",
+                "422" => "kes.Rejected",
+                "503" => "kes.Unavailable",
+                _ => "kes.Internal",
+            };
+            ((*code).to_owned(), r("responses", name))
+        })
+        .collect()
+}
+
+fn request_body<C>(g: &mut SchemaGenerator, op: &Operation<C>) -> Option<Value> {
+    let schema = (op.schema.as_ref()?)(g).to_value();
+    let mut body = json!({
+        "required": false,
+        "content": {
+            "application/json": { "schema": schema.clone() },
+            "application/x-www-form-urlencoded": { "schema": schema }
+        }
+    });
+    if let Some(d) = &op.description {
+        body["description"] = d.clone().into();
+    }
+    Some(body)
+}
+
+fn list_parameters(schema: &ViewSchema) -> Vec<Value> {
+    let mut params = Vec::new();
+    let mut sortable = vec!["id".to_owned()];
+    for f in &schema.fields {
+        if f.sortable {
+            sortable.push(f.name.clone());
+        }
+    }
+    let keys = sortable.join("|");
+    params.push(json!({ "name": "sort", "in": "query", "required": false,
+        "description": "Sort keys, most significant first; - for descending.",
+        "schema": { "type": "string", "pattern": format!("^-?({keys})(,-?({keys}))*$") } }));
+    params.push(json!({ "name": "page[size]", "in": "query", "required": false,
+        "schema": { "type": "integer", "minimum": 1, "maximum": schema.max_page_size } }));
+    params.push(json!({ "name": "page[after]", "in": "query", "required": false,
+        "description": "The next cursor of the previous page.", "schema": { "type": "string" } }));
+    if schema.fields.iter().any(|f| f.searchable) {
+        params.push(json!({ "name": "q", "in": "query", "required": false,
+            "description": "Full-text search over the searchable fields.",
+            "schema": { "type": "string", "maxLength": 256 } }));
+    }
+    let mut filterable: Vec<(String, FieldType)> = vec![("id".into(), FieldType::Keyword)];
+    filterable.extend(schema.fields.iter().filter(|f| f.filterable).map(|f| (f.name.clone(), f.ty)));
+    for (name, ty) in filterable {
+        params.push(
+            json!({ "name": format!("filter[{name}]"), "in": "query", "required": false, "schema": field_schema(ty) }),
+        );
+        for op in FilterOp::ALL {
+            let value = match op {
+                FilterOp::Eq => continue,
+                FilterOp::Prefix if !matches!(ty, FieldType::Text | FieldType::Keyword) => continue,
+                FilterOp::In => json!({ "type": "string", "description": "Comma-separated values." }),
+                _ => field_schema(ty),
+            };
+            params.push(
+                json!({ "name": format!("filter[{name}][{op}]"), "in": "query", "required": false, "schema": value }),
+            );
+        }
+    }
+    params.push(r("parameters", "kes.Position"));
+    params
+}
+
+impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
+    fn describe(&self, g: &mut SchemaGenerator, paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
+        let plural = &self.resource.plural;
+        let name = op_id(A::NAME);
+        let state = g.subschema_for::<A>().to_value();
+        let tags = json!([plural]);
+
+        let row_props: Map<String, Value> =
+            self.schema.fields.iter().map(|f| (f.name.clone(), field_schema(f.ty))).collect();
+        schemas.insert(format!("{plural}.Row"), json!({ "type": "object", "properties": row_props }));
+        schemas.insert(
+            format!("{plural}.ListItem"),
+            json!({ "type": "object", "required": ["id", "version", "row"], "properties": {
+                "id": { "type": "string" },
+                "version": { "type": "integer", "minimum": 1 },
+                "row": r("schemas", &format!("{plural}.Row"))
+            }}),
+        );
+        schemas.insert(
+            format!("{plural}.Page"),
+            json!({ "type": "object", "required": ["items", "next", "total"], "properties": {
+                "items": { "type": "array", "items": r("schemas", &format!("{plural}.ListItem")) },
+                "next": { "type": ["string", "null"], "description": "Cursor of the next page; null on the last." },
+                "total": { "type": "integer", "minimum": 0 }
+            }}),
+        );
+
+        let written = |status: &str, description: &str, with_location: bool| {
+            let mut headers = json!({
+                "ETag": r("headers", "ETag"),
+                "KES-Position": r("headers", "KES-Position"),
+                "Idempotent-Replayed": r("headers", "Idempotent-Replayed"),
+            });
+            if with_location {
+                headers["Location"] = r("headers", "Location");
+            }
+            let mut resp = json!({ "description": description, "headers": headers });
+            if status != "204" {
+                resp["content"] = json!({ "application/json": { "schema": state.clone() } });
+            }
+            resp
+        };
+        let write_params = json!([r("parameters", "kes.IfMatch"), r("parameters", "kes.IdempotencyKey")]);
+
+        let mut collection = Map::new();
+        let mut list_responses = refs(&["400", "500", "503"]);
+        list_responses.insert(
+            "200".into(),
+            json!({ "description": "One page of the list.",
+                    "headers": { "KES-Consistency": r("headers", "KES-Consistency") },
+                    "content": { "application/json": { "schema": r("schemas", &format!("{plural}.Page")) } } }),
+        );
+        collection.insert(
+            "get".into(),
+            json!({ "operationId": format!("list_{}", op_id(plural)), "tags": tags, "summary": format!("List {plural}."),
+                    "parameters": list_parameters(&self.schema), "responses": list_responses }),
+        );
+        if let Some(op) = &self.resource.create {
+            let mut responses = refs(&["400", "409", "413", "415", "422", "500", "503"]);
+            responses.insert("201".into(), written("201", &format!("The new {}.", A::NAME), true));
+            let mut o = json!({ "operationId": format!("create_{name}"), "tags": tags,
+                "summary": format!("Create a {}; the server makes its id.", A::NAME),
+                "parameters": [r("parameters", "kes.IdempotencyKey")], "responses": responses });
+            if let Some(body) = request_body(g, op) {
+                o["requestBody"] = body;
+            }
+            collection.insert("post".into(), o);
+        }
+        paths.insert(format!("/{plural}"), Value::Object(collection));
+
+        let mut item = Map::new();
+        item.insert("parameters".into(), json!([r("parameters", "kes.Id")]));
+        let mut get_responses = refs(&["400", "404", "500", "503"]);
+        get_responses.insert(
+            "200".into(),
+            json!({ "description": format!("The {}'s latest state.", A::NAME), "headers": { "ETag": r("headers", "ETag") },
+                    "content": { "application/json": { "schema": state.clone() } } }),
+        );
+        get_responses.insert(
+            "304".into(),
+            json!({ "description": "Not modified since the If-None-Match version.", "headers": { "ETag": r("headers", "ETag") } }),
+        );
+        item.insert(
+            "get".into(),
+            json!({ "operationId": format!("get_{name}"), "tags": tags, "summary": format!("Read one {}.", A::NAME),
+                    "parameters": [r("parameters", "kes.IfNoneMatch")], "responses": get_responses }),
+        );
+        let updates = [("put", "replace", &self.resource.replace), ("patch", "patch", &self.resource.patch)];
+        for (method, verb, op) in updates {
+            let Some(op) = op else { continue };
+            let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
+            responses.insert("200".into(), written("200", &format!("The {} after the command.", A::NAME), false));
+            let mut o = json!({ "operationId": format!("{verb}_{name}"), "tags": tags,
+                "summary": format!("{verb} a {}.", A::NAME), "parameters": write_params, "responses": responses });
+            if let Some(body) = request_body(g, op) {
+                o["requestBody"] = body;
+            }
+            item.insert(method.into(), o);
+        }
+        if self.resource.delete.is_some() {
+            let mut responses = refs(&["400", "404", "409", "412", "422", "500", "503"]);
+            responses.insert("204".into(), written("204", "Deleted.", false));
+            item.insert(
+                "delete".into(),
+                json!({ "operationId": format!("delete_{name}"), "tags": tags,
+                        "summary": format!("Delete a {} (its history stays).", A::NAME),
+                        "parameters": write_params, "responses": responses }),
+            );
+        }
+        paths.insert(format!("/{plural}/{{id}}"), Value::Object(item));
+
+        let mut history = refs(&["400", "404", "500", "503"]);
+        history.insert(
+            "200".into(),
+            json!({ "description": "Every event, oldest first.",
+                    "content": { "application/json": { "schema": r("schemas", "kes.History") } } }),
+        );
+        paths.insert(
+            format!("/{plural}/{{id}}/events"),
+            json!({ "parameters": [r("parameters", "kes.Id")],
+                    "get": { "operationId": format!("{name}_events"), "tags": tags,
+                             "summary": format!("The audit history of one {}.", A::NAME), "responses": history } }),
+        );
+        for (command, op) in &self.resource.commands {
+            let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
+            responses.insert("200".into(), written("200", &format!("The {} after the command.", A::NAME), false));
+            let mut o = json!({ "operationId": format!("{name}_{}", op_id(command)), "tags": tags,
+                "summary": format!("Run command {command} on a {}.", A::NAME),
+                "parameters": write_params, "responses": responses });
+            if let Some(body) = request_body(g, op) {
+                o["requestBody"] = body;
+            }
+            paths.insert(
+                format!("/{plural}/{{id}}/{command}"),
+                json!({ "parameters": [r("parameters", "kes.Id")], "post": o }),
+            );
+        }
+    }
+}
