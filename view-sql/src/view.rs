@@ -684,6 +684,11 @@ impl SqlView {
             if found == 0 {
                 return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
             }
+            if self.dialect == Dialect::Postgres {
+                // Fresh planner statistics, or the first queries on the new
+                // copy may be planned as if it were empty.
+                sqlx::query(&format!("ANALYZE {}", self.shadow)).execute(&mut *tx).await?;
+            }
             for statement in &ddl {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
