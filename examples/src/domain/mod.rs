@@ -1,0 +1,7 @@
+//! The example domain: projects and their tasks.
+
+pub mod project;
+pub mod task;
+
+pub use project::{Project, ProjectCommand, ProjectError, ProjectEvent, ProjectFields, Status};
+pub use task::{Task, TaskCommand, TaskError, TaskEvent, TaskStatus};

@@ -1,0 +1,528 @@
+//! A project: the seed's aggregate, with rules worth the name.
+
+use std::collections::BTreeSet;
+
+use chrono::NaiveDate;
+use kes_core::{Aggregate, DomainEvent};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Where a project is in its life.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Being prepared; the seed's bare `POST /projects/` makes one.
+    #[default]
+    Draft,
+    /// Under way.
+    Active,
+    /// Put away: takes no change but `restore`.
+    Archived,
+}
+
+impl Status {
+    /// The status as the list view stores it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Draft => "draft",
+            Self::Active => "active",
+            Self::Archived => "archived",
+        }
+    }
+}
+
+/// The latest state of a project, as `GET /projects/{id}` shows it.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Project {
+    /// Whether the project was created (a fresh id is not a project).
+    #[serde(default)]
+    pub created: bool,
+    /// Its name; `None` for the unnamed draft of a bare create.
+    pub name: Option<String>,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Draft, active or archived.
+    #[serde(default)]
+    pub status: Status,
+    /// What it was before it was archived, so `restore` goes back there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_from: Option<Status>,
+    /// The budget in whole currency units; never negative.
+    #[serde(default)]
+    pub budget: i64,
+    /// Who answers for it.
+    pub owner: Option<String>,
+    /// Who works on it; each member once.
+    #[serde(default)]
+    pub members: BTreeSet<String>,
+    /// Labels for finding it.
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    /// When it is due.
+    pub due: Option<NaiveDate>,
+    /// Whether it was deleted (its history stays).
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// What can be asked of a project.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProjectCommand {
+    /// Create it. A missing name makes an unnamed draft; a blank one is refused.
+    Create(ProjectFields),
+    /// Change the given fields (PATCH).
+    Update(ProjectFields),
+    /// Replace every editable field (PUT): absent ones are cleared.
+    Replace(ProjectFields),
+    /// Start it: draft → active. Needs a name.
+    Activate,
+    /// Put it away: draft or active → archived.
+    Archive,
+    /// Take it back out: archived → the status it had.
+    Restore,
+    /// Add a member.
+    AddMember(String),
+    /// Remove a member.
+    RemoveMember(String),
+    /// Delete it.
+    Delete,
+}
+
+/// The editable fields of a project; `None` means "not given".
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectFields {
+    /// The name; never blank.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Whole currency units, ≥ 0.
+    #[serde(default)]
+    pub budget: Option<i64>,
+    /// Who answers for it.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub tags: Option<BTreeSet<String>>,
+    /// When it is due (YYYY-MM-DD).
+    #[serde(default)]
+    pub due: Option<NaiveDate>,
+}
+
+/// What happened to a project. Names are in the past tense.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ProjectEvent {
+    /// It was created.
+    Created {
+        /// Its name, if it had one.
+        name: Option<String>,
+        /// Description.
+        description: String,
+        /// Budget.
+        budget: i64,
+        /// Owner.
+        owner: Option<String>,
+        /// Tags.
+        tags: BTreeSet<String>,
+        /// Due date.
+        due: Option<NaiveDate>,
+    },
+    /// It got a new name.
+    Renamed {
+        /// The new name.
+        name: String,
+    },
+    /// Its description changed.
+    DescriptionChanged {
+        /// The new description.
+        description: String,
+    },
+    /// Its budget was set.
+    BudgetSet {
+        /// The new budget.
+        budget: i64,
+    },
+    /// Its owner changed.
+    OwnerChanged {
+        /// The new owner, or none.
+        owner: Option<String>,
+    },
+    /// Its tags were replaced.
+    TagsSet {
+        /// The new tags.
+        tags: BTreeSet<String>,
+    },
+    /// Its due date changed.
+    DueDateSet {
+        /// The new due date, or none.
+        due: Option<NaiveDate>,
+    },
+    /// It started.
+    Activated,
+    /// It was archived.
+    Archived,
+    /// It was restored from the archive.
+    Restored,
+    /// A member joined.
+    MemberAdded {
+        /// Who.
+        member: String,
+    },
+    /// A member left.
+    MemberRemoved {
+        /// Who.
+        member: String,
+    },
+    /// It was deleted.
+    Deleted,
+}
+
+impl DomainEvent for ProjectEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Created { .. } => "ProjectCreated",
+            Self::Renamed { .. } => "ProjectRenamed",
+            Self::DescriptionChanged { .. } => "ProjectDescriptionChanged",
+            Self::BudgetSet { .. } => "ProjectBudgetSet",
+            Self::OwnerChanged { .. } => "ProjectOwnerChanged",
+            Self::TagsSet { .. } => "ProjectTagsSet",
+            Self::DueDateSet { .. } => "ProjectDueDateSet",
+            Self::Activated => "ProjectActivated",
+            Self::Archived => "ProjectArchived",
+            Self::Restored => "ProjectRestored",
+            Self::MemberAdded { .. } => "ProjectMemberAdded",
+            Self::MemberRemoved { .. } => "ProjectMemberRemoved",
+            Self::Deleted => "ProjectDeleted",
+        }
+    }
+}
+
+/// Why a project refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProjectError {
+    /// Create on an existing project.
+    #[error("the project already exists")]
+    AlreadyExists,
+    /// A change to a project that was never created.
+    #[error("the project does not exist")]
+    NotCreated,
+    /// A blank name.
+    #[error("a project name cannot be blank")]
+    BlankName,
+    /// A negative budget.
+    #[error("a budget cannot be negative (got {0})")]
+    NegativeBudget(i64),
+    /// Any change to an archived project but `restore`.
+    #[error("the project is archived: restore it first")]
+    Archived,
+    /// A status change that does not exist.
+    #[error("a {from} project cannot be {action}")]
+    BadTransition {
+        /// The current status.
+        from: &'static str,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// Activating a project without a name.
+    #[error("name the project before activating it")]
+    Unnamed,
+    /// Adding a member twice.
+    #[error("{0} is already a member")]
+    AlreadyMember(String),
+    /// Removing someone who is not a member.
+    #[error("{0} is not a member")]
+    NotMember(String),
+    /// A blank member name.
+    #[error("a member name cannot be blank")]
+    BlankMember,
+}
+
+fn clean_name(name: &str) -> Result<String, ProjectError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() { Err(ProjectError::BlankName) } else { Ok(trimmed.to_owned()) }
+}
+
+/// A PATCH keeps an absent field; a PUT resets it to `cleared`.
+fn or_clear<T>(replace: bool, given: Option<T>, cleared: T) -> Option<T> {
+    if replace { given.or(Some(cleared)) } else { given }
+}
+
+fn check_budget(budget: i64) -> Result<i64, ProjectError> {
+    if budget < 0 { Err(ProjectError::NegativeBudget(budget)) } else { Ok(budget) }
+}
+
+impl Project {
+    /// The events that move the editable fields to `fields`; with
+    /// `replace`, absent fields are cleared rather than kept.
+    fn changes(&self, fields: ProjectFields, replace: bool) -> Result<Vec<ProjectEvent>, ProjectError> {
+        let mut events = Vec::new();
+        match fields.name {
+            Some(name) => {
+                let name = clean_name(&name)?;
+                if self.name.as_deref() != Some(name.as_str()) {
+                    events.push(ProjectEvent::Renamed { name });
+                }
+            }
+            None if replace => return Err(ProjectError::BlankName),
+            None => {}
+        }
+        if let Some(description) = or_clear(replace, fields.description, String::new())
+            && description != self.description
+        {
+            events.push(ProjectEvent::DescriptionChanged { description });
+        }
+        if let Some(budget) = or_clear(replace, fields.budget, 0) {
+            let budget = check_budget(budget)?;
+            if budget != self.budget {
+                events.push(ProjectEvent::BudgetSet { budget });
+            }
+        }
+        let owner = if replace { Some(fields.owner) } else { fields.owner.map(Some) };
+        if let Some(owner) = owner {
+            let owner = owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty());
+            if owner != self.owner {
+                events.push(ProjectEvent::OwnerChanged { owner });
+            }
+        }
+        if let Some(tags) = or_clear(replace, fields.tags, BTreeSet::new()) {
+            let tags: BTreeSet<String> =
+                tags.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+            if tags != self.tags {
+                events.push(ProjectEvent::TagsSet { tags });
+            }
+        }
+        let due = if replace { Some(fields.due) } else { fields.due.map(Some) };
+        if let Some(due) = due
+            && due != self.due
+        {
+            events.push(ProjectEvent::DueDateSet { due });
+        }
+        Ok(events)
+    }
+}
+
+impl Aggregate for Project {
+    const NAME: &'static str = "project";
+    type Command = ProjectCommand;
+    type Event = ProjectEvent;
+    type Error = ProjectError;
+
+    fn handle(&self, command: ProjectCommand) -> Result<Vec<ProjectEvent>, ProjectError> {
+        if let ProjectCommand::Create(f) = command {
+            if self.created {
+                return Err(ProjectError::AlreadyExists);
+            }
+            return Ok(vec![ProjectEvent::Created {
+                name: f.name.as_deref().map(clean_name).transpose()?,
+                description: f.description.unwrap_or_default(),
+                budget: check_budget(f.budget.unwrap_or(0))?,
+                owner: f.owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()),
+                tags: f.tags.unwrap_or_default(),
+                due: f.due,
+            }]);
+        }
+        if !self.created || self.deleted {
+            return Err(ProjectError::NotCreated);
+        }
+        if self.status == Status::Archived && command != ProjectCommand::Restore {
+            return Err(ProjectError::Archived);
+        }
+        let from = self.status.as_str();
+        match command {
+            ProjectCommand::Create(_) => Err(ProjectError::AlreadyExists),
+            ProjectCommand::Update(fields) => self.changes(fields, false),
+            ProjectCommand::Replace(fields) => self.changes(fields, true),
+            ProjectCommand::Activate => match self.status {
+                Status::Draft if self.name.is_none() => Err(ProjectError::Unnamed),
+                Status::Draft => Ok(vec![ProjectEvent::Activated]),
+                _ => Err(ProjectError::BadTransition { from, action: "activated" }),
+            },
+            ProjectCommand::Archive => Ok(vec![ProjectEvent::Archived]),
+            ProjectCommand::Restore => match self.status {
+                Status::Archived => Ok(vec![ProjectEvent::Restored]),
+                _ => Err(ProjectError::BadTransition { from, action: "restored" }),
+            },
+            ProjectCommand::AddMember(member) => {
+                let member = member.trim().to_owned();
+                if member.is_empty() {
+                    Err(ProjectError::BlankMember)
+                } else if self.members.contains(&member) {
+                    Err(ProjectError::AlreadyMember(member))
+                } else {
+                    Ok(vec![ProjectEvent::MemberAdded { member }])
+                }
+            }
+            ProjectCommand::RemoveMember(member) => {
+                let member = member.trim().to_owned();
+                if self.members.contains(&member) {
+                    Ok(vec![ProjectEvent::MemberRemoved { member }])
+                } else {
+                    Err(ProjectError::NotMember(member))
+                }
+            }
+            ProjectCommand::Delete => Ok(vec![ProjectEvent::Deleted]),
+        }
+    }
+
+    fn apply(&mut self, event: &ProjectEvent) {
+        match event {
+            ProjectEvent::Created { name, description, budget, owner, tags, due } => {
+                self.created = true;
+                self.name = name.clone();
+                self.description = description.clone();
+                self.budget = *budget;
+                self.owner = owner.clone();
+                self.tags = tags.clone();
+                self.due = *due;
+            }
+            ProjectEvent::Renamed { name } => self.name = Some(name.clone()),
+            ProjectEvent::DescriptionChanged { description } => self.description = description.clone(),
+            ProjectEvent::BudgetSet { budget } => self.budget = *budget,
+            ProjectEvent::OwnerChanged { owner } => self.owner = owner.clone(),
+            ProjectEvent::TagsSet { tags } => self.tags = tags.clone(),
+            ProjectEvent::DueDateSet { due } => self.due = *due,
+            ProjectEvent::Activated => self.status = Status::Active,
+            ProjectEvent::Archived => {
+                self.archived_from = Some(self.status);
+                self.status = Status::Archived;
+            }
+            ProjectEvent::Restored => self.status = self.archived_from.take().unwrap_or(Status::Active),
+            ProjectEvent::MemberAdded { member } => {
+                self.members.insert(member.clone());
+            }
+            ProjectEvent::MemberRemoved { member } => {
+                self.members.remove(member);
+            }
+            ProjectEvent::Deleted => self.deleted = true,
+        }
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kes_core::testkit::TestFramework;
+
+    use super::*;
+
+    fn created(name: Option<&str>) -> ProjectEvent {
+        ProjectEvent::Created {
+            name: name.map(str::to_owned),
+            description: String::new(),
+            budget: 0,
+            owner: None,
+            tags: BTreeSet::new(),
+            due: None,
+        }
+    }
+
+    fn named(name: &str) -> ProjectFields {
+        ProjectFields { name: Some(name.into()), ..ProjectFields::default() }
+    }
+
+    #[test]
+    fn a_bare_create_makes_an_unnamed_draft() {
+        TestFramework::<Project>::given_no_previous_events()
+            .when(ProjectCommand::Create(ProjectFields::default()))
+            .then_expect_state(|p| {
+                assert!(p.created && p.name.is_none());
+                assert_eq!(p.status, Status::Draft);
+            });
+    }
+
+    #[test]
+    fn names_are_never_blank() {
+        TestFramework::<Project>::given_no_previous_events()
+            .when(ProjectCommand::Create(named("   ")))
+            .then_expect_error(ProjectError::BlankName);
+        TestFramework::<Project>::given(vec![created(None)])
+            .when(ProjectCommand::Update(named("")))
+            .then_expect_error(ProjectError::BlankName);
+    }
+
+    #[test]
+    fn patch_emits_one_event_per_changed_field_only() {
+        let fields = ProjectFields { name: Some("x".into()), budget: Some(5), ..ProjectFields::default() };
+        TestFramework::<Project>::given(vec![created(Some("x"))])
+            .when(ProjectCommand::Update(fields))
+            .then_expect_events(vec![ProjectEvent::BudgetSet { budget: 5 }]);
+    }
+
+    #[test]
+    fn budgets_are_never_negative() {
+        let fields = ProjectFields { budget: Some(-1), ..ProjectFields::default() };
+        TestFramework::<Project>::given(vec![created(Some("x"))])
+            .when(ProjectCommand::Update(fields))
+            .then_expect_error(ProjectError::NegativeBudget(-1));
+    }
+
+    #[test]
+    fn an_archived_project_takes_nothing_but_restore() {
+        let archived = vec![created(Some("x")), ProjectEvent::Activated, ProjectEvent::Archived];
+        TestFramework::<Project>::given(archived.clone())
+            .when(ProjectCommand::Update(named("y")))
+            .then_expect_error(ProjectError::Archived);
+        TestFramework::<Project>::given(archived.clone())
+            .when(ProjectCommand::Delete)
+            .then_expect_error(ProjectError::Archived);
+        TestFramework::<Project>::given(archived)
+            .when(ProjectCommand::Restore)
+            .then_expect_state(|p| assert_eq!(p.status, Status::Active, "restore goes back to where it was"));
+    }
+
+    #[test]
+    fn status_moves_draft_active_archived_and_back() {
+        TestFramework::<Project>::given(vec![created(None)])
+            .when(ProjectCommand::Activate)
+            .then_expect_error(ProjectError::Unnamed);
+        TestFramework::<Project>::given(vec![created(Some("x")), ProjectEvent::Activated])
+            .when(ProjectCommand::Activate)
+            .then_expect_error(ProjectError::BadTransition { from: "active", action: "activated" });
+        TestFramework::<Project>::given(vec![created(Some("x")), ProjectEvent::Archived])
+            .when(ProjectCommand::Restore)
+            .then_expect_state(|p| assert_eq!(p.status, Status::Draft));
+    }
+
+    #[test]
+    fn a_member_is_added_once() {
+        TestFramework::<Project>::given(vec![created(Some("x")), ProjectEvent::MemberAdded { member: "ann".into() }])
+            .when(ProjectCommand::AddMember(" ann ".into()))
+            .then_expect_error(ProjectError::AlreadyMember("ann".into()));
+        TestFramework::<Project>::given(vec![created(Some("x"))])
+            .when(ProjectCommand::RemoveMember("bob".into()))
+            .then_expect_error(ProjectError::NotMember("bob".into()));
+    }
+
+    #[test]
+    fn replace_clears_what_it_does_not_name() {
+        let start = ProjectEvent::Created {
+            name: Some("x".into()),
+            description: "d".into(),
+            budget: 3,
+            owner: Some("ann".into()),
+            tags: BTreeSet::from(["t".to_owned()]),
+            due: None,
+        };
+        TestFramework::<Project>::given(vec![start]).when(ProjectCommand::Replace(named("x"))).then_expect_state(|p| {
+            assert_eq!((p.description.as_str(), p.budget, p.owner.as_deref()), ("", 0, None));
+            assert!(p.tags.is_empty());
+        });
+    }
+
+    #[test]
+    fn nothing_happens_to_a_project_never_created_or_deleted() {
+        TestFramework::<Project>::given_no_previous_events()
+            .when(ProjectCommand::Archive)
+            .then_expect_error(ProjectError::NotCreated);
+        TestFramework::<Project>::given(vec![created(Some("x")), ProjectEvent::Deleted])
+            .when(ProjectCommand::Update(named("y")))
+            .then_expect_error(ProjectError::NotCreated);
+    }
+}

@@ -1,0 +1,255 @@
+//! A task: belongs to a project, open until done.
+//!
+//! The rule "the assignee is a member of the project" spans two aggregates.
+//! An aggregate decides on its own state alone (that keeps commands on
+//! different aggregates parallel and `handle` pure), so this rule is *not*
+//! checked when a task is assigned: a project may also lose the member
+//! later. An application that needs it would check it in a process manager
+//! reacting to `TaskAssigned` (reading the project's list row), and flag or
+//! reassign the task.
+
+use kes_core::{Aggregate, DomainEvent};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Open or done.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// To do.
+    #[default]
+    Open,
+    /// Done.
+    Done,
+}
+
+impl TaskStatus {
+    /// The status as the list view stores it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// The latest state of a task.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Task {
+    /// Whether the task was created.
+    #[serde(default)]
+    pub created: bool,
+    /// The project it belongs to.
+    #[serde(default)]
+    pub project_id: String,
+    /// What is to be done.
+    #[serde(default)]
+    pub title: String,
+    /// Open or done.
+    #[serde(default)]
+    pub status: TaskStatus,
+    /// Who does it.
+    pub assignee: Option<String>,
+    /// Whether it was deleted.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// What can be asked of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskCommand {
+    /// Create it in a project.
+    Create {
+        /// The project.
+        project_id: String,
+        /// The title.
+        title: String,
+        /// Who does it.
+        assignee: Option<String>,
+    },
+    /// Change the title and/or the assignee (an empty assignee unassigns).
+    Update {
+        /// The new title.
+        title: Option<String>,
+        /// The new assignee; `Some("")` unassigns.
+        assignee: Option<String>,
+    },
+    /// Mark it done.
+    Complete,
+    /// Open it again.
+    Reopen,
+    /// Delete it.
+    Delete,
+}
+
+/// What happened to a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskEvent {
+    /// It was created.
+    Created {
+        /// The project.
+        project_id: String,
+        /// The title.
+        title: String,
+    },
+    /// Its title changed.
+    Retitled {
+        /// The new title.
+        title: String,
+    },
+    /// It was assigned (or unassigned).
+    Assigned {
+        /// Who, or nobody.
+        assignee: Option<String>,
+    },
+    /// It was done.
+    Completed,
+    /// It was opened again.
+    Reopened,
+    /// It was deleted.
+    Deleted,
+}
+
+impl DomainEvent for TaskEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Created { .. } => "TaskCreated",
+            Self::Retitled { .. } => "TaskRetitled",
+            Self::Assigned { .. } => "TaskAssigned",
+            Self::Completed => "TaskCompleted",
+            Self::Reopened => "TaskReopened",
+            Self::Deleted => "TaskDeleted",
+        }
+    }
+}
+
+/// Why a task refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    /// Create on an existing task.
+    #[error("the task already exists")]
+    AlreadyExists,
+    /// A change to a task never created (or deleted).
+    #[error("the task does not exist")]
+    NotCreated,
+    /// A task without a project.
+    #[error("a task belongs to a project: project_id cannot be blank")]
+    NoProject,
+    /// A blank title.
+    #[error("a task title cannot be blank")]
+    BlankTitle,
+    /// Complete on a done task, reopen on an open one.
+    #[error("the task is already {0}")]
+    AlreadyInStatus(&'static str),
+}
+
+impl Aggregate for Task {
+    const NAME: &'static str = "task";
+    type Command = TaskCommand;
+    type Event = TaskEvent;
+    type Error = TaskError;
+
+    fn handle(&self, command: TaskCommand) -> Result<Vec<TaskEvent>, TaskError> {
+        let title_of = |t: String| {
+            let t = t.trim().to_owned();
+            if t.is_empty() { Err(TaskError::BlankTitle) } else { Ok(t) }
+        };
+        if let TaskCommand::Create { project_id, title, assignee } = command {
+            if self.created {
+                return Err(TaskError::AlreadyExists);
+            }
+            let project_id = project_id.trim().to_owned();
+            if project_id.is_empty() {
+                return Err(TaskError::NoProject);
+            }
+            let mut events = vec![TaskEvent::Created { project_id, title: title_of(title)? }];
+            if let Some(assignee) = assignee.map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()) {
+                events.push(TaskEvent::Assigned { assignee: Some(assignee) });
+            }
+            return Ok(events);
+        }
+        if !self.created || self.deleted {
+            return Err(TaskError::NotCreated);
+        }
+        Ok(match command {
+            TaskCommand::Create { .. } => return Err(TaskError::AlreadyExists),
+            TaskCommand::Update { title, assignee } => {
+                let mut events = Vec::new();
+                if let Some(title) = title.map(title_of).transpose()?
+                    && title != self.title
+                {
+                    events.push(TaskEvent::Retitled { title });
+                }
+                if let Some(assignee) = assignee {
+                    let assignee = Some(assignee.trim().to_owned()).filter(|a| !a.is_empty());
+                    if assignee != self.assignee {
+                        events.push(TaskEvent::Assigned { assignee });
+                    }
+                }
+                events
+            }
+            TaskCommand::Complete if self.status == TaskStatus::Done => return Err(TaskError::AlreadyInStatus("done")),
+            TaskCommand::Complete => vec![TaskEvent::Completed],
+            TaskCommand::Reopen if self.status == TaskStatus::Open => return Err(TaskError::AlreadyInStatus("open")),
+            TaskCommand::Reopen => vec![TaskEvent::Reopened],
+            TaskCommand::Delete => vec![TaskEvent::Deleted],
+        })
+    }
+
+    fn apply(&mut self, event: &TaskEvent) {
+        match event {
+            TaskEvent::Created { project_id, title } => {
+                self.created = true;
+                self.project_id = project_id.clone();
+                self.title = title.clone();
+            }
+            TaskEvent::Retitled { title } => self.title = title.clone(),
+            TaskEvent::Assigned { assignee } => self.assignee = assignee.clone(),
+            TaskEvent::Completed => self.status = TaskStatus::Done,
+            TaskEvent::Reopened => self.status = TaskStatus::Open,
+            TaskEvent::Deleted => self.deleted = true,
+        }
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kes_core::testkit::TestFramework;
+
+    use super::*;
+
+    fn created() -> TaskEvent {
+        TaskEvent::Created { project_id: "p".into(), title: "t".into() }
+    }
+
+    #[test]
+    fn a_task_needs_a_project_and_a_title() {
+        let create = |p: &str, t: &str| TaskCommand::Create { project_id: p.into(), title: t.into(), assignee: None };
+        TestFramework::<Task>::given_no_previous_events()
+            .when(create(" ", "t"))
+            .then_expect_error(TaskError::NoProject);
+        TestFramework::<Task>::given_no_previous_events()
+            .when(create("p", ""))
+            .then_expect_error(TaskError::BlankTitle);
+        TestFramework::<Task>::given_no_previous_events()
+            .when(TaskCommand::Create { project_id: "p".into(), title: "t".into(), assignee: Some("ann".into()) })
+            .then_expect_events(vec![created(), TaskEvent::Assigned { assignee: Some("ann".into()) }]);
+    }
+
+    #[test]
+    fn open_then_done_then_open() {
+        TestFramework::<Task>::given(vec![created()])
+            .when(TaskCommand::Complete)
+            .then_expect_events(vec![TaskEvent::Completed]);
+        TestFramework::<Task>::given(vec![created(), TaskEvent::Completed])
+            .when(TaskCommand::Complete)
+            .then_expect_error(TaskError::AlreadyInStatus("done"));
+        TestFramework::<Task>::given(vec![created()])
+            .when(TaskCommand::Reopen)
+            .then_expect_error(TaskError::AlreadyInStatus("open"));
+    }
+}

@@ -1,0 +1,150 @@
+//! How the domain meets HTTP and the list views: routes, bodies, view
+//! schemas and rows.
+
+use kes_core::{Field, FieldValue, Row, ViewSchema};
+use kes_http::Resource;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::domain::{Project, ProjectCommand, Task, TaskCommand};
+
+/// A command that takes no body.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoBody {}
+
+/// Names a member.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberBody {
+    /// The member's name.
+    pub member: String,
+}
+
+/// Creates a task.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    /// The project it belongs to.
+    pub project_id: String,
+    /// What is to be done.
+    pub title: String,
+    /// Who does it.
+    #[serde(default)]
+    pub assignee: Option<String>,
+}
+
+/// Changes a task; absent fields stay, an empty assignee unassigns.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTask {
+    /// The new title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// The new assignee.
+    #[serde(default)]
+    pub assignee: Option<String>,
+}
+
+/// `/projects`: CRUD plus the status and membership commands.
+pub fn projects() -> Resource<Project> {
+    Resource::new("projects")
+        .create(ProjectCommand::Create)
+        .replace(ProjectCommand::Replace)
+        .patch(ProjectCommand::Update)
+        .delete(|| ProjectCommand::Delete)
+        .command("activate", |_: NoBody| ProjectCommand::Activate)
+        .command("archive", |_: NoBody| ProjectCommand::Archive)
+        .command("restore", |_: NoBody| ProjectCommand::Restore)
+        .command("add-member", |b: MemberBody| ProjectCommand::AddMember(b.member))
+        .command("remove-member", |b: MemberBody| ProjectCommand::RemoveMember(b.member))
+}
+
+/// `/tasks`: create, update, complete, reopen, delete.
+pub fn tasks() -> Resource<Task> {
+    Resource::new("tasks")
+        .create(|b: CreateTask| TaskCommand::Create { project_id: b.project_id, title: b.title, assignee: b.assignee })
+        .patch(|b: UpdateTask| TaskCommand::Update { title: b.title, assignee: b.assignee })
+        .delete(|| TaskCommand::Delete)
+        .command("complete", |_: NoBody| TaskCommand::Complete)
+        .command("reopen", |_: NoBody| TaskCommand::Reopen)
+        .command("assign", |b: UpdateTask| TaskCommand::Update {
+            title: None,
+            assignee: b.assignee.or(Some(String::new())),
+        })
+}
+
+/// The list view of projects. Bump the version when fields or
+/// [`project_row`] change: the view is rebuilt from the log at start.
+pub fn project_view() -> ViewSchema {
+    ViewSchema::new("projects", 1)
+        .field(Field::text("name").filterable().sortable().searchable())
+        .field(Field::text("description").searchable())
+        .field(Field::keyword("status").filterable().sortable())
+        .field(Field::integer("budget").filterable().sortable())
+        .field(Field::keyword("owner").filterable().sortable().searchable())
+        .field(Field::integer("members").filterable().sortable())
+        .field(Field::text("tags").searchable())
+        .field(Field::timestamp("due").filterable().sortable())
+}
+
+/// The list row of a project.
+pub fn project_row(p: &Project) -> Row {
+    let mut row = Row::new();
+    if let Some(name) = &p.name {
+        row.insert("name".into(), name.as_str().into());
+    }
+    if !p.description.is_empty() {
+        row.insert("description".into(), p.description.as_str().into());
+    }
+    row.insert("status".into(), p.status.as_str().into());
+    row.insert("budget".into(), p.budget.into());
+    if let Some(owner) = &p.owner {
+        row.insert("owner".into(), owner.as_str().into());
+    }
+    row.insert("members".into(), FieldValue::Integer(p.members.len() as i64));
+    if !p.tags.is_empty() {
+        row.insert("tags".into(), p.tags.iter().map(String::as_str).collect::<Vec<_>>().join(" ").into());
+    }
+    if let Some(due) = p.due.and_then(|d| d.and_hms_opt(0, 0, 0)) {
+        row.insert("due".into(), due.and_utc().into());
+    }
+    row
+}
+
+/// The list view of tasks.
+pub fn task_view() -> ViewSchema {
+    ViewSchema::new("tasks", 1)
+        .field(Field::text("title").filterable().sortable().searchable())
+        .field(Field::keyword("project_id").filterable().sortable())
+        .field(Field::keyword("status").filterable().sortable())
+        .field(Field::keyword("assignee").filterable().sortable().searchable())
+}
+
+/// The list row of a task.
+pub fn task_row(t: &Task) -> Row {
+    let mut row = Row::new();
+    row.insert("title".into(), t.title.as_str().into());
+    row.insert("project_id".into(), t.project_id.as_str().into());
+    row.insert("status".into(), t.status.as_str().into());
+    if let Some(a) = &t.assignee {
+        row.insert("assignee".into(), a.as_str().into());
+    }
+    row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_fit_their_schemas() {
+        let mut p = Project { name: Some("x".into()), budget: 3, ..Project::default() };
+        p.tags.insert("a".into());
+        p.due = chrono::NaiveDate::from_ymd_opt(2026, 12, 24);
+        project_view().validate().unwrap();
+        project_view().check_row(&project_row(&p)).unwrap();
+        task_view().validate().unwrap();
+        task_view().check_row(&task_row(&Task::default())).unwrap();
+    }
+}

@@ -1,0 +1,209 @@
+//! Wiring: stores and views chosen by URL, the projection runners, the
+//! router, and the rebuild command.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use kes_core::{
+    Aggregate, CommandBus, EventStore, Projection, ProjectionRunner, RebuildReport, Row, RunnerConfig, ViewProjection,
+    ViewSchema, ViewStore,
+};
+use kes_http::{Api, HttpConfig};
+use kes_store_kafka::{KafkaConfig, KafkaStore};
+use kes_store_sql::SqlStore;
+
+use crate::domain::{Project, Task};
+use crate::resources;
+
+/// The default event store: a SQLite file under `./data`.
+pub const DEFAULT_STORE: &str = "sqlite://data/events.db";
+
+/// The default list backend for the features this binary was built with.
+pub const DEFAULT_VIEW: &str = if cfg!(feature = "view-sql") { "sqlite://data/views.db" } else { "data/index" };
+
+/// Where events and list views live.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `sqlite://PATH`, `postgres://…` or `kafka://HOST:PORT[,HOST:PORT][/PREFIX]`.
+    pub store: String,
+    /// With `view-sql`: `sqlite://PATH` or `postgres://…`; with
+    /// `view-search`: an index directory.
+    pub view: String,
+    /// HTTP settings (CORS origins, limits, timeouts).
+    pub http: HttpConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { store: DEFAULT_STORE.into(), view: DEFAULT_VIEW.into(), http: HttpConfig::default() }
+    }
+}
+
+/// A store of the kind `url` names, for aggregate `A`.
+pub async fn open_store<A: Aggregate>(url: &str) -> anyhow::Result<Arc<dyn EventStore<A>>> {
+    if url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let store =
+            SqlStore::<A>::open(url).await.with_context(|| format!("opening the event store {}", redact(url)))?;
+        Ok(Arc::new(store))
+    } else if url.starts_with("kafka:") {
+        let config = KafkaConfig::from_url(url).context("reading the Kafka store URL")?;
+        let store = KafkaStore::<A>::connect(config).await.context("connecting to Kafka")?;
+        Ok(Arc::new(store))
+    } else {
+        bail!("unknown store URL {:?}: use sqlite://PATH, postgres://… or kafka://HOST:PORT", redact(url))
+    }
+}
+
+/// A list view of the kind `location` names.
+pub async fn open_view(location: &str, schema: ViewSchema) -> anyhow::Result<Arc<dyn ViewStore>> {
+    let sql =
+        location.starts_with("sqlite:") || location.starts_with("postgres:") || location.starts_with("postgresql:");
+    #[cfg(feature = "view-sql")]
+    if sql {
+        let view = kes_view_sql::SqlView::open(location, schema)
+            .await
+            .with_context(|| format!("opening the list views in {}", redact(location)))?;
+        return Ok(Arc::new(view));
+    }
+    #[cfg(feature = "view-search")]
+    if !sql {
+        let dir = std::path::Path::new(location).join(&schema.name);
+        let view = kes_view_search::SearchView::open(&dir, schema)
+            .with_context(|| format!("opening the search index {}", dir.display()))?;
+        return Ok(Arc::new(view));
+    }
+    bail!(
+        "this build cannot serve list views from {:?} (SQL views need feature view-sql, index directories need view-search)",
+        redact(location)
+    )
+}
+
+/// Hides a password in a URL before it reaches a log or an error.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+type Runner<A> = ProjectionRunner<A, Arc<dyn EventStore<A>>>;
+
+/// One aggregate's store, bus, view and projection runner.
+pub struct Part<A: Aggregate> {
+    /// The event store.
+    pub store: Arc<dyn EventStore<A>>,
+    /// The command bus over it.
+    pub bus: Arc<CommandBus<A, Arc<dyn EventStore<A>>>>,
+    /// The list view.
+    pub view: Arc<dyn ViewStore>,
+    /// Feeds the view from the log.
+    pub runner: Arc<Runner<A>>,
+}
+
+impl<A: Aggregate> Part<A> {
+    async fn open(settings: &Settings, schema: ViewSchema, to_row: fn(&A) -> Row) -> anyhow::Result<Self> {
+        let store = open_store::<A>(&settings.store).await?;
+        let view = open_view(&settings.view, schema).await?;
+        let projection: Arc<dyn Projection<A::Event>> = Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row));
+        let runner = ProjectionRunner::new(Arc::clone(&store), vec![projection], RunnerConfig::default());
+        Ok(Self { bus: Arc::new(CommandBus::new(Arc::clone(&store))), store, view, runner })
+    }
+}
+
+/// The whole projects service: both aggregates, ready to serve.
+pub struct Service {
+    /// Projects.
+    pub projects: Part<Project>,
+    /// Tasks.
+    pub tasks: Part<Task>,
+    http: HttpConfig,
+}
+
+impl Service {
+    /// Opens stores and views (creating files and tables as needed).
+    pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        if let Some(path) = settings.store.strip_prefix("sqlite://").or_else(|| settings.view.strip_prefix("sqlite://"))
+        {
+            ensure_parent(path)?;
+        }
+        if let Some(path) = settings.view.strip_prefix("sqlite://") {
+            ensure_parent(path)?;
+        }
+        let projects = Part::open(settings, resources::project_view(), resources::project_row).await?;
+        let tasks = Part::open(settings, resources::task_view(), resources::task_row).await?;
+        Ok(Self { projects, tasks, http: settings.http.clone() })
+    }
+
+    /// Starts following the log (rebuilding views whose version changed).
+    pub async fn start_projections(&self) -> anyhow::Result<()> {
+        self.projects.runner.start().await.context("starting the projects projection")?;
+        self.tasks.runner.start().await.context("starting the tasks projection")?;
+        Ok(())
+    }
+
+    /// The HTTP router of both aggregates.
+    pub fn router(&self) -> anyhow::Result<Router> {
+        let api = Api::new(self.http.clone())
+            .mount(
+                resources::projects(),
+                Arc::clone(&self.projects.bus),
+                self.projects.view.clone(),
+                self.projects.runner.clone(),
+            )?
+            .mount(resources::tasks(), Arc::clone(&self.tasks.bus), self.tasks.view.clone(), self.tasks.runner.clone())?
+            .projections(self.projects.runner.clone())
+            .projections(self.tasks.runner.clone());
+        Ok(api.into_router())
+    }
+
+    /// The names of the list projections.
+    pub fn projection_names(&self) -> Vec<String> {
+        let mut names = self.projects.runner.names();
+        names.extend(self.tasks.runner.names());
+        names
+    }
+
+    /// Rebuilds projection `name` from the log; `progress(done, total)`
+    /// is called after each batch.
+    pub async fn rebuild(&self, name: &str, progress: &(dyn Fn(u64, u64) + Sync)) -> anyhow::Result<RebuildReport> {
+        if self.projects.runner.names().iter().any(|n| n == name) {
+            Ok(self.projects.runner.rebuild(name, progress).await?)
+        } else if self.tasks.runner.names().iter().any(|n| n == name) {
+            Ok(self.tasks.runner.rebuild(name, progress).await?)
+        } else {
+            bail!("no projection named {name:?}; there are: {}", self.projection_names().join(", "))
+        }
+    }
+
+    /// Stops the projection runners (after in-flight batches).
+    pub async fn shutdown(&self) {
+        self.projects.runner.shutdown().await;
+        self.tasks.runner.shutdown().await;
+    }
+}
+
+fn ensure_parent(path: &str) -> anyhow::Result<()> {
+    let path = path.split('?').next().unwrap_or(path);
+    if let Some(parent) = std::path::Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+}
