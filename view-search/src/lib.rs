@@ -1,1 +1,334 @@
-//! List views in a Tantivy search index (work in progress).
+//! # kes-view-search
+//!
+//! List views of KES in a [Tantivy](https://docs.rs/tantivy) index, with
+//! full-text search. [`SearchView`] implements [`kes_core::ViewStore`] and
+//! [`kes_core::ListView`] and is interchangeable with the SQL list backend:
+//! the same [`ListQuery`](kes_core::ListQuery) gives the same rows in the
+//! same order (the ListView conformance suite of `kes-core` checks it),
+//! plus `q`, a Tantivy full-text query over the searchable fields, sorted
+//! by relevance unless the query names a sort.
+//!
+//! ```
+//! use kes_core::{Checkpoint, Field, ListQuery, ListView, Row, RowChange, ViewCopy, ViewSchema, ViewStore};
+//! use kes_view_search::SearchView;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! let schema = ViewSchema::new("projects", 1).field(Field::text("name").filterable().sortable().searchable());
+//! let view = SearchView::open(dir.path().join("index/projects"), schema).unwrap();
+//!
+//! let mut row = Row::new();
+//! row.insert("name".into(), "Harbour Bridge Repainting".into());
+//! let change = RowChange { id: "p-1".into(), version: 1, state: serde_json::json!({}), row: Some(row) };
+//! view.write(ViewCopy::Live, &[change], &Checkpoint::start()).await.unwrap();
+//!
+//! // A word inside the name finds the row, whatever its case or inflection.
+//! let page = view.list(&ListQuery::new().search("bridges")).await.unwrap();
+//! assert_eq!(page.items[0].id, "p-1");
+//! # });
+//! ```
+//!
+//! ## How it is stored
+//!
+//! The view's directory (by convention `{data dir}/index/{view name}`)
+//! holds one Tantivy index per copy, `copy-NNNNNN/`, and a file `CURRENT`
+//! naming the live one. A rebuild writes a new copy beside the live one,
+//! which keeps answering; [`ViewStore::swap`](kes_core::ViewStore::swap)
+//! rewrites `CURRENT` atomically (write, fsync, rename) and deletes the old
+//! copy. At open, copies `CURRENT` does not name (an unfinished rebuild)
+//! are deleted.
+//!
+//! The Tantivy schema is derived from the [`ViewSchema`](kes_core::ViewSchema)
+//! ([`index_schema`] has the table). Each [`ViewStore::write`](kes_core::ViewStore::write)
+//! is one Tantivy commit whose payload holds the checkpoint and the schema
+//! version, so the index and its checkpoint always agree after a crash;
+//! the reader is reloaded right after the commit, so a write is visible to
+//! `list` when `write` returns (read-your-writes by position works).
+//!
+//! ## How a list is answered
+//!
+//! Filters and the keyset cursor become Tantivy term, range, set and exists
+//! queries on exact-value fast fields; `q` goes through Tantivy's
+//! `QueryParser` (strict: a query it cannot parse is
+//! [`QueryError::BadSearch`](kes_core::QueryError::BadSearch)), words
+//! combined with AND, over the searchable fields only. A collector reads the
+//! sort keys from fast fields and keeps the first page in the shared order
+//! (missing values last, `id` last), so a page costs one pass over the
+//! matching documents; `total` is a count of the same query without the
+//! cursor. With `q` and no sort, pages are in relevance order and cursors
+//! are offsets.
+//!
+//! Searchable text uses Tantivy's `en_stem` analyzer (words split on
+//! non-alphanumerics, lower-cased, Porter-stemmed); searchable keywords are
+//! one lower-cased token each (a tag is found by its whole value).
+//!
+//! ## Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | (none) | everything above; the crate has no optional parts |
+
+mod collect;
+mod copy;
+mod error;
+mod layout;
+mod query;
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use kes_core::{
+    Checkpoint, ListQuery, ListView, Page, RowChange, StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema,
+    ViewStore,
+};
+
+use crate::copy::IndexCopy;
+pub use crate::error::SearchError;
+pub use crate::layout::index_schema;
+
+/// The file naming the live copy's directory.
+const CURRENT: &str = "CURRENT";
+const COPY_PREFIX: &str = "copy-";
+
+/// Tunables of a [`SearchView`].
+#[derive(Debug, Clone)]
+pub struct SearchConfig {
+    /// Memory budget of each copy's index writer, in bytes (Tantivy needs
+    /// at least 15 MB per thread).
+    pub writer_memory_bytes: usize,
+    /// Indexing threads of each copy's writer.
+    pub writer_threads: usize,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self { writer_memory_bytes: 50_000_000, writer_threads: 1 }
+    }
+}
+
+/// A list view in a Tantivy index. See the crate docs.
+pub struct SearchView {
+    /// Shared with the blocking tasks that do the index work.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    schema: Arc<ViewSchema>,
+    root: PathBuf,
+    config: SearchConfig,
+    live: RwLock<Arc<IndexCopy>>,
+    shadow: Mutex<Option<Arc<IndexCopy>>>,
+    /// The number of the next copy directory.
+    next_copy: AtomicU64,
+}
+
+impl std::fmt::Debug for SearchView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SearchView").field("view", &self.inner.schema.name).field("root", &self.inner.root).finish()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SearchError + '_ {
+    move |source| SearchError::Io { path: path.to_owned(), source }
+}
+
+fn copy_number(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(COPY_PREFIX)?;
+    (digits.len() == 6 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+fn copy_name(n: u64) -> String {
+    format!("{COPY_PREFIX}{n:06}")
+}
+
+/// Replaces `CURRENT` with `name`, atomically: a crash leaves either the
+/// old or the new pointer, never a torn one.
+fn write_current(root: &Path, name: &str) -> Result<(), SearchError> {
+    let tmp = root.join(format!("{CURRENT}.tmp"));
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(name.as_bytes()).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, root.join(CURRENT)).map_err(io(root))?;
+    // Make the rename itself durable.
+    std::fs::File::open(root).and_then(|d| d.sync_all()).map_err(io(root))
+}
+
+impl SearchView {
+    /// Opens (or creates) the view stored in `dir` with the default
+    /// [`SearchConfig`]. Validates the schema first.
+    pub fn open(dir: impl AsRef<Path>, schema: ViewSchema) -> Result<Self, SearchError> {
+        Self::open_with(dir, schema, SearchConfig::default())
+    }
+
+    /// Opens (or creates) the view stored in `dir`.
+    ///
+    /// A live copy built from another schema is opened as it is and keeps
+    /// answering the queries its fields allow (others get
+    /// [`ViewError::Unavailable`]); its stored schema version differs, so
+    /// the projection runner rebuilds it and swaps the new copy in.
+    pub fn open_with(dir: impl AsRef<Path>, schema: ViewSchema, config: SearchConfig) -> Result<Self, SearchError> {
+        schema.validate()?;
+        let root = dir.as_ref().to_owned();
+        std::fs::create_dir_all(&root).map_err(io(&root))?;
+        let current_path = root.join(CURRENT);
+        let current = match std::fs::read_to_string(&current_path) {
+            Ok(text) => {
+                let name = text.trim().to_owned();
+                copy_number(&name).ok_or_else(|| SearchError::NotAViewIndex(format!("{CURRENT} names {:?}", name)))?;
+                Some(name)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(SearchError::Io { path: current_path, source }),
+        };
+        // Copies CURRENT does not name are unfinished rebuilds, or copies
+        // whose deletion a crash interrupted.
+        let mut highest = 0;
+        for entry in std::fs::read_dir(&root).map_err(io(&root))? {
+            let entry = entry.map_err(io(&root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(n) = copy_number(&name) else { continue };
+            highest = highest.max(n);
+            if current.as_deref() != Some(name.as_str()) {
+                std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+            }
+        }
+        let live = match current {
+            Some(name) => IndexCopy::open(&root.join(&name), &schema, &config)?,
+            None => {
+                highest += 1;
+                let name = copy_name(highest);
+                let copy = IndexCopy::create(&root.join(&name), &schema, &config)?;
+                write_current(&root, &name)?;
+                copy
+            }
+        };
+        if !live.is_current() {
+            tracing::warn!(view = %schema.name, "the index was built from another schema; it serves until rebuilt");
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                schema: Arc::new(schema),
+                root,
+                config,
+                live: RwLock::new(Arc::new(live)),
+                shadow: Mutex::new(None),
+                next_copy: AtomicU64::new(highest + 1),
+            }),
+        })
+    }
+
+    /// The directory of the view (holding `CURRENT` and the copies).
+    pub fn dir(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The directory of the live copy's Tantivy index.
+    pub fn live_index_dir(&self) -> PathBuf {
+        self.inner.live().path.clone()
+    }
+}
+
+impl Inner {
+    fn live(&self) -> Arc<IndexCopy> {
+        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn shadow(&self) -> Result<Arc<IndexCopy>, SearchError> {
+        self.shadow.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(SearchError::NoRebuild)
+    }
+
+    fn copy(&self, copy: ViewCopy) -> Result<Arc<IndexCopy>, SearchError> {
+        match copy {
+            ViewCopy::Live => Ok(self.live()),
+            ViewCopy::Shadow => self.shadow(),
+        }
+    }
+
+    fn begin_rebuild(&self) -> Result<(), SearchError> {
+        let mut shadow = self.shadow.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = shadow.take() {
+            old.retire()?;
+        }
+        let name = copy_name(self.next_copy.fetch_add(1, Ordering::SeqCst));
+        *shadow = Some(Arc::new(IndexCopy::create(&self.root.join(name), &self.schema, &self.config)?));
+        Ok(())
+    }
+
+    fn swap(&self) -> Result<(), SearchError> {
+        let mut shadow = self.shadow.lock().unwrap_or_else(|p| p.into_inner());
+        let new = shadow.take().ok_or(SearchError::NoRebuild)?;
+        let name = new.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Err(e) = write_current(&self.root, &name) {
+            *shadow = Some(new);
+            return Err(e);
+        }
+        let old = std::mem::replace(&mut *self.live.write().unwrap_or_else(|p| p.into_inner()), new);
+        drop(shadow);
+        old.retire()
+    }
+}
+
+/// Runs blocking index work off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SearchError> + Send + 'static,
+) -> Result<T, ViewError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(ViewError::from),
+        Err(e) => Err(SearchError::Task(e.to_string()).into()),
+    }
+}
+
+#[async_trait]
+impl ListView for SearchView {
+    fn schema(&self) -> &ViewSchema {
+        &self.inner.schema
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page, ViewError> {
+        let query = query.validate(&self.inner.schema)?;
+        let (copy, schema) = (self.inner.live(), Arc::clone(&self.inner.schema));
+        blocking(move || copy.list(&schema, &query)).await
+    }
+
+    async fn position(&self) -> Result<Checkpoint, ViewError> {
+        Ok(self.inner.live().progress().map(|p| p.checkpoint).unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl ViewStore for SearchView {
+    async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ViewError> {
+        Ok(self.inner.copy(copy)?.progress())
+    }
+
+    async fn states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, ViewError> {
+        let copy = self.inner.copy(copy)?;
+        let ids = ids.to_vec();
+        blocking(move || copy.states(&ids)).await
+    }
+
+    async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
+        for change in changes {
+            if let Some(row) = &change.row {
+                self.inner.schema.check_row(row)?;
+            }
+        }
+        let copy = self.inner.copy(copy)?;
+        let (changes, checkpoint, version) = (changes.to_vec(), checkpoint.clone(), self.inner.schema.version);
+        blocking(move || copy.write(&changes, &checkpoint, version)).await
+    }
+
+    async fn begin_rebuild(&self) -> Result<(), ViewError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.begin_rebuild()).await
+    }
+
+    async fn swap(&self) -> Result<(), ViewError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.swap()).await
+    }
+}

@@ -1,0 +1,270 @@
+//! One copy of a view: a Tantivy index in its own directory, with its
+//! writer, its reader and the progress stored in its last commit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use kes_core::view::ID_FIELD;
+use kes_core::view::{Cursor, ValidQuery};
+use kes_core::{Checkpoint, FieldType, ListItem, Page, RowChange, StoredState, ViewProgress, ViewSchema};
+use serde_json::json;
+use tantivy::collector::{Count, DocSetCollector, TopDocs};
+use tantivy::query::{Query, TermSetQuery};
+use tantivy::schema::Value;
+use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
+
+use crate::SearchConfig;
+use crate::collect::{FirstRows, KeySource, SortSpec};
+use crate::error::SearchError;
+use crate::layout::{Layout, index_schema, read_row, register_tokenizers};
+use crate::query::{QueryBuilder, full_text};
+
+/// One index copy (the live one, or a shadow being rebuilt).
+pub(crate) struct IndexCopy {
+    /// Its directory.
+    pub path: PathBuf,
+    index: Index,
+    reader: IndexReader,
+    layout: Layout,
+    /// `None` once the copy was retired by a swap.
+    writer: Mutex<Option<IndexWriter>>,
+    /// What the last commit's payload says; read at open, moved by writes.
+    progress: RwLock<Option<ViewProgress>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl IndexCopy {
+    /// Creates an empty index for `view` in `path` (which must not hold one).
+    pub fn create(path: &Path, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
+        std::fs::create_dir_all(path).map_err(|source| SearchError::Io { path: path.to_owned(), source })?;
+        let index = Index::create_in_dir(path, index_schema(view))?;
+        Self::from_index(path, index, view, config)
+    }
+
+    /// Opens the index in `path`, built from `view` or an older schema.
+    pub fn open(path: &Path, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
+        let index = Index::open_in_dir(path)?;
+        Self::from_index(path, index, view, config)
+    }
+
+    fn from_index(path: &Path, index: Index, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
+        register_tokenizers(&index);
+        let layout = Layout::resolve(&index.schema(), view)?;
+        let progress = index.load_metas()?.payload.as_deref().map(read_payload).transpose()?;
+        let writer = index.writer_with_num_threads(config.writer_threads.max(1), config.writer_memory_bytes)?;
+        // Reloaded by hand right after each commit: a write is visible to
+        // lists when `write` returns, so waiting for a position works.
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        Ok(Self {
+            path: path.to_owned(),
+            index,
+            reader,
+            layout,
+            writer: Mutex::new(Some(writer)),
+            progress: RwLock::new(progress),
+        })
+    }
+
+    /// Whether the index was built from exactly the current view schema.
+    pub fn is_current(&self) -> bool {
+        self.layout.current
+    }
+
+    /// The progress stored with the last commit.
+    pub fn progress(&self) -> Option<ViewProgress> {
+        self.progress.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the documents of `changes` and commits them with
+    /// `checkpoint` in the commit payload: one Tantivy commit, so after a
+    /// crash the index holds either all of it or none.
+    pub fn write(
+        &self,
+        changes: &[RowChange],
+        checkpoint: &Checkpoint,
+        schema_version: u32,
+    ) -> Result<(), SearchError> {
+        let docs = changes.iter().map(|c| self.layout.document(c)).collect::<Result<Vec<_>, _>>()?;
+        let checkpoint_json: serde_json::Value =
+            serde_json::from_str(&checkpoint.to_json()).map_err(SearchError::Json)?;
+        let payload = json!({ "checkpoint": checkpoint_json, "schema_version": schema_version }).to_string();
+        let mut guard = lock(&self.writer);
+        let writer = guard.as_mut().ok_or(SearchError::Retired)?;
+        let result = (|| -> Result<(), SearchError> {
+            for (change, doc) in changes.iter().zip(docs) {
+                // Deletes apply to documents added before them, so the new
+                // document of the same id survives its own delete.
+                writer.delete_term(Term::from_field_text(self.layout.id, &change.id));
+                writer.add_document(doc)?;
+            }
+            let mut prepared = writer.prepare_commit()?;
+            prepared.set_payload(&payload);
+            prepared.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Nothing of a failed batch may ride along with the next commit.
+            if let Err(rollback) = writer.rollback() {
+                tracing::error!(error = %rollback, path = %self.path.display(), "rollback after a failed write failed");
+            }
+            return Err(e);
+        }
+        drop(guard);
+        *self.progress.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(ViewProgress { checkpoint: checkpoint.clone(), schema_version });
+        self.reader.reload()?;
+        Ok(())
+    }
+
+    /// The stored states of `ids` (deleted aggregates included).
+    pub fn states(&self, ids: &[String]) -> Result<HashMap<String, StoredState>, SearchError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let searcher = self.reader.searcher();
+        let terms = ids.iter().map(|id| Term::from_field_text(self.layout.id, id));
+        let found = searcher.search(&TermSetQuery::new(terms), &DocSetCollector)?;
+        let mut states = HashMap::with_capacity(found.len());
+        for address in found {
+            let doc: TantivyDocument = searcher.doc(address)?;
+            let id = self.text(&doc, self.layout.id, "?")?;
+            let version = doc
+                .get_first(self.layout.version)
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| SearchError::CorruptRow { id: id.clone(), reason: "no version".into() })?;
+            let state = self.text(&doc, self.layout.state, &id)?;
+            let state = serde_json::from_str(&state)
+                .map_err(|e| SearchError::CorruptRow { id: id.clone(), reason: format!("stored state: {e}") })?;
+            states.insert(id, StoredState { version, state });
+        }
+        Ok(states)
+    }
+
+    fn text(&self, doc: &TantivyDocument, field: tantivy::schema::Field, id: &str) -> Result<String, SearchError> {
+        doc.get_first(field).and_then(|v| v.as_str().map(str::to_owned)).ok_or_else(|| SearchError::CorruptRow {
+            id: id.to_owned(),
+            reason: format!("no {}", self.index.schema().get_field_name(field)),
+        })
+    }
+
+    fn item(&self, view: &ViewSchema, searcher: &Searcher, address: DocAddress) -> Result<ListItem, SearchError> {
+        let doc: TantivyDocument = searcher.doc(address)?;
+        let id = self.text(&doc, self.layout.id, "?")?;
+        let version = doc
+            .get_first(self.layout.version)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| SearchError::CorruptRow { id: id.clone(), reason: "no version".into() })?;
+        let row = read_row(view, &id, &self.text(&doc, self.layout.row, &id)?)?;
+        Ok(ListItem { id, version, row })
+    }
+
+    /// One page of `query`.
+    pub fn list(&self, view: &ViewSchema, query: &ValidQuery) -> Result<Page, SearchError> {
+        let searcher = self.reader.searcher();
+        let builder = QueryBuilder { layout: &self.layout };
+        let mut required: Vec<Box<dyn Query>> = vec![builder.listed()];
+        for filter in &query.filters {
+            required.push(builder.filter(filter)?);
+        }
+        let scored = match &query.q {
+            Some(q) => match full_text(&self.index, &self.layout, q)? {
+                Some(q) => Some(q),
+                None => return Ok(Page { items: Vec::new(), next: None, total: 0 }),
+            },
+            None => None,
+        };
+        let size = query.page_size as usize;
+        if query.relevance {
+            let base = QueryBuilder::all_of(scored, required);
+            let total = searcher.search(&base, &Count)? as u64;
+            let offset = match query.after {
+                Some(Cursor::Offset(n)) => n,
+                _ => 0,
+            };
+            if offset >= total {
+                return Ok(Page { items: Vec::new(), next: None, total });
+            }
+            // offset < total, which fits in memory: a usize.
+            let offset_usize = usize::try_from(offset).unwrap_or(usize::MAX);
+            let top = searcher.search(&base, &TopDocs::with_limit(size + 1).and_offset(offset_usize))?;
+            let more = top.len() > size;
+            let items = top
+                .into_iter()
+                .take(size)
+                .map(|(_, address)| self.item(view, &searcher, address))
+                .collect::<Result<Vec<_>, _>>()?;
+            let next = more.then(|| query.cursor_at_offset(offset + items.len() as u64));
+            return Ok(Page { items, next, total });
+        }
+        let keys = query
+            .sort
+            .iter()
+            .map(|key| {
+                let name = builder.fast_name(&key.field)?;
+                let source = match key.field.ty {
+                    _ if key.field.name == ID_FIELD => KeySource::Str(name),
+                    FieldType::Text | FieldType::Keyword => KeySource::Str(name),
+                    FieldType::Integer | FieldType::Timestamp => KeySource::I64(name),
+                    FieldType::Float => KeySource::F64(name),
+                    FieldType::Bool => KeySource::Bool(name),
+                };
+                Ok(SortSpec { source, descending: key.descending })
+            })
+            .collect::<Result<Vec<_>, SearchError>>()?;
+        let first_rows = FirstRows { keys, limit: size + 1 };
+        let (total, found) = match query.keyset() {
+            None => {
+                let base = QueryBuilder::all_of(scored, required);
+                let (total, found) = searcher.search(&base, &(Count, first_rows))?;
+                (total as u64, found)
+            }
+            Some(cond) => {
+                let base = QueryBuilder::all_of(scored, required);
+                let total = searcher.search(&base, &Count)? as u64;
+                let after = QueryBuilder::all_of(None, vec![base, builder.cond(&cond)?]);
+                (total, searcher.search(&after, &first_rows)?)
+            }
+        };
+        let more = found.len() > size;
+        let items = found
+            .into_iter()
+            .take(size)
+            .map(|address| self.item(view, &searcher, address))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = match items.last() {
+            Some(last) if more => Some(query.cursor_after(&last.id, &last.row)),
+            _ => None,
+        };
+        Ok(Page { items, next, total })
+    }
+
+    /// Stops the writer (releasing the index lock) and deletes the
+    /// directory. Searches already running keep their open segment files.
+    pub fn retire(&self) -> Result<(), SearchError> {
+        if let Some(writer) = lock(&self.writer).take() {
+            writer.wait_merging_threads()?;
+        }
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SearchError::Io { path: self.path.clone(), source }),
+        }
+    }
+}
+
+fn read_payload(text: &str) -> Result<ViewProgress, SearchError> {
+    let bad = |reason: String| SearchError::Payload(reason);
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let checkpoint = value.get("checkpoint").ok_or_else(|| bad("no checkpoint".into()))?;
+    let checkpoint = Checkpoint::from_json(&checkpoint.to_string()).map_err(|e| bad(e.to_string()))?;
+    let schema_version = value
+        .get("schema_version")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| bad("no schema version".into()))?;
+    Ok(ViewProgress { checkpoint, schema_version })
+}

@@ -1,0 +1,78 @@
+//! The crate's error type and its mapping into [`ViewError`].
+
+use std::path::PathBuf;
+
+use kes_core::{QueryError, ViewError};
+use tantivy::TantivyError;
+
+/// Why a search-index operation failed. Callers of the [`kes_core::ViewStore`]
+/// traits see it as a [`ViewError`] (`From` below sorts each kind).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SearchError {
+    /// The view schema is invalid, or a row does not fit it.
+    #[error(transparent)]
+    Schema(#[from] kes_core::view::SchemaError),
+    /// Tantivy refused or failed an operation.
+    #[error("search index: {0}")]
+    Tantivy(#[from] TantivyError),
+    /// A file of the view's directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The index directory holds something that is not a KES view index.
+    #[error("not a view index: {0}")]
+    NotAViewIndex(String),
+    /// The commit payload (checkpoint and schema version) cannot be read.
+    #[error("unreadable commit payload: {0}")]
+    Payload(String),
+    /// A stored document cannot be read back.
+    #[error("stored document of {id}: {reason}")]
+    CorruptRow {
+        /// The aggregate id.
+        id: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A value could not be turned into JSON.
+    #[error("json: {0}")]
+    Json(serde_json::Error),
+    /// A query needs a field this copy of the index lacks (it was built
+    /// from an older schema and is being rebuilt).
+    #[error("field {0} is not in the index yet; the view is being rebuilt")]
+    MissingField(String),
+    /// A full-text query Tantivy cannot parse, or that names a field `q`
+    /// may not search.
+    #[error("{0}")]
+    BadSearch(String),
+    /// There is no shadow copy to write to or swap in.
+    #[error("no rebuild in progress")]
+    NoRebuild,
+    /// The copy was swapped out and dropped while the operation ran.
+    #[error("this copy of the index was retired by a swap")]
+    Retired,
+    /// A background task of the view failed.
+    #[error("index task failed: {0}")]
+    Task(String),
+}
+
+impl From<SearchError> for ViewError {
+    fn from(e: SearchError) -> Self {
+        match e {
+            SearchError::Tantivy(TantivyError::LockFailure(..)) => ViewError::Unavailable(e.to_string()),
+            SearchError::Tantivy(TantivyError::DataCorruption(..)) | SearchError::NotAViewIndex(_) => {
+                ViewError::Corrupt { id: "(index)".into(), reason: e.to_string() }
+            }
+            SearchError::Payload(_) => ViewError::Corrupt { id: "(checkpoint)".into(), reason: e.to_string() },
+            SearchError::CorruptRow { id, reason } => ViewError::Corrupt { id, reason },
+            SearchError::MissingField(_) | SearchError::Retired => ViewError::Unavailable(e.to_string()),
+            SearchError::Schema(e) => ViewError::Schema(e),
+            SearchError::BadSearch(reason) => ViewError::Query(QueryError::BadSearch(reason)),
+            other => ViewError::Backend(other.to_string()),
+        }
+    }
+}
