@@ -360,9 +360,14 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> http::Respo
 /// 404, 405, 413, 503…) the same problem+json shape as the adapter's own.
 async fn problemize(response: Response) -> Response {
     let status = response.status();
-    let is_problem =
-        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+    // Only bare answers are rewritten: ours are JSON already (problems, or
+    // the health report).
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == PROBLEM_JSON || v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
     let (kind, detail) = match status {
