@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use kes_core::view::{Cond, Field, ID_FIELD, ValidFilter, ValidQuery};
+use kes_core::view::{Cond, Cursor, Field, ID_FIELD, ValidFilter, ValidQuery};
 use kes_core::{FieldType, FieldValue, FilterOp, ViewSchema};
 
 /// The SQL dialect of a view database.
@@ -238,16 +238,64 @@ pub(crate) fn count(dialect: Dialect, table: &str, schema: &ViewSchema, query: &
 /// The statement reading one page plus one row (to know whether a next
 /// page exists): `id`, `_version`, then every field in schema order.
 pub(crate) fn page(dialect: Dialect, table: &str, schema: &ViewSchema, query: &ValidQuery, offset: u64) -> Sql {
-    let mut sql = Sql::new("SELECT id, _version");
+    let keyset = query.keyset();
+    let limit = Arg::Int(Some(i64::from(query.page_size) + 1));
+    let mut sql = Sql::default();
+    // The keyset condition ORs "beyond the cursor" with "missing": no index
+    // range can serve it, so a deep page would scan every row before the
+    // cursor. When the cursor has a value for the leading sort field, split
+    // the rows in two index-friendly halves instead: those with a value from
+    // the cursor's on (`field >= v`, a range on the `(field, id)` index),
+    // then those missing it (`field IS NULL`), each ordered and limited.
+    let leading = match (&query.after, query.sort.first()) {
+        (Some(Cursor::Keys(keys)), Some(first)) if first.field.name != ID_FIELD => {
+            keys.first().cloned().flatten().map(|v| (first, v))
+        }
+        _ => None,
+    };
+    match (leading, &keyset) {
+        (Some((first, value)), Some(keyset)) => {
+            let op = if first.descending { " <= " } else { " >= " };
+            sql.push("SELECT * FROM (");
+            select(&mut sql, dialect, table, schema, query);
+            sql.push(" AND ").push(&column(&first.field)).push(op).arg(Arg::of(&value)).push(" AND ");
+            cond(&mut sql, keyset);
+            order_by(&mut sql, query);
+            sql.push(" LIMIT ").arg(limit.clone());
+            sql.push(") AS beyond UNION ALL SELECT * FROM (");
+            select(&mut sql, dialect, table, schema, query);
+            sql.push(" AND ").push(&column(&first.field)).push(" IS NULL");
+            order_by(&mut sql, query);
+            sql.push(" LIMIT ").arg(limit.clone());
+            sql.push(") AS missing");
+        }
+        _ => {
+            select(&mut sql, dialect, table, schema, query);
+            if let Some(keyset) = &keyset {
+                sql.push(" AND ");
+                cond(&mut sql, keyset);
+            }
+        }
+    }
+    order_by(&mut sql, query);
+    sql.push(" LIMIT ").arg(limit);
+    if offset > 0 {
+        sql.push(" OFFSET ").arg(Arg::Int(Some(i64::try_from(offset).unwrap_or(i64::MAX))));
+    }
+    sql
+}
+
+/// `SELECT id, _version, fields… FROM table WHERE <matching>`.
+fn select(sql: &mut Sql, dialect: Dialect, table: &str, schema: &ViewSchema, query: &ValidQuery) {
+    sql.push("SELECT id, _version");
     for f in &schema.fields {
         sql.push(", ").push(&column(f));
     }
     let _ = write!(sql.text, " FROM {table}");
-    matching(&mut sql, dialect, schema, query);
-    if let Some(keyset) = query.keyset() {
-        sql.push(" AND ");
-        cond(&mut sql, &keyset);
-    }
+    matching(sql, dialect, schema, query);
+}
+
+fn order_by(sql: &mut Sql, query: &ValidQuery) {
     sql.push(" ORDER BY ");
     for (i, key) in query.sort.iter().enumerate() {
         if i > 0 {
@@ -257,11 +305,6 @@ pub(crate) fn page(dialect: Dialect, table: &str, schema: &ViewSchema, query: &V
         // Missing values last in both directions, as the core orders them.
         sql.push(if key.descending { " DESC NULLS LAST" } else { " ASC NULLS LAST" });
     }
-    sql.push(" LIMIT ").arg(Arg::Int(Some(i64::from(query.page_size) + 1)));
-    if offset > 0 {
-        sql.push(" OFFSET ").arg(Arg::Int(Some(i64::try_from(offset).unwrap_or(i64::MAX))));
-    }
-    sql
 }
 
 #[cfg(test)]
@@ -317,16 +360,28 @@ mod tests {
     fn keyset_pages_render_the_cursor_condition_and_nulls_last() {
         let s = schema();
         let first = ListQuery::new().sort_by("-n").page_size(2).validate(&s).unwrap();
-        let mut row = Row::new();
-        row.insert("n".into(), 7.into());
-        let next =
-            ListQuery::new().sort_by("-n").page_size(2).after(first.cursor_after("b", &row)).validate(&s).unwrap();
-        let sql = page(Dialect::Postgres, "t", &s, &next, 0);
+        let after = |row: &Row| {
+            ListQuery::new().sort_by("-n").page_size(2).after(first.cursor_after("b", row)).validate(&s).unwrap()
+        };
+        // After a row missing `n`: only rows missing it too, by id.
+        let sql = page(Dialect::Postgres, "t", &s, &after(&Row::new()), 0);
         assert_eq!(
             sql.text,
-            "SELECT id, _version, \"name\", \"n\", \"note\" FROM t WHERE _live AND ((\"n\" < $1 OR \"n\" IS NULL) OR \
-             (\"n\" = $2 AND id > $3)) ORDER BY \"n\" DESC NULLS LAST, id ASC NULLS LAST LIMIT $4"
+            "SELECT id, _version, \"name\", \"n\", \"note\" FROM t WHERE _live AND ((\"n\" IS NULL AND id > $1)) \
+             ORDER BY \"n\" DESC NULLS LAST, id ASC NULLS LAST LIMIT $2"
         );
-        assert_eq!(sql.args[3], Arg::Int(Some(3)));
+        assert_eq!(sql.args[1], Arg::Int(Some(3)));
+        // After a value: the rows from it on, then the rows missing it.
+        let mut row = Row::new();
+        row.insert("n".into(), 7.into());
+        let sql = page(Dialect::Sqlite, "t", &s, &after(&row), 0);
+        assert!(sql.text.starts_with("SELECT * FROM (SELECT id, _version"), "{}", sql.text);
+        assert!(sql.text.contains(" AND \"n\" <= $1 AND ((\"n\" < $2 OR \"n\" IS NULL) OR (\"n\" = $3 AND id > $4))"));
+        assert!(sql.text.contains(") AS beyond UNION ALL SELECT * FROM ("));
+        assert!(
+            sql.text
+                .contains(" AND \"n\" IS NULL ORDER BY \"n\" DESC NULLS LAST, id ASC NULLS LAST LIMIT $6) AS missing")
+        );
+        assert!(sql.text.ends_with(") AS missing ORDER BY \"n\" DESC NULLS LAST, id ASC NULLS LAST LIMIT $7"));
     }
 }
