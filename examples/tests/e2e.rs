@@ -1,0 +1,321 @@
+//! The `projects` binary, started on a free port and driven over HTTP, on
+//! each combination of store and list backend.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+const BIN: &str = env!("CARGO_BIN_EXE_projects");
+
+/// A running `projects serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    async fn start(dir: &Path, store: &str, view: &str) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let child = Command::new(BIN)
+            .current_dir(dir)
+            .env("KES_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KES_STORE", store)
+            .env("KES_VIEW", view)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the projects binary");
+        let server = Self { child, base: format!("http://127.0.0.1:{port}") };
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = client.get(format!("{}/health", server.base)).send().await
+                && r.status() == StatusCode::OK
+            {
+                return server;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the service did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGTERM, then wait: the graceful path.
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "the service exited with {status} on SIGTERM");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the service did not stop within 20 s of SIGTERM");
+    }
+
+    /// SIGKILL: the crash path.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn required(what: &str) -> bool {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is required when CI is set");
+    }
+    eprintln!("skipped: {what} is not available (set it up, or set CI to make this a failure)");
+    false
+}
+
+/// A fresh PostgreSQL database, or `None` (skip) outside CI.
+async fn fresh_database() -> Option<String> {
+    let base =
+        std::env::var("KES_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let Ok(pool) = sqlx::PgPool::connect(&base).await else {
+        required(&format!("PostgreSQL at {base}"));
+        return None;
+    };
+    let name = format!("kes_e2e_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create a test database");
+    let (prefix, _) = base.rsplit_once('/').expect("a database URL with a path");
+    Some(format!("{prefix}/{name}"))
+}
+
+fn kafka_brokers() -> Option<String> {
+    match std::env::var("KES_TEST_KAFKA_BROKERS") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ => {
+            required("a Kafka broker in KES_TEST_KAFKA_BROKERS");
+            None
+        }
+    }
+}
+
+fn run_rebuild(dir: &Path, store: &str, view: &str) -> String {
+    let out = Command::new(BIN)
+        .current_dir(dir)
+        .args(["rebuild"])
+        .env("KES_STORE", store)
+        .env("KES_VIEW", view)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run projects rebuild");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "rebuild failed: {}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+async fn json_of(r: reqwest::Response) -> Value {
+    r.json().await.expect("a JSON body")
+}
+
+/// The list answers the scenario compares across restarts and rebuilds.
+async fn lists(c: &reqwest::Client, s: &Server, position: &str) -> Vec<Value> {
+    let mut answers = Vec::new();
+    for query in [
+        "/projects?sort=-budget,name&page[size]=2",
+        "/projects?filter[budget][gte]=200&sort=budget",
+        "/projects?filter[owner]=ann&sort=-name",
+        "/projects?q=alpha&sort=name",
+        "/projects?filter[status]=active",
+        "/tasks?filter[status]=open&sort=title",
+    ] {
+        let r = c.get(s.url(query)).header("KES-Position", position).send().await.expect("list");
+        assert_eq!(r.status(), StatusCode::OK, "{query}");
+        let mut body = json_of(r).await;
+        // Walk every page so the comparison covers paging too.
+        let mut pages = vec![body["items"].clone()];
+        while let Some(next) = body["next"].as_str().map(str::to_owned) {
+            let r = c.get(s.url(&format!("{query}&page[after]={next}"))).send().await.expect("next page");
+            assert_eq!(r.status(), StatusCode::OK);
+            body = json_of(r).await;
+            pages.push(body["items"].clone());
+        }
+        answers.push(json!({ "query": query, "pages": pages, "total": body["total"] }));
+    }
+    answers
+}
+
+fn names(page: &Value) -> Vec<String> {
+    page.as_array()
+        .map(|items| items.iter().map(|i| i["row"]["name"].as_str().unwrap_or("").to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// The whole tour on one pair of backends.
+async fn scenario(store: &str, view: &str) {
+    let dir = tempfile::tempdir().expect("a work dir");
+    let c = reqwest::Client::new();
+    let s = Server::start(dir.path(), store, view).await;
+
+    // The seed: a bare POST, then PATCHes with form bodies.
+    let r = c.post(s.url("/projects/")).send().await.expect("create");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let location = r.headers()["location"].to_str().expect("location").to_owned();
+    let seed = s.url(&location);
+    for i in 1..=30 {
+        let r = c.patch(&seed).form(&[("name", format!("test{i}"))]).send().await.expect("patch");
+        assert_eq!(r.status(), StatusCode::OK, "PATCH {i}");
+        assert_eq!(r.headers()["etag"], format!("\"{}\"", i + 1).as_str());
+    }
+    let state = json_of(c.get(&seed).send().await.expect("get")).await;
+    assert_eq!(state["name"], "test30");
+    let history = json_of(c.get(format!("{seed}/events")).send().await.expect("history")).await;
+    assert_eq!(history["items"].as_array().map(Vec::len), Some(31));
+
+    // Projects worth listing, a task, status commands.
+    let mut position = String::new();
+    for (name, budget, owner) in
+        [("Alpha", 500, "ann"), ("alpha two", 200, "bob"), ("Beta", 100, "ann"), ("Gamma", 900, "cy")]
+    {
+        let r =
+            c.post(s.url("/projects")).json(&json!({ "name": name, "budget": budget, "owner": owner })).send().await;
+        let r = r.expect("create");
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let id = r.headers()["location"].to_str().expect("location").to_owned();
+        position = r.headers()["kes-position"].to_str().expect("position").to_owned();
+        if name == "Alpha" {
+            let r = c.post(s.url(&format!("{id}/activate"))).send().await.expect("activate");
+            assert_eq!(r.status(), StatusCode::OK);
+            let r = c.post(s.url(&format!("{id}/add-member"))).json(&json!({ "member": "dee" })).send().await;
+            assert_eq!(r.expect("add member").status(), StatusCode::OK);
+            let again = c.post(s.url(&format!("{id}/add-member"))).json(&json!({ "member": "dee" })).send().await;
+            assert_eq!(again.expect("add member").status(), StatusCode::UNPROCESSABLE_ENTITY, "a member is added once");
+            let task = json!({ "project_id": id.trim_start_matches("/projects/"), "title": "write the plan" });
+            let r = c.post(s.url("/tasks")).json(&task).send().await.expect("task");
+            assert_eq!(r.status(), StatusCode::CREATED);
+            position = r.headers()["kes-position"].to_str().expect("position").to_owned();
+        }
+    }
+    let r = c.patch(&seed).json(&json!({ "budget": -1 })).send().await.expect("patch");
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "a budget is never negative");
+
+    // If-Match: a stale version is refused and appends nothing.
+    let r = c.patch(&seed).header("If-Match", "\"3\"").form(&[("name", "late")]).send().await.expect("patch");
+    assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
+    let r = c.patch(&seed).header("If-Match", "\"31\"").form(&[("name", "on time")]).send().await.expect("patch");
+    assert_eq!(r.status(), StatusCode::OK);
+    let history = json_of(c.get(format!("{seed}/events")).send().await.expect("history")).await;
+    assert_eq!(history["items"].as_array().map(Vec::len), Some(32));
+    position = r.headers()["kes-position"].to_str().map(str::to_owned).unwrap_or(position);
+
+    // Lists: filter, sort, page, search.
+    let before = lists(&c, &s, &position).await;
+    assert_eq!(names(&before[0]["pages"][0]), ["Gamma", "Alpha"], "sort=-budget,name, first page");
+    assert_eq!(before[0]["total"], 5);
+    assert_eq!(names(&before[1]["pages"][0]), ["alpha two", "Alpha", "Gamma"]);
+    assert_eq!(names(&before[2]["pages"][0]), ["Beta", "Alpha"]);
+    assert_eq!(names(&before[3]["pages"][0]), ["Alpha", "alpha two"]);
+    assert_eq!(names(&before[4]["pages"][0]), ["Alpha"]);
+    assert_eq!(before[5]["total"], 1);
+
+    // Restart: everything reads back the same.
+    s.stop();
+    let s = Server::start(dir.path(), store, view).await;
+    assert_eq!(json_of(c.get(s.url(&location)).send().await.expect("get")).await["name"], "on time");
+    assert_eq!(lists(&c, &s, &position).await, before, "lists changed across a restart");
+    s.stop();
+
+    // Rebuild from the log: identical answers.
+    let printed = run_rebuild(dir.path(), store, view);
+    assert!(printed.contains("rebuilt projects") && printed.contains("rebuilt tasks"), "{printed}");
+    let s = Server::start(dir.path(), store, view).await;
+    assert_eq!(lists(&c, &s, &position).await, before, "lists changed across a rebuild");
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_with_sqlite_views() {
+    scenario("sqlite://data/events.db", "sqlite://data/views.db").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_with_postgres_views() {
+    if let Some(db) = fresh_database().await {
+        scenario(&db, &db).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_store_with_postgres_views() {
+    let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };
+    let prefix = format!("e2e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    scenario(&format!("kafka://{brokers}?prefix={prefix}"), &db).await;
+}
+
+#[cfg(feature = "view-search")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_with_search_views() {
+    scenario("sqlite://data/events.db", "data/index").await;
+}
+
+/// kill -9 while PATCHes are in flight: after a restart, every version the
+/// service acknowledged is in the history, with the name it set, and the
+/// versions are contiguous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("a work dir");
+    let (store, view) = ("sqlite://data/events.db", "sqlite://data/views.db");
+    let s = Server::start(dir.path(), store, view).await;
+    let c = reqwest::Client::new();
+    let r = c.post(s.url("/projects")).json(&json!({ "name": "crash" })).send().await.expect("create");
+    let url = s.url(r.headers()["location"].to_str().expect("location"));
+    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (c, url, acked) = (c.clone(), url.clone(), Arc::clone(&acked));
+            tokio::spawn(async move {
+                for i in 0..10_000 {
+                    let name = format!("w{w}-{i}");
+                    let Ok(r) = c.patch(&url).form(&[("name", &name)]).send().await else { return };
+                    if r.status() != StatusCode::OK {
+                        return;
+                    }
+                    let etag = r.headers()["etag"].to_str().unwrap_or("\"0\"").trim_matches('"').parse().unwrap_or(0);
+                    acked.lock().await.push((etag, name));
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.kill();
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().await.clone();
+    assert!(acked.len() > 10, "too few writes were acknowledged before the kill: {}", acked.len());
+
+    let s = Server::start(dir.path(), store, view).await;
+    let history =
+        json_of(c.get(format!("{}/events", s.url(&url[s.base.len()..]))).send().await.expect("history")).await;
+    let items = history["items"].as_array().expect("items");
+    let versions: Vec<u64> = items.iter().map(|e| e["version"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>(), "versions are not contiguous");
+    for (version, name) in &acked {
+        let event = &items[(*version - 1) as usize];
+        assert_eq!(
+            event["payload"]["Renamed"]["name"],
+            name.as_str(),
+            "acknowledged version {version} is not in the history"
+        );
+    }
+    s.stop();
+}
