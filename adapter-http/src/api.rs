@@ -735,10 +735,10 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         if done.deduplicated {
             headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
         }
-        if matches!(kind, Write::Create) {
-            if let Ok(location) = HeaderValue::from_str(&format!("/{}/{id}", self.resource.plural)) {
-                headers.insert(header::LOCATION, location);
-            }
+        if matches!(kind, Write::Create)
+            && let Ok(location) = HeaderValue::from_str(&format!("/{}/{id}", self.resource.plural))
+        {
+            headers.insert(header::LOCATION, location);
         }
         Ok(response)
     }

@@ -90,10 +90,10 @@ fn decode_body<B: DeserializeOwned>(value: Value) -> Result<B, HttpError> {
     match serde_json::from_value::<B>(value.clone()) {
         Ok(b) => Ok(b),
         Err(first) => {
-            if value == Value::Object(Map::new()) {
-                if let Ok(b) = serde_json::from_value::<B>(Value::Null) {
-                    return Ok(b);
-                }
+            if value == Value::Object(Map::new())
+                && let Ok(b) = serde_json::from_value::<B>(Value::Null)
+            {
+                return Ok(b);
             }
             Err(HttpError::MalformedBody(first.to_string()))
         }
@@ -126,10 +126,10 @@ impl Scalars {
                 return Some(u.into());
             }
         }
-        if self.number {
-            if let Some(n) = text.trim().parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
-                return Some(Value::Number(n));
-            }
+        if self.number
+            && let Some(n) = text.trim().parse::<f64>().ok().and_then(serde_json::Number::from_f64)
+        {
+            return Some(Value::Number(n));
         }
         if self.boolean {
             match text.trim() {
@@ -163,10 +163,10 @@ impl Scalars {
                 self.add_types(sub, root, depth + 1);
             }
         }
-        if let Some(target) = schema.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix('#')) {
-            if let Some(sub) = root.pointer(target) {
-                self.add_types(sub, root, depth + 1);
-            }
+        if let Some(target) = schema.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix('#'))
+            && let Some(sub) = root.pointer(target)
+        {
+            self.add_types(sub, root, depth + 1);
         }
         // An enum of strings is text.
         if schema.get("enum").and_then(Value::as_array).is_some_and(|e| e.iter().any(Value::is_string)) {
