@@ -199,6 +199,6 @@ mod tests {
         let sql = insert_events(2);
         assert!(sql.ends_with("($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"));
         assert_eq!(sql.matches('$').count(), 2 * INSERT_COLUMNS);
-        assert!(EVENTS_PER_INSERT * INSERT_COLUMNS < 32_766);
+        const { assert!(EVENTS_PER_INSERT * INSERT_COLUMNS < 32_766) };
     }
 }

@@ -386,55 +386,79 @@ impl<A: Aggregate> SqlStore<A> {
     }
 
     /// Reads up to one page of the log from position `next`, cut at command
-    /// boundaries. Returns the appends found and the position after them.
-    async fn page(&self, next: u64) -> Result<(Vec<Vec<Envelope<A::Event>>>, u64), StoreError> {
+    /// boundaries. A failure comes after the appends that preceded it.
+    async fn page(&self, next: u64) -> Page<A::Event> {
         let from = i64::try_from(next).unwrap_or(i64::MAX);
         let query = sql::read_log();
-        let stored: Vec<StoredEvent> = on_reader!(&self.inner.pools, |pool| {
-            let rows = sqlx::query(&query)
-                .bind(A::NAME)
-                .bind(from)
-                .bind(self.inner.page_size)
-                .fetch_all(pool)
-                .await
-                .map_err(db)?;
-            rows.iter().map(|r| sql::envelope_from_row(r, A::NAME)).collect::<Result<_, _>>()?
+        let rows = on_reader!(&self.inner.pools, |pool| {
+            sqlx::query(&query).bind(A::NAME).bind(from).bind(self.inner.page_size).fetch_all(pool).await.map(|rows| {
+                rows.iter()
+                    .map(|r| sql::envelope_from_row(r, A::NAME))
+                    .collect::<Vec<Result<StoredEvent, StoreError>>>()
+            })
         });
+        let mut page = Page { appends: Vec::new(), next, failure: None };
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                page.failure = Some(db(e));
+                return page;
+            }
+        };
         let mut groups: Vec<Vec<StoredEvent>> = Vec::new();
-        for event in stored {
+        for row in rows {
+            let event = match row {
+                Ok(event) => event,
+                Err(e) => {
+                    page.failure = Some(e);
+                    break;
+                }
+            };
             match groups.last_mut() {
                 Some(group) if continues(group, &event) => group.push(event),
                 _ => groups.push(vec![event]),
             }
         }
         if groups.last().is_some_and(|g| !complete(g)) {
-            if groups.len() > 1 {
-                // The page ended inside a command: leave it for the next page.
+            if groups.len() > 1 || page.failure.is_some() {
+                // The page (or the readable part of it) ended inside a
+                // command: leave that command for the next read.
                 groups.pop();
             } else if let Some(group) = groups.last_mut() {
                 // One command larger than a page: fetch the rest of it.
-                let rest = self.command_rest(group).await?;
-                group.extend(rest);
+                match self.command_rest(group).await {
+                    Ok(rest) => group.extend(rest),
+                    Err(e) => {
+                        page.failure = Some(e);
+                        groups.pop();
+                    }
+                }
             }
         }
-        let mut appends = Vec::with_capacity(groups.len());
-        let mut after = next;
         for mut group in groups {
             if let Some(last) = group.last().filter(|_| !complete(&group)) {
-                return Err(StoreError::Corrupt {
+                page.failure = Some(StoreError::Corrupt {
                     aggregate: A::NAME.to_owned(),
                     id: last.raw.aggregate_id.clone(),
                     version: last.raw.version,
                     reason: format!("the command ending at version {} is incomplete in the log", last.command_end),
                 });
+                break;
             }
             group.sort_by_key(|e| e.raw.version);
-            for e in &group {
-                after = after.max(e.raw.position.offset + 1);
+            let after = group.iter().map(|e| e.raw.position.offset + 1).max().unwrap_or(page.next);
+            match group.into_iter().map(|e| self.decode(e)).collect::<Result<Vec<_>, _>>() {
+                Ok(append) => {
+                    page.appends.push(append);
+                    page.next = page.next.max(after);
+                }
+                Err(e) => {
+                    page.failure = Some(e);
+                    break;
+                }
             }
-            appends.push(group.into_iter().map(|e| self.decode(e)).collect::<Result<Vec<_>, _>>()?);
         }
-        Ok((appends, after))
+        page
     }
 
     async fn command_rest(&self, group: &[StoredEvent]) -> Result<Vec<StoredEvent>, StoreError> {
@@ -642,12 +666,20 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
                 // The transaction was rolled back when it was dropped. Only a
                 // writer outside this store's locking gets here (e.g. an
                 // older version of it); answer as if we had waited for it.
-                if let Some(key) = key {
-                    if let Some(first) = self.recall(id, key).await? {
-                        return Ok(first);
-                    }
+                if let Some(key) = key
+                    && let Some(first) = self.recall(id, key).await?
+                {
+                    return Ok(first);
                 }
                 let actual = self.stream_version(id).await?;
+                if expected.admits(actual) {
+                    // The stream was fine; the race was for the log
+                    // position. Trying again will find the next one.
+                    return Err(StoreError::Unavailable(format!(
+                        "{} {id}: a concurrent append took the same log position; retry",
+                        A::NAME
+                    )));
+                }
                 Err(StoreError::Conflict { aggregate: A::NAME.to_owned(), id: id.to_owned(), expected, actual })
             }
         }
@@ -702,6 +734,7 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
             store: self.clone(),
             next: from.next_offset(0),
             ready: VecDeque::new(),
+            failure: None,
             wake: self.inner.appended.subscribe(),
             backoff: false,
             done: false,
@@ -725,6 +758,16 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
     }
 }
 
+/// What one read of the log found.
+struct Page<E> {
+    /// Whole appends, in log order.
+    appends: Vec<Vec<Envelope<E>>>,
+    /// The position after the last of them.
+    next: u64,
+    /// What stopped the read before the end of the page, if anything.
+    failure: Option<StoreError>,
+}
+
 /// The state of one subscription.
 struct Tail<A: Aggregate> {
     store: SqlStore<A>,
@@ -732,6 +775,8 @@ struct Tail<A: Aggregate> {
     next: u64,
     /// Appends read but not delivered yet.
     ready: VecDeque<Vec<Envelope<A::Event>>>,
+    /// A failure to deliver once `ready` is empty.
+    failure: Option<StoreError>,
     wake: watch::Receiver<u64>,
     /// The last read failed transiently: wait before the next one.
     backoff: bool,
@@ -745,6 +790,14 @@ impl<A: Aggregate> Tail<A> {
             if let Some(item) = self.ready.pop_front() {
                 return Some((Ok(item), self));
             }
+            if let Some(e) = self.failure.take() {
+                // A transient failure is reported and retried; anything
+                // else (a corrupt event) ends the stream, since skipping an
+                // event would silently lose it.
+                self.backoff = e.is_transient();
+                self.done = !self.backoff;
+                return Some((Err(e), self));
+            }
             if self.done {
                 return None;
             }
@@ -754,25 +807,16 @@ impl<A: Aggregate> Tail<A> {
             // Marks the current append count as seen *before* reading, so
             // that an append committed after the read wakes the wait below.
             self.wake.borrow_and_update();
-            match self.store.page(self.next).await {
-                Ok((appends, after)) if !appends.is_empty() => {
-                    self.ready.extend(appends);
-                    self.next = after;
-                }
-                Ok(_) => {
-                    let poll = self.store.inner.poll_interval;
-                    tokio::select! {
-                        _ = self.wake.changed() => {}
-                        _ = tokio::time::sleep(poll) => {}
-                    }
-                }
-                Err(e) => {
-                    // A transient failure is reported and retried; anything
-                    // else (a corrupt event) ends the stream, since skipping
-                    // an event would silently lose it.
-                    self.backoff = e.is_transient();
-                    self.done = !self.backoff;
-                    return Some((Err(e), self));
+            let page = self.store.page(self.next).await;
+            let found = !page.appends.is_empty() || page.failure.is_some();
+            self.ready.extend(page.appends);
+            self.next = page.next;
+            self.failure = page.failure;
+            if !found {
+                let poll = self.store.inner.poll_interval;
+                tokio::select! {
+                    _ = self.wake.changed() => {}
+                    _ = tokio::time::sleep(poll) => {}
                 }
             }
         }
