@@ -616,8 +616,9 @@ fn metadata(shared: &Shared, parts: &Parts) -> Result<Metadata, HttpError> {
 async fn read_body<C>(shared: &Shared, parts: &Parts, body: Body, op: &Operation<C>) -> Result<Value, HttpError> {
     let limit = shared.config.body_limit;
     let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
+        // The limit error sits somewhere in the chain (axum and tower-http both wrap it).
+        let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+            .any(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             HttpError::PayloadTooLarge(limit)
         } else {

@@ -169,3 +169,5 @@ pub use api::{
 };
 pub use error::{HttpError, PROBLEM_JSON, problem_type};
 pub use resource::{IdStrategy, Resource};
+/// The schemars version body, state and event types derive `JsonSchema` with.
+pub use schemars;

@@ -501,3 +501,27 @@ async fn the_list_view_trait_object_is_what_the_route_reads() {
     assert_eq!(reply.body["total"], page.total);
     assert_eq!(reply.body["items"][0]["id"], page.items[0].id);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pluggable_extractor_supplies_the_principal() {
+    let store = kes_core::InMemoryStore::<Project>::new();
+    let view = Arc::new(kes_core::InMemoryView::new(view_schema()).unwrap());
+    let runner = kes_core::ProjectionRunner::new(store.clone(), Vec::new(), kes_core::RunnerConfig::default());
+    let app = kes_http::Api::new(HttpConfig::default())
+        .mount(resource(), Arc::new(kes_core::CommandBus::new(store.clone())), view, runner)
+        .unwrap()
+        // What an authentication layer left behind, e.g. a verified token subject.
+        .principal(|parts| {
+            parts.headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer user:").map(str::to_owned)
+        })
+        .into_router();
+    let request = with_header(
+        with_header(json("POST", "/projects", json!({ "name": "Mine" })), "authorization", "Bearer user:zoe"),
+        "x-principal",
+        "ignored",
+    );
+    let created = send(&app, request).await;
+    let id = created.header("location").trim_start_matches("/projects/").to_owned();
+    let history = store.read(&id).await.unwrap();
+    assert_eq!(history[0].metadata.principal.as_deref(), Some("zoe"));
+}
