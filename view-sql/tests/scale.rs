@@ -100,7 +100,8 @@ async fn load_directly(view: &SqlView) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_filtered_sorted_page_uses_an_index_at_100k_rows() {
-    let Some(view) = common::pg(schema()).await else { return };
+    let pg_schema = common::fresh_pg_schema();
+    let Some(view) = common::pg_in(&pg_schema, schema()).await else { return };
     load_directly(&view).await;
     let page = view.list(&page_query()).await.expect("list");
     assert_eq!(page.total, ROWS as u64 / 5);
@@ -120,6 +121,8 @@ async fn postgres_filtered_sorted_page_uses_an_index_at_100k_rows() {
         assert!(plan.contains("Index") && plan.contains("ix_tasks_"), "no index of the view in the plan:\n{plan}");
         assert!(!plan.contains("Seq Scan"), "the plan scans the whole table:\n{plan}");
     }
+    view.close().await;
+    common::drop_pg_schema(&pg_schema).await;
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -244,4 +247,7 @@ async fn postgres_100k_figures() {
         println!("  {f}");
     }
     println!("plan:\n{}", view.explain(&page_query()).await.expect("explain"));
+    view.close().await;
+    raw.close().await;
+    common::drop_pg_schema(&pg_schema).await;
 }

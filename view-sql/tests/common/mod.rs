@@ -80,3 +80,11 @@ impl Place {
         }
     }
 }
+
+/// Drops a PostgreSQL schema a test made (large fixtures should not pile
+/// up in the shared test database).
+pub async fn drop_pg_schema(name: &str) {
+    let pool = sqlx::PgPool::connect(&pg_url()).await.expect("connect to drop the test schema");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE")).execute(&pool).await.expect("drop schema");
+    pool.close().await;
+}
