@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the whole workspace's tests against real services:
+#   - PostgreSQL at KES_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test),
+#     started with pg_ctlcluster when it is installed but stopped;
+#   - a Kafka-compatible broker (Tansu 0.6.0), installed when missing and
+#     started on a free loopback port for this run only, stopped on exit.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p kes-core`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export KES_TEST_DATABASE_URL=${KES_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if ! port_open 5432 && command -v pg_ctlcluster >/dev/null 2>&1; then
+  echo "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+fi
+
+if [[ -z "${KES_TEST_KAFKA_BROKERS:-}" ]]; then
+  scripts/kafka-broker.sh install
+  broker_dir=$(mktemp -d -t kes-broker-XXXXXX)
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  scripts/kafka-broker.sh start "$port" "$broker_dir"
+  trap 'scripts/kafka-broker.sh stop "$broker_dir" || true; rm -rf "$broker_dir"' EXIT
+  export KES_TEST_KAFKA_BROKERS="127.0.0.1:$port"
+fi
+echo "PostgreSQL: $KES_TEST_DATABASE_URL; Kafka: $KES_TEST_KAFKA_BROKERS"
+
+cargo test --workspace --all-features "$@"
