@@ -691,6 +691,9 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
                     Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), key),
                     None => self.resource.ids.next(),
                 };
+                // A custom id strategy could make ids a URL cannot carry.
+                check_id(&id)
+                    .map_err(|_| HttpError::Internal(format!("the id strategy made an unusable id {id:?}")))?;
                 (id, ExpectedVersion::NoStream, false)
             }
             (_, Some(id)) => {
