@@ -26,6 +26,35 @@
 //!   in PostgreSQL, `BINARY` in SQLite), missing values sort last in both
 //!   directions, `id` breaks ties.
 //!
+//! ## Decisions
+//!
+//! - **Search** (`q`) tests each searchable field with `strpos` (PostgreSQL)
+//!   or `instr` (SQLite) against a column lower-cased in Rust: the same
+//!   Unicode case folding as the core's semantics in both dialects, and no
+//!   `LIKE` wildcards to escape. It scans; full-text search is the job of
+//!   `kes-view-search`.
+//! - **`prefix`** is a range (`>= p AND < p'`, `p'` = `p` with its last code
+//!   point stepped): case-sensitive in both dialects (SQLite's `LIKE` folds
+//!   ASCII case) and served by the `(field, id)` index.
+//! - **Keyset pages** whose cursor has a value for the leading sort field
+//!   read two index ranges (from the cursor's value on, then the rows
+//!   missing it) joined by `UNION ALL`, so a deep page costs what the first
+//!   one does; `total` is a separate `COUNT(*)` in the same snapshot
+//!   (PostgreSQL `REPEATABLE READ`), and is what large pages spend most of
+//!   their time on.
+//! - **Swaps while queries run**: PostgreSQL's `DROP TABLE` waits for
+//!   readers of the old copy and re-resolves waiting queries' table names
+//!   after the commit, and it re-analyses cached prepared statements whose
+//!   table changed; SQLite readers keep their WAL snapshot and re-prepare
+//!   on a schema change. A page that still meets a missing table is retried
+//!   once.
+//! - **Schema versions**: opening a view whose stored copy was built with
+//!   another schema adds the missing columns to it, so that the old copy
+//!   keeps answering (new fields missing) until the projection runner's
+//!   rebuild swaps in a copy built from the new schema.
+//! - **SQLite** runs in WAL mode with one writer connection and a pool of
+//!   readers.
+//!
 //! ## Example
 //!
 //! ```
