@@ -30,13 +30,19 @@ pub(crate) const APPEND_PREPARE: &str = "SELECT \
     FROM (SELECT 1 AS one) AS one \
     LEFT JOIN kes_aggregates AS s ON s.aggregate_type = $1 AND s.aggregate_id = $2";
 
-/// Serialises appends of one aggregate type on PostgreSQL until commit.
-/// Taken before the next position is read, so positions are handed out in
-/// commit order and a reader never sees position n+1 without n. The key
-/// includes the schema so that stores in different schemas do not wait on
-/// each other.
-pub(crate) const PG_LOCK_LOG: &str =
-    "SELECT pg_advisory_xact_lock(hashtextextended('kes_events/' || current_schema() || '/' || $1, 0))";
+/// Starts an append transaction on PostgreSQL and serialises appends of
+/// aggregate type `name` until it ends, in one round trip (a simple-query
+/// batch, hence the name as a quoted literal rather than a parameter). The
+/// lock is taken before the next position is read, so positions are handed
+/// out in commit order and a reader never sees position n+1 without n. The
+/// key includes the schema so that stores in different schemas do not wait
+/// on each other.
+pub(crate) fn pg_begin_append(name: &str) -> String {
+    format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('kes_events/' || current_schema() || '/' || '{}', 0))",
+        name.replace('\'', "''")
+    )
+}
 
 /// Columns of one inserted event (see [`insert_events`]).
 pub(crate) const INSERT_COLUMNS: usize = 12;
@@ -193,6 +199,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aggregate_names_are_quoted_in_the_lock_statement() {
+        assert!(pg_begin_append("it's").ends_with("'it''s', 0))"));
+    }
 
     #[test]
     fn multi_row_insert_numbers_every_parameter_once() {

@@ -79,8 +79,7 @@ macro_rules! in_append_tx {
                 $body
             }
             Pools::Postgres(pool) => {
-                let mut $tx = pool.begin().await.map_err(db)?;
-                sqlx::query(sql::PG_LOCK_LOG).bind($name).execute(&mut *$tx).await.map_err(db)?;
+                let mut $tx = pool.begin_with(sql::pg_begin_append($name)).await.map_err(db)?;
                 $body
             }
         }
