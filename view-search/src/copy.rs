@@ -114,10 +114,11 @@ impl IndexCopy {
             return Err(e);
         }
         drop(guard);
+        // Reload first: the position must never run ahead of what lists see.
+        let reloaded = self.reader.reload();
         *self.progress.write().unwrap_or_else(|p| p.into_inner()) =
             Some(ViewProgress { checkpoint: checkpoint.clone(), schema_version });
-        self.reader.reload()?;
-        Ok(())
+        Ok(reloaded?)
     }
 
     /// The stored states of `ids` (deleted aggregates included).

@@ -88,9 +88,10 @@ pub fn index_schema(view: &ViewSchema) -> Schema {
     builder.build()
 }
 
-/// Registers the tokenizers [`index_schema`] names but Tantivy does not
-/// ship (tokenizers are not persisted with an index).
-pub(crate) fn register_tokenizers(index: &Index) {
+/// Registers on `index` the tokenizers [`index_schema`] names that Tantivy
+/// does not ship (tokenizers are not persisted with an index). Needed only
+/// by tools that open a view's index with Tantivy directly.
+pub fn register_tokenizers(index: &Index) {
     index
         .tokenizers()
         .register(KEYWORD_TOKENIZER, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
@@ -202,6 +203,12 @@ impl Layout {
         }
         Ok(doc)
     }
+}
+
+/// The Tantivy document `change` is stored as in an index built from
+/// `view` (for tools and benchmarks that write such an index directly).
+pub fn index_document(view: &ViewSchema, change: &RowChange) -> Result<TantivyDocument, SearchError> {
+    Layout::resolve(&index_schema(view), view)?.document(change)
 }
 
 /// Reads a row stored by [`Layout::document`]: values of fields the view

@@ -62,6 +62,18 @@
 //! non-alphanumerics, lower-cased, Porter-stemmed); searchable keywords are
 //! one lower-cased token each (a tag is found by its whole value).
 //!
+//! ## Limits
+//!
+//! - Relevance pages use offset cursors: rows written between two pages can
+//!   shift them (keyset pages, with a sort, never shift).
+//! - Tantivy leaves terms longer than 65 530 bytes out of its index, so an
+//!   exact filter on a longer text value does not match it.
+//! - A copy built from other fields keeps serving after the schema changed,
+//!   but the runner rebuilds it only when the schema version was bumped.
+//! - The old copy is deleted right after a swap while searches may still
+//!   read it: fine on Unix; elsewhere a failed deletion is logged and
+//!   retried at the next open.
+//!
 //! ## Features
 //!
 //! | feature | what it adds |
@@ -88,7 +100,7 @@ use kes_core::{
 
 use crate::copy::IndexCopy;
 pub use crate::error::SearchError;
-pub use crate::layout::index_schema;
+pub use crate::layout::{index_document, index_schema, register_tokenizers};
 
 /// The file naming the live copy's directory.
 const CURRENT: &str = "CURRENT";
@@ -184,16 +196,15 @@ impl SearchView {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => return Err(SearchError::Io { path: current_path, source }),
         };
-        // Copies CURRENT does not name are unfinished rebuilds, or copies
-        // whose deletion a crash interrupted.
         let mut highest = 0;
+        let mut others = Vec::new();
         for entry in std::fs::read_dir(&root).map_err(io(&root))? {
             let entry = entry.map_err(io(&root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(n) = copy_number(&name) else { continue };
             highest = highest.max(n);
             if current.as_deref() != Some(name.as_str()) {
-                std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+                others.push(entry.path());
             }
         }
         let live = match current {
@@ -201,13 +212,33 @@ impl SearchView {
             None => {
                 highest += 1;
                 let name = copy_name(highest);
-                let copy = IndexCopy::create(&root.join(&name), &schema, &config)?;
+                let path = root.join(&name);
+                others.retain(|p| p != &path);
+                if path.exists() {
+                    // Created by an open that crashed before writing CURRENT.
+                    std::fs::remove_dir_all(&path).map_err(io(&path))?;
+                }
+                let copy = IndexCopy::create(&path, &schema, &config)?;
                 write_current(&root, &name)?;
                 copy
             }
         };
+        // Copies CURRENT does not name are unfinished rebuilds, or copies
+        // whose deletion a crash interrupted. Deleted only now that this
+        // process holds the live copy's writer lock, so that a second open
+        // of a directory in use fails before it touches anything.
+        for path in others {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        }
         if !live.is_current() {
-            tracing::warn!(view = %schema.name, "the index was built from another schema; it serves until rebuilt");
+            let stored = live.progress().map(|p| p.schema_version);
+            tracing::warn!(
+                view = %schema.name,
+                stored_version = ?stored,
+                version = schema.version,
+                "the index was built from other fields; it serves what it can until rebuilt \
+                 (a rebuild starts only when the schema version differs from the stored one)"
+            );
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -268,7 +299,11 @@ impl Inner {
         }
         let old = std::mem::replace(&mut *self.live.write().unwrap_or_else(|p| p.into_inner()), new);
         drop(shadow);
-        old.retire()
+        // The swap has happened; a copy left on disk is deleted at the next open.
+        if let Err(e) = old.retire() {
+            tracing::warn!(view = %self.schema.name, error = %e, "the old copy could not be deleted");
+        }
+        Ok(())
     }
 }
 
