@@ -1,1 +1,150 @@
-//! Event log and compacted table on Kafka (work in progress).
+//! # kes-store-kafka
+//!
+//! The KES event store on Kafka, as the seed built it with Kafka Streams:
+//! the events of each aggregate type live forever in one topic, the latest
+//! state of each aggregate in a compacted topic, and a table of those states
+//! is held in memory (GlobalKTable style) so that reads by id never replay.
+//!
+//! [`KafkaStore`] implements [`kes_core::EventStore`] with rdkafka
+//! (librdkafka) and runs the core conformance suite against a real broker.
+//!
+//! ## Layout
+//!
+//! Per aggregate type (`A::NAME`), created explicitly with their configs
+//! (never by auto-creation), with [`KafkaConfig::partitions`] partitions:
+//!
+//! | topic | config | key | value |
+//! |---|---|---|---|
+//! | `{prefix}.{aggregate}.events` | `cleanup.policy=delete`, `retention.ms` = 1000 years, `retention.bytes=-1` | aggregate id | one JSON document per command: all its events ([`record`]) |
+//! | `{prefix}.{aggregate}.table` | `cleanup.policy=compact` | aggregate id | state, version, log position, recent idempotency keys |
+//!
+//! At start the store reads both topics' configuration back and refuses
+//! ([`KafkaStoreError::UnsafeTopic`], naming the setting) an events topic
+//! that could delete or compact events — including `retention.ms=-1`, which
+//! Apache Kafka reads as "forever" but Tansu 0.6.0 reads as "delete
+//! everything" — and a table topic that is not compact-only.
+//!
+//! An aggregate lives in partition `murmur2(id) % partitions` (Kafka's
+//! default partitioner, so every client agrees), in order. Its commands are
+//! appended one record each, so 1..n events of one command commit
+//! atomically and share one [`kes_core::Position`] (partition, offset).
+//!
+//! ## Consistency
+//!
+//! - **One writer.** Kafka has no conditional append; KES keeps
+//!   single-writer semantics by being the only producer of a partition's
+//!   events. Inside the process commands on one id are serialised by a
+//!   per-id lock; the expected-version check uses the in-memory table, which
+//!   is authoritative because this process wrote every record of its
+//!   partitions. Two processes writing the same topics is not supported yet
+//!   (the data layout is ready for splitting partitions between them).
+//! - **Acknowledged means durable.** The producer is idempotent with
+//!   `acks=all`; `append` answers only after the broker acknowledged the
+//!   events record. The table record is written right after, without making
+//!   the caller wait.
+//! - **Bounded failure.** Every broker round trip is bounded by
+//!   [`KafkaConfig::request_timeout`]: a down broker gives
+//!   [`kes_core::StoreError::Unavailable`] within about twice that, never a
+//!   hang. librdkafka reconnects by itself; the store needs no restart.
+//! - **Unknown outcomes.** When a send fails, the broker may still have
+//!   written the record. The store then marks the partition uncertain and,
+//!   before the next operation on it, reads the partition from where the
+//!   record could be to its head, so a retried command (same idempotency
+//!   key) is recognised instead of appended twice. A request still in
+//!   flight inside a broker after the client gave up can land after that
+//!   read; when that happens the log holds two records for one version and
+//!   every reader keeps the first one (residual risk of a log without
+//!   conditional appends).
+//!
+//! ## The table and recovery
+//!
+//! At start the table is read from the table topic, then caught up from the
+//! events topic, so a crash between the events write and the table write
+//! loses nothing. Each table record carries `reflected_below`: every events
+//! record of its partition below that offset had its table record
+//! acknowledged before this one was written. The catch-up starts, per
+//! partition, at the highest such mark and re-applies what the table lacks
+//! (records it already reflects are skipped by version), then writes the
+//! repaired rows back before taking commands. A table record that cannot be
+//! read, a null tombstone written by someone else, or a state that no longer
+//! fits the aggregate's model (the model changed) makes the store drop the
+//! table and rebuild it from the whole events topic: the table is disposable.
+//!
+//! **Deleted aggregates.** When [`kes_core::Aggregate::is_deleted`] holds
+//! after a command, the table record says `"deleted": true` and keeps the
+//! version and state. KES does not write Kafka null tombstones: compaction
+//! would drop the key, and with it the version that keeps a deleted id from
+//! being created again at version 1. Readers of the table topic treat
+//! `deleted: true` (also in the `kes.deleted` header) as the tombstone.
+//! `load` returns the deleted state with its version, as every store does;
+//! the command bus and the HTTP adapter answer "not found".
+//!
+//! ## Costs and retention
+//!
+//! - `load`, `recall` and the version check answer from memory: the table
+//!   holds every aggregate's state (size it like a GlobalKTable).
+//! - `recall`: each aggregate remembers its last
+//!   [`KafkaConfig::idempotency_keys_per_aggregate`] keys (default 32),
+//!   persisted in its table record, so they survive restarts; older keys are
+//!   forgotten whatever their age.
+//! - `read(id)` scans the aggregate's partition from its first record to its
+//!   last (offsets kept in the table), skipping other aggregates' records:
+//!   its cost grows with the partition's traffic in between. It serves audit
+//!   histories; a projection can serve them instead if they get hot.
+//! - `subscribe(checkpoint)` assigns every events partition and seeks to the
+//!   checkpoint's next offset (owned by the caller, never by consumer-group
+//!   commits); one item per record, per-partition order, endless.
+//! - `head` asks for the high watermarks.
+//!
+//! ## Example
+//!
+//! Needs a broker (start one with `scripts/kafka-broker.sh start 19092 /tmp/kes-kafka`):
+//!
+//! ```no_run
+//! # use kes_core::{Aggregate, DomainEvent};
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+//! # struct Counter { value: i64 }
+//! # #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+//! # enum CounterEvent { Added { by: i64 } }
+//! # impl DomainEvent for CounterEvent { fn event_type(&self) -> &'static str { "Added" } }
+//! # #[derive(Debug, thiserror::Error)]
+//! # #[error("never")]
+//! # struct Never;
+//! # impl Aggregate for Counter {
+//! #     const NAME: &'static str = "counter";
+//! #     type Command = i64; type Event = CounterEvent; type Error = Never;
+//! #     fn handle(&self, by: i64) -> Result<Vec<CounterEvent>, Never> { Ok(vec![CounterEvent::Added { by }]) }
+//! #     fn apply(&mut self, e: &CounterEvent) { match e { CounterEvent::Added { by } => self.value += by } }
+//! # }
+//! use kes_core::{CommandBus, ExpectedVersion, Metadata};
+//! use kes_store_kafka::{KafkaConfig, KafkaStore};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = KafkaStore::<Counter>::connect(KafkaConfig::from_url("kafka://127.0.0.1:19092?prefix=demo")?).await?;
+//! let bus = CommandBus::new(store);
+//! let done = bus.execute("c-1", 5, ExpectedVersion::Any, Metadata::default()).await?;
+//! println!("counter c-1 at version {} is {}", done.version, done.state.value);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | (none) | everything; librdkafka is compiled from source by `rdkafka-sys` (needs a C compiler and `make`) |
+//!
+//! ## Test broker
+//!
+//! `scripts/kafka-broker.sh` installs and runs Tansu 0.6.0 with its SQLite
+//! engine; tests read the broker from `KES_TEST_KAFKA_BROKERS` (skipped
+//! without it, failed when `CI` is set).
+
+mod config;
+mod error;
+pub mod record;
+mod store;
+
+pub use config::{KafkaConfig, THOUSAND_YEARS_MS};
+pub use error::KafkaStoreError;
+pub use store::KafkaStore;

@@ -1,0 +1,136 @@
+//! How a [`crate::KafkaStore`] is configured.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::KafkaStoreError;
+
+/// 1000 years in milliseconds: the events topic's `retention.ms` (the seed's
+/// "awfully long" retention). Not `-1`: Kafka reads that as forever, but
+/// some Kafka-compatible brokers (Tansu 0.6.0) delete such topics' records.
+pub const THOUSAND_YEARS_MS: i64 = 1000 * 365 * 24 * 3600 * 1000;
+
+/// Settings of a [`crate::KafkaStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub brokers: String,
+    /// Topics are named `{prefix}.{aggregate}.events` and
+    /// `{prefix}.{aggregate}.table`.
+    pub topic_prefix: String,
+    /// Partitions of both topics when KES creates them. Existing topics keep
+    /// theirs (the partition of an aggregate depends on it: never change it
+    /// on a topic with data).
+    pub partitions: u32,
+    /// Replication factor of topics KES creates (1 for a single test broker;
+    /// 3 on a production cluster).
+    pub replication_factor: i32,
+    /// Upper bound of every broker round trip the store waits for: a produce
+    /// (librdkafka `message.timeout.ms`), an admin call, a watermark query,
+    /// the idle time of a scan. A down broker turns into
+    /// [`kes_core::StoreError::Unavailable`] after at most this long.
+    pub request_timeout: Duration,
+    /// How many idempotency keys each aggregate remembers (kept in its table
+    /// record, so they survive restarts).
+    pub idempotency_keys_per_aggregate: usize,
+    /// The shortest `retention.ms` of the events topic KES accepts.
+    pub min_retention_ms: i64,
+    /// Extra librdkafka settings for every client (security, tuning), e.g.
+    /// `security.protocol`, `linger.ms`. They override KES's defaults except
+    /// for `enable.idempotence` and `acks`, which stay as KES needs them.
+    pub client: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// Defaults for brokers at `brokers` and topics under `topic_prefix`.
+    pub fn new(brokers: impl Into<String>, topic_prefix: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic_prefix: topic_prefix.into(),
+            partitions: 3,
+            replication_factor: 1,
+            request_timeout: Duration::from_secs(10),
+            idempotency_keys_per_aggregate: 32,
+            min_retention_ms: THOUSAND_YEARS_MS,
+            client: BTreeMap::new(),
+        }
+    }
+
+    /// Reads `kafka://host:port[,host:port…][?prefix=P&partitions=N&replication=R&timeout_ms=T]`,
+    /// the form the example service takes as its store URL. The prefix
+    /// defaults to `kes`.
+    pub fn from_url(url: &str) -> Result<Self, KafkaStoreError> {
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| KafkaStoreError::Config(format!("not a kafka:// URL: {url:?}")))?;
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.is_empty() {
+            return Err(KafkaStoreError::Config("the kafka:// URL names no broker".into()));
+        }
+        let mut config = Self::new(hosts, "kes");
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let number = || value.parse::<i64>().map_err(|_| KafkaStoreError::Config(format!("{name}={value:?}")));
+            match name {
+                "prefix" if !value.is_empty() => config.topic_prefix = value.to_owned(),
+                "partitions" => config.partitions = u32::try_from(number()?).unwrap_or(0),
+                "replication" => config.replication_factor = i32::try_from(number()?).unwrap_or(0),
+                "timeout_ms" => config.request_timeout = Duration::from_millis(u64::try_from(number()?).unwrap_or(0)),
+                _ => return Err(KafkaStoreError::Config(format!("unknown kafka:// URL parameter {pair:?}"))),
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that librdkafka would otherwise reject late.
+    pub fn validate(&self) -> Result<(), KafkaStoreError> {
+        let bad = |m: &str| Err(KafkaStoreError::Config(m.to_owned()));
+        if self.brokers.trim().is_empty() {
+            return bad("no brokers");
+        }
+        let prefix_ok = !self.topic_prefix.is_empty()
+            && self.topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !prefix_ok {
+            return bad("the topic prefix must be non-empty ASCII letters, digits, '.', '_' or '-'");
+        }
+        if self.partitions == 0 || self.partitions > 10_000 {
+            return bad("partitions must be between 1 and 10000");
+        }
+        if self.replication_factor < 1 {
+            return bad("the replication factor must be at least 1");
+        }
+        if self.request_timeout < Duration::from_millis(100) || self.request_timeout > Duration::from_secs(3600) {
+            return bad("the request timeout must be between 100 ms and one hour");
+        }
+        Ok(())
+    }
+
+    /// The events topic of `aggregate`.
+    pub fn events_topic(&self, aggregate: &str) -> String {
+        format!("{}.{aggregate}.events", self.topic_prefix)
+    }
+
+    /// The table topic of `aggregate`.
+    pub fn table_topic(&self, aggregate: &str) -> String {
+        format!("{}.{aggregate}.table", self.topic_prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_read_or_refused() {
+        let c = KafkaConfig::from_url("kafka://127.0.0.1:9092?prefix=app&partitions=6").unwrap();
+        assert_eq!((c.brokers.as_str(), c.topic_prefix.as_str(), c.partitions), ("127.0.0.1:9092", "app", 6));
+        assert_eq!(c.events_topic("project"), "app.project.events");
+        assert_eq!(KafkaConfig::from_url("kafka://a:1,b:2/").unwrap().brokers, "a:1,b:2");
+        for bad in ["http://x", "kafka://", "kafka://h:1?partitions=x", "kafka://h:1?partitions=0", "kafka://h:1?x=1"] {
+            assert!(KafkaConfig::from_url(bad).is_err(), "{bad}");
+        }
+        assert!(KafkaConfig::new("h:1", "bad prefix").validate().is_err());
+    }
+}

@@ -1,0 +1,452 @@
+//! What KES writes to its two topics, and how it reads it back.
+//!
+//! Both topics carry plain JSON documents so that any Kafka client (a
+//! console consumer, a Python script, Kafka Connect) can read them without
+//! KES. The shapes below are a contract with those readers and with the
+//! future: fields may be added, none may change meaning.
+//!
+//! ## Events topic: one record per command
+//!
+//! Key: the aggregate id (UTF-8). Value:
+//!
+//! ```json
+//! {
+//!   "format": "kes.events.v1",
+//!   "aggregate_type": "project",
+//!   "aggregate_id": "p-1",
+//!   "first_version": 3,
+//!   "last_version": 4,
+//!   "recorded_at": "2026-01-01T12:00:00Z",
+//!   "metadata": { "correlation_id": "req-9", "idempotency_key": "k-1" },
+//!   "events": [
+//!     { "event_id": "0190…", "version": 3, "event_type": "Renamed", "revision": 1,
+//!       "content_type": "application/json", "payload": { "name": "x" } },
+//!     { "event_id": "0190…", "version": 4, "event_type": "Closed", "revision": 1,
+//!       "content_type": "application/json", "payload": null }
+//!   ]
+//! }
+//! ```
+//!
+//! A codec whose content type is not JSON stores `payload_base64` instead of
+//! `payload`. Headers repeat what a router needs without parsing the value:
+//! `kes.event_types` (comma separated), `kes.versions` (`first-last`), and
+//! when present `kes.correlation_id` and `kes.idempotency_key`. The
+//! aggregate type is the topic's; the value is always JSON.
+//!
+//! ## Table topic: latest state per aggregate
+//!
+//! Key: the aggregate id. Value: a [`TableDoc`] (state, version, where its
+//! last events record sits, recent idempotency keys, and how far the events
+//! partition is reflected in the table topic; see the crate docs).
+
+use std::collections::VecDeque;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use kes_core::{Envelope, Metadata, Position, RawEnvelope};
+use rdkafka::message::{Header, OwnedHeaders};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::KafkaStoreError;
+
+/// The `format` of events records written by this version.
+pub(crate) const EVENTS_FORMAT: &str = "kes.events.v1";
+/// The `format` of table records written by this version.
+pub(crate) const TABLE_FORMAT: &str = "kes.table.v1";
+const JSON: &str = "application/json";
+
+/// The value of one events record: all events of one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EventsDoc {
+    #[serde(default)]
+    pub format: Option<String>,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub first_version: u64,
+    pub last_version: u64,
+    pub recorded_at: DateTime<Utc>,
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub events: Vec<EventDoc>,
+}
+
+/// One event inside an [`EventsDoc`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EventDoc {
+    pub event_id: Uuid,
+    pub version: u64,
+    pub event_type: String,
+    pub revision: u32,
+    pub content_type: String,
+    /// `Some(Value::Null)` when the payload is JSON `null`; `None` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    pub payload: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// One encoded event on its way into an [`EventsDoc`].
+pub(crate) struct OutgoingEvent {
+    pub event_type: String,
+    pub revision: u32,
+    pub payload: Vec<u8>,
+}
+
+impl EventsDoc {
+    /// The document for one command whose events start at `first_version`.
+    pub fn new(
+        aggregate_type: &str,
+        aggregate_id: &str,
+        first_version: u64,
+        content_type: &str,
+        events: Vec<OutgoingEvent>,
+        metadata: Metadata,
+    ) -> Result<Self, String> {
+        let n = events.len() as u64;
+        let events = events
+            .into_iter()
+            .zip(first_version..)
+            .map(|(e, version)| {
+                let (payload, payload_base64) = if content_type == JSON {
+                    let value: Value = serde_json::from_slice(&e.payload).map_err(|err| {
+                        format!("{} payload is not the JSON its codec announces: {err}", e.event_type)
+                    })?;
+                    (Some(value), None)
+                } else {
+                    (None, Some(base64::engine::general_purpose::STANDARD.encode(&e.payload)))
+                };
+                Ok(EventDoc {
+                    event_id: Uuid::now_v7(),
+                    version,
+                    event_type: e.event_type,
+                    revision: e.revision,
+                    content_type: content_type.to_owned(),
+                    payload,
+                    payload_base64,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self {
+            format: Some(EVENTS_FORMAT.to_owned()),
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            first_version,
+            last_version: first_version + n - 1,
+            recorded_at: Utc::now(),
+            metadata,
+            events,
+        })
+    }
+
+    /// The headers that travel with the record: few, because some brokers
+    /// (Tansu 0.6.0) pay for every stored header on every record they serve.
+    pub fn headers(&self) -> OwnedHeaders {
+        let types = self.events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(",");
+        let versions = format!("{}-{}", self.first_version, self.last_version);
+        let mut h = OwnedHeaders::new()
+            .insert(Header { key: "kes.event_types", value: Some(&types) })
+            .insert(Header { key: "kes.versions", value: Some(&versions) });
+        if let Some(c) = &self.metadata.correlation_id {
+            h = h.insert(Header { key: "kes.correlation_id", value: Some(c) });
+        }
+        if let Some(k) = &self.metadata.idempotency_key {
+            h = h.insert(Header { key: "kes.idempotency_key", value: Some(k) });
+        }
+        h
+    }
+
+    /// Reads a record's key and value, checking everything a reader relies
+    /// on: the key matches the document, versions are contiguous, payloads
+    /// are present.
+    pub fn decode(
+        topic: &str,
+        at: Position,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Self, KafkaStoreError> {
+        let key = key.map(|k| String::from_utf8_lossy(k).into_owned());
+        let corrupt = |id: Option<String>, version: u64, reason: String| KafkaStoreError::Corrupt {
+            topic: topic.to_owned(),
+            position: at,
+            aggregate_id: id,
+            version,
+            reason,
+        };
+        let value = value.ok_or_else(|| corrupt(key.clone(), 0, "the record has no value".into()))?;
+        let doc: EventsDoc = serde_json::from_slice(value)
+            .map_err(|e| corrupt(key.clone(), 0, format!("the value is not a KES events document: {e}")))?;
+        let id = Some(doc.aggregate_id.clone());
+        if let Some(format) = doc.format.as_deref().filter(|f| *f != EVENTS_FORMAT) {
+            return Err(corrupt(id, doc.first_version, format!("unknown format {format:?}")));
+        }
+        if key.as_deref() != Some(doc.aggregate_id.as_str()) {
+            return Err(corrupt(id, doc.first_version, format!("record key {key:?} differs from the aggregate id")));
+        }
+        if doc.events.is_empty() || doc.first_version == 0 {
+            return Err(corrupt(id, doc.first_version, "a record must carry events from version 1 on".into()));
+        }
+        for (event, expected) in doc.events.iter().zip(doc.first_version..) {
+            if event.version != expected {
+                return Err(corrupt(id, event.version, format!("versions are not contiguous (expected {expected})")));
+            }
+            if event.payload.is_none() && event.payload_base64.is_none() {
+                return Err(corrupt(id, event.version, "the event has no payload".into()));
+            }
+        }
+        if doc.last_version != doc.first_version + doc.events.len() as u64 - 1 {
+            return Err(corrupt(id, doc.last_version, "last_version does not match the events carried".into()));
+        }
+        Ok(doc)
+    }
+
+    /// The events as envelopes at `position`, payloads still encoded.
+    pub fn into_raw(self, topic: &str, position: Position) -> Result<Vec<RawEnvelope>, KafkaStoreError> {
+        let EventsDoc { aggregate_type, aggregate_id, recorded_at, metadata, events, .. } = self;
+        events
+            .into_iter()
+            .map(|e| {
+                let payload = match (e.payload, e.payload_base64) {
+                    (Some(value), _) => serde_json::to_vec(&value).map_err(|err| err.to_string()),
+                    (None, Some(b64)) => {
+                        base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|err| err.to_string())
+                    }
+                    (None, None) => Err("the event has no payload".to_owned()),
+                }
+                .map_err(|reason| KafkaStoreError::Corrupt {
+                    topic: topic.to_owned(),
+                    position,
+                    aggregate_id: Some(aggregate_id.clone()),
+                    version: e.version,
+                    reason,
+                })?;
+                Ok(Envelope {
+                    event_id: e.event_id,
+                    aggregate_type: aggregate_type.clone(),
+                    aggregate_id: aggregate_id.clone(),
+                    version: e.version,
+                    event_type: e.event_type,
+                    revision: e.revision,
+                    recorded_at,
+                    metadata: metadata.clone(),
+                    position,
+                    payload,
+                })
+            })
+            .collect()
+    }
+}
+
+/// An idempotency key remembered in a table record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct KeyDoc {
+    pub key: String,
+    pub version: u64,
+    pub offset: u64,
+}
+
+/// The value of one table record.
+///
+/// A deleted aggregate is written like any other (with `deleted: true`),
+/// never as a Kafka null tombstone: compaction removes a tombstoned key,
+/// and with it the version that keeps the id from being created again at
+/// version 1 and the progress marker the catch-up relies on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TableDoc {
+    #[serde(default)]
+    pub format: Option<String>,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub version: u64,
+    #[serde(default)]
+    pub deleted: bool,
+    pub state: Value,
+    /// The events partition of this aggregate.
+    pub events_partition: u32,
+    /// Offset of its first events record (where `read` starts scanning).
+    pub first_offset: u64,
+    /// Offset of its last events record.
+    pub last_offset: u64,
+    /// Offsets of all its events records, so that `read` fetches just those.
+    #[serde(default)]
+    pub offsets: Vec<u64>,
+    /// Size (key + value) of its largest events record.
+    #[serde(default)]
+    pub max_record_bytes: u64,
+    /// Every events record of `events_partition` below this offset had its
+    /// table record acknowledged before this one was written.
+    #[serde(default)]
+    pub reflected_below: u64,
+    #[serde(default)]
+    pub idempotency_keys: VecDeque<KeyDoc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl TableDoc {
+    /// Headers of a table record: only `kes.deleted: true` on deleted
+    /// aggregates, so that a reader can skip them without parsing.
+    pub fn headers(&self) -> Option<OwnedHeaders> {
+        self.deleted.then(|| OwnedHeaders::new().insert(Header { key: "kes.deleted", value: Some("true") }))
+    }
+
+    /// Reads a table record's value; `None` for a null tombstone.
+    pub fn decode(
+        topic: &str,
+        at: Position,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Option<Self>, KafkaStoreError> {
+        let key = key.map(|k| String::from_utf8_lossy(k).into_owned());
+        let Some(value) = value else { return Ok(None) };
+        let corrupt = |reason: String| KafkaStoreError::Corrupt {
+            topic: topic.to_owned(),
+            position: at,
+            aggregate_id: key.clone(),
+            version: 0,
+            reason,
+        };
+        let doc: TableDoc = serde_json::from_slice(value)
+            .map_err(|e| corrupt(format!("the value is not a KES table document: {e}")))?;
+        if let Some(format) = doc.format.as_deref().filter(|f| *f != TABLE_FORMAT) {
+            return Err(corrupt(format!("unknown format {format:?}")));
+        }
+        if key.as_deref() != Some(doc.aggregate_id.as_str()) {
+            return Err(corrupt("record key differs from the aggregate id".into()));
+        }
+        if doc.version == 0 || doc.first_offset > doc.last_offset {
+            return Err(corrupt("version or offsets out of range".into()));
+        }
+        Ok(Some(doc))
+    }
+}
+
+/// Kafka's default partitioner (murmur2 of the key, as the Java client and
+/// librdkafka's `murmur2_random` compute it), so that every client agrees
+/// which partition holds an aggregate.
+pub(crate) fn partition_for(key: &str, partitions: u32) -> u32 {
+    (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
+}
+
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Test vectors of Kafka's own UtilsTest.
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            (b"abc", 479_470_107),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(murmur2(input) as i32, expected, "{}", String::from_utf8_lossy(input));
+        }
+    }
+
+    fn doc() -> EventsDoc {
+        let events = vec![
+            OutgoingEvent { event_type: "Opened".into(), revision: 1, payload: br#"{"a":1}"#.to_vec() },
+            OutgoingEvent { event_type: "Closed".into(), revision: 2, payload: b"null".to_vec() },
+        ];
+        let metadata = Metadata { correlation_id: Some("c".into()), ..Metadata::default() };
+        EventsDoc::new("ledger", "l-1", 3, JSON, events, metadata).unwrap()
+    }
+
+    #[test]
+    fn events_document_round_trips_and_embeds_json_payloads() {
+        let d = doc();
+        let bytes = serde_json::to_vec(&d).unwrap();
+        let text: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(text["events"][0]["payload"]["a"], 1, "payloads are JSON, not strings");
+        assert_eq!(text["last_version"], 4);
+        let at = Position::new(2, 9);
+        let back = EventsDoc::decode("t", at, Some(b"l-1"), Some(&bytes)).unwrap();
+        assert_eq!(back, d);
+        let raw = back.into_raw("t", at).unwrap();
+        assert_eq!(raw.iter().map(|e| e.version).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(raw[0].payload, br#"{"a":1}"#);
+        assert!(raw.iter().all(|e| e.position == at && e.metadata.correlation_id.as_deref() == Some("c")));
+    }
+
+    #[test]
+    fn non_json_payloads_travel_as_base64() {
+        let events = vec![OutgoingEvent { event_type: "Bin".into(), revision: 1, payload: vec![0, 159, 255] }];
+        let d = EventsDoc::new("ledger", "x", 1, "application/octet-stream", events, Metadata::default()).unwrap();
+        let raw = d.into_raw("t", Position::new(0, 0)).unwrap();
+        assert_eq!(raw[0].payload, [0, 159, 255]);
+    }
+
+    #[test]
+    fn bad_events_records_are_typed_errors() {
+        let at = Position::new(1, 5);
+        let good = serde_json::to_vec(&doc()).unwrap();
+        type Case<'a> = (Option<&'a [u8]>, Option<Vec<u8>>, &'a str);
+        let cases: Vec<Case> = vec![
+            (Some(b"l-1"), None, "no value"),
+            (Some(b"l-1"), Some(b"{not json".to_vec()), "not a KES events document"),
+            (Some(b"l-1"), Some(br#"{"aggregate_id":"l-1"}"#.to_vec()), "not a KES events document"),
+            (Some(b"other"), Some(good.clone()), "differs"),
+            (None, Some(good), "differs"),
+        ];
+        for (key, value, what) in cases {
+            let err = EventsDoc::decode("t", at, key, value.as_deref()).unwrap_err();
+            assert!(err.to_string().contains(what), "{err}");
+            assert!(matches!(err, KafkaStoreError::Corrupt { position, .. } if position == at));
+        }
+        let mut gap = doc();
+        gap.events[1].version = 7;
+        let err = EventsDoc::decode("t", at, Some(b"l-1"), Some(&serde_json::to_vec(&gap).unwrap())).unwrap_err();
+        assert!(matches!(err, KafkaStoreError::Corrupt { version: 7, .. }), "{err}");
+        let mut missing = doc();
+        missing.events[0].payload = None;
+        let err = EventsDoc::decode("t", at, Some(b"l-1"), Some(&serde_json::to_vec(&missing).unwrap())).unwrap_err();
+        assert!(err.to_string().contains("no payload"), "{err}");
+    }
+
+    #[test]
+    fn table_tombstones_and_garbage() {
+        let at = Position::new(0, 1);
+        assert_eq!(TableDoc::decode("t", at, Some(b"a"), None).unwrap(), None);
+        let err = TableDoc::decode("t", at, Some(b"a"), Some(b"[]")).unwrap_err();
+        assert!(matches!(err, KafkaStoreError::Corrupt { aggregate_id: Some(ref id), .. } if id == "a"));
+    }
+}

@@ -1,0 +1,1266 @@
+//! [`KafkaStore`]: the event log on a Kafka topic, the table in memory and
+//! in a compacted topic.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::stream;
+use kes_core::codec::encode_all;
+use kes_core::{
+    Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, Metadata,
+    Position, Snapshot, StoreError,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::error::{KafkaStoreError, is_transient};
+use crate::record::{EventsDoc, KeyDoc, OutgoingEvent, TableDoc, partition_for};
+
+/// An [`EventStore`] on Kafka. Cheap to clone (clones share one producer
+/// and one table). See the crate docs for the layout and guarantees.
+pub struct KafkaStore<A: Aggregate> {
+    inner: Arc<Inner<A>>,
+}
+
+impl<A: Aggregate> Clone for KafkaStore<A> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl<A: Aggregate> std::fmt::Debug for KafkaStore<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaStore")
+            .field("events_topic", &self.inner.events_topic)
+            .field("table_topic", &self.inner.table_topic)
+            .field("partitions", &self.inner.partitions)
+            .finish()
+    }
+}
+
+struct Inner<A: Aggregate> {
+    config: KafkaConfig,
+    events_topic: String,
+    table_topic: String,
+    /// Partition count of the events topic (decides where an id lives).
+    partitions: u32,
+    table_partitions: u32,
+    codec: Arc<dyn Codec<A::Event>>,
+    /// Replaced when librdkafka reports a fatal producer error.
+    producer: RwLock<Arc<FutureProducer>>,
+    table: Mutex<Table<A>>,
+    locks: IdLocks,
+    /// One resynchronisation of a partition at a time.
+    resync: Vec<tokio::sync::Mutex<()>>,
+    tickets: AtomicU64,
+}
+
+/// The in-memory table and, per events partition, what this process knows
+/// about the partition's progress.
+struct Table<A: Aggregate> {
+    rows: HashMap<String, Row<A>>,
+    logs: Vec<PartitionLog>,
+}
+
+struct Row<A> {
+    state: A,
+    version: u64,
+    first_offset: u64,
+    last: Position,
+    keys: VecDeque<KeyDoc>,
+    /// Offsets of its events records (empty when a table record from an
+    /// older writer did not list them: `read` scans then).
+    offsets: Vec<u64>,
+    /// Size of its largest events record (sizes `read`'s fetches).
+    max_bytes: u64,
+}
+
+#[derive(Default)]
+struct PartitionLog {
+    /// Offset after the highest events record applied to the table.
+    end: u64,
+    /// Applied events records whose table record is not acknowledged yet
+    /// (offset → aggregate id).
+    unsaved: BTreeMap<u64, String>,
+    /// Sends in flight (ticket → the partition's `end` when sent: the
+    /// record's offset will not be lower).
+    in_flight: HashMap<u64, u64>,
+    /// Lowest offset a failed send may have landed at: the send timed out or
+    /// failed without telling whether the broker wrote it.
+    uncertain_from: Option<u64>,
+}
+
+impl PartitionLog {
+    /// Every events record of this partition below the returned offset is
+    /// reflected in an acknowledged table record.
+    fn reflected_below(&self) -> u64 {
+        let mut low = self.end;
+        if let Some((o, _)) = self.unsaved.first_key_value() {
+            low = low.min(*o);
+        }
+        if let Some(f) = self.in_flight.values().min() {
+            low = low.min(*f);
+        }
+        if let Some(u) = self.uncertain_from {
+            low = low.min(u);
+        }
+        low
+    }
+}
+
+impl<A: Aggregate> KafkaStore<A> {
+    /// Connects with the JSON codec: creates the topics when missing,
+    /// checks their configuration, loads the table and catches it up with
+    /// the events topic.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, KafkaStoreError> {
+        Self::connect_with_codec(config, JsonCodec::default()).await
+    }
+
+    /// [`KafkaStore::connect`] with another payload codec.
+    pub async fn connect_with_codec(config: KafkaConfig, codec: impl Codec<A::Event>) -> Result<Self, KafkaStoreError> {
+        config.validate()?;
+        let events_topic = config.events_topic(A::NAME);
+        let table_topic = config.table_topic(A::NAME);
+        let admin: AdminClient<DefaultClientContext> =
+            client_config(&config).create().map_err(|e| KafkaStoreError::from_kafka("admin client", &e))?;
+        ensure_topics(&admin, &config, &events_topic, &table_topic).await?;
+        check_topics(&admin, &config, &events_topic, &table_topic).await?;
+        let producer = Arc::new(create_producer(&config)?);
+        let partitions = partition_count(&producer, &events_topic, config.request_timeout).await?;
+        let table_partitions = partition_count(&producer, &table_topic, config.request_timeout).await?;
+        if partitions != config.partitions {
+            tracing::warn!(topic = %events_topic, partitions, configured = config.partitions,
+                "the events topic exists with another partition count; using the topic's");
+        }
+        let inner = Arc::new(Inner {
+            resync: (0..partitions).map(|_| tokio::sync::Mutex::new(())).collect(),
+            table: Mutex::new(Table {
+                rows: HashMap::new(),
+                logs: (0..partitions).map(|_| PartitionLog::default()).collect(),
+            }),
+            config,
+            events_topic,
+            table_topic,
+            partitions,
+            table_partitions,
+            codec: Arc::new(codec),
+            producer: RwLock::new(producer),
+            locks: IdLocks::default(),
+            tickets: AtomicU64::new(0),
+        });
+        inner.recover().await?;
+        Ok(Self { inner })
+    }
+
+    /// The events topic's name.
+    pub fn events_topic(&self) -> &str {
+        &self.inner.events_topic
+    }
+
+    /// The table topic's name.
+    pub fn table_topic(&self) -> &str {
+        &self.inner.table_topic
+    }
+
+    /// The events partition that holds aggregate `id`.
+    pub fn partition_of(&self, id: &str) -> u32 {
+        partition_for(id, self.inner.partitions)
+    }
+
+    /// Waits until every record handed to the producer (table records
+    /// included) is acknowledged, or `timeout` passes. Call it before a
+    /// planned shutdown so that the next start has nothing to catch up.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaStoreError> {
+        let producer = self.inner.producer();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| KafkaStoreError::Broker(format!("flush: {e}")))?
+            .map_err(|e| KafkaStoreError::from_kafka("flush", &e))
+    }
+}
+
+/// Fetch size of scans and subscriptions.
+const SCAN_FETCH_BYTES: u64 = 256 * 1024;
+
+/// The settings every client shares, then the user's overrides.
+fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    let timeout = config.request_timeout.as_millis().to_string();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("socket.timeout.ms", &timeout)
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("log_level", "3");
+    for (k, v) in &config.client {
+        c.set(k, v);
+    }
+    c
+}
+
+fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaStoreError> {
+    let mut c = client_config(config);
+    let timeout = config.request_timeout.as_millis();
+    if !config.client.contains_key("linger.ms") {
+        c.set("linger.ms", "1");
+    }
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", timeout.to_string())
+        .set("request.timeout.ms", timeout.clamp(100, 30_000).to_string());
+    c.create().map_err(|e| KafkaStoreError::from_kafka("producer", &e))
+}
+
+/// A consumer for assign + seek reads. `fetch_bytes` bounds each fetch per
+/// partition: small fetches keep records flowing steadily from brokers that
+/// serve records slowly (Tansu), and let `read` skip other aggregates'
+/// records instead of downloading them.
+fn create_consumer(config: &KafkaConfig, eof: bool, fetch_bytes: u64) -> Result<StreamConsumer, KafkaStoreError> {
+    let mut c = client_config(config);
+    c.set("max.partition.fetch.bytes", fetch_bytes.clamp(1024, 1 << 20).to_string()).set("queued.min.messages", "1000");
+    // librdkafka wants a group id even for assign(); nothing is ever
+    // committed to it (checkpoints belong to the readers).
+    c.set("group.id", format!("{}.kes-readers", config.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", if eof { "true" } else { "false" })
+        .set("fetch.wait.max.ms", "100");
+    c.create().map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
+}
+
+/// Creates the two topics with their configs; an existing topic is fine
+/// (its configuration is checked next).
+async fn ensure_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    config: &KafkaConfig,
+    events: &str,
+    table: &str,
+) -> Result<(), KafkaStoreError> {
+    let retention = crate::config::THOUSAND_YEARS_MS.max(config.min_retention_ms).to_string();
+    let partitions = i32::try_from(config.partitions).unwrap_or(i32::MAX);
+    let replication = || TopicReplication::Fixed(config.replication_factor);
+    let topics = [
+        NewTopic::new(events, partitions, replication())
+            .set("cleanup.policy", "delete")
+            .set("retention.ms", &retention)
+            .set("retention.bytes", "-1"),
+        NewTopic::new(table, partitions, replication()).set("cleanup.policy", "compact"),
+    ];
+    let opts = admin_options(config);
+    let results = bounded(config, "create topics", admin.create_topics(&topics, &opts)).await?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                let e = KafkaError::AdminOp(code);
+                return Err(KafkaStoreError::from_kafka(&format!("create topic {topic}"), &e));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn admin_options(config: &KafkaConfig) -> AdminOptions {
+    AdminOptions::new().request_timeout(Some(config.request_timeout)).operation_timeout(Some(config.request_timeout))
+}
+
+/// Runs a client future with the configured bound.
+async fn bounded<T>(
+    config: &KafkaConfig,
+    what: &str,
+    f: impl Future<Output = Result<T, KafkaError>>,
+) -> Result<T, KafkaStoreError> {
+    match tokio::time::timeout(config.request_timeout + Duration::from_secs(1), f).await {
+        Ok(r) => r.map_err(|e| KafkaStoreError::from_kafka(what, &e)),
+        Err(_) => Err(KafkaStoreError::Unavailable(format!("{what}: no answer within {:?}", config.request_timeout))),
+    }
+}
+
+/// Reads the topics' configuration back and refuses one that could lose
+/// events (events topic) or table rows (table topic).
+async fn check_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    config: &KafkaConfig,
+    events: &str,
+    table: &str,
+) -> Result<(), KafkaStoreError> {
+    let specs = [ResourceSpecifier::Topic(events), ResourceSpecifier::Topic(table)];
+    let results =
+        bounded(config, "describe topic configs", admin.describe_configs(&specs, &admin_options(config))).await?;
+    let mut found: HashMap<String, HashMap<String, Option<String>>> = HashMap::new();
+    for result in results {
+        let resource =
+            result.map_err(|code| KafkaStoreError::from_kafka("describe topic configs", &KafkaError::AdminOp(code)))?;
+        let name = match &resource.specifier {
+            rdkafka::admin::OwnedResourceSpecifier::Topic(t) => t.clone(),
+            other => format!("{other:?}"),
+        };
+        found.insert(name, resource.entries.iter().map(|e| (e.name.clone(), e.value.clone())).collect());
+    }
+    let empty = HashMap::new();
+    check_events_config(events, found.get(events).unwrap_or(&empty), config.min_retention_ms)?;
+    check_table_config(table, found.get(table).unwrap_or(&empty))
+}
+
+/// The rules for the events topic: delete policy only, retention at least
+/// `min_retention_ms` (and not `-1`), no size cap.
+pub(crate) fn check_events_config(
+    topic: &str,
+    entries: &HashMap<String, Option<String>>,
+    min_retention_ms: i64,
+) -> Result<(), KafkaStoreError> {
+    let refuse = |setting: &str, value: Option<&str>, reason: &str| KafkaStoreError::UnsafeTopic {
+        topic: topic.to_owned(),
+        setting: setting.to_owned(),
+        value: value.unwrap_or("<missing>").to_owned(),
+        reason: reason.to_owned(),
+    };
+    let get = |name: &str| entries.get(name).and_then(|v| v.as_deref()).map(str::trim);
+    let policy = get("cleanup.policy");
+    let policies: Vec<String> =
+        policy.unwrap_or("").split(',').map(|p| p.trim().to_ascii_lowercase()).filter(|p| !p.is_empty()).collect();
+    if policies.iter().any(|p| p == "compact") {
+        return Err(refuse("cleanup.policy", policy, "compaction keeps only the last record of each aggregate"));
+    }
+    if policies != ["delete"] {
+        return Err(refuse("cleanup.policy", policy, "KES needs exactly \"delete\" with an unbounded retention"));
+    }
+    let retention = get("retention.ms");
+    match retention.map(str::parse::<i64>) {
+        None => {
+            return Err(refuse(
+                "retention.ms",
+                None,
+                "the broker did not report it, so KES cannot tell how long events are kept",
+            ));
+        }
+        Some(Err(_)) => return Err(refuse("retention.ms", retention, "not a number")),
+        Some(Ok(-1)) => {
+            return Err(refuse(
+                "retention.ms",
+                retention,
+                "-1 means forever on Apache Kafka, but some compatible brokers delete all records of such a topic; \
+                 set 1000 years (31536000000000)",
+            ));
+        }
+        Some(Ok(ms)) if ms < min_retention_ms => {
+            return Err(refuse(
+                "retention.ms",
+                retention,
+                &format!("events older than that would be deleted (KES needs ≥ {min_retention_ms})"),
+            ));
+        }
+        Some(Ok(_)) => {}
+    }
+    let bytes = get("retention.bytes");
+    match bytes.map(str::parse::<i64>) {
+        Some(Ok(-1)) => Ok(()),
+        None => Err(refuse(
+            "retention.bytes",
+            None,
+            "the broker did not report it, so KES cannot tell whether a size cap deletes events",
+        )),
+        Some(_) => Err(refuse("retention.bytes", bytes, "a size cap deletes the oldest events; KES needs -1")),
+    }
+}
+
+/// The table topic must be compacted and never deleted by age.
+pub(crate) fn check_table_config(
+    topic: &str,
+    entries: &HashMap<String, Option<String>>,
+) -> Result<(), KafkaStoreError> {
+    let policy = entries.get("cleanup.policy").and_then(|v| v.as_deref()).map(str::trim);
+    let policies: Vec<String> =
+        policy.unwrap_or("").split(',').map(|p| p.trim().to_ascii_lowercase()).filter(|p| !p.is_empty()).collect();
+    if policies == ["compact"] {
+        return Ok(());
+    }
+    Err(KafkaStoreError::UnsafeTopic {
+        topic: topic.to_owned(),
+        setting: "cleanup.policy".into(),
+        value: policy.unwrap_or("<missing>").to_owned(),
+        reason: "the table topic must be \"compact\" only: deletion would make the table forget aggregates".into(),
+    })
+}
+
+/// The partition count of `topic`, waiting (bounded) for a topic created a
+/// moment ago to show up in the metadata.
+async fn partition_count(
+    producer: &Arc<FutureProducer>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<u32, KafkaStoreError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let p = Arc::clone(producer);
+        let t = topic.to_owned();
+        let result = tokio::task::spawn_blocking(move || {
+            p.client().fetch_metadata(Some(&t), Timeout::After(timeout)).map(|m| {
+                m.topics().iter().find(|x| x.name() == t && x.error().is_none()).map_or(0, |x| x.partitions().len())
+            })
+        })
+        .await
+        .map_err(|e| KafkaStoreError::Broker(format!("metadata: {e}")))?;
+        match result {
+            Ok(n) if n > 0 => {
+                return u32::try_from(n).map_err(|_| KafkaStoreError::Broker("too many partitions".into()));
+            }
+            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(_) => {
+                return Err(KafkaStoreError::Unavailable(format!("topic {topic} has no partitions in the metadata")));
+            }
+            Err(e) => return Err(KafkaStoreError::from_kafka(&format!("metadata of {topic}"), &e)),
+        }
+    }
+}
+
+impl<A: Aggregate> Inner<A> {
+    fn producer(&self) -> Arc<FutureProducer> {
+        Arc::clone(&self.producer.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table<A>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a fatal producer error (possible with idempotence) every later
+    /// send fails: start a fresh producer so the store heals by itself.
+    fn heal_producer(&self, failed: &Arc<FutureProducer>) {
+        if let Some((code, reason)) = failed.client().fatal_error() {
+            let mut slot = self.producer.write().unwrap_or_else(|p| p.into_inner());
+            if Arc::ptr_eq(&slot, failed) {
+                match create_producer(&self.config) {
+                    Ok(fresh) => {
+                        tracing::warn!(?code, %reason, "fatal producer error; producer replaced");
+                        *slot = Arc::new(fresh);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot replace the failed producer"),
+                }
+            }
+        }
+    }
+
+    /// High watermarks of the events topic's partitions.
+    async fn high_watermarks(&self, topic: &str, partitions: u32) -> Result<Vec<u64>, KafkaStoreError> {
+        let producer = self.producer();
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        let started = Instant::now();
+        let marks = tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+                    producer
+                        .client()
+                        .fetch_watermarks(&topic, p as i32, Timeout::After(left))
+                        .map(|(_, high)| u64::try_from(high).unwrap_or(0))
+                })
+                .collect::<Result<Vec<u64>, KafkaError>>()
+        })
+        .await
+        .map_err(|e| KafkaStoreError::Broker(format!("watermarks: {e}")))?;
+        marks.map_err(|e| KafkaStoreError::from_kafka("watermarks", &e))
+    }
+
+    /// Reads `topic` partition by partition from each start offset up to
+    /// (excluding) each end offset, calling `f` on every record in order.
+    /// Fails with `Unavailable` when no record arrives for the request
+    /// timeout.
+    async fn scan(
+        &self,
+        topic: &str,
+        ranges: &[(u32, u64, u64)],
+        mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
+    ) -> Result<(), KafkaStoreError> {
+        let mut open: HashMap<i32, u64> =
+            ranges.iter().filter(|(_, from, to)| from < to).map(|(p, _, to)| (*p as i32, *to)).collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let consumer = create_consumer(&self.config, true, SCAN_FETCH_BYTES)?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, from, to) in ranges.iter().filter(|(_, from, to)| from < to) {
+            let _ = to;
+            let offset = if *from == 0 { Offset::Beginning } else { Offset::Offset(*from as i64) };
+            tpl.add_partition_offset(topic, *p as i32, offset)
+                .map_err(|e| KafkaStoreError::from_kafka("assign", &e))?;
+        }
+        consumer.assign(&tpl).map_err(|e| KafkaStoreError::from_kafka("assign", &e))?;
+        let idle = self.config.request_timeout;
+        let mut deadline = Instant::now() + idle;
+        while !open.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(left, consumer.recv()).await;
+            match next {
+                Err(_) => {
+                    return Err(KafkaStoreError::Unavailable(format!(
+                        "reading {topic}: nothing received for {idle:?} ({} partitions unfinished)",
+                        open.len()
+                    )));
+                }
+                Ok(Ok(message)) => {
+                    deadline = Instant::now() + idle;
+                    let p = message.partition();
+                    let Some(end) = open.get(&p).copied() else { continue };
+                    let offset = u64::try_from(message.offset()).unwrap_or(0);
+                    if offset >= end {
+                        open.remove(&p);
+                        continue;
+                    }
+                    f(&message)?;
+                    if offset + 1 >= end {
+                        open.remove(&p);
+                    }
+                }
+                Ok(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Ok(Err(e)) if e.rdkafka_error_code().is_some_and(is_transient) => {
+                    tracing::debug!(topic, error = %e, "transient error while reading; librdkafka retries");
+                }
+                Ok(Err(e)) => return Err(KafkaStoreError::from_kafka(&format!("reading {topic}"), &e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the records at `offsets` (ascending) of one partition, jumping
+    /// over the records in between when they are more than a few.
+    async fn fetch_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offsets: &[u64],
+        fetch_bytes: u64,
+        mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
+    ) -> Result<(), KafkaStoreError> {
+        const JUMP: u64 = 8;
+        let Some(first) = offsets.first() else { return Ok(()) };
+        let consumer = create_consumer(&self.config, false, fetch_bytes)?;
+        let assign = |at: u64| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, partition as i32, Offset::Offset(at as i64))
+                .and_then(|()| consumer.assign(&tpl))
+                .map_err(|e| KafkaStoreError::from_kafka("assign", &e))
+        };
+        assign(*first)?;
+        let idle = self.config.request_timeout;
+        let mut deadline = Instant::now() + idle;
+        let mut i = 0;
+        let mut retries = 0;
+        while i < offsets.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = match tokio::time::timeout(left, consumer.recv()).await {
+                Err(_) => {
+                    return Err(KafkaStoreError::Unavailable(format!(
+                        "reading {topic}: record {partition}:{} not received within {idle:?}",
+                        offsets[i]
+                    )));
+                }
+                Ok(Err(e)) if e.rdkafka_error_code().is_some_and(is_transient) => continue,
+                Ok(Err(e)) => return Err(KafkaStoreError::from_kafka(&format!("reading {topic}"), &e)),
+                Ok(Ok(m)) => m,
+            };
+            deadline = Instant::now() + idle;
+            let offset = u64::try_from(message.offset()).unwrap_or(0);
+            let wanted = offsets[i];
+            if offset < wanted {
+                continue;
+            }
+            if offset > wanted {
+                // Stale prefetch from before a jump, or the record is gone.
+                retries += 1;
+                if retries > 3 {
+                    return Err(KafkaStoreError::Corrupt {
+                        topic: topic.to_owned(),
+                        position: Position::new(partition, wanted),
+                        aggregate_id: None,
+                        version: 0,
+                        reason: "the record is missing from the partition".into(),
+                    });
+                }
+                assign(wanted)?;
+                continue;
+            }
+            retries = 0;
+            f(&message)?;
+            i += 1;
+            if let Some(next) = offsets.get(i).filter(|n| **n > offset + JUMP) {
+                assign(*next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Start-up: the table from the table topic, then every events record it
+    /// does not reflect yet, then table records for what that changed.
+    async fn recover(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
+        let table_high = self.high_watermarks(&self.table_topic, self.table_partitions).await?;
+        let mut docs: HashMap<String, TableDoc> = HashMap::new();
+        let mut trustworthy = true;
+        let ranges: Vec<_> = table_high.iter().enumerate().map(|(p, h)| (p as u32, 0, *h)).collect();
+        let table_topic = self.table_topic.clone();
+        self.scan(&table_topic, &ranges, |m| {
+            let at = Position::new(m.partition() as u32, m.offset() as u64);
+            match TableDoc::decode(&table_topic, at, m.key(), m.payload()) {
+                Ok(Some(doc)) if doc.events_partition < self.partitions => {
+                    let newer = docs.get(&doc.aggregate_id).is_none_or(|old| old.version <= doc.version);
+                    if newer {
+                        docs.insert(doc.aggregate_id.clone(), doc);
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(topic = %table_topic, position = %at, tombstone = other.is_none(),
+                        "table record KES did not write; rebuilding the table from the events topic");
+                    trustworthy = false;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable table record; rebuilding the table from the events topic");
+                    trustworthy = false;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        let mut rows = HashMap::new();
+        let mut from = vec![0u64; self.partitions as usize];
+        if trustworthy {
+            for (id, doc) in docs {
+                let Ok(state) = serde_json::from_value::<A>(doc.state) else {
+                    tracing::warn!(%id, "table state does not fit the aggregate's model; rebuilding from the events topic");
+                    rows.clear();
+                    from.iter_mut().for_each(|f| *f = 0);
+                    break;
+                };
+                let slot = &mut from[doc.events_partition as usize];
+                *slot = (*slot).max(doc.reflected_below);
+                rows.insert(
+                    id,
+                    Row {
+                        state,
+                        version: doc.version,
+                        first_offset: doc.first_offset,
+                        last: Position::new(doc.events_partition, doc.last_offset),
+                        keys: doc.idempotency_keys,
+                        offsets: doc.offsets,
+                        max_bytes: doc.max_record_bytes,
+                    },
+                );
+            }
+        }
+        self.table().rows = rows;
+        let events_high = self.high_watermarks(&self.events_topic, self.partitions).await?;
+        let ranges: Vec<_> = events_high.iter().enumerate().map(|(p, h)| (p as u32, from[p], *h)).collect();
+        let changed = self.replay(&ranges).await?;
+        {
+            let mut table = self.table();
+            for (p, high) in events_high.iter().enumerate() {
+                table.logs[p].end = *high;
+            }
+        }
+        // Repair the table topic before taking commands, so that the table
+        // records written from now on may claim everything below the head.
+        let mut pending = Vec::new();
+        {
+            let table = self.table();
+            for id in &changed {
+                if let Some((doc, p)) = self.table_doc(&table, id) {
+                    let reflected = from[p as usize];
+                    pending.push(self.send_table_doc(TableDoc { reflected_below: reflected, ..doc })?);
+                }
+            }
+        }
+        for delivery in pending {
+            match tokio::time::timeout(self.config.request_timeout + Duration::from_secs(1), delivery).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err((e, _)))) => return Err(KafkaStoreError::from_kafka("repairing the table topic", &e)),
+                _ => return Err(KafkaStoreError::Unavailable("repairing the table topic: no acknowledgement".into())),
+            }
+        }
+        if !changed.is_empty() {
+            tracing::info!(aggregates = changed.len(), topic = %self.events_topic, "table caught up from the events topic");
+        }
+        Ok(())
+    }
+
+    /// Applies the events records in `ranges` to the table (skipping those it
+    /// already reflects) and returns the ids whose rows moved.
+    async fn replay(&self, ranges: &[(u32, u64, u64)]) -> Result<HashSet<String>, KafkaStoreError> {
+        let mut changed = HashSet::new();
+        let topic = self.events_topic.clone();
+        self.scan(&topic, ranges, |m| {
+            let at = Position::new(m.partition() as u32, m.offset() as u64);
+            let doc = EventsDoc::decode(&topic, at, m.key(), m.payload())?;
+            let id = doc.aggregate_id.clone();
+            let size = (m.key_len() + m.payload_len()) as u64;
+            let mut table = self.table();
+            if self.apply_from_log(&mut table, doc, at, size)? {
+                table.logs[at.partition as usize].unsaved.insert(at.offset, id.clone());
+                changed.insert(id);
+            }
+            let log = &mut table.logs[at.partition as usize];
+            log.end = log.end.max(at.offset + 1);
+            Ok(())
+        })
+        .await?;
+        Ok(changed)
+    }
+
+    /// Moves a row by one events record read from the log. `false` when the
+    /// row already reflects it (a record this process applied on its
+    /// acknowledgement, or a duplicate: the first record of a version wins).
+    fn apply_from_log(
+        &self,
+        table: &mut Table<A>,
+        doc: EventsDoc,
+        at: Position,
+        size: u64,
+    ) -> Result<bool, KafkaStoreError> {
+        let current = table.rows.get(&doc.aggregate_id).map_or(0, |r| r.version);
+        if doc.last_version <= current {
+            return Ok(false);
+        }
+        if doc.first_version != current + 1 {
+            return Err(KafkaStoreError::Corrupt {
+                topic: self.events_topic.clone(),
+                position: at,
+                aggregate_id: Some(doc.aggregate_id),
+                version: doc.first_version,
+                reason: format!("the stream is at version {current}: versions are missing before this record"),
+            });
+        }
+        let key = doc.metadata.idempotency_key.clone();
+        let last_version = doc.last_version;
+        let id = doc.aggregate_id.clone();
+        let raw = doc.into_raw(&self.events_topic, at)?;
+        let mut events = Vec::with_capacity(raw.len());
+        for e in raw {
+            let event =
+                self.codec.decode(&e.event_type, e.revision, &e.payload).map_err(|err| KafkaStoreError::Corrupt {
+                    topic: self.events_topic.clone(),
+                    position: at,
+                    aggregate_id: Some(id.clone()),
+                    version: e.version,
+                    reason: err.to_string(),
+                })?;
+            events.push(event);
+        }
+        let row = table.rows.entry(id).or_insert_with(|| Row {
+            state: A::default(),
+            version: 0,
+            first_offset: at.offset,
+            last: at,
+            keys: VecDeque::new(),
+            offsets: Vec::new(),
+            max_bytes: 0,
+        });
+        for e in &events {
+            row.state.apply(e);
+        }
+        // An empty index on an existing row means "unknown" (see `Row`).
+        if row.version == 0 || !row.offsets.is_empty() {
+            row.offsets.push(at.offset);
+        }
+        row.version = last_version;
+        row.last = at;
+        row.max_bytes = row.max_bytes.max(size);
+        if let Some(key) = key {
+            remember(row, key, last_version, at.offset, self.config.idempotency_keys_per_aggregate);
+        }
+        Ok(true)
+    }
+
+    /// The table record of `id` as the table holds it now, and its events
+    /// partition.
+    fn table_doc(&self, table: &Table<A>, id: &str) -> Option<(TableDoc, u32)> {
+        let row = table.rows.get(id)?;
+        let p = row.last.partition;
+        let state = serde_json::to_value(&row.state).unwrap_or(serde_json::Value::Null);
+        Some((
+            TableDoc {
+                format: Some(crate::record::TABLE_FORMAT.to_owned()),
+                aggregate_type: A::NAME.to_owned(),
+                aggregate_id: id.to_owned(),
+                version: row.version,
+                deleted: row.state.is_deleted(),
+                state,
+                events_partition: p,
+                first_offset: row.first_offset,
+                last_offset: row.last.offset,
+                offsets: row.offsets.clone(),
+                max_record_bytes: row.max_bytes,
+                reflected_below: table.logs.get(p as usize).map_or(0, PartitionLog::reflected_below),
+                idempotency_keys: row.keys.clone(),
+                updated_at: chrono::Utc::now(),
+            },
+            p,
+        ))
+    }
+
+    /// Hands a table record to the producer. Called with the table locked,
+    /// so that two records of one id enter the producer in the order their
+    /// states were reached.
+    fn send_table_doc(&self, doc: TableDoc) -> Result<rdkafka::producer::DeliveryFuture, KafkaStoreError> {
+        let value = serde_json::to_vec(&doc).map_err(|e| KafkaStoreError::Broker(format!("table record: {e}")))?;
+        let partition = partition_for(&doc.aggregate_id, self.table_partitions) as i32;
+        let mut record =
+            FutureRecord::to(&self.table_topic).key(&doc.aggregate_id).payload(&value).partition(partition);
+        if let Some(headers) = doc.headers() {
+            record = record.headers(headers);
+        }
+        self.producer().send_result(record).map_err(|(e, _)| KafkaStoreError::from_kafka("table record", &e))
+    }
+
+    /// Writes the current table record of `id` and, once the broker has it,
+    /// forgets the events records it reflects; retries in the background
+    /// until it succeeds or the store is dropped.
+    fn save_row(self: &Arc<Self>, table: &Table<A>, id: &str) {
+        let Some((doc, p)) = self.table_doc(table, id) else { return };
+        let last = doc.last_offset;
+        let sent = self.send_table_doc(doc);
+        let weak = Arc::downgrade(self);
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let ok = match sent {
+                Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
+                Err(_) => false,
+            };
+            if ok {
+                if let Some(inner) = weak.upgrade() {
+                    inner.table().logs[p as usize].forget_saved(&id, last);
+                }
+            } else {
+                retry_save(weak, id).await;
+            }
+        });
+    }
+
+    /// Before using partition `p`: if a send to it ended without knowing
+    /// whether the broker wrote the record, read the partition from there to
+    /// its head so the table reflects what is really in the log.
+    async fn settle(self: &Arc<Self>, p: u32) -> Result<(), KafkaStoreError> {
+        if self.table().logs[p as usize].uncertain_from.is_none() {
+            return Ok(());
+        }
+        let _one = self.resync[p as usize].lock().await;
+        let Some(from) = self.table().logs[p as usize].uncertain_from.take() else { return Ok(()) };
+        let result = async {
+            let high = self.high_watermarks(&self.events_topic, self.partitions).await?[p as usize];
+            let changed = self.replay(&[(p, from, high)]).await?;
+            let table = self.table();
+            for id in &changed {
+                self.save_row(&table, id);
+            }
+            Ok::<_, KafkaStoreError>(())
+        }
+        .await;
+        if result.is_err() {
+            let mut table = self.table();
+            let log = &mut table.logs[p as usize];
+            log.uncertain_from = Some(log.uncertain_from.map_or(from, |u| u.min(from)));
+        }
+        result
+    }
+
+    /// The partition of an id after checking the id.
+    fn partition_checked(&self, id: &str) -> Result<u32, StoreError> {
+        if id.is_empty() || id.len() > 1024 {
+            return Err(StoreError::Invalid("an aggregate id must have 1 to 1024 bytes".into()));
+        }
+        Ok(partition_for(id, self.partitions))
+    }
+}
+
+impl PartitionLog {
+    fn forget_saved(&mut self, id: &str, up_to: u64) {
+        let saved: Vec<u64> = self.unsaved.range(..=up_to).filter(|(_, i)| i.as_str() == id).map(|(o, _)| *o).collect();
+        for o in saved {
+            self.unsaved.remove(&o);
+        }
+    }
+}
+
+async fn retry_save<A: Aggregate>(weak: Weak<Inner<A>>, id: String) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+        let Some(inner) = weak.upgrade() else { return };
+        let sent = {
+            let table = inner.table();
+            inner.table_doc(&table, &id).map(|(doc, p)| (doc.last_offset, p, inner.send_table_doc(doc)))
+        };
+        let Some((last, p, sent)) = sent else { return };
+        let ok = match sent {
+            Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
+            Err(_) => false,
+        };
+        if ok {
+            inner.table().logs[p as usize].forget_saved(&id, last);
+            return;
+        }
+        tracing::debug!(%id, "table record still not written; retrying");
+    }
+}
+
+fn remember<A>(row: &mut Row<A>, key: String, version: u64, offset: u64, capacity: usize) {
+    if capacity == 0 || row.keys.iter().any(|k| k.key == key) {
+        return;
+    }
+    row.keys.push_back(KeyDoc { key, version, offset });
+    while row.keys.len() > capacity {
+        row.keys.pop_front();
+    }
+}
+
+#[async_trait]
+impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
+    async fn append(
+        &self,
+        id: &str,
+        expected: ExpectedVersion,
+        events: Vec<A::Event>,
+        metadata: Metadata,
+    ) -> Result<Appended, StoreError> {
+        let inner = &self.inner;
+        if events.is_empty() {
+            return Err(StoreError::Invalid("an append needs at least one event".into()));
+        }
+        let p = inner.partition_checked(id)?;
+        let _turn = inner.locks.lock(id).await;
+        inner.settle(p).await?;
+        let (actual, mut state) = {
+            let table = inner.table();
+            let row = table.rows.get(id);
+            let first = metadata
+                .idempotency_key
+                .as_ref()
+                .zip(row)
+                .and_then(|(key, row)| row.keys.iter().find(|k| &k.key == key));
+            if let Some(k) = first {
+                return Ok(Appended { version: k.version, position: Position::new(p, k.offset), deduplicated: true });
+            }
+            (row.map_or(0, |r| r.version), row.map(|r| r.state.clone()).unwrap_or_default())
+        };
+        if !expected.admits(actual) {
+            return Err(StoreError::Conflict { aggregate: A::NAME.into(), id: id.into(), expected, actual });
+        }
+        let encoded = encode_all(&*inner.codec, &events)?;
+        let outgoing = encoded
+            .into_iter()
+            .map(|e| OutgoingEvent { event_type: e.event_type.to_owned(), revision: e.revision, payload: e.payload })
+            .collect();
+        let key = metadata.idempotency_key.clone();
+        let doc = EventsDoc::new(A::NAME, id, actual + 1, inner.codec.content_type(), outgoing, metadata)
+            .map_err(StoreError::Invalid)?;
+        let value = serde_json::to_vec(&doc).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        for e in &events {
+            state.apply(e);
+        }
+
+        let ticket = inner.tickets.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut table = inner.table();
+            let log = &mut table.logs[p as usize];
+            let floor = log.end;
+            log.in_flight.insert(ticket, floor);
+        }
+        let producer = inner.producer();
+        let record = FutureRecord::to(&inner.events_topic)
+            .key(id)
+            .payload(&value)
+            .partition(p as i32)
+            .timestamp(doc.recorded_at.timestamp_millis())
+            .headers(doc.headers());
+        let timeout = inner.config.request_timeout;
+        let sent = tokio::time::timeout(timeout * 2 + Duration::from_secs(1), producer.send(record, timeout)).await;
+        let delivery = match sent {
+            Ok(Ok(delivery)) => delivery,
+            failed => {
+                let mut table = inner.table();
+                let log = &mut table.logs[p as usize];
+                let floor = log.in_flight.remove(&ticket).unwrap_or(log.end);
+                log.uncertain_from = Some(log.uncertain_from.map_or(floor, |u| u.min(floor)));
+                drop(table);
+                inner.heal_producer(&producer);
+                return Err(match failed {
+                    Ok(Err((e, _))) => KafkaStoreError::from_kafka("append", &e).into(),
+                    _ => StoreError::Unavailable(format!("append: no acknowledgement within {:?}", timeout * 2)),
+                });
+            }
+        };
+        let position =
+            Position::new(u32::try_from(delivery.partition).unwrap_or(p), u64::try_from(delivery.offset).unwrap_or(0));
+        let mut table = inner.table();
+        let log = &mut table.logs[p as usize];
+        log.in_flight.remove(&ticket);
+        log.end = log.end.max(position.offset + 1);
+        log.unsaved.insert(position.offset, id.to_owned());
+        let capacity = inner.config.idempotency_keys_per_aggregate;
+        let row = table.rows.entry(id.to_owned()).or_insert_with(|| Row {
+            state: A::default(),
+            version: 0,
+            first_offset: position.offset,
+            last: position,
+            keys: VecDeque::new(),
+            offsets: Vec::new(),
+            max_bytes: 0,
+        });
+        // A resynchronisation may have read this very record already.
+        if row.version == actual {
+            row.state = state;
+            row.version = doc.last_version;
+            row.last = position;
+            if actual == 0 || !row.offsets.is_empty() {
+                row.offsets.push(position.offset);
+            }
+            row.max_bytes = row.max_bytes.max((id.len() + value.len()) as u64);
+            if let Some(key) = key {
+                remember(row, key, doc.last_version, position.offset, capacity);
+            }
+        }
+        inner.save_row(&table, id);
+        Ok(Appended { version: doc.last_version, position, deduplicated: false })
+    }
+
+    async fn recall(&self, id: &str, idempotency_key: &str) -> Result<Option<Appended>, StoreError> {
+        let p = self.inner.partition_checked(id)?;
+        self.inner.settle(p).await?;
+        let table = self.inner.table();
+        Ok(table.rows.get(id).and_then(|row| {
+            row.keys.iter().find(|k| k.key == idempotency_key).map(|k| Appended {
+                version: k.version,
+                position: Position::new(row.last.partition, k.offset),
+                deduplicated: true,
+            })
+        }))
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        let p = self.inner.partition_checked(id)?;
+        self.inner.settle(p).await?;
+        let table = self.inner.table();
+        Ok(table.rows.get(id).map(|r| Snapshot { state: r.state.clone(), version: r.version }))
+    }
+
+    async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        let inner = &self.inner;
+        let p = inner.partition_checked(id)?;
+        inner.settle(p).await?;
+        let Some((from, to, version, offsets, max_bytes)) = inner
+            .table()
+            .rows
+            .get(id)
+            .map(|r| (r.first_offset, r.last.offset + 1, r.version, r.offsets.clone(), r.max_bytes))
+        else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<Envelope<A::Event>> = Vec::new();
+        let topic = inner.events_topic.clone();
+        let mut take = |m: &BorrowedMessage<'_>| {
+            if m.key() != Some(id.as_bytes()) {
+                return Ok(());
+            }
+            let at = Position::new(m.partition() as u32, m.offset() as u64);
+            let doc = EventsDoc::decode(&topic, at, m.key(), m.payload())?;
+            let have = out.last().map_or(0, |e| e.version);
+            if doc.last_version <= have {
+                return Ok(());
+            }
+            if doc.first_version != have + 1 {
+                return Err(KafkaStoreError::Corrupt {
+                    topic: topic.clone(),
+                    position: at,
+                    aggregate_id: Some(id.to_owned()),
+                    version: doc.first_version,
+                    reason: format!("versions after {have} are missing"),
+                });
+            }
+            for raw in doc.into_raw(&topic, at)? {
+                out.push(raw.decode(&*inner.codec).map_err(|e| KafkaStoreError::Corrupt {
+                    topic: topic.clone(),
+                    position: at,
+                    aggregate_id: Some(id.to_owned()),
+                    version: 0,
+                    reason: e.to_string(),
+                })?);
+            }
+            Ok(())
+        };
+        if offsets.is_empty() {
+            inner.scan(&topic, &[(p, from, to)], take).await?;
+        } else {
+            // Room for the largest record plus a little: a fetch brings the
+            // wanted record and few others.
+            inner.fetch_at(&topic, p, &offsets, max_bytes.saturating_mul(2).max(4096), &mut take).await?;
+        }
+        out.truncate(usize::try_from(version).unwrap_or(usize::MAX));
+        Ok(out)
+    }
+
+    async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
+        let inner = &self.inner;
+        let consumer = create_consumer(&inner.config, false, SCAN_FETCH_BYTES)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..inner.partitions {
+            let next = from.next_offset(p);
+            let offset =
+                if next == 0 { Offset::Beginning } else { Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX)) };
+            tpl.add_partition_offset(&inner.events_topic, p as i32, offset)
+                .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
+        }
+        consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
+        let reader = Reader { consumer, topic: inner.events_topic.clone(), codec: Arc::clone(&inner.codec) };
+        let stream = stream::unfold(reader, |reader| async move {
+            let item = reader.next().await;
+            Some((item, reader))
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        let marks = self.inner.high_watermarks(&self.inner.events_topic, self.inner.partitions).await?;
+        let mut head = Checkpoint::start();
+        for (p, high) in marks.into_iter().enumerate() {
+            if high > 0 {
+                head.set_next(p as u32, high);
+            }
+        }
+        Ok(head)
+    }
+}
+
+/// The consumer behind one subscription.
+struct Reader<E> {
+    consumer: StreamConsumer,
+    topic: String,
+    codec: Arc<dyn Codec<E>>,
+}
+
+impl<E: 'static> Reader<E> {
+    /// The next record's events. Transient consumer errors are left to
+    /// librdkafka, which reconnects by itself; the stream just waits.
+    async fn next(&self) -> Result<Vec<Envelope<E>>, StoreError> {
+        loop {
+            match self.consumer.recv().await {
+                Ok(m) => {
+                    let at = Position::new(m.partition() as u32, m.offset() as u64);
+                    let doc = EventsDoc::decode(&self.topic, at, m.key(), m.payload())?;
+                    return doc.into_raw(&self.topic, at)?.into_iter().map(|raw| raw.decode(&*self.codec)).collect();
+                }
+                Err(e) if e.rdkafka_error_code().is_some_and(is_transient) => {
+                    tracing::debug!(topic = %self.topic, error = %e, "subscription waiting for the broker");
+                }
+                Err(e) => return Err(KafkaStoreError::from_kafka("subscription", &e).into()),
+            }
+        }
+    }
+}
+
+/// Per-id async locks whose entries disappear when unused: one writer per
+/// aggregate in this process, never a global lock.
+#[derive(Default)]
+struct IdLocks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct IdGuard<'a> {
+    locks: &'a IdLocks,
+    id: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl IdLocks {
+    async fn lock(&self, id: &str) -> IdGuard<'_> {
+        let lock = self.map.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().clone();
+        IdGuard { locks: self, id: id.to_owned(), guard: Some(lock.lock_owned().await) }
+    }
+}
+
+impl Drop for IdGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map and this guard hold it: nobody waits, the entry can go.
+        if map.get(&self.id).is_some_and(|l| Arc::strong_count(l) == 2) {
+            map.remove(&self.id);
+        }
+        self.guard.take();
+    }
+}
+
+impl From<KafkaStoreError> for kes_core::ProjectionError {
+    fn from(e: KafkaStoreError) -> Self {
+        kes_core::ProjectionError::Store(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(pairs: &[(&str, &str)]) -> HashMap<String, Option<String>> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), Some((*v).to_owned()))).collect()
+    }
+
+    #[test]
+    fn events_topic_configs_that_could_lose_events_are_refused_by_name() {
+        let ok = [("cleanup.policy", "delete"), ("retention.ms", "31536000000000"), ("retention.bytes", "-1")];
+        let min = crate::config::THOUSAND_YEARS_MS;
+        check_events_config("t", &entries(&ok), min).unwrap();
+        let cases: [(&str, &str, &str); 6] = [
+            ("cleanup.policy", "compact", "cleanup.policy"),
+            ("cleanup.policy", "compact,delete", "cleanup.policy"),
+            ("retention.ms", "-1", "retention.ms"),
+            ("retention.ms", "604800000", "retention.ms"),
+            ("retention.ms", "soon", "retention.ms"),
+            ("retention.bytes", "1073741824", "retention.bytes"),
+        ];
+        for (name, value, setting) in cases {
+            let mut e = entries(&ok);
+            e.insert(name.to_owned(), Some(value.to_owned()));
+            match check_events_config("t", &e, min) {
+                Err(KafkaStoreError::UnsafeTopic { setting: s, value: v, .. }) => {
+                    assert_eq!((s.as_str(), v.as_str()), (setting, value));
+                }
+                other => panic!("{name}={value}: {other:?}"),
+            }
+        }
+        let mut missing = entries(&ok);
+        missing.remove("retention.bytes");
+        assert!(check_events_config("t", &missing, min).unwrap_err().to_string().contains("retention.bytes"));
+    }
+
+    #[test]
+    fn table_topic_must_be_compacted_only() {
+        check_table_config("t", &entries(&[("cleanup.policy", "compact")])).unwrap();
+        assert!(check_table_config("t", &entries(&[("cleanup.policy", "delete")])).is_err());
+        assert!(check_table_config("t", &entries(&[("cleanup.policy", "compact,delete")])).is_err());
+        assert!(check_table_config("t", &HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn reflected_below_never_passes_unsaved_in_flight_or_uncertain_records() {
+        let mut log = PartitionLog { end: 10, ..PartitionLog::default() };
+        assert_eq!(log.reflected_below(), 10);
+        log.in_flight.insert(1, 8);
+        assert_eq!(log.reflected_below(), 8);
+        log.unsaved.insert(5, "a".into());
+        log.unsaved.insert(7, "b".into());
+        assert_eq!(log.reflected_below(), 5);
+        log.forget_saved("a", 6);
+        assert_eq!(log.reflected_below(), 7);
+        log.uncertain_from = Some(2);
+        assert_eq!(log.reflected_below(), 2);
+    }
+}

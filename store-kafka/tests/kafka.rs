@@ -1,0 +1,236 @@
+//! Kafka-specific behaviour on a real broker: restart and crash recovery,
+//! several partitions, topic configuration checks, what other clients see,
+//! bad records.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kes_core::conformance::{Ledger, LedgerCommand, LedgerEvent};
+use kes_core::{Checkpoint, CommandBus, EventStore, ExpectedVersion, Metadata, StoreError};
+use kes_store_kafka::{KafkaConfig, KafkaStore, KafkaStoreError};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+fn raw_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", brokers).create().expect("producer")
+}
+
+/// Writes an events record the way KES does, without KES: what a crash
+/// right after the events write leaves behind (no table record).
+async fn produce_events_record(brokers: &str, store: &KafkaStore<Ledger>, id: &str, first: u64, amounts: &[i64]) {
+    let events: Vec<_> = amounts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            json!({
+                "event_id": uuid::Uuid::now_v7(), "version": first + i as u64, "event_type": "EntryAdded",
+                "revision": 1, "content_type": "application/json", "payload": {"Added": {"amount": a}}
+            })
+        })
+        .collect();
+    let doc = json!({
+        "format": "kes.events.v1", "aggregate_type": "ledger", "aggregate_id": id,
+        "first_version": first, "last_version": first + amounts.len() as u64 - 1,
+        "recorded_at": chrono::Utc::now(), "metadata": {"idempotency_key": format!("crash-{id}")}, "events": events
+    });
+    let value = serde_json::to_vec(&doc).expect("json");
+    let partition = store.partition_of(id) as i32;
+    let record = FutureRecord::to(store.events_topic()).key(id).payload(&value).partition(partition);
+    raw_producer(brokers).send(record, Duration::from_secs(10)).await.expect("raw produce");
+}
+
+async fn snapshot_of(store: &KafkaStore<Ledger>, ids: &[&str]) -> Vec<(String, Option<(Ledger, u64)>, usize)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let loaded = store.load(id).await.expect("load").map(|s| (s.state, s.version));
+        let history = store.read(id).await.expect("read");
+        let versions: Vec<u64> = history.iter().map(|e| e.version).collect();
+        assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>(), "{id}: history not contiguous");
+        out.push(((*id).to_owned(), loaded, history.len()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_rebuilds_the_table_including_a_command_whose_table_record_was_lost() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 3);
+    let Some(store) = common::connect(config.clone()).await else { return };
+    let bus = CommandBus::new(store.clone());
+    let keyed = Metadata { idempotency_key: Some("k-1".into()), ..Metadata::default() };
+    for id in ["a", "b", "c", "d", "e"] {
+        bus.execute(id, LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+    }
+    bus.execute("a", LedgerCommand::AddMany(vec![1, 2, 3]), ExpectedVersion::Exact(1), keyed.clone())
+        .await
+        .expect("add many");
+    bus.execute("b", LedgerCommand::Add(10), ExpectedVersion::Any, Metadata::default()).await.expect("add");
+    bus.execute("c", LedgerCommand::Close, ExpectedVersion::Any, Metadata::default()).await.expect("close");
+    store.flush(Duration::from_secs(10)).await.expect("flush");
+    // The crash: events records on the log whose table records never came.
+    produce_events_record(&brokers, &store, "b", 3, &[5, 6]).await;
+    produce_events_record(&brokers, &store, "f", 1, &[7]).await;
+    let ids = ["a", "b", "c", "d", "e", "f", "never"];
+    let before = snapshot_of(&store, &["a", "c", "d", "e", "never"]).await;
+    drop(bus);
+    drop(store);
+
+    let again = KafkaStore::<Ledger>::connect(config.clone()).await.expect("restart");
+    let after = snapshot_of(&again, &ids).await;
+    for row in &before {
+        assert!(after.contains(row), "{} changed across the restart: {row:?} vs {after:?}", row.0);
+    }
+    let b = again.load("b").await.expect("load").expect("b exists");
+    assert_eq!((b.version, b.state.total, b.state.entries), (4, 21, 3), "the crashed command on b is in the table");
+    let f = again.load("f").await.expect("load").expect("f exists");
+    assert_eq!((f.version, f.state.total), (1, 7), "an aggregate known only from the log is in the table");
+    let recalled = again.recall("a", "k-1").await.expect("recall").expect("keys survive restarts");
+    assert_eq!(recalled.version, 4);
+    assert!(again.recall("b", "crash-b").await.expect("recall").is_some(), "keys of caught-up records too");
+    match again.append("c", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await {
+        Err(StoreError::Conflict { actual: 2, .. }) => {}
+        other => panic!("a deleted aggregate must keep its version across restarts, got {other:?}"),
+    }
+    // Commands continue from the recovered versions, then a third start
+    // (from the repaired table topic) agrees with the second.
+    again
+        .append("b", ExpectedVersion::Exact(4), vec![LedgerEvent::Added { amount: 1 }], Metadata::default())
+        .await
+        .expect("append");
+    let second = snapshot_of(&again, &ids).await;
+    again.flush(Duration::from_secs(10)).await.expect("flush");
+    drop(again);
+    let third = KafkaStore::<Ledger>::connect(config).await.expect("third start");
+    assert_eq!(snapshot_of(&third, &ids).await, second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_partitions_keep_each_aggregate_in_order() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let Some(store) = common::connect(common::config(&brokers, 4)).await else { return };
+    let ids: Vec<String> = (0..12).map(|i| format!("p-{i}")).collect();
+    let partitions: std::collections::HashSet<u32> = ids.iter().map(|id| store.partition_of(id)).collect();
+    assert!(partitions.len() > 1, "the ids should spread over partitions");
+    let bus = std::sync::Arc::new(CommandBus::new(store.clone()));
+    let tasks: Vec<_> = ids
+        .iter()
+        .cloned()
+        .map(|id| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                bus.execute(&id, LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default())
+                    .await
+                    .expect("open");
+                for i in 0..5 {
+                    bus.execute(&id, LedgerCommand::Add(i), ExpectedVersion::Any, Metadata::default())
+                        .await
+                        .expect("add");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let head = store.head().await.expect("head");
+    assert_eq!(Checkpoint::start().lag_behind(&head), 72);
+    let mut stream = store.subscribe(Checkpoint::start()).await.expect("subscribe");
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut checkpoint = Checkpoint::start();
+    while !checkpoint.covers_all(&head) {
+        let item =
+            tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time").expect("endless");
+        for e in item.expect("item") {
+            assert_eq!(e.position.partition, store.partition_of(&e.aggregate_id));
+            let last = seen.entry(e.aggregate_id.clone()).or_default();
+            assert_eq!(e.version, *last + 1, "{} out of order", e.aggregate_id);
+            *last = e.version;
+            checkpoint.advance(e.position);
+        }
+    }
+    assert!(seen.values().all(|v| *v == 6));
+    // Resuming from the middle of one partition skips exactly what was read.
+    let mut half = Checkpoint::start();
+    for (p, next) in head.iter() {
+        half.set_next(p, next / 2);
+    }
+    let rest = Checkpoint::start().lag_behind(&head) - Checkpoint::start().lag_behind(&half);
+    let mut stream = store.subscribe(half).await.expect("subscribe");
+    for _ in 0..rest {
+        let item =
+            tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time").expect("endless");
+        item.expect("item");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_topic_that_could_lose_events_is_refused_by_setting() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
+    let topic = config.events_topic("ledger");
+    let forever = NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1");
+    for r in admin.create_topics([&forever], &AdminOptions::new()).await.expect("create") {
+        r.expect("topic created");
+    }
+    match KafkaStore::<Ledger>::connect(config.clone()).await {
+        Err(KafkaStoreError::UnsafeTopic { setting, value, .. }) => {
+            assert_eq!((setting.as_str(), value.as_str()), ("retention.ms", "-1"));
+        }
+        other => panic!("expected a refusal naming retention.ms, got {other:?}"),
+    }
+    let compacted = KafkaConfig { topic_prefix: format!("{}-c", config.topic_prefix), ..config };
+    let topic = compacted.events_topic("ledger");
+    let compact = NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    for r in admin.create_topics([&compact], &AdminOptions::new()).await.expect("create") {
+        r.expect("topic created");
+    }
+    match KafkaStore::<Ledger>::connect(compacted).await {
+        Err(e @ KafkaStoreError::UnsafeTopic { .. }) => assert!(e.to_string().contains("cleanup.policy"), "{e}"),
+        other => panic!("expected a refusal naming cleanup.policy, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_typed_errors_not_panics() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let Some(store) = common::connect(config.clone()).await else { return };
+    store
+        .append("ok", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default())
+        .await
+        .expect("append");
+    let producer = raw_producer(&brokers);
+    for (key, value) in [("junk", &b"{not json"[..]), ("half", &br#"{"aggregate_id":"half"}"#[..])] {
+        let record = FutureRecord::to(store.events_topic()).key(key).payload(value).partition(0);
+        producer.send(record, Duration::from_secs(10)).await.expect("produce");
+    }
+    let mut stream = store.subscribe(Checkpoint::start()).await.expect("subscribe");
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time").expect("item");
+    assert_eq!(first.expect("the good record").len(), 1);
+    let bad = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time").expect("item");
+    match bad {
+        Err(StoreError::Corrupt { id, reason, .. }) => {
+            assert_eq!(id, "junk");
+            assert!(reason.contains("0:1"), "the error names the position: {reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    match KafkaStore::<Ledger>::connect(config).await {
+        Err(KafkaStoreError::Corrupt { aggregate_id: Some(id), .. }) => assert_eq!(id, "junk"),
+        other => panic!("a store must refuse to start on a log it cannot read, got {other:?}"),
+    }
+}

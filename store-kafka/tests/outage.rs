@@ -1,0 +1,112 @@
+//! The broker stops and starts during a run: typed errors while it is down,
+//! success after, no acknowledged command lost. Runs its own broker through
+//! `scripts/kafka-broker.sh` on a free port and a temp dir (the shared test
+//! broker keeps serving the other tests).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kes_core::conformance::{Ledger, LedgerEvent};
+use kes_core::{EventStore, ExpectedVersion, Metadata, StoreError};
+use kes_store_kafka::{KafkaConfig, KafkaStore};
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker.sh")
+}
+
+fn broker(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("bash").arg(script()).args(args).output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Stops the dedicated broker even when the test fails.
+struct Dedicated {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Dedicated {
+    fn drop(&mut self) {
+        let _ = broker(&["stop", &self.dir.path().display().to_string()]);
+    }
+}
+
+async fn append_one(store: &KafkaStore<Ledger>, version: u64) -> Result<u64, StoreError> {
+    let event = if version == 0 { LedgerEvent::Opened } else { LedgerEvent::Added { amount: 1 } };
+    store.append("o-1", ExpectedVersion::Exact(version), vec![event], Metadata::default()).await.map(|a| a.version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_gives_typed_errors_then_recovers_without_losing_commands() {
+    // Outage tests run wherever broker tests run.
+    if common::brokers().is_none() {
+        return;
+    }
+    let dedicated = Dedicated { dir: tempfile::tempdir().expect("temp dir") };
+    let dir = dedicated.dir.path().display().to_string();
+    let port = free_port().to_string();
+    if let Err(e) = broker(&["start", &port, &dir]) {
+        if std::env::var_os("CI").is_some() {
+            panic!("cannot start a dedicated broker: {e}");
+        }
+        eprintln!("skipped: cannot start a dedicated broker: {e}");
+        return;
+    }
+    let mut config = KafkaConfig::new(format!("127.0.0.1:{port}"), common::unique_prefix());
+    config.partitions = 1;
+    config.request_timeout = Duration::from_secs(3);
+    let store = KafkaStore::<Ledger>::connect(config.clone()).await.expect("connect");
+    let mut acknowledged = 0;
+    for _ in 0..5 {
+        acknowledged = append_one(&store, acknowledged).await.expect("append while up");
+    }
+
+    broker(&["stop", &dir]).expect("stop");
+    let started = Instant::now();
+    let down = append_one(&store, acknowledged).await;
+    let took = started.elapsed();
+    match down {
+        Err(e @ StoreError::Unavailable(_)) => assert!(e.is_transient()),
+        other => panic!("expected Unavailable while the broker is down, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(15), "the failure took {took:?}: not bounded by the request timeout");
+    assert!(matches!(store.head().await, Err(StoreError::Unavailable(_))));
+
+    broker(&["start", &port, &dir]).expect("restart");
+    // The store heals by itself: keep trying the same command.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match append_one(&store, acknowledged).await {
+            Ok(v) => {
+                acknowledged = v;
+                break;
+            }
+            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                eprintln!("still down: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("the store did not recover: {e}"),
+        }
+    }
+    for _ in 0..3 {
+        acknowledged = append_one(&store, acknowledged).await.expect("append after recovery");
+    }
+    assert_eq!(acknowledged, 9);
+    let history = store.read("o-1").await.expect("read");
+    assert_eq!(history.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+    store.flush(Duration::from_secs(10)).await.expect("flush");
+    drop(store);
+    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart the store");
+    let snapshot = again.load("o-1").await.expect("load").expect("exists");
+    assert_eq!((snapshot.version, snapshot.state.entries), (9, 8), "an acknowledged command was lost");
+}

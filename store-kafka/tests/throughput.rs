@@ -1,0 +1,96 @@
+//! Command throughput against raw producer throughput to the same broker in
+//! the same run. Ignored by default (a measurement, not a check):
+//!
+//! ```sh
+//! KES_TEST_KAFKA_BROKERS=127.0.0.1:19092 cargo test -p kes-store-kafka --test throughput -- --ignored --nocapture
+//! ```
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kes_core::conformance::LedgerCommand;
+use kes_core::{CommandBus, ExpectedVersion, Metadata};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const N: usize = 1000;
+const IN_FLIGHT: usize = 64;
+
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+async fn command_throughput_against_raw_producer() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    // Raw baseline: the same producer settings KES uses (idempotent,
+    // acks=all, 1 ms linger), a record of the same size, no KES.
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
+    let raw_topic = format!("{}.raw", config.topic_prefix);
+    let topic = NewTopic::new(&raw_topic, 1, TopicReplication::Fixed(1));
+    admin.create_topics([&topic], &AdminOptions::new()).await.expect("create");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()
+        .expect("producer");
+    let value = vec![b'x'; 420];
+    let send = |i: usize| {
+        let producer = producer.clone();
+        let value = value.clone();
+        let topic = raw_topic.clone();
+        async move {
+            let key = format!("k-{i}");
+            producer
+                .send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30))
+                .await
+                .expect("raw");
+        }
+    };
+    send(0).await;
+    let t = Instant::now();
+    for i in 0..N {
+        send(i).await;
+    }
+    let raw_seq = rate(N, t.elapsed());
+    let t = Instant::now();
+    futures::stream::iter(0..N).for_each_concurrent(IN_FLIGHT, send).await;
+    let raw_par = rate(N, t.elapsed());
+
+    let Some(store) = common::connect(config).await else { return };
+    let bus = Arc::new(CommandBus::new(store));
+    let t = Instant::now();
+    bus.execute("seq", LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+    for _ in 1..N {
+        bus.execute("seq", LedgerCommand::Add(1), ExpectedVersion::Any, Metadata::default()).await.expect("command");
+    }
+    let cmd_seq = rate(N, t.elapsed());
+    let t = Instant::now();
+    futures::stream::iter(0..N)
+        .for_each_concurrent(IN_FLIGHT, |i| {
+            let bus = bus.clone();
+            async move {
+                let id = format!("par-{}", i % IN_FLIGHT);
+                let cmd = if i < IN_FLIGHT { LedgerCommand::Open } else { LedgerCommand::Add(1) };
+                // Opens go first per id because ids repeat every IN_FLIGHT commands.
+                bus.execute(&id, cmd, ExpectedVersion::Any, Metadata::default()).await.expect("command");
+            }
+        })
+        .await;
+    let cmd_par = rate(N, t.elapsed());
+    println!("raw producer, sequential:      {raw_seq:8.0} records/s");
+    println!("commands, sequential:          {cmd_seq:8.0} commands/s  ratio {:.2}", cmd_seq / raw_seq);
+    println!("raw producer, {IN_FLIGHT} in flight:    {raw_par:8.0} records/s");
+    println!("commands, {IN_FLIGHT} in flight:        {cmd_par:8.0} commands/s  ratio {:.2}", cmd_par / raw_par);
+}
