@@ -33,6 +33,10 @@ pub struct KafkaConfig {
     /// How many idempotency keys each aggregate remembers (kept in its table
     /// record, so they survive restarts).
     pub idempotency_keys_per_aggregate: usize,
+    /// Memory for the read cache: the events records of recently written
+    /// aggregates, so that `read` of a hot aggregate needs no broker round
+    /// trip. Whole histories are evicted, oldest first; 0 turns it off.
+    pub read_cache_bytes: usize,
     /// The shortest `retention.ms` of the events topic KES accepts.
     pub min_retention_ms: i64,
     /// Extra librdkafka settings for every client (security, tuning), e.g.
@@ -51,6 +55,7 @@ impl KafkaConfig {
             replication_factor: 1,
             request_timeout: Duration::from_secs(10),
             idempotency_keys_per_aggregate: 32,
+            read_cache_bytes: 64 << 20,
             min_retention_ms: THOUSAND_YEARS_MS,
             client: BTreeMap::new(),
         }

@@ -71,6 +71,30 @@ struct Inner<A: Aggregate> {
 struct Table<A: Aggregate> {
     rows: HashMap<String, Row<A>>,
     logs: Vec<PartitionLog>,
+    /// Bytes held by the rows' `history` caches.
+    cache_bytes: usize,
+    /// Ids whose history is cached, oldest first (evicted first).
+    cache_order: VecDeque<String>,
+}
+
+impl<A: Aggregate> Table<A> {
+    /// Adds one events record to the cached history of `id` (if it holds
+    /// the whole history), then evicts whole histories down to `budget`.
+    fn cache(&mut self, id: &str, value: &[u8], budget: usize) {
+        let Some(row) = self.rows.get_mut(id) else { return };
+        let Some(history) = row.history.as_mut() else { return };
+        if history.is_empty() {
+            self.cache_order.push_back(id.to_owned());
+        }
+        history.push(Arc::from(value));
+        self.cache_bytes += value.len();
+        while self.cache_bytes > budget {
+            let Some(victim) = self.cache_order.pop_front() else { break };
+            if let Some(dropped) = self.rows.get_mut(&victim).and_then(|r| r.history.take()) {
+                self.cache_bytes -= dropped.iter().map(|v| v.len()).sum::<usize>();
+            }
+        }
+    }
 }
 
 struct Row<A> {
@@ -84,6 +108,9 @@ struct Row<A> {
     offsets: Vec<u64>,
     /// Size of its largest events record (sizes `read`'s fetches).
     max_bytes: u64,
+    /// Its events records' values, all of them, while they fit the read
+    /// cache; `None` once evicted or for rows loaded from the table topic.
+    history: Option<Vec<Arc<[u8]>>>,
 }
 
 #[derive(Default)]
@@ -148,6 +175,8 @@ impl<A: Aggregate> KafkaStore<A> {
             table: Mutex::new(Table {
                 rows: HashMap::new(),
                 logs: (0..partitions).map(|_| PartitionLog::default()).collect(),
+                cache_bytes: 0,
+                cache_order: VecDeque::new(),
             }),
             config,
             events_topic,
@@ -655,6 +684,7 @@ impl<A: Aggregate> Inner<A> {
                         keys: doc.idempotency_keys,
                         offsets: doc.offsets,
                         max_bytes: doc.max_record_bytes,
+                        history: None,
                     },
                 );
             }
@@ -703,9 +733,8 @@ impl<A: Aggregate> Inner<A> {
             let at = Position::new(m.partition() as u32, m.offset() as u64);
             let doc = EventsDoc::decode(&topic, at, m.key(), m.payload())?;
             let id = doc.aggregate_id.clone();
-            let size = (m.key_len() + m.payload_len()) as u64;
             let mut table = self.table();
-            if self.apply_from_log(&mut table, doc, at, size)? {
+            if self.apply_from_log(&mut table, doc, at, m.key_len() as u64, m.payload().unwrap_or_default())? {
                 table.logs[at.partition as usize].unsaved.insert(at.offset, id.clone());
                 changed.insert(id);
             }
@@ -725,8 +754,10 @@ impl<A: Aggregate> Inner<A> {
         table: &mut Table<A>,
         doc: EventsDoc,
         at: Position,
-        size: u64,
+        key_len: u64,
+        value: &[u8],
     ) -> Result<bool, KafkaStoreError> {
+        let size = key_len + value.len() as u64;
         let current = table.rows.get(&doc.aggregate_id).map_or(0, |r| r.version);
         if doc.last_version <= current {
             return Ok(false);
@@ -756,6 +787,7 @@ impl<A: Aggregate> Inner<A> {
                 })?;
             events.push(event);
         }
+        let doc_id = id.clone();
         let row = table.rows.entry(id).or_insert_with(|| Row {
             state: A::default(),
             version: 0,
@@ -764,6 +796,7 @@ impl<A: Aggregate> Inner<A> {
             keys: VecDeque::new(),
             offsets: Vec::new(),
             max_bytes: 0,
+            history: Some(Vec::new()),
         });
         for e in &events {
             row.state.apply(e);
@@ -778,6 +811,7 @@ impl<A: Aggregate> Inner<A> {
         if let Some(key) = key {
             remember(row, key, last_version, at.offset, self.config.idempotency_keys_per_aggregate);
         }
+        table.cache(&doc_id, value, self.config.read_cache_bytes);
         Ok(true)
     }
 
@@ -1016,6 +1050,7 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             keys: VecDeque::new(),
             offsets: Vec::new(),
             max_bytes: 0,
+            history: Some(Vec::new()),
         });
         // A resynchronisation may have read this very record already.
         if row.version == actual {
@@ -1029,6 +1064,7 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             if let Some(key) = key {
                 remember(row, key, doc.last_version, position.offset, capacity);
             }
+            table.cache(id, &value, inner.config.read_cache_bytes);
         }
         inner.save_row(&table, id);
         Ok(Appended { version: doc.last_version, position, deduplicated: false })
@@ -1058,11 +1094,10 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         let inner = &self.inner;
         let p = inner.partition_checked(id)?;
         inner.settle(p).await?;
-        let Some((from, to, version, offsets, max_bytes)) = inner
-            .table()
-            .rows
-            .get(id)
-            .map(|r| (r.first_offset, r.last.offset + 1, r.version, r.offsets.clone(), r.max_bytes))
+        let Some((from, to, version, offsets, max_bytes, history)) =
+            inner.table().rows.get(id).map(|r| {
+                (r.first_offset, r.last.offset + 1, r.version, r.offsets.clone(), r.max_bytes, r.history.clone())
+            })
         else {
             return Ok(Vec::new());
         };
@@ -1098,7 +1133,16 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             }
             Ok(())
         };
-        if offsets.is_empty() {
+        let cached = history.filter(|h| h.len() == offsets.len() && !h.is_empty());
+        if let Some(history) = cached {
+            for (value, offset) in history.iter().zip(&offsets) {
+                let at = Position::new(p, *offset);
+                let doc = EventsDoc::decode(&topic, at, Some(id.as_bytes()), Some(value))?;
+                for raw in doc.into_raw(&topic, at)? {
+                    out.push(raw.decode(&*inner.codec)?);
+                }
+            }
+        } else if offsets.is_empty() {
             inner.scan(&topic, &[(p, from, to)], take).await?;
         } else {
             // Room for the largest record plus a little: a fetch brings the
