@@ -91,6 +91,7 @@ pub(crate) fn is_transient(code: RDKafkaErrorCode) -> bool {
             | C::UnknownProducerId
             | C::ProducerFenced
             | C::KafkaStorageError
+            | C::Unknown
     )
 }
 

@@ -463,19 +463,26 @@ impl<A: Aggregate> Inner<A> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// After a fatal producer error (possible with idempotence) every later
-    /// send fails: start a fresh producer so the store heals by itself.
-    fn heal_producer(&self, failed: &Arc<FutureProducer>) {
-        if let Some((code, reason)) = failed.client().fatal_error() {
-            let mut slot = self.producer.write().unwrap_or_else(|p| p.into_inner());
-            if Arc::ptr_eq(&slot, failed) {
-                match create_producer(&self.config) {
-                    Ok(fresh) => {
-                        tracing::warn!(?code, %reason, "fatal producer error; producer replaced");
-                        *slot = Arc::new(fresh);
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot replace the failed producer"),
+    /// Starts a fresh producer in place of `failed` after a fatal error or
+    /// (`after_timeout`) a send that failed for lack of an answer.
+    ///
+    /// Why the latter: an idempotent librdkafka producer whose message
+    /// timed out bumps its epoch locally and keeps producing with it; some
+    /// brokers (Tansu 0.6.0) cannot handle an epoch they never issued. A
+    /// fresh producer asks the broker for a new producer id instead.
+    fn heal_producer(&self, failed: &Arc<FutureProducer>, after_timeout: bool) {
+        let fatal = failed.client().fatal_error();
+        if fatal.is_none() && !after_timeout {
+            return;
+        }
+        let mut slot = self.producer.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, failed) {
+            match create_producer(&self.config) {
+                Ok(fresh) => {
+                    tracing::warn!(?fatal, "producer replaced after a failed send");
+                    *slot = Arc::new(fresh);
                 }
+                Err(e) => tracing::error!(error = %e, "cannot replace the failed producer"),
             }
         }
     }
@@ -707,7 +714,7 @@ impl<A: Aggregate> Inner<A> {
             for id in &changed {
                 if let Some((doc, p)) = self.table_doc(&table, id) {
                     let reflected = from[p as usize];
-                    pending.push(self.send_table_doc(TableDoc { reflected_below: reflected, ..doc })?);
+                    pending.push(self.send_table_doc(TableDoc { reflected_below: reflected, ..doc })?.0);
                 }
             }
         }
@@ -845,7 +852,10 @@ impl<A: Aggregate> Inner<A> {
     /// Hands a table record to the producer. Called with the table locked,
     /// so that two records of one id enter the producer in the order their
     /// states were reached.
-    fn send_table_doc(&self, doc: TableDoc) -> Result<rdkafka::producer::DeliveryFuture, KafkaStoreError> {
+    fn send_table_doc(
+        &self,
+        doc: TableDoc,
+    ) -> Result<(rdkafka::producer::DeliveryFuture, Arc<FutureProducer>), KafkaStoreError> {
         let value = serde_json::to_vec(&doc).map_err(|e| KafkaStoreError::Broker(format!("table record: {e}")))?;
         let partition = partition_for(&doc.aggregate_id, self.table_partitions) as i32;
         let mut record =
@@ -853,7 +863,9 @@ impl<A: Aggregate> Inner<A> {
         if let Some(headers) = doc.headers() {
             record = record.headers(headers);
         }
-        self.producer().send_result(record).map_err(|(e, _)| KafkaStoreError::from_kafka("table record", &e))
+        let producer = self.producer();
+        let sent = producer.send_result(record).map_err(|(e, _)| KafkaStoreError::from_kafka("table record", &e))?;
+        Ok((sent, producer))
     }
 
     /// Writes the current table record of `id` and, once the broker has it,
@@ -866,16 +878,23 @@ impl<A: Aggregate> Inner<A> {
         let weak = Arc::downgrade(self);
         let id = id.to_owned();
         tokio::spawn(async move {
-            let ok = match sent {
-                Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
-                Err(_) => false,
+            let outcome = match sent {
+                Ok((delivery, producer)) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    _ => Err(Some(producer)),
+                },
+                Err(_) => Err(None),
             };
-            if ok {
-                if let Some(inner) = weak.upgrade() {
-                    inner.table().logs[p as usize].forget_saved(&id, last);
+            let Some(inner) = weak.upgrade() else { return };
+            match outcome {
+                Ok(()) => inner.table().logs[p as usize].forget_saved(&id, last),
+                Err(producer) => {
+                    if let Some(producer) = producer {
+                        inner.heal_producer(&producer, true);
+                    }
+                    drop(inner);
+                    retry_save(weak, id).await;
                 }
-            } else {
-                retry_save(weak, id).await;
             }
         });
     }
@@ -936,13 +955,12 @@ async fn retry_save<A: Aggregate>(weak: Weak<Inner<A>>, id: String) {
             inner.table_doc(&table, &id).map(|(doc, p)| (doc.last_offset, p, inner.send_table_doc(doc)))
         };
         let Some((last, p, sent)) = sent else { return };
-        let ok = match sent {
-            Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
-            Err(_) => false,
-        };
-        if ok {
-            inner.table().logs[p as usize].forget_saved(&id, last);
-            return;
+        if let Ok((delivery, producer)) = sent {
+            if matches!(delivery.await, Ok(Ok(_))) {
+                inner.table().logs[p as usize].forget_saved(&id, last);
+                return;
+            }
+            inner.heal_producer(&producer, true);
         }
         tracing::debug!(%id, "table record still not written; retrying");
     }
@@ -1027,11 +1045,12 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
                 let floor = log.in_flight.remove(&ticket).unwrap_or(log.end);
                 log.uncertain_from = Some(log.uncertain_from.map_or(floor, |u| u.min(floor)));
                 drop(table);
-                inner.heal_producer(&producer);
-                return Err(match failed {
+                let error: StoreError = match failed {
                     Ok(Err((e, _))) => KafkaStoreError::from_kafka("append", &e).into(),
                     _ => StoreError::Unavailable(format!("append: no acknowledgement within {:?}", timeout * 2)),
-                });
+                };
+                inner.heal_producer(&producer, error.is_transient());
+                return Err(error);
             }
         };
         let position =
