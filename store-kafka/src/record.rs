@@ -35,9 +35,23 @@
 //!
 //! ## Table topic: latest state per aggregate
 //!
-//! Key: the aggregate id. Value: a [`TableDoc`] (state, version, where its
-//! last events record sits, recent idempotency keys, and how far the events
-//! partition is reflected in the table topic; see the crate docs).
+//! Key: the aggregate id. Value (never a null tombstone; a deleted
+//! aggregate says `"deleted": true`):
+//!
+//! ```json
+//! {
+//!   "format": "kes.table.v1", "aggregate_type": "project", "aggregate_id": "p-1",
+//!   "version": 4, "deleted": false, "state": { "name": "x" },
+//!   "events_partition": 0, "first_offset": 3, "last_offset": 17, "offsets": [3, 9, 17],
+//!   "max_record_bytes": 512, "reflected_below": 15,
+//!   "idempotency_keys": [{ "key": "k-1", "version": 2, "offset": 9 }],
+//!   "updated_at": "2026-01-01T12:00:00Z"
+//! }
+//! ```
+//!
+//! `reflected_below`: every events record of `events_partition` below it
+//! had its table record acknowledged before this one was written (where the
+//! catch-up at start begins; see the crate docs).
 
 use std::collections::VecDeque;
 
@@ -328,7 +342,7 @@ impl TableDoc {
 /// Kafka's default partitioner (murmur2 of the key, as the Java client and
 /// librdkafka's `murmur2_random` compute it), so that every client agrees
 /// which partition holds an aggregate.
-pub(crate) fn partition_for(key: &str, partitions: u32) -> u32 {
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
     (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
 }
 
