@@ -111,6 +111,10 @@ struct Row<A> {
     /// Its events records' values, all of them, while they fit the read
     /// cache; `None` once evicted or for rows loaded from the table topic.
     history: Option<Vec<Arc<[u8]>>>,
+    /// A table record of this row is in flight (see `save_row`).
+    table_writing: bool,
+    /// The row moved since the record in flight was built.
+    table_stale: bool,
 }
 
 #[derive(Default)]
@@ -692,6 +696,8 @@ impl<A: Aggregate> Inner<A> {
                         offsets: doc.offsets,
                         max_bytes: doc.max_record_bytes,
                         history: None,
+                        table_writing: false,
+                        table_stale: false,
                     },
                 );
             }
@@ -804,6 +810,8 @@ impl<A: Aggregate> Inner<A> {
             offsets: Vec::new(),
             max_bytes: 0,
             history: Some(Vec::new()),
+            table_writing: false,
+            table_stale: false,
         });
         for e in &events {
             row.state.apply(e);
@@ -871,7 +879,19 @@ impl<A: Aggregate> Inner<A> {
     /// Writes the current table record of `id` and, once the broker has it,
     /// forgets the events records it reflects; retries in the background
     /// until it succeeds or the store is dropped.
-    fn save_row(self: &Arc<Self>, table: &Table<A>, id: &str) {
+    ///
+    /// One table record per id is in flight at a time: commands arriving
+    /// meanwhile only mark the row stale, and the next record carries the
+    /// latest state (a busy aggregate writes fewer table records than
+    /// events records, and its records can never overtake each other).
+    fn save_row(self: &Arc<Self>, table: &mut Table<A>, id: &str) {
+        let Some(row) = table.rows.get_mut(id) else { return };
+        if row.table_writing {
+            row.table_stale = true;
+            return;
+        }
+        row.table_writing = true;
+        row.table_stale = false;
         let Some((doc, p)) = self.table_doc(table, id) else { return };
         let last = doc.last_offset;
         let sent = self.send_table_doc(doc);
@@ -887,7 +907,7 @@ impl<A: Aggregate> Inner<A> {
             };
             let Some(inner) = weak.upgrade() else { return };
             match outcome {
-                Ok(()) => inner.table().logs[p as usize].forget_saved(&id, last),
+                Ok(()) => inner.row_saved(p, &id, last),
                 Err(producer) => {
                     if let Some(producer) = producer {
                         inner.heal_producer(&producer, true);
@@ -897,6 +917,19 @@ impl<A: Aggregate> Inner<A> {
                 }
             }
         });
+    }
+
+    /// The table record of `id` up to events offset `last` is acknowledged.
+    fn row_saved(self: &Arc<Self>, p: u32, id: &str, last: u64) {
+        let mut table = self.table();
+        table.logs[p as usize].forget_saved(id, last);
+        let again = table.rows.get_mut(id).is_some_and(|r| {
+            r.table_writing = false;
+            std::mem::take(&mut r.table_stale)
+        });
+        if again {
+            self.save_row(&mut table, id);
+        }
     }
 
     /// Before using partition `p`: if a send to it ended without knowing
@@ -911,9 +944,9 @@ impl<A: Aggregate> Inner<A> {
         let result = async {
             let high = self.high_watermarks(&self.events_topic, self.partitions).await?[p as usize];
             let changed = self.replay(&[(p, from, high)]).await?;
-            let table = self.table();
+            let mut table = self.table();
             for id in &changed {
-                self.save_row(&table, id);
+                self.save_row(&mut table, id);
             }
             Ok::<_, KafkaStoreError>(())
         }
@@ -957,7 +990,7 @@ async fn retry_save<A: Aggregate>(weak: Weak<Inner<A>>, id: String) {
         let Some((last, p, sent)) = sent else { return };
         if let Ok((delivery, producer)) = sent {
             if matches!(delivery.await, Ok(Ok(_))) {
-                inner.table().logs[p as usize].forget_saved(&id, last);
+                inner.row_saved(p, &id, last);
                 return;
             }
             inner.heal_producer(&producer, true);
@@ -1070,6 +1103,8 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             offsets: Vec::new(),
             max_bytes: 0,
             history: Some(Vec::new()),
+            table_writing: false,
+            table_stale: false,
         });
         // A resynchronisation may have read this very record already.
         if row.version == actual {
@@ -1085,7 +1120,7 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             }
             table.cache(id, &value, inner.config.read_cache_bytes);
         }
-        inner.save_row(&table, id);
+        inner.save_row(&mut table, id);
         Ok(Appended { version: doc.last_version, position, deduplicated: false })
     }
 
