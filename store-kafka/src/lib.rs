@@ -41,7 +41,8 @@
 //! - **Acknowledged means durable.** The producer is idempotent with
 //!   `acks=all`; `append` answers only after the broker acknowledged the
 //!   events record. The table record is written right after, without making
-//!   the caller wait.
+//!   the caller wait; one table record per aggregate is in flight at a time
+//!   and commands arriving meanwhile are folded into the next one.
 //! - **Bounded failure.** Every broker round trip is bounded by
 //!   [`KafkaConfig::request_timeout`]: a down broker gives
 //!   [`kes_core::StoreError::Unavailable`] within about twice that, never a
