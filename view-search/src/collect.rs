@@ -1,5 +1,6 @@
 //! The collector that keeps the first `limit` matching documents in the
-//! order of a [`kes_core::view::ValidQuery`]'s sort keys.
+//! order of a [`kes_core::view::ValidQuery`]'s sort keys, strictly after its
+//! keyset cursor.
 //!
 //! Tantivy's own sorted collectors order by one fast field and know nothing
 //! of "missing values last in both directions"; this one reads every sort
@@ -8,10 +9,14 @@
 //! images for numbers) and keeps a bounded candidate list; only the
 //! survivors' text keys are turned into strings, to merge the segments.
 //!
+//! The cursor is compared in the same images: its text keys are looked up
+//! in each segment's dictionary (an absent value falls between two
+//! ordinals), so "after the cursor" is one comparison per document rather
+//! than a nested boolean query over the whole index.
+//!
 //! Cost: one pass over the matching documents, reading one fast value per
 //! sort key each, plus `O(n log limit)` comparisons — a page costs time
-//! linear in the number of matches (after the keyset condition), not in the
-//! page size. The documents of the page are then read from the doc store.
+//! linear in the number of matches, not in the page size. The documents of the page are then read from the doc store.
 
 use std::cmp::Ordering;
 
@@ -39,10 +44,12 @@ pub(crate) struct SortSpec {
     pub descending: bool,
 }
 
-/// Keeps the first `limit` documents in sort order.
+/// Keeps the first `limit` documents in sort order, after the keyset
+/// cursor `after` when given (one key per sort key, `None` = missing).
 pub(crate) struct FirstRows {
     pub keys: Vec<SortSpec>,
     pub limit: usize,
+    pub after: Option<Vec<Option<GlobalKey>>>,
 }
 
 /// A key value that means the same in every segment.
@@ -95,6 +102,8 @@ fn cmp_global(a: &[GlobalKey], b: &[GlobalKey], keys: &[SortSpec]) -> Ordering {
 
 pub(crate) struct SegmentFirstRows {
     segment: SegmentOrdinal,
+    /// The cursor in this segment's terms: only rows strictly after it count.
+    after: Option<Vec<Option<u64>>>,
     columns: Vec<(KeyColumn, bool)>,
     limit: usize,
     /// Candidates: segment-local keys and doc ids.
@@ -133,9 +142,16 @@ impl SegmentCollector for SegmentFirstRows {
         self.buffer.clear();
         for (column, _) in &self.columns {
             self.buffer.push(match column {
-                KeyColumn::Str(c) => c.as_ref().and_then(|c| c.ords().first(doc)),
+                // Odd images for the segment's terms; even ones fall between
+                // them (a cursor value the segment does not hold).
+                KeyColumn::Str(c) => c.as_ref().and_then(|c| c.ords().first(doc)).map(|ord| 2 * ord + 1),
                 KeyColumn::Num(c) => c.as_ref().and_then(|c| c.first(doc)),
             });
+        }
+        if let Some(after) = &self.after
+            && cmp_local(&self.columns, &self.buffer, after) != Ordering::Greater
+        {
+            return;
         }
         if let Some(worst) = &self.worst
             && cmp_local(&self.columns, &self.buffer, worst) != Ordering::Less
@@ -159,7 +175,8 @@ impl SegmentCollector for SegmentFirstRows {
                     .zip(&self.columns)
                     .map(|(value, (column, _))| match (value, column) {
                         (None, _) => GlobalKey::Missing,
-                        (Some(ord), KeyColumn::Str(Some(c))) => {
+                        (Some(image), KeyColumn::Str(Some(c))) => {
+                            let ord = image / 2;
                             text.clear();
                             // An ordinal read from the column always names a term.
                             match c.ord_to_str(ord, &mut text) {
@@ -175,6 +192,29 @@ impl SegmentCollector for SegmentFirstRows {
             })
             .collect()
     }
+}
+
+/// A cursor key as this segment compares it.
+fn local_image(key: Option<&GlobalKey>, column: &KeyColumn) -> tantivy::Result<Option<u64>> {
+    Ok(match (key, column) {
+        (None | Some(GlobalKey::Missing), _) => None,
+        (Some(GlobalKey::Num(n)), _) => Some(*n),
+        // The segment holds no value of this field: every row is missing it.
+        (Some(GlobalKey::Str(_)), KeyColumn::Str(None)) => Some(0),
+        (Some(GlobalKey::Str(bytes)), KeyColumn::Str(Some(c))) => {
+            let dictionary = c.dictionary();
+            match dictionary.term_ord(bytes)? {
+                Some(ord) => Some(2 * ord + 1),
+                None => {
+                    // Between the last term below it and the first above it.
+                    let mut above = dictionary.range().ge(bytes).into_stream()?;
+                    let ord = if above.advance() { above.term_ord() } else { dictionary.num_terms() as u64 };
+                    Some(2 * ord)
+                }
+            }
+        }
+        (Some(GlobalKey::Str(_)), KeyColumn::Num(_)) => None,
+    })
 }
 
 impl Collector for FirstRows {
@@ -205,8 +245,18 @@ impl Collector for FirstRows {
             };
             columns.push((column, spec.descending));
         }
+        let after = match &self.after {
+            None => None,
+            Some(keys) => Some(
+                keys.iter()
+                    .zip(&columns)
+                    .map(|(key, (column, _))| local_image(key.as_ref(), column))
+                    .collect::<tantivy::Result<Vec<_>>>()?,
+            ),
+        };
         Ok(SegmentFirstRows {
             segment,
+            after,
             columns,
             limit: self.limit.max(1),
             rows: Vec::new(),

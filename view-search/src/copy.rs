@@ -7,7 +7,7 @@ use std::sync::{Mutex, RwLock};
 
 use kes_core::view::ID_FIELD;
 use kes_core::view::{Cursor, ValidQuery};
-use kes_core::{Checkpoint, FieldType, ListItem, Page, RowChange, StoredState, ViewProgress, ViewSchema};
+use kes_core::{Checkpoint, FieldType, FieldValue, ListItem, Page, RowChange, StoredState, ViewProgress, ViewSchema};
 use serde_json::json;
 use tantivy::collector::{Count, DocSetCollector, TopDocs};
 use tantivy::query::{Query, TermSetQuery};
@@ -15,7 +15,7 @@ use tantivy::schema::Value;
 use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
 
 use crate::SearchConfig;
-use crate::collect::{FirstRows, KeySource, SortSpec};
+use crate::collect::{FirstRows, GlobalKey, KeySource, SortSpec};
 use crate::error::SearchError;
 use crate::layout::{Layout, index_schema, read_row, register_tokenizers};
 use crate::query::{QueryBuilder, full_text};
@@ -216,20 +216,22 @@ impl IndexCopy {
                 Ok(SortSpec { source, descending: key.descending })
             })
             .collect::<Result<Vec<_>, SearchError>>()?;
-        let first_rows = FirstRows { keys, limit: size + 1 };
-        let (total, found) = match query.keyset() {
-            None => {
-                let base = QueryBuilder::all_of(scored, required);
-                let (total, found) = searcher.search(&base, &(Count, first_rows))?;
-                (total as u64, found)
-            }
-            Some(cond) => {
-                let base = QueryBuilder::all_of(scored, required);
-                let total = searcher.search(&base, &Count)? as u64;
-                let after = QueryBuilder::all_of(None, vec![base, builder.cond(&cond)?]);
-                (total, searcher.search(&after, &first_rows)?)
-            }
+        // The keyset cursor is applied inside the collector (comparing sort
+        // keys), so one pass counts every match and finds the page.
+        let after = match &query.after {
+            Some(Cursor::Keys(values)) => Some(
+                values
+                    .iter()
+                    .zip(&query.sort)
+                    .map(|(value, key)| global_key(value.as_ref(), key.field.ty))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
         };
+        let first_rows = FirstRows { keys, limit: size + 1, after };
+        let base = QueryBuilder::all_of(scored, required);
+        let (total, found) = searcher.search(&base, &(Count, first_rows))?;
+        let total = total as u64;
         let more = found.len() > size;
         let items = found
             .into_iter()
@@ -255,6 +257,20 @@ impl IndexCopy {
             Err(source) => Err(SearchError::Io { path: self.path.clone(), source }),
         }
     }
+}
+
+/// A cursor value in the images the collector compares.
+fn global_key(value: Option<&FieldValue>, ty: FieldType) -> Option<GlobalKey> {
+    Some(match value? {
+        FieldValue::Text(s) => GlobalKey::Str(s.as_bytes().to_vec()),
+        FieldValue::Integer(i) => GlobalKey::Num(tantivy::i64_to_u64(*i)),
+        FieldValue::Float(f) => GlobalKey::Num(tantivy::f64_to_u64(*f)),
+        FieldValue::Bool(b) => GlobalKey::Num(u64::from(*b)),
+        FieldValue::Timestamp(t) if ty == FieldType::Timestamp => {
+            GlobalKey::Num(tantivy::i64_to_u64(t.timestamp_micros()))
+        }
+        FieldValue::Timestamp(_) => return None,
+    })
 }
 
 fn read_payload(text: &str) -> Result<ViewProgress, SearchError> {

@@ -47,15 +47,15 @@
 //!
 //! ## How a list is answered
 //!
-//! Filters and the keyset cursor become Tantivy term, range, set and exists
-//! queries on exact-value fast fields; `q` goes through Tantivy's
+//! Filters become Tantivy term, range, set and exists queries on the
+//! exact-value fields; `q` goes through Tantivy's
 //! `QueryParser` (strict: a query it cannot parse is
 //! [`QueryError::BadSearch`](kes_core::QueryError::BadSearch)), words
-//! combined with AND, over the searchable fields only. A collector reads the
-//! sort keys from fast fields and keeps the first page in the shared order
-//! (missing values last, `id` last), so a page costs one pass over the
-//! matching documents; `total` is a count of the same query without the
-//! cursor. With `q` and no sort, pages are in relevance order and cursors
+//! combined with AND, over the searchable fields only. One search then
+//! counts the matches (`total`) and, in a collector that reads the sort
+//! keys from fast fields, skips rows up to the keyset cursor and keeps the
+//! first page in the shared order (missing values last, `id` last): a page
+//! costs one pass over the matching documents. With `q` and no sort, pages are in relevance order and cursors
 //! are offsets.
 //!
 //! Searchable text uses Tantivy's `en_stem` analyzer (words split on

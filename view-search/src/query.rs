@@ -1,7 +1,6 @@
 //! Translation of a [`ValidQuery`] into Tantivy queries.
 //!
-//! Filters and the keyset condition become term, range, set and exists
-//! queries on the exact-value (`_raw_*`) copies, which hold the values
+//! Filters become term, range, set and exists queries on the exact-value (`_raw_*`) copies, which hold the values
 //! unchanged: text terms compare as UTF-8 bytes (code point order), floats
 //! through Tantivy's order-preserving u64 mapping (the order of
 //! `f64::total_cmp`), timestamps as i64 microseconds. A document without a
@@ -10,10 +9,10 @@
 
 use std::ops::Bound;
 
-use kes_core::view::{Cond, ID_FIELD, ValidFilter};
+use kes_core::view::{ID_FIELD, ValidFilter};
 use kes_core::{Field, FieldType, FieldValue, FilterOp};
 use tantivy::query::{
-    AllQuery, BooleanQuery, ConstScoreQuery, EmptyQuery, ExistsQuery, Occur, Query, QueryParser, RangeQuery, TermQuery,
+    BooleanQuery, ConstScoreQuery, EmptyQuery, ExistsQuery, Occur, Query, QueryParser, RangeQuery, TermQuery,
     TermSetQuery,
 };
 use tantivy::query_grammar::{UserInputAst, UserInputLeaf};
@@ -126,38 +125,6 @@ impl QueryBuilder<'_> {
                 }
                 other => return Err(SearchError::BadSearch(format!("prefix of {other:?}"))),
             },
-        })
-    }
-
-    /// The documents satisfying a keyset condition.
-    pub fn cond(&self, cond: &Cond) -> Result<Box<dyn Query>, SearchError> {
-        Ok(match cond {
-            Cond::False => Box::new(EmptyQuery),
-            Cond::And(all) if all.is_empty() => Box::new(AllQuery),
-            Cond::Or(any) if any.is_empty() => Box::new(EmptyQuery),
-            Cond::And(all) => Box::new(BooleanQuery::new(
-                all.iter().map(|c| Ok((Occur::Must, self.cond(c)?))).collect::<Result<_, SearchError>>()?,
-            )),
-            Cond::Or(any) => {
-                Box::new(BooleanQuery::new(any.iter().map(|c| Ok((Occur::Should, self.cond(c)?))).collect::<Result<
-                    _,
-                    SearchError,
-                >>(
-                )?))
-            }
-            Cond::IsNull(field) if field.name == ID_FIELD => Box::new(EmptyQuery),
-            Cond::IsNull(field) => Box::new(BooleanQuery::new(vec![
-                (Occur::Must, Box::new(AllQuery) as Box<dyn Query>),
-                (Occur::MustNot, self.exists(field)?),
-            ])),
-            Cond::Cmp { field, op, value } => {
-                let raw = self.raw(field)?;
-                match op {
-                    FilterOp::Gt => self.range(raw, Bound::Excluded(value), Bound::Unbounded)?,
-                    FilterOp::Lt => self.range(raw, Bound::Unbounded, Bound::Excluded(value))?,
-                    _ => Box::new(TermQuery::new(self.term(raw, value)?, IndexRecordOption::Basic)),
-                }
-            }
         })
     }
 
