@@ -1,0 +1,217 @@
+//! `kes-bench [--quick] [--json FILE]`: KES against plain baselines, side by
+//! side in one process, so every figure is a same-run ratio.
+//!
+//! Each scenario alternates rounds of the KES path and of its baseline and
+//! keeps the median of each. Load comes from a keep-alive HTTP client in
+//! this process, against the real router served on 127.0.0.1:0. Services:
+//! PostgreSQL from `KES_TEST_DATABASE_URL`, Kafka from
+//! `KES_TEST_KAFKA_BROKERS`; a scenario whose service is absent is reported
+//! as skipped, with the reason.
+
+mod backends;
+mod load;
+mod scenarios;
+
+use std::alloc::System;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+
+/// Counts every allocation of the process, for the table-memory scenario.
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// `--quick`.
+    pub quick: bool,
+    /// Alternating rounds per throughput scenario (each side).
+    pub rounds: usize,
+    /// Length of one throughput round.
+    pub round: Duration,
+    /// Requests per sequential (seed loop) round.
+    pub sequential: u64,
+    /// Aggregates behind the rebuild and memory scenarios.
+    pub aggregates: usize,
+    /// Alternating rounds of the rebuild scenarios.
+    pub rebuild_rounds: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                rounds: 3,
+                round: Duration::from_millis(1200),
+                sequential: 300,
+                aggregates: 10_000,
+                rebuild_rounds: 3,
+            }
+        } else {
+            Self {
+                quick,
+                rounds: 5,
+                round: Duration::from_secs(5),
+                sequential: 1000,
+                aggregates: 100_000,
+                rebuild_rounds: 3,
+            }
+        }
+    }
+}
+
+/// Which way a ratio is taken so that higher is better.
+#[derive(Debug, Clone, Copy)]
+pub enum Better {
+    /// Throughput: kes / baseline.
+    Higher,
+    /// Latency or memory: baseline / kes.
+    Lower,
+}
+
+/// One line of the report.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    scenario: String,
+    unit: String,
+    kes: Option<f64>,
+    baseline: Option<f64>,
+    ratio: Option<f64>,
+    goal: f64,
+    status: String,
+    /// How it was measured, and what the baseline was.
+    note: String,
+}
+
+/// What a scenario measured.
+pub struct Measured {
+    /// The KES figure (median).
+    pub kes: f64,
+    /// The baseline figure (median).
+    pub baseline: f64,
+    /// Method notes.
+    pub note: String,
+}
+
+/// Why a scenario produced no figure.
+pub enum Missing {
+    /// A service it needs is absent.
+    Skip(String),
+    /// It ran and failed.
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Missing {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
+/// A scenario's declaration.
+pub struct Spec {
+    /// Name shown in the table.
+    pub name: String,
+    /// Unit of `kes` and `baseline`.
+    pub unit: &'static str,
+    /// Orientation.
+    pub better: Better,
+    /// Minimum ratio.
+    pub goal: f64,
+}
+
+fn outcome(spec: Spec, result: Result<Measured, Missing>) -> Outcome {
+    let (kes, baseline, ratio, status, note) = match result {
+        Ok(m) => {
+            let ratio = match spec.better {
+                Better::Higher => m.kes / m.baseline,
+                Better::Lower => m.baseline / m.kes,
+            };
+            let status = if ratio >= spec.goal { "met".to_owned() } else { "not met".to_owned() };
+            (Some(m.kes), Some(m.baseline), Some(ratio), status, m.note)
+        }
+        Err(Missing::Skip(why)) => (None, None, None, format!("skipped: {why}"), String::new()),
+        Err(Missing::Failed(e)) => (None, None, None, format!("failed: {e:#}"), String::new()),
+    };
+    Outcome { scenario: spec.name, unit: spec.unit.to_owned(), kes, baseline, ratio, goal: spec.goal, status, note }
+}
+
+/// The median of `values` (which are never empty here).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn figure(v: Option<f64>) -> String {
+    match v {
+        None => "-".to_owned(),
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) if v >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.3}"),
+    }
+}
+
+fn print_table(outcomes: &[Outcome]) {
+    println!();
+    println!("| scenario | unit | kes | baseline | ratio | goal | status |");
+    println!("|---|---|---|---|---|---|---|");
+    for o in outcomes {
+        println!(
+            "| {} | {} | {} | {} | {} | ≥ {} | {} |",
+            o.scenario,
+            o.unit,
+            figure(o.kes),
+            figure(o.baseline),
+            o.ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
+            o.goal,
+            o.status
+        );
+    }
+    println!();
+    for o in outcomes.iter().filter(|o| !o.note.is_empty()) {
+        println!("- {}: {}", o.scenario, o.note);
+    }
+}
+
+fn parse_args() -> anyhow::Result<(bool, Option<String>)> {
+    let mut quick = false;
+    let mut json = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--json" => json = Some(args.next().context("--json needs a file name")?),
+            "-h" | "--help" => {
+                println!("kes-bench [--quick] [--json FILE]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; usage: kes-bench [--quick] [--json FILE]"),
+        }
+    }
+    Ok((quick, json))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (quick, json) = parse_args()?;
+    let plan = Plan::new(quick);
+    let started = std::time::Instant::now();
+    let outcomes = scenarios::run_all(plan).await;
+    print_table(&outcomes);
+    println!("\n{} run in {:.0} s", if plan.quick { "quick" } else { "full" }, started.elapsed().as_secs_f64());
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&outcomes)?;
+        std::fs::write(&path, text).with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
