@@ -48,7 +48,7 @@ impl Plan {
                 rounds: 3,
                 round: Duration::from_millis(1200),
                 sequential: 300,
-                aggregates: 10_000,
+                aggregates: 5_000,
                 rebuild_rounds: 3,
             }
         } else {

@@ -729,7 +729,15 @@ async fn kafka_table(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Result<Measured, 
             return Err(e);
         }
     };
-    let result = kafka_table_inner(&kafka, plan).await;
+    // Bounded: a broker that stops answering must not hang the run.
+    let limit = Duration::from_secs(if plan.quick { 60 } else { 600 });
+    let result = match tokio::time::timeout(limit, kafka_table_inner(&kafka, plan)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!(
+            "timed out after {} s (seeding, waiting for the table topic, or reopening)",
+            limit.as_secs()
+        )),
+    };
     match result {
         Ok((rebuild, memory)) => {
             out.push(outcome(memory_spec, Ok(memory)));
@@ -753,8 +761,10 @@ async fn kafka_table_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measure
     let raw_json: usize =
         states.iter().map(|(_, p)| serde_json::to_vec(p).map(|v| v.len())).sum::<Result<usize, _>>()?;
     // The table topic holds at least one record per aggregate; wait for them.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    eprintln!("  waiting for the table topic");
     let mut records = kafka.read_all(&table_topic).await?;
+    eprintln!("  table topic: {records} records");
     while (records as usize) < states.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         records = kafka.read_all(&table_topic).await?;
