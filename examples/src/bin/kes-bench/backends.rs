@@ -203,11 +203,8 @@ impl Kafka {
                     }
                     // Offsets can have holes (control records): the end of
                     // a partition is where the broker says it is.
-                    Some(Err(KafkaError::PartitionEOF(p))) => {
-                        if ends.remove(&p).is_some() {
-                            remaining -= 1;
-                        }
-                    }
+                    Some(Err(KafkaError::PartitionEOF(p))) if ends.remove(&p).is_some() => remaining -= 1,
+                    Some(Err(KafkaError::PartitionEOF(_))) => {}
                     Some(Err(e)) => return Err(e.into()),
                     None => {}
                 }
