@@ -127,15 +127,9 @@ pub struct Service {
 }
 
 impl Service {
-    /// Opens stores and views (creating files and tables as needed).
+    /// Opens stores and views; the SQL backends create missing files, their
+    /// folders and their tables themselves.
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
-        if let Some(path) = settings.store.strip_prefix("sqlite://").or_else(|| settings.view.strip_prefix("sqlite://"))
-        {
-            ensure_parent(path)?;
-        }
-        if let Some(path) = settings.view.strip_prefix("sqlite://") {
-            ensure_parent(path)?;
-        }
         let projects = Part::open(settings, resources::project_view(), resources::project_row).await?;
         let tasks = Part::open(settings, resources::task_view(), resources::task_row).await?;
         Ok(Self { projects, tasks, http: settings.http.clone() })
@@ -187,14 +181,6 @@ impl Service {
         self.projects.runner.shutdown().await;
         self.tasks.runner.shutdown().await;
     }
-}
-
-fn ensure_parent(path: &str) -> anyhow::Result<()> {
-    let path = path.split('?').next().unwrap_or(path);
-    if let Some(parent) = std::path::Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
