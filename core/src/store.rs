@@ -163,6 +163,15 @@ pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError> {
         self.head().await.map(drop)
     }
+
+    /// Writes out what the store holds only in memory (a Kafka store's
+    /// table records waiting to be coalesced) and waits for it, so that the
+    /// next start has nothing to catch up. Call it before a planned
+    /// shutdown; the store stays usable. Stores that write everything
+    /// during `append` have nothing to do.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -193,6 +202,9 @@ impl<A: Aggregate, S: EventStore<A> + ?Sized> EventStore<A> for std::sync::Arc<S
     }
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush().await
     }
 }
 

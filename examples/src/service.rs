@@ -176,10 +176,18 @@ impl Service {
         }
     }
 
-    /// Stops the projection runners (after in-flight batches).
+    /// Stops the projection runners (after in-flight batches), then lets
+    /// the stores write out what they hold in memory only.
     pub async fn shutdown(&self) {
         self.projects.runner.shutdown().await;
         self.tasks.runner.shutdown().await;
+        for (name, flushed) in
+            [("projects", self.projects.store.flush().await), ("tasks", self.tasks.store.flush().await)]
+        {
+            if let Err(e) = flushed {
+                tracing::warn!(store = name, error = %e, "could not flush the store at shutdown; the next start catches up");
+            }
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! `kes-bench [--quick] [--json FILE]`: KES against plain baselines, side by
-//! side in one process, so every figure is a same-run ratio.
+//! `kes-bench [--quick] [--json FILE] [--only TEXT[,TEXT…]]`: KES against
+//! plain baselines, side by side in one process, so every figure is a
+//! same-run ratio. `--only` runs the scenarios whose name contains one of
+//! the texts (case-insensitive).
 //!
 //! Each scenario alternates rounds of the KES path and of its baseline and
 //! keeps the median of each. Load comes from a keep-alive HTTP client in
@@ -183,21 +185,38 @@ fn print_table(outcomes: &[Outcome]) {
     }
 }
 
+/// Texts from `--only`; empty runs every scenario.
+static ONLY: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Whether the scenario named `name` was selected by `--only`.
+pub fn selected(name: &str) -> bool {
+    let name = name.to_lowercase();
+    ONLY.get().is_none_or(|only| only.is_empty() || only.iter().any(|t| name.contains(t.as_str())))
+}
+
+const USAGE: &str = "kes-bench [--quick] [--json FILE] [--only TEXT[,TEXT...]]";
+
 fn parse_args() -> anyhow::Result<(bool, Option<String>)> {
     let mut quick = false;
     let mut json = None;
+    let mut only = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--json" => json = Some(args.next().context("--json needs a file name")?),
+            "--only" => {
+                let texts = args.next().context("--only needs a comma-separated list of texts")?;
+                only.extend(texts.split(',').map(|t| t.trim().to_lowercase()).filter(|t| !t.is_empty()));
+            }
             "-h" | "--help" => {
-                println!("kes-bench [--quick] [--json FILE]");
+                println!("{USAGE}");
                 std::process::exit(0);
             }
-            other => bail!("unknown argument {other:?}; usage: kes-bench [--quick] [--json FILE]"),
+            other => bail!("unknown argument {other:?}; usage: {USAGE}"),
         }
     }
+    let _ = ONLY.set(only);
     Ok((quick, json))
 }
 
