@@ -11,10 +11,11 @@
 //! Every append is one command of one event with `ExpectedVersion::Any`,
 //! acknowledged only after commit. Each figure is printed with a baseline
 //! measured in the same run on the same database: a bare single-row
-//! `INSERT` committed on its own, with the same durability settings. On
-//! PostgreSQL a third line spreads the 16 writers over 16 aggregate types
-//! (16 logs, so 16 advisory locks instead of one): the difference to the
-//! one-log line is what serialising the appends of one log costs.
+//! `INSERT` committed on its own, with the same durability settings.
+//! Concurrent appends of one store are written in batches (group commit),
+//! so with 16 writers one transaction carries many appends. On PostgreSQL a
+//! third line spreads the 16 writers over 16 aggregate types (16 logs and
+//! 16 stores, so 16 advisory locks and nothing to batch within each).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -71,12 +71,59 @@
 //! failure is reported as an item and retried; a corrupt event ends the
 //! stream with [`kes_core::StoreError::Corrupt`] rather than skip it.
 //!
+//! ## Group commit
+//!
+//! Since the appends of one log are serialised anyway, a store writes them
+//! in batches: an append is queued, and one writer task per store takes
+//! everything queued as one batch and writes it in one transaction — one
+//! lock, one read, one multi-row insert of the events, one multi-row upsert
+//! of the table rows, one commit (one disk flush). Appends that arrive
+//! while a batch is being written form the next batch. A lone append is
+//! written at once: no timer holds it back. Once queued, an append is
+//! written even if its caller stops waiting for the answer.
+//!
+//! Each append of a batch is answered as if it had run alone after the
+//! ones queued before it: its retry key is looked up in the log and among
+//! the batch's earlier appends, its expected version is checked against the
+//! database's version moved on by the batch's earlier appends to the same
+//! aggregate, and positions are consecutive in request order. A conflict
+//! fails that append only. If the batch's transaction fails before its
+//! commit (say one append's data is refused by the database), nothing of it
+//! was written and its appends are tried again one by one, so the others
+//! still succeed. If the commit itself fails, every append of the batch
+//! gets that error, as it would alone.
+//!
+//! ## State cache
+//!
+//! The store keeps the latest version and state of recently used aggregates
+//! (10 000 by default, least recently used first out), written when this
+//! store commits an append or reads the table. `load` answers from it for a
+//! time-to-live (1 s by default) after the state was last known current,
+//! and reads the table after that: appends made by another process sharing
+//! the database — or rows changed by hand — are seen by `load` within the
+//! time-to-live. Appends are exact whatever the cache holds: the expected
+//! version is checked in the database inside the transaction, a cached
+//! state is used only at exactly the stream's current version, and an
+//! append that meets a foreign write answers `Conflict` and drops the entry
+//! so that the next `load` reads the table. Size it with
+//! [`SqlStoreBuilder::state_cache`] (0 turns it off) and
+//! [`SqlStoreBuilder::state_cache_ttl`].
+//!
+//! The trade-off: memory grows with capacity × the size of a state; a
+//! longer time-to-live spares more queries but shows foreign writes later
+//! (a command checked against a stale `load` may be refused as a conflict
+//! until then). A process that is the only writer of its database loses
+//! nothing by a longer one, since its own appends keep the cache current;
+//! processes that write the same aggregates side by side want a short one,
+//! or `Duration::ZERO` to read every `load` from the table.
+//!
 //! ## SQLite
 //!
 //! WAL mode, `synchronous = FULL` (an acknowledged append is on disk),
 //! `busy_timeout` 10 s, one writer connection that starts every append with
 //! `BEGIN IMMEDIATE` (so concurrent appends queue instead of failing with
-//! `SQLITE_BUSY`, also across processes), and a pool of readers beside it.
+//! `SQLITE_BUSY`, also across processes; within a process they are batched
+//! as above), and a pool of readers beside it.
 //! The folder of the file is created when missing. `sqlite::memory:` runs
 //! everything on one connection.
 //!
@@ -94,6 +141,8 @@
 //! |---|---|
 //! | (none) | both dialects are always built in; the URL chooses at run time |
 
+mod batch;
+mod cache;
 mod error;
 mod sql;
 mod store;

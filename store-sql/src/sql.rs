@@ -2,8 +2,8 @@
 //!
 //! Every statement uses `$n` placeholders, which PostgreSQL and SQLite both
 //! understand, and only syntax the two share (`ON CONFLICT … DO UPDATE`,
-//! `CAST(… AS TEXT)`, scalar subqueries), so that the store has one code
-//! path. What differs lives in `store.rs`: how an append transaction starts
+//! `CAST(… AS TEXT)`, scalar subqueries, multi-row `VALUES`, `WITH … AS
+//! (VALUES …)`), so that the store has one code path. What differs lives in `store.rs`: how an append transaction starts
 //! (an advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite) and the
 //! migrations.
 
@@ -18,17 +18,34 @@ use uuid::Uuid;
 const ENVELOPE_COLUMNS: &str = "position, aggregate_id, version, command_end, event_id, event_type, revision, \
      payload, CAST(metadata AS TEXT), recorded_at";
 
-/// Everything an append needs to decide, read in one round trip once the log
-/// is held: the stream's version, the log's next position, what an earlier
-/// append with the same retry key answered, and the table row.
-pub(crate) const APPEND_PREPARE: &str = "SELECT \
-    (SELECT COALESCE(MAX(version), 0) FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2), \
-    (SELECT COALESCE(MAX(position) + 1, 0) FROM kes_events WHERE aggregate_type = $1), \
-    (SELECT version FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2 AND idempotency_key = $3), \
-    (SELECT position FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2 AND idempotency_key = $3), \
-    s.version, CAST(s.state AS TEXT) \
-    FROM (SELECT 1 AS one) AS one \
-    LEFT JOIN kes_aggregates AS s ON s.aggregate_type = $1 AND s.aggregate_id = $2";
+/// Everything the appends of one batch need to decide, read in one round
+/// trip once the log is held: per request (in request order, `n` = 0, 1…)
+/// the stream's version, the log's next position, what an earlier append
+/// with the request's retry key answered, and the table row. `$1` is the
+/// aggregate type; request `n` binds its id and retry key as `$(2n+2)` and
+/// `$(2n+3)`.
+pub(crate) fn append_prepare(requests: usize) -> String {
+    let mut sql = String::from("WITH req(n, id, k) AS (VALUES ");
+    for n in 0..requests {
+        if n > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("({n}, ${}, ${})", 2 * n + 2, 2 * n + 3));
+    }
+    sql.push_str(
+        ") SELECT CAST(req.n AS BIGINT), \
+         (SELECT COALESCE(MAX(e.version), 0) FROM kes_events AS e \
+          WHERE e.aggregate_type = $1 AND e.aggregate_id = req.id), \
+         (SELECT COALESCE(MAX(e.position) + 1, 0) FROM kes_events AS e WHERE e.aggregate_type = $1), \
+         kv.version, kv.position, s.version, CAST(s.state AS TEXT) \
+         FROM req \
+         LEFT JOIN kes_events AS kv ON kv.aggregate_type = $1 AND kv.aggregate_id = req.id \
+          AND kv.idempotency_key IS NOT NULL AND kv.idempotency_key = req.k \
+         LEFT JOIN kes_aggregates AS s ON s.aggregate_type = $1 AND s.aggregate_id = req.id \
+         ORDER BY req.n",
+    );
+    sql
+}
 
 /// Starts an append transaction on PostgreSQL and serialises appends of
 /// aggregate type `name` until it ends, in one round trip (a simple-query
@@ -51,33 +68,49 @@ pub(crate) const INSERT_COLUMNS: usize = 12;
 /// parameters (32766 for SQLite, 65535 for PostgreSQL).
 pub(crate) const EVENTS_PER_INSERT: usize = 1000;
 
+/// Appends `rows` rows of `columns` placeholders each, numbered from `$1`.
+fn push_rows(sql: &mut String, rows: usize, columns: usize) {
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..columns {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * columns + col + 1).to_string());
+        }
+        sql.push(')');
+    }
+}
+
 /// A multi-row insert of `rows` events.
 pub(crate) fn insert_events(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO kes_events (aggregate_type, position, aggregate_id, version, command_end, event_id, \
          event_type, revision, payload, metadata, recorded_at, idempotency_key) VALUES ",
     );
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for col in 0..INSERT_COLUMNS {
-            if col > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('$');
-            sql.push_str(&(row * INSERT_COLUMNS + col + 1).to_string());
-        }
-        sql.push(')');
-    }
+    push_rows(&mut sql, rows, INSERT_COLUMNS);
     sql
 }
 
-/// Writes the table row of an aggregate after an append.
-pub(crate) const UPSERT_STATE: &str = "INSERT INTO kes_aggregates (aggregate_type, aggregate_id, version, state, \
-    updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
-    version = excluded.version, state = excluded.state, updated_at = excluded.updated_at";
+/// Columns of one table row written by [`upsert_states`].
+pub(crate) const STATE_COLUMNS: usize = 5;
+
+/// Writes the table rows of `rows` aggregates (distinct ids) after their
+/// appends: aggregate type, id, version, state, updated-at per row.
+pub(crate) fn upsert_states(rows: usize) -> String {
+    let mut sql =
+        String::from("INSERT INTO kes_aggregates (aggregate_type, aggregate_id, version, state, updated_at) VALUES ");
+    push_rows(&mut sql, rows, STATE_COLUMNS);
+    sql.push_str(
+        " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
+         version = excluded.version, state = excluded.state, updated_at = excluded.updated_at",
+    );
+    sql
+}
 
 /// Writes back a table row rebuilt by replay, unless an append moved it on
 /// meanwhile.
@@ -211,5 +244,14 @@ mod tests {
         assert!(sql.ends_with("($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"));
         assert_eq!(sql.matches('$').count(), 2 * INSERT_COLUMNS);
         const { assert!(EVENTS_PER_INSERT * INSERT_COLUMNS < 32_766) };
+    }
+
+    #[test]
+    fn batch_statements_number_their_parameters() {
+        let sql = append_prepare(3);
+        assert!(sql.starts_with("WITH req(n, id, k) AS (VALUES (0, $2, $3), (1, $4, $5), (2, $6, $7)) SELECT"));
+        let sql = upsert_states(2);
+        assert!(sql.starts_with("INSERT INTO kes_aggregates"), "the gap-safety test looks for this prefix");
+        assert!(sql.contains("VALUES ($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10) ON CONFLICT"));
     }
 }

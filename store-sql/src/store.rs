@@ -5,8 +5,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -20,9 +20,11 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, Executor};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
+use crate::batch::{Decider, EncodedRow, PrepareRow, Request};
+use crate::cache::StateCache;
 use crate::error::{SqlStoreError, db, is_unique_violation, redact};
 use crate::sql::{self, StoredEvent};
 
@@ -71,28 +73,84 @@ macro_rules! on_writer {
 /// type `$name` for writing: `BEGIN IMMEDIATE` on SQLite (the write lock is
 /// taken at once, so a busy database waits in `busy_timeout` instead of
 /// failing on a lock upgrade), an advisory transaction lock on PostgreSQL.
+/// A failure to start it is [`Failure::Database`].
 macro_rules! in_append_tx {
     ($pools:expr, $name:expr, |$tx:ident| $body:expr) => {
         match $pools {
-            Pools::Sqlite { writer, .. } => {
-                let mut $tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
-                $body
-            }
-            Pools::Postgres(pool) => {
-                let mut $tx = pool.begin_with(sql::pg_begin_append($name)).await.map_err(db)?;
-                $body
-            }
+            Pools::Sqlite { writer, .. } => match writer.begin_with("BEGIN IMMEDIATE").await {
+                Ok(mut $tx) => $body,
+                Err(e) => Err(Failure::Database(db(e))),
+            },
+            Pools::Postgres(pool) => match pool.begin_with(sql::pg_begin_append($name)).await {
+                Ok(mut $tx) => $body,
+                Err(e) => Err(Failure::Database(db(e))),
+            },
         }
     };
 }
 
-/// What one append transaction ended with.
-enum Outcome {
-    Appended(Appended),
-    /// The stream is not at the expected version.
-    Conflict(u64),
-    /// An insert hit a unique key: another writer got there first.
+/// Why the transaction of a batch wrote nothing, or may have.
+enum Failure {
+    /// An insert hit a unique key: a writer outside this store's locking
+    /// got there first. Nothing was written.
     Raced,
+    /// A statement before `COMMIT` failed. Nothing was written.
+    Database(StoreError),
+    /// `COMMIT` failed: whether the batch was written is unknown.
+    Commit(StoreError),
+}
+
+fn failure(e: sqlx::Error) -> Failure {
+    Failure::Database(db(e))
+}
+
+/// Most appends decided in one transaction, and most events written by one
+/// (a batch holds at least one append, however large).
+const MAX_BATCH_APPENDS: usize = 256;
+const MAX_BATCH_EVENTS: usize = 4 * sql::EVENTS_PER_INSERT;
+
+/// Most table rows written per statement.
+const STATES_PER_UPSERT: usize = 1000;
+
+/// An append waiting for its batch, and where its answer goes.
+struct Queued<A: Aggregate> {
+    request: Request<A>,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// The appends waiting to be written, and whether a writer task is running
+/// (at most one per store: it takes everything queued as one batch, writes
+/// it, and looks again).
+struct Queue<A: Aggregate> {
+    pending: VecDeque<Queued<A>>,
+    writing: bool,
+}
+
+/// Ends the writer's turn if its task stops early (a panic in aggregate
+/// code, or the runtime shutting down): the batch in hand is answered as
+/// unknown when its reply channels drop, and a new writer takes over what
+/// is still queued.
+struct WriterWatch<'a, A: Aggregate> {
+    store: &'a SqlStore<A>,
+    done: bool,
+}
+
+impl<A: Aggregate> Drop for WriterWatch<'_, A> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut queue = self.store.inner.queue();
+        queue.writing = false;
+        if queue.pending.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            queue.writing = true;
+            drop(queue);
+            runtime.spawn(self.store.clone().write_queued());
+        }
+    }
 }
 
 /// Builds a [`SqlStore`]: URL, codec, PostgreSQL schema and pool settings.
@@ -105,6 +163,8 @@ pub struct SqlStoreBuilder<A: Aggregate> {
     busy_timeout: Duration,
     poll_interval: Duration,
     page_size: u32,
+    cache_capacity: usize,
+    cache_ttl: Duration,
 }
 
 impl<A: Aggregate> fmt::Debug for SqlStoreBuilder<A> {
@@ -117,6 +177,8 @@ impl<A: Aggregate> fmt::Debug for SqlStoreBuilder<A> {
             .field("busy_timeout", &self.busy_timeout)
             .field("poll_interval", &self.poll_interval)
             .field("page_size", &self.page_size)
+            .field("state_cache", &self.cache_capacity)
+            .field("state_cache_ttl", &self.cache_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +194,8 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
             busy_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(50),
             page_size: 500,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            cache_ttl: DEFAULT_CACHE_TTL,
         }
     }
 
@@ -184,6 +248,37 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
         self
     }
 
+    /// How many aggregates the state cache holds (least recently used
+    /// first out); 0 turns it off. Default 10 000.
+    ///
+    /// The cache keeps the latest version and state of each aggregate this
+    /// store appended to or loaded, so that `load` answers without a query
+    /// and an append need not decode the table row. Memory grows with
+    /// capacity × the size of a state. Appends stay exact whatever the
+    /// cache holds: the expected version is checked in the database, inside
+    /// the append's transaction, and a cached state is used only when its
+    /// version is the stream's current one.
+    pub fn state_cache(mut self, capacity: usize) -> Self {
+        self.cache_capacity = capacity;
+        self
+    }
+
+    /// How long `load` answers from the state cache after the state was
+    /// last known current (appended or read by this store). Default 1 s.
+    ///
+    /// Appends made by other processes sharing the database (or by another
+    /// store opened on it) reach this store's `load` within this time: a
+    /// longer time-to-live spares more queries, a shorter one shows foreign
+    /// writes sooner, `Duration::ZERO` reads every `load` from the table.
+    /// An append of this store that meets such a write answers `Conflict`
+    /// and drops the entry, so the next `load` reads the table. Rows
+    /// changed by hand behind the store's back are also seen only after
+    /// this time.
+    pub fn state_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache_ttl = ttl;
+        self
+    }
+
     /// Connects, applies the embedded migrations and returns the store.
     pub async fn open(self) -> Result<SqlStore<A>, SqlStoreError> {
         let (pools, dialect) = if self.url.starts_with("sqlite:") {
@@ -204,6 +299,8 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
                 poll_interval: self.poll_interval,
                 page_size: i64::from(self.page_size),
                 appended: watch::channel(0).0,
+                cache: StateCache::new(self.cache_capacity, self.cache_ttl),
+                queue: Mutex::new(Queue { pending: VecDeque::new(), writing: false }),
             }),
         })
     }
@@ -215,6 +312,7 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
             .map_err(bad_url)?
             .create_if_missing(true)
             .busy_timeout(self.busy_timeout)
+            .statement_cache_capacity(STATEMENT_CACHE)
             // FULL: an append is acknowledged only once its WAL frame is
             // on disk, so an acknowledged command survives a power cut too.
             .synchronous(SqliteSynchronous::Full);
@@ -252,7 +350,8 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
 
     async fn open_postgres(&self) -> Result<Pools, SqlStoreError> {
         let mut options = PgConnectOptions::from_str(&self.url)
-            .map_err(|e| SqlStoreError::Url { url: redact(&self.url), reason: e.to_string() })?;
+            .map_err(|e| SqlStoreError::Url { url: redact(&self.url), reason: e.to_string() })?
+            .statement_cache_capacity(STATEMENT_CACHE);
         if let Some(schema) = &self.schema {
             check_schema_name(schema)?;
             let mut conn = options.connect().await.map_err(SqlStoreError::Connect)?;
@@ -298,7 +397,27 @@ struct Inner<A: Aggregate> {
     /// Bumped after every commit through this store, so that subscribers in
     /// this process need not wait for their next poll.
     appended: watch::Sender<u64>,
+    cache: StateCache<A>,
+    queue: Mutex<Queue<A>>,
 }
+
+impl<A: Aggregate> Inner<A> {
+    fn queue(&self) -> MutexGuard<'_, Queue<A>> {
+        // Nothing panics while the queue is locked.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Prepared statements kept per connection. A batch's statements differ by
+/// its number of appends, events and aggregates; keeping the common sizes
+/// prepared spares a round trip each.
+const STATEMENT_CACHE: usize = 512;
+
+/// Default capacity of the state cache.
+const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+
+/// Default time-to-live of the state cache.
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// The event log and table of aggregate type `A` in SQLite or PostgreSQL.
 ///
@@ -479,6 +598,231 @@ impl<A: Aggregate> SqlStore<A> {
         Ok(u64::try_from(version).unwrap_or(0))
     }
 
+    /// The writer: takes everything queued as one batch, writes it, and
+    /// looks again, until the queue is empty. Appends that arrive while a
+    /// batch is in its transaction wait for the next one; a lone append
+    /// starts a writer at once and waits for no timer.
+    async fn write_queued(self) {
+        let mut watch = WriterWatch { store: &self, done: false };
+        while let Some(batch) = self.next_batch() {
+            self.write_batch(batch).await;
+        }
+        watch.done = true;
+    }
+
+    /// The next batch: queued appends in arrival order, up to the limits.
+    /// `None` (and the writer ends) when nothing is queued.
+    fn next_batch(&self) -> Option<Vec<Queued<A>>> {
+        let mut queue = self.inner.queue();
+        let mut batch = Vec::new();
+        let mut events = 0;
+        while let Some(next) = queue.pending.front() {
+            let size = next.request.events.len();
+            if !batch.is_empty() && (batch.len() >= MAX_BATCH_APPENDS || events + size > MAX_BATCH_EVENTS) {
+                break;
+            }
+            events += size;
+            batch.extend(queue.pending.pop_front());
+        }
+        if batch.is_empty() {
+            queue.writing = false;
+            return None;
+        }
+        Some(batch)
+    }
+
+    /// Writes one batch in one transaction and answers each append. When
+    /// the transaction fails before its commit, no append of it was
+    /// written, and each is tried again on its own, so that one bad append
+    /// (or one that raced a foreign writer) fails alone.
+    async fn write_batch(&self, batch: Vec<Queued<A>>) {
+        let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|q| (q.request, q.reply)).unzip();
+        if requests.len() > 1 {
+            match self.commit(&requests).await {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome);
+                    }
+                    return;
+                }
+                Err(Failure::Commit(e)) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+                Err(Failure::Raced) => {
+                    tracing::debug!(aggregate = A::NAME, appends = requests.len(), "batch raced; appending one by one");
+                }
+                Err(Failure::Database(e)) => {
+                    tracing::debug!(aggregate = A::NAME, appends = requests.len(), error = %e,
+                        "batch failed; appending one by one");
+                }
+            }
+        }
+        let mut down: Option<StoreError> = None;
+        for (request, reply) in requests.iter().zip(replies) {
+            let outcome = match &down {
+                // The database failed this append alone too: the rest of the
+                // batch would only wait for the same failure.
+                Some(e) => Err(e.clone()),
+                None => {
+                    let (outcome, database_down) = self.append_alone(request).await;
+                    if database_down {
+                        down = outcome.clone().err();
+                    }
+                    outcome
+                }
+            };
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// One append in a transaction of its own, with the answer to a race
+    /// against a foreign writer; `true` when the database failed it
+    /// transiently.
+    async fn append_alone(&self, request: &Request<A>) -> (Result<Appended, StoreError>, bool) {
+        match self.commit(std::slice::from_ref(request)).await {
+            Ok(outcomes) => {
+                let outcome = outcomes.into_iter().next().unwrap_or_else(|| {
+                    Err(StoreError::Backend(format!("{} {}: the append was not decided", A::NAME, request.id)))
+                });
+                (outcome, false)
+            }
+            Err(Failure::Raced) => {
+                self.inner.cache.evict(&request.id);
+                (self.after_race(request).await, false)
+            }
+            Err(Failure::Database(e) | Failure::Commit(e)) => {
+                let down = e.is_transient();
+                (Err(e), down)
+            }
+        }
+    }
+
+    /// The answer to an append whose insert hit a unique key. The
+    /// transaction was rolled back when it was dropped. Only a writer
+    /// outside this store's locking gets here (e.g. an older version of
+    /// it); answer as if we had waited for it.
+    async fn after_race(&self, request: &Request<A>) -> Result<Appended, StoreError> {
+        let id = request.id.as_str();
+        if let Some(key) = &request.key
+            && let Some(first) = self.recall(id, key).await?
+        {
+            return Ok(first);
+        }
+        let actual = self.stream_version(id).await?;
+        if request.expected.admits(actual) {
+            // The stream was fine; the race was for the log position.
+            // Trying again will find the next one.
+            return Err(StoreError::Unavailable(format!(
+                "{} {id}: a concurrent append took the same log position; retry",
+                A::NAME
+            )));
+        }
+        Err(StoreError::Conflict {
+            aggregate: A::NAME.to_owned(),
+            id: id.to_owned(),
+            expected: request.expected,
+            actual,
+        })
+    }
+
+    /// Decides and writes `requests` in one transaction: one query reads
+    /// what they need, one insert per thousand events writes the log, one
+    /// upsert the table rows, then `COMMIT`. Returns each request's answer.
+    async fn commit(&self, requests: &[Request<A>]) -> Result<Vec<Result<Appended, StoreError>>, Failure> {
+        let prepare = sql::append_prepare(requests.len());
+        let cache = &self.inner.cache;
+        let (outcomes, settled, known_at) = in_append_tx!(&self.inner.pools, A::NAME, |tx| {
+            let mut query = sqlx::query_as::<_, PrepareRow>(&prepare).bind(A::NAME);
+            for request in requests {
+                query = query.bind(request.id.as_str()).bind(request.key.as_deref());
+            }
+            let rows = query.fetch_all(&mut *tx).await.map_err(failure)?;
+            let mut decider = Decider::new(requests, rows).map_err(Failure::Database)?;
+            while let Some(id) = decider.run(cache) {
+                let statement = sql::read_stream();
+                let rows = sqlx::query(&statement).bind(A::NAME).bind(id).fetch_all(&mut *tx).await.map_err(failure)?;
+                let state = rows
+                    .iter()
+                    .map(|r| sql::envelope_from_row(r, A::NAME))
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(|stored| self.replay(stored))
+                    .map(|(state, _)| state);
+                decider.replayed(id, state);
+            }
+            if decider.event_rows().is_empty() {
+                // Conflicts and retries only: nothing to write.
+                let _ = tx.rollback().await;
+                let (outcomes, settled) = decider.finish();
+                Ok((outcomes, settled, Instant::now()))
+            } else {
+                for chunk in decider.event_rows().chunks(sql::EVENTS_PER_INSERT) {
+                    let statement = sql::insert_events(chunk.len());
+                    let mut query = sqlx::query(&statement);
+                    for row in chunk {
+                        let request = &requests[row.request];
+                        let event = &request.encoded[row.index];
+                        query = query
+                            .bind(A::NAME)
+                            .bind(version_param(row.position))
+                            .bind(request.id.as_str())
+                            .bind(version_param(row.version))
+                            .bind(version_param(row.end))
+                            .bind(event.event_id)
+                            .bind(event.event_type)
+                            .bind(i64::from(event.revision))
+                            .bind(event.payload.as_str())
+                            .bind(Json(&request.metadata))
+                            .bind(request.recorded_at)
+                            .bind(if row.version == row.end { request.key.as_deref() } else { None });
+                    }
+                    match query.execute(&mut *tx).await {
+                        Ok(_) => {}
+                        Err(e) if is_unique_violation(&e) => return Err(Failure::Raced),
+                        Err(e) => return Err(failure(e)),
+                    }
+                }
+                let states = decider.state_rows();
+                for chunk in states.chunks(STATES_PER_UPSERT) {
+                    let statement = sql::upsert_states(chunk.len());
+                    let mut query = sqlx::query(&statement);
+                    for row in chunk {
+                        query = query
+                            .bind(A::NAME)
+                            .bind(row.id)
+                            .bind(version_param(row.version))
+                            .bind(Json(row.state))
+                            .bind(row.updated_at);
+                    }
+                    query.execute(&mut *tx).await.map_err(failure)?;
+                }
+                drop(states);
+                // The states are current until the lock is released, which
+                // the commit does: an entry may be trusted from here on.
+                let known_at = Instant::now();
+                tx.commit().await.map_err(|e| Failure::Commit(db(e)))?;
+                let (outcomes, settled) = decider.finish();
+                Ok((outcomes, settled, known_at))
+            }
+        })?;
+        let mut wrote = false;
+        for settled in settled {
+            if settled.conflicted {
+                cache.evict(settled.id);
+            }
+            if let Some((version, state)) = settled.appended {
+                cache.put(settled.id, version, state, known_at);
+                wrote = true;
+            }
+        }
+        if wrote {
+            self.inner.appended.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(outcomes)
+    }
+
     /// Writes a table row rebuilt by replay. Best effort: the answer of
     /// `load` is right either way, only the next `load` is slower.
     async fn repair_state(&self, id: &str, state: &A, version: u64) {
@@ -543,145 +887,41 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
         if events.is_empty() {
             return Err(StoreError::Invalid("an append needs at least one event".into()));
         }
-        let encoded = encode_all(&*self.inner.codec, &events)?;
-        let payloads = encoded
-            .iter()
+        let encoded = encode_all(&*self.inner.codec, &events)?
+            .into_iter()
             .map(|e| {
-                std::str::from_utf8(&e.payload).map_err(|_| {
+                let payload = String::from_utf8(e.payload).map_err(|_| {
                     StoreError::Invalid(format!("the SQL store keeps text payloads; {} is not UTF-8", e.event_type))
-                })
+                })?;
+                Ok(EncodedRow { event_id: Uuid::now_v7(), event_type: e.event_type, revision: e.revision, payload })
             })
-            .collect::<Result<Vec<&str>, _>>()?;
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let metadata_json =
             serde_json::to_value(&metadata).map_err(|e| StoreError::Invalid(format!("metadata: {e}")))?;
-        let key = metadata.idempotency_key.as_deref();
-        let recorded_at = now();
-        let count = events.len() as u64;
-        let event_ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-
-        let outcome = in_append_tx!(&self.inner.pools, A::NAME, |tx| {
-            let (actual, next_position, key_version, key_position, table_version, table_state): (
-                i64,
-                i64,
-                Option<i64>,
-                Option<i64>,
-                Option<i64>,
-                Option<String>,
-            ) = sqlx::query_as(sql::APPEND_PREPARE)
-                .bind(A::NAME)
-                .bind(id)
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
-            let actual = from_db(actual);
-            if let (Some(version), Some(position)) = (key_version, key_position) {
-                Outcome::Appended(Appended {
-                    version: from_db(version),
-                    position: Position::new(0, from_db(position)),
-                    deduplicated: true,
-                })
-            } else if !expected.admits(actual) {
-                Outcome::Conflict(actual)
-            } else {
-                let current = table_state
-                    .filter(|_| table_version.map(from_db) == Some(actual))
-                    .and_then(|json| serde_json::from_str::<A>(&json).ok());
-                let mut state = match current {
-                    Some(state) => state,
-                    None if actual == 0 => A::default(),
-                    None => {
-                        // The table row is missing, stale or of an older
-                        // shape: the log decides.
-                        let query = sql::read_stream();
-                        let rows = sqlx::query(&query).bind(A::NAME).bind(id).fetch_all(&mut *tx).await.map_err(db)?;
-                        let stored =
-                            rows.iter().map(|r| sql::envelope_from_row(r, A::NAME)).collect::<Result<Vec<_>, _>>()?;
-                        self.replay(stored)?.0
-                    }
-                };
-                for event in &events {
-                    state.apply(event);
-                }
-                let state_json = self.state_json(id, &state)?;
-                let end = actual + count;
-                let first_position = from_db(next_position);
-                let mut raced = false;
-                let mut index = 0;
-                while index < encoded.len() && !raced {
-                    let rows = (encoded.len() - index).min(sql::EVENTS_PER_INSERT);
-                    let statement = sql::insert_events(rows);
-                    let mut query = sqlx::query(&statement);
-                    for i in index..index + rows {
-                        let version = actual + 1 + i as u64;
-                        query = query
-                            .bind(A::NAME)
-                            .bind(version_param(first_position + i as u64))
-                            .bind(id)
-                            .bind(version_param(version))
-                            .bind(version_param(end))
-                            .bind(event_ids[i])
-                            .bind(encoded[i].event_type)
-                            .bind(i64::from(encoded[i].revision))
-                            .bind(payloads[i])
-                            .bind(Json(&metadata_json))
-                            .bind(recorded_at)
-                            .bind(if version == end { key } else { None });
-                    }
-                    match query.execute(&mut *tx).await {
-                        Ok(_) => index += rows,
-                        Err(e) if is_unique_violation(&e) => raced = true,
-                        Err(e) => return Err(db(e)),
-                    }
-                }
-                if raced {
-                    Outcome::Raced
-                } else {
-                    sqlx::query(sql::UPSERT_STATE)
-                        .bind(A::NAME)
-                        .bind(id)
-                        .bind(version_param(end))
-                        .bind(Json(&state_json))
-                        .bind(recorded_at)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                    tx.commit().await.map_err(db)?;
-                    self.inner.appended.send_modify(|n| *n = n.wrapping_add(1));
-                    Outcome::Appended(Appended {
-                        version: end,
-                        position: Position::new(0, first_position + count - 1),
-                        deduplicated: false,
-                    })
-                }
-            }
-        });
-        match outcome {
-            Outcome::Appended(appended) => Ok(appended),
-            Outcome::Conflict(actual) => {
-                Err(StoreError::Conflict { aggregate: A::NAME.to_owned(), id: id.to_owned(), expected, actual })
-            }
-            Outcome::Raced => {
-                // The transaction was rolled back when it was dropped. Only a
-                // writer outside this store's locking gets here (e.g. an
-                // older version of it); answer as if we had waited for it.
-                if let Some(key) = key
-                    && let Some(first) = self.recall(id, key).await?
-                {
-                    return Ok(first);
-                }
-                let actual = self.stream_version(id).await?;
-                if expected.admits(actual) {
-                    // The stream was fine; the race was for the log
-                    // position. Trying again will find the next one.
-                    return Err(StoreError::Unavailable(format!(
-                        "{} {id}: a concurrent append took the same log position; retry",
-                        A::NAME
-                    )));
-                }
-                Err(StoreError::Conflict { aggregate: A::NAME.to_owned(), id: id.to_owned(), expected, actual })
-            }
+        let request = Request {
+            id: id.to_owned(),
+            expected,
+            events,
+            encoded,
+            metadata: metadata_json,
+            key: metadata.idempotency_key,
+            recorded_at: now(),
+        };
+        let (reply, answer) = oneshot::channel();
+        let start_writer = {
+            let mut queue = self.inner.queue();
+            queue.pending.push_back(Queued { request, reply });
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if start_writer {
+            tokio::spawn(self.clone().write_queued());
         }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "{} {id}: the store's writer stopped before answering; whether the append was written is unknown",
+                A::NAME
+            )))
+        })
     }
 
     async fn recall(&self, id: &str, idempotency_key: &str) -> Result<Option<Appended>, StoreError> {
@@ -702,12 +942,24 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
     }
 
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        let cache = &self.inner.cache;
+        if let Some((version, state)) = cache.fresh(id) {
+            return Ok(Some(Snapshot { state, version }));
+        }
+        // What is read below was current at least from here on.
+        let known_at = Instant::now();
         let row: Option<(i64, String)> = on_reader!(&self.inner.pools, |pool| {
             sqlx::query_as(sql::LOAD_STATE).bind(A::NAME).bind(id).fetch_optional(pool).await.map_err(db)?
         });
         if let Some((version, json)) = row {
             match serde_json::from_str::<A>(&json) {
-                Ok(state) => return Ok(Some(Snapshot { state, version: from_db(version) })),
+                Ok(state) => {
+                    let version = from_db(version);
+                    if cache.enabled() {
+                        cache.put(id, version, state.clone(), known_at);
+                    }
+                    return Ok(Some(Snapshot { state, version }));
+                }
                 Err(e) => {
                     tracing::info!(aggregate = A::NAME, id, error = %e, "table row no longer decodes; replaying");
                 }
@@ -721,6 +973,9 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
         }
         let (state, version) = self.replay(stored)?;
         self.repair_state(id, &state, version).await;
+        if cache.enabled() {
+            cache.put(id, version, state.clone(), known_at);
+        }
         Ok(Some(Snapshot { state, version }))
     }
 

@@ -1,6 +1,10 @@
 //! Rows changed behind the store's back: a payload that no longer decodes is
 //! a typed `Corrupt` naming aggregate, id and version (never a panic), and a
 //! table row that is missing or of an older shape is rebuilt from the log.
+//!
+//! The stores run without their state cache, which would answer `load` from
+//! memory until its time-to-live passes; the last tests show that it does,
+//! and no longer.
 
 mod common;
 
@@ -9,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{Checkpoint, EventStore, ExpectedVersion, Metadata, StoreError};
-use kes_store_sql::SqlStore;
+use kes_store_sql::{SqlStore, SqlStoreBuilder};
 use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
 
 /// A connection beside the store's, to damage its tables.
@@ -37,14 +41,26 @@ impl Direct {
 }
 
 async fn sqlite() -> (common::TempStore<Ledger>, Direct) {
-    let store = common::sqlite::<Ledger>().await;
+    sqlite_with(|b| b.state_cache(0)).await
+}
+
+async fn sqlite_with(
+    configure: impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger>,
+) -> (common::TempStore<Ledger>, Direct) {
+    let store = common::sqlite_with::<Ledger>(configure).await;
     let conn = SqliteConnection::connect(&store.url()).await.expect("connect");
     (store, Direct::Sqlite(conn))
 }
 
 async fn postgres() -> Option<(SqlStore<Ledger>, Direct)> {
+    postgres_with(|b| b.state_cache(0)).await
+}
+
+async fn postgres_with(
+    configure: impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger>,
+) -> Option<(SqlStore<Ledger>, Direct)> {
     let schema = common::fresh_schema();
-    let store = common::postgres_in::<Ledger>(&schema).await?;
+    let store = common::postgres_with::<Ledger>(&schema, configure).await?;
     Some((store, Direct::Postgres(common::postgres_connection(&schema).await)))
 }
 
@@ -199,4 +215,38 @@ async fn sqlite_table_is_rebuilt_from_the_log() {
 async fn postgres_table_is_rebuilt_from_the_log() {
     let Some((store, mut direct)) = postgres().await else { return };
     table_is_rebuilt(store, &mut direct).await;
+}
+
+/// With the state cache on, `load` answers from memory for the time-to-live
+/// after the store last saw the state, even though the rows were damaged
+/// meanwhile; after it, the table (and here the damaged log) decides.
+async fn cache_hides_damage_for_its_ttl_only<S: EventStore<Ledger>>(store: S, direct: &mut Direct) {
+    three_commands(&store).await;
+    direct.exec(WRONG_SHAPE).await;
+    direct.exec("DELETE FROM kes_aggregates WHERE aggregate_id = 'l-1'").await;
+    let cached = store.load("l-1").await.expect("served from the cache").expect("exists");
+    assert_eq!((cached.version, cached.state.total), (3, 11));
+    tokio::time::sleep(CACHE_TTL + Duration::from_millis(100)).await;
+    assert_corrupt_at(store.load("l-1").await, 2);
+}
+
+const CACHE_TTL: Duration = Duration::from_millis(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_cache_hides_damage_for_its_ttl_only() {
+    let (store, mut direct) = sqlite_with(|b| b.state_cache(100).state_cache_ttl(Duration::from_secs(60))).await;
+    // A long time-to-live: the damage stays hidden.
+    three_commands(&store).await;
+    direct.exec("DELETE FROM kes_aggregates WHERE aggregate_id = 'l-1'").await;
+    assert_eq!(store.load("l-1").await.expect("load").expect("cached").version, 3);
+    assert!(direct.state_of("l-1").await.is_none(), "the cache answered: the row was not rebuilt");
+
+    let (store, mut direct) = sqlite_with(|b| b.state_cache_ttl(CACHE_TTL)).await;
+    cache_hides_damage_for_its_ttl_only(store, &mut direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cache_hides_damage_for_its_ttl_only() {
+    let Some((store, mut direct)) = postgres_with(|b| b.state_cache_ttl(CACHE_TTL)).await else { return };
+    cache_hides_damage_for_its_ttl_only(store, &mut direct).await;
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use kes_core::{
     Aggregate, Appended, Checkpoint, Envelope, EventStore, EventStream, ExpectedVersion, Metadata, Snapshot, StoreError,
 };
-use kes_store_sql::SqlStore;
+use kes_store_sql::{SqlStore, SqlStoreBuilder};
 use sqlx::{Connection, Executor, PgConnection};
 use tempfile::TempDir;
 use tokio::sync::OnceCell;
@@ -41,8 +41,15 @@ pub fn sqlite_url(dir: &TempDir) -> String {
 /// A fresh SQLite store in a new temp folder (the `data/` folder under it
 /// is created by the store).
 pub async fn sqlite<A: Aggregate>() -> TempStore<A> {
+    sqlite_with(|b| b).await
+}
+
+/// A fresh SQLite store with settings of its own.
+pub async fn sqlite_with<A: Aggregate>(
+    configure: impl FnOnce(SqlStoreBuilder<A>) -> SqlStoreBuilder<A>,
+) -> TempStore<A> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqlStore::open(&sqlite_url(&dir)).await.expect("open sqlite store");
+    let store = configure(SqlStore::builder(&sqlite_url(&dir))).open().await.expect("open sqlite store");
     TempStore { store, dir: Arc::new(dir) }
 }
 
@@ -155,16 +162,19 @@ pub async fn postgres<A: Aggregate>() -> Option<SqlStore<A>> {
 
 /// A PostgreSQL store in `schema` (created when missing).
 pub async fn postgres_in<A: Aggregate>(schema: &str) -> Option<SqlStore<A>> {
+    postgres_with(schema, |b| b).await
+}
+
+/// A PostgreSQL store in `schema` with settings of its own.
+pub async fn postgres_with<A: Aggregate>(
+    schema: &str,
+    configure: impl FnOnce(SqlStoreBuilder<A>) -> SqlStoreBuilder<A>,
+) -> Option<SqlStore<A>> {
     if !postgres_available().await {
         return None;
     }
-    let store = SqlStore::builder(&database_url())
-        .schema(schema)
-        .max_connections(20)
-        .open()
-        .await
-        .expect("open postgres store");
-    Some(store)
+    let builder = SqlStore::builder(&database_url()).schema(schema).max_connections(20);
+    Some(configure(builder).open().await.expect("open postgres store"))
 }
 
 /// A plain connection whose search path is `schema`, for tests that touch

@@ -1,0 +1,189 @@
+//! The state cache: the latest `(version, state)` of recently used
+//! aggregates, so that `load` and the append path can skip the table.
+//!
+//! An entry is written when this store commits an append (the state is then
+//! known to be current) or reads the table, and is served by `load` for
+//! `ttl` after that moment. Another process sharing the database may have
+//! appended meanwhile, so an older entry is read again from the table; an
+//! append never trusts the cache for its version check (that is done in the
+//! database, inside the transaction) and uses a cached state only when its
+//! version is exactly the stream's current one. Capacity bounds the entries;
+//! the least recently used goes first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+pub(crate) struct StateCache<A> {
+    capacity: usize,
+    ttl: Duration,
+    slots: Mutex<Slots<A>>,
+}
+
+struct Slots<A> {
+    by_id: HashMap<Arc<str>, Slot<A>>,
+    /// Use stamp → id, oldest first.
+    by_use: BTreeMap<u64, Arc<str>>,
+    clock: u64,
+}
+
+struct Slot<A> {
+    id: Arc<str>,
+    version: u64,
+    state: Arc<A>,
+    /// When the state was last known to be the stream's current one.
+    known_at: Instant,
+    used: u64,
+}
+
+impl<A> Slots<A> {
+    fn touch(&mut self, id: &str) -> Option<&Slot<A>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let slot = self.by_id.get_mut(id)?;
+        self.by_use.remove(&slot.used);
+        slot.used = clock;
+        self.by_use.insert(clock, Arc::clone(&slot.id));
+        Some(slot)
+    }
+}
+
+impl<A: Clone> StateCache<A> {
+    /// A cache of at most `capacity` aggregates (0: no cache) whose entries
+    /// `load` trusts for `ttl`.
+    pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
+        Self { capacity, ttl, slots: Mutex::new(Slots { by_id: HashMap::new(), by_use: BTreeMap::new(), clock: 0 }) }
+    }
+
+    /// Whether the cache keeps anything (capacity above 0).
+    pub(crate) fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Slots<A>> {
+        // Nothing panics while the lock is held (states are cloned outside
+        // it), so a poisoned lock still guards consistent maps.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cached version and state of `id` if it was known current less
+    /// than the time-to-live ago.
+    pub(crate) fn fresh(&self, id: &str) -> Option<(u64, A)> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let found = {
+            let mut slots = self.slots();
+            let ttl = self.ttl;
+            slots.touch(id).filter(|s| s.known_at.elapsed() < ttl).map(|s| (s.version, Arc::clone(&s.state)))
+        };
+        found.map(|(version, state)| (version, A::clone(&state)))
+    }
+
+    /// The cached state of `id` if it is the one at `version`, however old
+    /// the entry (a version names one history, so the state is right).
+    pub(crate) fn at(&self, id: &str, version: u64) -> Option<A> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let found = self.slots().touch(id).filter(|s| s.version == version).map(|s| Arc::clone(&s.state));
+        found.map(|state| A::clone(&state))
+    }
+
+    /// Records that `id` was at `version` with `state` at `known_at`. An
+    /// entry for a later version is kept (a read that started before one of
+    /// this store's commits must not overwrite it).
+    pub(crate) fn put(&self, id: &str, version: u64, state: A, known_at: Instant) {
+        if self.capacity == 0 {
+            return;
+        }
+        let state = Arc::new(state);
+        let mut slots = self.slots();
+        if let Some(slot) = slots.by_id.get_mut(id) {
+            if slot.version > version {
+                return;
+            }
+            if slot.version == version {
+                slot.known_at = slot.known_at.max(known_at);
+            } else {
+                slot.version = version;
+                slot.state = state;
+                slot.known_at = known_at;
+            }
+            slots.touch(id);
+            return;
+        }
+        let id: Arc<str> = Arc::from(id);
+        slots.by_id.insert(Arc::clone(&id), Slot { id: Arc::clone(&id), version, state, known_at, used: 0 });
+        slots.touch(&id);
+        while slots.by_id.len() > self.capacity {
+            let Some((_, oldest)) = slots.by_use.pop_first() else { break };
+            slots.by_id.remove(&oldest);
+        }
+    }
+
+    /// Forgets `id` (its stream moved on without this store knowing how).
+    pub(crate) fn evict(&self, id: &str) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut slots = self.slots();
+        if let Some(slot) = slots.by_id.remove(id) {
+            slots.by_use.remove(&slot.used);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let slots = self.slots();
+        assert_eq!(slots.by_id.len(), slots.by_use.len());
+        slots.by_id.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_entries_are_served_and_expire() {
+        let cache = StateCache::<String>::new(10, Duration::from_millis(50));
+        let now = Instant::now();
+        cache.put("a", 2, "two".into(), now);
+        assert_eq!(cache.fresh("a"), Some((2, "two".into())));
+        assert_eq!(cache.fresh("b"), None);
+        cache.put("a", 1, "one".into(), now);
+        assert_eq!(cache.fresh("a"), Some((2, "two".into())), "an older version never replaces a newer one");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(cache.fresh("a"), None, "expired");
+        assert_eq!(cache.at("a", 2), Some("two".into()), "an expired entry still names version 2");
+        assert_eq!(cache.at("a", 3), None);
+        cache.put("a", 2, "two".into(), Instant::now());
+        assert_eq!(cache.fresh("a"), Some((2, "two".into())), "seen current again");
+        cache.evict("a");
+        assert_eq!(cache.at("a", 2), None);
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn the_least_recently_used_goes_first() {
+        let cache = StateCache::<u32>::new(2, Duration::from_secs(60));
+        let now = Instant::now();
+        cache.put("a", 1, 1, now);
+        cache.put("b", 1, 2, now);
+        assert!(cache.fresh("a").is_some());
+        cache.put("c", 1, 3, now);
+        assert!(cache.fresh("b").is_none(), "b was used least recently");
+        assert!(cache.fresh("a").is_some());
+        assert!(cache.fresh("c").is_some());
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn capacity_zero_caches_nothing() {
+        let cache = StateCache::<u32>::new(0, Duration::from_secs(60));
+        cache.put("a", 1, 1, Instant::now());
+        assert!(cache.fresh("a").is_none());
+        assert!(cache.at("a", 1).is_none());
+    }
+}
