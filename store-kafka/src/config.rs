@@ -37,6 +37,15 @@ pub struct KafkaConfig {
     /// aggregates, so that `read` of a hot aggregate needs no broker round
     /// trip. Whole histories are evicted, oldest first; 0 turns it off.
     pub read_cache_bytes: usize,
+    /// How long a changed row waits before its table record is written.
+    /// Commands on the row during the wait ride along in the same record, so
+    /// a busy aggregate writes a few table records per second instead of
+    /// one per command, and a table record never queues in front of the
+    /// next command's events record. Recovery replays the events topic past
+    /// what the table records reflect, so the delay costs nothing in
+    /// durability, only a slightly longer catch-up at the next start.
+    /// [`crate::KafkaStore::flush`] writes waiting records at once.
+    pub table_write_delay: Duration,
     /// The shortest `retention.ms` of the events topic KES accepts.
     pub min_retention_ms: i64,
     /// Extra librdkafka settings for every client (security, tuning), e.g.
@@ -56,12 +65,13 @@ impl KafkaConfig {
             request_timeout: Duration::from_secs(10),
             idempotency_keys_per_aggregate: 32,
             read_cache_bytes: 64 << 20,
+            table_write_delay: Duration::from_millis(250),
             min_retention_ms: THOUSAND_YEARS_MS,
             client: BTreeMap::new(),
         }
     }
 
-    /// Reads `kafka://host:port[,host:port…][?prefix=P&partitions=N&replication=R&timeout_ms=T]`,
+    /// Reads `kafka://host:port[,host:port…][?prefix=P&partitions=N&replication=R&timeout_ms=T&table_delay_ms=D]`,
     /// the form the example service takes as its store URL. The prefix
     /// defaults to `kes`.
     pub fn from_url(url: &str) -> Result<Self, KafkaStoreError> {
@@ -82,6 +92,9 @@ impl KafkaConfig {
                 "partitions" => config.partitions = u32::try_from(number()?).unwrap_or(0),
                 "replication" => config.replication_factor = i32::try_from(number()?).unwrap_or(0),
                 "timeout_ms" => config.request_timeout = Duration::from_millis(u64::try_from(number()?).unwrap_or(0)),
+                "table_delay_ms" => {
+                    config.table_write_delay = Duration::from_millis(u64::try_from(number()?).unwrap_or(u64::MAX))
+                }
                 _ => return Err(KafkaStoreError::Config(format!("unknown kafka:// URL parameter {pair:?}"))),
             }
         }
@@ -109,6 +122,9 @@ impl KafkaConfig {
         if self.request_timeout < Duration::from_millis(100) || self.request_timeout > Duration::from_secs(3600) {
             return bad("the request timeout must be between 100 ms and one hour");
         }
+        if self.table_write_delay > Duration::from_secs(60) {
+            return bad("the table write delay must be at most 60 s");
+        }
         Ok(())
     }
 
@@ -133,7 +149,17 @@ mod tests {
         assert_eq!((c.brokers.as_str(), c.topic_prefix.as_str(), c.partitions), ("127.0.0.1:9092", "app", 6));
         assert_eq!(c.events_topic("project"), "app.project.events");
         assert_eq!(KafkaConfig::from_url("kafka://a:1,b:2/").unwrap().brokers, "a:1,b:2");
-        for bad in ["http://x", "kafka://", "kafka://h:1?partitions=x", "kafka://h:1?partitions=0", "kafka://h:1?x=1"] {
+        let c = KafkaConfig::from_url("kafka://h:1?table_delay_ms=0").unwrap();
+        assert_eq!(c.table_write_delay, Duration::ZERO);
+        for bad in [
+            "http://x",
+            "kafka://",
+            "kafka://h:1?partitions=x",
+            "kafka://h:1?partitions=0",
+            "kafka://h:1?x=1",
+            "kafka://h:1?table_delay_ms=-1",
+            "kafka://h:1?table_delay_ms=600000",
+        ] {
             assert!(KafkaConfig::from_url(bad).is_err(), "{bad}");
         }
         assert!(KafkaConfig::new("h:1", "bad prefix").validate().is_err());

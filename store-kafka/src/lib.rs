@@ -40,9 +40,12 @@
 //!   (the data layout is ready for splitting partitions between them).
 //! - **Acknowledged means durable.** The producer is idempotent with
 //!   `acks=all`; `append` answers only after the broker acknowledged the
-//!   events record. The table record is written right after, without making
-//!   the caller wait; one table record per aggregate is in flight at a time
-//!   and commands arriving meanwhile are folded into the next one.
+//!   events record. The table record is written later, without making the
+//!   caller wait: after [`KafkaConfig::table_write_delay`] (250 ms by
+//!   default), one per aggregate at a time, carrying every command that
+//!   arrived meanwhile. A busy aggregate thus writes a few table records per
+//!   second rather than one per command. `linger.ms` is 0, since every
+//!   append waits for its record.
 //! - **Bounded failure.** Every broker round trip is bounded by
 //!   [`KafkaConfig::request_timeout`]: a down broker gives
 //!   [`kes_core::StoreError::Unavailable`] within about twice that, never a

@@ -2,7 +2,7 @@
 //! in a compacted topic.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,12 @@ struct Inner<A: Aggregate> {
     /// One resynchronisation of a partition at a time.
     resync: Vec<tokio::sync::Mutex<()>>,
     tickets: AtomicU64,
+    /// Bumped by `flush` to end every table record's wait at once.
+    hurry: tokio::sync::watch::Sender<u64>,
+    /// Running `flush` calls: table records are written without delay.
+    flushing: AtomicUsize,
+    /// Table records waiting for their delay or for their acknowledgement.
+    saves: AtomicUsize,
 }
 
 /// The in-memory table and, per events partition, what this process knows
@@ -130,6 +136,10 @@ struct PartitionLog {
     /// Lowest offset a failed send may have landed at: the send timed out or
     /// failed without telling whether the broker wrote it.
     uncertain_from: Option<u64>,
+    /// The highest `reflected_below` an acknowledged table record claims.
+    claimed: u64,
+    /// The aggregate of the latest events record applied.
+    last_id: Option<String>,
 }
 
 impl PartitionLog {
@@ -191,6 +201,9 @@ impl<A: Aggregate> KafkaStore<A> {
             producer: RwLock::new(producer),
             locks: IdLocks::default(),
             tickets: AtomicU64::new(0),
+            hurry: tokio::sync::watch::Sender::new(0),
+            flushing: AtomicUsize::new(0),
+            saves: AtomicUsize::new(0),
         });
         inner.recover().await?;
         Ok(Self { inner })
@@ -211,20 +224,32 @@ impl<A: Aggregate> KafkaStore<A> {
         partition_for(id, self.inner.partitions)
     }
 
-    /// Waits until every record handed to the producer (table records
-    /// included) is acknowledged, or `timeout` passes. Call it before a
-    /// planned shutdown so that the next start has nothing to catch up.
+    /// Writes the table records still waiting for their delay
+    /// ([`KafkaConfig::table_write_delay`]) and waits until every record
+    /// handed to the producer (table records included) is acknowledged, or
+    /// `timeout` passes. Call it before a planned shutdown so that the next
+    /// start has nothing to catch up.
     pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaStoreError> {
-        let producer = self.inner.producer();
-        tokio::task::spawn_blocking(move || producer.flush(timeout))
-            .await
-            .map_err(|e| KafkaStoreError::Broker(format!("flush: {e}")))?
-            .map_err(|e| KafkaStoreError::from_kafka("flush", &e))
+        let inner = &self.inner;
+        inner.flushing.fetch_add(1, Ordering::AcqRel);
+        inner.hurry.send_modify(|n| *n = n.wrapping_add(1));
+        let result = inner.flush_until(Instant::now() + timeout).await;
+        inner.flushing.fetch_sub(1, Ordering::AcqRel);
+        result
     }
 }
 
 /// Fetch size of scans and subscriptions.
-const SCAN_FETCH_BYTES: u64 = 256 * 1024;
+const SCAN_FETCH_BYTES: u64 = 1 << 20;
+
+/// Upper bound of one fetch response, over all partitions. Kafka brokers
+/// size a response by `max.partition.fetch.bytes`; some compatible brokers
+/// (Tansu) only by this request-wide bound, and assemble the whole response
+/// before sending any of it: a large bound there means long silences while
+/// reading a big topic. It stays above the largest record a producer sends
+/// (`message.max.bytes`, 1,000,000 by default), which such a broker would
+/// otherwise never return.
+const FETCH_MAX_BYTES: u64 = 1 << 20;
 
 /// The settings every client shares, then the user's overrides.
 fn client_config(config: &KafkaConfig) -> ClientConfig {
@@ -244,8 +269,11 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
 fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaStoreError> {
     let mut c = client_config(config);
     let timeout = config.request_timeout.as_millis();
+    // Every append waits for its record: lingering would add to each
+    // command's latency. Under concurrency records still share requests,
+    // since they queue while earlier requests are in flight.
     if !config.client.contains_key("linger.ms") {
-        c.set("linger.ms", "1");
+        c.set("linger.ms", "0");
     }
     c.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -254,13 +282,33 @@ fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaStoreErr
     c.create().map_err(|e| KafkaStoreError::from_kafka("producer", &e))
 }
 
+/// How far a consumer reads ahead of its caller.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadAhead {
+    /// Reading a partition through (start-up scans, subscriptions): keep
+    /// librdkafka's deep prefetch queue, so that fetches overlap with the
+    /// caller's work (a shallow queue starves on brokers with slow fetches).
+    Deep,
+    /// Picking records here and there (`read`): fetch little beyond what
+    /// was asked for.
+    Shallow,
+}
+
 /// A consumer for assign + seek reads. `fetch_bytes` bounds each fetch per
-/// partition: small fetches keep records flowing steadily from brokers that
-/// serve records slowly (Tansu), and let `read` skip other aggregates'
-/// records instead of downloading them.
-fn create_consumer(config: &KafkaConfig, eof: bool, fetch_bytes: u64) -> Result<StreamConsumer, KafkaStoreError> {
+/// partition: small fetches let `read` skip other aggregates' records
+/// instead of downloading them.
+fn create_consumer(
+    config: &KafkaConfig,
+    eof: bool,
+    fetch_bytes: u64,
+    ahead: ReadAhead,
+) -> Result<StreamConsumer, KafkaStoreError> {
     let mut c = client_config(config);
-    c.set("max.partition.fetch.bytes", fetch_bytes.clamp(1024, 1 << 20).to_string()).set("queued.min.messages", "1000");
+    c.set("max.partition.fetch.bytes", fetch_bytes.clamp(1024, FETCH_MAX_BYTES).to_string())
+        .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
+    if ahead == ReadAhead::Shallow {
+        c.set("queued.min.messages", "1000");
+    }
     // librdkafka wants a group id even for assign(); nothing is ever
     // committed to it (checkpoints belong to the readers).
     c.set("group.id", format!("{}.kes-readers", config.topic_prefix))
@@ -491,6 +539,54 @@ impl<A: Aggregate> Inner<A> {
         }
     }
 
+    /// Waits until no table record is waiting or unacknowledged.
+    async fn saves_settled(&self, deadline: Instant) -> Result<(), KafkaStoreError> {
+        while self.saves.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return Err(KafkaStoreError::Unavailable(format!(
+                    "flush: {} table records not acknowledged in time",
+                    self.saves.load(Ordering::Acquire)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    /// [`KafkaStore::flush`] once the waits are cut short.
+    async fn flush_until(self: &Arc<Self>, deadline: Instant) -> Result<(), KafkaStoreError> {
+        self.saves_settled(deadline).await?;
+        let producer = self.producer();
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::task::spawn_blocking(move || producer.flush(left))
+            .await
+            .map_err(|e| KafkaStoreError::Broker(format!("flush: {e}")))?
+            .map_err(|e| KafkaStoreError::from_kafka("flush", &e))?;
+        // Every row is written now, but the records claim only what was
+        // acknowledged when each was built. One more record per partition
+        // claims the whole partition, so the next start replays nothing.
+        let mut marks = Vec::new();
+        {
+            let mut table = self.table();
+            for p in 0..table.logs.len() {
+                let log = &table.logs[p];
+                let behind = log.reflected_below() > log.claimed;
+                if let Some(id) = log.last_id.clone().filter(|_| behind)
+                    && let Some(row) = table.rows.get_mut(&id)
+                    && !row.table_writing
+                {
+                    row.table_writing = true;
+                    self.saves.fetch_add(1, Ordering::AcqRel);
+                    marks.push(id);
+                }
+            }
+            for id in &marks {
+                self.send_row(&mut table, id);
+            }
+        }
+        self.saves_settled(deadline).await
+    }
+
     /// High watermarks of the events topic's partitions.
     async fn high_watermarks(&self, topic: &str, partitions: u32) -> Result<Vec<u64>, KafkaStoreError> {
         let producer = self.producer();
@@ -528,7 +624,7 @@ impl<A: Aggregate> Inner<A> {
         if open.is_empty() {
             return Ok(());
         }
-        let consumer = create_consumer(&self.config, true, SCAN_FETCH_BYTES)?;
+        let consumer = create_consumer(&self.config, true, SCAN_FETCH_BYTES, ReadAhead::Deep)?;
         let mut tpl = TopicPartitionList::new();
         for (p, from, to) in ranges.iter().filter(|(_, from, to)| from < to) {
             let _ = to;
@@ -587,7 +683,7 @@ impl<A: Aggregate> Inner<A> {
     ) -> Result<(), KafkaStoreError> {
         const JUMP: u64 = 8;
         let Some(first) = offsets.first() else { return Ok(()) };
-        let consumer = create_consumer(&self.config, false, fetch_bytes)?;
+        let consumer = create_consumer(&self.config, false, fetch_bytes, ReadAhead::Shallow)?;
         let assign = |at: u64| {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(topic, partition as i32, Offset::Offset(at as i64))
@@ -731,6 +827,14 @@ impl<A: Aggregate> Inner<A> {
                 _ => return Err(KafkaStoreError::Unavailable("repairing the table topic: no acknowledgement".into())),
             }
         }
+        {
+            // Every row the replay moved has an acknowledged record now.
+            let mut table = self.table();
+            for (log, claimed) in table.logs.iter_mut().zip(&from) {
+                log.unsaved.clear();
+                log.claimed = *claimed;
+            }
+        }
         if !changed.is_empty() {
             tracing::info!(aggregates = changed.len(), topic = %self.events_topic, "table caught up from the events topic");
         }
@@ -749,10 +853,13 @@ impl<A: Aggregate> Inner<A> {
             let mut table = self.table();
             if self.apply_from_log(&mut table, doc, at, m.key_len() as u64, m.payload().unwrap_or_default())? {
                 table.logs[at.partition as usize].unsaved.insert(at.offset, id.clone());
-                changed.insert(id);
+                changed.insert(id.clone());
             }
             let log = &mut table.logs[at.partition as usize];
-            log.end = log.end.max(at.offset + 1);
+            if at.offset + 1 >= log.end {
+                log.end = at.offset + 1;
+                log.last_id = Some(id);
+            }
             Ok(())
         })
         .await?;
@@ -876,14 +983,16 @@ impl<A: Aggregate> Inner<A> {
         Ok((sent, producer))
     }
 
-    /// Writes the current table record of `id` and, once the broker has it,
-    /// forgets the events records it reflects; retries in the background
-    /// until it succeeds or the store is dropped.
+    /// After [`KafkaConfig::table_write_delay`], writes the current table
+    /// record of `id` and, once the broker has it, forgets the events
+    /// records it reflects; retries in the background until it succeeds or
+    /// the store is dropped.
     ///
-    /// One table record per id is in flight at a time: commands arriving
-    /// meanwhile only mark the row stale, and the next record carries the
-    /// latest state (a busy aggregate writes fewer table records than
-    /// events records, and its records can never overtake each other).
+    /// One table record per id is waiting or in flight at a time: commands
+    /// arriving meanwhile only mark the row stale, and the next record
+    /// carries the latest state (a busy aggregate writes far fewer table
+    /// records than events records, and its records can never overtake each
+    /// other).
     fn save_row(self: &Arc<Self>, table: &mut Table<A>, id: &str) {
         let Some(row) = table.rows.get_mut(id) else { return };
         if row.table_writing {
@@ -892,8 +1001,39 @@ impl<A: Aggregate> Inner<A> {
         }
         row.table_writing = true;
         row.table_stale = false;
-        let Some((doc, p)) = self.table_doc(table, id) else { return };
-        let last = doc.last_offset;
+        self.saves.fetch_add(1, Ordering::AcqRel);
+        let delay = self.config.table_write_delay;
+        if delay.is_zero() || self.flushing.load(Ordering::Acquire) > 0 {
+            self.send_row(table, id);
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let id = id.to_owned();
+        let mut hurry = self.hurry.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = hurry.changed() => {}
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            let mut table = inner.table();
+            inner.send_row(&mut table, &id);
+        });
+    }
+
+    /// Hands the table record of `id`, built now, to the producer, and
+    /// follows it up: `row_saved` once acknowledged, retries otherwise.
+    /// The row is marked `table_writing` and counted in `saves` already.
+    fn send_row(self: &Arc<Self>, table: &mut Table<A>, id: &str) {
+        if let Some(row) = table.rows.get_mut(id) {
+            // The record carries whatever arrived while it waited.
+            row.table_stale = false;
+        }
+        let Some((doc, p)) = self.table_doc(table, id) else {
+            self.saves.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
+        let (last, claims) = (doc.last_offset, doc.reflected_below);
         let sent = self.send_table_doc(doc);
         let weak = Arc::downgrade(self);
         let id = id.to_owned();
@@ -907,22 +1047,28 @@ impl<A: Aggregate> Inner<A> {
             };
             let Some(inner) = weak.upgrade() else { return };
             match outcome {
-                Ok(()) => inner.row_saved(p, &id, last),
+                Ok(()) => inner.row_saved(p, &id, last, claims),
                 Err(producer) => {
                     if let Some(producer) = producer {
                         inner.heal_producer(&producer, true);
                     }
                     drop(inner);
-                    retry_save(weak, id).await;
+                    retry_save(weak.clone(), id).await;
                 }
+            }
+            if let Some(inner) = weak.upgrade() {
+                inner.saves.fetch_sub(1, Ordering::AcqRel);
             }
         });
     }
 
     /// The table record of `id` up to events offset `last` is acknowledged.
-    fn row_saved(self: &Arc<Self>, p: u32, id: &str, last: u64) {
+    /// The record claimed every events record below `claims`.
+    fn row_saved(self: &Arc<Self>, p: u32, id: &str, last: u64, claims: u64) {
         let mut table = self.table();
-        table.logs[p as usize].forget_saved(id, last);
+        let log = &mut table.logs[p as usize];
+        log.claimed = log.claimed.max(claims);
+        log.forget_saved(id, last);
         let again = table.rows.get_mut(id).is_some_and(|r| {
             r.table_writing = false;
             std::mem::take(&mut r.table_stale)
@@ -985,12 +1131,14 @@ async fn retry_save<A: Aggregate>(weak: Weak<Inner<A>>, id: String) {
         let Some(inner) = weak.upgrade() else { return };
         let sent = {
             let table = inner.table();
-            inner.table_doc(&table, &id).map(|(doc, p)| (doc.last_offset, p, inner.send_table_doc(doc)))
+            inner
+                .table_doc(&table, &id)
+                .map(|(doc, p)| (doc.last_offset, doc.reflected_below, p, inner.send_table_doc(doc)))
         };
-        let Some((last, p, sent)) = sent else { return };
+        let Some((last, claims, p, sent)) = sent else { return };
         if let Ok((delivery, producer)) = sent {
             if matches!(delivery.await, Ok(Ok(_))) {
-                inner.row_saved(p, &id, last);
+                inner.row_saved(p, &id, last, claims);
                 return;
             }
             inner.heal_producer(&producer, true);
@@ -1091,7 +1239,10 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         let mut table = inner.table();
         let log = &mut table.logs[p as usize];
         log.in_flight.remove(&ticket);
-        log.end = log.end.max(position.offset + 1);
+        if position.offset + 1 >= log.end {
+            log.end = position.offset + 1;
+            log.last_id = Some(id.to_owned());
+        }
         log.unsaved.insert(position.offset, id.to_owned());
         let capacity = inner.config.idempotency_keys_per_aggregate;
         let row = table.rows.entry(id.to_owned()).or_insert_with(|| Row {
@@ -1122,6 +1273,10 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         }
         inner.save_row(&mut table, id);
         Ok(Appended { version: doc.last_version, position, deduplicated: false })
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        KafkaStore::flush(self, self.inner.config.request_timeout * 2).await.map_err(StoreError::from)
     }
 
     async fn recall(&self, id: &str, idempotency_key: &str) -> Result<Option<Appended>, StoreError> {
@@ -1209,7 +1364,7 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
 
     async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         let inner = &self.inner;
-        let consumer = create_consumer(&inner.config, false, SCAN_FETCH_BYTES)?;
+        let consumer = create_consumer(&inner.config, false, SCAN_FETCH_BYTES, ReadAhead::Deep)?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..inner.partitions {
             let next = from.next_offset(p);

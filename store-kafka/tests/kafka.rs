@@ -234,3 +234,115 @@ async fn bad_records_are_typed_errors_not_panics() {
         other => panic!("a store must refuse to start on a log it cannot read, got {other:?}"),
     }
 }
+
+/// Keys of every record of `topic`, read to its end by a plain consumer.
+fn keys_of(brokers: &str, topic: &str, partitions: u32) -> Vec<String> {
+    records_of(brokers, topic, partitions).into_iter().map(|(k, _)| k).collect()
+}
+
+/// Key and JSON value of every record of `topic`, read to its end by a
+/// plain consumer.
+fn records_of(brokers: &str, topic: &str, partitions: u32) -> Vec<(String, serde_json::Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "kes-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut open = partitions;
+    let mut keys = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while open > 0 {
+        assert!(std::time::Instant::now() < deadline, "{topic} not read to its end within 60 s");
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => keys.push((
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(serde_json::Value::Null),
+            )),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => open -= 1,
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_aggregate_writes_few_table_records() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let mut config = common::config(&brokers, 1);
+    config.table_write_delay = Duration::from_millis(400);
+    let Some(store) = common::connect(config.clone()).await else { return };
+    let started = std::time::Instant::now();
+    store
+        .append("busy", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default())
+        .await
+        .expect("open");
+    for v in 1..30 {
+        store
+            .append("busy", ExpectedVersion::Exact(v), vec![LedgerEvent::Added { amount: 1 }], Metadata::default())
+            .await
+            .expect("add");
+    }
+    store.append("quiet", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.expect("q");
+    let elapsed = started.elapsed();
+    store.flush(Duration::from_secs(10)).await.expect("flush");
+    let keys = keys_of(&brokers, store.table_topic(), 1);
+    let busy = keys.iter().filter(|k| *k == "busy").count();
+    // At most one record per delay while commands keep coming, plus the
+    // last one written by the flush.
+    let bound = (elapsed.as_millis() / 400) as usize + 2;
+    assert!((1..=bound).contains(&busy), "{busy} table records for 30 commands in {elapsed:?} (bound {bound})");
+    // Written at once by the flush, and once more as the record that claims
+    // the whole partition (it is the latest aggregate written).
+    let quiet = keys.iter().filter(|k| *k == "quiet").count();
+    assert!((1..=2).contains(&quiet), "the flush wrote the waiting record: {keys:?}");
+    // After a flush the table records claim the whole events partition, so
+    // the next start has nothing to replay.
+    let claimed =
+        records_of(&brokers, store.table_topic(), 1).iter().filter_map(|(_, v)| v["reflected_below"].as_u64()).max();
+    assert_eq!(claimed, Some(31), "31 events records, all reflected");
+    drop(store);
+    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    let busy = again.load("busy").await.expect("load").expect("busy exists");
+    assert_eq!((busy.version, busy.state.total), (30, 29));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_dropped_before_its_table_records_were_written_loses_nothing() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let mut config = common::config(&brokers, 2);
+    config.table_write_delay = Duration::from_secs(60);
+    let Some(store) = common::connect(config.clone()).await else { return };
+    let bus = CommandBus::new(store.clone());
+    let keyed = Metadata { idempotency_key: Some("retry-me".into()), ..Metadata::default() };
+    for id in ["x", "y", "z"] {
+        bus.execute(id, LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+        bus.execute(id, LedgerCommand::Add(5), ExpectedVersion::Any, keyed.clone()).await.expect("add");
+    }
+    bus.execute("z", LedgerCommand::Close, ExpectedVersion::Any, Metadata::default()).await.expect("close");
+    let before = snapshot_of(&store, &["x", "y", "z"]).await;
+    drop(bus);
+    drop(store);
+    assert!(keys_of(&brokers, &config.table_topic("ledger"), 2).is_empty(), "no table record was written yet");
+
+    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    assert_eq!(snapshot_of(&again, &["x", "y", "z"]).await, before);
+    let retried = again.recall("y", "retry-me").await.expect("recall").expect("the key survived");
+    assert_eq!(retried.version, 2);
+    match again.append("z", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await {
+        Err(StoreError::Conflict { actual: 3, .. }) => {}
+        other => panic!("the closed ledger keeps its version, got {other:?}"),
+    }
+}
