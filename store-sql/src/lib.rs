@@ -77,7 +77,8 @@
 //! in batches: an append is queued, and one writer task per store takes
 //! everything queued as one batch and writes it in one transaction — one
 //! lock, one read, one multi-row insert of the events, one multi-row upsert
-//! of the table rows, one commit (one disk flush). Appends that arrive
+//! of the table rows (on PostgreSQL both in one statement), one commit (one
+//! disk flush). Appends that arrive
 //! while a batch is being written form the next batch. A lone append is
 //! written at once: no timer holds it back. Once queued, an append is
 //! written even if its caller stops waiting for the answer.

@@ -3,9 +3,11 @@
 //! Every statement uses `$n` placeholders, which PostgreSQL and SQLite both
 //! understand, and only syntax the two share (`ON CONFLICT … DO UPDATE`,
 //! `CAST(… AS TEXT)`, scalar subqueries, multi-row `VALUES`, `WITH … AS
-//! (VALUES …)`), so that the store has one code path. What differs lives in `store.rs`: how an append transaction starts
-//! (an advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite) and the
-//! migrations.
+//! (VALUES …)`), so that the store has one code path. What differs lives in
+//! `store.rs`: how an append transaction starts (an advisory lock on
+//! PostgreSQL, `BEGIN IMMEDIATE` on SQLite), whether a batch's events and
+//! table rows are written by one statement (PostgreSQL, which allows an
+//! `INSERT` inside `WITH`) or two, and the migrations.
 
 use chrono::{DateTime, Utc};
 use kes_core::{Metadata, Position, RawEnvelope, StoreError};
@@ -68,8 +70,9 @@ pub(crate) const INSERT_COLUMNS: usize = 12;
 /// parameters (32766 for SQLite, 65535 for PostgreSQL).
 pub(crate) const EVENTS_PER_INSERT: usize = 1000;
 
-/// Appends `rows` rows of `columns` placeholders each, numbered from `$1`.
-fn push_rows(sql: &mut String, rows: usize, columns: usize) {
+/// Appends `rows` rows of `columns` placeholders each, numbered from
+/// `$(after + 1)`.
+fn push_rows(sql: &mut String, rows: usize, columns: usize, after: usize) {
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
@@ -80,10 +83,17 @@ fn push_rows(sql: &mut String, rows: usize, columns: usize) {
                 sql.push_str(", ");
             }
             sql.push('$');
-            sql.push_str(&(row * columns + col + 1).to_string());
+            sql.push_str(&(after + row * columns + col + 1).to_string());
         }
         sql.push(')');
     }
+}
+
+/// PostgreSQL only: [`insert_events`] and [`upsert_states`] in one
+/// statement (a data-modifying `WITH`), so one round trip writes a batch.
+/// The events' parameters come first, then the table rows'.
+pub(crate) fn insert_events_and_states(events: usize, states: usize) -> String {
+    format!("WITH ev AS ({}) {}", insert_events(events), upsert_states_after(states, events * INSERT_COLUMNS))
 }
 
 /// A multi-row insert of `rows` events.
@@ -92,7 +102,7 @@ pub(crate) fn insert_events(rows: usize) -> String {
         "INSERT INTO kes_events (aggregate_type, position, aggregate_id, version, command_end, event_id, \
          event_type, revision, payload, metadata, recorded_at, idempotency_key) VALUES ",
     );
-    push_rows(&mut sql, rows, INSERT_COLUMNS);
+    push_rows(&mut sql, rows, INSERT_COLUMNS, 0);
     sql
 }
 
@@ -102,9 +112,13 @@ pub(crate) const STATE_COLUMNS: usize = 5;
 /// Writes the table rows of `rows` aggregates (distinct ids) after their
 /// appends: aggregate type, id, version, state, updated-at per row.
 pub(crate) fn upsert_states(rows: usize) -> String {
+    upsert_states_after(rows, 0)
+}
+
+fn upsert_states_after(rows: usize, after: usize) -> String {
     let mut sql =
         String::from("INSERT INTO kes_aggregates (aggregate_type, aggregate_id, version, state, updated_at) VALUES ");
-    push_rows(&mut sql, rows, STATE_COLUMNS);
+    push_rows(&mut sql, rows, STATE_COLUMNS, after);
     sql.push_str(
         " ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
          version = excluded.version, state = excluded.state, updated_at = excluded.updated_at",
@@ -253,5 +267,9 @@ mod tests {
         let sql = upsert_states(2);
         assert!(sql.starts_with("INSERT INTO kes_aggregates"), "the gap-safety test looks for this prefix");
         assert!(sql.contains("VALUES ($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10) ON CONFLICT"));
+        let sql = insert_events_and_states(2, 1);
+        assert!(sql.starts_with("WITH ev AS (INSERT INTO kes_events"));
+        assert!(sql.contains("$24)) INSERT INTO kes_aggregates"));
+        assert!(sql.contains("VALUES ($25, $26, $27, $28, $29) ON CONFLICT"));
     }
 }

@@ -89,6 +89,49 @@ macro_rules! in_append_tx {
     };
 }
 
+/// Binds the columns of the event rows `$rows` (of `$requests`) to
+/// `$query`, in the order of `sql::insert_events`.
+macro_rules! bind_events {
+    ($query:expr, $requests:expr, $rows:expr) => {{
+        let mut query = $query;
+        for row in $rows {
+            let request = &$requests[row.request];
+            let event = &request.encoded[row.index];
+            query = query
+                .bind(A::NAME)
+                .bind(version_param(row.position))
+                .bind(request.id.as_str())
+                .bind(version_param(row.version))
+                .bind(version_param(row.end))
+                .bind(event.event_id)
+                .bind(event.event_type)
+                .bind(i64::from(event.revision))
+                .bind(event.payload.as_str())
+                .bind(Json(&request.metadata))
+                .bind(request.recorded_at)
+                .bind(if row.version == row.end { request.key.as_deref() } else { None });
+        }
+        query
+    }};
+}
+
+/// Binds the columns of the table rows `$rows` to `$query`, in the order
+/// of `sql::upsert_states`.
+macro_rules! bind_states {
+    ($query:expr, $rows:expr) => {{
+        let mut query = $query;
+        for row in $rows {
+            query = query
+                .bind(A::NAME)
+                .bind(row.id)
+                .bind(version_param(row.version))
+                .bind(Json(row.state))
+                .bind(row.updated_at);
+        }
+        query
+    }};
+}
+
 /// Why the transaction of a batch wrote nothing, or may have.
 enum Failure {
     /// An insert hit a unique key: a writer outside this store's locking
@@ -730,7 +773,8 @@ impl<A: Aggregate> SqlStore<A> {
 
     /// Decides and writes `requests` in one transaction: one query reads
     /// what they need, one insert per thousand events writes the log, one
-    /// upsert the table rows, then `COMMIT`. Returns each request's answer.
+    /// upsert the table rows (on PostgreSQL both in one statement), then
+    /// `COMMIT`. Returns each request's answer.
     async fn commit(&self, requests: &[Request<A>]) -> Result<Vec<Result<Appended, StoreError>>, Failure> {
         let prepare = sql::append_prepare(requests.len());
         let cache = &self.inner.cache;
@@ -758,45 +802,34 @@ impl<A: Aggregate> SqlStore<A> {
                 let (outcomes, settled) = decider.finish();
                 Ok((outcomes, settled, Instant::now()))
             } else {
-                for chunk in decider.event_rows().chunks(sql::EVENTS_PER_INSERT) {
-                    let statement = sql::insert_events(chunk.len());
-                    let mut query = sqlx::query(&statement);
-                    for row in chunk {
-                        let request = &requests[row.request];
-                        let event = &request.encoded[row.index];
-                        query = query
-                            .bind(A::NAME)
-                            .bind(version_param(row.position))
-                            .bind(request.id.as_str())
-                            .bind(version_param(row.version))
-                            .bind(version_param(row.end))
-                            .bind(event.event_id)
-                            .bind(event.event_type)
-                            .bind(i64::from(event.revision))
-                            .bind(event.payload.as_str())
-                            .bind(Json(&request.metadata))
-                            .bind(request.recorded_at)
-                            .bind(if row.version == row.end { request.key.as_deref() } else { None });
-                    }
+                let events = decider.event_rows();
+                let states = decider.state_rows();
+                // PostgreSQL writes both in one statement when they fit in
+                // one; SQLite has no INSERT inside WITH.
+                let together = self.inner.dialect == Dialect::Postgres
+                    && events.len() <= sql::EVENTS_PER_INSERT
+                    && states.len() <= STATES_PER_UPSERT;
+                if together {
+                    let statement = sql::insert_events_and_states(events.len(), states.len());
+                    let query = bind_states!(bind_events!(sqlx::query(&statement), requests, events), &states);
                     match query.execute(&mut *tx).await {
                         Ok(_) => {}
                         Err(e) if is_unique_violation(&e) => return Err(Failure::Raced),
                         Err(e) => return Err(failure(e)),
                     }
-                }
-                let states = decider.state_rows();
-                for chunk in states.chunks(STATES_PER_UPSERT) {
-                    let statement = sql::upsert_states(chunk.len());
-                    let mut query = sqlx::query(&statement);
-                    for row in chunk {
-                        query = query
-                            .bind(A::NAME)
-                            .bind(row.id)
-                            .bind(version_param(row.version))
-                            .bind(Json(row.state))
-                            .bind(row.updated_at);
+                } else {
+                    for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
+                        let statement = sql::insert_events(chunk.len());
+                        match bind_events!(sqlx::query(&statement), requests, chunk).execute(&mut *tx).await {
+                            Ok(_) => {}
+                            Err(e) if is_unique_violation(&e) => return Err(Failure::Raced),
+                            Err(e) => return Err(failure(e)),
+                        }
                     }
-                    query.execute(&mut *tx).await.map_err(failure)?;
+                    for chunk in states.chunks(STATES_PER_UPSERT) {
+                        let statement = sql::upsert_states(chunk.len());
+                        bind_states!(sqlx::query(&statement), chunk).execute(&mut *tx).await.map_err(failure)?;
+                    }
                 }
                 drop(states);
                 // The states are current until the lock is released, which

@@ -101,7 +101,7 @@ async fn postgres_append_held_open_is_not_skipped() {
     loop {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND query LIKE 'INSERT INTO kes_aggregates%'",
+             AND query LIKE '%INSERT INTO kes_aggregates%'",
         )
         .fetch_one(&mut watcher)
         .await
