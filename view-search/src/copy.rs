@@ -28,30 +28,80 @@ pub(crate) struct IndexCopy {
     reader: IndexReader,
     layout: Layout,
     /// `None` once the copy was retired by a swap.
-    writer: Mutex<Option<IndexWriter>>,
-    /// What the last commit's payload says; read at open, moved by writes.
+    writer: Mutex<Option<Writing>>,
+    /// Where the copy stands: what the last commit's payload says, or, while
+    /// writes are deferred, the checkpoint of the last write.
     progress: RwLock<Option<ViewProgress>>,
+}
+
+/// The writer of a copy and, while the copy is a shadow being filled, what
+/// it holds beyond the last commit.
+struct Writing {
+    writer: IndexWriter,
+    /// `Some` while commits are deferred (a shadow being rebuilt).
+    deferred: Option<Deferred>,
+}
+
+/// The part of a shadow copy written since its last commit: in the index
+/// writer's buffers (invisible to the reader) and, for `states`, here.
+#[derive(Default)]
+struct Deferred {
+    /// The stored state of every id written since the last commit (the
+    /// last write of an id wins).
+    states: HashMap<String, StoredState>,
+    /// Documents added since the last commit.
+    docs: usize,
+    /// The payload of the last write, committed with the next commit.
+    payload: Option<String>,
+    /// How many buffered documents trigger a commit.
+    commit_every: usize,
+    /// Set when a write or commit failed midway: the writer's uncommitted
+    /// part was rolled back, so the copy would miss earlier writes. It
+    /// refuses further writes and the swap; the next rebuild starts over.
+    broken: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How the writes of a copy reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commits {
+    /// Every write is one commit (the live copy).
+    EachWrite,
+    /// Writes are buffered and committed in bulk: every
+    /// [`SearchConfig::rebuild_commit_docs`] documents and at
+    /// [`IndexCopy::finish`] (a shadow being rebuilt).
+    Deferred,
+}
+
 impl IndexCopy {
     /// Creates an empty index for `view` in `path` (which must not hold one).
-    pub fn create(path: &Path, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
+    pub fn create(
+        path: &Path,
+        view: &ViewSchema,
+        config: &SearchConfig,
+        commits: Commits,
+    ) -> Result<Self, SearchError> {
         std::fs::create_dir_all(path).map_err(|source| SearchError::Io { path: path.to_owned(), source })?;
         let index = Index::create_in_dir(path, index_schema(view))?;
-        Self::from_index(path, index, view, config)
+        Self::from_index(path, index, view, config, commits)
     }
 
     /// Opens the index in `path`, built from `view` or an older schema.
     pub fn open(path: &Path, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
         let index = Index::open_in_dir(path)?;
-        Self::from_index(path, index, view, config)
+        Self::from_index(path, index, view, config, Commits::EachWrite)
     }
 
-    fn from_index(path: &Path, index: Index, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
+    fn from_index(
+        path: &Path,
+        index: Index,
+        view: &ViewSchema,
+        config: &SearchConfig,
+        commits: Commits,
+    ) -> Result<Self, SearchError> {
         register_tokenizers(&index);
         let layout = Layout::resolve(&index.schema(), view)?;
         let progress = index.load_metas()?.payload.as_deref().map(read_payload).transpose()?;
@@ -59,12 +109,14 @@ impl IndexCopy {
         // Reloaded by hand right after each commit: a write is visible to
         // lists when `write` returns, so waiting for a position works.
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        let deferred = (commits == Commits::Deferred)
+            .then(|| Deferred { commit_every: config.rebuild_commit_docs.max(1), ..Deferred::default() });
         Ok(Self {
             path: path.to_owned(),
             index,
             reader,
             layout,
-            writer: Mutex::new(Some(writer)),
+            writer: Mutex::new(Some(Writing { writer, deferred })),
             progress: RwLock::new(progress),
         })
     }
@@ -74,14 +126,25 @@ impl IndexCopy {
         self.layout.current
     }
 
-    /// The progress stored with the last commit.
+    /// Where the copy stands: the progress stored with the last commit, or
+    /// that of the last write while commits are deferred.
     pub fn progress(&self) -> Option<ViewProgress> {
         self.progress.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the documents of `changes` and commits them with
-    /// `checkpoint` in the commit payload: one Tantivy commit, so after a
-    /// crash the index holds either all of it or none.
+    fn set_progress(&self, progress: ViewProgress) {
+        *self.progress.write().unwrap_or_else(|p| p.into_inner()) = Some(progress);
+    }
+
+    /// Replaces the documents of `changes` and moves the checkpoint.
+    ///
+    /// Live copies commit each write with `checkpoint` in the commit
+    /// payload: one Tantivy commit, so after a crash the index holds either
+    /// all of it or none. A shadow copy buffers the write in its index
+    /// writer and commits only every [`SearchConfig::rebuild_commit_docs`]
+    /// documents (and at [`IndexCopy::finish`]), each commit carrying the
+    /// checkpoint of the last write it holds; `states` sees the buffered
+    /// writes.
     pub fn write(
         &self,
         changes: &[RowChange],
@@ -92,15 +155,35 @@ impl IndexCopy {
         let checkpoint_json: serde_json::Value =
             serde_json::from_str(&checkpoint.to_json()).map_err(SearchError::Json)?;
         let payload = json!({ "checkpoint": checkpoint_json, "schema_version": schema_version }).to_string();
+        let progress = ViewProgress { checkpoint: checkpoint.clone(), schema_version };
         let mut guard = lock(&self.writer);
-        let writer = guard.as_mut().ok_or(SearchError::Retired)?;
-        let result = (|| -> Result<(), SearchError> {
-            for (change, doc) in changes.iter().zip(docs) {
-                // Deletes apply to documents added before them, so the new
-                // document of the same id survives its own delete.
-                writer.delete_term(Term::from_field_text(self.layout.id, &change.id));
-                writer.add_document(doc)?;
+        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchError::Retired)?;
+        if let Some(deferred) = deferred {
+            if deferred.broken {
+                return Err(SearchError::BrokenRebuild);
             }
+            let result = (|| -> Result<(), SearchError> {
+                add(writer, self.layout.id, changes, docs)?;
+                for change in changes {
+                    let state = StoredState { version: change.version, state: change.state.clone() };
+                    deferred.states.insert(change.id.clone(), state);
+                }
+                deferred.docs += changes.len();
+                deferred.payload = Some(payload);
+                if deferred.docs >= deferred.commit_every {
+                    self.commit_deferred(writer, deferred)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                self.fail_deferred(writer, deferred);
+                return Err(e);
+            }
+            self.set_progress(progress);
+            return Ok(());
+        }
+        let result = (|| -> Result<(), SearchError> {
+            add(writer, self.layout.id, changes, docs)?;
             let mut prepared = writer.prepare_commit()?;
             prepared.set_payload(&payload);
             prepared.commit()?;
@@ -116,18 +199,93 @@ impl IndexCopy {
         drop(guard);
         // Reload first: the position must never run ahead of what lists see.
         let reloaded = self.reader.reload();
-        *self.progress.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(ViewProgress { checkpoint: checkpoint.clone(), schema_version });
+        self.set_progress(progress);
         Ok(reloaded?)
     }
 
-    /// The stored states of `ids` (deleted aggregates included).
+    /// Commits what a shadow copy buffered, with the payload of its last
+    /// write, and makes it visible to the reader. Called with the writer
+    /// locked, so `states` never sees the buffer emptied before the reader
+    /// holds its documents.
+    fn commit_deferred(&self, writer: &mut IndexWriter, deferred: &mut Deferred) -> Result<(), SearchError> {
+        let Some(payload) = deferred.payload.take() else { return Ok(()) };
+        let mut prepared = writer.prepare_commit()?;
+        prepared.set_payload(&payload);
+        prepared.commit()?;
+        self.reader.reload()?;
+        tracing::debug!(path = %self.path.display(), docs = deferred.docs, "rebuild commit");
+        deferred.states.clear();
+        deferred.docs = 0;
+        Ok(())
+    }
+
+    /// Drops what a shadow copy buffered after a failed write or commit and
+    /// marks the copy broken.
+    fn fail_deferred(&self, writer: &mut IndexWriter, deferred: &mut Deferred) {
+        deferred.broken = true;
+        deferred.states.clear();
+        deferred.payload = None;
+        if let Err(rollback) = writer.rollback() {
+            tracing::error!(error = %rollback, path = %self.path.display(), "rollback after a failed write failed");
+        }
+    }
+
+    /// Ends deferred commits: commits what a shadow copy buffered (with
+    /// the checkpoint of its last write), after which the copy commits
+    /// each write like a live one. Called by the swap, before the copy is
+    /// named live; a no-op for a copy that commits each write.
+    pub fn finish(&self) -> Result<(), SearchError> {
+        let mut guard = lock(&self.writer);
+        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchError::Retired)?;
+        let Some(buffered) = deferred else { return Ok(()) };
+        if buffered.broken {
+            return Err(SearchError::BrokenRebuild);
+        }
+        if let Err(e) = self.commit_deferred(writer, buffered) {
+            self.fail_deferred(writer, buffered);
+            return Err(e);
+        }
+        *deferred = None;
+        Ok(())
+    }
+
+    /// The stored states of `ids` (deleted aggregates included), buffered
+    /// writes of a shadow copy included.
     pub fn states(&self, ids: &[String]) -> Result<HashMap<String, StoredState>, SearchError> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
+        let guard = lock(&self.writer);
+        let Some(Writing { deferred: Some(deferred), .. }) = guard.as_ref() else {
+            drop(guard);
+            return self.committed_states(ids.iter());
+        };
+        if deferred.broken {
+            return Err(SearchError::BrokenRebuild);
+        }
+        // The lock is held until the index was read: a commit in between
+        // would empty the buffer before the reader saw its documents.
+        let (buffered, rest): (Vec<&String>, Vec<&String>) =
+            ids.iter().partition(|id| deferred.states.contains_key(*id));
+        let mut states = self.committed_states(rest.into_iter())?;
+        for id in buffered {
+            if let Some(state) = deferred.states.get(id) {
+                states.insert(id.clone(), state.clone());
+            }
+        }
+        Ok(states)
+    }
+
+    /// The states of `ids` in the documents the reader sees.
+    fn committed_states<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a String>,
+    ) -> Result<HashMap<String, StoredState>, SearchError> {
+        let terms: Vec<Term> = ids.map(|id| Term::from_field_text(self.layout.id, id)).collect();
+        if terms.is_empty() {
+            return Ok(HashMap::new());
+        }
         let searcher = self.reader.searcher();
-        let terms = ids.iter().map(|id| Term::from_field_text(self.layout.id, id));
         let found = searcher.search(&TermSetQuery::new(terms), &DocSetCollector)?;
         let mut states = HashMap::with_capacity(found.len());
         for address in found {
@@ -248,7 +406,8 @@ impl IndexCopy {
     /// Stops the writer (releasing the index lock) and deletes the
     /// directory. Searches already running keep their open segment files.
     pub fn retire(&self) -> Result<(), SearchError> {
-        if let Some(writer) = lock(&self.writer).take() {
+        if let Some(Writing { writer, .. }) = lock(&self.writer).take() {
+            // A shadow's buffered writes are dropped with its writer.
             writer.wait_merging_threads()?;
         }
         match std::fs::remove_dir_all(&self.path) {
@@ -257,6 +416,22 @@ impl IndexCopy {
             Err(source) => Err(SearchError::Io { path: self.path.clone(), source }),
         }
     }
+}
+
+/// Queues the documents of `changes`, each replacing the stored one of its id.
+fn add(
+    writer: &mut IndexWriter,
+    id: tantivy::schema::Field,
+    changes: &[RowChange],
+    docs: Vec<TantivyDocument>,
+) -> Result<(), SearchError> {
+    for (change, doc) in changes.iter().zip(docs) {
+        // Deletes apply to documents added before them, so the new
+        // document of the same id survives its own delete.
+        writer.delete_term(Term::from_field_text(id, &change.id));
+        writer.add_document(doc)?;
+    }
+    Ok(())
 }
 
 /// A cursor value in the images the collector compares.

@@ -52,6 +52,11 @@ pub enum SearchError {
     /// There is no shadow copy to write to or swap in.
     #[error("no rebuild in progress")]
     NoRebuild,
+    /// A write to the shadow copy failed midway, after earlier writes were
+    /// buffered but not yet committed: the copy would miss them, so it
+    /// takes no more writes and cannot be swapped in. Rebuild again.
+    #[error("a write to the rebuilt copy failed; the rebuild must start over")]
+    BrokenRebuild,
     /// The copy was swapped out and dropped while the operation ran.
     #[error("this copy of the index was retired by a swap")]
     Retired,

@@ -40,10 +40,26 @@
 //!
 //! The Tantivy schema is derived from the [`ViewSchema`](kes_core::ViewSchema)
 //! ([`index_schema`] has the table). Each [`ViewStore::write`](kes_core::ViewStore::write)
-//! is one Tantivy commit whose payload holds the checkpoint and the schema
-//! version, so the index and its checkpoint always agree after a crash;
-//! the reader is reloaded right after the commit, so a write is visible to
-//! `list` when `write` returns (read-your-writes by position works).
+//! to the live copy is one Tantivy commit whose payload holds the
+//! checkpoint and the schema version, so the index and its checkpoint
+//! always agree after a crash; the reader is reloaded right after the
+//! commit, so a write is visible to `list` when `write` returns
+//! (read-your-writes by position works).
+//!
+//! Writes to the shadow copy of a rebuild are not committed one by one (a
+//! commit flushes a segment and syncs its files): the index writer buffers
+//! them, and the copy commits every
+//! [`SearchConfig::rebuild_commit_docs`] documents and once more in
+//! [`ViewStore::swap`](kes_core::ViewStore::swap), before `CURRENT` names
+//! it. Each of these commits carries the checkpoint of the last write it
+//! holds. Until a write is committed, [`ViewStore::states`](kes_core::ViewStore::states)
+//! answers for it from memory, so that the next batch of the rebuild
+//! folds its events into the right states, and
+//! [`ViewStore::progress`](kes_core::ViewStore::progress) of the shadow
+//! reports the checkpoint of the last write. A crash loses only the
+//! unfinished shadow, which the next open deletes anyway (the rebuild
+//! starts over); a write that fails midway marks the shadow broken (it
+//! refuses further writes and the swap) until the next rebuild begins.
 //!
 //! ## How a list is answered
 //!
@@ -98,7 +114,7 @@ use kes_core::{
     ViewStore,
 };
 
-use crate::copy::IndexCopy;
+use crate::copy::{Commits, IndexCopy};
 pub use crate::error::SearchError;
 pub use crate::layout::{index_document, index_schema, register_tokenizers};
 
@@ -114,11 +130,16 @@ pub struct SearchConfig {
     pub writer_memory_bytes: usize,
     /// Indexing threads of each copy's writer.
     pub writer_threads: usize,
+    /// During a rebuild, how many documents the shadow copy buffers before
+    /// it commits (and at most how many states it keeps in memory for
+    /// [`ViewStore::states`](kes_core::ViewStore::states)); the rest is
+    /// committed at the swap.
+    pub rebuild_commit_docs: usize,
 }
 
 impl Default for SearchConfig {
     fn default() -> Self {
-        Self { writer_memory_bytes: 50_000_000, writer_threads: 1 }
+        Self { writer_memory_bytes: 50_000_000, writer_threads: 1, rebuild_commit_docs: 50_000 }
     }
 }
 
@@ -218,7 +239,7 @@ impl SearchView {
                     // Created by an open that crashed before writing CURRENT.
                     std::fs::remove_dir_all(&path).map_err(io(&path))?;
                 }
-                let copy = IndexCopy::create(&path, &schema, &config)?;
+                let copy = IndexCopy::create(&path, &schema, &config, Commits::EachWrite)?;
                 write_current(&root, &name)?;
                 copy
             }
@@ -285,13 +306,20 @@ impl Inner {
             old.retire()?;
         }
         let name = copy_name(self.next_copy.fetch_add(1, Ordering::SeqCst));
-        *shadow = Some(Arc::new(IndexCopy::create(&self.root.join(name), &self.schema, &self.config)?));
+        let path = self.root.join(name);
+        *shadow = Some(Arc::new(IndexCopy::create(&path, &self.schema, &self.config, Commits::Deferred)?));
         Ok(())
     }
 
     fn swap(&self) -> Result<(), SearchError> {
         let mut shadow = self.shadow.lock().unwrap_or_else(|p| p.into_inner());
         let new = shadow.take().ok_or(SearchError::NoRebuild)?;
+        // The buffered tail of the rebuild is committed before the copy is
+        // named live, so that `CURRENT` never names a copy missing writes.
+        if let Err(e) = new.finish() {
+            *shadow = Some(new);
+            return Err(e);
+        }
         let name = new.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Err(e) = write_current(&self.root, &name) {
             *shadow = Some(new);

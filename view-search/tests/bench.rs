@@ -1,6 +1,7 @@
-//! Indexing rate of the projection write path against raw Tantivy, and the
-//! latency of a `q` + filter + sort page. Prints figures; asserts nothing
-//! about speed. Run with
+//! Indexing rate of the projection write path against raw Tantivy, the rate
+//! of a `ProjectionRunner` rebuild against raw Tantivy, and the latency of a
+//! `q` + filter + sort page. Prints figures; asserts nothing about speed.
+//! Run with
 //!
 //! ```text
 //! KES_BENCH_ROWS=100000 cargo test -p kes-view-search --release --test bench -- --ignored --nocapture
@@ -160,5 +161,103 @@ async fn indexing_rate_and_query_latency() {
         "no filter, sort by name (every row is a candidate): median {:.2?}, p95 {:.2?}",
         percentile(&mut times, 0.5),
         percentile(&mut times, 0.95)
+    );
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+struct Doc {
+    n: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+struct Created {
+    n: u64,
+}
+
+impl kes_core::DomainEvent for Created {
+    fn event_type(&self) -> &'static str {
+        "Created"
+    }
+}
+
+impl kes_core::Aggregate for Doc {
+    const NAME: &'static str = "doc";
+    type Command = Created;
+    type Event = Created;
+    type Error = std::convert::Infallible;
+    fn handle(&self, command: Created) -> Result<Vec<Created>, Self::Error> {
+        Ok(vec![command])
+    }
+    fn apply(&mut self, event: &Created) {
+        self.n = event.n;
+    }
+}
+
+/// A `ProjectionRunner` rebuild from an in-memory log (one event per
+/// aggregate, batches of 512) against raw `add_document` of the same
+/// documents and one commit, alternating, in the same run. Run with
+///
+/// ```text
+/// KES_BENCH_ROWS=5000 cargo test -p kes-view-search --release --test bench rebuild -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --release --ignored --nocapture"]
+async fn rebuild_rate_against_raw_indexing() {
+    use kes_core::{
+        EventStore, ExpectedVersion, InMemoryStore, Metadata, ProjectionRunner, RunnerConfig, ViewProjection,
+    };
+    use std::sync::Arc;
+
+    let rows = env("KES_BENCH_ROWS", 5_000) as u64;
+    let rounds = env("KES_BENCH_ROUNDS", 5);
+    let schema = schema();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let store = InMemoryStore::<Doc>::new();
+    for n in 0..rows {
+        store
+            .append(&change(n).id, ExpectedVersion::NoStream, vec![Created { n }], Metadata::default())
+            .await
+            .expect("append");
+    }
+    let view = Arc::new(SearchView::open(tmp.path().join("view"), schema.clone()).expect("view"));
+    let projection = Arc::new(ViewProjection::<Doc>::new(view.clone(), |d: &Doc| change(d.n).row.unwrap_or_default()));
+    let runner = ProjectionRunner::new(
+        store,
+        vec![projection],
+        RunnerConfig { batch_size: 512, retry_delay: Duration::from_millis(50) },
+    );
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let report = runner.rebuild("projects", &|_, _| {}).await.expect("rebuild");
+        ours.push(rows as f64 / report.elapsed.as_secs_f64());
+        let docs: Vec<TantivyDocument> = (0..rows)
+            .map(|n| {
+                let mut c = change(n);
+                c.state = serde_json::json!({ "n": n });
+                index_document(&schema, &c).expect("document")
+            })
+            .collect();
+        let dir = tmp.path().join(format!("raw{round}"));
+        let started = Instant::now();
+        std::fs::create_dir_all(&dir).expect("dir");
+        let index = Index::create_in_dir(&dir, index_schema(&schema)).expect("raw index");
+        kes_view_search::register_tokenizers(&index);
+        let mut writer: IndexWriter = index.writer_with_num_threads(1, 50_000_000).expect("writer");
+        for doc in docs {
+            writer.add_document(doc).expect("add");
+        }
+        writer.commit().expect("commit");
+        raw.push(rows as f64 / started.elapsed().as_secs_f64());
+    }
+    assert_eq!(view.list(&ListQuery::new()).await.expect("list").total, rows);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (ours, raw) = (median(&mut ours), median(&mut raw));
+    println!(
+        "rebuild of {rows} rows (in-memory log, batches of 512): {ours:.0} rows/s; raw add_document + commit: \
+         {raw:.0} rows/s; ratio {:.2} (medians of {rounds})",
+        ours / raw
     );
 }
