@@ -16,11 +16,21 @@
 //!   copy of each searchable field for `q`. Filterable and sortable fields
 //!   get an index on `(field, id)`. Each copy's checkpoint lives in
 //!   `kes_view_checkpoints`.
-//! - **Writes**: rows and checkpoint in one transaction, as multi-row
-//!   upserts, so a crash can neither lose nor double-apply a batch.
+//! - **Writes**: rows and checkpoint in one transaction, so a crash can
+//!   neither lose nor double-apply a batch. PostgreSQL upserts a batch with
+//!   one `INSERT … SELECT FROM UNNEST(…)` (a bound array per column: the
+//!   statement text stays the same whatever the batch size); SQLite with
+//!   multi-row `VALUES`.
 //! - **Rebuilds**: a fresh shadow table is filled while the live one keeps
-//!   answering; [`kes_core::ViewStore::swap`] drops the live table and
-//!   renames the shadow in one transaction.
+//!   answering. It has only its primary key while it is filled, and, in
+//!   PostgreSQL, its transactions commit without waiting for the WAL flush
+//!   (`synchronous_commit = off`: a crash may lose the last batches, whole,
+//!   rows and checkpoint together, and the next rebuild drops the shadow
+//!   anyway). [`kes_core::ViewStore::swap`] then creates the `(field, id)`
+//!   indexes over the full table (cheaper than keeping them up to date row
+//!   by row), analyses it (PostgreSQL), drops the live table and renames
+//!   the shadow, in one transaction whose synchronous commit also makes
+//!   the shadow's earlier batches durable.
 //! - **Queries**: identifiers come only from the validated schema, every
 //!   value is a bound parameter; text compares by code point (`COLLATE "C"`
 //!   in PostgreSQL, `BINARY` in SQLite), missing values sort last in both

@@ -31,6 +31,10 @@ const MAX_ARGS: usize = 30_000;
 /// Most rows per multi-row statement; larger ones stop paying off.
 const MAX_ROWS_PER_STATEMENT: usize = 1_000;
 
+/// Most rows per PostgreSQL array upsert (one bound array per column, so
+/// the limit on bound values does not apply).
+const MAX_ROWS_PER_ARRAY_STATEMENT: usize = 10_000;
+
 /// Serialises schema setup across processes sharing one PostgreSQL
 /// database: concurrent `CREATE … IF NOT EXISTS` can otherwise collide.
 const SETUP_LOCK: i64 = 0x6b65_735f_7669_6577;
@@ -50,6 +54,64 @@ macro_rules! on_pool {
             Pool::Sqlite($p) => $body,
         }
     };
+}
+
+/// One column of a PostgreSQL upsert, bound as an array.
+#[derive(Debug)]
+enum PgArray {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Bool(Vec<Option<bool>>),
+}
+
+impl PgArray {
+    fn new(ty: FieldType, capacity: usize) -> Self {
+        match ty {
+            FieldType::Text | FieldType::Keyword => Self::Text(Vec::with_capacity(capacity)),
+            FieldType::Integer | FieldType::Timestamp => Self::Int(Vec::with_capacity(capacity)),
+            FieldType::Float => Self::Float(Vec::with_capacity(capacity)),
+            FieldType::Bool => Self::Bool(Vec::with_capacity(capacity)),
+        }
+    }
+
+    /// Appends `value` (a row was checked against the schema, so its type
+    /// is the column's; anything else is stored as NULL).
+    fn push(&mut self, value: Option<&FieldValue>) {
+        match (self, value) {
+            (Self::Text(v), Some(FieldValue::Text(t))) => v.push(Some(t.clone())),
+            (Self::Int(v), Some(FieldValue::Integer(i))) => v.push(Some(*i)),
+            (Self::Int(v), Some(t @ FieldValue::Timestamp(_))) => v.push(t.as_micros()),
+            (Self::Float(v), Some(FieldValue::Float(f))) => v.push(Some(*f)),
+            (Self::Bool(v), Some(FieldValue::Bool(b))) => v.push(Some(*b)),
+            (Self::Text(v), _) => v.push(None),
+            (Self::Int(v), _) => v.push(None),
+            (Self::Float(v), _) => v.push(None),
+            (Self::Bool(v), _) => v.push(None),
+        }
+    }
+}
+
+/// A PostgreSQL `INSERT … SELECT FROM UNNEST(…)` and its arrays.
+#[derive(Debug)]
+struct PgUpsert {
+    text: String,
+    arrays: Vec<PgArray>,
+}
+
+impl PgUpsert {
+    fn query(&self) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let mut query = sqlx::query::<sqlx::Postgres>(&self.text);
+        for array in &self.arrays {
+            query = match array {
+                PgArray::Text(v) => query.bind(v),
+                PgArray::Int(v) => query.bind(v),
+                PgArray::Float(v) => query.bind(v),
+                PgArray::Bool(v) => query.bind(v),
+            };
+        }
+        query
+    }
 }
 
 /// How to open a [`SqlView`] beyond its URL.
@@ -269,8 +331,9 @@ impl SqlView {
         sql::column_type(self.dialect, FieldType::Text)
     }
 
-    /// The statements creating an empty copy named `table` with its indexes.
-    fn create_copy(&self, table: &str) -> Vec<String> {
+    /// The statement creating an empty copy named `table`, without its
+    /// secondary indexes (`create_indexes`).
+    fn create_table(&self, table: &str) -> String {
         let mut columns = format!(
             "id {} PRIMARY KEY, _version BIGINT NOT NULL, _state TEXT NOT NULL, _live BOOLEAN NOT NULL",
             self.text_type()
@@ -281,19 +344,40 @@ impl SqlView {
         for f in self.schema.fields.iter().filter(|f| f.searchable) {
             columns.push_str(&format!(", {} {}", sql::search_column(f), self.text_type()));
         }
-        let mut statements = vec![format!("CREATE TABLE {table} ({columns})")];
+        format!("CREATE TABLE {table} ({columns})")
+    }
+
+    /// The statements creating the `(field, id)` indexes of the filterable
+    /// and sortable fields on copy `table`.
+    fn create_indexes(&self, table: &str) -> Vec<String> {
         // Index names are unique per database in SQLite and survive a
         // rename: a fresh token per copy keeps a shadow's names clear of
         // the live copy's.
         let token = &uuid::Uuid::new_v4().simple().to_string()[..6];
-        for (i, f) in self.schema.fields.iter().enumerate().filter(|(_, f)| f.filterable || f.sortable) {
-            statements.push(format!(
-                "CREATE INDEX \"ix_{}_{token}_{i}\" ON {table} ({}, id)",
-                self.schema.name,
-                sql::column(f)
-            ));
-        }
-        statements
+        self.schema
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.filterable || f.sortable)
+            .map(|(i, f)| {
+                format!("CREATE INDEX \"ix_{}_{token}_{i}\" ON {table} ({}, id)", self.schema.name, sql::column(f))
+            })
+            .collect()
+    }
+
+    /// Counts the secondary indexes of `table` (the primary key left out).
+    fn count_indexes_sql(&self, table: &str) -> Sql {
+        let mut sql = Sql::new(match self.dialect {
+            Dialect::Postgres => {
+                "SELECT COUNT(*) FROM pg_index i WHERE i.indrelid = to_regclass($1) AND NOT i.indisprimary"
+            }
+            // The primary key's automatic index has no SQL text.
+            Dialect::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL"
+            }
+        });
+        sql.args.push(Arg::Text(Some(table.to_owned())));
+        sql
     }
 
     async fn setup(&self, pg_schema: Option<&str>) -> Result<(), SqlViewError> {
@@ -322,7 +406,9 @@ impl SqlView {
             sqlx::query(&checkpoints).execute(&mut *tx).await?;
             let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
             if found == 0 {
-                for statement in self.create_copy(&self.live) {
+                let mut statements = vec![self.create_table(&self.live)];
+                statements.extend(self.create_indexes(&self.live));
+                for statement in statements {
                     sqlx::query(&statement).execute(&mut *tx).await?;
                 }
             } else {
@@ -418,6 +504,67 @@ impl SqlView {
         Ok(statements)
     }
 
+    /// PostgreSQL upserts of `changes`: each column bound as one array and
+    /// expanded by `UNNEST`, so that the statement text (prepared once per
+    /// connection) and its planning cost do not grow with the rows.
+    fn pg_upserts(&self, table: &str, changes: &[&RowChange]) -> Result<Vec<PgUpsert>, SqlViewError> {
+        let fields = &self.schema.fields;
+        let searchable: Vec<_> = fields.iter().filter(|f| f.searchable).collect();
+        let mut columns = vec!["id".to_owned(), "_version".into(), "_state".into(), "_live".into()];
+        columns.extend(fields.iter().map(sql::column));
+        columns.extend(searchable.iter().map(|f| sql::search_column(f)));
+        let mut types = vec!["text[]", "bigint[]", "text[]", "boolean[]"];
+        types.extend(fields.iter().map(|f| match f.ty {
+            FieldType::Text | FieldType::Keyword => "text[]",
+            FieldType::Integer | FieldType::Timestamp => "bigint[]",
+            FieldType::Float => "float8[]",
+            FieldType::Bool => "boolean[]",
+        }));
+        types.extend(searchable.iter().map(|_| "text[]"));
+        let arrays: Vec<String> = types.iter().enumerate().map(|(i, ty)| format!("${}::{ty}", i + 1)).collect();
+        let text = format!(
+            "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}) ON CONFLICT (id) DO UPDATE SET {}",
+            columns.join(", "),
+            arrays.join(", "),
+            columns[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ")
+        );
+        let mut statements = Vec::new();
+        for chunk in changes.chunks(MAX_ROWS_PER_ARRAY_STATEMENT) {
+            let mut ids = Vec::with_capacity(chunk.len());
+            let mut versions = Vec::with_capacity(chunk.len());
+            let mut states = Vec::with_capacity(chunk.len());
+            let mut live = Vec::with_capacity(chunk.len());
+            let mut values: Vec<PgArray> = fields.iter().map(|f| PgArray::new(f.ty, chunk.len())).collect();
+            let mut lowered: Vec<Vec<Option<String>>> =
+                searchable.iter().map(|_| Vec::with_capacity(chunk.len())).collect();
+            for change in chunk {
+                let version = i64::try_from(change.version)
+                    .map_err(|_| SqlViewError::Corrupt { id: change.id.clone(), reason: "version too large".into() })?;
+                let state = serde_json::to_string(&change.state)
+                    .map_err(|e| SqlViewError::Corrupt { id: change.id.clone(), reason: e.to_string() })?;
+                ids.push(Some(change.id.clone()));
+                versions.push(Some(version));
+                states.push(Some(state));
+                live.push(Some(change.row.is_some()));
+                for (f, array) in fields.iter().zip(&mut values) {
+                    array.push(change.row.as_ref().and_then(|r| r.get(&f.name)));
+                }
+                for (f, array) in searchable.iter().zip(&mut lowered) {
+                    array.push(match change.row.as_ref().and_then(|r| r.get(&f.name)) {
+                        Some(FieldValue::Text(t)) => Some(t.to_lowercase()),
+                        _ => None,
+                    });
+                }
+            }
+            let mut arrays =
+                vec![PgArray::Text(ids), PgArray::Int(versions), PgArray::Text(states), PgArray::Bool(live)];
+            arrays.extend(values);
+            arrays.extend(lowered.into_iter().map(PgArray::Text));
+            statements.push(PgUpsert { text: text.clone(), arrays });
+        }
+        Ok(statements)
+    }
+
     fn checkpoint_sql(&self, copy: ViewCopy, checkpoint: &Checkpoint) -> Sql {
         let mut sql = Sql::new(format!(
             "INSERT INTO {CHECKPOINTS} (view_name, view_copy, checkpoint, schema_version) VALUES ($1, $2, $3, $4) \
@@ -475,9 +622,40 @@ impl SqlView {
             }
         }
         let table = self.table_of(copy);
-        let statements = self.upserts(table, &last)?;
         let checkpoint = self.checkpoint_sql(copy, checkpoint);
         let exists = self.exists_sql(table);
+        if let Pool::Postgres(pool) = &self.write {
+            let statements = self.pg_upserts(table, &last)?;
+            let mut tx = pool.begin().await?;
+            if copy == ViewCopy::Shadow {
+                // A shadow is dropped by the next `begin_rebuild` whatever
+                // a crash left of it, so its batches need not wait for the
+                // WAL flush; the swap's synchronous commit flushes them all
+                // before the copy goes live. Still atomic: a crash loses
+                // whole batches, rows and checkpoint together.
+                sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+                if statements.is_empty() {
+                    let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
+                    if found == 0 {
+                        return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+                    }
+                }
+            }
+            for statement in statements {
+                if let Err(e) = statement.query().execute(&mut *tx).await {
+                    let e = SqlViewError::from(e);
+                    return Err(if copy == ViewCopy::Shadow && e.is_missing_table() {
+                        SqlViewError::NoRebuild(self.schema.name.clone())
+                    } else {
+                        e
+                    });
+                }
+            }
+            bound(&checkpoint).execute(&mut *tx).await?;
+            tx.commit().await?;
+            return Ok(());
+        }
+        let statements = self.upserts(table, &last)?;
         on_pool!(&self.write, |pool| {
             let mut tx = pool.begin().await?;
             if copy == ViewCopy::Shadow {
@@ -498,6 +676,27 @@ impl SqlView {
     async fn read_states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, SqlViewError> {
         let table = self.table_of(copy);
         let mut out = HashMap::with_capacity(ids.len());
+        let missing = |e: sqlx::Error| {
+            let e = SqlViewError::from(e);
+            if copy == ViewCopy::Shadow && e.is_missing_table() {
+                SqlViewError::NoRebuild(self.schema.name.clone())
+            } else {
+                e
+            }
+        };
+        if let Pool::Postgres(pool) = &self.read {
+            // One array parameter: the same statement text for any number of ids.
+            let sql = format!("SELECT id, _version, _state FROM {table} WHERE id = ANY($1::text[])");
+            for chunk in ids.chunks(MAX_ROWS_PER_ARRAY_STATEMENT) {
+                let rows = sqlx::query(&sql).bind(chunk).fetch_all(pool).await.map_err(missing)?;
+                for row in rows {
+                    let (id, version, state): (String, i64, String) =
+                        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                    Self::insert_state(&mut out, id, version, &state)?;
+                }
+            }
+            return Ok(out);
+        }
         for chunk in ids.chunks(MAX_ROWS_PER_STATEMENT) {
             let mut sql = Sql::new(format!("SELECT id, _version, _state FROM {table} WHERE id IN ("));
             for (i, id) in chunk.iter().enumerate() {
@@ -508,29 +707,33 @@ impl SqlView {
             }
             sql.push(")");
             let rows: Vec<(String, i64, String)> = on_pool!(&self.read, |pool| {
-                match bound(&sql).fetch_all(pool).await {
-                    Ok(rows) => rows
-                        .iter()
-                        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                        .collect::<Result<Vec<_>, sqlx::Error>>()?,
-                    Err(e) => {
-                        let e = SqlViewError::from(e);
-                        return Err(if copy == ViewCopy::Shadow && e.is_missing_table() {
-                            SqlViewError::NoRebuild(self.schema.name.clone())
-                        } else {
-                            e
-                        });
-                    }
-                }
+                bound(&sql)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(missing)?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
             });
             for (id, version, state) in rows {
-                let corrupt = |reason: String| SqlViewError::Corrupt { id: id.clone(), reason };
-                let version = u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
-                let state = serde_json::from_str(&state).map_err(|e| corrupt(format!("stored state: {e}")))?;
-                out.insert(id, StoredState { version, state });
+                Self::insert_state(&mut out, id, version, &state)?;
             }
         }
         Ok(out)
+    }
+
+    /// Reads one stored state into `out`.
+    fn insert_state(
+        out: &mut HashMap<String, StoredState>,
+        id: String,
+        version: i64,
+        state: &str,
+    ) -> Result<(), SqlViewError> {
+        let corrupt = |reason: String| SqlViewError::Corrupt { id: id.clone(), reason };
+        let version = u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
+        let state = serde_json::from_str(state).map_err(|e| corrupt(format!("stored state: {e}")))?;
+        out.insert(id, StoredState { version, state });
+        Ok(())
     }
 
     async fn read_progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, SqlViewError> {
@@ -649,7 +852,8 @@ impl SqlView {
 
     async fn begin_shadow(&self) -> Result<(), SqlViewError> {
         let mut statements = vec![format!("DROP TABLE IF EXISTS {}", self.shadow)];
-        statements.extend(self.create_copy(&self.shadow));
+        // The secondary indexes come at the swap, once the copy is filled.
+        statements.push(self.create_table(&self.shadow));
         let mut forget = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'shadow'"));
         forget.args.push(Arg::Text(Some(self.schema.name.clone())));
         on_pool!(&self.write, |pool| {
@@ -672,6 +876,8 @@ impl SqlView {
             "UPDATE {CHECKPOINTS} SET view_copy = 'live' WHERE view_name = $1 AND view_copy = 'shadow'"
         ));
         promote.args.push(name);
+        let count_indexes = self.count_indexes_sql(&self.shadow);
+        let create_indexes = self.create_indexes(&self.shadow);
         let ddl = [
             format!("DROP TABLE IF EXISTS {}", self.live),
             format!("ALTER TABLE {} RENAME TO {}", self.shadow, self.live),
@@ -683,6 +889,15 @@ impl SqlView {
             let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
             if found == 0 {
                 return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+            }
+            // A shadow is filled without its secondary indexes: one pass
+            // over the full table builds each of them for less than
+            // keeping it up to date row by row.
+            let indexes: i64 = bound(&count_indexes).fetch_one(&mut *tx).await?.try_get(0)?;
+            if indexes == 0 {
+                for statement in &create_indexes {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
             }
             if self.dialect == Dialect::Postgres {
                 // Fresh planner statistics, or the first queries on the new

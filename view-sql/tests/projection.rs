@@ -1,5 +1,6 @@
 //! A SqlView fed by kes-core's ViewProjection and ProjectionRunner: crashes
-//! between batches, and rebuilds while queries run, on both dialects.
+//! between batches, rebuilds while queries run, rebuilds in tiny batches and
+//! rebuilds stopped before their swap, on both dialects.
 
 mod common;
 
@@ -367,4 +368,154 @@ async fn postgres_rebuild_while_queries_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_rebuild_while_queries_run() {
     rebuild_while_queries_run(false).await;
+}
+
+/// The secondary indexes (primary key left out) of `table` at `place`,
+/// read from the database's catalog.
+async fn secondary_indexes(place: &Place, table: &str) -> i64 {
+    match place {
+        Place::Postgres(schema) => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(
+                    common::pg_url()
+                        .parse::<sqlx::postgres::PgConnectOptions>()
+                        .expect("url")
+                        .options([("search_path", schema.as_str())]),
+                )
+                .await
+                .expect("connect");
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM pg_index i WHERE i.indrelid = to_regclass($1) AND NOT i.indisprimary",
+            )
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .expect("count indexes");
+            pool.close().await;
+            n
+        }
+        Place::Sqlite(url) => {
+            let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL",
+            )
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .expect("count indexes");
+            pool.close().await;
+            n
+        }
+    }
+}
+
+/// A rebuild in batches of three appends, so that most aggregates have
+/// events in many batches: the swapped-in copy equals a fresh replay and
+/// the in-memory view, and has the indexes of its filterable and sortable
+/// fields.
+async fn rebuild_in_tiny_batches(postgres: bool) {
+    let store = InMemoryStore::<Project>::new();
+    let (ids, last) = load(&store, 21, 700, 60).await;
+    let place = Place::fresh(postgres);
+    let Some(view) = place.open(schema()).await else { return };
+    let view = Arc::new(view);
+    let report = runner(&store, view.clone(), 3).rebuild("projects", &|_, _| {}).await.expect("rebuild");
+    assert!(report.events >= 700, "events rebuilt: {report:?}");
+    assert!(view.position().await.expect("position").covers(last));
+    let fresh = Arc::new(Place::fresh(postgres).open(schema()).await.expect("fresh"));
+    replay(&store, fresh.clone(), last).await;
+    let memory = Arc::new(InMemoryView::new(schema()).expect("memory view"));
+    replay(&store, memory.clone(), last).await;
+    let rebuilt = dump(view.as_ref(), &ids).await;
+    assert!(rebuilt.0.len() > 30, "too few rows to mean anything: {}", rebuilt.0.len());
+    assert_eq!(rebuilt, dump(fresh.as_ref(), &ids).await, "rebuilt view differs from a fresh replay");
+    assert_eq!(rebuilt, dump(memory.as_ref(), &ids).await, "rebuilt view differs from the in-memory view");
+    assert_eq!(secondary_indexes(&place, "view_projects").await, 3, "one index per filterable or sortable field");
+    // A second rebuild of the same view gives the same again.
+    runner(&store, view.clone(), 5).rebuild("projects", &|_, _| {}).await.expect("rebuild again");
+    assert_eq!(dump(view.as_ref(), &ids).await, rebuilt, "second rebuild");
+    assert_eq!(secondary_indexes(&place, "view_projects").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rebuild_in_tiny_batches_equals_a_fresh_replay() {
+    rebuild_in_tiny_batches(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rebuild_in_tiny_batches_equals_a_fresh_replay() {
+    rebuild_in_tiny_batches(false).await;
+}
+
+fn change(id: &str, version: u64, name: &str) -> RowChange {
+    let mut row = Row::new();
+    row.insert("name".into(), name.into());
+    row.insert("budget".into(), (version as i64).into());
+    RowChange { id: id.into(), version, state: serde_json::json!({ "name": name }), row: Some(row) }
+}
+
+fn at(offset: u64) -> Checkpoint {
+    let mut c = Checkpoint::start();
+    c.advance(Position::new(0, offset));
+    c
+}
+
+/// A rebuild that stops before its swap (the process ends): the live copy
+/// serves unchanged throughout, the shadow's checkpoint matches its rows,
+/// and the next rebuild starts over from an empty shadow.
+async fn rebuild_stopped_before_the_swap(postgres: bool) {
+    let store = InMemoryStore::<Project>::new();
+    let (ids, last) = load(&store, 31, 300, 40).await;
+    let place = Place::fresh(postgres);
+    let Some(view) = place.open(schema()).await else { return };
+    let view = Arc::new(view);
+    replay(&store, view.clone(), last).await;
+    let before = dump(view.as_ref(), &ids).await;
+    let position = view.position().await.expect("position");
+
+    view.begin_rebuild().await.expect("begin");
+    for n in 0..4u64 {
+        // Ids of the live copy, written again and again in the shadow.
+        let batch: Vec<RowChange> =
+            (0..5).map(|k| change(&ids[((n * 3 + k) % 8) as usize], n + 1, &format!("shadow {n}"))).collect();
+        view.write(ViewCopy::Shadow, &batch, &at(1_000 + n)).await.expect("shadow write");
+        assert_eq!(dump(view.as_ref(), &ids).await, before, "the live copy changed during the rebuild");
+        assert_eq!(view.position().await.expect("position"), position);
+    }
+    let shadow_states = view.states(ViewCopy::Shadow, &ids[..8]).await.expect("shadow states");
+    assert_eq!(shadow_states.len(), 8);
+    assert!(shadow_states.values().all(|s| s.version >= 2), "a later batch's write of an id wins");
+    assert_eq!(secondary_indexes(&place, "shadow_projects").await, 0, "the shadow is filled without its indexes");
+    view.close().await;
+    drop(view);
+
+    // Restart: the live copy is as it was; the shadow's checkpoint is that
+    // of its last batch, committed with its rows.
+    let reopened = Arc::new(place.open(schema()).await.expect("reopen"));
+    assert_eq!(dump(reopened.as_ref(), &ids).await, before);
+    let shadow = reopened.progress(ViewCopy::Shadow).await.expect("progress").expect("a shadow checkpoint");
+    assert_eq!(shadow.checkpoint, at(1_003));
+    assert_eq!(reopened.states(ViewCopy::Shadow, &ids).await.expect("states").len(), 8);
+
+    // The next rebuild starts over, and its swap brings the indexes.
+    reopened.begin_rebuild().await.expect("begin again");
+    assert!(reopened.progress(ViewCopy::Shadow).await.expect("progress").is_none(), "the new shadow starts empty");
+    assert!(reopened.states(ViewCopy::Shadow, &ids).await.expect("states").is_empty());
+    reopened.swap().await.expect("swap an empty shadow");
+    assert_eq!(dump(reopened.as_ref(), &ids).await.0, Vec::new());
+    runner(&store, reopened.clone(), 7).rebuild("projects", &|_, _| {}).await.expect("rebuild");
+    assert_eq!(dump(reopened.as_ref(), &ids).await, before, "rebuilt view vs the one followed live");
+    assert_eq!(reopened.position().await.expect("position"), position);
+    assert_eq!(secondary_indexes(&place, "view_projects").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rebuild_stopped_before_the_swap_starts_over() {
+    rebuild_stopped_before_the_swap(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rebuild_stopped_before_the_swap_starts_over() {
+    rebuild_stopped_before_the_swap(false).await;
 }
