@@ -198,6 +198,17 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
             }
         }};
     }
+    // First on the broker: Tansu's reads slow down with everything it
+    // stores (each record's headers are looked up across all topics), for
+    // KES and the raw consumer alike; on a fresh broker the rounds stay
+    // within the scenario's time bound.
+    run!(
+        format!("Kafka table rebuild, {thousands} aggregates"),
+        "records/s",
+        Better::Higher,
+        0.5,
+        kafka_table(&mut ctx, &mut out)
+    );
     run!("HTTP PATCH, 64 clients, Kafka store", "req/s", Better::Higher, 0.5, kafka_patch(&mut ctx));
     run!("HTTP PATCH, 64 clients, PostgreSQL store", "req/s", Better::Higher, 2.0, pg_patch(&mut ctx));
     run!("seed loop: sequential PATCH, PostgreSQL", "ms/req", Better::Lower, 0.67, pg_seed_loop(&mut ctx));
@@ -212,13 +223,6 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         sql_rebuild(&mut ctx)
     );
     run!(format!("Tantivy view rebuild, {thousands} rows"), "rows/s", Better::Higher, 0.5, tantivy_rebuild(&mut ctx));
-    run!(
-        format!("Kafka table rebuild, {thousands} aggregates"),
-        "records/s",
-        Better::Higher,
-        0.5,
-        kafka_table(&mut ctx, &mut out)
-    );
     if let Some(live) = ctx.pg_live.take() {
         live.service.shutdown().await;
     }
@@ -792,12 +796,14 @@ async fn kafka_table_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measure
             anyhow::ensure!(store.load(&last).await?.is_some(), "the reopened table lacks {last}");
             drop(store);
             memory.push(held);
+            eprintln!("  KES reopen: {secs:.2} s");
             records as f64 / secs
         },
         {
             let started = Instant::now();
             let read = kafka.read_all(&table_topic).await?;
             anyhow::ensure!(read == records, "the raw consumer read {read} of {records} records");
+            eprintln!("  raw read: {:.2} s", started.elapsed().as_secs_f64());
             records as f64 / started.elapsed().as_secs_f64()
         }
     );
