@@ -25,7 +25,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::normalize_path::NormalizePathLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -299,12 +299,35 @@ impl Api {
             .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, config.request_timeout))
             .layer(axum::middleware::map_response(problemize))
             .layer(CompressionLayer::new())
-            .layer(cors(config))
+            // Without allowed origins CORS has nothing to add.
+            .layer(tower::util::option_layer((!config.cors_origins.is_empty()).then(|| cors(config))))
             .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
             .layer(TraceLayer::new_for_http());
         // Outside the router: routing must see the path without its slash.
         Router::new().fallback_service(NormalizePathLayer::trim_trailing_slash().layer(inner))
+    }
+}
+
+/// Request ids for requests that come without one: a random prefix drawn
+/// once per router and a counter, unique without a random draw per request.
+#[derive(Clone)]
+struct RequestIds {
+    prefix: Arc<str>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        Self { prefix: Arc::from(&random[..16]), next: Arc::new(std::sync::atomic::AtomicU64::new(1)) }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).ok().map(RequestId::new)
     }
 }
 

@@ -351,6 +351,17 @@ async fn a_method_the_route_lacks_is_405() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn requests_without_an_id_get_a_fresh_one_and_no_cors_headers_by_default() {
+    let h = harness().await;
+    let first = send(&h.app, empty("GET", "/projects")).await;
+    let second = send(&h.app, empty("GET", "/projects")).await;
+    let (a, b) = (first.header("x-request-id"), second.header("x-request-id"));
+    assert!(!a.is_empty() && !b.is_empty(), "{:?}", first.headers);
+    assert_ne!(a, b, "each request gets its own id");
+    assert_eq!(first.header("access-control-allow-origin"), "", "no origin is allowed unless configured");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_history_carries_versions_types_times_and_metadata() {
     let h = harness().await;
     let request = with_header(
