@@ -685,10 +685,13 @@ impl SqlView {
             }
         };
         if let Pool::Postgres(pool) = &self.read {
-            // One array parameter: the same statement text for any number of ids.
+            // One array parameter: the same statement text for any number of
+            // ids. Not a prepared statement: its plan would be cached while
+            // a rebuild table is nearly empty (a sequential scan) and kept
+            // while the table grows, making every lookup a full scan.
             let sql = format!("SELECT id, _version, _state FROM {table} WHERE id = ANY($1::text[])");
             for chunk in ids.chunks(MAX_ROWS_PER_ARRAY_STATEMENT) {
-                let rows = sqlx::query(&sql).bind(chunk).fetch_all(pool).await.map_err(missing)?;
+                let rows = sqlx::query(&sql).bind(chunk).persistent(false).fetch_all(pool).await.map_err(missing)?;
                 for row in rows {
                     let (id, version, state): (String, i64, String) =
                         (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
