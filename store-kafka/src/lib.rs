@@ -86,7 +86,14 @@
 //! ## Costs and retention
 //!
 //! - `load`, `recall` and the version check answer from memory: the table
-//!   holds every aggregate's state (size it like a GlobalKTable).
+//!   holds every aggregate's state (size it like a GlobalKTable). It keeps
+//!   each state as the compact JSON the aggregate serialises to (a typed
+//!   state with strings and sets takes several times those bytes), typed
+//!   again by every `load` and `append`; a held state that does not
+//!   deserialise gives [`kes_core::StoreError::Corrupt`]. Per aggregate
+//!   that is the JSON, the id and about 140 bytes of bookkeeping (version,
+//!   offsets, map slot); idempotency keys, the offsets of further records
+//!   and cached histories cost only the aggregates that have them.
 //! - `recall`: each aggregate remembers its last
 //!   [`KafkaConfig::idempotency_keys_per_aggregate`] keys (default 32),
 //!   persisted in its table record, so they survive restarts; older keys are

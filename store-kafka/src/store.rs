@@ -75,12 +75,16 @@ struct Inner<A: Aggregate> {
 /// The in-memory table and, per events partition, what this process knows
 /// about the partition's progress.
 struct Table<A: Aggregate> {
-    rows: HashMap<String, Row<A>>,
+    /// Every aggregate of the type; a row is boxed so that the map's empty
+    /// slots (up to half of them, as the map grows by doubling) cost a
+    /// pointer rather than a whole row.
+    rows: HashMap<Box<str>, Box<Row>>,
     logs: Vec<PartitionLog>,
     /// Bytes held by the rows' `history` caches.
     cache_bytes: usize,
     /// Ids whose history is cached, oldest first (evicted first).
     cache_order: VecDeque<String>,
+    model: std::marker::PhantomData<fn() -> A>,
 }
 
 impl<A: Aggregate> Table<A> {
@@ -96,31 +100,151 @@ impl<A: Aggregate> Table<A> {
         self.cache_bytes += value.len();
         while self.cache_bytes > budget {
             let Some(victim) = self.cache_order.pop_front() else { break };
-            if let Some(dropped) = self.rows.get_mut(&victim).and_then(|r| r.history.take()) {
+            if let Some(dropped) = self.rows.get_mut(victim.as_str()).and_then(|r| r.history.take()) {
                 self.cache_bytes -= dropped.iter().map(|v| v.len()).sum::<usize>();
             }
         }
     }
 }
 
-struct Row<A> {
-    state: A,
+/// One aggregate of the table. The table holds every aggregate of its type,
+/// so a row is kept small: the state as its compact JSON (a typed state
+/// with strings and sets takes several times the bytes of its JSON; `load`
+/// and `append` deserialise it), and what most rows lack (idempotency
+/// keys, several records, a cached history) behind a pointer or not at all.
+#[expect(
+    clippy::box_collection,
+    reason = "a boxed collection takes 8 bytes of every row instead of 24 or 32; most rows have none"
+)]
+struct Row {
+    /// The state, serialised with `serde_json` (compact).
+    state: Box<[u8]>,
     version: u64,
     first_offset: u64,
-    last: Position,
-    keys: VecDeque<KeyDoc>,
-    /// Offsets of its events records (empty when a table record from an
-    /// older writer did not list them: `read` scans then).
-    offsets: Vec<u64>,
-    /// Size of its largest events record (sizes `read`'s fetches).
-    max_bytes: u64,
+    last_offset: u64,
+    /// Its events partition.
+    partition: u32,
+    /// Size of its largest events record, saturated at `u32::MAX` (sizes
+    /// `read`'s fetches).
+    max_bytes: u32,
+    offsets: Offsets,
+    /// Its recent idempotency keys, oldest first; `None` when it has none.
+    keys: Option<Box<VecDeque<KeyDoc>>>,
     /// Its events records' values, all of them, while they fit the read
     /// cache; `None` once evicted or for rows loaded from the table topic.
-    history: Option<Vec<Arc<[u8]>>>,
+    history: Option<Box<Vec<Arc<[u8]>>>>,
+    /// [`Aggregate::is_deleted`] of the state.
+    deleted: bool,
     /// A table record of this row is in flight (see `save_row`).
     table_writing: bool,
     /// The row moved since the record in flight was built.
     table_stale: bool,
+}
+
+/// The offsets of a row's events records.
+#[derive(Clone, Debug, PartialEq)]
+enum Offsets {
+    /// Not known: a table record from an older writer did not list them
+    /// (`read` scans the partition then).
+    Unknown,
+    /// One record, at the row's `first_offset` (most aggregates).
+    First,
+    /// All of them, ascending, the first one included.
+    Many(Vec<u64>),
+}
+
+impl Offsets {
+    /// The list a table record carries (empty when unknown).
+    fn to_vec(&self, first: u64) -> Vec<u64> {
+        match self {
+            Self::Unknown => Vec::new(),
+            Self::First => vec![first],
+            Self::Many(all) => all.clone(),
+        }
+    }
+
+    /// The list read from a table record.
+    fn from_vec(all: Vec<u64>, first: u64) -> Self {
+        match all.as_slice() {
+            [] => Self::Unknown,
+            [only] if *only == first => Self::First,
+            _ => Self::Many(all),
+        }
+    }
+
+    /// One more record after those listed (nothing when they are unknown).
+    fn push(&mut self, first: u64, offset: u64) {
+        match self {
+            Self::Unknown => {}
+            Self::First => *self = Self::Many(vec![first, offset]),
+            Self::Many(all) => all.push(offset),
+        }
+    }
+}
+
+impl Row {
+    /// A row for an aggregate whose first events record is at `at`, before
+    /// that record is applied (version 0, the default state).
+    fn new(at: Position) -> Self {
+        Self {
+            state: Box::default(),
+            version: 0,
+            first_offset: at.offset,
+            last_offset: at.offset,
+            partition: at.partition,
+            max_bytes: 0,
+            offsets: Offsets::First,
+            keys: None,
+            history: Some(Box::default()),
+            deleted: false,
+            table_writing: false,
+            table_stale: false,
+        }
+    }
+
+    /// The state, typed (the default one for a row no record reached yet).
+    fn typed<A: Aggregate>(&self) -> Result<A, serde_json::Error> {
+        if self.version == 0 { Ok(A::default()) } else { serde_json::from_slice(&self.state) }
+    }
+
+    /// Moves the row by one events record (`size` bytes of key and value,
+    /// at `at`) that brought it to `version` and `state`.
+    fn advance(&mut self, state: Box<[u8]>, deleted: bool, version: u64, at: Position, size: u64) {
+        if self.version > 0 {
+            self.offsets.push(self.first_offset, at.offset);
+        }
+        self.state = state;
+        self.deleted = deleted;
+        self.version = version;
+        self.last_offset = at.offset;
+        self.partition = at.partition;
+        self.max_bytes = self.max_bytes.max(u32::try_from(size).unwrap_or(u32::MAX));
+    }
+
+    fn key(&self, key: &str) -> Option<&KeyDoc> {
+        self.keys.as_deref().and_then(|keys| keys.iter().find(|k| k.key == key))
+    }
+}
+
+/// A state the table holds, typed; [`StoreError::Corrupt`] when it does
+/// not fit the aggregate's model.
+fn typed_state<A: Aggregate>(id: &str, bytes: &[u8]) -> Result<A, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        aggregate: A::NAME.to_owned(),
+        id: id.to_owned(),
+        version: 0,
+        reason: format!("the table's state does not fit the aggregate's model: {e}"),
+    })
+}
+
+/// A state as the table keeps it: its compact JSON, and whether it is
+/// deleted. The JSON is written into `scratch` (cleared first; reused
+/// across many states by the start-up load) and copied into an allocation
+/// of its exact size.
+fn encode_state<A: Aggregate>(state: &A, scratch: &mut Vec<u8>) -> Result<(Box<[u8]>, bool), serde_json::Error> {
+    scratch.clear();
+    serde_json::to_writer(&mut *scratch, state)?;
+    Ok((Box::from(scratch.as_slice()), state.is_deleted()))
 }
 
 #[derive(Default)]
@@ -191,6 +315,7 @@ impl<A: Aggregate> KafkaStore<A> {
                 logs: (0..partitions).map(|_| PartitionLog::default()).collect(),
                 cache_bytes: 0,
                 cache_order: VecDeque::new(),
+                model: std::marker::PhantomData,
             }),
             config,
             events_topic,
@@ -572,7 +697,7 @@ impl<A: Aggregate> Inner<A> {
                 let log = &table.logs[p];
                 let behind = log.reflected_below() > log.claimed;
                 if let Some(id) = log.last_id.clone().filter(|_| behind)
-                    && let Some(row) = table.rows.get_mut(&id)
+                    && let Some(row) = table.rows.get_mut(id.as_str())
                     && !row.table_writing
                 {
                     row.table_writing = true;
@@ -769,11 +894,17 @@ impl<A: Aggregate> Inner<A> {
             Ok(())
         })
         .await?;
-        let mut rows = HashMap::new();
+        let mut rows: HashMap<Box<str>, Box<Row>> = HashMap::new();
         let mut from = vec![0u64; self.partitions as usize];
         if trustworthy {
+            rows.reserve(docs.len());
+            let mut scratch = Vec::with_capacity(1024);
             for (id, doc) in docs {
-                let Ok(state) = serde_json::from_value::<A>(doc.state) else {
+                // Typed once to check that it fits the model, then kept as
+                // the JSON the model writes.
+                let encoded =
+                    serde_json::from_value::<A>(doc.state).and_then(|state| encode_state(&state, &mut scratch));
+                let Ok((state, deleted)) = encoded else {
                     tracing::warn!(%id, "table state does not fit the aggregate's model; rebuilding from the events topic");
                     rows.clear();
                     from.iter_mut().for_each(|f| *f = 0);
@@ -781,20 +912,23 @@ impl<A: Aggregate> Inner<A> {
                 };
                 let slot = &mut from[doc.events_partition as usize];
                 *slot = (*slot).max(doc.reflected_below);
+                let keys = doc.idempotency_keys;
                 rows.insert(
-                    id,
-                    Row {
+                    id.into_boxed_str(),
+                    Box::new(Row {
                         state,
                         version: doc.version,
                         first_offset: doc.first_offset,
-                        last: Position::new(doc.events_partition, doc.last_offset),
-                        keys: doc.idempotency_keys,
-                        offsets: doc.offsets,
-                        max_bytes: doc.max_record_bytes,
+                        last_offset: doc.last_offset,
+                        partition: doc.events_partition,
+                        max_bytes: u32::try_from(doc.max_record_bytes).unwrap_or(u32::MAX),
+                        offsets: Offsets::from_vec(doc.offsets, doc.first_offset),
+                        keys: (!keys.is_empty()).then(|| Box::new(keys)),
                         history: None,
+                        deleted,
                         table_writing: false,
                         table_stale: false,
-                    },
+                    }),
                 );
             }
         }
@@ -878,7 +1012,7 @@ impl<A: Aggregate> Inner<A> {
         value: &[u8],
     ) -> Result<bool, KafkaStoreError> {
         let size = key_len + value.len() as u64;
-        let current = table.rows.get(&doc.aggregate_id).map_or(0, |r| r.version);
+        let current = table.rows.get(doc.aggregate_id.as_str()).map_or(0, |r| r.version);
         if doc.last_version <= current {
             return Ok(false);
         }
@@ -907,33 +1041,24 @@ impl<A: Aggregate> Inner<A> {
                 })?;
             events.push(event);
         }
-        let doc_id = id.clone();
-        let row = table.rows.entry(id).or_insert_with(|| Row {
-            state: A::default(),
-            version: 0,
-            first_offset: at.offset,
-            last: at,
-            keys: VecDeque::new(),
-            offsets: Vec::new(),
-            max_bytes: 0,
-            history: Some(Vec::new()),
-            table_writing: false,
-            table_stale: false,
-        });
+        let unfit = |what: &str, err: serde_json::Error| KafkaStoreError::Corrupt {
+            topic: self.events_topic.clone(),
+            position: at,
+            aggregate_id: Some(id.clone()),
+            version: last_version,
+            reason: format!("the aggregate's state {what}: {err}"),
+        };
+        let row = table.rows.entry(id.as_str().into()).or_insert_with(|| Box::new(Row::new(at)));
+        let mut state: A = row.typed().map_err(|e| unfit("held by the table does not fit its model", e))?;
         for e in &events {
-            row.state.apply(e);
+            state.apply(e);
         }
-        // An empty index on an existing row means "unknown" (see `Row`).
-        if row.version == 0 || !row.offsets.is_empty() {
-            row.offsets.push(at.offset);
-        }
-        row.version = last_version;
-        row.last = at;
-        row.max_bytes = row.max_bytes.max(size);
+        let (state, deleted) = encode_state(&state, &mut Vec::new()).map_err(|e| unfit("cannot be serialised", e))?;
+        row.advance(state, deleted, last_version, at, size);
         if let Some(key) = key {
             remember(row, key, last_version, at.offset, self.config.idempotency_keys_per_aggregate);
         }
-        table.cache(&doc_id, value, self.config.read_cache_bytes);
+        table.cache(&id, value, self.config.read_cache_bytes);
         Ok(true)
     }
 
@@ -941,23 +1066,24 @@ impl<A: Aggregate> Inner<A> {
     /// partition.
     fn table_doc(&self, table: &Table<A>, id: &str) -> Option<(TableDoc, u32)> {
         let row = table.rows.get(id)?;
-        let p = row.last.partition;
-        let state = serde_json::to_value(&row.state).unwrap_or(serde_json::Value::Null);
+        let p = row.partition;
+        // The table wrote these bytes from a typed state: they are JSON.
+        let state = serde_json::from_slice(&row.state).unwrap_or(serde_json::Value::Null);
         Some((
             TableDoc {
                 format: Some(crate::record::TABLE_FORMAT.to_owned()),
                 aggregate_type: A::NAME.to_owned(),
                 aggregate_id: id.to_owned(),
                 version: row.version,
-                deleted: row.state.is_deleted(),
+                deleted: row.deleted,
                 state,
                 events_partition: p,
                 first_offset: row.first_offset,
-                last_offset: row.last.offset,
-                offsets: row.offsets.clone(),
-                max_record_bytes: row.max_bytes,
+                last_offset: row.last_offset,
+                offsets: row.offsets.to_vec(row.first_offset),
+                max_record_bytes: u64::from(row.max_bytes),
                 reflected_below: table.logs.get(p as usize).map_or(0, PartitionLog::reflected_below),
-                idempotency_keys: row.keys.clone(),
+                idempotency_keys: row.keys.as_deref().cloned().unwrap_or_default(),
                 updated_at: chrono::Utc::now(),
             },
             p,
@@ -1147,13 +1273,14 @@ async fn retry_save<A: Aggregate>(weak: Weak<Inner<A>>, id: String) {
     }
 }
 
-fn remember<A>(row: &mut Row<A>, key: String, version: u64, offset: u64, capacity: usize) {
-    if capacity == 0 || row.keys.iter().any(|k| k.key == key) {
+fn remember(row: &mut Row, key: String, version: u64, offset: u64, capacity: usize) {
+    if capacity == 0 || row.key(&key).is_some() {
         return;
     }
-    row.keys.push_back(KeyDoc { key, version, offset });
-    while row.keys.len() > capacity {
-        row.keys.pop_front();
+    let keys = row.keys.get_or_insert_default();
+    keys.push_back(KeyDoc { key, version, offset });
+    while keys.len() > capacity {
+        keys.pop_front();
     }
 }
 
@@ -1173,18 +1300,19 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         let p = inner.partition_checked(id)?;
         let _turn = inner.locks.lock(id).await;
         inner.settle(p).await?;
-        let (actual, mut state) = {
+        let (actual, state) = {
             let table = inner.table();
             let row = table.rows.get(id);
-            let first = metadata
-                .idempotency_key
-                .as_ref()
-                .zip(row)
-                .and_then(|(key, row)| row.keys.iter().find(|k| &k.key == key));
+            let first = metadata.idempotency_key.as_ref().zip(row).and_then(|(key, row)| row.key(key));
             if let Some(k) = first {
                 return Ok(Appended { version: k.version, position: Position::new(p, k.offset), deduplicated: true });
             }
-            (row.map_or(0, |r| r.version), row.map(|r| r.state.clone()).unwrap_or_default())
+            // The bytes are copied out and typed after the table is unlocked.
+            (row.map_or(0, |r| r.version), row.filter(|r| r.version > 0).map(|r| r.state.clone()))
+        };
+        let mut state = match state {
+            Some(bytes) => typed_state::<A>(id, &bytes)?,
+            None => A::default(),
         };
         if !expected.admits(actual) {
             return Err(StoreError::Conflict { aggregate: A::NAME.into(), id: id.into(), expected, actual });
@@ -1201,6 +1329,8 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         for e in &events {
             state.apply(e);
         }
+        let (state, deleted) = encode_state(&state, &mut Vec::new())
+            .map_err(|e| StoreError::Invalid(format!("the new state cannot be serialised as JSON: {e}")))?;
 
         let ticket = inner.tickets.fetch_add(1, Ordering::Relaxed);
         {
@@ -1245,27 +1375,10 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         }
         log.unsaved.insert(position.offset, id.to_owned());
         let capacity = inner.config.idempotency_keys_per_aggregate;
-        let row = table.rows.entry(id.to_owned()).or_insert_with(|| Row {
-            state: A::default(),
-            version: 0,
-            first_offset: position.offset,
-            last: position,
-            keys: VecDeque::new(),
-            offsets: Vec::new(),
-            max_bytes: 0,
-            history: Some(Vec::new()),
-            table_writing: false,
-            table_stale: false,
-        });
+        let row = table.rows.entry(id.into()).or_insert_with(|| Box::new(Row::new(position)));
         // A resynchronisation may have read this very record already.
         if row.version == actual {
-            row.state = state;
-            row.version = doc.last_version;
-            row.last = position;
-            if actual == 0 || !row.offsets.is_empty() {
-                row.offsets.push(position.offset);
-            }
-            row.max_bytes = row.max_bytes.max((id.len() + value.len()) as u64);
+            row.advance(state, deleted, doc.last_version, position, (id.len() + value.len()) as u64);
             if let Some(key) = key {
                 remember(row, key, doc.last_version, position.offset, capacity);
             }
@@ -1284,9 +1397,9 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         self.inner.settle(p).await?;
         let table = self.inner.table();
         Ok(table.rows.get(id).and_then(|row| {
-            row.keys.iter().find(|k| k.key == idempotency_key).map(|k| Appended {
+            row.key(idempotency_key).map(|k| Appended {
                 version: k.version,
-                position: Position::new(row.last.partition, k.offset),
+                position: Position::new(row.partition, k.offset),
                 deduplicated: true,
             })
         }))
@@ -1295,19 +1408,22 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
         let p = self.inner.partition_checked(id)?;
         self.inner.settle(p).await?;
-        let table = self.inner.table();
-        Ok(table.rows.get(id).map(|r| Snapshot { state: r.state.clone(), version: r.version }))
+        // The bytes are copied out and typed after the table is unlocked.
+        let Some((bytes, version)) = self.inner.table().rows.get(id).map(|r| (r.state.clone(), r.version)) else {
+            return Ok(None);
+        };
+        let state = if version == 0 { A::default() } else { typed_state::<A>(id, &bytes)? };
+        Ok(Some(Snapshot { state, version }))
     }
 
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
         let inner = &self.inner;
         let p = inner.partition_checked(id)?;
         inner.settle(p).await?;
-        let Some((from, to, version, offsets, max_bytes, history)) =
-            inner.table().rows.get(id).map(|r| {
-                (r.first_offset, r.last.offset + 1, r.version, r.offsets.clone(), r.max_bytes, r.history.clone())
-            })
-        else {
+        let Some((from, to, version, offsets, max_bytes, history)) = inner.table().rows.get(id).map(|r| {
+            let offsets = r.offsets.to_vec(r.first_offset);
+            (r.first_offset, r.last_offset + 1, r.version, offsets, u64::from(r.max_bytes), r.history.clone())
+        }) else {
             return Ok(Vec::new());
         };
         let mut out: Vec<Envelope<A::Event>> = Vec::new();
@@ -1500,6 +1616,63 @@ mod tests {
         assert!(check_table_config("t", &entries(&[("cleanup.policy", "delete")])).is_err());
         assert!(check_table_config("t", &entries(&[("cleanup.policy", "compact,delete")])).is_err());
         assert!(check_table_config("t", &HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn offsets_lists_round_trip_and_cost_nothing_for_one_record() {
+        assert_eq!(Offsets::from_vec(vec![], 5), Offsets::Unknown);
+        assert_eq!(Offsets::from_vec(vec![5], 5), Offsets::First);
+        assert_eq!(Offsets::from_vec(vec![4], 5), Offsets::Many(vec![4]), "kept as written");
+        for list in [vec![], vec![5], vec![5, 9, 12]] {
+            assert_eq!(Offsets::from_vec(list.clone(), 5).to_vec(5), list);
+        }
+        let mut offsets = Offsets::First;
+        offsets.push(5, 9);
+        offsets.push(5, 12);
+        assert_eq!(offsets.to_vec(5), [5, 9, 12]);
+        let mut unknown = Offsets::Unknown;
+        unknown.push(5, 9);
+        assert_eq!(unknown, Offsets::Unknown, "an unknown list stays unknown");
+    }
+
+    #[test]
+    fn a_row_moves_record_by_record() {
+        use kes_core::conformance::Ledger;
+        let mut scratch = Vec::new();
+        let mut row = Row::new(Position::new(2, 7));
+        assert_eq!(row.typed::<Ledger>().unwrap(), Ledger::default());
+        let opened = Ledger { open: true, ..Ledger::default() };
+        let (state, deleted) = encode_state(&opened, &mut scratch).unwrap();
+        row.advance(state, deleted, 1, Position::new(2, 7), 300);
+        assert_eq!((row.version, row.first_offset, row.last_offset, row.partition), (1, 7, 7, 2));
+        assert_eq!((row.offsets.clone(), row.max_bytes, row.deleted), (Offsets::First, 300, false));
+        let closed = Ledger { closed: true, total: 3, entries: 2, ..opened };
+        let (state, deleted) = encode_state(&closed, &mut scratch).unwrap();
+        assert_eq!(&*state, serde_json::to_vec(&closed).unwrap().as_slice(), "compact JSON, exact size");
+        row.advance(state, deleted, 3, Position::new(2, 11), 1 << 40);
+        assert_eq!(row.typed::<Ledger>().unwrap(), closed);
+        assert_eq!((row.version, row.first_offset, row.last_offset), (3, 7, 11));
+        assert_eq!((row.offsets.to_vec(row.first_offset), row.max_bytes, row.deleted), (vec![7, 11], u32::MAX, true));
+        let mut keyed = row;
+        remember(&mut keyed, "k".into(), 3, 11, 1);
+        remember(&mut keyed, "k".into(), 3, 11, 1);
+        assert_eq!(keyed.key("k").map(|k| (k.version, k.offset)), Some((3, 11)));
+        remember(&mut keyed, "l".into(), 4, 12, 1);
+        assert!(keyed.key("k").is_none() && keyed.key("l").is_some(), "only the last keys are remembered");
+    }
+
+    #[test]
+    fn a_stored_state_that_does_not_fit_the_model_is_a_typed_error() {
+        use kes_core::conformance::Ledger;
+        for bytes in [&br#"{"open":"yes"}"#[..], b"{not json", b""] {
+            match typed_state::<Ledger>("a-1", bytes) {
+                Err(StoreError::Corrupt { id, version: 0, reason, .. }) => {
+                    assert_eq!(id, "a-1");
+                    assert!(reason.contains("model"), "{reason}");
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -235,6 +235,37 @@ async fn bad_records_are_typed_errors_not_panics() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_state_that_no_longer_fits_the_model_is_rebuilt_from_the_events() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let Some(store) = common::connect(config.clone()).await else { return };
+    let keyed = Metadata { idempotency_key: Some("k-9".into()), ..Metadata::default() };
+    store.append("a", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.expect("open");
+    store.append("a", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 4 }], keyed).await.expect("add");
+    store.append("z", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.expect("open");
+    store.flush(Duration::from_secs(10)).await.expect("flush");
+    // A table record as an older model of the aggregate could have left it.
+    let old_model = json!({
+        "format": "kes.table.v1", "aggregate_type": "ledger", "aggregate_id": "a", "version": 2,
+        "deleted": false, "state": {"open": "yes", "total": [4]}, "events_partition": 0,
+        "first_offset": 0, "last_offset": 1, "offsets": [0, 1], "max_record_bytes": 600,
+        "reflected_below": 3, "idempotency_keys": [], "updated_at": chrono::Utc::now()
+    });
+    let value = serde_json::to_vec(&old_model).expect("json");
+    let record = FutureRecord::to(store.table_topic()).key("a").payload(&value).partition(0);
+    raw_producer(&brokers).send(record, Duration::from_secs(10)).await.expect("raw produce");
+    drop(store);
+
+    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    let a = again.load("a").await.expect("load").expect("a exists");
+    assert_eq!((a.version, a.state.open, a.state.total, a.state.entries), (2, true, 4, 1));
+    assert_eq!(again.recall("a", "k-9").await.expect("recall").map(|r| r.version), Some(2));
+    assert_eq!(again.read("a").await.expect("read").len(), 2);
+    assert_eq!(again.load("z").await.expect("load").map(|s| s.version), Some(1));
+}
+
 /// Keys of every record of `topic`, read to its end by a plain consumer.
 fn keys_of(brokers: &str, topic: &str, partitions: u32) -> Vec<String> {
     records_of(brokers, topic, partitions).into_iter().map(|(k, _)| k).collect()
