@@ -1,7 +1,7 @@
 //! One copy of a view: a Tantivy index in its own directory, with its
 //! writer, its reader and the progress stored in its last commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
@@ -49,6 +49,10 @@ struct Deferred {
     /// The stored state of every id written since the last commit (the
     /// last write of an id wins).
     states: HashMap<String, StoredState>,
+    /// Every id written to the copy: the copy starts empty, so a document
+    /// whose id is not here replaces nothing and needs no delete (deletes
+    /// are applied at each commit, one term lookup each).
+    written: HashSet<String>,
     /// Documents added since the last commit.
     docs: usize,
     /// The payload of the last write, committed with the next commit.
@@ -163,7 +167,8 @@ impl IndexCopy {
                 return Err(SearchError::BrokenRebuild);
             }
             let result = (|| -> Result<(), SearchError> {
-                add(writer, self.layout.id, changes, docs)?;
+                let written = &mut deferred.written;
+                add(writer, self.layout.id, changes, docs, |id| !written.insert(id.to_owned()))?;
                 for change in changes {
                     let state = StoredState { version: change.version, state: change.state.clone() };
                     deferred.states.insert(change.id.clone(), state);
@@ -183,7 +188,7 @@ impl IndexCopy {
             return Ok(());
         }
         let result = (|| -> Result<(), SearchError> {
-            add(writer, self.layout.id, changes, docs)?;
+            add(writer, self.layout.id, changes, docs, |_| true)?;
             let mut prepared = writer.prepare_commit()?;
             prepared.set_payload(&payload);
             prepared.commit()?;
@@ -418,17 +423,21 @@ impl IndexCopy {
     }
 }
 
-/// Queues the documents of `changes`, each replacing the stored one of its id.
+/// Queues the documents of `changes`, each replacing the stored one of its
+/// id where `may_exist` says there can be one.
 fn add(
     writer: &mut IndexWriter,
     id: tantivy::schema::Field,
     changes: &[RowChange],
     docs: Vec<TantivyDocument>,
+    mut may_exist: impl FnMut(&str) -> bool,
 ) -> Result<(), SearchError> {
     for (change, doc) in changes.iter().zip(docs) {
         // Deletes apply to documents added before them, so the new
         // document of the same id survives its own delete.
-        writer.delete_term(Term::from_field_text(id, &change.id));
+        if may_exist(&change.id) {
+            writer.delete_term(Term::from_field_text(id, &change.id));
+        }
         writer.add_document(doc)?;
     }
     Ok(())
