@@ -19,17 +19,10 @@ use kes_core::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use schemars::JsonSchema;
 use serde_json::{Map, Value, json};
-use tower::Layer;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::normalize_path::NormalizePathLayer;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
-use crate::error::{HttpError, PROBLEM_JSON, RETRY_AFTER_SECS, problem_response, problem_type};
+use crate::edge::Edge;
+use crate::error::{HttpError, RETRY_AFTER_SECS};
 use crate::metrics::Metrics;
 use crate::openapi::{self, Describe};
 use crate::resource::{Operation, Resource, id_for_key};
@@ -291,43 +284,14 @@ impl Api {
             router = router.merge(build(Arc::clone(&shared)));
         }
         let config = &shared.config;
-        let inner = router
+        let routes = router
             .fallback(|| async { HttpError::NotFound("no such route".into()) })
-            .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
-            .layer(CatchPanicLayer::custom(panic_response))
-            .layer(RequestBodyLimitLayer::new(config.body_limit))
-            .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, config.request_timeout))
-            .layer(axum::middleware::map_response(problemize))
-            .layer(CompressionLayer::new())
-            // Without allowed origins CORS has nothing to add.
-            .layer(tower::util::option_layer((!config.cors_origins.is_empty()).then(|| cors(config))))
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
-            .layer(TraceLayer::new_for_http());
-        // Outside the router: routing must see the path without its slash.
-        Router::new().fallback_service(NormalizePathLayer::trim_trailing_slash().layer(inner))
-    }
-}
-
-/// Request ids for requests that come without one: a random prefix drawn
-/// once per router and a counter, unique without a random draw per request.
-#[derive(Clone)]
-struct RequestIds {
-    prefix: Arc<str>,
-    next: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl RequestIds {
-    fn new() -> Self {
-        let random = uuid::Uuid::new_v4().simple().to_string();
-        Self { prefix: Arc::from(&random[..16]), next: Arc::new(std::sync::atomic::AtomicU64::new(1)) }
-    }
-}
-
-impl MakeRequestId for RequestIds {
-    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).ok().map(RequestId::new)
+            .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed });
+        // Without allowed origins CORS has nothing to add.
+        let cors = (!config.cors_origins.is_empty()).then(|| cors(config));
+        let edge = Edge::new(routes, cors, config.body_limit, config.request_timeout);
+        // The edge sits outside the routes: routing must see the path without its slash.
+        Router::new().fallback_service(edge)
     }
 }
 
@@ -362,54 +326,6 @@ fn cors(config: &HttpConfig) -> CorsLayer {
             h(REQUEST_ID_HEADER),
         ])
         .max_age(Duration::from_secs(600))
-}
-
-/// A panic in a handler: logged with its message, answered with a bare 500.
-fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> http::Response<Body> {
-    let message = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("(no message)");
-    tracing::error!(panic = message, "a request handler panicked");
-    problem_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        problem_type::INTERNAL,
-        "the server failed to answer; the failure was logged".into(),
-    )
-}
-
-/// Gives error answers made by layers and axum itself (empty or plain-text
-/// 404, 405, 413, 503…) the same problem+json shape as the adapter's own.
-async fn problemize(response: Response) -> Response {
-    let status = response.status();
-    // Only bare answers are rewritten: ours are JSON already (problems, or
-    // the health report).
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == PROBLEM_JSON || v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let (kind, detail) = match status {
-        StatusCode::NOT_FOUND => (problem_type::NOT_FOUND, "no such route"),
-        StatusCode::METHOD_NOT_ALLOWED => (problem_type::METHOD_NOT_ALLOWED, "method not allowed on this route"),
-        StatusCode::PAYLOAD_TOO_LARGE => (problem_type::PAYLOAD_TOO_LARGE, "the body is larger than the limit"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => (problem_type::UNSUPPORTED_MEDIA_TYPE, "unsupported media type"),
-        StatusCode::SERVICE_UNAVAILABLE => (problem_type::TIMEOUT, "the request timed out"),
-        s if s.is_client_error() => (problem_type::BAD_REQUEST, "the request could not be read"),
-        _ => (problem_type::INTERNAL, "the server failed to answer; the failure was logged"),
-    };
-    let (mut parts, _) = response.into_parts();
-    let fresh = problem_response(status, kind, detail.into());
-    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::RETRY_AFTER] {
-        parts.headers.remove(&name);
-    }
-    let (fresh_parts, body) = fresh.into_parts();
-    parts.headers.extend(fresh_parts.headers);
-    Response::from_parts(parts, body)
 }
 
 async fn openapi_json(document: Arc<Value>) -> Response {
@@ -899,9 +815,10 @@ async fn named<A: Aggregate, S: EventStore<A>>(
 async fn get_one<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Response {
-    answer(m.get_one(id, headers).await)
+    // The headers are taken from the request, not copied by an extractor.
+    answer(m.get_one(id, request.into_parts().0.headers).await)
 }
 
 async fn list<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {

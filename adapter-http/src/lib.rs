@@ -51,10 +51,13 @@
 //! panic messages) goes to the log, never to the client; a panicking
 //! handler becomes a 500 and the service goes on.
 //!
-//! **Layers** (tower-http): trailing-slash normalisation, tracing, request
-//! ids (`x-request-id`, generated when absent and echoed), CORS
-//! ([`HttpConfig::cors_origins`]), gzip compression, panic catching, a
-//! request timeout and a body limit (413).
+//! **Around the routes**, one service with one future per request:
+//! trailing-slash normalisation, tracing, request ids (`x-request-id`,
+//! generated when absent and echoed), panic catching, a request timeout
+//! (its timer armed only for answers not ready at once) and a body limit
+//! (413). gzip compression (tower-http) runs for requests that send
+//! `Accept-Encoding`; CORS (tower-http, [`HttpConfig::cors_origins`]) only
+//! when origins are configured.
 //!
 //! **Metrics** (`metrics` facade, Prometheus exporter):
 //! `kes_commands_total` and the histogram `kes_command_duration_seconds` by
@@ -158,6 +161,7 @@
 //! | (none) | everything above; the crate has no optional parts |
 
 mod api;
+mod edge;
 mod error;
 pub mod metrics;
 mod openapi;

@@ -1,0 +1,358 @@
+//! The service every request passes through before routing.
+//!
+//! It does in one place, with one boxed future per request, what a stack
+//! of tower-http layers would do with a boxed future, a service clone and
+//! often a re-boxed body each:
+//!
+//! * trailing-slash normalisation (`/projects/` is `/projects`);
+//! * request ids: `x-request-id` is kept when the client sent one, made
+//!   from a counter otherwise, seen by the routes and echoed on the answer;
+//! * a tracing span per request, and a log record when it ends;
+//! * the body limit: a declared `Content-Length` above it is a 413 at once,
+//!   any other body is read through a limit;
+//! * the request timeout (503 `timeout`); the timer is only armed when the
+//!   answer is not ready at the first poll;
+//! * panic catching (a bare 500, the message goes to the log);
+//! * problem answers for the bare errors of axum itself (see [`problemize`]).
+//!
+//! Compression and CORS are tower-http's: requests that carry
+//! `Accept-Encoding` (or any request, once CORS origins are configured) go
+//! through those layers, built around the same guarded routes.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write as _;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, HttpBody as _};
+use axum::extract::Request;
+use axum::response::Response;
+use axum::routing::future::RouteFuture;
+use futures::FutureExt;
+use http::uri::PathAndQuery;
+use http::{HeaderName, HeaderValue, StatusCode, Uri, header};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt};
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::CorsLayer;
+use tracing::Instrument;
+
+use crate::error::{PROBLEM_JSON, problem_response, problem_type};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What a panic or a bare answer is told.
+const INTERNAL_DETAIL: &str = "the server failed to answer; the failure was logged";
+
+type Layered = BoxCloneSyncService<Request, Response, Infallible>;
+
+/// The edge service: see the module documentation.
+///
+/// Cheap to clone (the router clones its fallback service for every
+/// request): everything sits behind one `Arc`.
+#[derive(Clone)]
+pub(crate) struct Edge(Arc<Parts>);
+
+struct Parts {
+    /// The routes, guarded inline: used when nothing asks for compression
+    /// and no CORS origin is configured. `None` when CORS is configured.
+    plain: Option<Guard>,
+    /// The same guarded routes inside compression (and CORS, when configured).
+    layered: Layered,
+    ids: RequestIds,
+    body_limit: usize,
+}
+
+impl Edge {
+    /// The edge around `routes`; `cors` when origins are allowed.
+    pub(crate) fn new(routes: Router, cors: Option<CorsLayer>, body_limit: usize, timeout: Duration) -> Self {
+        let guard = Guard { routes, timeout };
+        let compressed = CompressionLayer::new().layer(guard.clone()).map_response(|r| r.map(Body::new));
+        let (plain, layered) = match cors {
+            None => (Some(guard), BoxCloneSyncService::new(compressed)),
+            Some(cors) => (None, BoxCloneSyncService::new(cors.layer(compressed))),
+        };
+        Self(Arc::new(Parts { plain, layered, ids: RequestIds::new(), body_limit }))
+    }
+}
+
+impl Service<Request> for Edge {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Routers and the tower-http layers around them are always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let started = Instant::now();
+        trim_trailing_slash(request.uri_mut());
+        let edge = &*self.0;
+        let id = match request.headers().get(REQUEST_ID) {
+            Some(given) => given.clone(),
+            None => {
+                let made = edge.ids.next();
+                request.headers_mut().insert(REQUEST_ID, made.clone());
+                made
+            }
+        };
+        let span = tracing::debug_span!(
+            "request",
+            method = %request.method(),
+            uri = %request.uri(),
+            version = ?request.version(),
+        );
+        let limit = edge.body_limit;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let answer = if declared.is_some_and(|n| n > limit as u64) {
+            Answer::Ready(problem_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                problem_type::PAYLOAD_TOO_LARGE,
+                "the body is larger than the limit".into(),
+            ))
+        } else {
+            if !request.body().is_end_stream() {
+                // Whoever reads the body meets the limit, streamed or not.
+                request = request.map(|body| Body::new(http_body_util::Limited::new(body, limit)));
+            }
+            let compress = request.headers().contains_key(header::ACCEPT_ENCODING);
+            match &edge.plain {
+                Some(guard) if !compress => Answer::Plain(guard.start(request), guard.timeout),
+                _ => Answer::Layered(edge.layered.clone().oneshot(request)),
+            }
+        };
+        Box::pin(
+            async move {
+                let mut response = match answer {
+                    Answer::Ready(response) => response,
+                    Answer::Plain(call, timeout) => Guard::finish(call, timeout).await,
+                    Answer::Layered(future) => match future.await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    },
+                };
+                if !response.headers().contains_key(REQUEST_ID) {
+                    response.headers_mut().insert(REQUEST_ID, id);
+                }
+                finished(&response, started);
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// How a request is going to be answered, decided before the future starts.
+enum Answer {
+    /// Already known (a refused body).
+    Ready(Response),
+    /// Through the inline guard: the routes' future (or their panic) and the timeout.
+    Plain(Started, Duration),
+    /// Through compression (and CORS).
+    Layered(tower::util::Oneshot<Layered, Request>),
+}
+
+/// The routes' future, or the panic that calling them raised.
+type Started = std::thread::Result<RouteFuture<Infallible>>;
+
+/// The routes with the timeout, panic catching and problem answers.
+#[derive(Clone)]
+struct Guard {
+    routes: Router,
+    timeout: Duration,
+}
+
+impl Guard {
+    /// Calls the routes (routing runs here), catching a panic.
+    fn start(&self, request: Request) -> Started {
+        // A router clone is a reference count.
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.routes.clone().call(request)))
+    }
+
+    /// Runs the routes' future to its answer, within the timeout.
+    async fn finish(started: Started, timeout: Duration) -> Response {
+        let future = match started {
+            Ok(future) => future,
+            Err(panic) => return panic_response(panic),
+        };
+        // `timeout` polls the answer first: its timer is only registered
+        // when the answer is not ready at once.
+        match tokio::time::timeout(timeout, AssertUnwindSafe(future).catch_unwind()).await {
+            Ok(Ok(Ok(response))) => problemize(response),
+            Ok(Ok(Err(never))) => match never {},
+            Ok(Err(panic)) => panic_response(panic),
+            Err(_) => {
+                problem_response(StatusCode::SERVICE_UNAVAILABLE, problem_type::TIMEOUT, "the request timed out".into())
+            }
+        }
+    }
+}
+
+impl Service<Request> for Guard {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let started = self.start(request);
+        let timeout = self.timeout;
+        Box::pin(async move { Ok(Guard::finish(started, timeout).await) })
+    }
+}
+
+/// The end of a request in the log: its status and latency at debug level,
+/// server errors at error level.
+fn finished(response: &Response, started: Instant) {
+    let status = response.status().as_u16();
+    if response.status().is_server_error() {
+        tracing::error!(status, latency = ?started.elapsed(), "request failed");
+    } else {
+        tracing::debug!(status, latency = ?started.elapsed(), "finished processing request");
+    }
+}
+
+/// `/a//b/` → `/a//b`, `//a` → `/a`, `/` stays: leading and trailing
+/// slashes collapse to one leading slash; the query is kept.
+fn trim_trailing_slash(uri: &mut Uri) {
+    let path = uri.path();
+    if path.len() <= 1 || (!path.ends_with('/') && !path.starts_with("//")) {
+        return;
+    }
+    let mut fixed = String::with_capacity(path.len() + uri.query().map_or(0, |q| q.len() + 1));
+    fixed.push('/');
+    fixed.push_str(path.trim_matches('/'));
+    if let Some(query) = uri.query() {
+        fixed.push('?');
+        fixed.push_str(query);
+    }
+    let mut parts = uri.clone().into_parts();
+    // The new text is a slice of a valid path and query, so it parses.
+    parts.path_and_query = PathAndQuery::from_maybe_shared(fixed).ok();
+    if let Ok(normalised) = Uri::from_parts(parts) {
+        *uri = normalised;
+    }
+}
+
+/// Request ids for requests that come without one: a random prefix drawn
+/// once per router and a counter, unique without a random draw per request.
+#[derive(Clone)]
+struct RequestIds {
+    prefix: Arc<str>,
+    next: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        Self { prefix: Arc::from(&random[..16]), next: Arc::new(AtomicU64::new(1)) }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // 16 hex digits, a dash and at most 16 more.
+        let mut text = [0u8; 40];
+        let mut out = &mut text[..];
+        let written = write!(out, "{}-{n:x}", self.prefix);
+        let len = 40 - out.len();
+        match written.ok().and_then(|()| HeaderValue::from_bytes(&text[..len]).ok()) {
+            Some(value) => value,
+            // Unreachable with a hex prefix; a constant keeps the request going.
+            None => HeaderValue::from_static("unnumbered"),
+        }
+    }
+}
+
+/// A panic in a handler: logged with its message, answered with a bare 500.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = message, "a request handler panicked");
+    problem_response(StatusCode::INTERNAL_SERVER_ERROR, problem_type::INTERNAL, INTERNAL_DETAIL.into())
+}
+
+/// Gives error answers made by axum itself (empty or plain-text 404, 405,
+/// 413, 415, extractor rejections…) the same problem+json shape as the
+/// adapter's own.
+pub(crate) fn problemize(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    // Only bare answers are rewritten: ours are JSON already (problems, or
+    // the health report).
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == PROBLEM_JSON || v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (kind, detail) = match status {
+        StatusCode::NOT_FOUND => (problem_type::NOT_FOUND, "no such route"),
+        StatusCode::METHOD_NOT_ALLOWED => (problem_type::METHOD_NOT_ALLOWED, "method not allowed on this route"),
+        StatusCode::PAYLOAD_TOO_LARGE => (problem_type::PAYLOAD_TOO_LARGE, "the body is larger than the limit"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (problem_type::UNSUPPORTED_MEDIA_TYPE, "unsupported media type"),
+        StatusCode::SERVICE_UNAVAILABLE => (problem_type::TIMEOUT, "the request timed out"),
+        s if s.is_client_error() => (problem_type::BAD_REQUEST, "the request could not be read"),
+        _ => (problem_type::INTERNAL, INTERNAL_DETAIL),
+    };
+    let (mut parts, _) = response.into_parts();
+    let fresh = problem_response(status, kind, detail.into());
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::RETRY_AFTER] {
+        parts.headers.remove(&name);
+    }
+    let (fresh_parts, body) = fresh.into_parts();
+    parts.headers.extend(fresh_parts.headers);
+    Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trimmed(text: &str) -> String {
+        let mut uri: Uri = text.parse().unwrap();
+        trim_trailing_slash(&mut uri);
+        uri.to_string()
+    }
+
+    #[test]
+    fn trailing_and_doubled_leading_slashes_are_trimmed_and_the_query_kept() {
+        assert_eq!(trimmed("/projects/"), "/projects");
+        assert_eq!(trimmed("/projects//?sort=name"), "/projects?sort=name");
+        assert_eq!(trimmed("//projects"), "/projects");
+        assert_eq!(trimmed("/projects/p-1"), "/projects/p-1");
+        assert_eq!(trimmed("/"), "/");
+        assert_eq!(trimmed("///"), "/");
+    }
+
+    #[test]
+    fn made_request_ids_share_a_prefix_and_differ() {
+        let ids = RequestIds::new();
+        let (a, b) = (ids.next(), ids.next());
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 18);
+        assert_eq!(&a[..17], &b[..17]);
+    }
+}

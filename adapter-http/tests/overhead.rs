@@ -1,0 +1,64 @@
+//! The adapter's cost per request, without a network: `GET /projects/{id}`
+//! through the whole router against a bare axum handler that answers the
+//! same bytes from a map. A measurement, not a check of behaviour: run it
+//! with `cargo test --release -p kes-http --test overhead -- --ignored --nocapture`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use common::*;
+use http::{StatusCode, header};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+const ROUNDS: usize = 5;
+const PER_ROUND: usize = 50_000;
+
+/// Requests per second of `app` answering `GET {uri}`, best of a round.
+async fn rate(app: &Router, uri: &str) -> f64 {
+    let started = Instant::now();
+    for _ in 0..PER_ROUND {
+        let response = app.clone().oneshot(empty("GET", uri)).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        assert!(!body.is_empty());
+    }
+    PER_ROUND as f64 / started.elapsed().max(Duration::from_nanos(1)).as_secs_f64()
+}
+
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "a measurement; run in release with --ignored --nocapture"]
+async fn get_by_id_costs_little_more_than_a_bare_handler() {
+    let h = harness().await;
+    let (id, _) = create(&h.app, "Measured", 7).await;
+    let uri = format!("/projects/{id}");
+    let bytes = h.app.clone().oneshot(empty("GET", &uri)).await.expect("infallible");
+    let bytes = bytes.into_body().collect().await.expect("body").to_bytes();
+    let bodies: Arc<HashMap<String, Bytes>> = Arc::new([(id.clone(), bytes)].into());
+    let bare = Router::new()
+        .route(
+            "/raw/{id}",
+            get(|State(bodies): State<Arc<HashMap<String, Bytes>>>, Path(id): Path<String>| async move {
+                match bodies.get(&id) {
+                    Some(b) => ([(header::CONTENT_TYPE, "application/json")], b.clone()).into_response(),
+                    None => StatusCode::NOT_FOUND.into_response(),
+                }
+            }),
+        )
+        .with_state(bodies);
+    let raw_uri = format!("/raw/{id}");
+    let (mut kes, mut raw) = (0f64, 0f64);
+    for _ in 0..ROUNDS {
+        kes = kes.max(rate(&h.app, &uri).await);
+        raw = raw.max(rate(&bare, &raw_uri).await);
+    }
+    println!("kes {kes:.0} req/s, bare {raw:.0} req/s, ratio {:.2}", kes / raw);
+}
