@@ -788,10 +788,10 @@ async fn kafka_table_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measure
             let store = KafkaStore::<Project>::connect(config.clone()).await?;
             let secs = started.elapsed().as_secs_f64();
             // Everything the open store still holds: allocated minus freed
-            // since just before it was opened.
+            // since just before it was opened (stats_alloc already counts
+            // a realloc's growth as allocated and its shrinking as freed).
             let change = region.change();
-            let held =
-                change.bytes_allocated as f64 - change.bytes_deallocated as f64 + change.bytes_reallocated as f64;
+            let held = change.bytes_allocated as f64 - change.bytes_deallocated as f64;
             let last = format!("t{}", states.len() - 1);
             anyhow::ensure!(store.load(&last).await?.is_some(), "the reopened table lacks {last}");
             drop(store);
