@@ -112,7 +112,7 @@ pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildReport, RunnerConfig,
     ViewProjection,
 };
-pub use store::{Appended, EventStore, EventStream, ExpectedVersion, Snapshot, StoreError};
+pub use store::{Appended, EventStore, EventStream, ExpectedVersion, Snapshot, StateDocument, StoreError};
 pub use view::{
     Field, FieldType, FieldValue, FilterOp, ListItem, ListQuery, ListView, Page, QueryError, Row, RowChange,
     StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema, ViewStore,

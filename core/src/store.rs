@@ -66,6 +66,19 @@ pub struct Snapshot<A> {
     pub version: u64,
 }
 
+/// The latest state of one aggregate as its JSON document (what
+/// `serde_json` makes of the state, compact), for readers that only pass it
+/// on, such as `GET` by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDocument {
+    /// The state as compact JSON.
+    pub json: Vec<u8>,
+    /// The version of the last event (≥ 1).
+    pub version: u64,
+    /// [`Aggregate::is_deleted`] of the state.
+    pub deleted: bool,
+}
+
 /// Why a store operation failed. Backends sort their own failures into
 /// these portable kinds; the HTTP edge maps each kind to one status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +161,16 @@ pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
     /// `None` when the stream does not exist.
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError>;
 
+    /// [`EventStore::load`] as a JSON document. Stores that keep states as
+    /// JSON answer without decoding and encoding them again; the default
+    /// serialises what `load` returns.
+    async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
+        let Some(snapshot) = self.load(id).await? else { return Ok(None) };
+        let json = serde_json::to_vec(&snapshot.state)
+            .map_err(|e| StoreError::Backend(format!("{} {id}: the state does not serialise: {e}", A::NAME)))?;
+        Ok(Some(StateDocument { json, version: snapshot.version, deleted: snapshot.state.is_deleted() }))
+    }
+
     /// The whole stream of `id`, oldest first (the audit history).
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError>;
 
@@ -190,6 +213,9 @@ impl<A: Aggregate, S: EventStore<A> + ?Sized> EventStore<A> for std::sync::Arc<S
     }
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
         (**self).load(id).await
+    }
+    async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
+        (**self).load_document(id).await
     }
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
         (**self).read(id).await

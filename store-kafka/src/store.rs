@@ -11,7 +11,7 @@ use futures::stream;
 use kes_core::codec::encode_all;
 use kes_core::{
     Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, Metadata,
-    Position, Snapshot, StoreError,
+    Position, Snapshot, StateDocument, StoreError,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -1414,6 +1414,21 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         };
         let state = if version == 0 { A::default() } else { typed_state::<A>(id, &bytes)? };
         Ok(Some(Snapshot { state, version }))
+    }
+
+    async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
+        let p = self.inner.partition_checked(id)?;
+        self.inner.settle(p).await?;
+        let table = self.inner.table();
+        let Some(row) = table.rows.get(id) else { return Ok(None) };
+        if row.version > 0 {
+            return Ok(Some(StateDocument { json: row.state.to_vec(), version: row.version, deleted: row.deleted }));
+        }
+        // As `load`: a row without events stands for the default state.
+        drop(table);
+        let state = A::default();
+        let json = serde_json::to_vec(&state).map_err(|e| StoreError::Backend(format!("{} {id}: {e}", A::NAME)))?;
+        Ok(Some(StateDocument { json, version: 0, deleted: state.is_deleted() }))
     }
 
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {

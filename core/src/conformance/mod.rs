@@ -40,6 +40,7 @@ macro_rules! event_store_conformance {
         $crate::__conformance_case!(store, $make, idempotency_key_appends_once);
         $crate::__conformance_case!(store, $make, deleted_stream_keeps_its_version);
         $crate::__conformance_case!(store, $make, rejected_command_appends_nothing);
+        $crate::__conformance_case!(store, $make, state_documents_match_loads);
     };
 }
 

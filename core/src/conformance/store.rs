@@ -329,6 +329,22 @@ pub async fn deleted_stream_keeps_its_version<S: EventStore<Ledger>>(store: S) {
     assert_eq!(store.read("l-1").await.expect("read").len(), 2);
 }
 
+/// `load_document` is `load` as compact JSON, deleted flag included.
+pub async fn state_documents_match_loads<S: EventStore<Ledger>>(store: S) {
+    assert_eq!(store.load_document("l-1").await.expect("missing"), None);
+    open(&store, "l-1").await;
+    store.append("l-1", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 4 }], meta()).await.expect("add");
+    for expect_deleted in [false, true] {
+        let snapshot = store.load("l-1").await.expect("load").expect("exists");
+        let document = store.load_document("l-1").await.expect("document").expect("exists");
+        let decoded: Ledger = serde_json::from_slice(&document.json).expect("the document is the state's JSON");
+        assert_eq!((decoded, document.version, document.deleted), (snapshot.state, snapshot.version, expect_deleted));
+        if !expect_deleted {
+            store.append("l-1", ExpectedVersion::Exact(2), vec![LedgerEvent::Closed], meta()).await.expect("close");
+        }
+    }
+}
+
 /// A domain error through the bus appends nothing; the error stays typed.
 pub async fn rejected_command_appends_nothing<S: EventStore<Ledger>>(store: S) {
     let bus = CommandBus::new(store);
