@@ -32,7 +32,7 @@ async fn command_throughput_against_raw_producer() {
     let _turn = common::turn().await;
     let config = common::config(&brokers, 1);
     // Raw baseline: the same producer settings KES uses (idempotent,
-    // acks=all, 1 ms linger), a record of the same size, no KES.
+    // acks=all, no linger), a record of the same size, no KES.
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
     let raw_topic = format!("{}.raw", config.topic_prefix);
@@ -42,7 +42,7 @@ async fn command_throughput_against_raw_producer() {
         .set("bootstrap.servers", &brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "1")
+        .set("linger.ms", "0")
         .create()
         .expect("producer");
     let value = vec![b'x'; 420];
