@@ -11,7 +11,7 @@
 //! the least recently used goes first.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 pub(crate) struct StateCache<A> {
@@ -27,10 +27,16 @@ struct Slots<A> {
     clock: u64,
 }
 
+/// A cached state and, once a reader asked for it, its JSON document.
+pub(crate) struct Cached<A> {
+    pub(crate) state: A,
+    pub(crate) json: OnceLock<Vec<u8>>,
+}
+
 struct Slot<A> {
     id: Arc<str>,
     version: u64,
-    state: Arc<A>,
+    state: Arc<Cached<A>>,
     /// When the state was last known to be the stream's current one.
     known_at: Instant,
     used: u64,
@@ -77,7 +83,17 @@ impl<A: Clone> StateCache<A> {
             let ttl = self.ttl;
             slots.touch(id).filter(|s| s.known_at.elapsed() < ttl).map(|s| (s.version, Arc::clone(&s.state)))
         };
-        found.map(|(version, state)| (version, A::clone(&state)))
+        found.map(|(version, cached)| (version, A::clone(&cached.state)))
+    }
+
+    /// [`StateCache::fresh`] without copying the state: the shared entry.
+    pub(crate) fn fresh_shared(&self, id: &str) -> Option<(u64, Arc<Cached<A>>)> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let mut slots = self.slots();
+        let ttl = self.ttl;
+        slots.touch(id).filter(|s| s.known_at.elapsed() < ttl).map(|s| (s.version, Arc::clone(&s.state)))
     }
 
     /// The cached state of `id` if it is the one at `version`, however old
@@ -87,7 +103,7 @@ impl<A: Clone> StateCache<A> {
             return None;
         }
         let found = self.slots().touch(id).filter(|s| s.version == version).map(|s| Arc::clone(&s.state));
-        found.map(|state| A::clone(&state))
+        found.map(|cached| A::clone(&cached.state))
     }
 
     /// Records that `id` was at `version` with `state` at `known_at`. An
@@ -97,7 +113,7 @@ impl<A: Clone> StateCache<A> {
         if self.capacity == 0 {
             return;
         }
-        let state = Arc::new(state);
+        let state = Arc::new(Cached { state, json: OnceLock::new() });
         let mut slots = self.slots();
         if let Some(slot) = slots.by_id.get_mut(id) {
             if slot.version > version {

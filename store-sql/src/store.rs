@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use kes_core::codec::encode_all;
 use kes_core::{
     Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, Metadata,
-    Position, Snapshot, StoreError,
+    Position, Snapshot, StateDocument, StoreError,
 };
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -972,6 +972,29 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
             position: Position::new(0, from_db(position)),
             deduplicated: true,
         }))
+    }
+
+    async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
+        let encode = |state: &A| {
+            serde_json::to_vec(state)
+                .map_err(|e| StoreError::Backend(format!("{} {id}: the state does not serialise: {e}", A::NAME)))
+        };
+        // A fresh cached state keeps its document, made once for all reads
+        // of this version.
+        if let Some((version, cached)) = self.inner.cache.fresh_shared(id) {
+            let json = match cached.json.get() {
+                Some(json) => json.clone(),
+                None => {
+                    let json = encode(&cached.state)?;
+                    let _ = cached.json.set(json.clone());
+                    json
+                }
+            };
+            return Ok(Some(StateDocument { json, version, deleted: cached.state.is_deleted() }));
+        }
+        let Some(snapshot) = self.load(id).await? else { return Ok(None) };
+        let json = encode(&snapshot.state)?;
+        Ok(Some(StateDocument { json, version: snapshot.version, deleted: snapshot.state.is_deleted() }))
     }
 
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
