@@ -15,6 +15,7 @@
 //! | [`codec`] | the payload [`Codec`] seam, [`JsonCodec`], upcasters |
 //! | [`store`] | the [`EventStore`] contract, [`ExpectedVersion`], [`StoreError`] |
 //! | [`bus`] | [`CommandBus`]: one command at a time per aggregate, idempotent retries |
+//! | [`history`] | the audit history page by page: [`StoreHistory`], or a [`HistoryProjection`] read by [`ViewHistory`] |
 //! | [`view`] | [`ViewSchema`], [`ListQuery`], [`Page`], the [`ListView`] / [`ViewStore`] contracts |
 //! | [`projection`] | [`Projection`], [`ViewProjection`], [`ProjectionRunner`] (batches, checkpoints, rebuild, lag) |
 //! | [`memory`] | [`InMemoryStore`], [`InMemoryView`]: real in-memory backends |
@@ -97,6 +98,7 @@ pub mod codec;
 #[cfg(feature = "testing")]
 pub mod conformance;
 pub mod envelope;
+pub mod history;
 pub mod memory;
 pub mod projection;
 pub mod store;
@@ -107,6 +109,10 @@ pub use aggregate::{Aggregate, DomainEvent};
 pub use bus::{BusConfig, CommandBus, CommandError, CommandOutcome};
 pub use codec::{Codec, CodecError, EncodedEvent, JsonCodec, RawEnvelope, Upcast, Upcasters};
 pub use envelope::{Checkpoint, Envelope, Metadata, Position};
+pub use history::{
+    History, HistoryError, HistoryPage, HistoryProjection, HistoryRecord, StoreHistory, ViewHistory, history_schema,
+    store_page,
+};
 pub use memory::{InMemoryStore, InMemoryView};
 pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildReport, RunnerConfig,

@@ -153,6 +153,14 @@ impl<A: Aggregate> EventStore<A> for InMemoryStore<A> {
         Ok(log.streams.get(id).map(|s| s.events.iter().map(|i| log.events[*i].clone()).collect()).unwrap_or_default())
     }
 
+    async fn read_page(&self, id: &str, after: u64, limit: usize) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        let log = self.log();
+        let Some(stream) = log.streams.get(id) else { return Ok(Vec::new()) };
+        // Versions start at 1 without gaps: version v is the v-th event.
+        let skip = usize::try_from(after).unwrap_or(usize::MAX);
+        Ok(stream.events.iter().skip(skip).take(limit).map(|i| log.events[*i].clone()).collect())
+    }
+
     async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         let start = usize::try_from(from.next_offset(0)).unwrap_or(usize::MAX);
         let store = self.clone();

@@ -174,6 +174,21 @@ pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
     /// The whole stream of `id`, oldest first (the audit history).
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError>;
 
+    /// At most `limit` events of stream `id` whose versions follow `after`,
+    /// oldest first: one page of the audit history. Paging by version is
+    /// stable while the stream grows: every event appears on exactly one
+    /// page. Empty when the stream does not exist or has nothing past
+    /// `after`.
+    ///
+    /// The default reads the whole stream and cuts the page out of it;
+    /// backends that can seek by version override it.
+    async fn read_page(&self, id: &str, after: u64, limit: usize) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        let mut events = self.read(id).await?;
+        events.retain(|e| e.version > after);
+        events.truncate(limit);
+        Ok(events)
+    }
+
     /// Every record after `from`, in log order, then new ones as they are
     /// appended. Per aggregate, events arrive in version order.
     async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError>;
@@ -219,6 +234,9 @@ impl<A: Aggregate, S: EventStore<A> + ?Sized> EventStore<A> for std::sync::Arc<S
     }
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
         (**self).read(id).await
+    }
+    async fn read_page(&self, id: &str, after: u64, limit: usize) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        (**self).read_page(id, after, limit).await
     }
     async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         (**self).subscribe(from).await

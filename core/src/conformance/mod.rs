@@ -41,6 +41,7 @@ macro_rules! event_store_conformance {
         $crate::__conformance_case!(store, $make, deleted_stream_keeps_its_version);
         $crate::__conformance_case!(store, $make, rejected_command_appends_nothing);
         $crate::__conformance_case!(store, $make, state_documents_match_loads);
+        $crate::__conformance_case!(store, $make, history_pages_walk_every_event_once);
     };
 }
 
@@ -62,6 +63,7 @@ macro_rules! list_view_conformance {
         $crate::__conformance_case!(view, $make, rows_outside_the_schema_are_refused);
         $crate::__conformance_case!(view, $make, invalid_queries_are_typed_errors);
         $crate::__conformance_case!(view, $make, rebuild_swaps_in_a_shadow_copy);
+        $crate::__conformance_case!(history, $make, history_view_pages_by_version);
     };
 }
 
@@ -73,6 +75,15 @@ macro_rules! __conformance_case {
         async fn $name() {
             match $make.await {
                 Some(store) => $crate::conformance::store::$name(store).await,
+                None => eprintln!("skipped {}: backend not available", stringify!($name)),
+            }
+        }
+    };
+    (history, $make:expr, $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            match ($make)($crate::history_schema("ledger")).await {
+                Some(view) => $crate::conformance::view::$name(view).await,
                 None => eprintln!("skipped {}: backend not available", stringify!($name)),
             }
         }

@@ -361,3 +361,74 @@ pub async fn rejected_command_appends_nothing<S: EventStore<Ledger>>(store: S) {
     let head = bus.store().head().await.expect("head");
     assert_eq!(Checkpoint::start().lag_behind(&head), 1, "only the open reached the log");
 }
+
+/// History pages by version: a missing stream and a page past the end are
+/// empty; pages of one stream, read while another task keeps appending to
+/// it (single- and multi-event appends), hold every event exactly once, in
+/// version order, with the envelopes `read` gives.
+pub async fn history_pages_walk_every_event_once<S: EventStore<Ledger> + Clone>(store: S) {
+    assert!(store.read_page("h-missing", 0, 10).await.expect("read a page").is_empty());
+    open(&store, "h-1").await;
+    for amount in 1..=10 {
+        // Every third append carries two events: not every record is one version.
+        let events = if amount % 3 == 0 {
+            vec![LedgerEvent::Added { amount }, LedgerEvent::Added { amount: -amount }]
+        } else {
+            vec![LedgerEvent::Added { amount }]
+        };
+        store.append("h-1", ExpectedVersion::Any, events, meta()).await.expect("append");
+    }
+    let first = store.read_page("h-1", 0, 4).await.expect("first page");
+    assert_eq!(first.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2, 3, 4], "the first page");
+    assert!(store.read_page("h-1", 0, 0).await.expect("empty page").is_empty(), "a page of 0 is empty");
+    assert!(store.read_page("h-1", 14, 5).await.expect("past the end").is_empty(), "nothing after the last version");
+    let middle = store.read_page("h-1", 3, 2).await.expect("a page inside a two-event append");
+    assert_eq!(middle.iter().map(|e| e.version).collect::<Vec<_>>(), [4, 5], "a page may start inside an append");
+
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for amount in 11..=40 {
+                let events = if amount % 4 == 0 {
+                    vec![LedgerEvent::Added { amount }, LedgerEvent::Added { amount: 1 }]
+                } else {
+                    vec![LedgerEvent::Added { amount }]
+                };
+                store.append("h-1", ExpectedVersion::Any, events, meta()).await.expect("append while paging");
+            }
+        })
+    };
+    let mut paged: Vec<Envelope<LedgerEvent>> = Vec::new();
+    let mut after = 0;
+    let mut writing = true;
+    loop {
+        let page = store.read_page("h-1", after, 3).await.expect("a page while appending");
+        assert!(page.len() <= 3, "a page holds at most its size");
+        match page.last() {
+            Some(last) => {
+                after = last.version;
+                paged.extend(page);
+            }
+            // The end of the stream as it is now: once the writer is done,
+            // one more empty page means the whole stream was seen.
+            None if writing => {
+                if writer.is_finished() {
+                    writing = false;
+                }
+                tokio::task::yield_now().await;
+            }
+            None => break,
+        }
+    }
+    writer.await.expect("the writer task");
+    let whole = store.read("h-1").await.expect("read the whole stream");
+    let last = whole.last().map_or(0, |e| e.version);
+    assert_eq!(last, 14 + 30 + 8, "every append is in the stream");
+    assert_contiguous(&paged, "h-1", last);
+    let ids = |events: &[Envelope<LedgerEvent>]| events.iter().map(|e| (e.version, e.event_id)).collect::<Vec<_>>();
+    assert_eq!(ids(&paged), ids(&whole), "pages hold the events `read` gives");
+    assert_eq!(
+        paged.iter().map(|e| e.payload.clone()).collect::<Vec<_>>(),
+        whole.iter().map(|e| e.payload.clone()).collect::<Vec<_>>()
+    );
+}
