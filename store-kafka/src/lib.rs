@@ -98,15 +98,24 @@
 //!   [`KafkaConfig::idempotency_keys_per_aggregate`] keys (default 32),
 //!   persisted in its table record, so they survive restarts; older keys are
 //!   forgotten whatever their age.
-//! - `read(id)`: the table keeps each aggregate's record offsets, and a
-//!   read cache ([`KafkaConfig::read_cache_bytes`], 64 MiB by default) keeps
-//!   the records of aggregates written or caught up since start, evicting
-//!   whole histories oldest first. A cached history costs no broker round
-//!   trip; otherwise `read` seeks to the aggregate's offsets in its
-//!   partition (small fetches, jumping over other aggregates' records), and
-//!   for a row whose offsets are unknown it scans the partition from the
-//!   aggregate's first record to its last. It serves audit histories; a
-//!   projection can serve them instead if they get hot.
+//! - `read(id)` and `read_page(id, after, limit)`: the table keeps each
+//!   aggregate's record offsets, and a read cache
+//!   ([`KafkaConfig::read_cache_bytes`], 64 MiB by default) keeps the
+//!   records of aggregates written or caught up since start, evicting whole
+//!   histories oldest first. A cached history costs no broker round trip.
+//!   Otherwise only the records that can hold the page are fetched (when
+//!   each record holds one event, exactly the page's), reading through
+//!   stretches of up to 2,048 foreign records and seeking over longer ones;
+//!   bounded reads ask for `fetch.wait.max.ms=5`, since some brokers (Tansu)
+//!   hold every fetch answer for the whole wait. A row whose offsets are
+//!   unknown (written by an old version) scans the partition from its first
+//!   record to its last. The cost still grows with the foreign records
+//!   between the aggregate's own, and on Tansu each fetch also costs in
+//!   proportion to what the partition holds after it (its fetch query
+//!   sizes a window over the rest of the partition), so a service that
+//!   serves audit histories should serve them from a history view
+//!   (`kes_core::HistoryProjection`), as the projects example does on
+//!   Kafka: one indexed query per page, whatever the log holds.
 //! - `subscribe(checkpoint)` assigns every events partition and seeks to the
 //!   checkpoint's next offset (owned by the caller, never by consumer-group
 //!   commits); one item per record, per-partition order, endless.

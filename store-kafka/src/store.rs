@@ -124,8 +124,8 @@ struct Row {
     last_offset: u64,
     /// Its events partition.
     partition: u32,
-    /// Size of its largest events record, saturated at `u32::MAX` (sizes
-    /// `read`'s fetches).
+    /// Size of its largest events record, saturated at `u32::MAX` (kept in
+    /// table records; reads no longer size fetches by it).
     max_bytes: u32,
     offsets: Offsets,
     /// Its recent idempotency keys, oldest first; `None` when it has none.
@@ -367,6 +367,27 @@ impl<A: Aggregate> KafkaStore<A> {
 /// Fetch size of scans and subscriptions.
 const SCAN_FETCH_BYTES: u64 = 1 << 20;
 
+/// `fetch.wait.max.ms` of reads that know where they end (start-up scans,
+/// `read`): the data is there, so a fetch has no reason to wait. It matters
+/// on brokers that hold every fetch answer for the whole wait even when
+/// they have data (Tansu 0.6 does): there each fetch of a bounded read
+/// would cost the wait. Subscriptions, which wait at the head of the log
+/// for new records, keep [`FOLLOW_FETCH_WAIT_MS`].
+const BOUNDED_FETCH_WAIT_MS: u32 = 5;
+
+/// `fetch.wait.max.ms` of subscriptions: how long an idle follower's fetch
+/// waits at the head of the log (latency of a new record at worst).
+const FOLLOW_FETCH_WAIT_MS: u32 = 100;
+
+/// `read` fetches a stream's records by offset; from one of them to the
+/// next it reads through up to this many other records rather than seek.
+/// A seek costs a new fetch round trip, and on brokers that answer every
+/// fetch with up to `fetch.max.bytes` whatever the partition bound (Tansu
+/// 0.6: about 2,000 records of a few hundred bytes, each looked up on its
+/// own) a seek costs as much as reading that far ahead. On Apache Kafka
+/// reading through 2,048 small records costs about a megabyte of transfer.
+const READ_THROUGH_RECORDS: u64 = 2048;
+
 /// Upper bound of one fetch response, over all partitions. Kafka brokers
 /// size a response by `max.partition.fetch.bytes`; some compatible brokers
 /// (Tansu) only by this request-wide bound, and assemble the whole response
@@ -407,33 +428,15 @@ fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaStoreErr
     c.create().map_err(|e| KafkaStoreError::from_kafka("producer", &e))
 }
 
-/// How far a consumer reads ahead of its caller.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ReadAhead {
-    /// Reading a partition through (start-up scans, subscriptions): keep
-    /// librdkafka's deep prefetch queue, so that fetches overlap with the
-    /// caller's work (a shallow queue starves on brokers with slow fetches).
-    Deep,
-    /// Picking records here and there (`read`): fetch little beyond what
-    /// was asked for.
-    Shallow,
-}
-
-/// A consumer for assign + seek reads. `fetch_bytes` bounds each fetch per
-/// partition: small fetches let `read` skip other aggregates' records
-/// instead of downloading them.
-fn create_consumer(
-    config: &KafkaConfig,
-    eof: bool,
-    fetch_bytes: u64,
-    ahead: ReadAhead,
-) -> Result<StreamConsumer, KafkaStoreError> {
+/// A consumer for assign + seek reads. It keeps librdkafka's deep
+/// prefetch queue, so that fetches overlap with the caller's work (a
+/// shallow queue starves on brokers with slow fetches). `wait_ms` is its
+/// `fetch.wait.max.ms` ([`BOUNDED_FETCH_WAIT_MS`] or
+/// [`FOLLOW_FETCH_WAIT_MS`]).
+fn create_consumer(config: &KafkaConfig, eof: bool, wait_ms: u32) -> Result<StreamConsumer, KafkaStoreError> {
     let mut c = client_config(config);
-    c.set("max.partition.fetch.bytes", fetch_bytes.clamp(1024, FETCH_MAX_BYTES).to_string())
+    c.set("max.partition.fetch.bytes", SCAN_FETCH_BYTES.clamp(1024, FETCH_MAX_BYTES).to_string())
         .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
-    if ahead == ReadAhead::Shallow {
-        c.set("queued.min.messages", "1000");
-    }
     // librdkafka wants a group id even for assign(); nothing is ever
     // committed to it (checkpoints belong to the readers).
     c.set("group.id", format!("{}.kes-readers", config.topic_prefix))
@@ -441,7 +444,7 @@ fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", if eof { "true" } else { "false" })
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", wait_ms.to_string());
     c.create().map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
 }
 
@@ -749,7 +752,7 @@ impl<A: Aggregate> Inner<A> {
         if open.is_empty() {
             return Ok(());
         }
-        let consumer = create_consumer(&self.config, true, SCAN_FETCH_BYTES, ReadAhead::Deep)?;
+        let consumer = create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS)?;
         let mut tpl = TopicPartitionList::new();
         for (p, from, to) in ranges.iter().filter(|(_, from, to)| from < to) {
             let _ = to;
@@ -796,19 +799,20 @@ impl<A: Aggregate> Inner<A> {
         Ok(())
     }
 
-    /// Reads the records at `offsets` (ascending) of one partition, jumping
-    /// over the records in between when they are more than a few.
+    /// Reads the records at `offsets` (ascending) of one partition: reads
+    /// through gaps of up to [`READ_THROUGH_RECORDS`] other records and
+    /// seeks over longer ones, so a stream whose records lie close together
+    /// costs a few sequential fetches, and one spread thin costs a fetch
+    /// per stretch, never one per record of the partition.
     async fn fetch_at(
         &self,
         topic: &str,
         partition: u32,
         offsets: &[u64],
-        fetch_bytes: u64,
         mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
     ) -> Result<(), KafkaStoreError> {
-        const JUMP: u64 = 8;
         let Some(first) = offsets.first() else { return Ok(()) };
-        let consumer = create_consumer(&self.config, false, fetch_bytes, ReadAhead::Shallow)?;
+        let consumer = create_consumer(&self.config, false, BOUNDED_FETCH_WAIT_MS)?;
         let assign = |at: u64| {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(topic, partition as i32, Offset::Offset(at as i64))
@@ -857,11 +861,97 @@ impl<A: Aggregate> Inner<A> {
             retries = 0;
             f(&message)?;
             i += 1;
-            if let Some(next) = offsets.get(i).filter(|n| **n > offset + JUMP) {
+            if let Some(next) = offsets.get(i).filter(|n| **n > offset + READ_THROUGH_RECORDS) {
                 assign(*next)?;
             }
         }
         Ok(())
+    }
+
+    /// At most `limit` events of `id` after version `after`, oldest first.
+    ///
+    /// The row knows the offsets of the aggregate's records, so only they
+    /// are fetched (see [`Inner::fetch_at`]), and only those that can hold
+    /// the page: record `i` (from 0) holds versions from `i + 1` on, so
+    /// records from index `after + limit` on are never needed; when every
+    /// record holds one event (most aggregates), record `i` is version
+    /// `i + 1` and the page is exactly records `after..after + limit`.
+    /// While the row's records are all in the read cache, nothing is
+    /// fetched.
+    async fn read_stream(
+        self: &Arc<Self>,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        let p = self.partition_checked(id)?;
+        self.settle(p).await?;
+        let Some((from, to, version, offsets, history)) = self.table().rows.get(id).map(|r| {
+            let offsets = r.offsets.to_vec(r.first_offset);
+            (r.first_offset, r.last_offset + 1, r.version, offsets, r.history.clone())
+        }) else {
+            return Ok(Vec::new());
+        };
+        if after >= version || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let wanted_end = after.saturating_add(u64::try_from(limit).unwrap_or(u64::MAX)).min(version);
+        // Records selected: `skip..take` of the row's list.
+        let one_per_record = offsets.len() as u64 == version;
+        let skip = if one_per_record { usize::try_from(after).unwrap_or(usize::MAX) } else { 0 };
+        let take = usize::try_from(wanted_end).unwrap_or(usize::MAX).min(offsets.len());
+        let selected = offsets.get(skip..take).unwrap_or_default();
+
+        let topic = self.events_topic.clone();
+        let mut out: Vec<Envelope<A::Event>> = Vec::new();
+        // The last version seen, kept or not: records continue it.
+        let mut have: u64 = if one_per_record { after } else { 0 };
+        let mut keep = |at: Position, key: Option<&[u8]>, value: Option<&[u8]>| -> Result<(), KafkaStoreError> {
+            if key != Some(id.as_bytes()) {
+                return Ok(());
+            }
+            let doc = EventsDoc::decode(&topic, at, key, value)?;
+            if doc.last_version <= have || have >= wanted_end {
+                return Ok(());
+            }
+            if doc.first_version != have + 1 {
+                return Err(KafkaStoreError::Corrupt {
+                    topic: topic.clone(),
+                    position: at,
+                    aggregate_id: Some(id.to_owned()),
+                    version: doc.first_version,
+                    reason: format!("versions after {have} are missing"),
+                });
+            }
+            have = doc.last_version;
+            for raw in doc.into_raw(&topic, at)? {
+                let version = raw.version;
+                if version <= after || version > wanted_end {
+                    continue;
+                }
+                out.push(raw.decode(&*self.codec).map_err(|e| KafkaStoreError::Corrupt {
+                    topic: topic.clone(),
+                    position: at,
+                    aggregate_id: Some(id.to_owned()),
+                    version,
+                    reason: e.to_string(),
+                })?);
+            }
+            Ok(())
+        };
+        let cached = history.filter(|h| h.len() == offsets.len() && !h.is_empty());
+        if let Some(history) = cached {
+            for (value, offset) in history.iter().zip(&offsets).skip(skip).take(take.saturating_sub(skip)) {
+                keep(Position::new(p, *offset), Some(id.as_bytes()), Some(value))?;
+            }
+        } else if offsets.is_empty() {
+            self.scan(&topic, &[(p, from, to)], |m| keep(Position::new(p, m.offset() as u64), m.key(), m.payload()))
+                .await?;
+        } else {
+            self.fetch_at(&topic, p, selected, |m| keep(Position::new(p, m.offset() as u64), m.key(), m.payload()))
+                .await?;
+        }
+        Ok(out)
     }
 
     /// Start-up: the table from the table topic, then every events record it
@@ -1432,70 +1522,16 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
     }
 
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
-        let inner = &self.inner;
-        let p = inner.partition_checked(id)?;
-        inner.settle(p).await?;
-        let Some((from, to, version, offsets, max_bytes, history)) = inner.table().rows.get(id).map(|r| {
-            let offsets = r.offsets.to_vec(r.first_offset);
-            (r.first_offset, r.last_offset + 1, r.version, offsets, u64::from(r.max_bytes), r.history.clone())
-        }) else {
-            return Ok(Vec::new());
-        };
-        let mut out: Vec<Envelope<A::Event>> = Vec::new();
-        let topic = inner.events_topic.clone();
-        let mut take = |m: &BorrowedMessage<'_>| {
-            if m.key() != Some(id.as_bytes()) {
-                return Ok(());
-            }
-            let at = Position::new(m.partition() as u32, m.offset() as u64);
-            let doc = EventsDoc::decode(&topic, at, m.key(), m.payload())?;
-            let have = out.last().map_or(0, |e| e.version);
-            if doc.last_version <= have {
-                return Ok(());
-            }
-            if doc.first_version != have + 1 {
-                return Err(KafkaStoreError::Corrupt {
-                    topic: topic.clone(),
-                    position: at,
-                    aggregate_id: Some(id.to_owned()),
-                    version: doc.first_version,
-                    reason: format!("versions after {have} are missing"),
-                });
-            }
-            for raw in doc.into_raw(&topic, at)? {
-                out.push(raw.decode(&*inner.codec).map_err(|e| KafkaStoreError::Corrupt {
-                    topic: topic.clone(),
-                    position: at,
-                    aggregate_id: Some(id.to_owned()),
-                    version: 0,
-                    reason: e.to_string(),
-                })?);
-            }
-            Ok(())
-        };
-        let cached = history.filter(|h| h.len() == offsets.len() && !h.is_empty());
-        if let Some(history) = cached {
-            for (value, offset) in history.iter().zip(&offsets) {
-                let at = Position::new(p, *offset);
-                let doc = EventsDoc::decode(&topic, at, Some(id.as_bytes()), Some(value))?;
-                for raw in doc.into_raw(&topic, at)? {
-                    out.push(raw.decode(&*inner.codec)?);
-                }
-            }
-        } else if offsets.is_empty() {
-            inner.scan(&topic, &[(p, from, to)], take).await?;
-        } else {
-            // Room for the largest record plus a little: a fetch brings the
-            // wanted record and few others.
-            inner.fetch_at(&topic, p, &offsets, max_bytes.saturating_mul(2).max(4096), &mut take).await?;
-        }
-        out.truncate(usize::try_from(version).unwrap_or(usize::MAX));
-        Ok(out)
+        self.inner.read_stream(id, 0, usize::MAX).await
+    }
+
+    async fn read_page(&self, id: &str, after: u64, limit: usize) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        self.inner.read_stream(id, after, limit).await
     }
 
     async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         let inner = &self.inner;
-        let consumer = create_consumer(&inner.config, false, SCAN_FETCH_BYTES, ReadAhead::Deep)?;
+        let consumer = create_consumer(&inner.config, false, FOLLOW_FETCH_WAIT_MS)?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..inner.partitions {
             let next = from.next_offset(p);

@@ -377,3 +377,84 @@ async fn a_store_dropped_before_its_table_records_were_written_loses_nothing() {
         other => panic!("the closed ledger keeps its version, got {other:?}"),
     }
 }
+
+/// A cold history read (a freshly connected store: no read cache) of an
+/// aggregate whose 1,000 records lie among 50,000 records of other
+/// aggregates in one partition — interleaved for its first 500 versions,
+/// then behind a run of 25,000 foreign records — reads its records in
+/// order, and a page reads only the records that can hold it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_history_read_among_many_other_records_is_whole_and_in_order() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let Some(store) = common::connect(config.clone()).await else { return };
+    let others = |range: std::ops::Range<usize>| {
+        let store = store.clone();
+        range
+            .map(|o| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let id = format!("other-{o}");
+                    store
+                        .append(&id, ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default())
+                        .await?;
+                    for i in 0..999 {
+                        let events = vec![LedgerEvent::Added { amount: i }];
+                        store.append(&id, ExpectedVersion::Any, events, Metadata::default()).await?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let target = |versions: std::ops::RangeInclusive<u64>| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for v in versions {
+                let event = if v == 1 { LedgerEvent::Opened } else { LedgerEvent::Added { amount: v as i64 } };
+                store.append("target", ExpectedVersion::Exact(v - 1), vec![event], Metadata::default()).await?;
+            }
+            Ok::<_, StoreError>(())
+        })
+    };
+    let started = std::time::Instant::now();
+    // Interleaved: the target's first 500 versions while 25 others write.
+    let mut writers = others(0..25);
+    writers.push(target(1..=500));
+    for w in writers {
+        w.await.expect("writer").expect("append");
+    }
+    // A long stretch of foreign records, then the rest of the target.
+    for w in others(25..50) {
+        w.await.expect("writer").expect("append");
+    }
+    target(501..=1000).await.expect("writer").expect("append");
+    store.flush(Duration::from_secs(60)).await.expect("flush");
+    drop(store);
+    eprintln!("seeded in {:.1} s", started.elapsed().as_secs_f64());
+
+    let started = std::time::Instant::now();
+    let Some(cold) = common::connect(config.clone()).await else { return };
+    eprintln!("connected in {:.1} s", started.elapsed().as_secs_f64());
+    let started = std::time::Instant::now();
+    let history = cold.read("target").await.expect("read the history");
+    eprintln!("cold read of 1,000 events in {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(history.len(), 1000);
+    assert!(history.iter().enumerate().all(|(i, e)| e.version == i as u64 + 1), "versions 1..=1000 in order");
+    assert!(history.iter().all(|e| e.aggregate_id == "target"), "only the target's events");
+    assert_eq!(history[999].payload, LedgerEvent::Added { amount: 1000 });
+    assert!(history.windows(2).all(|w| w[0].position.offset < w[1].position.offset));
+
+    drop(cold);
+    let Some(cold) = common::connect(config).await else { return };
+    let started = std::time::Instant::now();
+    let page = cold.read_page("target", 450, 100).await.expect("a page across the long stretch");
+    eprintln!("cold page of 100 in {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(page.iter().map(|e| e.version).collect::<Vec<_>>(), (451..=550).collect::<Vec<_>>());
+    let ids: Vec<_> = history[450..550].iter().map(|e| e.event_id).collect();
+    assert_eq!(page.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids, "the page holds the events `read` gives");
+    let last = cold.read_page("target", 999, 100).await.expect("the last page");
+    assert_eq!(last.iter().map(|e| e.version).collect::<Vec<_>>(), [1000]);
+    assert!(cold.read_page("target", 1000, 100).await.expect("past the end").is_empty());
+}

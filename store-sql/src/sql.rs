@@ -159,6 +159,15 @@ pub(crate) fn read_stream() -> String {
     )
 }
 
+/// A page of one stream: at most `$4` events after version `$3`, oldest
+/// first (served by the `(aggregate_type, aggregate_id, version)` key).
+pub(crate) fn read_stream_page() -> String {
+    format!(
+        "SELECT {ENVELOPE_COLUMNS} FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 \
+         ORDER BY version LIMIT $4"
+    )
+}
+
 /// A page of the log from a position on.
 pub(crate) fn read_log() -> String {
     format!(

@@ -1039,6 +1039,21 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
         self.read_stored(id).await?.into_iter().map(|e| self.decode(e)).collect()
     }
 
+    async fn read_page(&self, id: &str, after: u64, limit: usize) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let query = sql::read_stream_page();
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let stored: Vec<StoredEvent> = on_reader!(&self.inner.pools, |pool| {
+            let rows =
+                sqlx::query(&query).bind(A::NAME).bind(id).bind(after).bind(limit).fetch_all(pool).await.map_err(db)?;
+            rows.iter().map(|r| sql::envelope_from_row(r, A::NAME)).collect::<Result<Vec<_>, _>>()?
+        });
+        stored.into_iter().map(|e| self.decode(e)).collect()
+    }
+
     async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         let tail = Tail {
             store: self.clone(),
