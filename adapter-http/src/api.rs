@@ -1,5 +1,6 @@
 //! Mounting aggregates on one router, and the routes that serve them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,8 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use kes_core::{
-    Aggregate, CatchUp, CommandBus, CommandError, CommandOutcome, Envelope, EventStore, ExpectedVersion, ListQuery,
-    ListView, Metadata, Position, ProjectionRunner, ProjectionStatus, QueryError, StoreError,
+    Aggregate, CatchUp, CommandBus, CommandError, CommandOutcome, EventStore, ExpectedVersion, History, HistoryError,
+    ListQuery, ListView, Metadata, Position, ProjectionRunner, ProjectionStatus, QueryError, StoreError,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use schemars::JsonSchema;
@@ -109,6 +110,8 @@ pub(crate) struct Shared {
     pub(crate) config: HttpConfig,
     principal: Option<PrincipalFn>,
     pub(crate) metrics: Metrics,
+    /// Where each plural's history comes from when not from its store.
+    histories: HashMap<String, Arc<dyn History>>,
 }
 
 impl Shared {
@@ -193,6 +196,7 @@ pub struct Api {
     routes: Vec<Box<dyn FnOnce(Arc<Shared>) -> Router + Send>>,
     mounts: Vec<Arc<dyn Mount>>,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
+    histories: HashMap<String, Arc<dyn History>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -207,7 +211,15 @@ impl std::fmt::Debug for Api {
 impl Api {
     /// An API with nothing mounted.
     pub fn new(config: HttpConfig) -> Self {
-        Self { config, principal: None, prometheus: None, routes: Vec::new(), mounts: Vec::new(), sources: Vec::new() }
+        Self {
+            config,
+            principal: None,
+            prometheus: None,
+            routes: Vec::new(),
+            mounts: Vec::new(),
+            sources: Vec::new(),
+            histories: HashMap::new(),
+        }
     }
 
     /// Mounts `resource` under `/{plural}`: commands go through `bus`,
@@ -239,9 +251,27 @@ impl Api {
         });
         self.mounts.push(description);
         self.routes.push(Box::new(move |shared| {
-            let mounted = Arc::new(Mounted { resource, bus, view, catch_up, shared });
+            let history = shared.histories.get(&resource.plural).cloned();
+            let mounted = Arc::new(Mounted { resource, bus, view, catch_up, history, shared });
             routes(mounted)
         }));
+        Ok(self)
+    }
+
+    /// Serves `GET /{plural}/{id}/events` of an already mounted resource
+    /// from `history` instead of its event store: e.g. a
+    /// [`ViewHistory`](kes_core::ViewHistory) kept by a
+    /// [`HistoryProjection`](kes_core::HistoryProjection) (run it by the
+    /// runner given as `catch_up` to [`Api::mount`], so that history reads
+    /// carrying `KES-Position` wait for it). Fails when nothing is mounted
+    /// under `/{plural}` or a history is set twice.
+    pub fn history(mut self, plural: &str, history: Arc<dyn History>) -> Result<Self, HttpError> {
+        if !self.mounts.iter().any(|m| m.plural() == plural) {
+            return Err(HttpError::Config(format!("no resource is mounted under /{plural}")));
+        }
+        if self.histories.insert(plural.to_owned(), history).is_some() {
+            return Err(HttpError::Config(format!("/{plural} has two histories")));
+        }
         Ok(self)
     }
 
@@ -272,7 +302,8 @@ impl Api {
             Some(handle) => Metrics::global(handle),
             None => Metrics::local(),
         };
-        let shared = Arc::new(Shared { config: self.config, principal: self.principal, metrics });
+        let shared =
+            Arc::new(Shared { config: self.config, principal: self.principal, metrics, histories: self.histories });
         let document = Arc::new(openapi::document(&shared.config, &self.mounts));
         let service = Arc::new(Service { mounts: self.mounts, sources: self.sources, shared: Arc::clone(&shared) });
 
@@ -424,6 +455,8 @@ struct Mounted<A: Aggregate, S> {
     bus: Arc<CommandBus<A, S>>,
     view: Arc<dyn ListView>,
     catch_up: Arc<dyn CatchUp>,
+    /// `None`: history comes from the store.
+    history: Option<Arc<dyn History>>,
     shared: Arc<Shared>,
 }
 
@@ -738,28 +771,73 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         Ok(r)
     }
 
-    async fn events(&self, id: String) -> Result<Response, HttpError> {
+    async fn events(&self, id: String, parts: Parts) -> Result<Response, HttpError> {
         check_id(&id)?;
-        let history = self.bus.store().read(&id).await?;
-        if history.is_empty() {
-            return Err(HttpError::NotFound(format!("no {} {id}", A::NAME)));
-        }
-        let items: Vec<Value> = history.iter().map(event_record).collect();
-        Ok(json_response(StatusCode::OK, &json!({ "id": id, "items": items })))
+        let (after, size) = history_paging(parts.uri.query())?;
+        let consistency = match (&self.history, position_token(&parts.headers)?) {
+            // The store itself is the log: always current.
+            (None, _) => "caught-up",
+            (Some(h), _) if !h.is_projected() => "caught-up",
+            (Some(_), None) => "eventual",
+            (Some(_), Some(p)) => {
+                if self.catch_up.wait_for(p, self.shared.config.consistency_timeout).await {
+                    "caught-up"
+                } else {
+                    "stale"
+                }
+            }
+        };
+        let page = match &self.history {
+            None => kes_core::store_page(self.bus.store(), &id, after, size).await?,
+            Some(h) => h.page(&id, after, size).await.map_err(|e| match e {
+                HistoryError::Store(e) => HttpError::from(e),
+                HistoryError::View(e) => HttpError::from(e),
+                other => HttpError::Internal(other.to_string()),
+            })?,
+        };
+        let mut r = if after == 0 && page.items.is_empty() {
+            HttpError::NotFound(format!("no {} {id}", A::NAME)).into_response()
+        } else {
+            json_response(StatusCode::OK, &page)
+        };
+        r.headers_mut().insert(CONSISTENCY_HEADER, HeaderValue::from_static(consistency));
+        Ok(r)
     }
 }
 
-fn event_record<E: serde::Serialize>(e: &Envelope<E>) -> Value {
-    json!({
-        "event_id": e.event_id,
-        "version": e.version,
-        "type": e.event_type,
-        "revision": e.revision,
-        "recorded_at": e.recorded_at,
-        "position": e.position.to_string(),
-        "metadata": e.metadata,
-        "payload": serde_json::to_value(&e.payload).unwrap_or(Value::Null),
-    })
+/// Rows of history per page when the client names no `page[size]`.
+pub const HISTORY_DEFAULT_PAGE: u32 = 1_000;
+
+/// `page[after]` (a version, default 0) and `page[size]` (1 to
+/// [`kes_core::history::HISTORY_MAX_PAGE`]) of a history request; any
+/// other parameter is refused.
+fn history_paging(query: Option<&str>) -> Result<(u64, u32), HttpError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| HttpError::MalformedQuery(e.to_string()))?;
+    let (mut after, mut size) = (0u64, HISTORY_DEFAULT_PAGE);
+    let max = kes_core::history::HISTORY_MAX_PAGE;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "page[after]" => {
+                after = value.parse().map_err(|_| {
+                    HttpError::MalformedQuery(format!("page[after] must be a version (a whole number), not {value:?}"))
+                })?;
+            }
+            "page[size]" => {
+                size = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| HttpError::MalformedQuery(format!("page[size] must be 1 to {max}")))?;
+            }
+            other => {
+                return Err(HttpError::MalformedQuery(format!(
+                    "unknown parameter {other:?}: history takes page[size] and page[after]"
+                )));
+            }
+        }
+    }
+    Ok((after, size))
 }
 
 fn answer(result: Result<Response, HttpError>) -> Response {
@@ -827,6 +905,10 @@ async fn list<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request:
     answer(m.list(request.into_parts().0).await)
 }
 
-async fn events<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, Path(id): Path<String>) -> Response {
-    answer(m.events(id).await)
+async fn events<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    answer(m.events(id, request.into_parts().0).await)
 }

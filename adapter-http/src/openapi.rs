@@ -103,10 +103,12 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>]) -> Value 
         "kes.History".into(),
         json!({
             "type": "object",
-            "required": ["id", "items"],
+            "required": ["id", "items", "next"],
             "properties": {
                 "id": { "type": "string" },
-                "items": { "type": "array", "items": r("schemas", "kes.EventRecord") }
+                "items": { "type": "array", "items": r("schemas", "kes.EventRecord") },
+                "next": { "type": ["integer", "null"], "minimum": 1,
+                          "description": "The version to send as page[after] for the next page; null on the last page." }
             }
         }),
     );
@@ -418,14 +420,29 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         let mut history = refs(&["400", "404", "500", "503"]);
         history.insert(
             "200".into(),
-            json!({ "description": "Every event, oldest first.",
+            json!({ "description": "One page of events, oldest first.",
+                    "headers": { "KES-Consistency": r("headers", "KES-Consistency") },
                     "content": { "application/json": { "schema": r("schemas", "kes.History") } } }),
         );
+        let max = kes_core::history::HISTORY_MAX_PAGE;
         paths.insert(
             format!("/{plural}/{{id}}/events"),
             json!({ "parameters": [r("parameters", "kes.Id")],
                     "get": { "operationId": format!("{name}_events"), "tags": tags,
-                             "summary": format!("The audit history of one {}.", A::NAME), "responses": history } }),
+                             "summary": format!("The audit history of one {}, page by page.", A::NAME),
+                             "description": "Pages follow versions: every event appears on exactly one page even \
+                                 while the aggregate takes new commands. 404 when the aggregate has no events.",
+                             "parameters": [
+                                 { "name": "page[size]", "in": "query", "required": false,
+                                   "description": "Events per page.",
+                                   "schema": { "type": "integer", "minimum": 1, "maximum": max,
+                                               "default": crate::api::HISTORY_DEFAULT_PAGE } },
+                                 { "name": "page[after]", "in": "query", "required": false,
+                                   "description": "Start after this version (the `next` of the previous page).",
+                                   "schema": { "type": "integer", "minimum": 0, "default": 0 } },
+                                 r("parameters", "kes.Position")
+                             ],
+                             "responses": history } }),
         );
         for (command, op) in &self.resource.commands {
             let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
