@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use axum::Router;
 use kes_core::{
-    Aggregate, CommandBus, EventStore, Projection, ProjectionRunner, RebuildReport, Row, RunnerConfig, ViewProjection,
-    ViewSchema, ViewStore,
+    Aggregate, CommandBus, EventStore, HistoryProjection, Projection, ProjectionRunner, RebuildReport, Row,
+    RunnerConfig, ViewHistory, ViewProjection, ViewSchema, ViewStore, history_schema,
 };
 use kes_http::{Api, HttpConfig};
 use kes_store_kafka::{KafkaConfig, KafkaStore};
@@ -103,17 +103,39 @@ pub struct Part<A: Aggregate> {
     pub bus: Arc<CommandBus<A, Arc<dyn EventStore<A>>>>,
     /// The list view.
     pub view: Arc<dyn ViewStore>,
-    /// Feeds the view from the log.
+    /// The history view, on stores that cannot read a stream by version
+    /// cheaply (Kafka); `None` where the store serves history itself.
+    pub history: Option<Arc<dyn ViewStore>>,
+    /// Feeds the views from the log.
     pub runner: Arc<Runner<A>>,
+}
+
+/// Whether the store at `url` is better served by a history view: a Kafka
+/// topic can only be read by offset, and a stream's records lie scattered
+/// among those of other aggregates (on some brokers each fetch also costs
+/// in proportion to what the partition holds after it). The SQL stores
+/// read a stream page by its (type, id, version) key.
+pub fn history_from_view(store_url: &str) -> bool {
+    store_url.starts_with("kafka:")
 }
 
 impl<A: Aggregate> Part<A> {
     async fn open(settings: &Settings, schema: ViewSchema, to_row: fn(&A) -> Row) -> anyhow::Result<Self> {
         let store = open_store::<A>(&settings.store).await?;
         let view = open_view(&settings.view, schema).await?;
-        let projection: Arc<dyn Projection<A::Event>> = Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row));
-        let runner = ProjectionRunner::new(Arc::clone(&store), vec![projection], RunnerConfig::default());
-        Ok(Self { bus: Arc::new(CommandBus::new(Arc::clone(&store))), store, view, runner })
+        let mut projections: Vec<Arc<dyn Projection<A::Event>>> =
+            vec![Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row))];
+        let history = if history_from_view(&settings.store) {
+            let history = open_view(&settings.view, history_schema(A::NAME)).await?;
+            let projection = HistoryProjection::<A>::new(Arc::clone(&history))
+                .with_context(|| format!("the history view of {}", A::NAME))?;
+            projections.push(Arc::new(projection));
+            Some(history)
+        } else {
+            None
+        };
+        let runner = ProjectionRunner::new(Arc::clone(&store), projections, RunnerConfig::default());
+        Ok(Self { bus: Arc::new(CommandBus::new(Arc::clone(&store))), store, view, history, runner })
     }
 }
 
@@ -144,7 +166,7 @@ impl Service {
 
     /// The HTTP router of both aggregates.
     pub fn router(&self) -> anyhow::Result<Router> {
-        let api = Api::new(self.http.clone())
+        let mut api = Api::new(self.http.clone())
             .mount(
                 resources::projects(),
                 Arc::clone(&self.projects.bus),
@@ -154,6 +176,12 @@ impl Service {
             .mount(resources::tasks(), Arc::clone(&self.tasks.bus), self.tasks.view.clone(), self.tasks.runner.clone())?
             .projections(self.projects.runner.clone())
             .projections(self.tasks.runner.clone());
+        for (plural, history) in [("projects", &self.projects.history), ("tasks", &self.tasks.history)] {
+            if let Some(view) = history {
+                let view: Arc<dyn kes_core::ListView> = view.clone();
+                api = api.history(plural, Arc::new(ViewHistory::new(view)))?;
+            }
+        }
         Ok(api.into_router())
     }
 

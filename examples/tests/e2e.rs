@@ -177,15 +177,41 @@ async fn scenario(store: &str, view: &str) {
     assert_eq!(r.status(), StatusCode::CREATED);
     let location = r.headers()["location"].to_str().expect("location").to_owned();
     let seed = s.url(&location);
+    let mut last = String::new();
     for i in 1..=30 {
         let r = c.patch(&seed).form(&[("name", format!("test{i}"))]).send().await.expect("patch");
         assert_eq!(r.status(), StatusCode::OK, "PATCH {i}");
         assert_eq!(r.headers()["etag"], format!("\"{}\"", i + 1).as_str());
+        last = r.headers()["kes-position"].to_str().expect("position").to_owned();
     }
     let state = json_of(c.get(&seed).send().await.expect("get")).await;
     assert_eq!(state["name"], "test30");
-    let history = json_of(c.get(format!("{seed}/events")).send().await.expect("history")).await;
+    // History may come from a projection (Kafka): the token waits for it.
+    let r = c.get(format!("{seed}/events")).header("KES-Position", &last).send().await.expect("history");
+    assert_eq!(r.headers()["kes-consistency"], "caught-up");
+    let history = json_of(r).await;
     assert_eq!(history["items"].as_array().map(Vec::len), Some(31));
+    assert_eq!(history["next"], Value::Null);
+    // Pages by version: every event once, in order.
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = c
+            .get(format!("{seed}/events?page[size]=7&page[after]={after}"))
+            .header("KES-Position", &last)
+            .send()
+            .await
+            .expect("history page");
+        assert_eq!(page.status(), StatusCode::OK);
+        let page = json_of(page).await;
+        let items = page["items"].as_array().expect("items");
+        seen.extend(items.iter().map(|e| e["version"].as_u64().expect("version")));
+        match page["next"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=31).collect::<Vec<u64>>());
 
     // Projects worth listing, a task, status commands.
     let mut positions = Vec::new();
@@ -219,7 +245,9 @@ async fn scenario(store: &str, view: &str) {
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
     let r = c.patch(&seed).header("If-Match", "\"31\"").form(&[("name", "on time")]).send().await.expect("patch");
     assert_eq!(r.status(), StatusCode::OK);
-    let history = json_of(c.get(format!("{seed}/events")).send().await.expect("history")).await;
+    let token = r.headers()["kes-position"].to_str().expect("position").to_owned();
+    let history =
+        json_of(c.get(format!("{seed}/events")).header("KES-Position", &token).send().await.expect("history")).await;
     assert_eq!(history["items"].as_array().map(Vec::len), Some(32));
     positions.push(("projects", r.headers()["kes-position"].to_str().expect("position").to_owned()));
 
@@ -284,7 +312,7 @@ async fn acknowledged_writes_survive_kill_9() {
     let c = reqwest::Client::new();
     let r = c.post(s.url("/projects")).json(&json!({ "name": "crash" })).send().await.expect("create");
     let url = s.url(r.headers()["location"].to_str().expect("location"));
-    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<(u64, String, String)>>> = Arc::default();
     let writers: Vec<_> = (0..8)
         .map(|w| {
             let (c, url, acked) = (c.clone(), url.clone(), Arc::clone(&acked));
@@ -296,7 +324,8 @@ async fn acknowledged_writes_survive_kill_9() {
                         return;
                     }
                     let etag = r.headers()["etag"].to_str().unwrap_or("\"0\"").trim_matches('"').parse().unwrap_or(0);
-                    acked.lock().await.push((etag, name));
+                    let position = r.headers()["kes-position"].to_str().unwrap_or_default().to_owned();
+                    acked.lock().await.push((etag, name, position));
                 }
             })
         })
@@ -310,12 +339,26 @@ async fn acknowledged_writes_survive_kill_9() {
     assert!(acked.len() > 10, "too few writes were acknowledged before the kill: {}", acked.len());
 
     let s = Server::start(dir.path(), store, view).await;
-    let history =
-        json_of(c.get(format!("{}/events", s.url(&url[s.base.len()..]))).send().await.expect("history")).await;
-    let items = history["items"].as_array().expect("items");
+    // The latest acknowledged write's position: history served by a
+    // projection (Kafka) waits until the restarted process has applied it.
+    let token = acked.iter().max_by_key(|(version, ..)| *version).map(|(.., p)| p.clone()).unwrap_or_default();
+    // Every page of the history (1,000 events per page by default).
+    let mut items: Vec<Value> = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = c.get(format!("{}/events?page[after]={after}", s.url(&url[s.base.len()..])));
+        let page = page.header("KES-Position", &token).send().await.expect("history");
+        assert_eq!(page.headers()["kes-consistency"], "caught-up");
+        let page = json_of(page).await;
+        items.extend(page["items"].as_array().expect("items").iter().cloned());
+        match page["next"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
     let versions: Vec<u64> = items.iter().map(|e| e["version"].as_u64().unwrap_or(0)).collect();
     assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>(), "versions are not contiguous");
-    for (version, name) in &acked {
+    for (version, name, _) in &acked {
         let event = &items[(*version - 1) as usize];
         assert_eq!(
             event["payload"]["Renamed"]["name"],

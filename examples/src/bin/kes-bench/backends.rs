@@ -215,6 +215,57 @@ impl Kafka {
     }
 }
 
+/// `fetch.wait.max.ms` of the raw range read, the same as KafkaStore's
+/// bounded reads: Tansu holds every fetch answer for that long.
+pub const RAW_FETCH_WAIT_MS: u32 = 5;
+
+impl Kafka {
+    /// Reads partition `partition` of `topic` from `from` up to (excluding)
+    /// `to` with a plain consumer; the records whose key is `key`.
+    pub async fn read_range(&self, topic: &str, partition: u32, from: u64, to: u64, key: &[u8]) -> anyhow::Result<u64> {
+        let brokers = self.brokers.clone();
+        let topic = topic.to_owned();
+        let key = key.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut config = ClientConfig::new();
+            config
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("kes-bench-{}", uuid::Uuid::new_v4()))
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", RAW_FETCH_WAIT_MS.to_string())
+                .set("fetch.max.bytes", (1u32 << 20).to_string());
+            let consumer: BaseConsumer = config.create()?;
+            let mut list = TopicPartitionList::new();
+            list.add_partition_offset(&topic, partition as i32, Offset::Offset(from as i64))?;
+            consumer.assign(&list)?;
+            let mut found = 0u64;
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            loop {
+                if std::time::Instant::now() > deadline {
+                    bail!("reading {topic} took over 300 s");
+                }
+                match consumer.poll(Duration::from_millis(500)) {
+                    Some(Ok(m)) => {
+                        let offset = u64::try_from(m.offset()).unwrap_or(0);
+                        if offset >= to {
+                            return Ok(found);
+                        }
+                        if m.key() == Some(key.as_slice()) {
+                            found += 1;
+                        }
+                        if offset + 1 >= to {
+                            return Ok(found);
+                        }
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => {}
+                }
+            }
+        })
+        .await?
+    }
+}
+
 fn raw_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)

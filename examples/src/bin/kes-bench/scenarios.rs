@@ -209,6 +209,13 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         0.5,
         kafka_table(&mut ctx, &mut out)
     );
+    run!(
+        "audit history, 1,000 events, Kafka: GET history (history view)",
+        "ms",
+        Better::Lower,
+        0.5,
+        kafka_history(&mut ctx, &mut out)
+    );
     run!("HTTP PATCH, 64 clients, Kafka store", "req/s", Better::Higher, 0.5, kafka_patch(&mut ctx));
     run!("HTTP PATCH, 64 clients, PostgreSQL store", "req/s", Better::Higher, 2.0, pg_patch(&mut ctx));
     run!("seed loop: sequential PATCH, PostgreSQL", "ms/req", Better::Lower, 0.67, pg_seed_loop(&mut ctx));
@@ -826,4 +833,168 @@ async fn kafka_table_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measure
             .into(),
     };
     Ok((rebuild, memory))
+}
+
+/// Audit history of one aggregate with 1,000 events whose records lie among
+/// `others` records of other aggregates (the target's every `others/1000`
+/// records apart), read cold. Two KES figures, each against the same raw
+/// read: the service's `GET /projects/{id}/events` (served by the history
+/// view, which the projects service keeps on Kafka), and
+/// `KafkaStore::read` on a freshly connected store (no read cache).
+async fn kafka_history(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Result<Measured, Missing> {
+    let plan = ctx.plan;
+    let store_spec = Spec {
+        name: "audit history, 1,000 events, Kafka: KafkaStore::read, cold".into(),
+        unit: "ms",
+        better: Better::Lower,
+        goal: 0.5,
+    };
+    let kafka = match ctx.kafka() {
+        Ok(k) => Kafka { brokers: k.brokers.clone() },
+        Err(e) => {
+            out.push(outcome(store_spec, Err(Missing::Skip("no Kafka broker".into()))));
+            return Err(e);
+        }
+    };
+    let limit = Duration::from_secs(if plan.quick { 180 } else { 900 });
+    let result = match tokio::time::timeout(limit, kafka_history_inner(&kafka, plan)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("timed out after {} s", limit.as_secs())),
+    };
+    match result {
+        Ok((view, store)) => {
+            out.push(outcome(store_spec, Ok(store)));
+            Ok(view)
+        }
+        Err(e) => {
+            out.push(outcome(store_spec, Err(Missing::Failed(anyhow::anyhow!("{e:#}")))));
+            Err(Missing::Failed(e))
+        }
+    }
+}
+
+async fn kafka_history_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measured, Measured)> {
+    const EVENTS: usize = 1_000;
+    let others = if plan.quick { 10_000 } else { 50_000 };
+    let between = others / EVENTS;
+    let url = format!("kafka://{}?prefix={}", kafka.brokers, Kafka::prefix("hist"));
+    let config = KafkaConfig::from_url(&url)?;
+    let topic = config.events_topic(Project::NAME);
+    let target = "history-target";
+
+    // Seed: `between` other aggregates' records, then one of the target's, 1,000 times.
+    let started = Instant::now();
+    let mut offsets = Vec::with_capacity(EVENTS);
+    let mut partition = 0;
+    {
+        let store: Arc<dyn EventStore<Project>> = Arc::new(KafkaStore::<Project>::connect(config.clone()).await?);
+        for step in 0..EVENTS {
+            let items: Vec<usize> = (step * between..(step + 1) * between).collect();
+            load::in_parallel(items, CLIENTS, |i| {
+                let store = Arc::clone(&store);
+                async move {
+                    store
+                        .append(&format!("o{i}"), ExpectedVersion::NoStream, vec![created(i)], Metadata::default())
+                        .await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            let event = if step == 0 { created(0) } else { ProjectEvent::Renamed { name: format!("name {step}") } };
+            let done =
+                store.append(target, ExpectedVersion::Exact(step as u64), vec![event], Metadata::default()).await?;
+            partition = done.position.partition;
+            offsets.push(done.position.offset);
+        }
+        store.flush().await?;
+    }
+    eprintln!("  seeded {EVENTS} target events among {others} others in {:.1} s", started.elapsed().as_secs_f64());
+    let (first, last) = (offsets[0], offsets[EVENTS - 1]);
+
+    // The service as a user runs it on Kafka: its history view caught up.
+    let dir = tempfile::tempdir()?;
+    let view = format!("sqlite://{}/views.db", dir.path().display());
+    let service = Service::open(&Settings { store: url.clone(), view, http: HttpConfig::default() }).await?;
+    let server = load::serve(service.router()?).await?;
+    let caught = Instant::now();
+    service.start_projections().await?;
+    let head = kes_core::Position::new(partition, last);
+    anyhow::ensure!(
+        kes_core::CatchUp::wait_for(&*service.projects.runner, head, Duration::from_secs(300)).await,
+        "the history view did not catch up within 300 s"
+    );
+    eprintln!("  history view caught up in {:.1} s", caught.elapsed().as_secs_f64());
+    let client = load::client(1)?;
+    let history_url = format!("{}/projects/{target}/events?page[size]={EVENTS}", server.base);
+
+    let raw = || kafka.read_range(&topic, partition, first, last + 1, target.as_bytes());
+    let (view_ms, view_raw_ms) = interleave!(
+        plan.rebuild_rounds,
+        {
+            let started = Instant::now();
+            let r = client.get(&history_url).send().await?;
+            anyhow::ensure!(r.status() == reqwest::StatusCode::OK, "history answered {}", r.status());
+            let body: serde_json::Value = r.json().await?;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let items = body["items"].as_array().map_or(0, Vec::len);
+            anyhow::ensure!(items == EVENTS, "the history view answered {items} of {EVENTS} events");
+            eprintln!("  KES history view over HTTP: {ms:.1} ms");
+            ms
+        },
+        {
+            let started = Instant::now();
+            let read = raw().await?;
+            anyhow::ensure!(read == EVENTS as u64, "the raw consumer found {read} of {EVENTS} records");
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            eprintln!("  raw read of the range: {ms:.1} ms");
+            ms
+        }
+    );
+    service.shutdown().await;
+    drop(server);
+
+    let (store_ms, store_raw_ms) = interleave!(
+        plan.rebuild_rounds,
+        {
+            let store = KafkaStore::<Project>::connect(config.clone()).await?;
+            let started = Instant::now();
+            let history = store.read(target).await?;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            anyhow::ensure!(history.len() == EVENTS, "KafkaStore::read gave {} of {EVENTS} events", history.len());
+            anyhow::ensure!(
+                history.iter().enumerate().all(|(i, e)| e.version == i as u64 + 1),
+                "KafkaStore::read gave versions out of order"
+            );
+            eprintln!("  KES KafkaStore::read, cold: {ms:.1} ms");
+            ms
+        },
+        {
+            let started = Instant::now();
+            let read = raw().await?;
+            anyhow::ensure!(read == EVENTS as u64, "the raw consumer found {read} of {EVENTS} records");
+            started.elapsed().as_secs_f64() * 1000.0
+        }
+    );
+    let span = last - first + 1;
+    let baseline_note = format!(
+        "baseline: a plain rdkafka BaseConsumer (fetch.wait.max.ms={}) assigned at the target's first offset, reading \
+         its partition to the last one ({span} records) and keeping the target's {EVENTS} records",
+        crate::backends::RAW_FETCH_WAIT_MS
+    );
+    let view = Measured {
+        kes: view_ms,
+        baseline: view_raw_ms,
+        note: format!(
+            "GET /projects/{{id}}/events?page[size]={EVENTS} on the projects service (Kafka store, SQLite views: the \
+             history view), {EVENTS} events among {others} other records; {baseline_note}"
+        ),
+    };
+    let store = Measured {
+        kes: store_ms,
+        baseline: store_raw_ms,
+        note: format!(
+            "KafkaStore::read of the same aggregate on a freshly connected store (no read cache); {baseline_note}"
+        ),
+    };
+    Ok((view, store))
 }
