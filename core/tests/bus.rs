@@ -2,6 +2,7 @@
 //! and idempotent retries.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +11,7 @@ use kes_core::{
     Appended, Checkpoint, CommandBus, CommandError, Envelope, EventStore, EventStream, ExpectedVersion, InMemoryStore,
     Metadata, Snapshot, StoreError,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 mockall::mock! {
     Store {}
@@ -64,23 +65,77 @@ async fn a_conflict_from_another_writer_is_a_typed_conflict() {
     assert!(matches!(err, CommandError::Conflict { actual: 2, expected: ExpectedVersion::Exact(1), .. }));
 }
 
+/// A real store behind a front whose next `failures` appends fail before
+/// reaching it; every other call, and every later append, goes through.
+#[derive(Clone)]
+struct FailingFront {
+    inner: InMemoryStore<Ledger>,
+    failures: Arc<AtomicUsize>,
+    appends: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl EventStore<Ledger> for FailingFront {
+    async fn append(
+        &self,
+        id: &str,
+        expected: ExpectedVersion,
+        events: Vec<LedgerEvent>,
+        metadata: Metadata,
+    ) -> Result<Appended, StoreError> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        let fail = self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if fail {
+            return Err(StoreError::Unavailable("timeout".into()));
+        }
+        self.inner.append(id, expected, events, metadata).await
+    }
+    async fn recall(&self, id: &str, key: &str) -> Result<Option<Appended>, StoreError> {
+        self.inner.recall(id, key).await
+    }
+    async fn load(&self, id: &str) -> Result<Option<Snapshot<Ledger>>, StoreError> {
+        self.inner.load(id).await
+    }
+    async fn read(&self, id: &str) -> Result<Vec<Envelope<LedgerEvent>>, StoreError> {
+        self.inner.read(id).await
+    }
+    async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<LedgerEvent>, StoreError> {
+        self.inner.subscribe(from).await
+    }
+    async fn head(&self) -> Result<Checkpoint, StoreError> {
+        self.inner.head().await
+    }
+}
+
 #[tokio::test]
 async fn a_failing_store_leaves_the_state_unchanged() {
-    // A real store behind a failing front: the append never reaches it.
     let real = InMemoryStore::<Ledger>::new();
     real.append("l-1", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.unwrap();
-    let mut store = MockStore::new();
-    let loader = real.clone();
-    store.expect_load().returning(move |id| {
-        let loader = loader.clone();
-        let id = id.to_owned();
-        futures::executor::block_on(async move { loader.load(&id).await })
-    });
-    store.expect_append().returning(|_, _, _, _| Err(StoreError::Unavailable("timeout".into())));
-    let bus = CommandBus::new(store);
-    assert!(bus.execute("l-1", LedgerCommand::Add(9), ExpectedVersion::Any, Metadata::default()).await.is_err());
+    let front = FailingFront {
+        inner: real.clone(),
+        failures: Arc::new(AtomicUsize::new(1)),
+        appends: Arc::new(AtomicUsize::new(0)),
+    };
+    let bus = CommandBus::new(front.clone());
+    let keyed = Metadata { idempotency_key: Some("k-9".into()), ..Metadata::default() };
+    match bus.execute("l-1", LedgerCommand::Add(9), ExpectedVersion::Exact(1), keyed.clone()).await {
+        Err(CommandError::Store(e)) => assert!(e.is_transient(), "{e:?}"),
+        other => panic!("expected the store's failure, got {other:?}"),
+    }
+    // The front passes every later append through: a retry behind the
+    // caller's back would have reached the real store.
+    assert_eq!(front.appends.load(Ordering::SeqCst), 1, "the bus appended again after the failure");
     let after = real.load("l-1").await.unwrap().unwrap();
     assert_eq!((after.version, after.state.total), (1, 0));
+    assert_eq!(real.read("l-1").await.unwrap().len(), 1);
+    // The bus kept nothing of the failed command either: the caller's retry
+    // with the same key runs on the unchanged state and really appends.
+    let retried = bus.execute("l-1", LedgerCommand::Add(9), ExpectedVersion::Exact(1), keyed).await.unwrap();
+    assert!(!retried.deduplicated, "the failed command's key was remembered as done");
+    assert_eq!((retried.version, retried.state.total, retried.events), (2, 9, 1));
+    let after = real.load("l-1").await.unwrap().unwrap();
+    assert_eq!((after.version, after.state.total), (2, 9));
+    assert_eq!(front.appends.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -140,12 +195,29 @@ async fn the_same_idempotency_key_runs_once_even_after_a_restart() {
     assert_eq!(store.read("l-1").await.unwrap().len(), 2);
 }
 
-/// A store that holds appends to one id until released.
+/// A store that holds appends to one id until released, and counts what
+/// reaches it for that id.
 #[derive(Clone)]
 struct HeldStore {
     inner: InMemoryStore<Ledger>,
     held_id: &'static str,
     release: Arc<Notify>,
+    /// Appends to the held id that have arrived (and wait for a release).
+    arrived: Arc<watch::Sender<usize>>,
+    /// Loads of the held id.
+    loads: Arc<AtomicUsize>,
+}
+
+impl HeldStore {
+    fn new(held_id: &'static str) -> Self {
+        Self {
+            inner: InMemoryStore::new(),
+            held_id,
+            release: Arc::new(Notify::new()),
+            arrived: Arc::new(watch::channel(0).0),
+            loads: Arc::new(AtomicUsize::new(0)),
+        }
+    }
 }
 
 #[async_trait]
@@ -158,6 +230,7 @@ impl EventStore<Ledger> for HeldStore {
         metadata: Metadata,
     ) -> Result<Appended, StoreError> {
         if id == self.held_id {
+            self.arrived.send_modify(|n| *n += 1);
             self.release.notified().await;
         }
         self.inner.append(id, expected, events, metadata).await
@@ -166,6 +239,9 @@ impl EventStore<Ledger> for HeldStore {
         self.inner.recall(id, key).await
     }
     async fn load(&self, id: &str) -> Result<Option<Snapshot<Ledger>>, StoreError> {
+        if id == self.held_id {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.load(id).await
     }
     async fn read(&self, id: &str) -> Result<Vec<Envelope<LedgerEvent>>, StoreError> {
@@ -179,10 +255,18 @@ impl EventStore<Ledger> for HeldStore {
     }
 }
 
-#[tokio::test]
+/// Returns once every other task of this test's runtime is blocked. The
+/// test runs with the clock paused, and a paused clock moves on to the next
+/// timer only when no task can make progress, however slow the machine.
+async fn until_idle() {
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn commands_on_different_aggregates_do_not_wait_for_each_other() {
-    let release = Arc::new(Notify::new());
-    let store = HeldStore { inner: InMemoryStore::new(), held_id: "slow", release: Arc::clone(&release) };
+    let store = HeldStore::new("slow");
+    let (release, loads) = (Arc::clone(&store.release), Arc::clone(&store.loads));
+    let mut arrived = store.arrived.subscribe();
     let bus = Arc::new(CommandBus::new(store));
     let slow = {
         let bus = Arc::clone(&bus);
@@ -190,7 +274,8 @@ async fn commands_on_different_aggregates_do_not_wait_for_each_other() {
             bus.execute("slow", LedgerCommand::Open, ExpectedVersion::Any, Metadata::default()).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // From here on the slow command holds its turn, its append in the store.
+    arrived.wait_for(|n| *n == 1).await.expect("the slow command reaches the store");
     let fast = tokio::time::timeout(
         Duration::from_secs(5),
         bus.execute("fast", LedgerCommand::Open, ExpectedVersion::Any, Metadata::default()),
@@ -198,17 +283,22 @@ async fn commands_on_different_aggregates_do_not_wait_for_each_other() {
     .await
     .expect("a command on another aggregate waited for the held one");
     assert_eq!(fast.unwrap().version, 1);
-    // The same aggregate does wait: a second command on "slow" queues.
+    // The same aggregate does wait: a second command on "slow" queues for
+    // its turn before it even loads the state.
     let queued = {
         let bus = Arc::clone(&bus);
         tokio::spawn(async move {
             bus.execute("slow", LedgerCommand::Add(1), ExpectedVersion::Any, Metadata::default()).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    until_idle().await;
     assert!(!queued.is_finished());
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "the second command on slow ran beside the first");
+    assert_eq!(*arrived.borrow(), 1);
     release.notify_one();
     assert_eq!(slow.await.unwrap().unwrap().version, 1);
+    arrived.wait_for(|n| *n == 2).await.expect("the queued command reaches the store");
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
     release.notify_one();
     assert_eq!(queued.await.unwrap().unwrap().version, 2);
     assert_eq!(bus.store().inner.head().await.unwrap().next_offset(0), 3);

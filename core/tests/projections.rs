@@ -2,7 +2,7 @@
 //! checkpoints, resume, rebuild, lag and read-your-writes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{
@@ -139,10 +139,29 @@ async fn unreadable_view_state_is_reported_and_retried_not_panicked() {
     s.view.write(ViewCopy::Live, &[bad], &kes_core::Checkpoint::start()).await.unwrap();
     s.runner.start().await.unwrap();
     let p = add(&s.store, "a", &[1]).await;
-    assert!(!s.runner.wait_for(p, Duration::from_millis(200)).await, "a corrupt state was silently overwritten");
-    let status = s.runner.status().await.unwrap();
+    // The runner reports the failure once it has met the state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = s.runner.status().await.unwrap();
+        if status[0].last_error.is_some() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no failure was reported: {status:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert!(status[0].last_error.as_deref().is_some_and(|e| e.contains("cannot be read")), "{status:?}");
     assert_eq!(status[0].lag, 2);
+    assert!(!status[0].checkpoint.covers(p), "the checkpoint moved past the unreadable state");
+    let states = s.view.states(ViewCopy::Live, &["a".to_owned()]).await.unwrap();
+    assert_eq!(states["a"].state, serde_json::json!("not a ledger"), "a corrupt state was silently overwritten");
+    // Retried, not given up: once the state reads again, the runner goes on.
+    let repaired =
+        RowChange { id: "a".into(), version: 0, state: serde_json::to_value(Ledger::default()).unwrap(), row: None };
+    s.view.write(ViewCopy::Live, &[repaired], &kes_core::Checkpoint::start()).await.unwrap();
+    assert!(s.runner.wait_for(p, Duration::from_secs(30)).await, "the runner stopped retrying");
+    let status = s.runner.status().await.unwrap();
+    assert_eq!((status[0].lag, status[0].last_error.as_deref()), (0, None));
+    assert_eq!(totals(&s.view).await[0].1.get("total"), Some(&FieldValue::Integer(1)));
     s.runner.shutdown().await;
 }
 

@@ -128,12 +128,15 @@ pub async fn multi_event_append_is_atomic<S: EventStore<Ledger>>(store: S) {
     let three = vec![LedgerEvent::Opened, LedgerEvent::Added { amount: 1 }, LedgerEvent::Added { amount: 2 }];
     store.append("l-1", ExpectedVersion::NoStream, three, meta()).await.expect("append three");
     let half_bad = vec![LedgerEvent::Added { amount: 10 }, LedgerEvent::Unencodable];
-    assert!(
-        store.append("l-1", ExpectedVersion::Exact(3), half_bad, meta()).await.is_err(),
-        "an unencodable event fails"
-    );
+    match store.append("l-1", ExpectedVersion::Exact(3), half_bad, meta()).await {
+        Err(StoreError::Invalid(_)) => {}
+        other => panic!("an unencodable event must fail the append as invalid, got {other:?}"),
+    }
     let stale = vec![LedgerEvent::Added { amount: 10 }, LedgerEvent::Added { amount: 20 }];
-    assert!(store.append("l-1", ExpectedVersion::Exact(2), stale, meta()).await.is_err());
+    match store.append("l-1", ExpectedVersion::Exact(2), stale, meta()).await {
+        Err(StoreError::Conflict { expected: ExpectedVersion::Exact(2), actual: 3, .. }) => {}
+        other => panic!("a stale multi-event append must conflict at version 3, got {other:?}"),
+    }
     let snapshot = store.load("l-1").await.expect("load").expect("exists");
     assert_eq!((snapshot.version, snapshot.state.total), (3, 3), "failed appends changed the table");
     assert_eq!(store.read("l-1").await.expect("read").len(), 3, "failed appends left events");
@@ -167,8 +170,8 @@ pub async fn racing_appends_admit_exactly_one<S: EventStore<Ledger> + Clone>(sto
                 assert_eq!(a.version, 2);
                 wins += 1;
             }
-            Err(StoreError::Conflict { .. }) => {}
-            Err(e) => panic!("a racing append failed with {e} instead of a conflict"),
+            Err(StoreError::Conflict { expected: ExpectedVersion::Exact(1), actual: 2, .. }) => {}
+            Err(e) => panic!("a racing append failed with {e} instead of a conflict at version 2"),
         }
     }
     assert_eq!(wins, 1, "exactly one racing append may win");
@@ -318,10 +321,9 @@ pub async fn idempotency_key_appends_once<S: EventStore<Ledger>>(store: S) {
 pub async fn deleted_stream_keeps_its_version<S: EventStore<Ledger>>(store: S) {
     open(&store, "l-1").await;
     store.append("l-1", ExpectedVersion::Exact(1), vec![LedgerEvent::Closed], meta()).await.expect("close");
-    if let Some(snapshot) = store.load("l-1").await.expect("load") {
-        assert_eq!(snapshot.version, 2);
-        assert!(snapshot.state.closed);
-    }
+    let snapshot = store.load("l-1").await.expect("load").expect("a deleted stream still exists");
+    assert_eq!(snapshot.version, 2, "the delete is the stream's version 2");
+    assert!(snapshot.state.closed, "the loaded state is the deleted one");
     match store.append("l-1", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], meta()).await {
         Err(StoreError::Conflict { actual: 2, .. }) => {}
         other => panic!("re-creating a deleted stream must conflict at version 2, got {other:?}"),
