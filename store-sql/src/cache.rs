@@ -9,14 +9,22 @@
 //! database, inside the transaction) and uses a cached state only when its
 //! version is exactly the stream's current one. Capacity bounds the entries;
 //! the least recently used goes first.
+//!
+//! Time comes from the cache's [`Clock`]: the monotonic clock, unless the
+//! store was built with another (tests move one by hand to decide when an
+//! entry expires).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Where the state cache reads the time.
+pub(crate) type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
 pub(crate) struct StateCache<A> {
     capacity: usize,
     ttl: Duration,
+    clock: Clock,
     slots: Mutex<Slots<A>>,
 }
 
@@ -56,9 +64,24 @@ impl<A> Slots<A> {
 
 impl<A: Clone> StateCache<A> {
     /// A cache of at most `capacity` aggregates (0: no cache) whose entries
-    /// `load` trusts for `ttl`.
+    /// `load` trusts for `ttl` on the monotonic clock.
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
-        Self { capacity, ttl, slots: Mutex::new(Slots { by_id: HashMap::new(), by_use: BTreeMap::new(), clock: 0 }) }
+        Self::with_clock(capacity, ttl, Arc::new(Instant::now))
+    }
+
+    /// [`StateCache::new`] measuring time with `clock`.
+    pub(crate) fn with_clock(capacity: usize, ttl: Duration, clock: Clock) -> Self {
+        let slots = Mutex::new(Slots { by_id: HashMap::new(), by_use: BTreeMap::new(), clock: 0 });
+        Self { capacity, ttl, clock, slots }
+    }
+
+    /// The current time on the cache's clock: what `known_at` is taken from.
+    pub(crate) fn now(&self) -> Instant {
+        (self.clock)()
+    }
+
+    fn is_fresh(&self, known_at: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(known_at) < self.ttl
     }
 
     /// Whether the cache keeps anything (capacity above 0).
@@ -75,15 +98,7 @@ impl<A: Clone> StateCache<A> {
     /// The cached version and state of `id` if it was known current less
     /// than the time-to-live ago.
     pub(crate) fn fresh(&self, id: &str) -> Option<(u64, A)> {
-        if self.capacity == 0 {
-            return None;
-        }
-        let found = {
-            let mut slots = self.slots();
-            let ttl = self.ttl;
-            slots.touch(id).filter(|s| s.known_at.elapsed() < ttl).map(|s| (s.version, Arc::clone(&s.state)))
-        };
-        found.map(|(version, cached)| (version, A::clone(&cached.state)))
+        self.fresh_shared(id).map(|(version, cached)| (version, A::clone(&cached.state)))
     }
 
     /// [`StateCache::fresh`] without copying the state: the shared entry.
@@ -92,8 +107,8 @@ impl<A: Clone> StateCache<A> {
             return None;
         }
         let mut slots = self.slots();
-        let ttl = self.ttl;
-        slots.touch(id).filter(|s| s.known_at.elapsed() < ttl).map(|s| (s.version, Arc::clone(&s.state)))
+        let now = self.now();
+        slots.touch(id).filter(|s| self.is_fresh(s.known_at, now)).map(|s| (s.version, Arc::clone(&s.state)))
     }
 
     /// The cached state of `id` if it is the one at `version`, however old
@@ -161,30 +176,66 @@ impl<A: Clone> StateCache<A> {
 mod tests {
     use super::*;
 
+    /// A clock that moves only when told.
+    struct HandClock(Arc<Mutex<Instant>>);
+
+    impl HandClock {
+        fn new() -> Self {
+            Self(Arc::new(Mutex::new(Instant::now())))
+        }
+
+        fn clock(&self) -> Clock {
+            let time = Arc::clone(&self.0);
+            Arc::new(move || *time.lock().expect("clock"))
+        }
+
+        fn advance(&self, by: Duration) {
+            *self.0.lock().expect("clock") += by;
+        }
+    }
+
     #[test]
     fn fresh_entries_are_served_and_expire() {
-        let cache = StateCache::<String>::new(10, Duration::from_millis(50));
-        let now = Instant::now();
-        cache.put("a", 2, "two".into(), now);
+        let time = HandClock::new();
+        let ttl = Duration::from_millis(50);
+        let cache = StateCache::<String>::with_clock(10, ttl, time.clock());
+        let known_at = cache.now();
+        cache.put("a", 2, "two".into(), known_at);
         assert_eq!(cache.fresh("a"), Some((2, "two".into())));
         assert_eq!(cache.fresh("b"), None);
-        cache.put("a", 1, "one".into(), now);
+        cache.put("a", 1, "one".into(), known_at);
         assert_eq!(cache.fresh("a"), Some((2, "two".into())), "an older version never replaces a newer one");
-        std::thread::sleep(Duration::from_millis(60));
+        time.advance(ttl - Duration::from_nanos(1));
+        assert_eq!(cache.fresh("a"), Some((2, "two".into())), "fresh until the time-to-live has passed");
+        assert!(cache.fresh_shared("a").is_some());
+        time.advance(Duration::from_nanos(1));
         assert_eq!(cache.fresh("a"), None, "expired");
+        assert!(cache.fresh_shared("a").is_none());
         assert_eq!(cache.at("a", 2), Some("two".into()), "an expired entry still names version 2");
         assert_eq!(cache.at("a", 3), None);
-        cache.put("a", 2, "two".into(), Instant::now());
+        cache.put("a", 2, "two".into(), cache.now());
         assert_eq!(cache.fresh("a"), Some((2, "two".into())), "seen current again");
+        cache.put("a", 2, "two".into(), known_at);
+        assert_eq!(cache.fresh("a"), Some((2, "two".into())), "an older sighting does not age the entry");
         cache.evict("a");
         assert_eq!(cache.at("a", 2), None);
         assert_eq!(cache.len(), 0);
     }
 
     #[test]
+    fn the_monotonic_clock_is_the_default() {
+        let before = Instant::now();
+        let cache = StateCache::<u32>::new(10, Duration::from_secs(3600));
+        assert!(cache.now() >= before);
+        cache.put("a", 1, 1, cache.now());
+        assert!(cache.fresh("a").is_some());
+    }
+
+    #[test]
     fn the_least_recently_used_goes_first() {
-        let cache = StateCache::<u32>::new(2, Duration::from_secs(60));
-        let now = Instant::now();
+        let time = HandClock::new();
+        let cache = StateCache::<u32>::with_clock(2, Duration::from_secs(60), time.clock());
+        let now = cache.now();
         cache.put("a", 1, 1, now);
         cache.put("b", 1, 2, now);
         assert!(cache.fresh("a").is_some());
@@ -198,7 +249,7 @@ mod tests {
     #[test]
     fn capacity_zero_caches_nothing() {
         let cache = StateCache::<u32>::new(0, Duration::from_secs(60));
-        cache.put("a", 1, 1, Instant::now());
+        cache.put("a", 1, 1, cache.now());
         assert!(cache.fresh("a").is_none());
         assert!(cache.at("a", 1).is_none());
     }

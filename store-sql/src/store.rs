@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::batch::{Decider, EncodedRow, PrepareRow, Request};
-use crate::cache::StateCache;
+use crate::cache::{Clock, StateCache};
 use crate::error::{SqlStoreError, db, is_unique_violation, redact};
 use crate::sql::{self, StoredEvent};
 
@@ -208,6 +208,7 @@ pub struct SqlStoreBuilder<A: Aggregate> {
     page_size: u32,
     cache_capacity: usize,
     cache_ttl: Duration,
+    cache_clock: Option<Clock>,
 }
 
 impl<A: Aggregate> fmt::Debug for SqlStoreBuilder<A> {
@@ -239,6 +240,7 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
             page_size: 500,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             cache_ttl: DEFAULT_CACHE_TTL,
+            cache_clock: None,
         }
     }
 
@@ -322,6 +324,15 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
         self
     }
 
+    /// The clock the state cache measures its time-to-live with. Default:
+    /// the monotonic clock ([`Instant::now`]). Tests pass a clock they move
+    /// by hand, so that entries expire when the test says and not when the
+    /// machine gets round to it.
+    pub fn state_cache_clock(mut self, now: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        self.cache_clock = Some(Arc::new(now));
+        self
+    }
+
     /// Connects, applies the embedded migrations and returns the store.
     pub async fn open(self) -> Result<SqlStore<A>, SqlStoreError> {
         let (pools, dialect) = if self.url.starts_with("sqlite:") {
@@ -342,7 +353,10 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
                 poll_interval: self.poll_interval,
                 page_size: i64::from(self.page_size),
                 appended: watch::channel(0).0,
-                cache: StateCache::new(self.cache_capacity, self.cache_ttl),
+                cache: match self.cache_clock {
+                    Some(clock) => StateCache::with_clock(self.cache_capacity, self.cache_ttl, clock),
+                    None => StateCache::new(self.cache_capacity, self.cache_ttl),
+                },
                 queue: Mutex::new(Queue { pending: VecDeque::new(), writing: false }),
             }),
         })
@@ -800,7 +814,7 @@ impl<A: Aggregate> SqlStore<A> {
                 // Conflicts and retries only: nothing to write.
                 let _ = tx.rollback().await;
                 let (outcomes, settled) = decider.finish();
-                Ok((outcomes, settled, Instant::now()))
+                Ok((outcomes, settled, cache.now()))
             } else {
                 let events = decider.event_rows();
                 let states = decider.state_rows();
@@ -834,7 +848,7 @@ impl<A: Aggregate> SqlStore<A> {
                 drop(states);
                 // The states are current until the lock is released, which
                 // the commit does: an entry may be trusted from here on.
-                let known_at = Instant::now();
+                let known_at = cache.now();
                 tx.commit().await.map_err(|e| Failure::Commit(db(e)))?;
                 let (outcomes, settled) = decider.finish();
                 Ok((outcomes, settled, known_at))
@@ -1003,7 +1017,7 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
             return Ok(Some(Snapshot { state, version }));
         }
         // What is read below was current at least from here on.
-        let known_at = Instant::now();
+        let known_at = cache.now();
         let row: Option<(i64, String)> = on_reader!(&self.inner.pools, |pool| {
             sqlx::query_as(sql::LOAD_STATE).bind(A::NAME).bind(id).fetch_optional(pool).await.map_err(db)?
         });

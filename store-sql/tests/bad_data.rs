@@ -16,6 +16,8 @@ use kes_core::{Checkpoint, EventStore, ExpectedVersion, Metadata, StoreError};
 use kes_store_sql::{SqlStore, SqlStoreBuilder};
 use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
 
+use common::HandClock;
+
 /// A connection beside the store's, to damage its tables.
 enum Direct {
     Sqlite(SqliteConnection),
@@ -219,14 +221,19 @@ async fn postgres_table_is_rebuilt_from_the_log() {
 
 /// With the state cache on, `load` answers from memory for the time-to-live
 /// after the store last saw the state, even though the rows were damaged
-/// meanwhile; after it, the table (and here the damaged log) decides.
-async fn cache_hides_damage_for_its_ttl_only<S: EventStore<Ledger>>(store: S, direct: &mut Direct) {
+/// meanwhile; after it, the table (and here the damaged log) decides. The
+/// cache's clock moves only when `clock` is advanced.
+async fn cache_hides_damage_for_its_ttl_only<S: EventStore<Ledger>>(store: S, direct: &mut Direct, clock: &HandClock) {
     three_commands(&store).await;
     direct.exec(WRONG_SHAPE).await;
     direct.exec("DELETE FROM kes_aggregates WHERE aggregate_id = 'l-1'").await;
     let cached = store.load("l-1").await.expect("served from the cache").expect("exists");
     assert_eq!((cached.version, cached.state.total), (3, 11));
-    tokio::time::sleep(CACHE_TTL + Duration::from_millis(100)).await;
+    clock.advance(CACHE_TTL - Duration::from_nanos(1));
+    let cached = store.load("l-1").await.expect("still served from the cache").expect("exists");
+    assert_eq!((cached.version, cached.state.total), (3, 11), "within the time-to-live the cache answers");
+    assert!(direct.state_of("l-1").await.is_none(), "the cache answered: the row was not rebuilt");
+    clock.advance(Duration::from_nanos(1));
     assert_corrupt_at(store.load("l-1").await, 2);
 }
 
@@ -234,19 +241,27 @@ const CACHE_TTL: Duration = Duration::from_millis(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_cache_hides_damage_for_its_ttl_only() {
-    let (store, mut direct) = sqlite_with(|b| b.state_cache(100).state_cache_ttl(Duration::from_secs(60))).await;
+    let clock = HandClock::new();
+    let configure = |b: SqlStoreBuilder<Ledger>| {
+        b.state_cache(100).state_cache_ttl(Duration::from_secs(60)).state_cache_clock(clock.reader())
+    };
+    let (store, mut direct) = sqlite_with(configure).await;
     // A long time-to-live: the damage stays hidden.
     three_commands(&store).await;
     direct.exec("DELETE FROM kes_aggregates WHERE aggregate_id = 'l-1'").await;
+    clock.advance(Duration::from_secs(59));
     assert_eq!(store.load("l-1").await.expect("load").expect("cached").version, 3);
     assert!(direct.state_of("l-1").await.is_none(), "the cache answered: the row was not rebuilt");
 
-    let (store, mut direct) = sqlite_with(|b| b.state_cache_ttl(CACHE_TTL)).await;
-    cache_hides_damage_for_its_ttl_only(store, &mut direct).await;
+    let clock = HandClock::new();
+    let (store, mut direct) = sqlite_with(|b| b.state_cache_ttl(CACHE_TTL).state_cache_clock(clock.reader())).await;
+    cache_hides_damage_for_its_ttl_only(store, &mut direct, &clock).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_cache_hides_damage_for_its_ttl_only() {
-    let Some((store, mut direct)) = postgres_with(|b| b.state_cache_ttl(CACHE_TTL)).await else { return };
-    cache_hides_damage_for_its_ttl_only(store, &mut direct).await;
+    let clock = HandClock::new();
+    let configure = |b: SqlStoreBuilder<Ledger>| b.state_cache_ttl(CACHE_TTL).state_cache_clock(clock.reader());
+    let Some((store, mut direct)) = postgres_with(configure).await else { return };
+    cache_hides_damage_for_its_ttl_only(store, &mut direct, &clock).await;
 }

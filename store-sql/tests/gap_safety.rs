@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{Checkpoint, Envelope, EventStore, ExpectedVersion, Metadata};
-use sqlx::Executor;
+use sqlx::{Executor, PgConnection};
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -68,20 +68,67 @@ fn meta() -> Metadata {
     Metadata::default()
 }
 
-/// One append is stalled after it has inserted its event (its table-row
-/// update waits on a row lock held by another session) while eight more
-/// appends are started. The stalled event must take the earlier position
-/// and every event must reach the subscriber, in position order, none
-/// skipped.
+/// Polls `probe` (every 20 ms, on `conn`) until it gives `Some`, failing
+/// with `what` after [`WAIT`].
+async fn poll_until<T>(
+    conn: &mut PgConnection,
+    what: &str,
+    mut probe: impl AsyncFnMut(&mut PgConnection) -> Option<T>,
+) -> T {
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Some(found) = probe(conn).await {
+            return found;
+        }
+        assert!(started.elapsed() < WAIT, "{what} within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sessions that `pid` holds up (PostgreSQL's own lock bookkeeping).
+async fn blocked_by(conn: &mut PgConnection, pid: i32) -> Vec<i32> {
+    sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+        .bind(pid)
+        .fetch_all(conn)
+        .await
+        .expect("pg_blocking_pids")
+}
+
+/// How many events of aggregates named `fast-…` are committed.
+async fn fast_events_committed(conn: &mut PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM kes_events WHERE aggregate_id LIKE 'fast-%'")
+        .fetch_one(conn)
+        .await
+        .expect("count the committed events")
+}
+
+/// Appends from other stores on the same database (other processes).
+const OTHER_STORES: usize = 4;
+/// Appends through the store holding the stalled one.
+const SAME_STORE: usize = 4;
+
+/// One append is stalled after it has inserted its event: its table-row
+/// update waits on a row lock held by a session of the test, its position
+/// drawn, its transaction open. Appends of other stores (other processes)
+/// are then seen waiting in the database for the log while the stalled one
+/// holds it, and more queue in the stalled store, and nothing past the
+/// stalled position is committed or delivered. Once the row is released,
+/// the stalled event keeps the earlier position and every event reaches
+/// the subscriber, in position order, none skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_append_held_open_is_not_skipped() {
     let schema = common::fresh_schema();
     let Some(store) = common::postgres_in::<Ledger>(&schema).await else { return };
+    let mut others = Vec::new();
+    for _ in 0..OTHER_STORES {
+        others.push(common::postgres_in::<Ledger>(&schema).await.expect("another store on the same schema"));
+    }
     let (mut seen, _follower) = follow(&store);
     store.append("slow", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], meta()).await.expect("open slow");
     assert_eq!(receive(&mut seen, 1).await[0].position.offset, 0);
 
     let mut blocker = common::postgres_connection(&schema).await;
+    let blocker_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut blocker).await.expect("pid");
     blocker.execute("BEGIN").await.expect("begin");
     sqlx::query("SELECT version FROM kes_aggregates WHERE aggregate_id = 'slow' FOR UPDATE")
         .fetch_one(&mut blocker)
@@ -94,39 +141,41 @@ async fn postgres_append_held_open_is_not_skipped() {
             store.append("slow", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 1 }], meta()).await
         })
     };
-    // Wait until the slow append has inserted its event and is stuck on the
-    // table row: its position is drawn, its transaction open.
+    // The slow append has inserted its event and waits for the table row:
+    // its position is drawn, its transaction (and the log) held.
     let mut watcher = common::postgres_connection(&schema).await;
-    let started = tokio::time::Instant::now();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND query LIKE '%INSERT INTO kes_aggregates%'",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .expect("pg_stat_activity");
-        if waiting > 0 {
-            break;
-        }
-        assert!(started.elapsed() < WAIT, "the slow append never reached its table-row update");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slow_pid = poll_until(&mut watcher, "the slow append reached its table-row update", async |c| {
+        blocked_by(c, blocker_pid).await.first().copied()
+    })
+    .await;
 
-    let fast: Vec<_> = (0..8)
-        .map(|i| {
-            let store = store.clone();
+    let fast: Vec<_> = others
+        .iter()
+        .cloned()
+        .chain(std::iter::repeat_n(store.clone(), SAME_STORE))
+        .enumerate()
+        .map(|(i, store)| {
             tokio::spawn(async move {
                 store.append(&format!("fast-{i}"), ExpectedVersion::NoStream, vec![LedgerEvent::Opened], meta()).await
             })
         })
         .collect();
-    // Give the fast writers and the subscriber (polling every 50 ms) ample
-    // time to overtake the stalled append if they could.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every other store's append has gone as far as it can: into the
+    // database, waiting for the log the slow one holds (or committed, which
+    // the store must not let happen).
+    let committed = poll_until(&mut watcher, "the other stores' appends reached the database", async |c| {
+        let waiting = blocked_by(c, slow_pid).await.len();
+        let committed = fast_events_committed(c).await;
+        (waiting + usize::try_from(committed).unwrap_or(0) >= OTHER_STORES).then_some(committed)
+    })
+    .await;
+    assert_eq!(committed, 0, "an append committed past the open transaction");
+    let visible: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kes_events").fetch_one(&mut watcher).await.expect("count");
+    assert_eq!(visible, 1, "the log shows an event past the open transaction");
     assert!(
-        tokio::time::timeout(Duration::from_millis(100), seen.recv()).await.is_err(),
-        "an event became visible past the open transaction"
+        matches!(seen.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+        "an event was delivered past the open transaction"
     );
 
     blocker.execute("ROLLBACK").await.expect("release the row");
@@ -137,11 +186,12 @@ async fn postgres_append_held_open_is_not_skipped() {
         positions.push(f.await.expect("task").expect("fast append").position.offset);
     }
     positions.sort_unstable();
-    assert_eq!(positions, (1..=9).collect::<Vec<u64>>());
+    let last = (OTHER_STORES + SAME_STORE + 1) as u64;
+    assert_eq!(positions, (1..=last).collect::<Vec<u64>>());
 
-    let events = receive(&mut seen, 9).await;
+    let events = receive(&mut seen, positions.len()).await;
     assert_eq!(events[0].aggregate_id, "slow");
-    assert_eq!(events.iter().map(|e| e.position.offset).collect::<Vec<_>>(), (1..=9).collect::<Vec<u64>>());
+    assert_eq!(events.iter().map(|e| e.position.offset).collect::<Vec<_>>(), (1..=last).collect::<Vec<u64>>());
 }
 
 /// 16 writers append 1–3 events per command to 8 aggregates while a

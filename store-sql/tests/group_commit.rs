@@ -4,11 +4,10 @@
 //! process, as far as this one can tell) is seen within the cache's
 //! time-to-live.
 //!
-//! To make a batch on purpose, a test holds the log's write lock from a
-//! connection of its own (the advisory lock on PostgreSQL, `BEGIN
-//! IMMEDIATE` on SQLite): the store's writer waits on it with one append in
-//! hand while the next appends queue behind it, and once the lock is
-//! released they are written together.
+//! To make a batch on purpose, a test queues its appends from one task of a
+//! single-threaded runtime in one go (see [`in_one_batch`]): the store's
+//! writer cannot run before they are all queued, and takes them together.
+//! The cache tests move the cache's clock by hand.
 
 mod common;
 
@@ -20,7 +19,8 @@ use futures::future::join_all;
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{Appended, Checkpoint, EventStore, ExpectedVersion, Metadata, StoreError};
 use kes_store_sql::{SqlStore, SqlStoreBuilder};
-use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
+
+use common::HandClock;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -45,27 +45,6 @@ struct Db {
 enum Place {
     Sqlite { url: String, _dir: tempfile::TempDir },
     Postgres { schema: String },
-}
-
-/// The log's write lock, held by a connection of the test.
-enum LogLock {
-    Sqlite(SqliteConnection),
-    Postgres(PgConnection),
-}
-
-const PG_LOG_LOCK: &str = "hashtextextended('kes_events/' || current_schema() || '/ledger', 0)";
-
-impl LogLock {
-    async fn release(self) {
-        match self {
-            Self::Sqlite(mut c) => {
-                c.execute("ROLLBACK").await.expect("release the write lock");
-            }
-            Self::Postgres(mut c) => {
-                c.execute(format!("SELECT pg_advisory_unlock({PG_LOG_LOCK})").as_str()).await.expect("unlock");
-            }
-        }
-    }
 }
 
 impl Db {
@@ -100,21 +79,6 @@ impl Db {
             Place::Postgres { schema } => SqlStore::builder(&common::database_url()).schema(schema),
         };
         configure(builder).open().await.expect("open the second store")
-    }
-
-    async fn lock_log(&self) -> LogLock {
-        match &self.place {
-            Place::Sqlite { url, .. } => {
-                let mut c = SqliteConnection::connect(url).await.expect("connect");
-                c.execute("BEGIN IMMEDIATE").await.expect("take the write lock");
-                LogLock::Sqlite(c)
-            }
-            Place::Postgres { schema } => {
-                let mut c = common::postgres_connection(schema).await;
-                c.execute(format!("SELECT pg_advisory_lock({PG_LOG_LOCK})").as_str()).await.expect("lock");
-                LogLock::Postgres(c)
-            }
-        }
     }
 
     /// PostgreSQL only: the transaction that wrote each event, by aggregate
@@ -232,33 +196,32 @@ async fn postgres_many_concurrent_appends() {
     many_concurrent_appends(db).await;
 }
 
-/// Holds the log, starts `first` (which the writer takes and waits with),
-/// queues `rest` in order behind it, releases the log, and returns the
-/// answers: `first`'s, then those of `rest` in order.
+/// Appends `first` on its own, then queues `rest` in order so that the
+/// store's writer takes them as one batch, and returns the answers:
+/// `first`'s, then those of `rest` in order.
+///
+/// Callers run on a single-threaded runtime. There `first`'s writer has
+/// answered and stopped before this task goes on, and the writer that the
+/// first of `rest` starts cannot run before this task waits; polling the
+/// appends once queues all of them (an append is queued before it first
+/// waits), so that writer finds every one of them queued.
 async fn in_one_batch<'a>(
     db: &'a Db,
     first: (&'a str, ExpectedVersion, Vec<LedgerEvent>, Metadata),
     rest: Vec<(&'a str, ExpectedVersion, Vec<LedgerEvent>, Metadata)>,
 ) -> (Result<Appended, StoreError>, Vec<Result<Appended, StoreError>>) {
-    let lock = db.lock_log().await;
-    let held = {
-        let store = db.store.clone();
-        let (id, expected, events, metadata) = (first.0.to_owned(), first.1, first.2, first.3);
-        tokio::spawn(async move { store.append(&id, expected, events, metadata).await })
-    };
-    // The writer has taken the first append and waits for the log.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Polled in order, the appends queue in order.
-    let queued = join_all(rest.into_iter().map(|(id, expected, events, metadata)| {
+    assert_eq!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::CurrentThread,
+        "in_one_batch needs a single-threaded runtime"
+    );
+    let (id, expected, events, metadata) = first;
+    let first = db.store.append(id, expected, events, metadata).await;
+    let rest = join_all(rest.into_iter().map(|(id, expected, events, metadata)| {
         let store = &db.store;
         async move { store.append(id, expected, events, metadata).await }
     }));
-    let release = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        lock.release().await;
-    };
-    let (answers, ()) = tokio::join!(queued, release);
-    (held.await.expect("task"), answers)
+    (first, rest.await)
 }
 
 /// Asserts that the events at `keys` were written by one transaction
@@ -311,12 +274,14 @@ async fn conflicts_in_a_batch_fail_alone(db: Db) {
     assert_eq!((y.version, y.state.total), (2, 7), "the table row holds the last state of the batch");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Single-threaded: see `in_one_batch`.
+#[tokio::test]
 async fn sqlite_conflicts_in_a_batch_fail_alone() {
     conflicts_in_a_batch_fail_alone(Db::sqlite().await).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Single-threaded: see `in_one_batch`.
+#[tokio::test]
 async fn postgres_conflicts_in_a_batch_fail_alone() {
     let Some(db) = Db::postgres().await else { return };
     conflicts_in_a_batch_fail_alone(db).await;
@@ -356,12 +321,14 @@ async fn retries_in_a_batch_append_once(db: Db) {
     assert_eq!(whole_log(&db.store).await.len() as u64, p + 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Single-threaded: see `in_one_batch`.
+#[tokio::test]
 async fn sqlite_retries_in_a_batch_append_once() {
     retries_in_a_batch_append_once(Db::sqlite().await).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Single-threaded: see `in_one_batch`.
+#[tokio::test]
 async fn postgres_retries_in_a_batch_append_once() {
     let Some(db) = Db::postgres().await else { return };
     retries_in_a_batch_append_once(db).await;
@@ -370,7 +337,8 @@ async fn postgres_retries_in_a_batch_append_once() {
 /// An append that makes the batch's statements fail (PostgreSQL refuses a
 /// NUL character in text) fails alone: the others of its batch are written
 /// one by one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Single-threaded: see `in_one_batch`.
+#[tokio::test]
 async fn postgres_a_failing_append_does_not_fail_its_batch() {
     let Some(db) = Db::postgres().await else { return };
     let (first, answers) = in_one_batch(
@@ -390,24 +358,34 @@ async fn postgres_a_failing_append_does_not_fail_its_batch() {
     assert_eq!(whole_log(&db.store).await.len() as u64, p + 3);
 }
 
+/// How the first store learns of the second's write.
+enum Learns {
+    /// Its append meets the database's version.
+    ByConflict,
+    /// Its entry outlives the time-to-live.
+    ByExpiry,
+}
+
 /// A second store writes an aggregate the first has cached: the first's
-/// `load` is stale for at most the time-to-live, its append meets the
-/// database's version (a conflict, which drops the entry), and the next
-/// `load` is fresh.
-async fn a_second_store_is_seen(db: Db, ttl: Duration) {
+/// `load` is stale until the time-to-live has passed on its cache's clock
+/// (moved by hand here), and fresh once it has or once its own append met
+/// the database's version (a conflict, which drops the entry).
+async fn a_second_store_is_seen(db: Db, clock: HandClock, ttl: Duration, learns: Learns) {
     let store = &db.store;
     let other = db.second_store(|b| b).await;
     store.append("s", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], meta()).await.expect("open");
     assert_eq!(store.load("s").await.expect("load").expect("s").version, 1);
     other.append("s", ExpectedVersion::Exact(1), add(3), meta()).await.expect("the other store appends");
 
-    if ttl > Duration::from_secs(10) {
-        let stale = store.load("s").await.expect("load").expect("s");
-        assert_eq!(stale.version, 1, "within the time-to-live the cache answers");
-        let err = store.append("s", ExpectedVersion::Exact(1), add(1), meta()).await.unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { actual: 2, .. }), "{err:?}");
-    } else {
-        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    clock.advance(ttl - Duration::from_nanos(1));
+    let stale = store.load("s").await.expect("load").expect("s");
+    assert_eq!(stale.version, 1, "within the time-to-live the cache answers");
+    match learns {
+        Learns::ByConflict => {
+            let err = store.append("s", ExpectedVersion::Exact(1), add(1), meta()).await.unwrap_err();
+            assert!(matches!(err, StoreError::Conflict { actual: 2, .. }), "{err:?}");
+        }
+        Learns::ByExpiry => clock.advance(Duration::from_nanos(1)),
     }
     let fresh = store.load("s").await.expect("load").expect("s");
     assert_eq!((fresh.version, fresh.state.total), (2, 3), "the next load reads the table");
@@ -416,30 +394,40 @@ async fn a_second_store_is_seen(db: Db, ttl: Duration) {
     assert!(other_view == 2 || other_view == 3, "the other store may still answer from its cache");
 }
 
+fn hand_clocked(
+    clock: &HandClock,
+    ttl: Duration,
+) -> impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger> + use<> {
+    let now = clock.reader();
+    move |b| b.state_cache_ttl(ttl).state_cache_clock(now)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_second_store_is_seen_after_a_conflict() {
-    let ttl = Duration::from_secs(60);
-    a_second_store_is_seen(Db::sqlite_with(|b| b.state_cache_ttl(ttl)).await, ttl).await;
+    let (clock, ttl) = (HandClock::new(), Duration::from_secs(60));
+    let db = Db::sqlite_with(hand_clocked(&clock, ttl)).await;
+    a_second_store_is_seen(db, clock, ttl, Learns::ByConflict).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_second_store_is_seen_after_the_ttl() {
-    let ttl = Duration::from_millis(300);
-    a_second_store_is_seen(Db::sqlite_with(|b| b.state_cache_ttl(ttl)).await, ttl).await;
+    let (clock, ttl) = (HandClock::new(), Duration::from_millis(300));
+    let db = Db::sqlite_with(hand_clocked(&clock, ttl)).await;
+    a_second_store_is_seen(db, clock, ttl, Learns::ByExpiry).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_second_store_is_seen_after_a_conflict() {
-    let ttl = Duration::from_secs(60);
-    let Some(db) = Db::postgres_with(|b| b.state_cache_ttl(ttl)).await else { return };
-    a_second_store_is_seen(db, ttl).await;
+    let (clock, ttl) = (HandClock::new(), Duration::from_secs(60));
+    let Some(db) = Db::postgres_with(hand_clocked(&clock, ttl)).await else { return };
+    a_second_store_is_seen(db, clock, ttl, Learns::ByConflict).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_second_store_is_seen_after_the_ttl() {
-    let ttl = Duration::from_millis(300);
-    let Some(db) = Db::postgres_with(|b| b.state_cache_ttl(ttl)).await else { return };
-    a_second_store_is_seen(db, ttl).await;
+    let (clock, ttl) = (HandClock::new(), Duration::from_millis(300));
+    let Some(db) = Db::postgres_with(hand_clocked(&clock, ttl)).await else { return };
+    a_second_store_is_seen(db, clock, ttl, Learns::ByExpiry).await;
 }
 
 /// With the cache off, every append and load goes to the database.

@@ -3,13 +3,14 @@
 
 #![allow(dead_code)]
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use kes_core::{
-    Aggregate, Appended, Checkpoint, Envelope, EventStore, EventStream, ExpectedVersion, Metadata, Snapshot, StoreError,
+    Aggregate, Appended, Checkpoint, Envelope, EventStore, EventStream, ExpectedVersion, Metadata, Snapshot,
+    StateDocument, StoreError,
 };
 use kes_store_sql::{SqlStore, SqlStoreBuilder};
 use sqlx::{Connection, Executor, PgConnection};
@@ -31,6 +32,33 @@ impl<A: Aggregate> Clone for TempStore<A> {
 impl<A: Aggregate> TempStore<A> {
     pub fn url(&self) -> String {
         sqlite_url(&self.dir)
+    }
+}
+
+/// A clock for a store's state cache that moves only when the test says:
+/// entries expire when the test advances it past their time-to-live.
+#[derive(Clone)]
+pub struct HandClock(Arc<Mutex<Instant>>);
+
+impl HandClock {
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    /// The clock for `SqlStoreBuilder::state_cache_clock`.
+    pub fn reader(&self) -> impl Fn() -> Instant + Send + Sync + use<> {
+        let time = Arc::clone(&self.0);
+        move || *time.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += by;
+    }
+}
+
+impl Default for HandClock {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -70,8 +98,14 @@ impl<A: Aggregate> EventStore<A> for TempStore<A> {
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
         self.store.load(id).await
     }
+    async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
+        self.store.load_document(id).await
+    }
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {
         self.store.read(id).await
+    }
+    async fn read_page(&self, id: &str, after: u64, limit: usize) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        self.store.read_page(id, after, limit).await
     }
     async fn subscribe(&self, from: Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         self.store.subscribe(from).await
@@ -79,10 +113,16 @@ impl<A: Aggregate> EventStore<A> for TempStore<A> {
     async fn head(&self) -> Result<Checkpoint, StoreError> {
         self.store.head().await
     }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
 }
 
 pub fn database_url() -> String {
-    std::env::var("KES_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    kes_test_support::database_url()
 }
 
 /// Prefix of the schemas these tests create; the second part is the Unix
@@ -116,12 +156,7 @@ pub async fn postgres_available() -> bool {
         })
         .await;
     if !up {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set and PostgreSQL is not reachable at KES_TEST_DATABASE_URL ({})",
-            database_url()
-        );
-        eprintln!("skipped: PostgreSQL not reachable (set KES_TEST_DATABASE_URL)");
+        kes_test_support::missing::<()>("PostgreSQL", &format!("{} is not reachable", database_url()));
     }
     up
 }
