@@ -16,6 +16,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
+/// How long a flush may wait for the broker's acknowledgements: a bound
+/// that only a broker that stopped answering reaches.
+const FLUSH: Duration = Duration::from_secs(120);
+
 fn raw_producer(brokers: &str) -> FutureProducer {
     ClientConfig::new().set("bootstrap.servers", brokers).create().expect("producer")
 }
@@ -72,7 +76,7 @@ async fn restart_rebuilds_the_table_including_a_command_whose_table_record_was_l
         .expect("add many");
     bus.execute("b", LedgerCommand::Add(10), ExpectedVersion::Any, Metadata::default()).await.expect("add");
     bus.execute("c", LedgerCommand::Close, ExpectedVersion::Any, Metadata::default()).await.expect("close");
-    store.flush(Duration::from_secs(10)).await.expect("flush");
+    store.flush(FLUSH).await.expect("flush");
     // The crash: events records on the log whose table records never came.
     produce_events_record(&brokers, &store, "b", 3, &[5, 6]).await;
     produce_events_record(&brokers, &store, "f", 1, &[7]).await;
@@ -104,7 +108,7 @@ async fn restart_rebuilds_the_table_including_a_command_whose_table_record_was_l
         .await
         .expect("append");
     let second = snapshot_of(&again, &ids).await;
-    again.flush(Duration::from_secs(10)).await.expect("flush");
+    again.flush(FLUSH).await.expect("flush");
     drop(again);
     let third = KafkaStore::<Ledger>::connect(config).await.expect("third start");
     assert_eq!(snapshot_of(&third, &ids).await, second);
@@ -141,33 +145,64 @@ async fn several_partitions_keep_each_aggregate_in_order() {
     }
     let head = store.head().await.expect("head");
     assert_eq!(Checkpoint::start().lag_behind(&head), 72);
+    // Every event the full read delivers: (position, aggregate, version, event id).
+    type Seen = (u32, u64, String, u64, uuid::Uuid);
+    let seen_of = |e: &kes_core::Envelope<LedgerEvent>| -> Seen {
+        (e.position.partition, e.position.offset, e.aggregate_id.clone(), e.version, e.event_id)
+    };
     let mut stream = store.subscribe(Checkpoint::start()).await.expect("subscribe");
-    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut full: Vec<Seen> = Vec::new();
+    let mut versions: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let mut checkpoint = Checkpoint::start();
     while !checkpoint.covers_all(&head) {
         let item =
             tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time").expect("endless");
         for e in item.expect("item") {
             assert_eq!(e.position.partition, store.partition_of(&e.aggregate_id));
-            let last = seen.entry(e.aggregate_id.clone()).or_default();
+            let last = versions.entry(e.aggregate_id.clone()).or_default();
             assert_eq!(e.version, *last + 1, "{} out of order", e.aggregate_id);
             *last = e.version;
             checkpoint.advance(e.position);
+            full.push(seen_of(&e));
         }
     }
-    assert!(seen.values().all(|v| *v == 6));
-    // Resuming from the middle of one partition skips exactly what was read.
+    assert_eq!(versions.len(), 12, "every aggregate was delivered");
+    assert!(versions.values().all(|v| *v == 6));
+    assert_eq!(full.len(), 72, "every record once");
+    // Resuming from the middle of each partition delivers exactly the
+    // records at or past the checkpoint, each once, in each partition's
+    // order: no repeat of what was read, no gap.
     let mut half = Checkpoint::start();
     for (p, next) in head.iter() {
         half.set_next(p, next / 2);
     }
-    let rest = Checkpoint::start().lag_behind(&head) - Checkpoint::start().lag_behind(&half);
-    let mut stream = store.subscribe(half).await.expect("subscribe");
-    for _ in 0..rest {
+    let expected: Vec<Seen> = full.iter().filter(|s| s.1 >= half.next_offset(s.0)).cloned().collect();
+    assert_eq!(
+        expected.len() as u64,
+        Checkpoint::start().lag_behind(&head) - Checkpoint::start().lag_behind(&half),
+        "the full read holds every record past the checkpoint"
+    );
+    let mut stream = store.subscribe(half.clone()).await.expect("subscribe");
+    let mut resumed: Vec<Seen> = Vec::new();
+    let mut checkpoint = half;
+    while !checkpoint.covers_all(&head) {
         let item =
             tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time").expect("endless");
-        item.expect("item");
+        for e in item.expect("item") {
+            let s = seen_of(&e);
+            assert!(!resumed.contains(&s), "the resumed subscription repeated {s:?}");
+            assert!(expected.contains(&s), "the resumed subscription delivered {s:?}, read before the checkpoint");
+            checkpoint.advance(e.position);
+            resumed.push(s);
+        }
     }
+    // Across partitions the interleaving may differ; within one, the order
+    // is the log's.
+    for p in 0..4 {
+        let of = |all: &[Seen]| all.iter().filter(|s| s.0 == p).cloned().collect::<Vec<_>>();
+        assert_eq!(of(&resumed), of(&expected), "partition {p}: the resumed records differ from the full read's");
+    }
+    assert_eq!(resumed.len(), expected.len(), "the resumed subscription missed records");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +280,7 @@ async fn a_table_state_that_no_longer_fits_the_model_is_rebuilt_from_the_events(
     store.append("a", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.expect("open");
     store.append("a", ExpectedVersion::Exact(1), vec![LedgerEvent::Added { amount: 4 }], keyed).await.expect("add");
     store.append("z", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.expect("open");
-    store.flush(Duration::from_secs(10)).await.expect("flush");
+    store.flush(FLUSH).await.expect("flush");
     // A table record as an older model of the aggregate could have left it.
     let old_model = json!({
         "format": "kes.table.v1", "aggregate_type": "ledger", "aggregate_id": "a", "version": 2,
@@ -327,7 +362,7 @@ async fn a_busy_aggregate_writes_few_table_records() {
     }
     store.append("quiet", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.expect("q");
     let elapsed = started.elapsed();
-    store.flush(Duration::from_secs(10)).await.expect("flush");
+    store.flush(FLUSH).await.expect("flush");
     let keys = keys_of(&brokers, store.table_topic(), 1);
     let busy = keys.iter().filter(|k| *k == "busy").count();
     // At most one record per delay while commands keep coming, plus the
@@ -340,9 +375,15 @@ async fn a_busy_aggregate_writes_few_table_records() {
     assert!((1..=2).contains(&quiet), "the flush wrote the waiting record: {keys:?}");
     // After a flush the table records claim the whole events partition, so
     // the next start has nothing to replay.
-    let claimed =
-        records_of(&brokers, store.table_topic(), 1).iter().filter_map(|(_, v)| v["reflected_below"].as_u64()).max();
+    let records = records_of(&brokers, store.table_topic(), 1);
+    let claimed = records.iter().filter_map(|(_, v)| v["reflected_below"].as_u64()).max();
     assert_eq!(claimed, Some(31), "31 events records, all reflected");
+    // Each record carries the latest state when it is built, so the busy
+    // aggregate's records never go back and the last one holds version 30.
+    let versions: Vec<u64> =
+        records.iter().filter(|(k, _)| k == "busy").map(|(_, v)| v["version"].as_u64().expect("a version")).collect();
+    assert!(versions.windows(2).all(|w| w[0] <= w[1]), "table records overtook each other: {versions:?}");
+    assert_eq!(versions.last(), Some(&30), "the last table record of busy holds every command: {versions:?}");
     drop(store);
     let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
     let busy = again.load("busy").await.expect("load").expect("busy exists");

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use kes_core::{
     Aggregate, Checkpoint, DomainEvent, EventStore, ExpectedVersion, Field, FilterOp, InMemoryStore, ListQuery,
-    ListView, Metadata, Page, Position, Projection, ProjectionRunner, Row, RunnerConfig, ViewCopy, ViewProjection,
-    ViewSchema, ViewStore,
+    ListView, Metadata, Page, Position, Projection, ProjectionRunner, Row, RowChange, RunnerConfig, StoredState,
+    ViewCopy, ViewError, ViewProgress, ViewProjection, ViewSchema, ViewStore,
 };
 use kes_view_search::SearchView;
 use serde::{Deserialize, Serialize};
@@ -143,20 +143,66 @@ fn runner(
     ProjectionRunner::new(store, vec![projection], RunnerConfig { batch_size, retry_delay: Duration::from_millis(50) })
 }
 
+/// The child's view: the search view, reporting each committed
+/// checkpoint on stdout, and never committing the end of the log, so that
+/// the child is still projecting when the parent kills it, however late
+/// that is.
+struct Reporting {
+    view: SearchView,
+    end: u64,
+}
+
+#[async_trait::async_trait]
+impl ListView for Reporting {
+    fn schema(&self) -> &ViewSchema {
+        self.view.schema()
+    }
+    async fn list(&self, query: &ListQuery) -> Result<Page, ViewError> {
+        self.view.list(query).await
+    }
+    async fn position(&self) -> Result<Checkpoint, ViewError> {
+        self.view.position().await
+    }
+}
+
+#[async_trait::async_trait]
+impl ViewStore for Reporting {
+    async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ViewError> {
+        self.view.progress(copy).await
+    }
+    async fn states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, ViewError> {
+        self.view.states(copy, ids).await
+    }
+    async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
+        let next = checkpoint.next_offset(0);
+        if next >= self.end {
+            // Waits for the kill.
+            return std::future::pending().await;
+        }
+        self.view.write(copy, changes, checkpoint).await?;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{next}");
+        let _ = out.flush();
+        Ok(())
+    }
+    async fn begin_rebuild(&self) -> Result<(), ViewError> {
+        self.view.begin_rebuild().await
+    }
+    async fn swap(&self) -> Result<(), ViewError> {
+        self.view.swap().await
+    }
+}
+
 /// Child: project the log into the index in small batches, reporting the
-/// position after each, until killed.
+/// checkpoint after each commit, until killed.
 async fn child(dir: &str) -> ! {
     let store = store().await;
-    let view: Arc<dyn ViewStore> = Arc::new(SearchView::open(dir, schema()).expect("open"));
-    let runner = runner(store, Arc::clone(&view), 4);
+    let end = store.head().await.expect("head").next_offset(0);
+    let view: Arc<dyn ViewStore> = Arc::new(Reporting { view: SearchView::open(dir, schema()).expect("open"), end });
+    let runner = runner(store, view, 4);
     runner.start().await.expect("start");
-    let mut out = std::io::stdout();
-    loop {
-        let done = view.position().await.expect("position").next_offset(0);
-        let _ = writeln!(out, "{done}");
-        let _ = out.flush();
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let never: std::convert::Infallible = std::future::pending().await;
+    match never {}
 }
 
 async fn all_pages(view: &dyn ListView, query: ListQuery) -> Vec<Page> {
@@ -208,20 +254,37 @@ async fn crash_between_commits_recovers_to_the_same_answers() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn child");
-    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let started = Instant::now();
-    let mut reached = 0;
-    for line in lines {
-        let Ok(line) = line else { break };
-        if let Ok(done) = line.trim().parse::<u64>() {
-            reached = done;
+    // The child's reports, read on their own thread so that waiting for
+    // them has a deadline even if the child falls silent.
+    let stdout = child.stdout.take().expect("stdout");
+    let (reports, received) = std::sync::mpsc::channel::<u64>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(done) = line.trim().parse::<u64>()
+                && reports.send(done).is_err()
+            {
+                break;
+            }
         }
-        if reached >= 400 || started.elapsed() > Duration::from_secs(120) {
-            break;
+    });
+    // Killed as soon as it has committed 400 offsets: it is projecting the
+    // next batch then (it never commits the end of the log), so the kill
+    // lands between a commit and the next one, or inside one.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut reached = 0;
+    while reached < 400 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match received.recv_timeout(left) {
+            Ok(done) => reached = reached.max(done),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("the child committed only {reached} offsets within 300 s");
+            }
+            // The child ended by itself: the assertions below say how.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    // Somewhere inside a batch: between a commit and the next one.
-    std::thread::sleep(Duration::from_millis(7));
     child.kill().expect("kill child");
     let status = child.wait().expect("wait child");
     assert!(!status.success(), "the child ran to its end instead of being killed");
@@ -235,6 +298,7 @@ async fn crash_between_commits_recovers_to_the_same_answers() {
     let done = progress.checkpoint.next_offset(0);
     let events = store.head().await.expect("head").next_offset(0);
     assert!(done >= reached && done < events, "checkpoint {done} outside [{reached}, {events})");
+    eprintln!("killed after a commit at {reached}; the index recovered at {done} of {events}");
     let mut expected: BTreeMap<String, (u64, Item)> = BTreeMap::new();
     let mut log = store.subscribe(Checkpoint::start()).await.expect("subscribe");
     let mut seen = 0;
