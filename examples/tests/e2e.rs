@@ -5,6 +5,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -77,36 +78,14 @@ impl Drop for Server {
     }
 }
 
-fn required(what: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is required when CI is set");
-    }
-    eprintln!("skipped: {what} is not available (set it up, or set CI to make this a failure)");
-    false
-}
-
-/// A fresh PostgreSQL database, or `None` (skip) outside CI.
+/// A fresh PostgreSQL database, or `None` (skipped, or failed under CI, by
+/// the workspace's one rule).
 async fn fresh_database() -> Option<String> {
-    let base =
-        std::env::var("KES_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let Ok(pool) = sqlx::PgPool::connect(&base).await else {
-        required(&format!("PostgreSQL at {base}"));
-        return None;
-    };
-    let name = format!("kes_e2e_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.expect("create a test database");
-    let (prefix, _) = base.rsplit_once('/').expect("a database URL with a path");
-    Some(format!("{prefix}/{name}"))
+    kes_test_support::fresh_postgres_database("e2e").await
 }
 
 fn kafka_brokers() -> Option<String> {
-    match std::env::var("KES_TEST_KAFKA_BROKERS") {
-        Ok(b) if !b.is_empty() => Some(b),
-        _ => {
-            required("a Kafka broker in KES_TEST_KAFKA_BROKERS");
-            None
-        }
-    }
+    kes_test_support::kafka_brokers()
 }
 
 fn run_rebuild(dir: &Path, store: &str, view: &str) -> String {
@@ -301,53 +280,93 @@ async fn sqlite_store_with_search_views() {
     scenario("sqlite://data/events.db", "data/index").await;
 }
 
-/// kill -9 while PATCHes are in flight: after a restart, every version the
+/// How many PATCHes the service acknowledges before the kill.
+const ACKED_BEFORE_KILL: usize = 200;
+
+/// kill -9 while PATCHes are in flight, once the service has acknowledged
+/// [`ACKED_BEFORE_KILL`] of them: after a restart, every version the
 /// service acknowledged is in the history, with the name it set, and the
 /// versions are contiguous.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_writes_survive_kill_9() {
+async fn acknowledged_writes_survive_kill_9_on(store: &str, view: &str) {
     let dir = tempfile::tempdir().expect("a work dir");
-    let (store, view) = ("sqlite://data/events.db", "sqlite://data/views.db");
     let s = Server::start(dir.path(), store, view).await;
     let c = reqwest::Client::new();
     let r = c.post(s.url("/projects")).json(&json!({ "name": "crash" })).send().await.expect("create");
-    let url = s.url(r.headers()["location"].to_str().expect("location"));
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let location = r.headers()["location"].to_str().expect("location").to_owned();
+    let url = s.url(&location);
     let acked: Arc<Mutex<Vec<(u64, String, String)>>> = Arc::default();
+    let (progress, mut acks) = tokio::sync::watch::channel(0usize);
+    let progress = Arc::new(progress);
+    // Set just before the kill: a request that fails after it failed
+    // because the service died; one that fails before it is a fault.
+    let killed = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..8)
         .map(|w| {
             let (c, url, acked) = (c.clone(), url.clone(), Arc::clone(&acked));
+            let (progress, killed) = (Arc::clone(&progress), Arc::clone(&killed));
             tokio::spawn(async move {
                 for i in 0..10_000 {
                     let name = format!("w{w}-{i}");
-                    let Ok(r) = c.patch(&url).form(&[("name", &name)]).send().await else { return };
-                    if r.status() != StatusCode::OK {
-                        return;
+                    let r = match c.patch(&url).form(&[("name", &name)]).send().await {
+                        Ok(r) => r,
+                        Err(_) if killed.load(Ordering::SeqCst) => return,
+                        Err(e) => panic!("PATCH {name} failed while the service was up: {e}"),
+                    };
+                    let status = r.status();
+                    if status != StatusCode::OK {
+                        let body = r.text().await.unwrap_or_default();
+                        panic!("PATCH {name} answered {status}: {body}");
                     }
-                    let etag = r.headers()["etag"].to_str().unwrap_or("\"0\"").trim_matches('"').parse().unwrap_or(0);
-                    let position = r.headers()["kes-position"].to_str().unwrap_or_default().to_owned();
-                    acked.lock().await.push((etag, name, position));
+                    let etag = r.headers()["etag"].to_str().expect("an ETag").trim_matches('"');
+                    let version: u64 = etag.parse().expect("a version in the ETag");
+                    let position = r.headers()["kes-position"].to_str().expect("a position").to_owned();
+                    acked.lock().await.push((version, name, position));
+                    progress.send_modify(|n| *n += 1);
                 }
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(progress);
+    // Writers that all stopped (panicked) close the channel; their panics
+    // are reported below.
+    let waited = tokio::time::timeout(Duration::from_secs(300), acks.wait_for(|n| *n >= ACKED_BEFORE_KILL)).await;
+    killed.store(true, Ordering::SeqCst);
     s.kill();
     for w in writers {
-        let _ = w.await;
+        w.await.expect("a writer task failed");
     }
     let acked = acked.lock().await.clone();
-    assert!(acked.len() > 10, "too few writes were acknowledged before the kill: {}", acked.len());
+    assert!(
+        matches!(waited, Ok(Ok(_))),
+        "only {} of {ACKED_BEFORE_KILL} writes were acknowledged within 300 s",
+        acked.len()
+    );
 
     let s = Server::start(dir.path(), store, view).await;
+    let history = s.url(&format!("{location}/events"));
     // The latest acknowledged write's position: history served by a
     // projection (Kafka) waits until the restarted process has applied it.
-    let token = acked.iter().max_by_key(|(version, ..)| *version).map(|(.., p)| p.clone()).unwrap_or_default();
+    let token = acked.iter().max_by_key(|(version, ..)| *version).map(|(.., p)| p.clone()).expect("a write");
+    // Each read waits for the token up to the service's consistency timeout;
+    // the restarted process may need longer to catch up.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let page = c.get(format!("{history}?page[size]=1")).header("KES-Position", &token).send().await;
+        let page = page.expect("history");
+        assert_eq!(page.status(), StatusCode::OK);
+        if page.headers()["kes-consistency"] == "caught-up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the history did not catch up with {token} within 300 s");
+    }
     // Every page of the history (1,000 events per page by default).
     let mut items: Vec<Value> = Vec::new();
     let mut after = 0;
     loop {
-        let page = c.get(format!("{}/events?page[after]={after}", s.url(&url[s.base.len()..])));
+        let page = c.get(format!("{history}?page[after]={after}"));
         let page = page.header("KES-Position", &token).send().await.expect("history");
+        assert_eq!(page.status(), StatusCode::OK);
         assert_eq!(page.headers()["kes-consistency"], "caught-up");
         let page = json_of(page).await;
         items.extend(page["items"].as_array().expect("items").iter().cloned());
@@ -358,13 +377,33 @@ async fn acknowledged_writes_survive_kill_9() {
     }
     let versions: Vec<u64> = items.iter().map(|e| e["version"].as_u64().unwrap_or(0)).collect();
     assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>(), "versions are not contiguous");
+    eprintln!("{} writes acknowledged before the kill; {} events after the restart", acked.len(), versions.len());
     for (version, name, _) in &acked {
-        let event = &items[(*version - 1) as usize];
+        let event = items.get((*version - 1) as usize);
         assert_eq!(
-            event["payload"]["Renamed"]["name"],
-            name.as_str(),
+            event.map(|e| &e["payload"]["Renamed"]["name"]),
+            Some(&json!(name)),
             "acknowledged version {version} is not in the history"
         );
     }
     s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    acknowledged_writes_survive_kill_9_on("sqlite://data/events.db", "sqlite://data/views.db").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_on_postgres() {
+    if let Some(db) = fresh_database().await {
+        acknowledged_writes_survive_kill_9_on(&db, &db).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_on_kafka() {
+    let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };
+    let prefix = format!("e2e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    acknowledged_writes_survive_kill_9_on(&format!("kafka://{brokers}?prefix={prefix}"), &db).await;
 }
