@@ -74,12 +74,19 @@ async fn essential_routes(store: Store, view: Arc<dyn ViewStore>) {
             tokio::spawn(async move { send(&app, json("PATCH", &path, json!({ "budget": 100 + i }))).await })
         })
         .collect();
-    let mut last = String::new();
+    // The token of the write that landed last: the highest offset (one
+    // aggregate lives in one partition).
+    let mut last: Option<(u64, String)> = None;
     for w in writes {
         let reply = w.await.expect("a writer task");
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-        last = reply.header("kes-position").to_owned();
+        let token = reply.header("kes-position").to_owned();
+        let offset = token.rsplit(':').next().and_then(|o| o.parse::<u64>().ok()).expect("PARTITION:OFFSET");
+        if last.as_ref().is_none_or(|(highest, _)| offset > *highest) {
+            last = Some((offset, token));
+        }
     }
+    let (_, last) = last.expect("twelve writes");
 
     // Read-your-writes on the list, then the history in pages.
     let list = send(&app, with_header(empty("GET", "/projects?filter[name]=Artemis"), "kes-position", &last)).await;

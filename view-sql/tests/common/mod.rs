@@ -10,7 +10,7 @@ use kes_view_sql::{SqlView, SqlViewError, SqlViewOptions};
 
 /// The PostgreSQL server the tests use.
 pub fn pg_url() -> String {
-    std::env::var("KES_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    kes_test_support::database_url()
 }
 
 /// A schema name no other test uses.
@@ -24,12 +24,12 @@ pub fn fresh_sqlite_url() -> String {
     format!("sqlite://{}", dir.join("views.db").display())
 }
 
-/// Skips (returns `None`) when PostgreSQL is unreachable, unless `CI` is
-/// set: then a missing database fails the test.
+/// Skips (returns `None`) when PostgreSQL is unreachable, by the workspace's
+/// one rule ([`kes_test_support::missing`]: a failure when `CI` is set);
+/// any other failure to open fails the test.
 pub fn skip_or_fail(e: SqlViewError) -> Option<SqlView> {
-    if e.is_unavailable() && std::env::var_os("CI").is_none() {
-        eprintln!("skipped: PostgreSQL at {} is not reachable ({e}); set CI=1 to fail instead", pg_url());
-        return None;
+    if e.is_unavailable() {
+        return kes_test_support::missing("PostgreSQL", &format!("{}: {e}", pg_url()));
     }
     panic!("cannot open the view: {e}");
 }
