@@ -87,7 +87,7 @@
 //!     }
 //! }
 //!
-//! #[derive(Debug)]
+//! #[derive(Debug, Clone)]
 //! enum ProjectCommand { Create { name: String }, SetBudget(i64) }
 //!
 //! #[derive(Debug, thiserror::Error)]

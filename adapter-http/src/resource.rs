@@ -263,7 +263,7 @@ pub(crate) fn id_for_key(plural: &str, principal: Option<&str>, key: &str) -> St
 /// # #[derive(Debug, Clone, Serialize, Deserialize)]
 /// # enum TaskEvent { Opened { title: String }, Done }
 /// # impl DomainEvent for TaskEvent { fn event_type(&self) -> &'static str { "x" } }
-/// # #[derive(Debug)] enum TaskCommand { Open(String), Finish }
+/// # #[derive(Debug, Clone)] enum TaskCommand { Open(String), Finish }
 /// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;
 /// # impl Aggregate for Task {
 /// #     const NAME: &'static str = "task";

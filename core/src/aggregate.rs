@@ -69,8 +69,10 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Clone + Debug + Se
     /// Names topics, tables and (pluralised by the HTTP adapter) routes.
     const NAME: &'static str;
 
-    /// What a caller asks the aggregate to do.
-    type Command: Debug + Send + 'static;
+    /// What a caller asks the aggregate to do. `Clone`, because a command
+    /// that lost a race against another writer is decided again on the
+    /// fresh state (see [`crate::CommandBus::execute`]).
+    type Command: Debug + Clone + Send + 'static;
 
     /// What the aggregate records when a command succeeds.
     type Event: DomainEvent;

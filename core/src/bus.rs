@@ -80,12 +80,30 @@ pub struct BusConfig {
     pub idempotency_ttl: Duration,
     /// How many lock shards the per-aggregate lock table has.
     pub lock_shards: usize,
+    /// How long a command that keeps losing races against other writers
+    /// (other processes on the same store) is decided again before the
+    /// caller gets [`CommandError::Conflict`].
+    pub conflict_retry_for: Duration,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self { idempotency_capacity: 100_000, idempotency_ttl: Duration::from_secs(24 * 3600), lock_shards: 64 }
+        Self {
+            idempotency_capacity: 100_000,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            lock_shards: 64,
+            conflict_retry_for: Duration::from_secs(5),
+        }
     }
+}
+
+/// The pause before the `race`-th new decision on a contended aggregate:
+/// up to 1, 2, 4 … 64 ms, drawn at random so that racing writers spread out.
+fn contention_pause(race: u32) -> Duration {
+    let ceiling_us = 1_000u64 << race.saturating_sub(2).min(6);
+    // A fresh `RandomState` is seeded at random: enough to spread writers.
+    let draw = RandomState::new().hash_one(race);
+    Duration::from_micros(ceiling_us / 2 + draw % (ceiling_us / 2 + 1))
 }
 
 /// Runs commands against one aggregate type.
@@ -95,6 +113,7 @@ impl Default for BusConfig {
 /// are held only for a map lookup, never across I/O).
 pub struct CommandBus<A: Aggregate, S> {
     store: S,
+    conflict_retry_for: Duration,
     locks: KeyedLocks,
     recent: Mutex<IdempotencyCache>,
     _aggregate: PhantomData<fn() -> A>,
@@ -110,6 +129,7 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
     pub fn with_config(store: S, config: BusConfig) -> Self {
         Self {
             store,
+            conflict_retry_for: config.conflict_retry_for,
             locks: KeyedLocks::new(config.lock_shards.max(1)),
             recent: Mutex::new(IdempotencyCache::new(config.idempotency_capacity, config.idempotency_ttl)),
             _aggregate: PhantomData,
@@ -127,6 +147,21 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
     /// and appends its events atomically. A domain error appends nothing.
     /// When `metadata.idempotency_key` was used before on `id`, nothing runs
     /// and the first answer is repeated (with the current state).
+    ///
+    /// **Races with other writers.** The state the bus decides on may be a
+    /// cache of the log (a store's state cache, another process's appends
+    /// not seen yet), so the store's answer is what counts:
+    /// - before refusing a command because the expected version or the
+    ///   aggregate's existence does not match, the bus looks again with
+    ///   [`EventStore::load_current`];
+    /// - when the append meets a [`StoreError::Conflict`], another writer
+    ///   got there first: a retried command (same idempotency key) answers
+    ///   as the first one did, and otherwise the bus loads the current state
+    ///   and decides again — so a caller without an expected version never
+    ///   sees a conflict that only a stale cache made, and a caller with one
+    ///   gets [`CommandError::Conflict`] only when the log really moved past
+    ///   it. Retries stop after [`BusConfig::conflict_retry_for`] (with
+    ///   jittered pauses between them on a contended aggregate).
     pub async fn execute(
         &self,
         id: &str,
@@ -141,54 +176,87 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
         {
             return self.replay(id, first).await;
         }
-        let snapshot = self.store.load(id).await.map_err(|e| CommandError::from_store(A::NAME, e))?;
-        let (state, version) = snapshot.map(|s| (s.state, s.version)).unwrap_or_default();
+        let deadline = Instant::now() + self.conflict_retry_for;
+        let mut current = false;
+        let mut races: u32 = 0;
+        loop {
+            let snapshot = if current { self.store.load_current(id).await } else { self.store.load(id).await };
+            let (state, version) = snapshot
+                .map_err(|e| CommandError::from_store(A::NAME, e))?
+                .map(|s| (s.state, s.version))
+                .unwrap_or_default();
+            if let Err(refused) = Self::check(id, expected, &state, version) {
+                if current {
+                    return Err(refused);
+                }
+                // What `load` gave may be stale: refuse only what the log says.
+                current = true;
+                continue;
+            }
+            let events = state.handle(command.clone()).map_err(CommandError::Rejected)?;
+            if events.is_empty() {
+                return Ok(CommandOutcome { state, version, position: None, events: 0, deduplicated: false });
+            }
+            let mut next = state;
+            for event in &events {
+                next.apply(event);
+            }
+            let count = events.len();
+            let appended = match self.store.append(id, ExpectedVersion::Exact(version), events, metadata.clone()).await
+            {
+                Ok(appended) => appended,
+                Err(StoreError::Conflict { actual, .. }) => {
+                    // Another writer appended first. A retry of a command
+                    // that did land (through another process) answers as
+                    // that one did.
+                    if let Some(key) = &key
+                        && let Some(first) = self.recall(id, key).await?
+                    {
+                        return self.replay(id, first).await;
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(CommandError::Conflict { aggregate: A::NAME, id: id.to_owned(), expected, actual });
+                    }
+                    races += 1;
+                    if races > 1 {
+                        tokio::time::sleep(contention_pause(races)).await;
+                    }
+                    current = true;
+                    continue;
+                }
+                Err(e) => return Err(CommandError::from_store(A::NAME, e)),
+            };
+            if appended.deduplicated {
+                // Another process used the key first; answer as it did.
+                return self.replay(id, appended).await;
+            }
+            if let Some(key) = key {
+                self.remember(id, key, appended);
+            }
+            return Ok(CommandOutcome {
+                state: next,
+                version: appended.version,
+                position: Some(appended.position),
+                events: count,
+                deduplicated: false,
+            });
+        }
+    }
+
+    /// Whether a command expecting `expected` may run on `state` at
+    /// `version`.
+    fn check(id: &str, expected: ExpectedVersion, state: &A, version: u64) -> Result<(), CommandError<A::Error>> {
         let exists = version > 0 && !state.is_deleted();
         match expected {
-            ExpectedVersion::Exists if !exists => {
-                return Err(CommandError::NotFound { aggregate: A::NAME, id: id.to_owned() });
-            }
+            ExpectedVersion::Exists if !exists => Err(CommandError::NotFound { aggregate: A::NAME, id: id.to_owned() }),
             ExpectedVersion::Exact(_) if !exists && version > 0 => {
-                return Err(CommandError::NotFound { aggregate: A::NAME, id: id.to_owned() });
+                Err(CommandError::NotFound { aggregate: A::NAME, id: id.to_owned() })
             }
             e if !e.admits(version) => {
-                return Err(CommandError::Conflict {
-                    aggregate: A::NAME,
-                    id: id.to_owned(),
-                    expected,
-                    actual: version,
-                });
+                Err(CommandError::Conflict { aggregate: A::NAME, id: id.to_owned(), expected, actual: version })
             }
-            _ => {}
+            _ => Ok(()),
         }
-        let events = state.handle(command).map_err(CommandError::Rejected)?;
-        if events.is_empty() {
-            return Ok(CommandOutcome { state, version, position: None, events: 0, deduplicated: false });
-        }
-        let mut next = state;
-        for event in &events {
-            next.apply(event);
-        }
-        let count = events.len();
-        let appended = self
-            .store
-            .append(id, ExpectedVersion::Exact(version), events, metadata)
-            .await
-            .map_err(|e| CommandError::from_store(A::NAME, e))?;
-        if appended.deduplicated {
-            // Another process used the key first; answer as it did.
-            return self.replay(id, appended).await;
-        }
-        if let Some(key) = key {
-            self.remember(id, key, appended);
-        }
-        Ok(CommandOutcome {
-            state: next,
-            version: appended.version,
-            position: Some(appended.position),
-            events: count,
-            deduplicated: false,
-        })
     }
 
     async fn recall(&self, id: &str, key: &str) -> Result<Option<Appended>, CommandError<A::Error>> {

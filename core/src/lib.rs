@@ -46,6 +46,7 @@
 //!     }
 //! }
 //!
+//! #[derive(Clone)]
 //! enum AccountCommand { Open, Deposit(i64) }
 //! # impl std::fmt::Debug for AccountCommand {
 //! #     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str("cmd") }

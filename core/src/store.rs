@@ -161,6 +161,16 @@ pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
     /// `None` when the stream does not exist.
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError>;
 
+    /// [`EventStore::load`] past whatever this process keeps in memory: the
+    /// state as the log has it now. The command bus calls it after a
+    /// conflict, and before it refuses a command whose expected version or
+    /// existence does not match what `load` gave, so that a stale cache
+    /// never turns into a false conflict. Stores that keep no state apart
+    /// from the log's answer with `load` (the default).
+    async fn load_current(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        self.load(id).await
+    }
+
     /// [`EventStore::load`] as a JSON document. Stores that keep states as
     /// JSON answer without decoding and encoding them again; the default
     /// serialises what `load` returns.
@@ -228,6 +238,9 @@ impl<A: Aggregate, S: EventStore<A> + ?Sized> EventStore<A> for std::sync::Arc<S
     }
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
         (**self).load(id).await
+    }
+    async fn load_current(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        (**self).load_current(id).await
     }
     async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
         (**self).load_document(id).await

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kes_core::conformance::{Ledger, LedgerCommand, LedgerEvent};
 use kes_core::{
-    Appended, Checkpoint, CommandBus, CommandError, Envelope, EventStore, EventStream, ExpectedVersion, InMemoryStore,
-    Metadata, Snapshot, StoreError,
+    Appended, BusConfig, Checkpoint, CommandBus, CommandError, Envelope, EventStore, EventStream, ExpectedVersion,
+    InMemoryStore, Metadata, Snapshot, StoreError,
 };
 use tokio::sync::{Notify, watch};
 
@@ -53,16 +53,25 @@ async fn a_failing_load_appends_nothing() {
     assert!(matches!(err, CommandError::Store(StoreError::Backend(_))));
 }
 
+/// A store that refuses every append as a conflict while its loads never
+/// move: the bus decides again until its retry window closes, then answers
+/// a typed conflict naming what the caller expected.
 #[tokio::test]
-async fn a_conflict_from_another_writer_is_a_typed_conflict() {
+async fn a_conflict_that_never_clears_is_a_typed_conflict_after_the_retry_window() {
     let mut store = MockStore::new();
     store.expect_load().returning(|_| Ok(Some(open_ledger())));
-    store.expect_append().returning(|id, expected, _, _| {
+    store.expect_recall().returning(|_, _| Ok(None));
+    let appends = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&appends);
+    store.expect_append().returning(move |id, expected, _, _| {
+        counted.fetch_add(1, Ordering::SeqCst);
         Err(StoreError::Conflict { aggregate: "ledger".into(), id: id.into(), expected, actual: 2 })
     });
-    let bus = CommandBus::new(store);
+    let config = BusConfig { conflict_retry_for: Duration::from_millis(30), ..BusConfig::default() };
+    let bus = CommandBus::with_config(store, config);
     let err = bus.execute("l-1", LedgerCommand::Add(5), ExpectedVersion::Any, Metadata::default()).await.unwrap_err();
-    assert!(matches!(err, CommandError::Conflict { actual: 2, expected: ExpectedVersion::Exact(1), .. }));
+    assert!(matches!(err, CommandError::Conflict { actual: 2, expected: ExpectedVersion::Any, .. }), "{err:?}");
+    assert!(appends.load(Ordering::SeqCst) >= 2, "the command was decided again before giving up");
 }
 
 /// A real store behind a front whose next `failures` appends fail before

@@ -1011,6 +1011,13 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
         Ok(Some(StateDocument { json, version: snapshot.version, deleted: snapshot.state.is_deleted() }))
     }
 
+    /// The table's row, never the state cache's: another process may have
+    /// appended within the cache's time-to-live.
+    async fn load_current(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        self.inner.cache.evict(id);
+        self.load(id).await
+    }
+
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
         let cache = &self.inner.cache;
         if let Some((version, state)) = cache.fresh(id) {

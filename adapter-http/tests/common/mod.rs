@@ -52,7 +52,7 @@ impl DomainEvent for ProjectEvent {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ProjectCommand {
     Create { name: String, budget: i64 },
     Replace { name: String, budget: i64 },

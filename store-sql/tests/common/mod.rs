@@ -98,6 +98,9 @@ impl<A: Aggregate> EventStore<A> for TempStore<A> {
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
         self.store.load(id).await
     }
+    async fn load_current(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        self.store.load_current(id).await
+    }
     async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
         self.store.load_document(id).await
     }
