@@ -98,6 +98,14 @@ pub trait ProjectionStatusSource: Send + Sync {
     async fn projection_status(&self) -> Result<Vec<ProjectionStatus>, StoreError>;
 }
 
+/// A dependency `/health` reports on beside the mounted stores and views
+/// (e.g. the store a projector process reads, when it mounts no routes).
+#[async_trait]
+pub trait Readiness: Send + Sync {
+    /// Whether it answers now.
+    async fn ready(&self) -> bool;
+}
+
 #[async_trait]
 impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionStatusSource for ProjectionRunner<A, S> {
     async fn projection_status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
@@ -197,6 +205,7 @@ pub struct Api {
     mounts: Vec<Arc<dyn Mount>>,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
     histories: HashMap<String, Arc<dyn History>>,
+    checks: Vec<(String, Arc<dyn Readiness>)>,
 }
 
 impl std::fmt::Debug for Api {
@@ -219,6 +228,7 @@ impl Api {
             mounts: Vec::new(),
             sources: Vec::new(),
             histories: HashMap::new(),
+            checks: Vec::new(),
         }
     }
 
@@ -281,6 +291,13 @@ impl Api {
         self
     }
 
+    /// Adds a dependency that `/health` reports as `name` (`up`/`down`)
+    /// beside the mounted stores and views.
+    pub fn readiness(mut self, name: impl Into<String>, check: Arc<dyn Readiness>) -> Self {
+        self.checks.push((name.into(), check));
+        self
+    }
+
     /// Adds a source of projection lags for `/metrics`.
     pub fn projections(mut self, source: Arc<dyn ProjectionStatusSource>) -> Self {
         self.sources.push(source);
@@ -305,7 +322,12 @@ impl Api {
         let shared =
             Arc::new(Shared { config: self.config, principal: self.principal, metrics, histories: self.histories });
         let document = Arc::new(openapi::document(&shared.config, &self.mounts));
-        let service = Arc::new(Service { mounts: self.mounts, sources: self.sources, shared: Arc::clone(&shared) });
+        let service = Arc::new(Service {
+            mounts: self.mounts,
+            sources: self.sources,
+            checks: self.checks,
+            shared: Arc::clone(&shared),
+        });
 
         let mut router = Router::new()
             .route("/openapi.json", get(move || openapi_json(Arc::clone(&document))))
@@ -367,14 +389,20 @@ async fn openapi_json(document: Arc<Value>) -> Response {
 struct Service {
     mounts: Vec<Arc<dyn Mount>>,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
+    checks: Vec<(String, Arc<dyn Readiness>)>,
     shared: Arc<Shared>,
 }
 
 async fn health(State(service): State<Arc<Service>>) -> Response {
     let checks = futures::future::join_all(service.mounts.iter().map(|m| m.readiness())).await;
+    let extra = futures::future::join_all(service.checks.iter().map(|(name, check)| async move {
+        let up = tokio::time::timeout(Duration::from_secs(2), check.ready()).await.unwrap_or(false);
+        (name.clone(), up)
+    }))
+    .await;
     let mut ok = true;
     let mut out = Map::new();
-    for (name, up) in checks.into_iter().flatten() {
+    for (name, up) in checks.into_iter().flatten().chain(extra) {
         ok &= up;
         out.insert(name, json!(if up { "up" } else { "down" }));
     }

@@ -169,7 +169,7 @@ mod resource;
 
 pub use api::{
     Api, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
-    ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER,
+    ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, Readiness,
 };
 pub use error::{HttpError, PROBLEM_JSON, problem_type};
 pub use resource::{IdStrategy, Resource};

@@ -117,7 +117,7 @@ pub use history::{
 pub use memory::{InMemoryStore, InMemoryView};
 pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildReport, RunnerConfig,
-    ViewProjection,
+    StoredCatchUp, ViewProjection,
 };
 pub use store::{Appended, EventStore, EventStream, ExpectedVersion, Snapshot, StateDocument, StoreError};
 pub use view::{

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::aggregate::Aggregate;
 use crate::envelope::{Checkpoint, Envelope, Position};
 use crate::store::{EventStore, StoreError};
-use crate::view::{Row, RowChange, ViewCopy, ViewError, ViewProgress, ViewStore};
+use crate::view::{ListView, Row, RowChange, ViewCopy, ViewError, ViewProgress, ViewStore};
 
 /// Why a projection could not apply a batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -188,6 +188,54 @@ pub trait CatchUp: Send + Sync {
     /// Returns once every projection has applied the record at `position`,
     /// or `false` when `timeout` passed first.
     async fn wait_for(&self, position: Position, timeout: Duration) -> bool;
+}
+
+/// [`CatchUp`] for a process that runs no projections itself (an `api`
+/// process beside `projector` ones): it polls the checkpoints the views
+/// store with their data ([`ListView::position`]) until every one covers
+/// the position, so a client reads its own writes whichever process
+/// projected them.
+pub struct StoredCatchUp {
+    views: Vec<Arc<dyn ListView>>,
+    poll: Duration,
+}
+
+impl StoredCatchUp {
+    /// Waits on the stored checkpoints of `views`, reading them every
+    /// `poll` while someone waits (nothing is read while nobody does).
+    pub fn new(views: Vec<Arc<dyn ListView>>, poll: Duration) -> Self {
+        Self { views, poll: poll.max(Duration::from_millis(1)) }
+    }
+}
+
+#[async_trait]
+impl CatchUp for StoredCatchUp {
+    async fn wait_for(&self, position: Position, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut all = true;
+            for view in &self.views {
+                match view.position().await {
+                    Ok(checkpoint) if checkpoint.covers(position) => {}
+                    Ok(_) => all = false,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "stored checkpoint unreadable while waiting for a position");
+                        all = false;
+                    }
+                }
+                if !all {
+                    break;
+                }
+            }
+            if all {
+                return true;
+            }
+            if tokio::time::Instant::now() + self.poll > deadline {
+                return false;
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
 }
 
 struct Slot<E> {

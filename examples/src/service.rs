@@ -6,10 +6,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use axum::Router;
 use kes_core::{
-    Aggregate, CommandBus, EventStore, HistoryProjection, Projection, ProjectionRunner, RebuildReport, Row,
-    RunnerConfig, ViewHistory, ViewProjection, ViewSchema, ViewStore, history_schema,
+    Aggregate, CatchUp, CommandBus, EventStore, HistoryProjection, ListView, Projection, ProjectionRunner,
+    RebuildReport, Row, RunnerConfig, StoredCatchUp, ViewHistory, ViewProjection, ViewSchema, ViewStore,
+    history_schema,
 };
-use kes_http::{Api, HttpConfig};
+use kes_http::{Api, HttpConfig, Readiness};
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use kes_store_sql::SqlStore;
 
@@ -139,6 +140,70 @@ impl<A: Aggregate> Part<A> {
     }
 }
 
+/// What a `projects serve` process does: the command side and the query
+/// side together, or one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Serves the API and runs the projections (one process does it all).
+    #[default]
+    All,
+    /// Serves the API (commands and reads) and runs no projection: lists
+    /// and histories come from views that `projector` processes keep, and
+    /// a read carrying `KES-Position` waits for the checkpoints those views
+    /// store.
+    Api,
+    /// Runs the projections and serves only `/health` and `/metrics`.
+    /// Run one projector per view: several projectors on one view are not
+    /// fenced against each other yet.
+    Projector,
+}
+
+impl Role {
+    /// Whether a process of this role runs the projections.
+    pub fn runs_projections(self) -> bool {
+        matches!(self, Self::All | Self::Projector)
+    }
+}
+
+/// How often an `api` process reads the views' stored checkpoints while a
+/// read waits for a position.
+const STORED_CHECKPOINT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// `/health` of a projector: its store answers.
+struct StoreReady<A: Aggregate>(Arc<dyn EventStore<A>>);
+
+#[async_trait::async_trait]
+impl<A: Aggregate> Readiness for StoreReady<A> {
+    async fn ready(&self) -> bool {
+        self.0.ping().await.is_ok()
+    }
+}
+
+/// `/health` of a projector: its view answers.
+struct ViewReady(Arc<dyn ViewStore>);
+
+#[async_trait::async_trait]
+impl Readiness for ViewReady {
+    async fn ready(&self) -> bool {
+        self.0.position().await.is_ok()
+    }
+}
+
+impl<A: Aggregate> Part<A> {
+    /// How reads of this aggregate wait for a position: on the runner in
+    /// a process that runs it, on the stored checkpoints otherwise.
+    fn catch_up(&self, role: Role) -> Arc<dyn CatchUp> {
+        if role.runs_projections() {
+            return self.runner.clone();
+        }
+        let mut views: Vec<Arc<dyn ListView>> = vec![self.view.clone()];
+        if let Some(history) = &self.history {
+            views.push(history.clone());
+        }
+        Arc::new(StoredCatchUp::new(views, STORED_CHECKPOINT_POLL))
+    }
+}
+
 /// The whole projects service: both aggregates, ready to serve.
 pub struct Service {
     /// Projects.
@@ -164,18 +229,40 @@ impl Service {
         Ok(())
     }
 
-    /// The HTTP router of both aggregates.
+    /// The HTTP router of both aggregates, for a process that does it all.
     pub fn router(&self) -> anyhow::Result<Router> {
+        self.router_for(Role::All)
+    }
+
+    /// The HTTP router of a process of `role`: the whole API (`all`,
+    /// `api`), or only `/health` and `/metrics` (`projector`).
+    pub fn router_for(&self, role: Role) -> anyhow::Result<Router> {
+        if role == Role::Projector {
+            let api = Api::new(self.http.clone())
+                .projections(self.projects.runner.clone())
+                .projections(self.tasks.runner.clone())
+                .readiness("projects.store", Arc::new(StoreReady(self.projects.store.clone())))
+                .readiness("projects.view", Arc::new(ViewReady(self.projects.view.clone())))
+                .readiness("tasks.store", Arc::new(StoreReady(self.tasks.store.clone())))
+                .readiness("tasks.view", Arc::new(ViewReady(self.tasks.view.clone())));
+            return Ok(api.into_router());
+        }
         let mut api = Api::new(self.http.clone())
             .mount(
                 resources::projects(),
                 Arc::clone(&self.projects.bus),
                 self.projects.view.clone(),
-                self.projects.runner.clone(),
+                self.projects.catch_up(role),
             )?
-            .mount(resources::tasks(), Arc::clone(&self.tasks.bus), self.tasks.view.clone(), self.tasks.runner.clone())?
-            .projections(self.projects.runner.clone())
-            .projections(self.tasks.runner.clone());
+            .mount(
+                resources::tasks(),
+                Arc::clone(&self.tasks.bus),
+                self.tasks.view.clone(),
+                self.tasks.catch_up(role),
+            )?;
+        if role.runs_projections() {
+            api = api.projections(self.projects.runner.clone()).projections(self.tasks.runner.clone());
+        }
         for (plural, history) in [("projects", &self.projects.history), ("tasks", &self.tasks.history)] {
             if let Some(view) = history {
                 let view: Arc<dyn kes_core::ListView> = view.clone();

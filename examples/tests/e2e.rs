@@ -22,9 +22,15 @@ struct Server {
 
 impl Server {
     async fn start(dir: &Path, store: &str, view: &str) -> Self {
+        Self::start_as(dir, store, view, "all").await
+    }
+
+    /// `projects serve --role ROLE`.
+    async fn start_as(dir: &Path, store: &str, view: &str, role: &str) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let child = Command::new(BIN)
             .current_dir(dir)
+            .env("KES_ROLE", role)
             .env("KES_LISTEN", format!("127.0.0.1:{port}"))
             .env("KES_STORE", store)
             .env("KES_VIEW", view)
@@ -406,4 +412,70 @@ async fn acknowledged_writes_survive_kill_9_on_kafka() {
     let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };
     let prefix = format!("e2e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     acknowledged_writes_survive_kill_9_on(&format!("kafka://{brokers}?prefix={prefix}"), &db).await;
+}
+
+/// The command side and the query side in separate processes: an `api`
+/// process takes the writes and serves the reads, a `projector` process
+/// keeps the views. A read through the api carrying a write's position
+/// waits for the projector's stored checkpoint; with the projector gone,
+/// writes still land and such reads say `stale`.
+async fn split_roles_on(store: &str, view: &str) {
+    let dir = tempfile::tempdir().expect("a work dir");
+    let projector = Server::start_as(dir.path(), store, view, "projector").await;
+    let api = Server::start_as(dir.path(), store, view, "api").await;
+    let c = reqwest::Client::new();
+
+    let r = c.post(api.url("/projects")).json(&json!({ "name": "split", "budget": 1 })).send().await.expect("create");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let location = r.headers()["location"].to_str().expect("location").to_owned();
+    let id = location.trim_start_matches("/projects/").to_owned();
+    for budget in 2..=11 {
+        let r = c.patch(api.url(&location)).json(&json!({ "budget": budget })).send().await.expect("patch");
+        assert_eq!(r.status(), StatusCode::OK);
+        let token = r.headers()["kes-position"].to_str().expect("position").to_owned();
+        let list = c
+            .get(api.url(&format!("/projects?filter[id]={id}")))
+            .header("KES-Position", &token)
+            .send()
+            .await
+            .expect("list");
+        assert_eq!(list.headers()["kes-consistency"], "caught-up", "the projector applied the write");
+        let list = json_of(list).await;
+        assert_eq!(list["items"][0]["version"], budget, "the api reads its own write");
+    }
+    // The projector serves no API, only its health and metrics.
+    let r = c.get(projector.url("/projects")).send().await.expect("projector list");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let metrics = c.get(projector.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("projects"), "the projector reports its projections: {metrics}");
+
+    projector.kill();
+    let r = c.patch(api.url(&location)).json(&json!({ "budget": 99 })).send().await.expect("patch");
+    assert_eq!(r.status(), StatusCode::OK, "writes do not need the projector");
+    let token = r.headers()["kes-position"].to_str().expect("position").to_owned();
+    let list = c.get(api.url("/projects")).header("KES-Position", &token).send().await.expect("list");
+    assert_eq!(list.headers()["kes-consistency"], "stale", "nobody projects the write");
+    // A new projector catches up from the stored checkpoint.
+    let projector = Server::start_as(dir.path(), store, view, "projector").await;
+    let list = c
+        .get(api.url(&format!("/projects?filter[id]={id}")))
+        .header("KES-Position", &token)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(list.headers()["kes-consistency"], "caught-up");
+    assert_eq!(json_of(list).await["items"][0]["row"]["budget"], 99);
+    api.stop();
+    projector.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_roles_on_sqlite() {
+    split_roles_on("sqlite://data/events.db", "sqlite://data/views.db").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_roles_on_postgres() {
+    let Some(db) = fresh_database().await else { return };
+    split_roles_on(&db, &db).await;
 }

@@ -1,19 +1,20 @@
-//! The `projects` service: `projects [serve]` runs it, `projects rebuild`
-//! rebuilds its list views from the log.
+//! The `projects` service: `projects [serve] [--role all|api|projector]`
+//! runs it (`serve` is the default command, so its flags work without the
+//! word), `projects rebuild` rebuilds its list views from the log.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use kes_examples::service::{DEFAULT_STORE, DEFAULT_VIEW, Service, Settings};
+use kes_examples::service::{DEFAULT_STORE, DEFAULT_VIEW, Role, Service, Settings};
 use kes_http::HttpConfig;
 use tracing_subscriber::EnvFilter;
 
 /// The projects service: event-sourced projects and tasks over REST.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Where the events live: sqlite://PATH, postgres://… or kafka://HOST:PORT[,HOST:PORT][/PREFIX].
     #[arg(long, env = "KES_STORE", default_value = DEFAULT_STORE, global = true)]
@@ -21,21 +22,49 @@ struct Cli {
     /// Where the list views live: sqlite://PATH or postgres://… (view-sql), or an index directory (view-search).
     #[arg(long, env = "KES_VIEW", default_value = DEFAULT_VIEW, global = true)]
     view: String,
+    /// `serve`'s flags, for `projects` without a command.
+    #[command(flatten)]
+    serve: ServeArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KES_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Origins allowed by CORS (comma-separated), for a front end on another port.
+    #[arg(long, env = "KES_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+    /// What this process does: `all` (API and projections), `api` (the API,
+    /// reading views that projector processes keep) or `projector`
+    /// (projections, with only /health and /metrics).
+    #[arg(long, env = "KES_ROLE", value_enum, default_value_t = RoleArg::All)]
+    role: RoleArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RoleArg {
+    All,
+    Api,
+    Projector,
+}
+
+impl From<RoleArg> for Role {
+    fn from(role: RoleArg) -> Self {
+        match role {
+            RoleArg::All => Role::All,
+            RoleArg::Api => Role::Api,
+            RoleArg::Projector => Role::Projector,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the REST API (the default).
-    Serve {
-        /// Address to listen on.
-        #[arg(long, env = "KES_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// Origins allowed by CORS (comma-separated), for a front end on another port.
-        #[arg(long, env = "KES_CORS_ORIGINS", value_delimiter = ',')]
-        cors_origins: Vec<String>,
-    },
+    Serve(ServeArgs),
     /// Rebuild list views from the log, while the old ones keep answering.
     Rebuild {
         /// Only this projection (`projects` or `tasks`); all when absent.
@@ -50,28 +79,25 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Serve { listen: default_listen()?, cors_origins: Vec::new() });
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     let mut settings = Settings { store: cli.store, view: cli.view, http: HttpConfig::default() };
     match command {
-        Command::Serve { listen, cors_origins } => {
-            settings.http.cors_origins = cors_origins;
-            serve(settings, listen).await
+        Command::Serve(args) => {
+            settings.http.cors_origins = args.cors_origins;
+            serve(settings, args.listen, args.role.into()).await
         }
         Command::Rebuild { projection } => rebuild(settings, projection).await,
     }
 }
 
-fn default_listen() -> anyhow::Result<SocketAddr> {
-    let text = std::env::var("KES_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
-    text.parse().with_context(|| format!("KES_LISTEN={text:?} is not an address"))
-}
-
-async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(settings: Settings, listen: SocketAddr, role: Role) -> anyhow::Result<()> {
     let service = Service::open(&settings).await?;
-    service.start_projections().await?;
-    let router = service.router()?;
+    if role.runs_projections() {
+        service.start_projections().await?;
+    }
+    let router = service.router_for(role)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    tracing::info!(address = %listener.local_addr()?, store = %settings.store, "projects service listening");
+    tracing::info!(address = %listener.local_addr()?, store = %settings.store, ?role, "projects service listening");
     axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("serving")?;
     tracing::info!("in-flight requests finished; stopping projections");
     service.shutdown().await;
