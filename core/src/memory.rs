@@ -292,6 +292,11 @@ impl ViewStore for InMemoryView {
         let version = self.schema.version;
         self.with_copy(copy, |d| {
             for c in changes {
+                // A row never moves back to an older version (a lagging
+                // second writer); an equal one is written again.
+                if d.rows.get(&c.id).is_some_and(|(stored, _)| stored.version > c.version) {
+                    continue;
+                }
                 d.rows
                     .insert(c.id.clone(), (StoredState { version: c.version, state: c.state.clone() }, c.row.clone()));
             }

@@ -226,6 +226,15 @@ where
     Ok(ListItem { id, version, row: values })
 }
 
+/// The condition of an upsert's update on `table`: a row never moves back
+/// to an older version. A projector that lags behind another on the same
+/// view (two processes, a rolling deploy) writes the versions it folds as
+/// they were and cannot undo a newer row; an equal version is written
+/// again (a replay after a crash writes what was there).
+fn never_older(table: &str) -> String {
+    format!("{table}._version <= excluded._version")
+}
+
 fn copy_name(copy: ViewCopy) -> &'static str {
     match copy {
         ViewCopy::Live => "live",
@@ -465,8 +474,9 @@ impl SqlView {
         columns.extend(searchable.iter().map(|f| sql::search_column(f)));
         let head = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
         let tail = format!(
-            " ON CONFLICT (id) DO UPDATE SET {}",
-            columns[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ")
+            " ON CONFLICT (id) DO UPDATE SET {} WHERE {}",
+            columns[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", "),
+            never_older(table)
         );
         let per_statement = (MAX_ARGS / columns.len()).clamp(1, MAX_ROWS_PER_STATEMENT);
         let mut statements = Vec::new();
@@ -523,10 +533,11 @@ impl SqlView {
         types.extend(searchable.iter().map(|_| "text[]"));
         let arrays: Vec<String> = types.iter().enumerate().map(|(i, ty)| format!("${}::{ty}", i + 1)).collect();
         let text = format!(
-            "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}) ON CONFLICT (id) DO UPDATE SET {}",
+            "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}) ON CONFLICT (id) DO UPDATE SET {} WHERE {}",
             columns.join(", "),
             arrays.join(", "),
-            columns[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ")
+            columns[1..].iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", "),
+            never_older(table)
         );
         let mut statements = Vec::new();
         for chunk in changes.chunks(MAX_ROWS_PER_ARRAY_STATEMENT) {
@@ -608,13 +619,15 @@ impl SqlView {
         checkpoint: &Checkpoint,
     ) -> Result<(), SqlViewError> {
         self.checks(changes)?;
-        // The last change of an id wins, as if applied one by one; a
-        // multi-row upsert may not touch one row twice.
+        // One change per id, as if applied one by one: the newest version
+        // wins, the last of equal ones (a multi-row upsert may not touch one
+        // row twice, and an older version never replaces a newer one).
         let mut at: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
         let mut last: Vec<&RowChange> = Vec::with_capacity(changes.len());
         for change in changes {
             match at.get(change.id.as_str()) {
-                Some(&i) => last[i] = change,
+                Some(&i) if change.version >= last[i].version => last[i] = change,
+                Some(_) => {}
                 None => {
                     at.insert(&change.id, last.len());
                     last.push(change);
