@@ -1,6 +1,10 @@
 //! A SqlView fed by kes-core's ViewProjection and ProjectionRunner: crashes
 //! between batches, rebuilds while queries run, rebuilds in tiny batches and
-//! rebuilds stopped before their swap, on both dialects.
+//! rebuilds stopped before their swap, on both dialects, each following the
+//! subscription of every event store: the in-memory reference, SQLite and
+//! PostgreSQL `SqlStore`s and a `KafkaStore` on three partitions (whose
+//! positions are per partition: views are compared by their rows and
+//! states, and catch-up is awaited on every partition).
 
 mod common;
 
@@ -11,177 +15,54 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::Place;
+use common::projects::{CATCH_UP, Project, dump, load, replay, runner, schema};
+use common::stores::{Backend, TestStore, caught_up};
 use futures::FutureExt as _;
 use kes_core::view::ViewProgress;
 use kes_core::{
-    Aggregate, CatchUp, Checkpoint, DomainEvent, EventStore, ExpectedVersion, Field, FilterOp, InMemoryStore,
-    InMemoryView, ListItem, ListQuery, ListView, Metadata, Page, Position, ProjectionRunner, Row, RowChange,
-    RunnerConfig, StoredState, ViewCopy, ViewError, ViewProjection, ViewSchema, ViewStore,
+    Checkpoint, FilterOp, InMemoryView, ListQuery, ListView, Page, Position, Row, RowChange, StoredState, ViewCopy,
+    ViewError, ViewSchema, ViewStore,
 };
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Project {
-    name: String,
-    budget: i64,
-    status: String,
-    deleted: bool,
-}
+/// Runs `$case(backend, postgres_view)` as one test per store: the
+/// in-memory reference under both view dialects, each SQL store under a
+/// view of its own dialect, and Kafka under both.
+macro_rules! on_every_store {
+    ($name:ident, $case:ident, $threads:literal) => {
+        mod $name {
+            use super::*;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-enum ProjectEvent {
-    Created { name: String, budget: i64 },
-    Budgeted { budget: i64 },
-    Moved { status: String },
-    Deleted,
-    Restored,
-}
-
-impl DomainEvent for ProjectEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            Self::Created { .. } => "Created",
-            Self::Budgeted { .. } => "Budgeted",
-            Self::Moved { .. } => "Moved",
-            Self::Deleted => "Deleted",
-            Self::Restored => "Restored",
-        }
-    }
-}
-
-impl Aggregate for Project {
-    const NAME: &'static str = "project";
-    type Command = ProjectEvent;
-    type Event = ProjectEvent;
-    type Error = std::convert::Infallible;
-
-    fn handle(&self, command: ProjectEvent) -> Result<Vec<ProjectEvent>, Self::Error> {
-        Ok(vec![command])
-    }
-
-    fn apply(&mut self, event: &ProjectEvent) {
-        match event {
-            ProjectEvent::Created { name, budget } => {
-                self.name = name.clone();
-                self.budget = *budget;
-                self.status = "new".into();
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn memory_store_sqlite_view() {
+                $case(Backend::Memory, false).await;
             }
-            ProjectEvent::Budgeted { budget } => self.budget = *budget,
-            ProjectEvent::Moved { status } => self.status = status.clone(),
-            ProjectEvent::Deleted => self.deleted = true,
-            ProjectEvent::Restored => self.deleted = false,
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn memory_store_postgres_view() {
+                $case(Backend::Memory, true).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn sqlite_store_sqlite_view() {
+                $case(Backend::Sqlite, false).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn postgres_store_postgres_view() {
+                $case(Backend::Postgres, true).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn kafka_store_sqlite_view() {
+                $case(Backend::Kafka, false).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn kafka_store_postgres_view() {
+                $case(Backend::Kafka, true).await;
+            }
         }
-    }
-
-    fn is_deleted(&self) -> bool {
-        self.deleted
-    }
-}
-
-fn schema() -> ViewSchema {
-    ViewSchema::new("projects", 1)
-        .field(Field::text("name").filterable().sortable().searchable())
-        .field(Field::integer("budget").filterable().sortable())
-        .field(Field::keyword("status").filterable().sortable())
-        .page_sizes(20, 100)
-}
-
-fn to_row(p: &Project) -> Row {
-    let mut row = Row::new();
-    row.insert("name".into(), p.name.clone().into());
-    row.insert("budget".into(), p.budget.into());
-    if p.status != "new" {
-        row.insert("status".into(), p.status.clone().into());
-    }
-    row
-}
-
-/// A small deterministic generator, so that failures can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) % below
-    }
-}
-
-const STATUSES: [&str; 4] = ["open", "done", "late", "Open"];
-
-/// Appends `appends` commands over `ids` aggregates; returns the ids used
-/// and the position of the last append.
-async fn load(store: &InMemoryStore<Project>, seed: u64, appends: usize, ids: u64) -> (Vec<String>, Position) {
-    let mut rng = Lcg(seed);
-    let mut created: HashMap<String, bool> = HashMap::new();
-    let mut last = None;
-    for _ in 0..appends {
-        let id = format!("p{:03}", rng.next(ids));
-        let events = match created.get(&id) {
-            None => vec![ProjectEvent::Created { name: format!("Project {} {id}", rng.next(50)), budget: 0 }],
-            Some(deleted) => match rng.next(10) {
-                0 if !deleted => vec![ProjectEvent::Deleted],
-                0 | 1 if *deleted => vec![ProjectEvent::Restored],
-                2..=5 => vec![ProjectEvent::Budgeted { budget: rng.next(1000) as i64 - 100 }],
-                _ => vec![
-                    ProjectEvent::Moved { status: STATUSES[rng.next(4) as usize].into() },
-                    ProjectEvent::Budgeted { budget: rng.next(1000) as i64 },
-                ],
-            },
-        };
-        let deleted = match events[0] {
-            ProjectEvent::Deleted => true,
-            ProjectEvent::Restored => false,
-            _ => created.get(&id).copied().unwrap_or(false),
-        };
-        created.insert(id.clone(), deleted);
-        let appended =
-            store.append(&id, ExpectedVersion::Any, events, Metadata::default()).await.expect("append to memory");
-        last = Some(appended.position);
-    }
-    let mut ids: Vec<String> = created.into_keys().collect();
-    ids.sort();
-    (ids, last.expect("at least one append"))
-}
-
-/// Everything a view holds for `ids`: every listed row (all pages) and the
-/// stored states, deleted aggregates included.
-async fn dump(view: &dyn ViewStore, ids: &[String]) -> (Vec<ListItem>, Vec<(String, u64, serde_json::Value)>) {
-    let mut rows = Vec::new();
-    let mut query = ListQuery::new().page_size(100);
-    loop {
-        let page: Page = view.list(&query).await.expect("list");
-        rows.extend(page.items);
-        match page.next {
-            Some(next) => query = query.after(next),
-            None => break,
-        }
-    }
-    let states = view.states(ViewCopy::Live, ids).await.expect("states");
-    let mut states: Vec<(String, u64, serde_json::Value)> =
-        states.into_iter().map(|(id, s)| (id, s.version, s.state)).collect();
-    states.sort_by(|a, b| a.0.cmp(&b.0));
-    (rows, states)
-}
-
-/// Runs a projection of `store` into `view` until it has applied `last`.
-async fn replay(store: &InMemoryStore<Project>, view: Arc<dyn ViewStore>, last: Position) {
-    let runner = runner(store, view, 64);
-    runner.start().await.expect("start");
-    assert!(runner.wait_for(last, Duration::from_secs(60)).await, "the replay did not catch up");
-    runner.shutdown().await;
-}
-
-fn runner(
-    store: &InMemoryStore<Project>,
-    view: Arc<dyn ViewStore>,
-    batch_size: usize,
-) -> Arc<ProjectionRunner<Project, InMemoryStore<Project>>> {
-    let projection = Arc::new(ViewProjection::<Project>::new(view, to_row));
-    ProjectionRunner::new(
-        store.clone(),
-        vec![projection],
-        RunnerConfig { batch_size, retry_delay: Duration::from_millis(20) },
-    )
+    };
 }
 
 /// A view that dies during its `writes`-th write: that write is dropped
@@ -234,9 +115,10 @@ impl ViewStore for Crashing {
     }
 }
 
-async fn crash_between_batches(postgres: bool) {
-    let store = InMemoryStore::<Project>::new();
-    let (ids, last) = load(&store, 7, 600, 90).await;
+async fn crash_between_batches(backend: Backend, postgres: bool) {
+    let Some(log) = TestStore::<Project>::fresh(backend).await else { return };
+    let store = log.store.clone();
+    let (ids, written) = load(store.as_ref(), 7, 600, 90).await;
     let place = Place::fresh(postgres);
     let Some(view) = place.open(schema()).await else { return };
     let view = Arc::new(view);
@@ -264,13 +146,13 @@ async fn crash_between_batches(postgres: bool) {
     let done = Checkpoint::start().lag_behind(&head) - resumed_at.lag_behind(&head);
     assert!(done > 0, "nothing was kept from before the crash");
     assert!(!resumed_at.covers_all(&head), "the crash came after the last batch");
-    replay(&store, reopened.clone(), last).await;
+    replay(&store, reopened.clone(), &written).await;
 
     // A fresh replay into new tables, and the in-memory reference.
     let fresh = Arc::new(Place::fresh(postgres).open(schema()).await.expect("fresh"));
-    replay(&store, fresh.clone(), last).await;
+    replay(&store, fresh.clone(), &written).await;
     let memory = Arc::new(InMemoryView::new(schema()).expect("memory view"));
-    replay(&store, memory.clone(), last).await;
+    replay(&store, memory.clone(), &written).await;
 
     let after_restart = dump(reopened.as_ref(), &ids).await;
     assert!(after_restart.0.len() > 40, "too few rows to mean anything: {}", after_restart.0.len());
@@ -280,15 +162,7 @@ async fn crash_between_batches(postgres: bool) {
     assert_eq!(reopened.position().await.expect("position"), fresh.position().await.expect("position"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_crash_between_batches_resumes_from_the_checkpoint() {
-    crash_between_batches(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_crash_between_batches_resumes_from_the_checkpoint() {
-    crash_between_batches(false).await;
-}
+on_every_store!(crash_between_batches_resumes_from_the_checkpoint, crash_between_batches, 2);
 
 /// Queries a reader runs in a loop; each is checked against the in-memory
 /// semantics by the conformance suite, here they only must never fail.
@@ -302,9 +176,10 @@ fn reader_queries() -> Vec<ListQuery> {
     ]
 }
 
-async fn rebuild_while_queries_run(postgres: bool) {
-    let store = InMemoryStore::<Project>::new();
-    let (_, _) = load(&store, 11, 800, 150).await;
+async fn rebuild_while_queries_run(backend: Backend, postgres: bool) {
+    let Some(log) = TestStore::<Project>::fresh(backend).await else { return };
+    let store = log.store.clone();
+    let (_, _) = load(store.as_ref(), 11, 800, 150).await;
     let Some(view) = Place::fresh(postgres).open(schema()).await else { return };
     let view = Arc::new(view);
     let live = runner(&store, view.clone(), 32);
@@ -332,7 +207,7 @@ async fn rebuild_while_queries_run(postgres: bool) {
     // Writes keep coming while the view is rebuilt, twice.
     let writer = {
         let store = store.clone();
-        tokio::spawn(async move { load(&store, 12, 300, 200).await })
+        tokio::spawn(async move { load(store.as_ref(), 12, 300, 200).await })
     };
     for _ in 0..2 {
         let report = live.rebuild("projects", &|_, _| {}).await.expect("rebuild");
@@ -340,8 +215,7 @@ async fn rebuild_while_queries_run(postgres: bool) {
     }
     let (ids, _) = writer.await.expect("writer");
     let head = store.head().await.expect("head");
-    let last = Position::new(0, head.next_offset(0) - 1);
-    assert!(live.wait_for(last, Duration::from_secs(60)).await, "the live view did not catch up");
+    assert!(caught_up(live.as_ref(), &head, CATCH_UP).await, "the live view did not catch up");
     stop.store(true, Ordering::SeqCst);
     for reader in readers {
         reader.await.expect("a reader failed");
@@ -354,21 +228,14 @@ async fn rebuild_while_queries_run(postgres: bool) {
     all_ids.sort();
     all_ids.dedup();
     let fresh = Arc::new(Place::fresh(postgres).open(schema()).await.expect("fresh"));
-    replay(&store, fresh.clone(), last).await;
+    replay(&store, fresh.clone(), &head).await;
     let rebuilt = dump(view.as_ref(), &all_ids).await;
     assert!(rebuilt.0.len() > 100);
     assert_eq!(rebuilt, dump(fresh.as_ref(), &all_ids).await, "the swapped-in view differs from a fresh replay");
+    assert_eq!(view.position().await.expect("position"), head, "the swapped-in view's checkpoint");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_rebuild_while_queries_run() {
-    rebuild_while_queries_run(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_rebuild_while_queries_run() {
-    rebuild_while_queries_run(false).await;
-}
+on_every_store!(rebuild_while_queries_run, rebuild_while_queries_run, 4);
 
 /// The secondary indexes (primary key left out) of `table` at `place`,
 /// read from the database's catalog.
@@ -414,19 +281,20 @@ async fn secondary_indexes(place: &Place, table: &str) -> i64 {
 /// events in many batches: the swapped-in copy equals a fresh replay and
 /// the in-memory view, and has the indexes of its filterable and sortable
 /// fields.
-async fn rebuild_in_tiny_batches(postgres: bool) {
-    let store = InMemoryStore::<Project>::new();
-    let (ids, last) = load(&store, 21, 700, 60).await;
+async fn rebuild_in_tiny_batches(backend: Backend, postgres: bool) {
+    let Some(log) = TestStore::<Project>::fresh(backend).await else { return };
+    let store = log.store.clone();
+    let (ids, written) = load(store.as_ref(), 21, 700, 60).await;
     let place = Place::fresh(postgres);
     let Some(view) = place.open(schema()).await else { return };
     let view = Arc::new(view);
     let report = runner(&store, view.clone(), 3).rebuild("projects", &|_, _| {}).await.expect("rebuild");
     assert!(report.events >= 700, "events rebuilt: {report:?}");
-    assert!(view.position().await.expect("position").covers(last));
+    assert!(view.position().await.expect("position").covers_all(&written));
     let fresh = Arc::new(Place::fresh(postgres).open(schema()).await.expect("fresh"));
-    replay(&store, fresh.clone(), last).await;
+    replay(&store, fresh.clone(), &written).await;
     let memory = Arc::new(InMemoryView::new(schema()).expect("memory view"));
-    replay(&store, memory.clone(), last).await;
+    replay(&store, memory.clone(), &written).await;
     let rebuilt = dump(view.as_ref(), &ids).await;
     assert!(rebuilt.0.len() > 30, "too few rows to mean anything: {}", rebuilt.0.len());
     assert_eq!(rebuilt, dump(fresh.as_ref(), &ids).await, "rebuilt view differs from a fresh replay");
@@ -438,15 +306,7 @@ async fn rebuild_in_tiny_batches(postgres: bool) {
     assert_eq!(secondary_indexes(&place, "view_projects").await, 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_rebuild_in_tiny_batches_equals_a_fresh_replay() {
-    rebuild_in_tiny_batches(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_rebuild_in_tiny_batches_equals_a_fresh_replay() {
-    rebuild_in_tiny_batches(false).await;
-}
+on_every_store!(rebuild_in_tiny_batches_equals_a_fresh_replay, rebuild_in_tiny_batches, 2);
 
 fn change(id: &str, version: u64, name: &str) -> RowChange {
     let mut row = Row::new();
@@ -464,13 +324,14 @@ fn at(offset: u64) -> Checkpoint {
 /// A rebuild that stops before its swap (the process ends): the live copy
 /// serves unchanged throughout, the shadow's checkpoint matches its rows,
 /// and the next rebuild starts over from an empty shadow.
-async fn rebuild_stopped_before_the_swap(postgres: bool) {
-    let store = InMemoryStore::<Project>::new();
-    let (ids, last) = load(&store, 31, 300, 40).await;
+async fn rebuild_stopped_before_the_swap(backend: Backend, postgres: bool) {
+    let Some(log) = TestStore::<Project>::fresh(backend).await else { return };
+    let store = log.store.clone();
+    let (ids, written) = load(store.as_ref(), 31, 300, 40).await;
     let place = Place::fresh(postgres);
     let Some(view) = place.open(schema()).await else { return };
     let view = Arc::new(view);
-    replay(&store, view.clone(), last).await;
+    replay(&store, view.clone(), &written).await;
     let before = dump(view.as_ref(), &ids).await;
     let position = view.position().await.expect("position");
 
@@ -510,12 +371,4 @@ async fn rebuild_stopped_before_the_swap(postgres: bool) {
     assert_eq!(secondary_indexes(&place, "view_projects").await, 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_rebuild_stopped_before_the_swap_starts_over() {
-    rebuild_stopped_before_the_swap(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_rebuild_stopped_before_the_swap_starts_over() {
-    rebuild_stopped_before_the_swap(false).await;
-}
+on_every_store!(rebuild_stopped_before_the_swap_starts_over, rebuild_stopped_before_the_swap, 2);

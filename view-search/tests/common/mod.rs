@@ -1,7 +1,9 @@
 //! Test helpers: a search view in a temporary directory that lives as long
-//! as the view.
+//! as the view; fresh event stores in [`stores`].
 
 #![allow(dead_code)]
+
+pub mod stores;
 
 use std::collections::HashMap;
 use std::sync::Arc;

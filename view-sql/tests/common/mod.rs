@@ -1,7 +1,11 @@
 //! Fresh views for tests: PostgreSQL (one schema per view) and SQLite (one
-//! temporary file per view).
+//! temporary file per view); fresh event stores in [`stores`]; the
+//! projects fixture of the projection tests in [`projects`].
 
 #![allow(dead_code)]
+
+pub mod projects;
+pub mod stores;
 
 use std::path::PathBuf;
 
