@@ -1,6 +1,11 @@
 //! Against librdkafka's in-process mock cluster (no broker needed): KES's
 //! partitioner is the one other clients use, so every client agrees where an
 //! aggregate lives.
+//!
+//! A `KafkaStore` cannot connect to the mock cluster: it creates its topics
+//! and reads their configuration back, and the mock cluster answers neither
+//! CreateTopics nor DescribeConfigs. Faults on a running store are injected
+//! on the wire in front of a real broker instead (`unknown_outcome.rs`).
 
 use std::time::Duration;
 
