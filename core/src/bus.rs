@@ -4,11 +4,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::aggregate::Aggregate;
 use crate::envelope::{Metadata, Position};
+use crate::locks::KeyedLocks;
 use crate::store::{Appended, EventStore, ExpectedVersion, StoreError};
 
 /// Why a command produced no events.
@@ -130,7 +131,7 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
         Self {
             store,
             conflict_retry_for: config.conflict_retry_for,
-            locks: KeyedLocks::new(config.lock_shards.max(1)),
+            locks: KeyedLocks::new(config.lock_shards),
             recent: Mutex::new(IdempotencyCache::new(config.idempotency_capacity, config.idempotency_ttl)),
             _aggregate: PhantomData,
         }
@@ -291,57 +292,6 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
     }
 }
 
-/// One shard of the lock table: aggregate id → its lock.
-type LockShard = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
-
-/// Per-key async locks whose table entries disappear when unused.
-struct KeyedLocks {
-    hasher: RandomState,
-    shards: Box<[LockShard]>,
-}
-
-struct KeyedGuard<'a> {
-    locks: &'a KeyedLocks,
-    key: String,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl KeyedLocks {
-    fn new(shards: usize) -> Self {
-        Self { hasher: RandomState::new(), shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect() }
-    }
-
-    fn shard(&self, key: &str) -> &LockShard {
-        let i = self.hasher.hash_one(key) as usize % self.shards.len();
-        &self.shards[i]
-    }
-
-    async fn lock(&self, key: &str) -> KeyedGuard<'_> {
-        let lock = {
-            let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-            shard.entry(key.to_owned()).or_default().clone()
-        };
-        KeyedGuard { locks: self, key: key.to_owned(), guard: Some(lock.lock_owned().await) }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
-    }
-}
-
-impl Drop for KeyedGuard<'_> {
-    fn drop(&mut self) {
-        let mut shard = self.locks.shard(&self.key).lock().unwrap_or_else(|p| p.into_inner());
-        // The table and this guard hold the only references: nobody else
-        // waits for this key, so the entry can go.
-        if shard.get(&self.key).is_some_and(|entry| Arc::strong_count(entry) == 2) {
-            shard.remove(&self.key);
-        }
-        self.guard.take();
-    }
-}
-
 /// Recently used idempotency keys, bounded in count and age.
 struct IdempotencyCache {
     capacity: usize,
@@ -410,16 +360,5 @@ mod tests {
         let mut short = IdempotencyCache::new(10, Duration::ZERO);
         short.put("a".into(), "k".into(), appended(1));
         assert_eq!(short.get("a", "k"), None);
-    }
-
-    #[tokio::test]
-    async fn keyed_locks_forget_unused_keys() {
-        let locks = KeyedLocks::new(4);
-        {
-            let _a = locks.lock("a").await;
-            let _b = locks.lock("b").await;
-            assert_eq!(locks.len(), 2);
-        }
-        assert_eq!(locks.len(), 0);
     }
 }

@@ -15,6 +15,7 @@
 //! | [`codec`] | the payload [`Codec`] seam, [`JsonCodec`], upcasters |
 //! | [`store`] | the [`EventStore`] contract, [`ExpectedVersion`], [`StoreError`] |
 //! | [`bus`] | [`CommandBus`]: one command at a time per aggregate, idempotent retries |
+//! | [`locks`] | [`KeyedLocks`]: one turn at a time per key (the bus's per-aggregate lock table, shared with stores) |
 //! | [`history`] | the audit history page by page: [`StoreHistory`], or a [`HistoryProjection`] read by [`ViewHistory`] |
 //! | [`view`] | [`ViewSchema`], [`ListQuery`], [`Page`], the [`ListView`] / [`ViewStore`] contracts |
 //! | [`projection`] | [`Projection`], [`ViewProjection`], [`ProjectionRunner`] (batches, checkpoints, rebuild, lag) |
@@ -100,6 +101,7 @@ pub mod codec;
 pub mod conformance;
 pub mod envelope;
 pub mod history;
+pub mod locks;
 pub mod memory;
 pub mod projection;
 pub mod store;
@@ -114,6 +116,7 @@ pub use history::{
     History, HistoryError, HistoryPage, HistoryProjection, HistoryRecord, StoreHistory, ViewHistory, history_schema,
     store_page,
 };
+pub use locks::{KeyedGuard, KeyedLocks};
 pub use memory::{InMemoryStore, InMemoryView};
 pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildReport, RunnerConfig,

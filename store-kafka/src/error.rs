@@ -111,6 +111,12 @@ impl From<KafkaStoreError> for StoreError {
     }
 }
 
+impl From<KafkaStoreError> for kes_core::ProjectionError {
+    fn from(e: KafkaStoreError) -> Self {
+        kes_core::ProjectionError::Store(e.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,11 +174,32 @@
 //!   producer uses after a message timed out: the store replaces its
 //!   producer after a timed-out send;
 //! - it deletes every record of a topic with `retention.ms=-1`.
+//!
+//! ## Reading the source
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | `store` | [`KafkaStore`], the state its clones share, the [`kes_core::EventStore`] methods (each delegates) |
+//! | `append` | one command's record: checked against the table, sent, applied once acknowledged |
+//! | `reads` | watermarks, bounded reads, a stream's pages, subscriptions |
+//! | `recovery` | the start-up load and catch-up; a partition read again after an unknown outcome |
+//! | `table` | the in-memory table: rows, record offsets, per-partition progress, the read cache |
+//! | `table_writer` | table records (delayed, one per aggregate at a time, retried) and `flush` |
+//! | `topics` | creating the topics, refusing unsafe configurations, partition counts |
+//! | `client` | librdkafka settings, the producer and the consumers |
+//! | [`record`] | the JSON documents on both topics |
 
+mod append;
+mod client;
 mod config;
 mod error;
+mod reads;
 pub mod record;
+mod recovery;
 mod store;
+mod table;
+mod table_writer;
+mod topics;
 
 pub use config::{KafkaConfig, THOUSAND_YEARS_MS};
 pub use error::KafkaStoreError;

@@ -1,0 +1,134 @@
+//! Client settings: what every librdkafka client of the store shares, the
+//! producer's and the consumers' own settings, and the producer slot that
+//! replaces a producer left unusable by a failed send. Only here does the
+//! store decide how it talks to the brokers.
+
+use std::sync::{Arc, RwLock};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::producer::{FutureProducer, Producer};
+
+use crate::config::KafkaConfig;
+use crate::error::KafkaStoreError;
+
+/// Fetch size of scans and subscriptions.
+const SCAN_FETCH_BYTES: u64 = 1 << 20;
+
+/// `fetch.wait.max.ms` of reads that know where they end (start-up scans,
+/// `read`): the data is there, so a fetch has no reason to wait. It matters
+/// on brokers that hold every fetch answer for the whole wait even when
+/// they have data (Tansu 0.6 does): there each fetch of a bounded read
+/// would cost the wait. Subscriptions, which wait at the head of the log
+/// for new records, keep [`FOLLOW_FETCH_WAIT_MS`].
+pub(crate) const BOUNDED_FETCH_WAIT_MS: u32 = 5;
+
+/// `fetch.wait.max.ms` of subscriptions: how long an idle follower's fetch
+/// waits at the head of the log (latency of a new record at worst).
+pub(crate) const FOLLOW_FETCH_WAIT_MS: u32 = 100;
+
+/// Upper bound of one fetch response, over all partitions. Kafka brokers
+/// size a response by `max.partition.fetch.bytes`; some compatible brokers
+/// (Tansu) only by this request-wide bound, and assemble the whole response
+/// before sending any of it: a large bound there means long silences while
+/// reading a big topic. It stays above the largest record a producer sends
+/// (`message.max.bytes`, 1,000,000 by default), which such a broker would
+/// otherwise never return.
+const FETCH_MAX_BYTES: u64 = 1 << 20;
+
+/// The settings every client shares, then the user's overrides.
+pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    let timeout = config.request_timeout.as_millis().to_string();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("socket.timeout.ms", &timeout)
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("log_level", "3");
+    for (k, v) in &config.client {
+        c.set(k, v);
+    }
+    c
+}
+
+pub(crate) fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaStoreError> {
+    let mut c = client_config(config);
+    let timeout = config.request_timeout.as_millis();
+    // Every append waits for its record: lingering would add to each
+    // command's latency. Under concurrency records still share requests,
+    // since they queue while earlier requests are in flight.
+    if !config.client.contains_key("linger.ms") {
+        c.set("linger.ms", "0");
+    }
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", timeout.to_string())
+        .set("request.timeout.ms", timeout.clamp(100, 30_000).to_string());
+    c.create().map_err(|e| KafkaStoreError::from_kafka("producer", &e))
+}
+
+/// A consumer for assign + seek reads. It keeps librdkafka's deep
+/// prefetch queue, so that fetches overlap with the caller's work (a
+/// shallow queue starves on brokers with slow fetches). `wait_ms` is its
+/// `fetch.wait.max.ms` ([`BOUNDED_FETCH_WAIT_MS`] or
+/// [`FOLLOW_FETCH_WAIT_MS`]).
+pub(crate) fn create_consumer(
+    config: &KafkaConfig,
+    eof: bool,
+    wait_ms: u32,
+) -> Result<StreamConsumer, KafkaStoreError> {
+    let mut c = client_config(config);
+    c.set("max.partition.fetch.bytes", SCAN_FETCH_BYTES.clamp(1024, FETCH_MAX_BYTES).to_string())
+        .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
+    // librdkafka wants a group id even for assign(); nothing is ever
+    // committed to it (checkpoints belong to the readers).
+    c.set("group.id", format!("{}.kes-readers", config.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", if eof { "true" } else { "false" })
+        .set("fetch.wait.max.ms", wait_ms.to_string());
+    c.create().map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
+}
+
+/// The producer every send of the store uses. Replaced when librdkafka
+/// reports a fatal producer error, or after a send that failed for lack of
+/// an answer (see [`ProducerSlot::replace_failed`]).
+pub(crate) struct ProducerSlot {
+    current: RwLock<Arc<FutureProducer>>,
+}
+
+impl ProducerSlot {
+    pub(crate) fn new(producer: Arc<FutureProducer>) -> Self {
+        Self { current: RwLock::new(producer) }
+    }
+
+    /// The producer to send with now.
+    pub(crate) fn current(&self) -> Arc<FutureProducer> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Starts a fresh producer in place of `failed` after a fatal error or
+    /// (`after_timeout`) a send that failed for lack of an answer.
+    ///
+    /// Why the latter: an idempotent librdkafka producer whose message
+    /// timed out bumps its epoch locally and keeps producing with it; some
+    /// brokers (Tansu 0.6.0) cannot handle an epoch they never issued. A
+    /// fresh producer asks the broker for a new producer id instead.
+    pub(crate) fn replace_failed(&self, config: &KafkaConfig, failed: &Arc<FutureProducer>, after_timeout: bool) {
+        let fatal = failed.client().fatal_error();
+        if fatal.is_none() && !after_timeout {
+            return;
+        }
+        let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, failed) {
+            match create_producer(config) {
+                Ok(fresh) => {
+                    tracing::warn!(?fatal, "producer replaced after a failed send");
+                    *slot = Arc::new(fresh);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot replace the failed producer"),
+            }
+        }
+    }
+}

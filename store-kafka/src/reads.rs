@@ -1,0 +1,434 @@
+//! Reading the topics: high watermarks, bounded reads (a scan of offset
+//! ranges, a fetch of given offsets, a stream's page of events built from
+//! its records), and the endless subscription to the events topic.
+//! Nothing here changes the table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream;
+use kes_core::{Aggregate, Checkpoint, Codec, Envelope, EventStream, Position, StoreError};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::Producer;
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::client::{BOUNDED_FETCH_WAIT_MS, FOLLOW_FETCH_WAIT_MS, create_consumer};
+use crate::error::{KafkaStoreError, is_transient};
+use crate::record::EventsDoc;
+use crate::store::Inner;
+
+/// `read` fetches a stream's records by offset; from one of them to the
+/// next it reads through up to this many other records rather than seek.
+/// A seek costs a new fetch round trip, and on brokers that answer every
+/// fetch with up to `fetch.max.bytes` whatever the partition bound (Tansu
+/// 0.6: about 2,000 records of a few hundred bytes, each looked up on its
+/// own) a seek costs as much as reading that far ahead. On Apache Kafka
+/// reading through 2,048 small records costs about a megabyte of transfer.
+const READ_THROUGH_RECORDS: u64 = 2048;
+
+impl<A: Aggregate> Inner<A> {
+    /// High watermarks of the events topic's partitions (or, at start, of
+    /// the table topic's): `partitions` of them, of `topic`.
+    pub(crate) async fn high_watermarks(&self, topic: &str, partitions: u32) -> Result<Vec<u64>, KafkaStoreError> {
+        let producer = self.producer();
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        let started = Instant::now();
+        let marks = tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+                    producer
+                        .client()
+                        .fetch_watermarks(&topic, p as i32, Timeout::After(left))
+                        .map(|(_, high)| u64::try_from(high).unwrap_or(0))
+                })
+                .collect::<Result<Vec<u64>, KafkaError>>()
+        })
+        .await
+        .map_err(|e| KafkaStoreError::Broker(format!("watermarks: {e}")))?;
+        marks.map_err(|e| KafkaStoreError::from_kafka("watermarks", &e))
+    }
+
+    /// The events topic's head: the next offset of every partition that
+    /// holds records.
+    pub(crate) async fn head(&self) -> Result<Checkpoint, StoreError> {
+        let marks = self.high_watermarks(&self.events_topic, self.partitions).await?;
+        let mut head = Checkpoint::start();
+        for (p, high) in marks.into_iter().enumerate() {
+            if high > 0 {
+                head.set_next(p as u32, high);
+            }
+        }
+        Ok(head)
+    }
+
+    /// Reads `topic` partition by partition from each start offset up to
+    /// (excluding) each end offset, calling `f` on every record in order.
+    /// Fails with `Unavailable` when no record arrives for the request
+    /// timeout.
+    pub(crate) async fn scan(
+        &self,
+        topic: &str,
+        ranges: &[(u32, u64, u64)],
+        mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
+    ) -> Result<(), KafkaStoreError> {
+        let mut open: HashMap<i32, u64> =
+            ranges.iter().filter(|(_, from, to)| from < to).map(|(p, _, to)| (*p as i32, *to)).collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let consumer = create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS)?;
+        assign_ranges(&consumer, topic, ranges)?;
+        let idle = self.config.request_timeout;
+        let mut deadline = Instant::now() + idle;
+        while !open.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(left, consumer.recv()).await;
+            match next {
+                Err(_) => {
+                    return Err(KafkaStoreError::Unavailable(format!(
+                        "reading {topic}: nothing received for {idle:?} ({} partitions unfinished)",
+                        open.len()
+                    )));
+                }
+                Ok(Ok(message)) => {
+                    deadline = Instant::now() + idle;
+                    let p = message.partition();
+                    let Some(end) = open.get(&p).copied() else { continue };
+                    let offset = u64::try_from(message.offset()).unwrap_or(0);
+                    if offset >= end {
+                        open.remove(&p);
+                        continue;
+                    }
+                    f(&message)?;
+                    if offset + 1 >= end {
+                        open.remove(&p);
+                    }
+                }
+                Ok(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                Ok(Err(e)) if e.rdkafka_error_code().is_some_and(is_transient) => {
+                    tracing::debug!(topic, error = %e, "transient error while reading; librdkafka retries");
+                }
+                Ok(Err(e)) => return Err(KafkaStoreError::from_kafka(&format!("reading {topic}"), &e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the records at `offsets` (ascending) of one partition: reads
+    /// through gaps of up to [`READ_THROUGH_RECORDS`] other records and
+    /// seeks over longer ones, so a stream whose records lie close together
+    /// costs a few sequential fetches, and one spread thin costs a fetch
+    /// per stretch, never one per record of the partition.
+    async fn fetch_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offsets: &[u64],
+        mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
+    ) -> Result<(), KafkaStoreError> {
+        let Some(first) = offsets.first() else { return Ok(()) };
+        let consumer = create_consumer(&self.config, false, BOUNDED_FETCH_WAIT_MS)?;
+        assign_at(&consumer, topic, partition, *first)?;
+        let idle = self.config.request_timeout;
+        let mut deadline = Instant::now() + idle;
+        let mut i = 0;
+        let mut retries = 0;
+        while i < offsets.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = match tokio::time::timeout(left, consumer.recv()).await {
+                Err(_) => {
+                    return Err(KafkaStoreError::Unavailable(format!(
+                        "reading {topic}: record {partition}:{} not received within {idle:?}",
+                        offsets[i]
+                    )));
+                }
+                Ok(Err(e)) if e.rdkafka_error_code().is_some_and(is_transient) => continue,
+                Ok(Err(e)) => return Err(KafkaStoreError::from_kafka(&format!("reading {topic}"), &e)),
+                Ok(Ok(m)) => m,
+            };
+            deadline = Instant::now() + idle;
+            let offset = u64::try_from(message.offset()).unwrap_or(0);
+            let wanted = offsets[i];
+            if offset < wanted {
+                continue;
+            }
+            if offset > wanted {
+                // Stale prefetch from before a jump, or the record is gone.
+                retries += 1;
+                if retries > 3 {
+                    return Err(missing_record(topic, Position::new(partition, wanted)));
+                }
+                assign_at(&consumer, topic, partition, wanted)?;
+                continue;
+            }
+            retries = 0;
+            f(&message)?;
+            i += 1;
+            if let Some(next) = offsets.get(i).filter(|n| **n > offset + READ_THROUGH_RECORDS) {
+                assign_at(&consumer, topic, partition, *next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At most `limit` events of `id` after version `after`, oldest first.
+    ///
+    /// The row knows the offsets of the aggregate's records, so only they
+    /// are fetched (see [`Inner::fetch_at`]), and only those that can hold
+    /// the page: record `i` (from 0) holds versions from `i + 1` on, so
+    /// records from index `after + limit` on are never needed; when every
+    /// record holds one event (most aggregates), record `i` is version
+    /// `i + 1` and the page is exactly records `after..after + limit`.
+    /// While the row's records are all in the read cache, nothing is
+    /// fetched.
+    pub(crate) async fn read_stream(
+        self: &Arc<Self>,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope<A::Event>>, StoreError> {
+        let p = self.partition_checked(id)?;
+        self.resync_if_uncertain(p).await?;
+        let Some(records) = self.stream_records(id) else { return Ok(Vec::new()) };
+        if after >= records.version || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let pick = PageSelection::new(after, limit, records.version, records.offsets.len());
+        let topic = &self.events_topic;
+        let mut page = PageCollector {
+            id,
+            topic,
+            codec: &*self.codec,
+            after,
+            wanted_end: pick.wanted_end,
+            have: if pick.one_per_record { after } else { 0 },
+            events: Vec::new(),
+        };
+        let offsets = &records.offsets;
+        let cached = records.history.filter(|h| h.len() == offsets.len() && !h.is_empty());
+        if let Some(history) = cached {
+            for (value, offset) in history.iter().zip(offsets).skip(pick.skip).take(pick.take.saturating_sub(pick.skip))
+            {
+                page.keep(Position::new(p, *offset), Some(id.as_bytes()), Some(value))?;
+            }
+        } else if offsets.is_empty() {
+            let range = [(p, records.from, records.to)];
+            self.scan(topic, &range, |m| page.keep(Position::new(p, m.offset() as u64), m.key(), m.payload())).await?;
+        } else {
+            let selected = offsets.get(pick.skip..pick.take).unwrap_or_default();
+            self.fetch_at(topic, p, selected, |m| page.keep(Position::new(p, m.offset() as u64), m.key(), m.payload()))
+                .await?;
+        }
+        Ok(page.events)
+    }
+
+    /// What the table knows of the records of `id`, copied out so that the
+    /// table is unlocked while they are read.
+    fn stream_records(&self, id: &str) -> Option<StreamRecords> {
+        self.table().rows.get(id).map(|r| StreamRecords {
+            from: r.first_offset,
+            to: r.last_offset + 1,
+            version: r.version,
+            offsets: r.offsets.to_vec(r.first_offset),
+            history: r.history.as_deref().cloned(),
+        })
+    }
+
+    /// An endless stream of the events topic's records from `from` on (see
+    /// [`Reader`]).
+    pub(crate) fn subscribe(&self, from: &Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
+        let consumer = create_consumer(&self.config, false, FOLLOW_FETCH_WAIT_MS)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            let next = from.next_offset(p);
+            let offset =
+                if next == 0 { Offset::Beginning } else { Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX)) };
+            tpl.add_partition_offset(&self.events_topic, p as i32, offset)
+                .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
+        }
+        consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
+        let reader = Reader { consumer, topic: self.events_topic.clone(), codec: Arc::clone(&self.codec) };
+        let stream = stream::unfold(reader, |reader| async move {
+            let item = reader.next().await;
+            Some((item, reader))
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// Assigns `consumer` to `ranges` (partition, from, to) of `topic`, each
+/// from its start; empty ranges are left out.
+fn assign_ranges(consumer: &StreamConsumer, topic: &str, ranges: &[(u32, u64, u64)]) -> Result<(), KafkaStoreError> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, from, _) in ranges.iter().filter(|(_, from, to)| from < to) {
+        let offset = if *from == 0 { Offset::Beginning } else { Offset::Offset(*from as i64) };
+        tpl.add_partition_offset(topic, *p as i32, offset).map_err(|e| KafkaStoreError::from_kafka("assign", &e))?;
+    }
+    consumer.assign(&tpl).map_err(|e| KafkaStoreError::from_kafka("assign", &e))
+}
+
+/// Assigns `consumer` to `partition` of `topic` alone, from offset `at`
+/// (a seek that drops what was prefetched).
+fn assign_at(consumer: &StreamConsumer, topic: &str, partition: u32, at: u64) -> Result<(), KafkaStoreError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, Offset::Offset(at as i64))
+        .and_then(|()| consumer.assign(&tpl))
+        .map_err(|e| KafkaStoreError::from_kafka("assign", &e))
+}
+
+/// The record the table lists at `at` is not in the partition.
+fn missing_record(topic: &str, at: Position) -> KafkaStoreError {
+    KafkaStoreError::Corrupt {
+        topic: topic.to_owned(),
+        position: at,
+        aggregate_id: None,
+        version: 0,
+        reason: "the record is missing from the partition".into(),
+    }
+}
+
+/// A row's records as `read_stream` needs them.
+struct StreamRecords {
+    /// The row's first and (excluding) past its last records' offsets.
+    from: u64,
+    to: u64,
+    version: u64,
+    /// Every record's offset, ascending (empty when unknown).
+    offsets: Vec<u64>,
+    /// The records' values, while the read cache holds them.
+    history: Option<Vec<Arc<[u8]>>>,
+}
+
+/// Which of a stream's records one page needs: records `skip..take` of
+/// the row's list.
+struct PageSelection {
+    /// The page ends at this version (included).
+    wanted_end: u64,
+    /// Every record holds one event: record `i` is version `i + 1`.
+    one_per_record: bool,
+    skip: usize,
+    take: usize,
+}
+
+impl PageSelection {
+    /// The records that can hold the events after `after`, at most `limit`
+    /// of them, of a stream at `version` with `records` records.
+    fn new(after: u64, limit: usize, version: u64, records: usize) -> Self {
+        let wanted_end = after.saturating_add(u64::try_from(limit).unwrap_or(u64::MAX)).min(version);
+        let one_per_record = records as u64 == version;
+        let skip = if one_per_record { usize::try_from(after).unwrap_or(usize::MAX) } else { 0 };
+        let take = usize::try_from(wanted_end).unwrap_or(usize::MAX).min(records);
+        Self { wanted_end, one_per_record, skip, take }
+    }
+}
+
+/// Builds one page of a stream from its records, in log order.
+struct PageCollector<'a, E> {
+    id: &'a str,
+    topic: &'a str,
+    codec: &'a dyn Codec<E>,
+    /// The page starts after this version.
+    after: u64,
+    /// The page ends at this version (included).
+    wanted_end: u64,
+    /// The last version seen, kept or not: records continue it.
+    have: u64,
+    events: Vec<Envelope<E>>,
+}
+
+impl<E: 'static> PageCollector<'_, E> {
+    /// Takes the page's events from the record at `at`; records of other
+    /// aggregates, and records before or past the page, are passed over.
+    fn keep(&mut self, at: Position, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<(), KafkaStoreError> {
+        if key != Some(self.id.as_bytes()) {
+            return Ok(());
+        }
+        let doc = EventsDoc::decode(self.topic, at, key, value)?;
+        if doc.last_version <= self.have || self.have >= self.wanted_end {
+            return Ok(());
+        }
+        if doc.first_version != self.have + 1 {
+            return Err(KafkaStoreError::Corrupt {
+                topic: self.topic.to_owned(),
+                position: at,
+                aggregate_id: Some(self.id.to_owned()),
+                version: doc.first_version,
+                reason: format!("versions after {} are missing", self.have),
+            });
+        }
+        self.have = doc.last_version;
+        for raw in doc.into_raw(self.topic, at)? {
+            let version = raw.version;
+            if version <= self.after || version > self.wanted_end {
+                continue;
+            }
+            self.events.push(raw.decode(self.codec).map_err(|e| KafkaStoreError::Corrupt {
+                topic: self.topic.to_owned(),
+                position: at,
+                aggregate_id: Some(self.id.to_owned()),
+                version,
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(())
+    }
+}
+
+/// The consumer behind one subscription.
+struct Reader<E> {
+    consumer: StreamConsumer,
+    topic: String,
+    codec: Arc<dyn Codec<E>>,
+}
+
+impl<E: 'static> Reader<E> {
+    /// The next record's events. Transient consumer errors are left to
+    /// librdkafka, which reconnects by itself; the stream just waits.
+    async fn next(&self) -> Result<Vec<Envelope<E>>, StoreError> {
+        loop {
+            match self.consumer.recv().await {
+                Ok(m) => {
+                    let at = Position::new(m.partition() as u32, m.offset() as u64);
+                    let doc = EventsDoc::decode(&self.topic, at, m.key(), m.payload())?;
+                    return doc.into_raw(&self.topic, at)?.into_iter().map(|raw| raw.decode(&*self.codec)).collect();
+                }
+                Err(e) if e.rdkafka_error_code().is_some_and(is_transient) => {
+                    tracing::debug!(topic = %self.topic, error = %e, "subscription waiting for the broker");
+                }
+                Err(e) => return Err(KafkaStoreError::from_kafka("subscription", &e).into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pick(after: u64, limit: usize, version: u64, records: usize) -> (u64, bool, usize, usize) {
+        let s = PageSelection::new(after, limit, version, records);
+        (s.wanted_end, s.one_per_record, s.skip, s.take)
+    }
+
+    #[test]
+    fn a_page_needs_only_the_records_that_can_hold_it() {
+        // One event per record: exactly the page's records.
+        assert_eq!(pick(1, 2, 5, 5), (3, true, 1, 3));
+        assert_eq!(pick(0, usize::MAX, 4, 4), (4, true, 0, 4), "a whole read");
+        assert_eq!(pick(3, 10, 5, 5), (5, true, 3, 5), "a page past the end stops at the version");
+        // Records of several events: from the first record up to the one
+        // that can hold the page's last version.
+        assert_eq!(pick(2, 1, 5, 3), (3, false, 0, 3));
+        assert_eq!(pick(0, 1, 5, 3), (1, false, 0, 1));
+        // Offsets unknown: nothing selected (the partition is scanned).
+        assert_eq!(pick(0, 2, 3, 0), (2, false, 0, 0));
+    }
+}
