@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use kes_core::codec::encode_all;
 use kes_core::{Aggregate, Appended, ExpectedVersion, Metadata, Position, StoreError};
+use rdkafka::Message;
 use rdkafka::producer::FutureRecord;
 
 use crate::error::KafkaStoreError;
@@ -163,9 +164,75 @@ impl<A: Aggregate> Inner<A> {
                 return Err(error);
             }
         };
-        let position =
-            Position::new(u32::try_from(delivery.partition).unwrap_or(p), u64::try_from(delivery.offset).unwrap_or(0));
+        let position = match u64::try_from(delivery.offset) {
+            Ok(offset) => Position::new(u32::try_from(delivery.partition).unwrap_or(p), offset),
+            // Delivered without an offset: the broker had stored a resent
+            // batch already (Tansu answers DUPLICATE_SEQUENCE_NUMBER, which
+            // librdkafka reports as a delivery at -1). The record is in the
+            // log; find where by its first event id.
+            Err(_) => match self.locate_delivered(p, id, send_id, prepared).await {
+                Ok(Some(position)) => position,
+                located => {
+                    let mut table = self.table();
+                    let log = &mut table.logs[p as usize];
+                    let floor = log.in_flight.remove(&send_id).unwrap_or(log.end);
+                    log.uncertain_from = Some(log.uncertain_from.map_or(floor, |u| u.min(floor)));
+                    drop(table);
+                    let why = match located {
+                        Err(e) => e.to_string(),
+                        _ => "the record is not between its send's floor and the high watermark".to_owned(),
+                    };
+                    return Err(StoreError::Unavailable(format!(
+                        "append: the broker acknowledged the record without its offset and it could not be found ({why})"
+                    )));
+                }
+            },
+        };
         Ok(SentRecord { send_id, position })
+    }
+
+    /// Where an acknowledged record whose offset the broker did not say
+    /// landed: read from the offset the partition had when it was sent
+    /// (nothing of this send lies below it) to the high watermark, looking
+    /// for the record of `id` whose first event is `prepared`'s. Never
+    /// guessed: `None` when it is not there.
+    async fn locate_delivered(
+        &self,
+        p: u32,
+        id: &str,
+        send_id: u64,
+        prepared: &PreparedRecord,
+    ) -> Result<Option<Position>, KafkaStoreError> {
+        let Some(first_event) = prepared.doc.events.first().map(|e| e.event_id) else { return Ok(None) };
+        let floor = {
+            let table = self.table();
+            let log = &table.logs[p as usize];
+            log.in_flight.get(&send_id).copied().unwrap_or(0)
+        };
+        let high = self.high_watermarks(&self.events_topic, self.partitions).await?;
+        let high = high.get(p as usize).copied().unwrap_or(0);
+        let topic = self.events_topic.clone();
+        let mut found = None;
+        self.scan(&topic, &[(p, floor, high)], |m| {
+            if found.is_some() || m.key() != Some(id.as_bytes()) {
+                return Ok(());
+            }
+            let Ok(offset) = u64::try_from(m.offset()) else { return Ok(()) };
+            let at = Position::new(p, offset);
+            // Another record of the stream that does not decode is not ours.
+            if let Ok(doc) = EventsDoc::decode(&topic, at, m.key(), m.payload())
+                && doc.events.first().map(|e| e.event_id) == Some(first_event)
+            {
+                found = Some(at);
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(at) = found {
+            tracing::info!(topic = %topic, position = %at, aggregate_id = id,
+                "acknowledged without an offset (a resent batch); found in the log");
+        }
+        Ok(found)
     }
 
     /// Applies an acknowledged events record to the table and schedules its

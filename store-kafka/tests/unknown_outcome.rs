@@ -666,11 +666,11 @@ async fn an_append_that_never_reached_the_broker_is_not_invented_and_its_retry_l
     assert_eq!(again.expect("second retry"), Appended { deduplicated: true, ..retried });
 }
 
+/// A resent batch the broker had stored already is acknowledged by Tansu
+/// with DUPLICATE_SEQUENCE_NUMBER, which librdkafka reports as a delivery at
+/// offset -1: the store must find the record where the broker wrote it,
+/// never take -1 for offset 0 (another aggregate's record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: when librdkafka resends a produce the broker had written (Tansu answers DUPLICATE_SEQUENCE_NUMBER, \
-            librdkafka reports a delivery at offset -1), the store acknowledges and records the append at offset 0, \
-            another aggregate's record: the answer, recall and read give 0:0 instead of 0:3, and after a restart \
-            read fails with Corrupt (versions after 0 are missing)"]
 async fn an_append_acknowledged_through_a_resend_is_found_where_the_broker_wrote_it() {
     let Some(rig) = Rig::start().await else { return };
     let store = &rig.store;
