@@ -123,17 +123,45 @@ async fn a_search_the_backend_cannot_parse_is_400_invalid_search() {
     send(&app, empty("GET", "/projects?q=%22open")).await.assert_problem(400, "invalid-search");
 }
 
+/// Another process appends version 2 between this process's load and its
+/// append. Without `If-Match` the command is decided again on version 2 and
+/// lands (no 409 for a race the client never took part in); with
+/// `If-Match: "1"` the log really moved past the client's version: 412.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_concurrent_change_is_409_without_if_match_and_412_with_it() {
+async fn a_lost_race_is_decided_again_without_if_match_and_412_with_it() {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let mut store = MockStore::new();
-    let snapshot = Snapshot { state: Project { name: "p".into(), changes: 1, ..Project::default() }, version: 1 };
-    store.expect_load().returning(move |_| Ok(Some(snapshot.clone())));
-    // Another process appended version 2 between our load and our append.
-    store.expect_append().times(2).returning(|id, expected, _, _| {
-        Err(StoreError::Conflict { aggregate: "project".into(), id: id.into(), expected, actual: 2 })
+    // The log's version: 1 until the other process's append lands.
+    let log = Arc::new(AtomicU64::new(1));
+    let at = |version: u64| Snapshot {
+        state: Project { name: "p".into(), changes: version, ..Project::default() },
+        version,
+    };
+    let (seen, first_load) = (Arc::clone(&log), Arc::new(std::sync::atomic::AtomicBool::new(true)));
+    store.expect_load().returning(move |_| {
+        // The first load of each command sees version 1 (a stale read).
+        if first_load.swap(false, Ordering::SeqCst) {
+            Ok(Some(at(1)))
+        } else {
+            Ok(Some(at(seen.load(Ordering::SeqCst))))
+        }
+    });
+    store.expect_recall().returning(|_, _| Ok(None));
+    let moved = Arc::clone(&log);
+    store.expect_append().returning(move |id, expected, events, _| {
+        // The other process's version 2 lands just before our first append.
+        let actual = moved.fetch_max(2, Ordering::SeqCst).max(2);
+        if expected != ExpectedVersion::Exact(actual) {
+            return Err(StoreError::Conflict { aggregate: "project".into(), id: id.into(), expected, actual });
+        }
+        let version = actual + events.len() as u64;
+        moved.store(version, Ordering::SeqCst);
+        Ok(Appended { version, position: Position::new(0, version), deduplicated: false })
     });
     let app = app_with(store, Arc::new(healthy_view()), HttpConfig::default());
-    send(&app, json("PATCH", "/projects/p-1", json!({ "budget": 1 }))).await.assert_problem(409, "conflict");
+    let plain = send(&app, json("PATCH", "/projects/p-1", json!({ "budget": 1 }))).await;
+    assert_eq!(plain.status, StatusCode::OK, "{}", plain.body);
+    assert_eq!(plain.header("etag"), "\"3\"", "decided again on version 2");
     let with_if_match = with_header(json("PATCH", "/projects/p-1", json!({ "budget": 1 })), "if-match", "\"1\"");
     send(&app, with_if_match).await.assert_problem(412, "precondition-failed");
 }
