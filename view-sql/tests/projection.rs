@@ -126,10 +126,9 @@ async fn crash_between_batches(backend: Backend, postgres: bool) {
         Arc::new(Crashing { inner: view.clone(), writes: AtomicUsize::new(9), crashed: AtomicBool::new(false) });
     let first = runner(&store, crashing.clone(), 16);
     first.start().await.expect("start");
-    for _ in 0..500 {
-        if crashing.crashed.load(Ordering::SeqCst) {
-            break;
-        }
+    // Waits for the observable crash; a slow machine only waits longer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !crashing.crashed.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(crashing.crashed.load(Ordering::SeqCst), "the view never crashed");
