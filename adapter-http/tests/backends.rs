@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,60 +143,14 @@ async fn essential_routes_on_kafka() {
     essential_routes(Arc::new(store), Arc::new(view)).await;
 }
 
-fn broker_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker.sh")
-}
-
-fn broker(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("bash").arg(broker_script()).args(args).output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-/// A broker of the test's own, stopped when dropped.
-struct OwnBroker {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl OwnBroker {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let broker = Self { dir, port };
-        broker.up();
-        broker
-    }
-
-    fn up(&self) {
-        broker(&["start", &self.port.to_string(), &self.dir.path().display().to_string()]).expect("start a broker");
-    }
-
-    fn down(&self) {
-        broker(&["stop", &self.dir.path().display().to_string()]).expect("stop the broker");
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        let _ = broker(&["stop", &self.dir.path().display().to_string()]);
-    }
-}
-
 /// While the broker is down, a write answers 503 with `Retry-After` and a
 /// problem body that names no internals; once it is back, the next write
 /// lands at the next version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_503_then_writes_resume() {
     // Runs wherever broker tests run: it starts a broker of its own.
-    if kes_test_support::kafka_brokers().is_none() {
-        return;
-    }
-    let own = OwnBroker::start();
-    let mut config = KafkaConfig::new(format!("127.0.0.1:{}", own.port), kes_test_support::unique_prefix("outage"));
+    let Some(own) = kes_test_support::OwnBroker::start() else { return };
+    let mut config = KafkaConfig::new(own.address(), kes_test_support::unique_prefix("outage"));
     config.request_timeout = Duration::from_secs(2);
     let store = KafkaStore::<Project>::connect(config).await.expect("a Kafka store");
     let dir = tempfile::tempdir().expect("a temp dir");

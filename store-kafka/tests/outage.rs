@@ -5,41 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{EventStore, ExpectedVersion, Metadata, StoreError};
 use kes_store_kafka::{KafkaConfig, KafkaStore};
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker.sh")
-}
-
-fn broker(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("bash").arg(script()).args(args).output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-/// Stops the dedicated broker even when the test fails.
-struct Dedicated {
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Dedicated {
-    fn drop(&mut self) {
-        let _ = broker(&["stop", &self.dir.path().display().to_string()]);
-    }
-}
 
 async fn append_one(store: &KafkaStore<Ledger>, version: u64) -> Result<u64, StoreError> {
     let event = if version == 0 { LedgerEvent::Opened } else { LedgerEvent::Added { amount: 1 } };
@@ -48,18 +18,8 @@ async fn append_one(store: &KafkaStore<Ledger>, version: u64) -> Result<u64, Sto
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_gives_typed_errors_then_recovers_without_losing_commands() {
-    // Outage tests run wherever broker tests run.
-    if common::brokers().is_none() {
-        return;
-    }
-    let dedicated = Dedicated { dir: tempfile::tempdir().expect("temp dir") };
-    let dir = dedicated.dir.path().display().to_string();
-    let port = free_port().to_string();
-    if let Err(e) = broker(&["start", &port, &dir]) {
-        kes_test_support::missing::<()>("a dedicated Kafka broker", &e);
-        return;
-    }
-    let mut config = KafkaConfig::new(format!("127.0.0.1:{port}"), common::unique_prefix());
+    let Some(own) = kes_test_support::OwnBroker::start() else { return };
+    let mut config = KafkaConfig::new(own.address(), common::unique_prefix());
     config.partitions = 1;
     config.request_timeout = Duration::from_secs(3);
     let store = KafkaStore::<Ledger>::connect(config.clone()).await.expect("connect");
@@ -68,7 +28,7 @@ async fn broker_outage_gives_typed_errors_then_recovers_without_losing_commands(
         acknowledged = append_one(&store, acknowledged).await.expect("append while up");
     }
 
-    broker(&["stop", &dir]).expect("stop");
+    own.down();
     // The broker stays down until both calls have answered. A call bounded
     // by the request timeout fails after a few of them; one that waits for
     // the broker to come back never answers, and one left to librdkafka's
@@ -89,7 +49,7 @@ async fn broker_outage_gives_typed_errors_then_recovers_without_losing_commands(
         .unwrap_or_else(|_| panic!("head still waited for the stopped broker after {bound:?}"));
     assert!(matches!(head, Err(StoreError::Unavailable(_))), "expected Unavailable from head, got {head:?}");
 
-    broker(&["start", &port, &dir]).expect("restart");
+    own.up();
     // The store heals by itself: keep trying the same command.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

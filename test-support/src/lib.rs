@@ -105,6 +105,77 @@ pub fn unique_prefix(tag: &str) -> String {
     format!("kes-test-{tag}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A Kafka broker of one test's own (`scripts/kafka-broker.sh` on a free
+/// loopback port and a temporary directory), for tests that stop and start
+/// it; stopped when dropped, even when the test fails.
+pub struct OwnBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl OwnBroker {
+    /// Starts one; `None` (by [`missing`]) when it cannot start. Runs only
+    /// where broker tests run: `None` without a shared test broker too.
+    pub fn start() -> Option<Self> {
+        kafka_brokers()?;
+        let dir = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(e) => return missing("a dedicated Kafka broker", &format!("no temp dir: {e}")),
+        };
+        let port = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+            Ok(addr) => addr.port(),
+            Err(e) => return missing("a dedicated Kafka broker", &format!("no free port: {e}")),
+        };
+        let broker = Self { dir, port };
+        match broker.script(&["start", &port.to_string()]) {
+            Ok(()) => Some(broker),
+            Err(e) => missing("a dedicated Kafka broker", &e),
+        }
+    }
+
+    /// Its bootstrap address.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (its data stays for [`OwnBroker::up`]).
+    pub fn down(&self) {
+        if let Err(e) = self.script(&["stop"]) {
+            panic!("stopping the test's broker: {e}");
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn up(&self) {
+        if let Err(e) = self.script(&["start", &self.port.to_string()]) {
+            panic!("restarting the test's broker: {e}");
+        }
+    }
+
+    /// `scripts/kafka-broker.sh COMMAND [PORT] DIR`.
+    fn script(&self, args: &[&str]) -> Result<(), String> {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .args(args)
+            .arg(self.dir.path())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        // A broker that is already down has nothing to stop.
+        let _ = self.script(&["stop"]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

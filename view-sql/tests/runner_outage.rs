@@ -14,8 +14,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -32,34 +30,6 @@ use kes_core::{
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use kes_view_sql::SqlView;
 use sqlx::Connection as _;
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka-broker.sh")
-}
-
-fn broker(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("bash").arg(script()).args(args).output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-/// Stops the test's own broker even when the test fails.
-struct Dedicated {
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Dedicated {
-    fn drop(&mut self) {
-        let _ = broker(&["stop", &self.dir.path().display().to_string()]);
-    }
-}
 
 /// Appends one command, retrying while the store reports itself
 /// unavailable (a broker coming back), until `deadline`.
@@ -79,19 +49,9 @@ async fn append_when_up(store: &Store, id: &str, deadline: Instant) -> Appended 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_following_kafka_keeps_running_through_a_broker_stop_and_start() {
-    // Outage tests run wherever broker tests run.
-    if kes_test_support::kafka_brokers().is_none() {
-        return;
-    }
     let started = Instant::now();
-    let dedicated = Dedicated { dir: tempfile::tempdir().expect("temp dir") };
-    let dir = dedicated.dir.path().display().to_string();
-    let port = free_port().to_string();
-    if let Err(e) = broker(&["start", &port, &dir]) {
-        kes_test_support::missing::<()>("a dedicated Kafka broker", &e);
-        return;
-    }
-    let mut config = KafkaConfig::new(format!("127.0.0.1:{port}"), kes_test_support::unique_prefix("vsql-outage"));
+    let Some(own) = kes_test_support::OwnBroker::start() else { return };
+    let mut config = KafkaConfig::new(own.address(), kes_test_support::unique_prefix("vsql-outage"));
     config.partitions = 3;
     config.request_timeout = Duration::from_secs(3);
     let store: Store = Arc::new(KafkaStore::<Project>::connect(config.clone()).await.expect("connect"));
@@ -109,7 +69,7 @@ async fn a_runner_following_kafka_keeps_running_through_a_broker_stop_and_start(
     ids.extend(before_stop);
     merge(&mut written, &just_before);
 
-    broker(&["stop", &dir]).expect("stop the broker");
+    own.down();
     // While the broker is down, the runner's status reports it (within a
     // bound far above the request timeout, so a slow machine only waits
     // longer), and the view keeps serving what it has.
@@ -124,7 +84,7 @@ async fn a_runner_following_kafka_keeps_running_through_a_broker_stop_and_start(
     let page = view.list(&ListQuery::new()).await.expect("the view serves while the broker is down");
     assert!(!page.items.is_empty());
 
-    broker(&["start", &port, &dir]).expect("restart the broker");
+    own.up();
     // The same runner, never restarted, takes what is appended next.
     let back = append_when_up(&store, "after-restart", Instant::now() + Duration::from_secs(120)).await;
     written.advance(back.position);

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../view-sql/tests/common/stores.rs"]
 pub mod stores;
 
 use std::collections::HashMap;

@@ -1,7 +1,8 @@
 //! The event stores projection tests run on: the in-memory reference, a
 //! SQLite and a PostgreSQL `SqlStore`, and a `KafkaStore` on three
 //! partitions. A test body takes the store as `Arc<dyn EventStore<A>>`, so
-//! one body runs on every backend.
+//! one body runs on every backend. Shared by the list backends' tests
+//! (kes-view-search includes this file).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +58,7 @@ impl<A: Aggregate> TestStore<A> {
                 (Arc::new(store), Keep::Dir(dir))
             }
             Backend::Postgres => {
-                let url = kes_test_support::fresh_postgres_database("vsql_store").await?;
+                let url = kes_test_support::fresh_postgres_database(&env!("CARGO_PKG_NAME").replace('-', "_")).await?;
                 let database = DroppedDatabase::new(&url);
                 let store =
                     SqlStore::<A>::open(&url).await.unwrap_or_else(|e| panic!("cannot open the store at {url}: {e}"));
@@ -66,7 +67,7 @@ impl<A: Aggregate> TestStore<A> {
             Backend::Kafka => {
                 let brokers = kes_test_support::kafka_brokers()?;
                 let turn = KAFKA_TURN.lock().await;
-                let mut config = KafkaConfig::new(brokers, kes_test_support::unique_prefix("vsql"));
+                let mut config = KafkaConfig::new(brokers, kes_test_support::unique_prefix(env!("CARGO_PKG_NAME")));
                 config.partitions = 3;
                 config.request_timeout = Duration::from_secs(30);
                 let store = match KafkaStore::<A>::connect(config).await {
