@@ -15,7 +15,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use kes_core::{
     Aggregate, CatchUp, CommandBus, CommandError, CommandOutcome, EventStore, ExpectedVersion, History, HistoryError,
-    ListQuery, ListView, Metadata, Position, ProjectionRunner, ProjectionStatus, QueryError, StoreError,
+    ListQuery, ListView, Metadata, Position, ProjectionRunner, ProjectionStatus, QueryError, StoreError, StoreGauge,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use schemars::JsonSchema;
@@ -153,6 +153,8 @@ pub(crate) trait Mount: Describe + Send + Sync {
     fn plural(&self) -> &str;
     /// Name and reachability of each backend this mount uses.
     async fn readiness(&self) -> Vec<(String, bool)>;
+    /// The aggregate type and what its store reports for `/metrics`.
+    fn store_gauges(&self) -> (&'static str, Vec<StoreGauge>);
 }
 
 /// The REST API: aggregates mounted under their plural names, plus
@@ -424,6 +426,10 @@ async fn metrics_text(State(service): State<Arc<Service>>) -> Response {
             Err(_) => tracing::warn!("projection status timed out for /metrics"),
         }
     }
+    for mount in &service.mounts {
+        let (aggregate, gauges) = mount.store_gauges();
+        service.shared.metrics.store(aggregate, &gauges);
+    }
     let mut response = service.shared.metrics.render().into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response
@@ -433,6 +439,7 @@ async fn metrics_text(State(service): State<Arc<Service>>) -> Response {
 #[async_trait]
 trait Ping: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
+    fn gauges(&self) -> Vec<StoreGauge>;
 }
 
 struct StorePing<A: Aggregate, S> {
@@ -443,6 +450,10 @@ struct StorePing<A: Aggregate, S> {
 impl<A: Aggregate, S: EventStore<A>> Ping for StorePing<A, S> {
     async fn ping(&self) -> Result<(), StoreError> {
         self.bus.store().ping().await
+    }
+
+    fn gauges(&self) -> Vec<StoreGauge> {
+        self.bus.store().gauges()
     }
 }
 
@@ -458,6 +469,10 @@ pub(crate) struct MountedDescription<A: Aggregate> {
 impl<A: Aggregate + JsonSchema> Mount for MountedDescription<A> {
     fn plural(&self) -> &str {
         &self.resource.plural
+    }
+
+    fn store_gauges(&self) -> (&'static str, Vec<StoreGauge>) {
+        (A::NAME, self.bus_store.gauges())
     }
 
     async fn readiness(&self) -> Vec<(String, bool)> {
@@ -749,8 +764,17 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
 
     async fn get_one(&self, id: String, headers: HeaderMap) -> Result<Response, HttpError> {
         check_id(&id)?;
-        // The table moves with every append (the bus reads it too), so a
-        // read by id already sees this process's writes: no token to wait for.
+        // The table moves with every append of this process; a write made
+        // through another process (several instances on one Kafka log) is
+        // there once this process's follower applied it: a token makes the
+        // read wait for that, bounded.
+        let consistency = match position_token(&headers)? {
+            None => "eventual",
+            Some(p) => {
+                let timeout = self.shared.config.consistency_timeout;
+                if self.bus.store().wait_for_position(p, timeout).await? { "caught-up" } else { "stale" }
+            }
+        };
         // The state's JSON document: stores that keep JSON hand it over
         // without decoding and encoding it again.
         let document = self.bus.store().load_document(&id).await?;
@@ -764,6 +788,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         let mut r = (StatusCode::OK, document.json).into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         r.headers_mut().insert(header::ETAG, etag(document.version));
+        r.headers_mut().insert(CONSISTENCY_HEADER, HeaderValue::from_static(consistency));
         Ok(r)
     }
 

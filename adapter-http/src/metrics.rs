@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kes_core::ProjectionStatus;
+use kes_core::{ProjectionStatus, StoreGauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 /// Commands handled, by aggregate, command and outcome.
@@ -67,6 +67,18 @@ impl Metrics {
                 let labels = [("projection", s.name.clone())];
                 metrics::gauge!(PROJECTION_LAG, &labels).set(s.lag as f64);
                 metrics::gauge!(PROJECTION_FAILING, &labels).set(if s.last_error.is_some() { 1.0 } else { 0.0 });
+            }
+        });
+    }
+
+    /// What a store reports, as `kes_store_{name}` gauges labelled with
+    /// the aggregate type.
+    pub(crate) fn store(&self, aggregate: &'static str, gauges: &[StoreGauge]) {
+        self.record(|| {
+            for g in gauges {
+                let mut labels = vec![("aggregate", aggregate.to_owned())];
+                labels.extend(g.labels.iter().map(|(k, v)| (*k, v.clone())));
+                metrics::gauge!(format!("kes_store_{}", g.name), &labels).set(g.value);
             }
         });
     }

@@ -122,7 +122,9 @@ pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildReport, RunnerConfig,
     StoredCatchUp, ViewProjection,
 };
-pub use store::{Appended, EventStore, EventStream, ExpectedVersion, Snapshot, StateDocument, StoreError};
+pub use store::{
+    Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StateDocument, StoreError, StoreGauge,
+};
 pub use view::{
     Field, FieldType, FieldValue, FilterOp, ListItem, ListQuery, ListView, Page, QueryError, Row, RowChange,
     StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema, ViewStore,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::aggregate::{Aggregate, DomainEvent};
 use crate::codec::{JsonCodec, encode_all};
 use crate::envelope::{Checkpoint, Envelope, Metadata, Position};
-use crate::store::{Appended, EventStore, EventStream, ExpectedVersion, Snapshot, StoreError};
+use crate::store::{Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StoreError};
 use crate::view::{
     Cursor, ListItem, ListQuery, ListView, Page, Row, RowChange, StoredState, ViewCopy, ViewError, ViewProgress,
     ViewSchema, ViewStore,
@@ -168,8 +168,8 @@ impl<A: Aggregate> EventStore<A> for InMemoryStore<A> {
         let stream =
             stream::unfold((store, rx, start, Vec::new()), |(store, mut rx, mut next, mut pending)| async move {
                 loop {
-                    if let Some(batch) = pending.pop() {
-                        return Some((Ok(batch), (store, rx, next, pending)));
+                    if let Some(record) = pending.pop().and_then(Logged::of) {
+                        return Some((Ok(record), (store, rx, next, pending)));
                     }
                     let found = store.appends_from(next);
                     if let Some(last) = found.last().and_then(|a: &Vec<Envelope<A::Event>>| a.last()) {

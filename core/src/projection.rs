@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::aggregate::Aggregate;
 use crate::envelope::{Checkpoint, Envelope, Position};
-use crate::store::{EventStore, StoreError};
+use crate::store::{EventStore, Logged, StoreError};
 use crate::view::{ListView, Row, RowChange, ViewCopy, ViewError, ViewProgress, ViewStore};
 
 /// Why a projection could not apply a batch.
@@ -373,8 +373,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         let mut checkpoint = Checkpoint::start();
         let mut events = 0u64;
         while !checkpoint.covers_all(&head) {
-            let batch = self.next_batch(&mut stream).await?;
-            let next = advanced(&checkpoint, &batch);
+            let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
             projection.apply(ViewCopy::Shadow, &batch, &next).await?;
             events += batch.len() as u64;
             checkpoint = next;
@@ -385,8 +384,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         let mut generation = slot.gate.lock().await;
         let head = self.store.head().await?;
         while !checkpoint.covers_all(&head) {
-            let batch = self.next_batch(&mut stream).await?;
-            let next = advanced(&checkpoint, &batch);
+            let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
             projection.apply(ViewCopy::Shadow, &batch, &next).await?;
             events += batch.len() as u64;
             checkpoint = next;
@@ -397,16 +395,23 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         Ok(RebuildReport { name: name.to_owned(), events, elapsed: started.elapsed() })
     }
 
+    /// The next records of the subscription (as many as are ready, up to
+    /// the batch size): their events, and the checkpoint past them. Void
+    /// records bring no events but still move the checkpoint.
     async fn next_batch(
         &self,
-        stream: &mut (impl futures::Stream<Item = Vec<Result<Vec<Envelope<A::Event>>, StoreError>>> + Unpin),
-    ) -> Result<Vec<Envelope<A::Event>>, ProjectionError> {
+        stream: &mut (impl futures::Stream<Item = Vec<Result<Logged<A::Event>, StoreError>>> + Unpin),
+        checkpoint: &Checkpoint,
+    ) -> Result<(Vec<Envelope<A::Event>>, Checkpoint), ProjectionError> {
         let chunk = stream.next().await.ok_or_else(|| StoreError::Unavailable("the log subscription ended".into()))?;
         let mut batch = Vec::new();
+        let mut next = checkpoint.clone();
         for item in chunk {
-            batch.extend(item?);
+            let record = item?;
+            next.advance(record.position);
+            batch.extend(record.events);
         }
-        Ok(batch)
+        Ok((batch, next))
     }
 
     async fn follow(&self, slot: &Slot<A::Event>) {
@@ -444,13 +449,13 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         loop {
             let batch = tokio::select! {
                 _ = stop.changed() => return Ok(Interrupt::Stopped),
-                batch = self.next_batch(&mut stream) => batch?,
+                batch = self.next_batch(&mut stream, &checkpoint) => batch?,
             };
+            let (batch, next) = batch;
             let gate = slot.gate.lock().await;
             if *gate != generation {
                 return Ok(Interrupt::Swapped);
             }
-            let next = advanced(&checkpoint, &batch);
             slot.projection.apply(ViewCopy::Live, &batch, &next).await?;
             drop(gate);
             checkpoint = next;
@@ -460,14 +465,6 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
             }
         }
     }
-}
-
-fn advanced<E>(checkpoint: &Checkpoint, batch: &[Envelope<E>]) -> Checkpoint {
-    let mut next = checkpoint.clone();
-    for e in batch {
-        next.advance(e.position);
-    }
-    next
 }
 
 #[async_trait]

@@ -127,9 +127,85 @@ impl StoreError {
 }
 
 /// An endless stream of the log's records in log order, one item per
-/// append (all events of one command together, so that a reader never
+/// record (all events of one command together, so that a reader never
 /// stores a checkpoint in the middle of a command).
-pub type EventStream<E> = BoxStream<'static, Result<Vec<Envelope<E>>, StoreError>>;
+pub type EventStream<E> = BoxStream<'static, Result<Logged<E>, StoreError>>;
+
+/// One record of the log as a subscription delivers it: where it is, and
+/// the events of the command it holds.
+///
+/// `events` is empty when the record is *void*: a log that arbitrates
+/// concurrent writers by a validity rule (the Kafka store with several
+/// instances) keeps records that lost a race, and every reader skips them.
+/// A void record still moves a reader's checkpoint past its position, so
+/// that a reader waiting for the head of the log reaches it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logged<E> {
+    /// Where the record is in the log.
+    pub position: Position,
+    /// Its events, in version order; empty for a void record.
+    pub events: Vec<Envelope<E>>,
+}
+
+impl<E> Logged<E> {
+    /// The record holding `events` (all of one append, so sharing one
+    /// position); `None` when there are none.
+    pub fn of(events: Vec<Envelope<E>>) -> Option<Self> {
+        let position = events.first()?.position;
+        Some(Self { position, events })
+    }
+
+    /// A void record at `position`: no events, only progress.
+    pub fn void(position: Position) -> Self {
+        Self { position, events: Vec::new() }
+    }
+
+    /// Whether the record lost to another under the log's validity rule.
+    pub fn is_void(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+impl<E> std::ops::Deref for Logged<E> {
+    type Target = [Envelope<E>];
+
+    fn deref(&self) -> &[Envelope<E>] {
+        &self.events
+    }
+}
+
+impl<E> IntoIterator for Logged<E> {
+    type Item = Envelope<E>;
+    type IntoIter = std::vec::IntoIter<Envelope<E>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.events.into_iter()
+    }
+}
+
+impl<'a, E> IntoIterator for &'a Logged<E> {
+    type Item = &'a Envelope<E>;
+    type IntoIter = std::slice::Iter<'a, Envelope<E>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.events.iter()
+    }
+}
+
+/// One figure a store reports for monitoring (see [`EventStore::gauges`]),
+/// exported by the HTTP adapter as `kes_store_{name}` with the aggregate
+/// type as a label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreGauge {
+    /// Metric name without the `kes_store_` prefix (`void_records`).
+    pub name: &'static str,
+    /// What it counts.
+    pub help: &'static str,
+    /// Extra labels (`partition`).
+    pub labels: Vec<(&'static str, String)>,
+    /// Its value now.
+    pub value: f64,
+}
 
 /// The append-only event log of one aggregate type plus its table of latest
 /// states.
@@ -212,6 +288,24 @@ pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
         self.head().await.map(drop)
     }
 
+    /// Waits, at most `timeout`, until what `load` answers reflects the
+    /// record at `position` (a position an append of any process answered):
+    /// `true` once it does, `false` when the time ran out. A read that
+    /// carries a position token calls it, so that a client reads its own
+    /// writes through any instance. Stores whose `load` always reads the
+    /// log itself answer `true` at once (the default); a store that follows
+    /// the log into memory (Kafka) waits for its follower.
+    async fn wait_for_position(&self, position: Position, timeout: std::time::Duration) -> Result<bool, StoreError> {
+        let _ = (position, timeout);
+        Ok(true)
+    }
+
+    /// Figures the store reports for monitoring (`/metrics`): name, help
+    /// text and value. None by default.
+    fn gauges(&self) -> Vec<StoreGauge> {
+        Vec::new()
+    }
+
     /// Writes out what the store holds only in memory (a Kafka store's
     /// table records waiting to be coalesced) and waits for it, so that the
     /// next start has nothing to catch up. Call it before a planned
@@ -256,6 +350,12 @@ impl<A: Aggregate, S: EventStore<A> + ?Sized> EventStore<A> for std::sync::Arc<S
     }
     async fn head(&self) -> Result<Checkpoint, StoreError> {
         (**self).head().await
+    }
+    async fn wait_for_position(&self, position: Position, timeout: std::time::Duration) -> Result<bool, StoreError> {
+        (**self).wait_for_position(position, timeout).await
+    }
+    fn gauges(&self) -> Vec<StoreGauge> {
+        (**self).gauges()
     }
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await

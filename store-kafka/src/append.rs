@@ -1,7 +1,10 @@
-//! Appending one command's events: checked against the in-memory table,
-//! sent as one events record, and applied to the table once the broker
-//! acknowledged it. A send whose outcome is unknown marks its partition
-//! uncertain, so the next operation on it reads the partition again.
+//! Appending one command's events: decided on the table's state of the
+//! stream, sent as one events record that names the event it was decided
+//! on, and answered only once the log's validity rule says the record
+//! counts. The verdict is immediate when every record below it is applied
+//! already (the fast path: one writer per partition at a time); otherwise
+//! the follower delivers it when it reaches the record. A void record (another
+//! writer's record took the version first) is a `Conflict`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,40 +12,29 @@ use std::time::Duration;
 
 use kes_core::codec::encode_all;
 use kes_core::{Aggregate, Appended, ExpectedVersion, Metadata, Position, StoreError};
-use rdkafka::Message;
 use rdkafka::producer::FutureRecord;
+use tokio::sync::oneshot;
+use uuid::Uuid;
 
 use crate::error::KafkaStoreError;
+use crate::follower::Applied;
 use crate::record::{EventsDoc, OutgoingEvent};
 use crate::store::Inner;
-use crate::table::{Row, encode_state, typed_state};
+use crate::table::{Verdict, encode_state, typed_state};
 
 /// Where a stream stands when a command arrives.
 enum StreamBefore<A> {
     /// The command's idempotency key was used before: its first answer.
     Recalled(Appended),
-    /// The stream's version and state.
-    At(u64, A),
-}
-
-/// An events record the broker acknowledged.
-struct SentRecord {
-    /// Its send's id, still in its partition's `in_flight` (removed when
-    /// the record is applied, in the same turn of the table lock).
-    send_id: u64,
-    /// Where it landed.
-    position: Position,
+    /// The stream's version, state and last event.
+    At(u64, A, Option<Uuid>),
 }
 
 /// One command's events record, ready to send, and the row it leads to.
 struct PreparedRecord {
-    /// The stream's version before the command.
-    actual: u64,
     doc: EventsDoc,
     /// `doc` serialised: the record's value.
     value: Vec<u8>,
-    /// The command's idempotency key.
-    key: Option<String>,
     /// The state after the command, as the table keeps it.
     state: Box<[u8]>,
     /// [`Aggregate::is_deleted`] of that state.
@@ -51,7 +43,7 @@ struct PreparedRecord {
 
 impl<A: Aggregate> Inner<A> {
     /// [`EventStore::append`](kes_core::EventStore::append): one command's
-    /// events as one record, answered once the broker acknowledged it.
+    /// events as one record, answered once the log says it is valid.
     pub(crate) async fn append(
         self: &Arc<Self>,
         id: &str,
@@ -64,25 +56,95 @@ impl<A: Aggregate> Inner<A> {
         }
         let p = self.partition_checked(id)?;
         let _turn = self.id_locks.lock(id).await;
-        self.resync_if_uncertain(p).await?;
-        let (actual, state) = match self.stream_before(id, p, metadata.idempotency_key.as_deref())? {
+        self.partition_ready(p)?;
+        let (actual, state, last_event) = match self.stream_before(id, p, metadata.idempotency_key.as_deref())? {
             StreamBefore::Recalled(first) => return Ok(first),
-            StreamBefore::At(actual, state) => (actual, state),
+            StreamBefore::At(actual, state, last_event) => (actual, state, last_event),
         };
         if !expected.admits(actual) {
             return Err(StoreError::Conflict { aggregate: A::NAME.into(), id: id.into(), expected, actual });
         }
-        let prepared = self.prepare_record(id, actual, state, &events, metadata)?;
-        let sent = self.send_events_record(p, id, &prepared).await?;
-        let (version, position) = (prepared.doc.last_version, sent.position);
-        self.record_acknowledged(p, id, prepared, sent);
-        Ok(Appended { version, position, deduplicated: false })
+        let prepared = self.prepare_record(id, actual, last_event, state, &events, metadata)?;
+        let first_event = prepared.doc.first_event_id().ok_or_else(|| StoreError::Invalid("no events".into()))?;
+        let (verdict_tx, verdict) = oneshot::channel();
+        self.table().logs[p as usize].waiting.insert(first_event, verdict_tx);
+        let offset = match self.send_events_record(p, id, &prepared).await {
+            Ok(offset) => offset,
+            Err(e) => {
+                // The record may still land; the follower judges it then,
+                // and a retry with the same idempotency key finds it.
+                self.table().logs[p as usize].waiting.remove(&first_event);
+                return Err(e);
+            }
+        };
+        let version = prepared.doc.last_version;
+        match self.verdict(p, first_event, offset, prepared, verdict).await? {
+            Verdict::Valid(position) => Ok(Appended { version, position, deduplicated: false }),
+            Verdict::Void => {
+                self.counters.lost_races.fetch_add(1, Ordering::Relaxed);
+                let actual = self.table().rows.get(id).map_or(0, |r| r.version);
+                Err(StoreError::Conflict { aggregate: A::NAME.into(), id: id.into(), expected, actual })
+            }
+        }
     }
 
-    /// The stream's version and typed state from the table, or the first
-    /// answer to idempotency key `key` when the stream remembers it.
+    /// The verdict on this append's record, acknowledged at `offset`
+    /// (`None`: the broker did not say where). Taken from the follower when
+    /// it got there first; decided here when every record below the
+    /// record is applied (the fast path); otherwise awaited.
+    async fn verdict(
+        self: &Arc<Self>,
+        p: u32,
+        first_event: Uuid,
+        offset: Option<u64>,
+        prepared: PreparedRecord,
+        mut verdict: oneshot::Receiver<Verdict>,
+    ) -> Result<Verdict, StoreError> {
+        {
+            let mut table = self.table();
+            if let Ok(v) = verdict.try_recv() {
+                return Ok(v);
+            }
+            if let Some(offset) = offset {
+                let at = Position::new(p, offset);
+                let PreparedRecord { doc, value, state, deleted } = prepared;
+                let applied = self.apply_own(&mut table, &doc, at, state, deleted, &value);
+                if let Some(applied) = applied {
+                    self.counters.fast_path_appends.fetch_add(1, Ordering::Relaxed);
+                    if applied == Applied::Valid {
+                        self.save_row(&mut table, &doc.aggregate_id);
+                    }
+                    drop(table);
+                    self.progress.send_modify(|n| *n += 1);
+                    if let Ok(v) = verdict.try_recv() {
+                        return Ok(v);
+                    }
+                }
+            }
+        }
+        self.counters.awaited_appends.fetch_add(1, Ordering::Relaxed);
+        let bound = self.config.request_timeout * 2;
+        match tokio::time::timeout(bound, &mut verdict).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => {
+                self.partition_ready(p)?;
+                Err(StoreError::Unavailable("append: the record's partition stopped before its verdict".into()))
+            }
+            Err(_) => {
+                self.table().logs[p as usize].waiting.remove(&first_event);
+                Err(StoreError::Unavailable(format!(
+                    "append: the record was acknowledged, but the follower did not reach it within {bound:?}; \
+                     a retry with the same idempotency key answers once it does"
+                )))
+            }
+        }
+    }
+
+    /// The stream's version, typed state and last event from the table, or
+    /// the first answer to idempotency key `key` when the stream remembers
+    /// it.
     fn stream_before(&self, id: &str, p: u32, key: Option<&str>) -> Result<StreamBefore<A>, StoreError> {
-        let (actual, state) = {
+        let (actual, state, last_event) = {
             let table = self.table();
             let row = table.rows.get(id);
             let first = key.zip(row).and_then(|(key, row)| row.key(key));
@@ -91,21 +153,26 @@ impl<A: Aggregate> Inner<A> {
                 return Ok(StreamBefore::Recalled(first));
             }
             // The bytes are copied out and typed after the table is unlocked.
-            (row.map_or(0, |r| r.version), row.filter(|r| r.version > 0).map(|r| r.state.clone()))
+            (
+                row.map_or(0, |r| r.version),
+                row.filter(|r| r.version > 0).map(|r| r.state.clone()),
+                row.and_then(|r| r.last_event_id),
+            )
         };
         let state = match state {
             Some(bytes) => typed_state::<A>(id, &bytes)?,
             None => A::default(),
         };
-        Ok(StreamBefore::At(actual, state))
+        Ok(StreamBefore::At(actual, state, last_event))
     }
 
-    /// The events record of a command on stream `id` at version `actual`,
-    /// and the state its `events` lead `state` to.
+    /// The events record of a command on stream `id` at version `actual`
+    /// (last event `last_event`), and the state its `events` lead `state` to.
     fn prepare_record(
         &self,
         id: &str,
         actual: u64,
+        last_event: Option<Uuid>,
         mut state: A,
         events: &[A::Event],
         metadata: Metadata,
@@ -115,8 +182,8 @@ impl<A: Aggregate> Inner<A> {
             .into_iter()
             .map(|e| OutgoingEvent { event_type: e.event_type.to_owned(), revision: e.revision, payload: e.payload })
             .collect();
-        let key = metadata.idempotency_key.clone();
-        let doc = EventsDoc::new(A::NAME, id, actual + 1, self.codec.content_type(), outgoing, metadata)
+        let previous = if actual == 0 { None } else { last_event };
+        let doc = EventsDoc::new(A::NAME, id, actual + 1, previous, self.codec.content_type(), outgoing, metadata)
             .map_err(StoreError::Invalid)?;
         let value = serde_json::to_vec(&doc).map_err(|e| StoreError::Invalid(e.to_string()))?;
         for e in events {
@@ -124,21 +191,16 @@ impl<A: Aggregate> Inner<A> {
         }
         let (state, deleted) = encode_state(&state, &mut Vec::new())
             .map_err(|e| StoreError::Invalid(format!("the new state cannot be serialised as JSON: {e}")))?;
-        Ok(PreparedRecord { actual, doc, value, key, state, deleted })
+        Ok(PreparedRecord { doc, value, state, deleted })
     }
 
     /// Sends the events record to partition `p` and waits for the broker's
-    /// acknowledgement. While it is in flight, the partition's catch-up
-    /// mark stays below it; when the outcome is unknown, the partition is
-    /// marked uncertain from there.
-    async fn send_events_record(&self, p: u32, id: &str, prepared: &PreparedRecord) -> Result<SentRecord, StoreError> {
-        let send_id = self.next_send_id.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut table = self.table();
-            let log = &mut table.logs[p as usize];
-            let floor = log.end;
-            log.in_flight.insert(send_id, floor);
-        }
+    /// acknowledgement: where it landed, or `None` when the broker stored
+    /// it without saying where (Tansu answers a resent batch it already
+    /// stored with DUPLICATE_SEQUENCE_NUMBER, which librdkafka reports as a
+    /// delivery at offset -1; the follower then finds the record by its
+    /// first event id).
+    async fn send_events_record(&self, p: u32, id: &str, prepared: &PreparedRecord) -> Result<Option<u64>, StoreError> {
         let producer = self.producer();
         let record = FutureRecord::to(&self.events_topic)
             .key(id)
@@ -148,118 +210,22 @@ impl<A: Aggregate> Inner<A> {
             .headers(prepared.doc.headers());
         let timeout = self.config.request_timeout;
         let sent = tokio::time::timeout(timeout * 2 + Duration::from_secs(1), producer.send(record, timeout)).await;
-        let delivery = match sent {
-            Ok(Ok(delivery)) => delivery,
+        match sent {
+            Ok(Ok(delivery)) => {
+                if delivery.offset < 0 {
+                    tracing::info!(topic = %self.events_topic, partition = p, aggregate_id = id,
+                        "acknowledged without an offset (a resent batch); the follower locates it");
+                }
+                Ok(u64::try_from(delivery.offset).ok())
+            }
             failed => {
-                let mut table = self.table();
-                let log = &mut table.logs[p as usize];
-                let floor = log.in_flight.remove(&send_id).unwrap_or(log.end);
-                log.uncertain_from = Some(log.uncertain_from.map_or(floor, |u| u.min(floor)));
-                drop(table);
                 let error: StoreError = match failed {
                     Ok(Err((e, _))) => KafkaStoreError::from_kafka("append", &e).into(),
                     _ => StoreError::Unavailable(format!("append: no acknowledgement within {:?}", timeout * 2)),
                 };
                 self.heal_producer(&producer, error.is_transient());
-                return Err(error);
+                Err(error)
             }
-        };
-        let position = match u64::try_from(delivery.offset) {
-            Ok(offset) => Position::new(u32::try_from(delivery.partition).unwrap_or(p), offset),
-            // Delivered without an offset: the broker had stored a resent
-            // batch already (Tansu answers DUPLICATE_SEQUENCE_NUMBER, which
-            // librdkafka reports as a delivery at -1). The record is in the
-            // log; find where by its first event id.
-            Err(_) => match self.locate_delivered(p, id, send_id, prepared).await {
-                Ok(Some(position)) => position,
-                located => {
-                    let mut table = self.table();
-                    let log = &mut table.logs[p as usize];
-                    let floor = log.in_flight.remove(&send_id).unwrap_or(log.end);
-                    log.uncertain_from = Some(log.uncertain_from.map_or(floor, |u| u.min(floor)));
-                    drop(table);
-                    let why = match located {
-                        Err(e) => e.to_string(),
-                        _ => "the record is not between its send's floor and the high watermark".to_owned(),
-                    };
-                    return Err(StoreError::Unavailable(format!(
-                        "append: the broker acknowledged the record without its offset and it could not be found ({why})"
-                    )));
-                }
-            },
-        };
-        Ok(SentRecord { send_id, position })
-    }
-
-    /// Where an acknowledged record whose offset the broker did not say
-    /// landed: read from the offset the partition had when it was sent
-    /// (nothing of this send lies below it) to the high watermark, looking
-    /// for the record of `id` whose first event is `prepared`'s. Never
-    /// guessed: `None` when it is not there.
-    async fn locate_delivered(
-        &self,
-        p: u32,
-        id: &str,
-        send_id: u64,
-        prepared: &PreparedRecord,
-    ) -> Result<Option<Position>, KafkaStoreError> {
-        let Some(first_event) = prepared.doc.events.first().map(|e| e.event_id) else { return Ok(None) };
-        let floor = {
-            let table = self.table();
-            let log = &table.logs[p as usize];
-            log.in_flight.get(&send_id).copied().unwrap_or(0)
-        };
-        let high = self.high_watermarks(&self.events_topic, self.partitions).await?;
-        let high = high.get(p as usize).copied().unwrap_or(0);
-        let topic = self.events_topic.clone();
-        let mut found = None;
-        self.scan(&topic, &[(p, floor, high)], |m| {
-            if found.is_some() || m.key() != Some(id.as_bytes()) {
-                return Ok(());
-            }
-            let Ok(offset) = u64::try_from(m.offset()) else { return Ok(()) };
-            let at = Position::new(p, offset);
-            // Another record of the stream that does not decode is not ours.
-            if let Ok(doc) = EventsDoc::decode(&topic, at, m.key(), m.payload())
-                && doc.events.first().map(|e| e.event_id) == Some(first_event)
-            {
-                found = Some(at);
-            }
-            Ok(())
-        })
-        .await?;
-        if let Some(at) = found {
-            tracing::info!(topic = %topic, position = %at, aggregate_id = id,
-                "acknowledged without an offset (a resent batch); found in the log");
         }
-        Ok(found)
-    }
-
-    /// Applies an acknowledged events record to the table and schedules its
-    /// table record. Ending the send and applying the record happen under
-    /// one lock of the table, so that the partition's catch-up mark never
-    /// passes the record before a table record reflects it.
-    fn record_acknowledged(self: &Arc<Self>, p: u32, id: &str, prepared: PreparedRecord, sent: SentRecord) {
-        let PreparedRecord { actual, doc, value, key, state, deleted } = prepared;
-        let position = sent.position;
-        let mut table = self.table();
-        let log = &mut table.logs[p as usize];
-        log.in_flight.remove(&sent.send_id);
-        if position.offset + 1 >= log.end {
-            log.end = position.offset + 1;
-            log.last_id = Some(id.to_owned());
-        }
-        log.unsaved.insert(position.offset, id.to_owned());
-        let capacity = self.config.idempotency_keys_per_aggregate;
-        let row = table.rows.entry(id.into()).or_insert_with(|| Box::new(Row::new(position)));
-        // A resynchronisation may have read this very record already.
-        if row.version == actual {
-            row.advance(state, deleted, doc.last_version, position, (id.len() + value.len()) as u64);
-            if let Some(key) = key {
-                row.remember_key(key, doc.last_version, position.offset, capacity);
-            }
-            table.cache(id, &value, self.config.read_cache_bytes);
-        }
-        self.save_row(&mut table, id);
     }
 }

@@ -30,9 +30,14 @@ pub struct KafkaConfig {
     /// the idle time of a scan. A down broker turns into
     /// [`kes_core::StoreError::Unavailable`] after at most this long.
     pub request_timeout: Duration,
-    /// How many idempotency keys each aggregate remembers (kept in its table
-    /// record, so they survive restarts).
+    /// How many idempotency keys each aggregate remembers at least (kept
+    /// in its table record, so they survive restarts).
     pub idempotency_keys_per_aggregate: usize,
+    /// Keys younger than this are remembered beyond
+    /// `idempotency_keys_per_aggregate` (up to 1,024 per aggregate): a
+    /// client's retry through another instance may come after many
+    /// commands on a hot aggregate.
+    pub idempotency_window: Duration,
     /// Memory for the read cache: the events records of recently written
     /// aggregates, so that `read` of a hot aggregate needs no broker round
     /// trip. Whole histories are evicted, oldest first; 0 turns it off.
@@ -46,6 +51,11 @@ pub struct KafkaConfig {
     /// durability, only a slightly longer catch-up at the next start.
     /// [`crate::KafkaStore::flush`] writes waiting records at once.
     pub table_write_delay: Duration,
+    /// `session.timeout.ms` of the consumer group that picks, per events
+    /// partition, the one instance writing its table records: how long a
+    /// dead instance keeps its partitions (their table records wait, the
+    /// events do not).
+    pub owner_session_timeout: Duration,
     /// The shortest `retention.ms` of the events topic KES accepts.
     pub min_retention_ms: i64,
     /// Extra librdkafka settings for every client (security, tuning), e.g.
@@ -64,6 +74,8 @@ impl KafkaConfig {
             replication_factor: 1,
             request_timeout: Duration::from_secs(10),
             idempotency_keys_per_aggregate: 32,
+            idempotency_window: Duration::from_secs(600),
+            owner_session_timeout: Duration::from_secs(6),
             read_cache_bytes: 64 << 20,
             table_write_delay: Duration::from_millis(250),
             min_retention_ms: THOUSAND_YEARS_MS,

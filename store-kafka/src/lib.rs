@@ -29,36 +29,71 @@
 //! appended one record each, so 1..n events of one command commit
 //! atomically and share one [`kes_core::Position`] (partition, offset).
 //!
-//! ## Consistency
+//! ## Consistency: several instances, and the log decides
 //!
-//! - **One writer.** Kafka has no conditional append; KES keeps
-//!   single-writer semantics by being the only producer of a partition's
-//!   events. Inside the process commands on one id are serialised by a
-//!   per-id lock; the expected-version check uses the in-memory table, which
-//!   is authoritative because this process wrote every record of its
-//!   partitions. Two processes writing the same topics is not supported yet
-//!   (the data layout is ready for splitting partitions between them).
+//! Any number of service instances may use the same topics (a rolling
+//! deploy runs two; scaling out runs more). Commands may reach any of them.
+//!
+//! - **Every instance follows every partition.** A follower task applies
+//!   each events record, in log order, to the instance's in-memory table,
+//!   so a write made through one instance is readable through every other
+//!   after the follow lag (one fetch: about `fetch.wait.max.ms` on an idle
+//!   partition). A read that names a position
+//!   ([`kes_core::EventStore::wait_for_position`], the HTTP adapter's
+//!   `KES-Position`) waits, bounded, until this instance applied it.
+//! - **The validity rule.** Kafka has no conditional append, so two
+//!   instances can append a record for the same version. Each record names
+//!   the event it was decided on (`previous_event_id`); every reader —
+//!   start-up recovery, the follower, `read`, `subscribe` — counts a
+//!   record only if it continues its aggregate's stream exactly where the
+//!   valid records before it left it (next version, same previous event).
+//!   Other records are *void*: skipped by every reader, counted
+//!   ([`FollowerStats::void_records`], `kes_store_void_records`) and logged
+//!   once. All readers therefore agree on every stream.
+//! - **Acknowledged means valid.** `append` sends the record, then waits
+//!   for the verdict on it from the same in-order applier: at once when
+//!   every record below it is applied already (the fast path, the common
+//!   case), otherwise when the follower reaches it. A void record answers
+//!   [`kes_core::StoreError::Conflict`]; the command bus then decides again
+//!   on the fresh state (no `If-Match`) or reports the conflict (412).
+//!   The record is recognised by its first event id, so a delivery the
+//!   broker acknowledged without an offset (a resent batch) and a resend
+//!   that landed earlier are both answered with the right position.
+//! - **Idempotency across instances.** Every valid record's idempotency key
+//!   is remembered by every instance (the last
+//!   [`KafkaConfig::idempotency_keys_per_aggregate`], and all those younger
+//!   than [`KafkaConfig::idempotency_window`], up to 1,024 per aggregate),
+//!   so a retry reaching another instance is answered once; the command bus
+//!   recalls the key again after any conflict.
+//! - **Gaps and unreadable records.** A record that skips versions tells a
+//!   reader that its picture of the stream is incomplete: the stream is
+//!   rebuilt from the events topic before the record is judged. A valid
+//!   record whose events this version cannot decode (a newer deploy added
+//!   an event type) *halts* its partition: nothing past it is applied, the
+//!   partition's aggregates answer `Unavailable` (503), `kes_store_partition_halted`
+//!   is 1, and it resumes when a version that can read it starts.
+//! - **Table records have one writer per partition**: the instances form a
+//!   consumer group, and an instance writes the table records of the
+//!   partitions it is assigned, in numbered tenures fenced by epoch markers
+//!   (see `ownership`). Correctness never depends on who owns what: only
+//!   the table records (a start-up shortcut) do.
 //! - **Acknowledged means durable.** The producer is idempotent with
-//!   `acks=all`; `append` answers only after the broker acknowledged the
-//!   events record. The table record is written later, without making the
-//!   caller wait: after [`KafkaConfig::table_write_delay`] (250 ms by
-//!   default), one per aggregate at a time, carrying every command that
-//!   arrived meanwhile. A busy aggregate thus writes a few table records per
-//!   second rather than one per command. `linger.ms` is 0, since every
-//!   append waits for its record.
+//!   `acks=all`; a command is answered only after the broker acknowledged
+//!   its record and the record was judged valid. Table records are written
+//!   later, after [`KafkaConfig::table_write_delay`] (250 ms by default),
+//!   one per aggregate at a time, carrying every command that arrived
+//!   meanwhile.
 //! - **Bounded failure.** Every broker round trip is bounded by
 //!   [`KafkaConfig::request_timeout`]: a down broker gives
 //!   [`kes_core::StoreError::Unavailable`] within about twice that, never a
-//!   hang. librdkafka reconnects by itself; the store needs no restart.
-//! - **Unknown outcomes.** When a send fails, the broker may still have
-//!   written the record. The store then marks the partition uncertain and,
-//!   before the next operation on it, reads the partition from where the
-//!   record could be to its head, so a retried command (same idempotency
-//!   key) is recognised instead of appended twice. A request still in
-//!   flight inside a broker after the client gave up can land after that
-//!   read; when that happens the log holds two records for one version and
-//!   every reader keeps the first one (residual risk of a log without
-//!   conditional appends).
+//!   hang. A send whose outcome is unknown answers `Unavailable`; if the
+//!   record landed after all, the follower judges it like any other, and a
+//!   retry with the same idempotency key is answered from it.
+//! - **What it costs.** Every instance holds every aggregate of the type in
+//!   memory and reads every record of the events topic; appends through
+//!   several instances to one aggregate at once conflict and are decided
+//!   again (correct, but slower than routing an aggregate's commands to one
+//!   instance, which KES does not do for you).
 //!
 //! ## The table and recovery
 //!
@@ -67,9 +102,12 @@
 //! loses nothing. Each table record carries `reflected_below`: every events
 //! record of its partition below that offset had its table record
 //! acknowledged before this one was written. The catch-up starts, per
-//! partition, at the highest such mark and re-applies what the table lacks
-//! (records it already reflects are skipped by version), then writes the
-//! repaired rows back before taking commands. A table record that cannot be
+//! partition, at the highest mark of a trusted record and applies what the
+//! table lacks by the validity rule (records a row already reflects are
+//! skipped). A record written by an owner whose tenure had ended (placed
+//! after a newer epoch marker) is not trusted: its aggregate is rebuilt
+//! from the events topic. The partition's owner writes the rows the
+//! catch-up moved when its tenure starts. A table record that cannot be
 //! read, a null tombstone written by someone else, or a state that no longer
 //! fits the aggregate's model (the model changed) makes the store drop the
 //! table and rebuild it from the whole events topic: the table is disposable.
@@ -180,9 +218,12 @@
 //! | module | what it owns |
 //! |---|---|
 //! | `store` | [`KafkaStore`], the state its clones share, the [`kes_core::EventStore`] methods (each delegates) |
-//! | `append` | one command's record: checked against the table, sent, applied once acknowledged |
-//! | `reads` | watermarks, bounded reads, a stream's pages, subscriptions |
-//! | `recovery` | the start-up load and catch-up; a partition read again after an unknown outcome |
+//! | `append` | one command's record: decided on the table, sent, answered on the log's verdict |
+//! | `validity` | the validity rule every reader applies |
+//! | `follower` | the in-order applier of each partition (start-up, follower task, fast path), gaps, halts |
+//! | `ownership` | the consumer group choosing each partition's table-record writer; epoch markers and fencing |
+//! | `reads` | watermarks, bounded reads, a stream's pages, subscriptions (trailing the follower) |
+//! | `recovery` | the start-up load (fenced) and catch-up |
 //! | `table` | the in-memory table: rows, record offsets, per-partition progress, the read cache |
 //! | `table_writer` | table records (delayed, one per aggregate at a time, retried) and `flush` |
 //! | `topics` | creating the topics, refusing unsafe configurations, partition counts |
@@ -193,6 +234,8 @@ mod append;
 mod client;
 mod config;
 mod error;
+mod follower;
+mod ownership;
 mod reads;
 pub mod record;
 mod recovery;
@@ -200,7 +243,9 @@ mod store;
 mod table;
 mod table_writer;
 mod topics;
+mod validity;
 
 pub use config::{KafkaConfig, THOUSAND_YEARS_MS};
 pub use error::KafkaStoreError;
+pub use follower::{FollowerStats, HaltedPartition};
 pub use store::KafkaStore;

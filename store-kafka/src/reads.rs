@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream;
-use kes_core::{Aggregate, Checkpoint, Codec, Envelope, EventStream, Position, StoreError};
+use kes_core::{Aggregate, Checkpoint, Codec, Envelope, EventStream, Logged, Position, StoreError};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -196,7 +196,7 @@ impl<A: Aggregate> Inner<A> {
         limit: usize,
     ) -> Result<Vec<Envelope<A::Event>>, StoreError> {
         let p = self.partition_checked(id)?;
-        self.resync_if_uncertain(p).await?;
+        self.partition_ready(p)?;
         let Some(records) = self.stream_records(id) else { return Ok(Vec::new()) };
         if after >= records.version || limit == 0 {
             return Ok(Vec::new());
@@ -210,6 +210,7 @@ impl<A: Aggregate> Inner<A> {
             after,
             wanted_end: pick.wanted_end,
             have: if pick.one_per_record { after } else { 0 },
+            last_event: None,
             events: Vec::new(),
         };
         let offsets = &records.offsets;
@@ -244,7 +245,7 @@ impl<A: Aggregate> Inner<A> {
 
     /// An endless stream of the events topic's records from `from` on (see
     /// [`Reader`]).
-    pub(crate) fn subscribe(&self, from: &Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
+    pub(crate) fn subscribe(self: &Arc<Self>, from: &Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         let consumer = create_consumer(&self.config, false, FOLLOW_FETCH_WAIT_MS)?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
@@ -255,12 +256,25 @@ impl<A: Aggregate> Inner<A> {
                 .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
         }
         consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
-        let reader = Reader { consumer, topic: self.events_topic.clone(), codec: Arc::clone(&self.codec) };
+        let reader = Reader { consumer, store: Arc::clone(self) };
         let stream = stream::unfold(reader, |reader| async move {
             let item = reader.next().await;
             Some((item, reader))
         });
         Ok(Box::pin(stream))
+    }
+
+    /// Whether the record at `at` (of `id`, up to `last_version`) is one of
+    /// the valid records the table applied; waits until the table applied
+    /// it (the follower judges every record first). A halted partition
+    /// makes the wait an `Unavailable` error after a while, retried by the
+    /// caller.
+    async fn judged_valid(&self, at: Position, id: &str, last_version: u64) -> Result<bool, StoreError> {
+        while !self.wait_applied(at, self.config.request_timeout).await {
+            self.partition_ready(at.partition)?;
+        }
+        let table = self.table();
+        Ok(table.rows.get(id).is_some_and(|row| row.holds_record(at.offset, last_version)))
     }
 }
 
@@ -341,6 +355,9 @@ struct PageCollector<'a, E> {
     wanted_end: u64,
     /// The last version seen, kept or not: records continue it.
     have: u64,
+    /// The last event seen (when the page reads from the stream's start):
+    /// a record decided on another one is void.
+    last_event: Option<uuid::Uuid>,
     events: Vec<Envelope<E>>,
 }
 
@@ -355,6 +372,13 @@ impl<E: 'static> PageCollector<'_, E> {
         if doc.last_version <= self.have || self.have >= self.wanted_end {
             return Ok(());
         }
+        // The validity rule (see `validity`): a record decided on a record
+        // that is not the stream's last valid one is void.
+        if let (Some(last), Some(previous)) = (self.last_event, doc.previous_event_id)
+            && last != previous
+        {
+            return Ok(());
+        }
         if doc.first_version != self.have + 1 {
             return Err(KafkaStoreError::Corrupt {
                 topic: self.topic.to_owned(),
@@ -365,6 +389,7 @@ impl<E: 'static> PageCollector<'_, E> {
             });
         }
         self.have = doc.last_version;
+        self.last_event = doc.last_event_id();
         for raw in doc.into_raw(self.topic, at)? {
             let version = raw.version;
             if version <= self.after || version > self.wanted_end {
@@ -382,26 +407,37 @@ impl<E: 'static> PageCollector<'_, E> {
     }
 }
 
-/// The consumer behind one subscription.
-struct Reader<E> {
+/// The consumer behind one subscription. It trails the store's follower:
+/// each record is delivered once the follower judged it, with its events
+/// when it is valid and without them when it is void (so that projections
+/// never see a record that lost a race, yet their checkpoints pass it).
+struct Reader<A: Aggregate> {
     consumer: StreamConsumer,
-    topic: String,
-    codec: Arc<dyn Codec<E>>,
+    store: Arc<Inner<A>>,
 }
 
-impl<E: 'static> Reader<E> {
-    /// The next record's events. Transient consumer errors are left to
-    /// librdkafka, which reconnects by itself; the stream just waits.
-    async fn next(&self) -> Result<Vec<Envelope<E>>, StoreError> {
+impl<A: Aggregate> Reader<A> {
+    /// The next record. Transient consumer errors are left to librdkafka,
+    /// which reconnects by itself; the stream just waits.
+    async fn next(&self) -> Result<Logged<A::Event>, StoreError> {
+        let topic = &self.store.events_topic;
         loop {
             match self.consumer.recv().await {
                 Ok(m) => {
                     let at = Position::new(m.partition() as u32, m.offset() as u64);
-                    let doc = EventsDoc::decode(&self.topic, at, m.key(), m.payload())?;
-                    return doc.into_raw(&self.topic, at)?.into_iter().map(|raw| raw.decode(&*self.codec)).collect();
+                    let doc = EventsDoc::decode(topic, at, m.key(), m.payload())?;
+                    if !self.store.judged_valid(at, &doc.aggregate_id, doc.last_version).await? {
+                        return Ok(Logged::void(at));
+                    }
+                    let events = doc
+                        .into_raw(topic, at)?
+                        .into_iter()
+                        .map(|raw| raw.decode(&*self.store.codec))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    return Ok(Logged { position: at, events });
                 }
                 Err(e) if e.rdkafka_error_code().is_some_and(is_transient) => {
-                    tracing::debug!(topic = %self.topic, error = %e, "subscription waiting for the broker");
+                    tracing::debug!(topic = %topic, error = %e, "subscription waiting for the broker");
                 }
                 Err(e) => return Err(KafkaStoreError::from_kafka("subscription", &e).into()),
             }

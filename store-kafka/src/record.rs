@@ -16,6 +16,7 @@
 //!   "aggregate_id": "p-1",
 //!   "first_version": 3,
 //!   "last_version": 4,
+//!   "previous_event_id": "0190…",
 //!   "recorded_at": "2026-01-01T12:00:00Z",
 //!   "metadata": { "correlation_id": "req-9", "idempotency_key": "k-1" },
 //!   "events": [
@@ -44,7 +45,8 @@
 //!   "version": 4, "deleted": false, "state": { "name": "x" },
 //!   "events_partition": 0, "first_offset": 3, "last_offset": 17, "offsets": [3, 9, 17],
 //!   "max_record_bytes": 512, "reflected_below": 15,
-//!   "idempotency_keys": [{ "key": "k-1", "version": 2, "offset": 9 }],
+//!   "last_event_id": "0190…",
+//!   "idempotency_keys": [{ "key": "k-1", "version": 2, "offset": 9, "recorded_ms": 1767268800000 }],
 //!   "updated_at": "2026-01-01T12:00:00Z"
 //! }
 //! ```
@@ -52,6 +54,22 @@
 //! `reflected_below`: every events record of `events_partition` below it
 //! had its table record acknowledged before this one was written (where the
 //! catch-up at start begins; see the crate docs).
+//!
+//! `previous_event_id` (events) and `last_event_id` (table) carry the
+//! validity rule: a record counts only if it names the stream's last valid
+//! event. `epoch` (table) is the writer's tenure over the partition.
+//!
+//! ## Table topic: epoch markers
+//!
+//! Each tenure of an instance over an events partition starts with a marker
+//! in the table topic (header `kes.marker: epoch`), keyed `\0kes.epoch/{partition}/{epoch}`
+//! (a NUL byte first, which no aggregate id contains), so compaction never
+//! removes it:
+//!
+//! ```json
+//! { "format": "kes.epoch.v1", "events_partition": 0, "epoch": 3,
+//!   "owner": "5f0c…", "claimed_at": "2026-01-01T12:00:00Z" }
+//! ```
 
 use std::collections::VecDeque;
 
@@ -80,6 +98,11 @@ pub(crate) struct EventsDoc {
     pub aggregate_id: String,
     pub first_version: u64,
     pub last_version: u64,
+    /// The id of the last event of the valid stream this record was decided
+    /// on (`None` for a stream's first record, and in records of older
+    /// versions). Part of the validity rule (see the crate docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_event_id: Option<Uuid>,
     pub recorded_at: DateTime<Utc>,
     #[serde(default)]
     pub metadata: Metadata,
@@ -101,6 +124,19 @@ pub(crate) struct EventDoc {
     pub payload_base64: Option<String>,
 }
 
+impl EventDoc {
+    /// The payload as its codec encoded it.
+    pub fn payload_bytes(&self) -> Result<Vec<u8>, String> {
+        match (&self.payload, &self.payload_base64) {
+            (Some(value), _) => serde_json::to_vec(value).map_err(|err| err.to_string()),
+            (None, Some(b64)) => {
+                base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|err| err.to_string())
+            }
+            (None, None) => Err("the event has no payload".to_owned()),
+        }
+    }
+}
+
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
@@ -113,11 +149,13 @@ pub(crate) struct OutgoingEvent {
 }
 
 impl EventsDoc {
-    /// The document for one command whose events start at `first_version`.
+    /// The document for one command whose events start at `first_version`,
+    /// decided on the stream whose last event is `previous_event_id`.
     pub fn new(
         aggregate_type: &str,
         aggregate_id: &str,
         first_version: u64,
+        previous_event_id: Option<Uuid>,
         content_type: &str,
         events: Vec<OutgoingEvent>,
         metadata: Metadata,
@@ -152,6 +190,7 @@ impl EventsDoc {
             aggregate_id: aggregate_id.to_owned(),
             first_version,
             last_version: first_version + n - 1,
+            previous_event_id,
             recorded_at: Utc::now(),
             metadata,
             events,
@@ -219,20 +258,24 @@ impl EventsDoc {
         Ok(doc)
     }
 
+    /// The id of its first event (how an append recognises its own record).
+    pub fn first_event_id(&self) -> Option<Uuid> {
+        self.events.first().map(|e| e.event_id)
+    }
+
+    /// The id of its last event (what the stream's next record names as
+    /// its `previous_event_id`).
+    pub fn last_event_id(&self) -> Option<Uuid> {
+        self.events.last().map(|e| e.event_id)
+    }
+
     /// The events as envelopes at `position`, payloads still encoded.
     pub fn into_raw(self, topic: &str, position: Position) -> Result<Vec<RawEnvelope>, KafkaStoreError> {
         let EventsDoc { aggregate_type, aggregate_id, recorded_at, metadata, events, .. } = self;
         events
             .into_iter()
             .map(|e| {
-                let payload = match (e.payload, e.payload_base64) {
-                    (Some(value), _) => serde_json::to_vec(&value).map_err(|err| err.to_string()),
-                    (None, Some(b64)) => {
-                        base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|err| err.to_string())
-                    }
-                    (None, None) => Err("the event has no payload".to_owned()),
-                }
-                .map_err(|reason| KafkaStoreError::Corrupt {
+                let payload = e.payload_bytes().map_err(|reason| KafkaStoreError::Corrupt {
                     topic: topic.to_owned(),
                     position,
                     aggregate_id: Some(aggregate_id.clone()),
@@ -262,6 +305,10 @@ pub(crate) struct KeyDoc {
     pub key: String,
     pub version: u64,
     pub offset: u64,
+    /// When its record was written (Unix milliseconds; 0 in records of
+    /// older versions): keys are remembered for a time window.
+    #[serde(default)]
+    pub recorded_ms: i64,
 }
 
 /// The value of one table record.
@@ -296,6 +343,13 @@ pub(crate) struct TableDoc {
     /// table record acknowledged before this one was written.
     #[serde(default)]
     pub reflected_below: u64,
+    /// The tenure epoch of the instance that wrote it (0 in records of
+    /// older versions; see `ownership`).
+    #[serde(default)]
+    pub epoch: u64,
+    /// The id of its last valid event (absent in records of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_id: Option<Uuid>,
     #[serde(default)]
     pub idempotency_keys: VecDeque<KeyDoc>,
     pub updated_at: DateTime<Utc>,
@@ -402,7 +456,7 @@ mod tests {
             OutgoingEvent { event_type: "Closed".into(), revision: 2, payload: b"null".to_vec() },
         ];
         let metadata = Metadata { correlation_id: Some("c".into()), ..Metadata::default() };
-        EventsDoc::new("ledger", "l-1", 3, JSON, events, metadata).unwrap()
+        EventsDoc::new("ledger", "l-1", 3, Some(Uuid::now_v7()), JSON, events, metadata).unwrap()
     }
 
     #[test]
@@ -424,7 +478,8 @@ mod tests {
     #[test]
     fn non_json_payloads_travel_as_base64() {
         let events = vec![OutgoingEvent { event_type: "Bin".into(), revision: 1, payload: vec![0, 159, 255] }];
-        let d = EventsDoc::new("ledger", "x", 1, "application/octet-stream", events, Metadata::default()).unwrap();
+        let d =
+            EventsDoc::new("ledger", "x", 1, None, "application/octet-stream", events, Metadata::default()).unwrap();
         let raw = d.into_raw("t", Position::new(0, 0)).unwrap();
         assert_eq!(raw[0].payload, [0, 159, 255]);
     }

@@ -1,37 +1,39 @@
-//! Start-up recovery and catching up: the table is loaded from the table
-//! topic, caught up from the events topic past what its records claim, and
-//! repaired before the store takes commands; after a send with an unknown
-//! outcome, the partition is read again from where the record could be.
+//! Start-up recovery: the table is loaded from the table topic, caught up
+//! from the events topic past what its records claim (by the same applier
+//! as the follower's, so by the same validity rule), and repaired before
+//! the store takes commands.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use kes_core::{Aggregate, Position};
 use rdkafka::message::Message;
 
 use crate::error::KafkaStoreError;
+use crate::follower::Applied;
 use crate::record::{EventsDoc, TableDoc};
 use crate::store::Inner;
-use crate::table::{Row, Table, encode_state};
+use crate::table::{Row, encode_state};
 
 /// The rows read from the table topic, and per events partition the offset
 /// from which the events topic must be replayed.
 type LoadedRows = (HashMap<Box<str>, Box<Row>>, Vec<u64>);
 
 impl<A: Aggregate> Inner<A> {
-    /// Start-up: the table from the table topic, then every events record it
-    /// does not reflect yet, then table records for what that changed.
+    /// Start-up: the table from the table topic (by the fencing rule of
+    /// `ownership`), then every events record it does not reflect yet. The
+    /// rows this changed are written to the table topic by each
+    /// partition's owner when its tenure starts.
     pub(crate) async fn recover(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
-        let docs = self.read_table_topic().await?;
+        let scan = self.scan_table_topic().await?;
+        let distrusted = scan.distrusted.clone();
+        let docs = self.trusted_docs(scan);
         let (rows, from) = self.rows_from_table_records(docs);
+        let rebuild_all = rows.is_empty();
         self.table().rows = rows;
-        let changed = self.catch_up_from_events(&from).await?;
-        // Repair the table topic before taking commands, so that the table
-        // records written from now on may claim everything below the head.
-        self.repair_table_topic(&changed, &from).await?;
+        let distrusted = if rebuild_all { HashMap::new() } else { distrusted };
+        let changed = self.catch_up_from_events(&from, distrusted).await?;
         {
-            // Every row the replay moved has an acknowledged record now.
             let mut table = self.table();
             for (log, claimed) in table.logs.iter_mut().zip(&from) {
                 log.unsaved.clear();
@@ -44,38 +46,21 @@ impl<A: Aggregate> Inner<A> {
         Ok(())
     }
 
-    /// The latest table record of each aggregate in the table topic; `None`
-    /// when a record cannot be trusted (unreadable, or not written by KES),
-    /// so that the table is rebuilt from the events topic.
-    async fn read_table_topic(&self) -> Result<Option<HashMap<String, TableDoc>>, KafkaStoreError> {
-        let table_high = self.high_watermarks(&self.table_topic, self.table_partitions).await?;
-        let mut docs: HashMap<String, TableDoc> = HashMap::new();
-        let mut trustworthy = true;
-        let ranges: Vec<_> = table_high.iter().enumerate().map(|(p, h)| (p as u32, 0, *h)).collect();
-        let table_topic = self.table_topic.clone();
-        self.scan(&table_topic, &ranges, |m| {
-            let at = Position::new(m.partition() as u32, m.offset() as u64);
-            match TableDoc::decode(&table_topic, at, m.key(), m.payload()) {
-                Ok(Some(doc)) if doc.events_partition < self.partitions => {
-                    let newer = docs.get(&doc.aggregate_id).is_none_or(|old| old.version <= doc.version);
-                    if newer {
-                        docs.insert(doc.aggregate_id.clone(), doc);
-                    }
-                }
-                Ok(other) => {
-                    tracing::warn!(topic = %table_topic, position = %at, tombstone = other.is_none(),
-                        "table record KES did not write; rebuilding the table from the events topic");
-                    trustworthy = false;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "unreadable table record; rebuilding the table from the events topic");
-                    trustworthy = false;
-                }
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(trustworthy.then_some(docs))
+    /// The table records a start can build on; `None` when one cannot be
+    /// trusted at all (unreadable, not written by KES, or for a partition
+    /// the events topic lacks), so that the table is rebuilt from the
+    /// events topic.
+    fn trusted_docs(&self, scan: crate::ownership::TableScan) -> Option<HashMap<String, TableDoc>> {
+        if scan.unreadable > 0 {
+            tracing::warn!(topic = %self.table_topic, records = scan.unreadable,
+                "table records KES cannot read; rebuilding the table from the events topic");
+            return None;
+        }
+        if scan.docs.values().any(|d| d.events_partition >= self.partitions) {
+            tracing::warn!(topic = %self.table_topic, "table records for partitions the events topic lacks; rebuilding");
+            return None;
+        }
+        Some(scan.docs)
     }
 
     /// The rows the table records describe, and per events partition the
@@ -108,151 +93,82 @@ impl<A: Aggregate> Inner<A> {
 
     /// Replays the events topic from `from` (per partition) to its head and
     /// returns the ids whose rows moved.
-    async fn catch_up_from_events(&self, from: &[u64]) -> Result<HashSet<String>, KafkaStoreError> {
+    async fn catch_up_from_events(
+        &self,
+        from: &[u64],
+        distrusted: HashMap<String, (u32, u64)>,
+    ) -> Result<HashSet<String>, KafkaStoreError> {
         let events_high = self.high_watermarks(&self.events_topic, self.partitions).await?;
         let ranges: Vec<_> = events_high.iter().enumerate().map(|(p, h)| (p as u32, from[p], *h)).collect();
-        let changed = self.replay(&ranges).await?;
+        let changed = self.replay(&ranges, distrusted).await?;
         let mut table = self.table();
         for (p, high) in events_high.iter().enumerate() {
-            table.logs[p].end = *high;
+            // A halted partition stays where it stopped.
+            if table.logs[p].halted.is_none() {
+                table.logs[p].end = table.logs[p].end.max(*high);
+            }
         }
         Ok(changed)
     }
 
-    /// Writes the table record of every row in `changed`, each claiming its
-    /// partition's mark in `from`, and waits for every acknowledgement.
-    async fn repair_table_topic(&self, changed: &HashSet<String>, from: &[u64]) -> Result<(), KafkaStoreError> {
-        let mut pending = Vec::new();
-        {
-            let table = self.table();
-            for id in changed {
-                if let Some((doc, p)) = self.table_doc(&table, id) {
-                    let reflected = from[p as usize];
-                    pending.push(self.send_table_doc(TableDoc { reflected_below: reflected, ..doc })?.0);
-                }
-            }
-        }
-        for delivery in pending {
-            match tokio::time::timeout(self.config.request_timeout + Duration::from_secs(1), delivery).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((e, _)))) => return Err(KafkaStoreError::from_kafka("repairing the table topic", &e)),
-                _ => return Err(KafkaStoreError::Unavailable("repairing the table topic: no acknowledgement".into())),
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies the events records in `ranges` to the table (skipping those it
-    /// already reflects) and returns the ids whose rows moved.
-    async fn replay(&self, ranges: &[(u32, u64, u64)]) -> Result<HashSet<String>, KafkaStoreError> {
+    /// Applies the events records in `ranges` to the table by the validity
+    /// rule (skipping those it already reflects) and returns the ids whose
+    /// rows moved. A stream whose row turns out incomplete (a gap: its
+    /// table record was older than the catch-up mark) is rebuilt from the
+    /// log afterwards, as are the `distrusted` ones (id → partition and
+    /// first offset); a record that cannot be read halts its partition.
+    async fn replay(
+        &self,
+        ranges: &[(u32, u64, u64)],
+        distrusted: HashMap<String, (u32, u64)>,
+    ) -> Result<HashSet<String>, KafkaStoreError> {
         let mut changed = HashSet::new();
+        let mut gaps: HashSet<(u32, String)> = distrusted.iter().map(|(id, (p, _))| (*p, id.clone())).collect();
         let topic = self.events_topic.clone();
         self.scan(&topic, ranges, |m| {
             let at = Position::new(m.partition() as u32, m.offset() as u64);
-            let doc = EventsDoc::decode(&topic, at, m.key(), m.payload())?;
-            let id = doc.aggregate_id.clone();
             let mut table = self.table();
-            if self.apply_from_log(&mut table, doc, at, m.key_len() as u64, m.payload().unwrap_or_default())? {
-                table.logs[at.partition as usize].unsaved.insert(at.offset, id.clone());
-                changed.insert(id.clone());
+            let doc = match EventsDoc::decode(&topic, at, m.key(), m.payload()) {
+                Ok(doc) => doc,
+                Err(e) => {
+                    let id = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                    self.halt(&mut table, at, &id, e.to_string());
+                    return Ok(());
+                }
+            };
+            let id = &doc.aggregate_id;
+            if gaps.contains(&(at.partition, id.clone())) {
+                // Judged when the stream is rebuilt.
+                table.logs[at.partition as usize].end = at.offset + 1;
+                return Ok(());
             }
-            let log = &mut table.logs[at.partition as usize];
-            if at.offset + 1 >= log.end {
-                log.end = at.offset + 1;
-                log.last_id = Some(id);
+            let size = m.key_len() as u64 + m.payload_len() as u64;
+            match self.apply_record(&mut table, &doc, at, size, m.payload().unwrap_or_default(), false) {
+                Applied::Valid => {
+                    changed.insert(id.clone());
+                }
+                Applied::Gap => {
+                    gaps.insert((at.partition, id.clone()));
+                    table.logs[at.partition as usize].end = at.offset + 1;
+                }
+                Applied::Void | Applied::Skipped | Applied::Halted => {}
             }
             Ok(())
         })
         .await?;
+        for (p, id) in gaps {
+            let (from, to) = {
+                let table = self.table();
+                let from = distrusted.get(&id).map(|(_, first)| *first);
+                let from = from.or_else(|| table.rows.get(id.as_str()).map(|r| r.first_offset)).unwrap_or(0);
+                let end = ranges.iter().find(|(q, ..)| *q == p).map_or(0, |(_, _, to)| *to);
+                (from, end.max(table.logs[p as usize].end))
+            };
+            let rebuilt = self.rebuild_stream(p, &id, from, to).await?;
+            let mut table = self.table();
+            self.replace_row(&mut table, &id, rebuilt);
+            changed.insert(id);
+        }
         Ok(changed)
-    }
-
-    /// Moves a row by one events record read from the log. `false` when the
-    /// row already reflects it (a record this process applied on its
-    /// acknowledgement, or a duplicate: the first record of a version wins).
-    fn apply_from_log(
-        &self,
-        table: &mut Table<A>,
-        doc: EventsDoc,
-        at: Position,
-        key_len: u64,
-        value: &[u8],
-    ) -> Result<bool, KafkaStoreError> {
-        let size = key_len + value.len() as u64;
-        let current = table.rows.get(doc.aggregate_id.as_str()).map_or(0, |r| r.version);
-        if doc.last_version <= current {
-            return Ok(false);
-        }
-        if doc.first_version != current + 1 {
-            return Err(KafkaStoreError::Corrupt {
-                topic: self.events_topic.clone(),
-                position: at,
-                aggregate_id: Some(doc.aggregate_id),
-                version: doc.first_version,
-                reason: format!("the stream is at version {current}: versions are missing before this record"),
-            });
-        }
-        let key = doc.metadata.idempotency_key.clone();
-        let last_version = doc.last_version;
-        let id = doc.aggregate_id.clone();
-        let raw = doc.into_raw(&self.events_topic, at)?;
-        let mut events = Vec::with_capacity(raw.len());
-        for e in raw {
-            let event =
-                self.codec.decode(&e.event_type, e.revision, &e.payload).map_err(|err| KafkaStoreError::Corrupt {
-                    topic: self.events_topic.clone(),
-                    position: at,
-                    aggregate_id: Some(id.clone()),
-                    version: e.version,
-                    reason: err.to_string(),
-                })?;
-            events.push(event);
-        }
-        let unfit = |what: &str, err: serde_json::Error| KafkaStoreError::Corrupt {
-            topic: self.events_topic.clone(),
-            position: at,
-            aggregate_id: Some(id.clone()),
-            version: last_version,
-            reason: format!("the aggregate's state {what}: {err}"),
-        };
-        let row = table.rows.entry(id.as_str().into()).or_insert_with(|| Box::new(Row::new(at)));
-        let mut state: A = row.typed().map_err(|e| unfit("held by the table does not fit its model", e))?;
-        for e in &events {
-            state.apply(e);
-        }
-        let (state, deleted) = encode_state(&state, &mut Vec::new()).map_err(|e| unfit("cannot be serialised", e))?;
-        row.advance(state, deleted, last_version, at, size);
-        if let Some(key) = key {
-            row.remember_key(key, last_version, at.offset, self.config.idempotency_keys_per_aggregate);
-        }
-        table.cache(&id, value, self.config.read_cache_bytes);
-        Ok(true)
-    }
-
-    /// Before using partition `p`: if a send to it ended without knowing
-    /// whether the broker wrote the record, read the partition from there to
-    /// its head so the table reflects what is really in the log.
-    pub(crate) async fn resync_if_uncertain(self: &Arc<Self>, p: u32) -> Result<(), KafkaStoreError> {
-        if self.table().logs[p as usize].uncertain_from.is_none() {
-            return Ok(());
-        }
-        let _one = self.resync_locks[p as usize].lock().await;
-        let Some(from) = self.table().logs[p as usize].uncertain_from.take() else { return Ok(()) };
-        let result = async {
-            let high = self.high_watermarks(&self.events_topic, self.partitions).await?[p as usize];
-            let changed = self.replay(&[(p, from, high)]).await?;
-            let mut table = self.table();
-            for id in &changed {
-                self.save_row(&mut table, id);
-            }
-            Ok::<_, KafkaStoreError>(())
-        }
-        .await;
-        if result.is_err() {
-            let mut table = self.table();
-            let log = &mut table.logs[p as usize];
-            log.uncertain_from = Some(log.uncertain_from.map_or(from, |u| u.min(from)));
-        }
-        result
     }
 }

@@ -3,20 +3,20 @@
 //! [`EventStore`] contract; each step lives in the module of its concern
 //! (`append`, `reads`, `recovery`, `table_writer`, `topics`, `client`).
 
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use kes_core::{
     Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, KeyedLocks,
-    Metadata, Position, Snapshot, StateDocument, StoreError,
+    Metadata, Position, Snapshot, StateDocument, StoreError, StoreGauge,
 };
 use rdkafka::producer::FutureProducer;
 
 use crate::client::{ProducerSlot, create_producer};
 use crate::config::KafkaConfig;
 use crate::error::KafkaStoreError;
+use crate::follower::{FollowerCounters, FollowerStats};
 use crate::record::partition_for;
 use crate::table::{Table, typed_state};
 use crate::table_writer::TableWrites;
@@ -64,12 +64,15 @@ pub(crate) struct Inner<A: Aggregate> {
     /// One append at a time per aggregate id in this process (never a
     /// global lock).
     pub(crate) id_locks: KeyedLocks,
-    /// One resynchronisation of a partition at a time, by partition.
-    pub(crate) resync_locks: Vec<tokio::sync::Mutex<()>>,
-    /// Where the ids of events records' sends come from: each send takes the
-    /// next one and is known by it in its partition's
-    /// [`in_flight`](crate::table::PartitionLog::in_flight) until it ends.
-    pub(crate) next_send_id: AtomicU64,
+    /// Bumped whenever the table applied records (or a partition halted):
+    /// what reads waiting for a position and subscriptions wait on.
+    pub(crate) progress: tokio::sync::watch::Sender<u64>,
+    pub(crate) counters: FollowerCounters,
+    /// Set once the owners' group first assigned this instance its
+    /// partitions and their tenures were claimed.
+    pub(crate) owners_settled: tokio::sync::watch::Sender<bool>,
+    /// This store's identity in epoch markers (random per store).
+    pub(crate) instance: uuid::Uuid,
     /// The table writer's bookkeeping: records waiting or unacknowledged,
     /// and the `flush` calls cutting their waits short.
     pub(crate) table_writes: TableWrites,
@@ -97,7 +100,6 @@ impl<A: Aggregate> KafkaStore<A> {
                 "the events topic exists with another partition count; using the topic's");
         }
         let inner = Arc::new(Inner {
-            resync_locks: (0..partitions).map(|_| tokio::sync::Mutex::new(())).collect(),
             table: Mutex::new(Table::new(partitions)),
             config,
             events_topic,
@@ -107,10 +109,15 @@ impl<A: Aggregate> KafkaStore<A> {
             codec: Arc::new(codec),
             producer: ProducerSlot::new(producer),
             id_locks: KeyedLocks::new(ID_LOCK_SHARDS),
-            next_send_id: AtomicU64::new(0),
+            progress: tokio::sync::watch::Sender::new(0),
+            counters: FollowerCounters::default(),
+            instance: uuid::Uuid::new_v4(),
+            owners_settled: tokio::sync::watch::Sender::new(false),
             table_writes: TableWrites::new(),
         });
         inner.recover().await?;
+        inner.start_following()?;
+        inner.start_owning()?;
         Ok(Self { inner })
     }
 
@@ -137,6 +144,26 @@ impl<A: Aggregate> KafkaStore<A> {
     pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaStoreError> {
         self.inner.flush(timeout).await
     }
+
+    /// What the follower applied and how appends were decided (see
+    /// [`FollowerStats`]).
+    pub fn follower_stats(&self) -> FollowerStats {
+        self.inner.follower_stats()
+    }
+
+    /// The events partitions whose table records this instance writes now,
+    /// with the epoch of its tenure over each (see the crate docs).
+    pub fn owned_partitions(&self) -> Vec<(u32, u64)> {
+        let table = self.inner.table();
+        table.logs.iter().enumerate().filter_map(|(p, l)| l.tenure.map(|t| (p as u32, t.epoch))).collect()
+    }
+
+    /// Waits, at most `timeout`, until this store's table applied the
+    /// events record at `at` (written by any instance): `false` when the
+    /// time ran out or its partition halted before it.
+    pub async fn wait_applied(&self, at: Position, timeout: Duration) -> bool {
+        self.inner.wait_applied(at, timeout).await
+    }
 }
 
 impl<A: Aggregate> Inner<A> {
@@ -160,6 +187,9 @@ impl<A: Aggregate> Inner<A> {
         if id.is_empty() || id.len() > 1024 {
             return Err(StoreError::Invalid("an aggregate id must have 1 to 1024 bytes".into()));
         }
+        if id.contains('\0') {
+            return Err(StoreError::Invalid("an aggregate id must not contain NUL".into()));
+        }
         Ok(partition_for(id, self.partitions))
     }
 }
@@ -182,7 +212,7 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
 
     async fn recall(&self, id: &str, idempotency_key: &str) -> Result<Option<Appended>, StoreError> {
         let p = self.inner.partition_checked(id)?;
-        self.inner.resync_if_uncertain(p).await?;
+        self.inner.partition_ready(p)?;
         let table = self.inner.table();
         Ok(table.rows.get(id).and_then(|row| {
             row.key(idempotency_key).map(|k| Appended {
@@ -195,7 +225,7 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
 
     async fn load(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
         let p = self.inner.partition_checked(id)?;
-        self.inner.resync_if_uncertain(p).await?;
+        self.inner.partition_ready(p)?;
         // The bytes are copied out and typed after the table is unlocked.
         let Some((bytes, version)) = self.inner.table().rows.get(id).map(|r| (r.state.clone(), r.version)) else {
             return Ok(None);
@@ -204,9 +234,24 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         Ok(Some(Snapshot { state, version }))
     }
 
+    async fn load_current(&self, id: &str) -> Result<Option<Snapshot<A>>, StoreError> {
+        // Other instances may have appended records this one's follower has
+        // not applied yet: wait (bounded) until it applied the partition as
+        // the broker has it now.
+        let p = self.inner.partition_checked(id)?;
+        if !self.inner.catch_up_partition(p, self.inner.config.request_timeout).await? {
+            self.inner.partition_ready(p)?;
+            return Err(StoreError::Unavailable(format!(
+                "partition {p} of {} is not caught up within {:?}",
+                self.inner.events_topic, self.inner.config.request_timeout
+            )));
+        }
+        self.load(id).await
+    }
+
     async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
         let p = self.inner.partition_checked(id)?;
-        self.inner.resync_if_uncertain(p).await?;
+        self.inner.partition_ready(p)?;
         let table = self.inner.table();
         let Some(row) = table.rows.get(id) else { return Ok(None) };
         if row.version > 0 {
@@ -233,5 +278,45 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
 
     async fn head(&self) -> Result<Checkpoint, StoreError> {
         self.inner.head().await
+    }
+
+    async fn wait_for_position(&self, position: Position, timeout: Duration) -> Result<bool, StoreError> {
+        let p = position.partition;
+        if p >= self.inner.partitions {
+            return Err(StoreError::Invalid(format!("no partition {p} in {}", self.inner.events_topic)));
+        }
+        let applied = self.inner.wait_applied(position, timeout).await;
+        if !applied {
+            self.inner.partition_ready(p)?;
+        }
+        Ok(applied)
+    }
+
+    fn gauges(&self) -> Vec<StoreGauge> {
+        let stats = self.inner.follower_stats();
+        let count = |name, help, value: u64| StoreGauge { name, help, labels: Vec::new(), value: value as f64 };
+        let mut gauges = vec![
+            count("void_records", "events records judged void (lost a race) since start", stats.void_records),
+            count("fast_path_appends", "appends judged as soon as acknowledged", stats.fast_path_appends),
+            count("awaited_appends", "appends that waited for the follower's verdict", stats.awaited_appends),
+            count("lost_races", "appends answered Conflict because their record was void", stats.lost_races),
+        ];
+        for (p, applied) in stats.applied.iter().enumerate() {
+            let halted = stats.halted.iter().any(|h| h.partition as usize == p);
+            let labels = vec![("partition", p.to_string())];
+            gauges.push(StoreGauge {
+                name: "applied_offset",
+                help: "offset after the last events record the table applied",
+                labels: labels.clone(),
+                value: *applied as f64,
+            });
+            gauges.push(StoreGauge {
+                name: "partition_halted",
+                help: "1 while a partition is stopped at a record this version cannot read",
+                labels,
+                value: if halted { 1.0 } else { 0.0 },
+            });
+        }
+        gauges
     }
 }

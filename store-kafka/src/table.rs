@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use kes_core::{Aggregate, Position, StoreError};
+use tokio::sync::oneshot;
+use uuid::Uuid;
 
 use crate::record::{KeyDoc, TableDoc};
 
@@ -74,6 +76,10 @@ pub(crate) struct Row {
     pub(crate) last_offset: u64,
     /// Its events partition.
     pub(crate) partition: u32,
+    /// The id of its last valid event: the next record must name it as
+    /// its `previous_event_id` (`None` before the first record, or for a
+    /// row read from a table record of an older version).
+    pub(crate) last_event_id: Option<Uuid>,
     /// Size of its largest events record, saturated at `u32::MAX` (kept in
     /// table records; reads no longer size fetches by it).
     pub(crate) max_bytes: u32,
@@ -142,6 +148,7 @@ impl Row {
             first_offset: at.offset,
             last_offset: at.offset,
             partition: at.partition,
+            last_event_id: None,
             max_bytes: 0,
             offsets: Offsets::First,
             keys: None,
@@ -157,11 +164,14 @@ impl Row {
         if self.version == 0 { Ok(A::default()) } else { serde_json::from_slice(&self.state) }
     }
 
-    /// Moves the row by one events record (`size` bytes of key and value,
-    /// at `at`) that brought it to `version` and `state`.
+    /// Moves the row by one valid events record (`size` bytes of key and
+    /// value, at `at`, its last event `last_event`) that brought it to
+    /// `version` and `state`.
     pub(crate) fn advance(&mut self, state: Box<[u8]>, deleted: bool, version: u64, at: Position, size: u64) {
         if self.version > 0 {
             self.offsets.push(self.first_offset, at.offset);
+        } else {
+            self.first_offset = at.offset;
         }
         self.state = state;
         self.deleted = deleted;
@@ -181,6 +191,7 @@ impl Row {
             first_offset: doc.first_offset,
             last_offset: doc.last_offset,
             partition: doc.events_partition,
+            last_event_id: doc.last_event_id,
             max_bytes: u32::try_from(doc.max_record_bytes).unwrap_or(u32::MAX),
             offsets: Offsets::from_vec(doc.offsets, doc.first_offset),
             keys: (!keys.is_empty()).then(|| Box::new(keys)),
@@ -196,19 +207,54 @@ impl Row {
         self.keys.as_deref().and_then(|keys| keys.iter().find(|k| k.key == key))
     }
 
+    /// Whether the valid record at `offset` is one of this row's.
+    pub(crate) fn holds_record(&self, offset: u64, last_version: u64) -> bool {
+        match &self.offsets {
+            Offsets::First => self.version > 0 && offset == self.first_offset,
+            Offsets::Many(all) => all.binary_search(&offset).is_ok(),
+            // A row from an older table record: its records are not listed,
+            // so only versions can tell (records of one version are judged
+            // the same way by the follower, which never passes a void one).
+            Offsets::Unknown => last_version <= self.version && offset <= self.last_offset,
+        }
+    }
+
     /// Remembers idempotency key `key` of the record at `offset` that
-    /// brought the row to `version`, keeping the last `capacity` keys (a key
-    /// already remembered keeps its first answer).
-    pub(crate) fn remember_key(&mut self, key: String, version: u64, offset: u64, capacity: usize) {
-        if capacity == 0 || self.key(&key).is_some() {
+    /// brought the row to `version`, recorded at `recorded_ms` (a key
+    /// already remembered keeps its first answer). Keeps every key younger
+    /// than `retention.window_ms` (a hot aggregate may see many commands
+    /// between a client's first try and its retry through another
+    /// instance) and at least the last `retention.at_least`, never more
+    /// than `retention.at_most`.
+    pub(crate) fn remember_key(
+        &mut self,
+        key: String,
+        version: u64,
+        offset: u64,
+        recorded_ms: i64,
+        retention: KeyRetention,
+    ) {
+        if retention.at_most == 0 || self.key(&key).is_some() {
             return;
         }
         let keys = self.keys.get_or_insert_default();
-        keys.push_back(KeyDoc { key, version, offset });
-        while keys.len() > capacity {
+        keys.push_back(KeyDoc { key, version, offset, recorded_ms });
+        let newest = recorded_ms;
+        while keys.len() > retention.at_most
+            || (keys.len() > retention.at_least
+                && keys.front().is_some_and(|k| newest.saturating_sub(k.recorded_ms) > retention.window_ms))
+        {
             keys.pop_front();
         }
     }
+}
+
+/// How long a row remembers idempotency keys (see [`Row::remember_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyRetention {
+    pub(crate) at_least: usize,
+    pub(crate) at_most: usize,
+    pub(crate) window_ms: i64,
 }
 
 /// A state the table holds, typed; [`StoreError::Corrupt`] when it does
@@ -236,25 +282,48 @@ pub(crate) fn encode_state<A: Aggregate>(
 }
 
 /// What this process knows of one events partition's progress: how far the
-/// table has applied it, and which of those records a table record does
-/// not reflect yet.
+/// table has applied it, which of those records a table record does not
+/// reflect yet, and the appends of this process waiting for their verdict.
 #[derive(Default)]
 pub(crate) struct PartitionLog {
-    /// Offset after the highest events record applied to the table.
+    /// Offset after the last events record the table applied (valid or
+    /// void): records are applied in log order, one at a time.
     pub(crate) end: u64,
     /// Applied events records whose table record is not acknowledged yet
     /// (offset → aggregate id).
     pub(crate) unsaved: BTreeMap<u64, String>,
-    /// Sends in flight (send id → the partition's `end` when sent: the
-    /// record's offset will not be lower).
-    pub(crate) in_flight: HashMap<u64, u64>,
-    /// Lowest offset a failed send may have landed at: the send timed out or
-    /// failed without telling whether the broker wrote it.
-    pub(crate) uncertain_from: Option<u64>,
     /// The highest `reflected_below` an acknowledged table record claims.
     pub(crate) claimed: u64,
-    /// The aggregate of the latest events record applied.
+    /// The aggregate of the latest valid events record applied.
     pub(crate) last_id: Option<String>,
+    /// The partition stopped at a record this process cannot apply (its
+    /// events do not decode with this version's codec): nothing past it is
+    /// applied and its aggregates answer `Unavailable` until a version
+    /// that can read it starts.
+    pub(crate) halted: Option<Halt>,
+    /// Appends of this process waiting for the verdict on their record, by
+    /// the id of the record's first event (the record is recognised by it
+    /// wherever it landed, even when the broker did not say where).
+    pub(crate) waiting: HashMap<Uuid, oneshot::Sender<Verdict>>,
+    /// This instance's tenure as the partition's table-record writer
+    /// (`None`: another instance writes them; see `ownership`).
+    pub(crate) tenure: Option<crate::ownership::Tenure>,
+}
+
+/// Why and where a partition halted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Halt {
+    pub(crate) offset: u64,
+    pub(crate) reason: String,
+}
+
+/// What the log decided about an append's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// It continues its stream: the command is done, at this position.
+    Valid(Position),
+    /// Another record took its place first.
+    Void,
 }
 
 impl PartitionLog {
@@ -265,12 +334,6 @@ impl PartitionLog {
         if let Some((o, _)) = self.unsaved.first_key_value() {
             low = low.min(*o);
         }
-        if let Some(f) = self.in_flight.values().min() {
-            low = low.min(*f);
-        }
-        if let Some(u) = self.uncertain_from {
-            low = low.min(u);
-        }
         low
     }
 
@@ -280,6 +343,14 @@ impl PartitionLog {
         let saved: Vec<u64> = self.unsaved.range(..=up_to).filter(|(_, i)| i.as_str() == id).map(|(o, _)| *o).collect();
         for o in saved {
             self.unsaved.remove(&o);
+        }
+    }
+
+    /// Hands the verdict on the record whose first event is `first_event`
+    /// to the append waiting for it, if one is.
+    pub(crate) fn decide(&mut self, first_event: Uuid, verdict: Verdict) {
+        if let Some(waiter) = self.waiting.remove(&first_event) {
+            let _ = waiter.send(verdict);
         }
     }
 }
@@ -324,10 +395,11 @@ mod tests {
         assert_eq!((row.version, row.first_offset, row.last_offset), (3, 7, 11));
         assert_eq!((row.offsets.to_vec(row.first_offset), row.max_bytes, row.deleted), (vec![7, 11], u32::MAX, true));
         let mut keyed = row;
-        keyed.remember_key("k".into(), 3, 11, 1);
-        keyed.remember_key("k".into(), 3, 11, 1);
+        let one = KeyRetention { at_least: 1, at_most: 1, window_ms: 0 };
+        keyed.remember_key("k".into(), 3, 11, 0, one);
+        keyed.remember_key("k".into(), 3, 11, 0, one);
         assert_eq!(keyed.key("k").map(|k| (k.version, k.offset)), Some((3, 11)));
-        keyed.remember_key("l".into(), 4, 12, 1);
+        keyed.remember_key("l".into(), 4, 12, 0, one);
         assert!(keyed.key("k").is_none() && keyed.key("l").is_some(), "only the last keys are remembered");
     }
 
@@ -346,17 +418,43 @@ mod tests {
     }
 
     #[test]
-    fn reflected_below_never_passes_unsaved_in_flight_or_uncertain_records() {
+    fn reflected_below_never_passes_unsaved_records() {
         let mut log = PartitionLog { end: 10, ..PartitionLog::default() };
         assert_eq!(log.reflected_below(), 10);
-        log.in_flight.insert(1, 8);
-        assert_eq!(log.reflected_below(), 8);
         log.unsaved.insert(5, "a".into());
         log.unsaved.insert(7, "b".into());
         assert_eq!(log.reflected_below(), 5);
         log.forget_saved("a", 6);
         assert_eq!(log.reflected_below(), 7);
-        log.uncertain_from = Some(2);
-        assert_eq!(log.reflected_below(), 2);
+        log.forget_saved("b", 7);
+        assert_eq!(log.reflected_below(), 10);
+    }
+
+    #[test]
+    fn idempotency_keys_are_kept_for_their_window_within_bounds() {
+        let retention = KeyRetention { at_least: 2, at_most: 4, window_ms: 1_000 };
+        let mut row = Row::new(Position::new(0, 0));
+        for (i, at) in [0i64, 100, 200].into_iter().enumerate() {
+            row.remember_key(format!("k{i}"), i as u64 + 1, i as u64, at, retention);
+        }
+        assert!(row.key("k0").is_some(), "young keys stay beyond the minimum");
+        row.remember_key("k3".into(), 4, 3, 5_000, retention);
+        let kept: Vec<_> = row.keys.as_deref().into_iter().flatten().map(|k| k.key.clone()).collect();
+        assert_eq!(kept, ["k2", "k3"], "keys older than the window go, down to the minimum");
+        for i in 4..10 {
+            row.remember_key(format!("k{i}"), i + 1, i, 5_000, retention);
+        }
+        assert_eq!(row.keys.as_deref().map(|k| k.len()), Some(4), "never more than the maximum");
+        assert!(row.key("k9").is_some());
+    }
+
+    #[test]
+    fn a_row_knows_its_own_records() {
+        let mut row = Row::new(Position::new(0, 4));
+        assert!(!row.holds_record(4, 1), "no record applied yet");
+        row.advance(Box::from(&b"{}"[..]), false, 1, Position::new(0, 4), 10);
+        assert!(row.holds_record(4, 1) && !row.holds_record(5, 2));
+        row.advance(Box::from(&b"{}"[..]), false, 2, Position::new(0, 9), 10);
+        assert!(row.holds_record(9, 2) && !row.holds_record(6, 2));
     }
 }

@@ -46,7 +46,14 @@ impl<A: Aggregate> Inner<A> {
         let writes = &self.table_writes;
         writes.flushes_running.fetch_add(1, Ordering::AcqRel);
         writes.flush_requests.send_modify(|n| *n = n.wrapping_add(1));
-        let result = self.flush_until(Instant::now() + timeout).await;
+        let deadline = Instant::now() + timeout;
+        // Right after start the owners' group may not have assigned this
+        // instance its partitions yet: a flush waits for that, so that a
+        // single instance's flush writes every partition's records.
+        let mut settled = self.owners_settled.subscribe();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::time::timeout(left, settled.wait_for(|s| *s)).await;
+        let result = self.flush_until(deadline).await;
         writes.flushes_running.fetch_sub(1, Ordering::AcqRel);
         result
     }
@@ -84,7 +91,7 @@ impl<A: Aggregate> Inner<A> {
             let mut table = self.table();
             for p in 0..table.logs.len() {
                 let log = &table.logs[p];
-                let behind = log.reflected_below() > log.claimed;
+                let behind = log.tenure.is_some() && log.reflected_below() > log.claimed;
                 if let Some(id) = log.last_id.clone().filter(|_| behind)
                     && let Some(row) = table.rows.get_mut(id.as_str())
                     && !row.table_writing
@@ -122,6 +129,8 @@ impl<A: Aggregate> Inner<A> {
                 offsets: row.offsets.to_vec(row.first_offset),
                 max_record_bytes: u64::from(row.max_bytes),
                 reflected_below: table.logs.get(p as usize).map_or(0, PartitionLog::reflected_below),
+                last_event_id: row.last_event_id,
+                epoch: table.logs.get(p as usize).and_then(|l| l.tenure).map_or(0, |t| t.epoch),
                 idempotency_keys: row.keys.as_deref().cloned().unwrap_or_default(),
                 updated_at: chrono::Utc::now(),
             },
@@ -159,6 +168,11 @@ impl<A: Aggregate> Inner<A> {
     /// records than events records, and its records can never overtake each
     /// other).
     pub(crate) fn save_row(self: &Arc<Self>, table: &mut Table<A>, id: &str) {
+        let Some(row) = table.rows.get(id) else { return };
+        // Only the partition's owner writes its table records.
+        if table.logs.get(row.partition as usize).is_none_or(|l| l.tenure.is_none()) {
+            return;
+        }
         let Some(row) = table.rows.get_mut(id) else { return };
         if row.table_writing {
             row.table_stale = true;
@@ -191,9 +205,18 @@ impl<A: Aggregate> Inner<A> {
     /// The row is marked `table_writing` and counted in
     /// `pending_records` already.
     fn send_row(self: &Arc<Self>, table: &mut Table<A>, id: &str) {
+        let owned = table.rows.get(id).is_some_and(|r| table.logs[r.partition as usize].tenure.is_some());
         if let Some(row) = table.rows.get_mut(id) {
             // The record carries whatever arrived while it waited.
             row.table_stale = false;
+            if !owned {
+                // The tenure ended while it waited: the new owner writes it.
+                row.table_writing = false;
+            }
+        }
+        if !owned {
+            self.table_writes.pending_records.fetch_sub(1, Ordering::AcqRel);
+            return;
         }
         let Some((doc, p)) = self.table_doc(table, id) else {
             self.table_writes.pending_records.fetch_sub(1, Ordering::AcqRel);

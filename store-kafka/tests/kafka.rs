@@ -264,10 +264,19 @@ async fn bad_records_are_typed_errors_not_panics() {
         }
         other => panic!("expected Corrupt, got {other:?}"),
     }
-    match KafkaStore::<Ledger>::connect(config).await {
-        Err(KafkaStoreError::Corrupt { aggregate_id: Some(id), .. }) => assert_eq!(id, "junk"),
-        other => panic!("a store must refuse to start on a log it cannot read, got {other:?}"),
+    // A store starting on that log halts the partition at the record it
+    // cannot read: nothing past it is judged, its aggregates answer
+    // Unavailable, and the halt is visible.
+    let again = KafkaStore::<Ledger>::connect(config).await.expect("a store starts on a log it cannot fully read");
+    let halted = again.follower_stats().halted;
+    assert_eq!(halted.len(), 1, "{halted:?}");
+    assert_eq!((halted[0].partition, halted[0].offset), (0, 1), "{halted:?}");
+    assert!(halted[0].reason.contains("not a KES events document"), "{halted:?}");
+    match again.load("ok").await {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("halted"), "{why}"),
+        other => panic!("an aggregate of a halted partition must be unavailable, got {other:?}"),
     }
+    assert_eq!(again.follower_stats().void_records, 0, "an unreadable record is never voided");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

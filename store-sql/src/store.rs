@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kes_core::codec::encode_all;
 use kes_core::{
-    Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, Metadata,
-    Position, Snapshot, StateDocument, StoreError,
+    Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, Logged,
+    Metadata, Position, Snapshot, StateDocument, StoreError,
 };
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -1131,10 +1131,10 @@ struct Tail<A: Aggregate> {
 }
 
 impl<A: Aggregate> Tail<A> {
-    async fn next_item(mut self) -> Option<(Result<Vec<Envelope<A::Event>>, StoreError>, Self)> {
+    async fn next_item(mut self) -> Option<(Result<Logged<A::Event>, StoreError>, Self)> {
         loop {
-            if let Some(item) = self.ready.pop_front() {
-                return Some((Ok(item), self));
+            if let Some(record) = self.ready.pop_front().and_then(Logged::of) {
+                return Some((Ok(record), self));
             }
             if let Some(e) = self.failure.take() {
                 // A transient failure is reported and retried; anything

@@ -28,7 +28,7 @@ pub async fn take<S: EventStore<Ledger>>(store: &S, from: Checkpoint, items: usi
     let mut out = Vec::with_capacity(items);
     while out.len() < items {
         match tokio::time::timeout(WAIT, stream.next()).await {
-            Ok(Some(Ok(item))) => out.push(item),
+            Ok(Some(Ok(item))) => out.push(item.events),
             Ok(Some(Err(e))) => panic!("subscription failed after {} items: {e}", out.len()),
             Ok(None) => panic!("subscription ended after {} of {items} items", out.len()),
             Err(_) => panic!("subscription delivered {} of {items} items within {WAIT:?}", out.len()),
