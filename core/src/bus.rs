@@ -153,8 +153,8 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
     /// cache of the log (a store's state cache, another process's appends
     /// not seen yet), so the store's answer is what counts:
     /// - before refusing a command because the expected version or the
-    ///   aggregate's existence does not match, the bus looks again with
-    ///   [`EventStore::load_current`];
+    ///   aggregate's existence does not match, or because `handle` rejected
+    ///   it, the bus looks again with [`EventStore::load_current`];
     /// - when the append meets a [`StoreError::Conflict`], another writer
     ///   got there first: a retried command (same idempotency key) answers
     ///   as the first one did, and otherwise the bus loads the current state
@@ -194,7 +194,17 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
                 current = true;
                 continue;
             }
-            let events = state.handle(command.clone()).map_err(CommandError::Rejected)?;
+            let events = match state.handle(command.clone()) {
+                Ok(events) => events,
+                // Decided on what `load` gave, which may be stale (another
+                // process's appends not seen yet): reject only on what the
+                // log says.
+                Err(_) if !current => {
+                    current = true;
+                    continue;
+                }
+                Err(rejected) => return Err(CommandError::Rejected(rejected)),
+            };
             if events.is_empty() {
                 return Ok(CommandOutcome { state, version, position: None, events: 0, deduplicated: false });
             }

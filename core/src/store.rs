@@ -141,17 +141,19 @@ pub type EventStream<E> = BoxStream<'static, Result<Logged<E>, StoreError>>;
 /// that a reader waiting for the head of the log reaches it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logged<E> {
-    /// Where the record is in the log.
+    /// Where the record is in the log: the position of its last event, in
+    /// logs that give each event a position of its own (SQL), so that a
+    /// checkpoint advanced to it passes the whole record.
     pub position: Position,
     /// Its events, in version order; empty for a void record.
     pub events: Vec<Envelope<E>>,
 }
 
 impl<E> Logged<E> {
-    /// The record holding `events` (all of one append, so sharing one
-    /// position); `None` when there are none.
+    /// The record holding `events` (all of one append, in order); `None`
+    /// when there are none.
     pub fn of(events: Vec<Envelope<E>>) -> Option<Self> {
-        let position = events.first()?.position;
+        let position = events.last()?.position;
         Some(Self { position, events })
     }
 

@@ -1,0 +1,162 @@
+//! The table topic with several instances: a stale owner's late table
+//! record never makes a reader's table wrong, a reader whose picture of a
+//! stream has a gap rebuilds the stream instead of voiding a valid record,
+//! and an idempotent retry through another instance appends once.
+
+mod common;
+
+use std::time::Duration;
+
+use kes_core::conformance::{Ledger, LedgerCommand, LedgerEvent};
+use kes_core::{CommandBus, EventStore, ExpectedVersion, Metadata};
+use kes_store_kafka::KafkaStore;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn raw_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", brokers).create().expect("producer")
+}
+
+/// Appends `Opened` then `Added` × (`versions` − 1) to `id`.
+async fn write(store: &KafkaStore<Ledger>, id: &str, versions: u64) {
+    store.append(id, ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await.expect("open");
+    for v in 1..versions {
+        let added = vec![LedgerEvent::Added { amount: v as i64 }];
+        store.append(id, ExpectedVersion::Exact(v), added, Metadata::default()).await.expect("add");
+    }
+}
+
+/// Polls until `store` owns partition 0, and answers its epoch.
+async fn owner_epoch(store: &KafkaStore<Ledger>) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some((_, epoch)) = store.owned_partitions().into_iter().find(|(p, _)| *p == 0) {
+            return epoch;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the store never became the owner of partition 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A table record for `id` at `version` as an instance of `epoch` would
+/// write it, claiming every events record below `reflected_below`.
+fn table_record(id: &str, version: u64, epoch: u64, reflected_below: u64, state: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "format": "kes.table.v1", "aggregate_type": "ledger", "aggregate_id": id, "version": version,
+        "deleted": false, "state": state, "events_partition": 0, "first_offset": 0, "last_offset": 0,
+        "offsets": [0], "max_record_bytes": 0, "reflected_below": reflected_below, "epoch": epoch,
+        "idempotency_keys": [], "updated_at": chrono::Utc::now()
+    }))
+    .expect("json")
+}
+
+async fn produce(brokers: &str, topic: &str, key: &str, value: &[u8], headers: Option<OwnedHeaders>) {
+    let mut record = FutureRecord::to(topic).key(key).payload(value).partition(0);
+    if let Some(h) = headers {
+        record = record.headers(h);
+    }
+    raw_producer(brokers).send(record, Duration::from_secs(10)).await.expect("raw produce");
+}
+
+/// Pitfall: compaction keeps a key's last record, so a table record that an
+/// owner sent before losing its partition and that landed after the new
+/// owner's would outlive the new owner's. The new tenure's marker fences it:
+/// a reader starting from the table topic ends with the same state as the
+/// store that followed the log from offset 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owners_late_table_record_does_not_mislead_a_reader() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let Some(store) = common::connect(config.clone()).await else { return };
+    let epoch = owner_epoch(&store).await;
+    write(&store, "k", 3).await;
+    write(&store, "other", 1).await;
+    store.flush(WAIT).await.expect("flush");
+    let followed = store.load("k").await.expect("load").expect("k");
+    assert_eq!(followed.version, 3);
+    // Another instance takes the partition over (its marker), then the old
+    // owner's record of k at version 1, built long ago, lands: it claims
+    // the whole events partition, as a late record of a busy owner would.
+    let head = store.head().await.expect("head").next_offset(0);
+    let marker = serde_json::to_vec(&json!({
+        "format": "kes.epoch.v1", "events_partition": 0, "epoch": epoch + 1,
+        "owner": uuid::Uuid::new_v4(), "claimed_at": chrono::Utc::now()
+    }))
+    .expect("json");
+    let marker_headers = OwnedHeaders::new().insert(Header { key: "kes.marker", value: Some("epoch") });
+    let table = store.table_topic().to_owned();
+    produce(&brokers, &table, &format!("\u{0}kes.epoch/0/{}", epoch + 1), &marker, Some(marker_headers)).await;
+    let stale = table_record("k", 1, epoch, head, json!({"open": true, "closed": false, "total": 0, "entries": 0}));
+    produce(&brokers, &table, "k", &stale, None).await;
+    drop(store);
+
+    let reader = KafkaStore::<Ledger>::connect(config).await.expect("a reader starting from the table topic");
+    let k = reader.load("k").await.expect("load").expect("k");
+    assert_eq!((k.version, &k.state), (followed.version, &followed.state), "the stale record misled the reader");
+    assert_eq!(reader.read("k").await.expect("read").len(), 3);
+    assert_eq!(reader.load("other").await.expect("load").map(|s| s.version), Some(1));
+}
+
+/// Pitfall: a gap is never a verdict. A reader whose row of a stream is
+/// older than its table record claimed (a trusted record that lies, here
+/// written by hand) sees the stream's next record skip versions: it
+/// rebuilds the stream from the log, and the record counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_rebuilds_the_stream_instead_of_voiding_the_record() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let Some(writer) = common::connect(config.clone()).await else { return };
+    let epoch = owner_epoch(&writer).await;
+    write(&writer, "g", 3).await;
+    writer.flush(WAIT).await.expect("flush");
+    let head = writer.head().await.expect("head").next_offset(0);
+    // The current tenure's epoch: trusted, yet it says version 1 while
+    // claiming every record below the head.
+    let lying = table_record("g", 1, epoch, head, json!({"open": true, "closed": false, "total": 0, "entries": 0}));
+    produce(&brokers, writer.table_topic(), "g", &lying, None).await;
+    let reader = KafkaStore::<Ledger>::connect(config).await.expect("reader");
+    // The next record of g (version 4) reaches the reader's follower.
+    let added = vec![LedgerEvent::Added { amount: 40 }];
+    let appended = writer.append("g", ExpectedVersion::Exact(3), added, Metadata::default()).await.expect("append");
+    assert!(reader.wait_applied(appended.position, WAIT).await, "the reader did not apply version 4");
+    let g = reader.load("g").await.expect("load").expect("g");
+    let expected = writer.load("g").await.expect("load").expect("g");
+    assert_eq!((g.version, &g.state), (4, &expected.state));
+    assert_eq!(reader.read("g").await.expect("read").len(), 4);
+    assert_eq!(reader.follower_stats().void_records, 0, "a gap must never void a valid record");
+}
+
+/// Pitfall: idempotency across instances. A command retried through
+/// another instance (its first answer lost on the way back) is answered
+/// as the first one was, and appends once — also while the second
+/// instance has not seen the first record yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_through_another_instance_appends_once() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let Some(a) = common::connect(config.clone()).await else { return };
+    let b = KafkaStore::<Ledger>::connect(config).await.expect("second instance");
+    let (bus_a, bus_b) = (CommandBus::new(a.clone()), CommandBus::new(b.clone()));
+    bus_a.execute("i", LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+    for n in 0..20 {
+        let key = format!("retry-{n}");
+        let meta = || Metadata { idempotency_key: Some(key.clone()), ..Metadata::default() };
+        let first = bus_a.execute("i", LedgerCommand::Add(n), ExpectedVersion::Any, meta()).await.expect("first");
+        // At once through the other instance, whose follower may lag.
+        let retry = bus_b.execute("i", LedgerCommand::Add(n), ExpectedVersion::Any, meta()).await.expect("retry");
+        assert!(retry.deduplicated, "retry {n} appended again");
+        assert_eq!((retry.version, retry.position), (first.version, first.position), "retry {n}");
+    }
+    let history = a.read("i").await.expect("read");
+    assert_eq!(history.len(), 21, "one event per command, whatever the retries");
+    let at = a.head().await.expect("head").next_offset(0);
+    assert!(b.wait_applied(kes_core::Position::new(0, at - 1), WAIT).await);
+    assert_eq!(b.read("i").await.expect("read"), history);
+}
