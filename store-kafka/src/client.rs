@@ -23,9 +23,15 @@ const SCAN_FETCH_BYTES: u64 = 1 << 20;
 /// for new records, keep [`FOLLOW_FETCH_WAIT_MS`].
 pub(crate) const BOUNDED_FETCH_WAIT_MS: u32 = 5;
 
-/// `fetch.wait.max.ms` of subscriptions: how long an idle follower's fetch
-/// waits at the head of the log (latency of a new record at worst).
+/// `fetch.wait.max.ms` of subscriptions: how long an idle subscription's
+/// fetch waits at the head of the log (latency of a new record at worst).
 pub(crate) const FOLLOW_FETCH_WAIT_MS: u32 = 100;
+
+/// `fetch.wait.max.ms` of the store's own follower, which every read of
+/// another instance's write waits for: shorter than a subscription's, as
+/// brokers that hold every fetch for the whole wait (Tansu) add it to the
+/// follow lag. One consumer per store, so the extra idle fetches stay few.
+pub(crate) const FOLLOWER_FETCH_WAIT_MS: u32 = 20;
 
 /// Upper bound of one fetch response, over all partitions. Kafka brokers
 /// size a response by `max.partition.fetch.bytes`; some compatible brokers

@@ -26,7 +26,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 
-use crate::client::{FOLLOW_FETCH_WAIT_MS, create_consumer};
+use crate::client::{FOLLOWER_FETCH_WAIT_MS, create_consumer};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -345,7 +345,7 @@ impl<A: Aggregate> Inner<A> {
     /// where the table stands and applies each record. It ends when the
     /// store is dropped.
     pub(crate) fn start_following(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
-        let consumer = create_consumer(&self.config, false, FOLLOW_FETCH_WAIT_MS)?;
+        let consumer = create_consumer(&self.config, false, FOLLOWER_FETCH_WAIT_MS)?;
         let mut tpl = TopicPartitionList::new();
         {
             let table = self.table();

@@ -94,3 +94,49 @@ async fn command_throughput_against_raw_producer() {
     println!("raw producer, {IN_FLIGHT} in flight:    {raw_par:8.0} records/s");
     println!("commands, {IN_FLIGHT} in flight:        {cmd_par:8.0} commands/s  ratio {:.2}", cmd_par / raw_par);
 }
+
+/// Follow lag: how long after an append through one instance another
+/// instance's table has applied it, against how long the append itself
+/// took (same run, same broker). Prints p50/p99 of both.
+///
+/// ```sh
+/// KES_TEST_KAFKA_BROKERS=127.0.0.1:19092 cargo test -p kes-store-kafka --release --test throughput follow_lag -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+async fn follow_lag_between_two_instances() {
+    use kes_core::EventStore;
+    use kes_core::conformance::{Ledger, LedgerEvent};
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 3);
+    let Some(writer) = common::connect(config.clone()).await else { return };
+    let reader = kes_store_kafka::KafkaStore::<Ledger>::connect(config).await.expect("second instance");
+    let (mut appends, mut lags) = (Vec::new(), Vec::new());
+    for i in 0..300u64 {
+        let id = format!("lag-{}", i % 30);
+        let version = i / 30;
+        let events = if version == 0 { vec![LedgerEvent::Opened] } else { vec![LedgerEvent::Added { amount: 1 }] };
+        let expected = if version == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(version) };
+        let started = Instant::now();
+        let appended = writer.append(&id, expected, events, Metadata::default()).await.expect("append");
+        appends.push(started.elapsed());
+        let acknowledged = Instant::now();
+        assert!(reader.wait_applied(appended.position, Duration::from_secs(30)).await, "not followed");
+        lags.push(acknowledged.elapsed());
+    }
+    let pct = |v: &mut Vec<Duration>, q: f64| {
+        v.sort();
+        v[((v.len() as f64 - 1.0) * q).round() as usize]
+    };
+    let stats = writer.follower_stats();
+    println!(
+        "append p50 {:?} p99 {:?}; follow lag after the acknowledgement p50 {:?} p99 {:?}; fast path {} of {} appends",
+        pct(&mut appends, 0.5),
+        pct(&mut appends, 0.99),
+        pct(&mut lags, 0.5),
+        pct(&mut lags, 0.99),
+        stats.fast_path_appends,
+        stats.fast_path_appends + stats.awaited_appends,
+    );
+}
