@@ -192,7 +192,7 @@ fn parameters() -> Value {
                                 "description": "Retry key: the same key on the same aggregate appends once and replays the first answer.",
                                 "schema": { "type": "string", "minLength": 1, "maxLength": 255 } },
         "kes.Position": { "name": "KES-Position", "in": "header", "required": false,
-                          "description": "A position token from a write; the read waits (bounded) until the views reached it.",
+                          "description": "A position token from a write; the read waits (bounded) until the views (lists, history) or this instance's table (reads by id) reached it.",
                           "schema": { "type": "string", "pattern": "^[0-9]+:[0-9]+$" } },
     })
 }
@@ -381,7 +381,8 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         let mut get_responses = refs(&["400", "404", "500", "503"]);
         get_responses.insert(
             "200".into(),
-            json!({ "description": format!("The {}'s latest state.", A::NAME), "headers": { "ETag": r("headers", "ETag") },
+            json!({ "description": format!("The {}'s latest state.", A::NAME),
+                    "headers": { "ETag": r("headers", "ETag"), "KES-Consistency": r("headers", "KES-Consistency") },
                     "content": { "application/json": { "schema": state.clone() } } }),
         );
         get_responses.insert(
@@ -391,7 +392,8 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         item.insert(
             "get".into(),
             json!({ "operationId": format!("get_{name}"), "tags": tags, "summary": format!("Read one {}.", A::NAME),
-                    "parameters": [r("parameters", "kes.IfNoneMatch")], "responses": get_responses }),
+                    "parameters": [r("parameters", "kes.IfNoneMatch"), r("parameters", "kes.Position")],
+                    "responses": get_responses }),
         );
         let updates = [("put", "replace", &self.resource.replace), ("patch", "patch", &self.resource.patch)];
         for (method, verb, op) in updates {
