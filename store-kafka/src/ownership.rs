@@ -24,7 +24,7 @@
 //! have written (those that changed since the partition's last trusted
 //! claim) before anything else.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -249,54 +249,72 @@ impl<A: Aggregate> Inner<A> {
         Ok(scan)
     }
 
-    /// Claims the next epoch of partition `p` and starts writing its table
-    /// records: first every row that changed since the partition's last
-    /// trusted claim. Gives up when the epoch keeps being taken by others
-    /// or the partition is no longer assigned.
-    async fn claim_tenure(self: &Arc<Self>, p: u32, still_assigned: &HashSet<u32>) -> Result<(), KafkaStoreError> {
+    /// Claims the next epoch of each partition in `partitions` and starts
+    /// writing their table records: first every row that changed since the
+    /// partition's last trusted claim. One read of the table topic before
+    /// the markers and one after, whatever the number of partitions; a
+    /// partition whose epoch another instance took first is tried again
+    /// with the next one.
+    async fn claim_tenures(self: &Arc<Self>, partitions: &[u32]) -> Result<(), KafkaStoreError> {
+        let mut todo: Vec<u32> = partitions.to_vec();
         for _ in 0..CLAIM_ATTEMPTS {
-            if !still_assigned.contains(&p) {
+            if todo.is_empty() {
                 return Ok(());
             }
-            let scan = self.scan_table_topic().await?;
-            let epoch = scan.epochs.get(&p).copied().unwrap_or(0) + 1;
-            let marker = EpochMarker {
-                format: MARKER_FORMAT.to_owned(),
-                events_partition: p,
-                epoch,
-                owner: self.instance,
-                claimed_at: Utc::now(),
-            };
-            let value = serde_json::to_vec(&marker).map_err(|e| KafkaStoreError::Broker(format!("marker: {e}")))?;
-            let key = marker.key();
-            let tps = self.table_partitions_of(p);
-            for tp in &tps {
-                let headers = OwnedHeaders::new().insert(Header { key: "kes.marker", value: Some("epoch") });
-                let record = FutureRecord::to(&self.table_topic)
-                    .key(&key)
-                    .payload(&value)
-                    .partition(*tp as i32)
-                    .headers(headers);
-                let producer = self.producer();
-                producer
-                    .send(record, self.config.request_timeout)
-                    .await
-                    .map_err(|(e, _)| KafkaStoreError::from_kafka("epoch marker", &e))?;
+            let before = self.scan_table_topic().await?;
+            let mut claims = Vec::new();
+            for &p in &todo {
+                let epoch = before.epochs.get(&p).copied().unwrap_or(0) + 1;
+                self.write_marker(p, epoch).await?;
+                claims.push((p, epoch));
             }
-            // The first marker of this epoch in every table partition decides.
+            // The first marker of an epoch in every table partition decides.
             let after = self.scan_table_topic().await?;
-            let won = tps.iter().all(|tp| after.first_markers.get(&(*tp, p, epoch)) == Some(&self.instance));
-            if !won {
-                tracing::info!(topic = %self.events_topic, partition = p, epoch, "epoch taken by another instance; trying the next");
-                continue;
+            todo.clear();
+            for (p, epoch) in claims {
+                let won = self
+                    .table_partitions_of(p)
+                    .iter()
+                    .all(|tp| after.first_markers.get(&(*tp, p, epoch)) == Some(&self.instance));
+                if won {
+                    self.begin_tenure(p, epoch, after.claims.get(&p).copied().unwrap_or(0));
+                } else {
+                    tracing::info!(topic = %self.events_topic, partition = p, epoch,
+                        "epoch taken by another instance; trying the next");
+                    todo.push(p);
+                }
             }
-            let claim = after.claims.get(&p).copied().unwrap_or(0);
-            self.begin_tenure(p, epoch, claim);
+        }
+        if todo.is_empty() {
             return Ok(());
         }
         Err(KafkaStoreError::Unavailable(format!(
-            "partition {p}: no epoch could be claimed in {CLAIM_ATTEMPTS} attempts"
+            "partitions {todo:?}: no epoch could be claimed in {CLAIM_ATTEMPTS} attempts"
         )))
+    }
+
+    /// Writes the marker of this instance's tenure `epoch` over partition
+    /// `p` to every table partition holding `p`'s records.
+    async fn write_marker(&self, p: u32, epoch: u64) -> Result<(), KafkaStoreError> {
+        let marker = EpochMarker {
+            format: MARKER_FORMAT.to_owned(),
+            events_partition: p,
+            epoch,
+            owner: self.instance,
+            claimed_at: Utc::now(),
+        };
+        let value = serde_json::to_vec(&marker).map_err(|e| KafkaStoreError::Broker(format!("marker: {e}")))?;
+        let key = marker.key();
+        for tp in self.table_partitions_of(p) {
+            let headers = OwnedHeaders::new().insert(Header { key: "kes.marker", value: Some("epoch") });
+            let record =
+                FutureRecord::to(&self.table_topic).key(&key).payload(&value).partition(tp as i32).headers(headers);
+            self.producer()
+                .send(record, self.config.request_timeout)
+                .await
+                .map_err(|(e, _)| KafkaStoreError::from_kafka("epoch marker", &e))?;
+        }
+        Ok(())
     }
 
     /// Starts the tenure: every row of `p` that changed at or after the
@@ -342,14 +360,11 @@ async fn own<A: Aggregate>(
             }
             partitions = assigned.recv() => {
                 let Some(partitions) = partitions else { return };
-                let current: HashSet<u32> = partitions.into_iter().collect();
                 let Some(inner) = store.upgrade() else { return };
-                let mut todo: Vec<u32> = current.iter().copied().collect();
+                let mut todo = partitions;
                 todo.sort_unstable();
-                for p in todo {
-                    if let Err(e) = inner.claim_tenure(p, &current).await {
-                        tracing::warn!(partition = p, error = %e, "could not claim the partition's table records");
-                    }
+                if let Err(e) = inner.claim_tenures(&todo).await {
+                    tracing::warn!(partitions = ?todo, error = %e, "could not claim the partitions' table records");
                 }
                 inner.owners_settled.send_replace(true);
             }

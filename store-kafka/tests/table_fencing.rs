@@ -160,3 +160,63 @@ async fn a_retry_through_another_instance_appends_once() {
     assert!(b.wait_applied(kes_core::Position::new(0, at - 1), WAIT).await);
     assert_eq!(b.read("i").await.expect("read"), history);
 }
+
+/// Who owns which partition's table records, over `stores`: partition →
+/// (store index, epoch) for every tenure held now.
+fn owners(stores: &[&KafkaStore<Ledger>]) -> Vec<(u32, usize, u64)> {
+    let mut all: Vec<(u32, usize, u64)> = stores
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.owned_partitions().into_iter().map(move |(p, e)| (p, i, e)))
+        .collect();
+    all.sort_unstable();
+    all
+}
+
+/// Polls until every partition of `partitions` has exactly one owner among
+/// `stores`, and answers the tenures.
+async fn settled_owners(stores: &[&KafkaStore<Ledger>], partitions: u32, within: Duration) -> Vec<(u32, usize, u64)> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let all = owners(stores);
+        let covered: Vec<u32> = all.iter().map(|(p, ..)| *p).collect();
+        if covered == (0..partitions).collect::<Vec<_>>() {
+            return all;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ownership never settled: {all:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Table records have one writer per partition: the instances' consumer
+/// group hands each partition to exactly one of them, and the partitions
+/// of an instance that goes away move to the others in new, higher epochs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_partition_has_one_table_writer_and_a_departed_owners_partitions_move() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 3);
+    let Some(a) = common::connect(config.clone()).await else { return };
+    let b = KafkaStore::<Ledger>::connect(config.clone()).await.expect("b");
+    let c = KafkaStore::<Ledger>::connect(config).await.expect("c");
+    let before = settled_owners(&[&a, &b, &c], 3, WAIT).await;
+    let holders: std::collections::HashSet<usize> = before.iter().map(|(_, i, _)| *i).collect();
+    assert_eq!(holders.len(), 3, "three instances, three partitions: one each ({before:?})");
+    // c goes away without a word (dropped: its group membership expires).
+    let gone: Vec<(u32, u64)> = c.owned_partitions();
+    drop(c);
+    let after = settled_owners(&[&a, &b], 3, WAIT).await;
+    for (p, epoch) in gone {
+        let (_, _, new_epoch) = after.iter().find(|(q, ..)| *q == p).copied().expect("taken over");
+        assert!(new_epoch > epoch, "partition {p}: a new tenure must have a higher epoch ({epoch} → {new_epoch})");
+    }
+    // The new owners write: a command on every partition reaches the
+    // table topic (a fresh reader needs no replay past them).
+    let bus = CommandBus::new(a.clone());
+    for i in 0..12 {
+        let id = format!("moved-{i}");
+        bus.execute(&id, LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+    }
+    a.flush(WAIT).await.expect("flush a");
+    b.flush(WAIT).await.expect("flush b");
+}
