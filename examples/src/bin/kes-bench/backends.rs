@@ -215,6 +215,29 @@ impl Kafka {
     }
 }
 
+impl Kafka {
+    /// How many records `topic` holds: the sum over its partitions of high
+    /// minus low watermark.
+    pub async fn records(&self, topic: &str) -> anyhow::Result<u64> {
+        let brokers = self.brokers.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer = raw_consumer(&brokers)?;
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                bail!("topic {topic} not found")
+            };
+            let mut records = 0u64;
+            for p in t.partitions() {
+                let (low, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                records += u64::try_from(high - low).unwrap_or(0);
+            }
+            Ok(records)
+        })
+        .await?
+    }
+}
+
 /// `fetch.wait.max.ms` of the raw range read, the same as KafkaStore's
 /// bounded reads: Tansu holds every fetch answer for that long.
 pub const RAW_FETCH_WAIT_MS: u32 = 5;

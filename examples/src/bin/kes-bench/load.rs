@@ -105,6 +105,53 @@ pub async fn concurrent(
     Ok(done.load(Ordering::Relaxed) as f64 / elapsed)
 }
 
+/// `clients` concurrent loops of `PATCH {"name"}` (as [`Verb::PatchName`]),
+/// client `i` on `urls[i % urls.len()]`, for `duration`: successful
+/// requests per second, and how many answered 409 or 412 (counted, not
+/// fatal, so that a run shows how many there were; the requests carry no
+/// `If-Match`, so every one of them is a fault). Any other failed request
+/// fails the measurement.
+pub async fn concurrent_patch_counting_conflicts(
+    client: &reqwest::Client,
+    urls: &[String],
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<(f64, u64)> {
+    let done = Arc::new(AtomicU64::new(0));
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let client = client.clone();
+        let url = urls[i % urls.len()].clone();
+        let (done, conflicts) = (Arc::clone(&done), Arc::clone(&conflicts));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+                let body = format!("{{\"name\":\"n{n}\"}}");
+                let response = client.patch(&url).header("content-type", "application/json").body(body).send().await?;
+                let status = response.status();
+                let body = response.bytes().await?;
+                if status.is_success() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else if status == reqwest::StatusCode::CONFLICT || status == reqwest::StatusCode::PRECONDITION_FAILED
+                {
+                    conflicts.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    bail!("{url} answered {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("a load task panicked")??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((done.load(Ordering::Relaxed) as f64 / elapsed, conflicts.load(Ordering::Relaxed)))
+}
+
 /// `count` requests one after the other on one keep-alive connection:
 /// mean milliseconds per request.
 pub async fn sequential(client: &reqwest::Client, verb: Verb, url: &str, count: u64) -> anyhow::Result<f64> {

@@ -217,6 +217,13 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         kafka_history(&mut ctx, &mut out)
     );
     run!("HTTP PATCH, 64 clients, Kafka store", "req/s", Better::Higher, 0.5, kafka_patch(&mut ctx));
+    run!(
+        format!("HTTP PATCH, 64 clients, Kafka, {} instances vs 1", crate::instances::INSTANCES),
+        "req/s",
+        Better::Higher,
+        0.5,
+        kafka_patch_instances(&mut ctx)
+    );
     run!("HTTP PATCH, 64 clients, PostgreSQL store", "req/s", Better::Higher, 2.0, pg_patch(&mut ctx));
     run!("seed loop: sequential PATCH, PostgreSQL", "ms/req", Better::Lower, 0.67, pg_seed_loop(&mut ctx));
     run!("seed loop: sequential PATCH, Kafka", "ms/req", Better::Lower, 0.67, kafka_seed_loop(&mut ctx));
@@ -329,6 +336,11 @@ async fn kafka_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
              (the size of a KES events record), same broker, 3 partitions"
         ),
     })
+}
+
+async fn kafka_patch_instances(ctx: &mut Ctx) -> Result<Measured, Missing> {
+    let kafka = Kafka { brokers: ctx.kafka()?.brokers.clone() };
+    crate::instances::kafka_patch_instances(ctx.plan, &ctx.client, &kafka).await
 }
 
 async fn pg_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
