@@ -20,7 +20,7 @@ use crate::error::KafkaStoreError;
 use crate::follower::Applied;
 use crate::record::{EventsDoc, OutgoingEvent};
 use crate::store::Inner;
-use crate::table::{Verdict, encode_state, typed_state};
+use crate::table::{OwnRecord, Verdict, encode_state, typed_state};
 
 /// Where a stream stands when a command arrives.
 enum StreamBefore<A> {
@@ -106,14 +106,18 @@ impl<A: Aggregate> Inner<A> {
                 return Ok(v);
             }
             if let Some(offset) = offset {
-                let at = Position::new(p, offset);
                 let PreparedRecord { doc, value, state, deleted } = prepared;
-                let applied = self.apply_own(&mut table, &doc, at, state, deleted, &value);
-                if let Some(applied) = applied {
-                    self.counters.fast_path_appends.fetch_add(1, Ordering::Relaxed);
-                    if applied == Applied::Valid {
+                let log = &mut table.logs[p as usize];
+                if log.end < offset && log.halted.is_none() {
+                    // Records below it are not applied yet: it is applied
+                    // once they are, by whichever step gets there.
+                    log.delivered.insert(offset, OwnRecord { doc, value, state, deleted });
+                } else {
+                    let at = Position::new(p, offset);
+                    if self.apply_own(&mut table, &doc, at, state, deleted, &value) == Some(Applied::Valid) {
                         self.save_row(&mut table, &doc.aggregate_id);
                     }
+                    self.apply_delivered(&mut table, p);
                     drop(table);
                     self.progress.send_modify(|n| *n += 1);
                     if let Ok(v) = verdict.try_recv() {
@@ -122,7 +126,6 @@ impl<A: Aggregate> Inner<A> {
                 }
             }
         }
-        self.counters.awaited_appends.fetch_add(1, Ordering::Relaxed);
         let bound = self.config.request_timeout * 2;
         match tokio::time::timeout(bound, &mut verdict).await {
             Ok(Ok(v)) => Ok(v),

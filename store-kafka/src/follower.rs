@@ -138,11 +138,17 @@ impl<A: Aggregate> Inner<A> {
         let tip = row.map(|r| StreamTip { version: r.version, last_event_id: r.last_event_id }).unwrap_or_default();
         match judge(tip, doc.first_version, doc.previous_event_id) {
             Judgement::Gap if !gap_is_void => Applied::Gap,
-            Judgement::Gap => self.void(table, doc, at, "versions before it are missing from its stream"),
-            Judgement::Void(why) => self.void(table, doc, at, why),
+            Judgement::Gap => {
+                self.count_awaited(self.void(table, doc, at, "versions before it are missing from its stream"));
+                Applied::Void
+            }
+            Judgement::Void(why) => {
+                self.count_awaited(self.void(table, doc, at, why));
+                Applied::Void
+            }
             Judgement::Valid => match self.fold(table.rows.get(id).map(|r| &**r), doc) {
                 Ok((state, deleted)) => {
-                    self.settle_valid(table, doc, at, state, deleted, size, value);
+                    self.count_awaited(self.settle_valid(table, doc, at, state, deleted, size, value));
                     Applied::Valid
                 }
                 Err(reason) => {
@@ -172,14 +178,47 @@ impl<A: Aggregate> Inner<A> {
         }
         let row = table.rows.get(doc.aggregate_id.as_str());
         let tip = row.map(|r| StreamTip { version: r.version, last_event_id: r.last_event_id }).unwrap_or_default();
-        match judge(tip, doc.first_version, doc.previous_event_id) {
-            Judgement::Gap => None,
-            Judgement::Void(why) => Some(self.void(table, doc, at, why)),
+        let applied = match judge(tip, doc.first_version, doc.previous_event_id) {
+            Judgement::Gap => return None,
+            Judgement::Void(why) => {
+                self.void(table, doc, at, why);
+                Applied::Void
+            }
             Judgement::Valid => {
                 let size = (doc.aggregate_id.len() + value.len()) as u64;
                 self.settle_valid(table, doc, at, state, deleted, size, value);
-                Some(Applied::Valid)
+                Applied::Valid
             }
+        };
+        self.counters.fast_path_appends.fetch_add(1, Ordering::Relaxed);
+        Some(applied)
+    }
+
+    /// Applies this process's acknowledged records waiting in partition
+    /// `p`'s `delivered` list, in log order, as far as everything below
+    /// each is applied; stops at a gap (the follower judges that one).
+    pub(crate) fn apply_delivered(self: &Arc<Self>, table: &mut Table<A>, p: u32) {
+        loop {
+            let log = &mut table.logs[p as usize];
+            // Those the follower applied already.
+            while log.delivered.first_key_value().is_some_and(|(o, _)| *o < log.end) {
+                log.delivered.pop_first();
+            }
+            let end = log.end;
+            let Some(own) = log.delivered.remove(&end) else { return };
+            let at = Position::new(p, end);
+            match self.apply_own(table, &own.doc, at, own.state, own.deleted, &own.value) {
+                Some(Applied::Valid) => self.save_row(table, &own.doc.aggregate_id),
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// Counts an append whose verdict the follower delivered.
+    fn count_awaited(&self, decided: bool) {
+        if decided {
+            self.counters.awaited_appends.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -204,7 +243,8 @@ impl<A: Aggregate> Inner<A> {
 
     /// Moves the row of a valid record and everything that follows from it:
     /// the partition's progress, the record's table record to come, its
-    /// idempotency key, the read cache, and the append waiting for it.
+    /// idempotency key, the read cache, and the append waiting for it
+    /// (`true` when one was).
     #[expect(clippy::too_many_arguments, reason = "one record's parts, applied together under the table lock")]
     fn settle_valid(
         &self,
@@ -215,7 +255,7 @@ impl<A: Aggregate> Inner<A> {
         deleted: bool,
         size: u64,
         value: &[u8],
-    ) {
+    ) -> bool {
         let id = doc.aggregate_id.as_str();
         let retention = self.key_retention();
         let row = table.rows.entry(id.into()).or_insert_with(|| Box::new(Row::new(at)));
@@ -232,23 +272,19 @@ impl<A: Aggregate> Inner<A> {
         if log.tenure.is_some() {
             log.unsaved.insert(at.offset, id.to_owned());
         }
-        if let Some(first) = doc.first_event_id() {
-            log.decide(first, Verdict::Valid(at));
-        }
+        doc.first_event_id().is_some_and(|first| log.decide(first, Verdict::Valid(at)))
     }
 
     /// Records a void record: progress, count, one log line, and the answer
-    /// to the append waiting for it.
-    fn void(&self, table: &mut Table<A>, doc: &EventsDoc, at: Position, why: &str) -> Applied {
+    /// to the append waiting for it (`true` when one was).
+    fn void(&self, table: &mut Table<A>, doc: &EventsDoc, at: Position, why: &str) -> bool {
         let log = &mut table.logs[at.partition as usize];
         log.end = at.offset + 1;
-        if let Some(first) = doc.first_event_id() {
-            log.decide(first, Verdict::Void);
-        }
+        let decided = doc.first_event_id().is_some_and(|first| log.decide(first, Verdict::Void));
         self.counters.void_records.fetch_add(1, Ordering::Relaxed);
         tracing::info!(topic = %self.events_topic, position = %at, aggregate_id = %doc.aggregate_id,
             version = doc.first_version, why, "void events record skipped (lost a race)");
-        Applied::Void
+        decided
     }
 
     /// Stops partition `at.partition` at the record at `at`, loudly; the
@@ -263,6 +299,7 @@ impl<A: Aggregate> Inner<A> {
              its aggregates are unavailable until a version that can read it starts");
         log.halted = Some(Halt { offset: at.offset, reason });
         log.waiting.clear();
+        log.delivered.clear();
     }
 
     /// `Unavailable` when partition `p` is halted.
@@ -395,8 +432,12 @@ impl<A: Aggregate> Inner<A> {
         } else {
             applied
         };
-        if applied == Applied::Valid {
-            self.save_row(&mut self.table(), &doc.aggregate_id);
+        {
+            let mut table = self.table();
+            if applied == Applied::Valid {
+                self.save_row(&mut table, &doc.aggregate_id);
+            }
+            self.apply_delivered(&mut table, at.partition);
         }
         self.progress.send_modify(|n| *n += 1);
     }

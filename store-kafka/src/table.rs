@@ -305,9 +305,23 @@ pub(crate) struct PartitionLog {
     /// the id of the record's first event (the record is recognised by it
     /// wherever it landed, even when the broker did not say where).
     pub(crate) waiting: HashMap<Uuid, oneshot::Sender<Verdict>>,
+    /// This process's acknowledged records that landed above `end`, by
+    /// offset: each is applied as soon as everything below it is (by
+    /// whichever append or follower step brings `end` to it), without
+    /// waiting for the follower to read it back.
+    pub(crate) delivered: BTreeMap<u64, OwnRecord>,
     /// This instance's tenure as the partition's table-record writer
     /// (`None`: another instance writes them; see `ownership`).
     pub(crate) tenure: Option<crate::ownership::Tenure>,
+}
+
+/// One of this process's records, acknowledged, with the state it leads to
+/// when it is valid (computed when its command was decided).
+pub(crate) struct OwnRecord {
+    pub(crate) doc: crate::record::EventsDoc,
+    pub(crate) value: Vec<u8>,
+    pub(crate) state: Box<[u8]>,
+    pub(crate) deleted: bool,
 }
 
 /// Why and where a partition halted.
@@ -347,10 +361,14 @@ impl PartitionLog {
     }
 
     /// Hands the verdict on the record whose first event is `first_event`
-    /// to the append waiting for it, if one is.
-    pub(crate) fn decide(&mut self, first_event: Uuid, verdict: Verdict) {
-        if let Some(waiter) = self.waiting.remove(&first_event) {
-            let _ = waiter.send(verdict);
+    /// to the append waiting for it, if one is (`true` then).
+    pub(crate) fn decide(&mut self, first_event: Uuid, verdict: Verdict) -> bool {
+        match self.waiting.remove(&first_event) {
+            Some(waiter) => {
+                let _ = waiter.send(verdict);
+                true
+            }
+            None => false,
         }
     }
 }

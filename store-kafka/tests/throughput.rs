@@ -69,7 +69,7 @@ async fn command_throughput_against_raw_producer() {
     let raw_par = rate(N, t.elapsed());
 
     let Some(store) = common::connect(config).await else { return };
-    let bus = Arc::new(CommandBus::new(store));
+    let bus = Arc::new(CommandBus::new(store.clone()));
     let t = Instant::now();
     bus.execute("seq", LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
     for _ in 1..N {
@@ -93,6 +93,13 @@ async fn command_throughput_against_raw_producer() {
     println!("commands, sequential:          {cmd_seq:8.0} commands/s  ratio {:.2}", cmd_seq / raw_seq);
     println!("raw producer, {IN_FLIGHT} in flight:    {raw_par:8.0} records/s");
     println!("commands, {IN_FLIGHT} in flight:        {cmd_par:8.0} commands/s  ratio {:.2}", cmd_par / raw_par);
+    let stats = store.follower_stats();
+    let decided = stats.fast_path_appends + stats.awaited_appends;
+    println!(
+        "appends judged without waiting for the follower: {} of {decided} ({:.1} %)",
+        stats.fast_path_appends,
+        100.0 * stats.fast_path_appends as f64 / decided.max(1) as f64
+    );
 }
 
 /// Follow lag: how long after an append through one instance another
