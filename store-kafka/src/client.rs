@@ -6,7 +6,9 @@
 use std::sync::{Arc, RwLock};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::ClientContext;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::config::KafkaConfig;
@@ -82,7 +84,7 @@ pub(crate) fn create_consumer(
     config: &KafkaConfig,
     eof: bool,
     wait_ms: u32,
-) -> Result<StreamConsumer, KafkaStoreError> {
+) -> Result<Reader, KafkaStoreError> {
     let mut c = client_config(config);
     c.set("max.partition.fetch.bytes", SCAN_FETCH_BYTES.clamp(1024, FETCH_MAX_BYTES).to_string())
         .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
@@ -94,8 +96,28 @@ pub(crate) fn create_consumer(
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", if eof { "true" } else { "false" })
         .set("fetch.wait.max.ms", wait_ms.to_string());
-    c.create().map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
+    c.create_with_context(ReadContext).map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
 }
+
+/// The store's assign + seek consumers.
+pub(crate) type Reader = StreamConsumer<ReadContext>;
+
+/// The client context of the store's consumers: librdkafka's errors are
+/// logged as the default context does, except the end-of-partition events
+/// a bounded read asks for (`enable.partition.eof`), which librdkafka also
+/// reports as client-wide errors: they are how a scan knows it is done.
+pub(crate) struct ReadContext;
+
+impl ClientContext for ReadContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        tracing::error!(%error, reason, "librdkafka");
+    }
+}
+
+impl ConsumerContext for ReadContext {}
 
 /// The producer every send of the store uses. Replaced when librdkafka
 /// reports a fatal producer error, or after a send that failed for lack of

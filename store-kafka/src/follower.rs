@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use kes_core::{Aggregate, Position, StoreError};
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
-use crate::client::{FOLLOWER_FETCH_WAIT_MS, create_consumer};
+use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reader, create_consumer};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -517,7 +517,7 @@ impl<A: Aggregate> Inner<A> {
 /// The follower task: receives every record of the events topic and
 /// applies it, until the store is dropped. Consumer errors are logged and
 /// waited out; librdkafka reconnects by itself.
-async fn follow<A: Aggregate>(store: std::sync::Weak<Inner<A>>, consumer: StreamConsumer) {
+async fn follow<A: Aggregate>(store: std::sync::Weak<Inner<A>>, consumer: Reader) {
     loop {
         let next = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await;
         let Some(inner) = store.upgrade() else { return };

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use futures::stream;
 use kes_core::{Aggregate, Checkpoint, Codec, Envelope, EventStream, Logged, Position, StoreError};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::client::{BOUNDED_FETCH_WAIT_MS, FOLLOW_FETCH_WAIT_MS, create_consumer};
+use crate::client::{BOUNDED_FETCH_WAIT_MS, FOLLOW_FETCH_WAIT_MS, Reader, create_consumer};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -244,7 +244,7 @@ impl<A: Aggregate> Inner<A> {
     }
 
     /// An endless stream of the events topic's records from `from` on (see
-    /// [`Reader`]).
+    /// [`Subscription`]).
     pub(crate) fn subscribe(self: &Arc<Self>, from: &Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
         let consumer = create_consumer(&self.config, false, FOLLOW_FETCH_WAIT_MS)?;
         let mut tpl = TopicPartitionList::new();
@@ -256,7 +256,7 @@ impl<A: Aggregate> Inner<A> {
                 .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
         }
         consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
-        let reader = Reader { consumer, store: Arc::clone(self) };
+        let reader = Subscription { consumer, store: Arc::clone(self) };
         let stream = stream::unfold(reader, |reader| async move {
             let item = reader.next().await;
             Some((item, reader))
@@ -280,7 +280,7 @@ impl<A: Aggregate> Inner<A> {
 
 /// Assigns `consumer` to `ranges` (partition, from, to) of `topic`, each
 /// from its start; empty ranges are left out.
-fn assign_ranges(consumer: &StreamConsumer, topic: &str, ranges: &[(u32, u64, u64)]) -> Result<(), KafkaStoreError> {
+fn assign_ranges(consumer: &Reader, topic: &str, ranges: &[(u32, u64, u64)]) -> Result<(), KafkaStoreError> {
     let mut tpl = TopicPartitionList::new();
     for (p, from, _) in ranges.iter().filter(|(_, from, to)| from < to) {
         let offset = if *from == 0 { Offset::Beginning } else { Offset::Offset(*from as i64) };
@@ -291,7 +291,7 @@ fn assign_ranges(consumer: &StreamConsumer, topic: &str, ranges: &[(u32, u64, u6
 
 /// Assigns `consumer` to `partition` of `topic` alone, from offset `at`
 /// (a seek that drops what was prefetched).
-fn assign_at(consumer: &StreamConsumer, topic: &str, partition: u32, at: u64) -> Result<(), KafkaStoreError> {
+fn assign_at(consumer: &Reader, topic: &str, partition: u32, at: u64) -> Result<(), KafkaStoreError> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition as i32, Offset::Offset(at as i64))
         .and_then(|()| consumer.assign(&tpl))
@@ -411,12 +411,12 @@ impl<E: 'static> PageCollector<'_, E> {
 /// each record is delivered once the follower judged it, with its events
 /// when it is valid and without them when it is void (so that projections
 /// never see a record that lost a race, yet their checkpoints pass it).
-struct Reader<A: Aggregate> {
-    consumer: StreamConsumer,
+struct Subscription<A: Aggregate> {
+    consumer: Reader,
     store: Arc<Inner<A>>,
 }
 
-impl<A: Aggregate> Reader<A> {
+impl<A: Aggregate> Subscription<A> {
     /// The next record. Transient consumer errors are left to librdkafka,
     /// which reconnects by itself; the stream just waits.
     async fn next(&self) -> Result<Logged<A::Event>, StoreError> {
