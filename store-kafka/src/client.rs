@@ -5,8 +5,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -80,11 +80,7 @@ pub(crate) fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, Ka
 /// shallow queue starves on brokers with slow fetches). `wait_ms` is its
 /// `fetch.wait.max.ms` ([`BOUNDED_FETCH_WAIT_MS`] or
 /// [`FOLLOW_FETCH_WAIT_MS`]).
-pub(crate) fn create_consumer(
-    config: &KafkaConfig,
-    eof: bool,
-    wait_ms: u32,
-) -> Result<Reader, KafkaStoreError> {
+pub(crate) fn create_consumer(config: &KafkaConfig, eof: bool, wait_ms: u32) -> Result<Reader, KafkaStoreError> {
     let mut c = client_config(config);
     c.set("max.partition.fetch.bytes", SCAN_FETCH_BYTES.clamp(1024, FETCH_MAX_BYTES).to_string())
         .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
