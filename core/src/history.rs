@@ -16,6 +16,7 @@
 //! [`HistoryRecord`]s.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -27,8 +28,8 @@ use crate::envelope::{Checkpoint, Envelope, Metadata};
 use crate::projection::{Projection, ProjectionError};
 use crate::store::{EventStore, StoreError};
 use crate::view::{
-    Field, FieldValue, FilterOp, ID_FIELD, ListQuery, ListView, Row, RowChange, ViewCopy, ViewError, ViewProgress,
-    ViewSchema, ViewStore,
+    Field, FieldValue, FilterOp, ID_FIELD, Lease, ListQuery, ListView, Row, RowChange, ViewCopy, ViewError,
+    ViewProgress, ViewSchema, ViewStore,
 };
 
 /// One event as the audit history shows it: the envelope, with the payload
@@ -225,6 +226,49 @@ impl<A: Aggregate> Projection<A::Event> for HistoryProjection<A> {
         batch: &[Envelope<A::Event>],
         checkpoint: &Checkpoint,
     ) -> Result<(), ProjectionError> {
+        self.view.write(copy, &Self::changes(batch)?, checkpoint).await?;
+        Ok(())
+    }
+
+    async fn apply_fenced(
+        &self,
+        copy: ViewCopy,
+        batch: &[Envelope<A::Event>],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ProjectionError> {
+        self.view.write_fenced(copy, &Self::changes(batch)?, checkpoint, lease).await?;
+        Ok(())
+    }
+
+    async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ProjectionError> {
+        Ok(self.view.acquire_lease(owner, ttl).await?)
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, ProjectionError> {
+        Ok(self.view.renew_lease(lease, ttl).await?)
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        Ok(self.view.release_lease(lease).await?)
+    }
+
+    async fn swap_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        Ok(self.view.swap_fenced(lease).await?)
+    }
+
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
+        Ok(self.view.begin_rebuild().await?)
+    }
+
+    async fn swap(&self) -> Result<(), ProjectionError> {
+        Ok(self.view.swap().await?)
+    }
+}
+
+impl<A: Aggregate> HistoryProjection<A> {
+    /// One row per event of `batch`.
+    fn changes(batch: &[Envelope<A::Event>]) -> Result<Vec<RowChange>, ProjectionError> {
         let mut changes = Vec::with_capacity(batch.len());
         for envelope in batch {
             let record = HistoryRecord::of(envelope);
@@ -246,16 +290,7 @@ impl<A: Aggregate> Projection<A::Event> for HistoryProjection<A> {
                 row: Some(row),
             });
         }
-        self.view.write(copy, &changes, checkpoint).await?;
-        Ok(())
-    }
-
-    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
-        Ok(self.view.begin_rebuild().await?)
-    }
-
-    async fn swap(&self) -> Result<(), ProjectionError> {
-        Ok(self.view.swap().await?)
+        Ok(changes)
     }
 }
 

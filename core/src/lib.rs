@@ -126,6 +126,6 @@ pub use store::{
     Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StateDocument, StoreError, StoreGauge,
 };
 pub use view::{
-    Field, FieldType, FieldValue, FilterOp, ListItem, ListQuery, ListView, Page, QueryError, Row, RowChange,
+    Field, FieldType, FieldValue, FilterOp, Lease, ListItem, ListQuery, ListView, Page, QueryError, Row, RowChange,
     StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema, ViewStore,
 };

@@ -203,6 +203,11 @@ struct ViewData {
 
 /// A list view held in memory, with the same query semantics as the SQL
 /// and search backends (it runs the same conformance suite).
+///
+/// It keeps no lease: [`ViewStore::acquire_lease`] grants every runner at
+/// once (the trait's default) and fenced writes are plain writes. A view in
+/// memory has its writers in one process; rows still never move back to an
+/// older version.
 pub struct InMemoryView {
     schema: ViewSchema,
     live: RwLock<ViewData>,

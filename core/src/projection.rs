@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::aggregate::Aggregate;
 use crate::envelope::{Checkpoint, Envelope, Position};
 use crate::store::{EventStore, Logged, StoreError};
-use crate::view::{ListView, Row, RowChange, ViewCopy, ViewError, ViewProgress, ViewStore};
+use crate::view::{Lease, ListView, Row, RowChange, ViewCopy, ViewError, ViewProgress, ViewStore};
 
 /// Why a projection could not apply a batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +31,18 @@ pub enum ProjectionError {
     /// The runner was shut down.
     #[error("projection runner stopped")]
     Stopped,
+    /// Another runner holds the lease of the projection's view, so this
+    /// one may not write it (it stands by).
+    #[error("projection {0:?} is led by another runner (this one stands by)")]
+    Standby(String),
+}
+
+impl ProjectionError {
+    /// Whether a write was refused because this runner no longer holds the
+    /// view's lease ([`ViewError::Fenced`]).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Self::View(ViewError::Fenced(_)))
+    }
 }
 
 /// A named, versioned consumer of the log that keeps its checkpoint with
@@ -60,6 +72,49 @@ pub trait Projection<E>: Send + Sync {
 
     /// Makes the shadow copy live.
     async fn swap(&self) -> Result<(), ProjectionError>;
+
+    /// Takes the lease of the projection's view for `owner` (see
+    /// [`ViewStore::acquire_lease`]); `None` while another runner holds it.
+    /// The default always grants (fence 0): a projection without a lease
+    /// lets every runner write.
+    async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ProjectionError> {
+        let _ = ttl;
+        Ok(Some(Lease { owner: owner.to_owned(), fence: 0 }))
+    }
+
+    /// Extends `lease`; `false` once another runner took it over.
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, ProjectionError> {
+        let _ = (lease, ttl);
+        Ok(true)
+    }
+
+    /// Gives `lease` up.
+    async fn release_lease(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        let _ = lease;
+        Ok(())
+    }
+
+    /// [`Projection::apply`] by the holder of `lease`: refused (a
+    /// [`ViewError::Fenced`]) when it is no longer current.
+    async fn apply_fenced(
+        &self,
+        copy: ViewCopy,
+        batch: &[Envelope<E>],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ProjectionError>
+    where
+        E: Sync,
+    {
+        let _ = lease;
+        self.apply(copy, batch, checkpoint).await
+    }
+
+    /// [`Projection::swap`] by the holder of `lease`, fenced likewise.
+    async fn swap_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        let _ = lease;
+        self.swap().await
+    }
 }
 
 /// Turns an aggregate's state into its list row.
@@ -100,6 +155,51 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         batch: &[Envelope<A::Event>],
         checkpoint: &Checkpoint,
     ) -> Result<(), ProjectionError> {
+        let changes = self.fold(copy, batch).await?;
+        self.view.write(copy, &changes, checkpoint).await?;
+        Ok(())
+    }
+
+    async fn apply_fenced(
+        &self,
+        copy: ViewCopy,
+        batch: &[Envelope<A::Event>],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ProjectionError> {
+        let changes = self.fold(copy, batch).await?;
+        self.view.write_fenced(copy, &changes, checkpoint, lease).await?;
+        Ok(())
+    }
+
+    async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ProjectionError> {
+        Ok(self.view.acquire_lease(owner, ttl).await?)
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, ProjectionError> {
+        Ok(self.view.renew_lease(lease, ttl).await?)
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        Ok(self.view.release_lease(lease).await?)
+    }
+
+    async fn swap_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        Ok(self.view.swap_fenced(lease).await?)
+    }
+
+    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
+        Ok(self.view.begin_rebuild().await?)
+    }
+
+    async fn swap(&self) -> Result<(), ProjectionError> {
+        Ok(self.view.swap().await?)
+    }
+}
+
+impl<A: Aggregate> ViewProjection<A> {
+    /// The row changes `batch` makes to `copy`, folded onto the stored states.
+    async fn fold(&self, copy: ViewCopy, batch: &[Envelope<A::Event>]) -> Result<Vec<RowChange>, ProjectionError> {
         let mut ids: Vec<String> = batch.iter().map(|e| e.aggregate_id.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -130,16 +230,7 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
             let row = if state.is_deleted() { None } else { Some((self.to_row)(state)) };
             changes.push(RowChange { id: id.to_owned(), version: *version, state: json, row });
         }
-        self.view.write(copy, &changes, checkpoint).await?;
-        Ok(())
-    }
-
-    async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
-        Ok(self.view.begin_rebuild().await?)
-    }
-
-    async fn swap(&self) -> Result<(), ProjectionError> {
-        Ok(self.view.swap().await?)
+        Ok(changes)
     }
 }
 
@@ -150,11 +241,22 @@ pub struct RunnerConfig {
     pub batch_size: usize,
     /// Pause before retrying after a failure.
     pub retry_delay: Duration,
+    /// How long a view's lease lasts unless renewed (by the view's
+    /// database clock): a leader that stops for longer is taken over.
+    pub lease_ttl: Duration,
+    /// How often the leader renews its lease, and a standby polls for an
+    /// expired one; well below `lease_ttl`.
+    pub lease_renew: Duration,
 }
 
 impl Default for RunnerConfig {
     fn default() -> Self {
-        Self { batch_size: 512, retry_delay: Duration::from_millis(500) }
+        Self {
+            batch_size: 512,
+            retry_delay: Duration::from_millis(500),
+            lease_ttl: Duration::from_secs(5),
+            lease_renew: Duration::from_secs(1),
+        }
     }
 }
 
@@ -246,13 +348,41 @@ struct Slot<E> {
     gate: tokio::sync::Mutex<u64>,
     rebuilding: tokio::sync::Mutex<()>,
     last_error: Mutex<Option<String>>,
+    /// The view's lease while this runner leads the projection.
+    lease: Mutex<Option<Lease>>,
+}
+
+impl<E> Slot<E> {
+    fn lease(&self) -> Option<Lease> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_lease(&self, lease: Option<Lease>) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = e;
+        }
+    }
 }
 
 /// Feeds projections from the log, each from its own checkpoint, in
 /// batches; rebuilds them on demand or when their version changed.
+///
+/// Several runners (processes) may run one projection: per projection,
+/// only the holder of its view's lease ([`ViewStore::acquire_lease`])
+/// works; the others stand by, polling every
+/// [`RunnerConfig::lease_renew`], and take over once the lease expired
+/// ([`RunnerConfig::lease_ttl`] without renewal). Every write is fenced by
+/// the lease ([`Projection::apply_fenced`]): a refused one sends the runner
+/// back to standby, and it reloads its checkpoint when it leads again.
 pub struct ProjectionRunner<A: Aggregate, S> {
     store: S,
     config: RunnerConfig,
+    /// This runner's lease owner id (random).
+    owner: String,
     slots: Vec<Arc<Slot<A::Event>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
@@ -277,12 +407,14 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
                     gate: tokio::sync::Mutex::new(0),
                     rebuilding: tokio::sync::Mutex::new(()),
                     last_error: Mutex::new(None),
+                    lease: Mutex::new(None),
                 })
             })
             .collect();
         Arc::new(Self {
             store,
             config,
+            owner: uuid::Uuid::new_v4().to_string(),
             slots,
             tasks: Mutex::new(Vec::new()),
             stop: watch::channel(false).0,
@@ -290,34 +422,43 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         })
     }
 
-    /// Loads each projection's stored checkpoint; rebuilds the ones built
-    /// with another version (their old copy serves meanwhile); then follows
-    /// the log in the background.
+    /// Loads each projection's stored checkpoint and takes its lease when
+    /// free; then, in the background, leads it (rebuilding a copy built
+    /// with another version first, while the old copy serves) or stands by
+    /// until the lease is free.
     pub async fn start(self: &Arc<Self>) -> Result<(), ProjectionError> {
         for slot in &self.slots {
             let stored = slot.projection.progress(ViewCopy::Live).await?;
             if let Some(p) = &stored {
                 slot.progress.send_replace(p.checkpoint.clone());
             }
-            let outdated = stored.as_ref().is_some_and(|p| p.schema_version != slot.projection.version());
+            if slot.lease().is_none() {
+                slot.set_lease(slot.projection.acquire_lease(&self.owner, self.config.lease_ttl).await?);
+            }
             let runner = Arc::clone(self);
             let slot = Arc::clone(slot);
-            let task = tokio::spawn(async move {
-                if outdated {
-                    let name = slot.projection.name().to_owned();
-                    match runner.rebuild(&name, &|_, _| {}).await {
-                        Ok(r) => tracing::info!(projection = %name, events = r.events, "rebuilt for new version"),
-                        Err(e) => tracing::error!(projection = %name, error = %e, "rebuild for new version failed"),
-                    }
-                }
-                runner.follow(&slot).await;
-            });
+            let task = tokio::spawn(async move { runner.follow(&slot).await });
             self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         }
         Ok(())
     }
 
-    /// Stops following the log; batches in progress finish first.
+    /// Stops the background work at once, as a crash would: batches in
+    /// flight are cut and leases are not released (a standby takes over
+    /// once they expire). For tests of failover.
+    pub fn abort(&self) {
+        for task in std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner())) {
+            task.abort();
+        }
+    }
+
+    /// Whether this runner holds the lease of projection `name` now.
+    pub fn leads(&self, name: &str) -> bool {
+        self.slot(name).is_ok_and(|s| s.lease().is_some())
+    }
+
+    /// Stops following the log; batches in progress finish first; leases
+    /// are released, so that a standby takes over at once.
     pub async fn shutdown(&self) {
         self.stop.send_replace(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
@@ -357,13 +498,63 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
     /// copy while the live copy keeps serving and following the log, then
     /// swaps the copies. `progress(done, total)` is called after each batch
     /// with the records applied and the log size at the start.
+    ///
+    /// Only the holder of the view's lease rebuilds: a runner that stands
+    /// by fails with [`ProjectionError::Standby`]; a runner not started
+    /// takes the lease for the rebuild and releases it after.
     pub async fn rebuild(
         &self,
         name: &str,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<RebuildReport, ProjectionError> {
         let slot = self.slot(name)?;
+        if let Some(lease) = slot.lease() {
+            return self.rebuild_with(slot, &lease, progress).await;
+        }
+        let lease = slot
+            .projection
+            .acquire_lease(&self.owner, self.config.lease_ttl)
+            .await?
+            .ok_or_else(|| ProjectionError::Standby(name.to_owned()))?;
+        let started = !self.tasks.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+        if started {
+            // The follow task takes it up instead of taking it again.
+            slot.set_lease(Some(lease.clone()));
+        }
+        let result = self.rebuild_with(slot, &lease, progress).await;
+        if !started && let Err(e) = slot.projection.release_lease(&lease).await {
+            tracing::warn!(projection = name, error = %e, "could not release the lease after a rebuild");
+        }
+        result
+    }
+
+    /// Renews `lease` when its renewal is due; a lease taken over is a
+    /// [`ViewError::Fenced`].
+    async fn keep_lease(
+        &self,
+        slot: &Slot<A::Event>,
+        lease: &Lease,
+        renew_at: &mut tokio::time::Instant,
+    ) -> Result<(), ProjectionError> {
+        if tokio::time::Instant::now() < *renew_at {
+            return Ok(());
+        }
+        if !slot.projection.renew_lease(lease, self.config.lease_ttl).await? {
+            return Err(ViewError::Fenced(format!("the lease of {} was taken over", slot.projection.name())).into());
+        }
+        *renew_at = tokio::time::Instant::now() + self.config.lease_renew;
+        Ok(())
+    }
+
+    async fn rebuild_with(
+        &self,
+        slot: &Slot<A::Event>,
+        lease: &Lease,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<RebuildReport, ProjectionError> {
+        let name = slot.projection.name();
         let _only_one = slot.rebuilding.lock().await;
+        let mut renew_at = tokio::time::Instant::now() + self.config.lease_renew;
         let started = Instant::now();
         let projection = &slot.projection;
         projection.begin_rebuild().await?;
@@ -374,7 +565,8 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         let mut events = 0u64;
         while !checkpoint.covers_all(&head) {
             let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
-            projection.apply(ViewCopy::Shadow, &batch, &next).await?;
+            self.keep_lease(slot, lease, &mut renew_at).await?;
+            projection.apply_fenced(ViewCopy::Shadow, &batch, &next, lease).await?;
             events += batch.len() as u64;
             checkpoint = next;
             progress(total - checkpoint.lag_behind(&head).min(total), total);
@@ -385,11 +577,12 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         let head = self.store.head().await?;
         while !checkpoint.covers_all(&head) {
             let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
-            projection.apply(ViewCopy::Shadow, &batch, &next).await?;
+            self.keep_lease(slot, lease, &mut renew_at).await?;
+            projection.apply_fenced(ViewCopy::Shadow, &batch, &next, lease).await?;
             events += batch.len() as u64;
             checkpoint = next;
         }
-        projection.swap().await?;
+        projection.swap_fenced(lease).await?;
         *generation += 1;
         slot.progress.send_replace(checkpoint);
         Ok(RebuildReport { name: name.to_owned(), events, elapsed: started.elapsed() })
@@ -414,25 +607,105 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         Ok((batch, next))
     }
 
+    /// Leads `slot` while this runner holds its lease, stands by while
+    /// another does, until the runner stops; then releases the lease.
     async fn follow(&self, slot: &Slot<A::Event>) {
         let mut stop = self.stop.subscribe();
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            match self.follow_once(slot, &mut stop).await {
-                Ok(Interrupt::Stopped) => return,
-                Ok(Interrupt::Swapped) => continue,
+        let mut version_checked = false;
+        while let Some(lease) = self.stand_by(slot, &mut stop).await {
+            match self.lead(slot, &lease, &mut version_checked, &mut stop).await {
+                Ok(Interrupt::Stopped) => break,
+                Ok(Interrupt::Swapped) => {}
+                Err(e) if e.is_fenced() => {
+                    tracing::warn!(projection = slot.projection.name(), error = %e, "lost the lease; standing by");
+                    slot.set_lease(None);
+                }
                 Err(e) => {
                     tracing::warn!(projection = slot.projection.name(), error = %e, "projection failed; retrying");
-                    if let Ok(mut last) = slot.last_error.lock() {
-                        *last = Some(e.to_string());
-                    }
+                    slot.set_error(Some(e.to_string()));
                     tokio::select! {
-                        _ = stop.changed() => return,
+                        _ = stop.changed() => break,
                         _ = tokio::time::sleep(self.config.retry_delay) => {}
                     }
                 }
+            }
+        }
+        if let Some(lease) = slot.lease() {
+            slot.set_lease(None);
+            if let Err(e) = slot.projection.release_lease(&lease).await {
+                tracing::warn!(projection = slot.projection.name(), error = %e, "could not release the lease");
+            }
+        }
+    }
+
+    /// Waits until this runner holds the lease of `slot` (renewing the one
+    /// it holds, or taking a free or expired one every `lease_renew`);
+    /// `None` once the runner stops. While it waits, the slot's progress
+    /// follows the checkpoint the leader stores.
+    async fn stand_by(&self, slot: &Slot<A::Event>, stop: &mut watch::Receiver<bool>) -> Option<Lease> {
+        let ttl = self.config.lease_ttl;
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            let attempt = match slot.lease() {
+                Some(lease) => match slot.projection.renew_lease(&lease, ttl).await {
+                    Ok(true) => Ok(Some(lease)),
+                    Ok(false) => {
+                        slot.set_lease(None);
+                        slot.projection.acquire_lease(&self.owner, ttl).await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => slot.projection.acquire_lease(&self.owner, ttl).await,
+            };
+            match attempt {
+                Ok(Some(lease)) => {
+                    slot.set_lease(Some(lease.clone()));
+                    return Some(lease);
+                }
+                Ok(None) => {
+                    if let Ok(Some(p)) = slot.projection.progress(ViewCopy::Live).await {
+                        slot.progress.send_replace(p.checkpoint);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(projection = slot.projection.name(), error = %e, "cannot take the lease; retrying");
+                    slot.set_error(Some(e.to_string()));
+                }
+            }
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(self.config.lease_renew) => {}
+            }
+        }
+    }
+
+    /// Works `slot` with `lease`: rebuilds a copy built with another
+    /// version (once per runner), then follows the log until stopped or
+    /// refused.
+    async fn lead(
+        &self,
+        slot: &Slot<A::Event>,
+        lease: &Lease,
+        version_checked: &mut bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Interrupt, ProjectionError> {
+        if !std::mem::replace(version_checked, true) {
+            let stored = slot.projection.progress(ViewCopy::Live).await?;
+            if stored.is_some_and(|p| p.schema_version != slot.projection.version()) {
+                let name = slot.projection.name().to_owned();
+                match self.rebuild_with(slot, lease, &|_, _| {}).await {
+                    Ok(r) => tracing::info!(projection = %name, events = r.events, "rebuilt for new version"),
+                    Err(e) if e.is_fenced() => return Err(e),
+                    Err(e) => tracing::error!(projection = %name, error = %e, "rebuild for new version failed"),
+                }
+            }
+        }
+        loop {
+            match self.follow_once(slot, lease, stop).await? {
+                Interrupt::Swapped => continue,
+                other => return Ok(other),
             }
         }
     }
@@ -440,29 +713,34 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
     async fn follow_once(
         &self,
         slot: &Slot<A::Event>,
+        lease: &Lease,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Interrupt, ProjectionError> {
         let generation = *slot.gate.lock().await;
         let mut checkpoint = slot.projection.progress(ViewCopy::Live).await?.map(|p| p.checkpoint).unwrap_or_default();
         slot.progress.send_replace(checkpoint.clone());
         let mut stream = self.store.subscribe(checkpoint.clone()).await?.ready_chunks(self.config.batch_size);
+        let mut renew_at = tokio::time::Instant::now() + self.config.lease_renew;
         loop {
             let batch = tokio::select! {
                 _ = stop.changed() => return Ok(Interrupt::Stopped),
+                _ = tokio::time::sleep_until(renew_at) => {
+                    self.keep_lease(slot, lease, &mut renew_at).await?;
+                    continue;
+                }
                 batch = self.next_batch(&mut stream, &checkpoint) => batch?,
             };
             let (batch, next) = batch;
+            self.keep_lease(slot, lease, &mut renew_at).await?;
             let gate = slot.gate.lock().await;
             if *gate != generation {
                 return Ok(Interrupt::Swapped);
             }
-            slot.projection.apply(ViewCopy::Live, &batch, &next).await?;
+            slot.projection.apply_fenced(ViewCopy::Live, &batch, &next, lease).await?;
             drop(gate);
             checkpoint = next;
             slot.progress.send_replace(checkpoint.clone());
-            if let Ok(mut last) = slot.last_error.lock() {
-                *last = None;
-            }
+            slot.set_error(None);
         }
     }
 }

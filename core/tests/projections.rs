@@ -32,7 +32,7 @@ struct Setup {
 
 fn setup(store: InMemoryStore<Ledger>, view: Arc<InMemoryView>, batch_size: usize) -> Setup {
     let projection: Arc<dyn Projection<LedgerEvent>> = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
-    let config = RunnerConfig { batch_size, retry_delay: Duration::from_millis(20) };
+    let config = RunnerConfig { batch_size, retry_delay: Duration::from_millis(20), ..RunnerConfig::default() };
     let runner = ProjectionRunner::new(store.clone(), vec![projection], config);
     Setup { store, view, runner }
 }

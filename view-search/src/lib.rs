@@ -362,6 +362,9 @@ impl ListView for SearchView {
     }
 }
 
+/// Leases: the trait's defaults (every runner is granted at once, fenced
+/// writes are plain writes). The index writer's file lock already makes a
+/// Tantivy view single-writer: a second process cannot open it for writing.
 #[async_trait]
 impl ViewStore for SearchView {
     async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ViewError> {

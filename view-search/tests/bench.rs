@@ -224,7 +224,7 @@ async fn rebuild_rate_against_raw_indexing() {
     let runner = ProjectionRunner::new(
         store,
         vec![projection],
-        RunnerConfig { batch_size: 512, retry_delay: Duration::from_millis(50) },
+        RunnerConfig { batch_size: 512, retry_delay: Duration::from_millis(50), ..RunnerConfig::default() },
     );
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for round in 0..rounds {

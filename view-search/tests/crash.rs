@@ -140,7 +140,11 @@ fn runner(
     batch_size: usize,
 ) -> Arc<ProjectionRunner<Item, InMemoryStore<Item>>> {
     let projection: Arc<dyn Projection<ItemEvent>> = Arc::new(ViewProjection::<Item>::new(view, to_row));
-    ProjectionRunner::new(store, vec![projection], RunnerConfig { batch_size, retry_delay: Duration::from_millis(50) })
+    ProjectionRunner::new(
+        store,
+        vec![projection],
+        RunnerConfig { batch_size, retry_delay: Duration::from_millis(50), ..RunnerConfig::default() },
+    )
 }
 
 /// The child's view: the search view, reporting each committed

@@ -144,7 +144,11 @@ async fn folded(store: &dyn EventStore<Item>) -> BTreeMap<String, (u64, Item)> {
 
 fn runner(store: Store, view: Arc<dyn ViewStore>, batch_size: usize) -> Arc<ProjectionRunner<Item, Store>> {
     let projection: Arc<dyn Projection<ItemEvent>> = Arc::new(ViewProjection::<Item>::new(view, to_row));
-    ProjectionRunner::new(store, vec![projection], RunnerConfig { batch_size, retry_delay: Duration::from_millis(50) })
+    ProjectionRunner::new(
+        store,
+        vec![projection],
+        RunnerConfig { batch_size, retry_delay: Duration::from_millis(50), ..RunnerConfig::default() },
+    )
 }
 
 fn config(rebuild_commit_docs: usize) -> SearchConfig {

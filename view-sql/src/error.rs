@@ -39,6 +39,11 @@ pub enum SqlViewError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A write by a runner that no longer holds the view's lease (another
+    /// took it over and bumped the fence), or one that would move the
+    /// checkpoint back; nothing was written.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The database refused or failed an operation.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -86,6 +91,7 @@ impl From<SqlViewError> for ViewError {
             SqlViewError::Schema(s) => ViewError::Schema(s),
             SqlViewError::Query(q) => ViewError::Query(q),
             SqlViewError::Corrupt { id, reason } => ViewError::Corrupt { id, reason },
+            SqlViewError::Fenced(reason) => ViewError::Fenced(reason),
             SqlViewError::Database(
                 sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_),
             ) => ViewError::Corrupt { id: "(row)".into(), reason: e.to_string() },

@@ -21,6 +21,25 @@
 //!   one `INSERT … SELECT FROM UNNEST(…)` (a bound array per column: the
 //!   statement text stays the same whatever the batch size); SQLite with
 //!   multi-row `VALUES`.
+//! - **Several writers**: a view's lease lives in `kes_view_leases` (one row
+//!   per view: `lease_owner`, `lease_until` in seconds since the epoch by the
+//!   database clock — PostgreSQL `clock_timestamp()`, SQLite
+//!   `julianday('now')` — and `fence`, bumped by every
+//!   [`kes_core::ViewStore::acquire_lease`]). A free, expired or own lease
+//!   is taken by one `INSERT … ON CONFLICT DO UPDATE … WHERE … RETURNING`.
+//!   [`kes_core::ViewStore::write_fenced`] and
+//!   [`kes_core::ViewStore::swap_fenced`] start their transaction with
+//!   `UPDATE kes_view_leases SET fence = fence WHERE view_name = … AND
+//!   lease_owner = … AND fence = …`, which locks the row until the commit
+//!   (a takeover waits for it, or it waits for the takeover and then
+//!   matches nothing); 0 rows is [`SqlViewError::Fenced`] and nothing is
+//!   written. A fenced write also refuses to move the copy's checkpoint
+//!   back. A lease read at the start of a transaction would not fence: the
+//!   update is the fence. PostgreSQL connections set
+//!   `idle_in_transaction_session_timeout` (default 2 s,
+//!   [`SqlViewOptions::idle_in_transaction_timeout`]) below the lease, so
+//!   that a stalled writer's transaction does not hold the row for long.
+//!   Plain [`kes_core::ViewStore::write`] stays unfenced (one writer).
 //! - **Rebuilds**: a fresh shadow table is filled while the live one keeps
 //!   answering. It has only its primary key while it is filled, and, in
 //!   PostgreSQL, its transactions commit without waiting for the WAL flush

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
 use kes_core::view::{Cursor, SchemaError, ViewProgress};
 use kes_core::{
-    Checkpoint, FieldType, FieldValue, ListItem, ListQuery, ListView, Page, Position, QueryError, Row, RowChange,
-    StoredState, ViewCopy, ViewError, ViewSchema, ViewStore,
+    Checkpoint, FieldType, FieldValue, Lease, ListItem, ListQuery, ListView, Page, Position, QueryError, Row,
+    RowChange, StoredState, ViewCopy, ViewError, ViewSchema, ViewStore,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -23,6 +23,16 @@ pub const DEFAULT_URL: &str = "sqlite://data/views.db";
 
 /// The table holding every view copy's checkpoint.
 const CHECKPOINTS: &str = "kes_view_checkpoints";
+
+/// The table holding every view's lease: who writes it, until when (by the
+/// database clock, seconds since the epoch) and the fence of its takeover.
+const LEASES: &str = "kes_view_leases";
+
+/// PostgreSQL's `idle_in_transaction_session_timeout` on the view's pool
+/// unless set: below the runner's default lease (5 s), so that a stalled
+/// writer's transaction (holding the lease row) ends before a standby
+/// would wait long on it.
+const DEFAULT_IDLE_IN_TRANSACTION: Duration = Duration::from_secs(2);
 
 /// Most bound values per statement: below SQLite's 32766 and
 /// PostgreSQL's 65535.
@@ -125,6 +135,12 @@ pub struct SqlViewOptions {
     /// Most connections in the read pool (default 5). SQLite writes always
     /// go through one connection of their own: SQLite has one writer.
     pub max_connections: Option<u32>,
+    /// PostgreSQL only: `idle_in_transaction_session_timeout` of the
+    /// view's connections (default 2 s). Keep it below the runners'
+    /// [`kes_core::RunnerConfig::lease_ttl`]: a writer stalled inside a
+    /// transaction holds the lease row, and this is how long a standby
+    /// may wait on it.
+    pub idle_in_transaction_timeout: Option<Duration>,
 }
 
 impl SqlViewOptions {
@@ -137,6 +153,13 @@ impl SqlViewOptions {
     /// Sets the size of the read pool.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = Some(n);
+        self
+    }
+
+    /// Sets PostgreSQL's `idle_in_transaction_session_timeout` (below the
+    /// lease time of the runners writing the view).
+    pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_in_transaction_timeout = Some(timeout);
         self
     }
 }
@@ -270,6 +293,8 @@ impl SqlView {
                 }
                 connect = connect.options([("search_path", name.as_str())]);
             }
+            let idle = options.idle_in_transaction_timeout.unwrap_or(DEFAULT_IDLE_IN_TRANSACTION);
+            connect = connect.options([("idle_in_transaction_session_timeout", idle.as_millis().max(1).to_string())]);
             let pool = PgPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(Duration::from_secs(10))
@@ -404,6 +429,10 @@ impl SqlView {
             "CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (view_name TEXT NOT NULL, view_copy TEXT NOT NULL, \
              checkpoint TEXT NOT NULL, schema_version BIGINT NOT NULL, PRIMARY KEY (view_name, view_copy))"
         );
+        let leases = format!(
+            "CREATE TABLE IF NOT EXISTS {LEASES} (view_name TEXT NOT NULL PRIMARY KEY, lease_owner TEXT, \
+             lease_until DOUBLE PRECISION NOT NULL, fence BIGINT NOT NULL)"
+        );
         on_pool!(&self.write, |pool| {
             let mut tx = pool.begin().await?;
             if let Some(name) = pg_schema {
@@ -413,6 +442,7 @@ impl SqlView {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SETUP_LOCK).execute(&mut *tx).await?;
             }
             sqlx::query(&checkpoints).execute(&mut *tx).await?;
+            sqlx::query(&leases).execute(&mut *tx).await?;
             let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
             if found == 0 {
                 let mut statements = vec![self.create_table(&self.live)];
@@ -612,13 +642,143 @@ impl SqlView {
         Ok(())
     }
 
+    /// The database clock, in seconds since the epoch.
+    fn now_sql(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Postgres => "EXTRACT(EPOCH FROM clock_timestamp())::float8",
+            Dialect::Sqlite => "((julianday('now') - 2440587.5) * 86400.0)",
+        }
+    }
+
+    /// A bound duration in seconds.
+    fn seconds_arg(&self, n: usize) -> String {
+        match self.dialect {
+            Dialect::Postgres => format!("${n}::float8"),
+            Dialect::Sqlite => format!("${n}"),
+        }
+    }
+
+    fn fence_value(lease: &Lease) -> Result<i64, SqlViewError> {
+        i64::try_from(lease.fence).map_err(|_| SqlViewError::Fenced(format!("fence {} out of range", lease.fence)))
+    }
+
+    /// The fence: the first statement of every fenced write transaction.
+    /// It updates (and so locks, until the commit) the view's lease row if
+    /// and only if `lease` is still the current one; 0 rows → refused.
+    fn fence_sql(&self, lease: &Lease) -> Result<Sql, SqlViewError> {
+        let mut sql = Sql::new(format!(
+            "UPDATE {LEASES} SET fence = fence WHERE view_name = $1 AND lease_owner = $2 AND fence = $3"
+        ));
+        sql.args = vec![
+            Arg::Text(Some(self.schema.name.clone())),
+            Arg::Text(Some(lease.owner.clone())),
+            Arg::Int(Some(Self::fence_value(lease)?)),
+        ];
+        Ok(sql)
+    }
+
+    fn fenced_error(&self, lease: &Lease) -> SqlViewError {
+        SqlViewError::Fenced(format!(
+            "view {}: the lease of {} (fence {}) is no longer current",
+            self.schema.name, lease.owner, lease.fence
+        ))
+    }
+
+    /// The stored checkpoint of `copy`, read in the write transaction.
+    fn stored_checkpoint_sql(&self, copy: ViewCopy) -> Sql {
+        let mut sql = Sql::new(format!("SELECT checkpoint FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = $2"));
+        sql.args = vec![Arg::Text(Some(self.schema.name.clone())), Arg::Text(Some(copy_name(copy).into()))];
+        sql
+    }
+
+    /// Refuses to move a checkpoint back (`stored` is what the copy has).
+    fn check_forward(&self, stored: Option<String>, next: &Checkpoint) -> Result<(), SqlViewError> {
+        let Some(text) = stored else { return Ok(()) };
+        let stored = Checkpoint::from_json(&text).map_err(|e| SqlViewError::Corrupt {
+            id: format!("checkpoint of view {}", self.schema.name),
+            reason: e.to_string(),
+        })?;
+        if next.covers_all(&stored) {
+            Ok(())
+        } else {
+            Err(SqlViewError::Fenced(format!(
+                "view {}: checkpoint {} would move back from {}",
+                self.schema.name,
+                next.to_json(),
+                stored.to_json()
+            )))
+        }
+    }
+
+    /// Takes the view's lease for `owner` when it is free, expired (by the
+    /// database clock) or `owner`'s already; every take bumps the fence.
+    async fn take_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, SqlViewError> {
+        let now = self.now_sql();
+        let mut sql = Sql::new(format!(
+            "INSERT INTO {LEASES} (view_name, lease_owner, lease_until, fence) VALUES ($1, $2, {now} + {ttl}, 1) \
+             ON CONFLICT (view_name) DO UPDATE SET lease_owner = excluded.lease_owner, \
+             lease_until = excluded.lease_until, fence = {LEASES}.fence + 1 \
+             WHERE {LEASES}.lease_owner IS NULL OR {LEASES}.lease_owner = excluded.lease_owner \
+             OR {LEASES}.lease_until < {now} RETURNING fence",
+            ttl = self.seconds_arg(3)
+        ));
+        sql.args = vec![
+            Arg::Text(Some(self.schema.name.clone())),
+            Arg::Text(Some(owner.to_owned())),
+            Arg::Float(Some(ttl.as_secs_f64())),
+        ];
+        let fence: Option<i64> = on_pool!(&self.write, |pool| {
+            match bound(&sql).fetch_optional(pool).await? {
+                Some(r) => Some(r.try_get(0)?),
+                None => None,
+            }
+        });
+        Ok(fence.map(|f| Lease { owner: owner.to_owned(), fence: u64::try_from(f).unwrap_or(0) }))
+    }
+
+    /// Extends `lease` by `ttl` from now (database clock) if it is still
+    /// the current one.
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, SqlViewError> {
+        let mut sql = Sql::new(format!(
+            "UPDATE {LEASES} SET lease_until = {} + {} WHERE view_name = $1 AND lease_owner = $2 AND fence = $3",
+            self.now_sql(),
+            self.seconds_arg(4)
+        ));
+        sql.args = vec![
+            Arg::Text(Some(self.schema.name.clone())),
+            Arg::Text(Some(lease.owner.clone())),
+            Arg::Int(Some(Self::fence_value(lease)?)),
+            Arg::Float(Some(ttl.as_secs_f64())),
+        ];
+        let rows = on_pool!(&self.write, |pool| bound(&sql).execute(pool).await?.rows_affected());
+        Ok(rows == 1)
+    }
+
+    /// Frees `lease` if it is still the current one.
+    async fn release(&self, lease: &Lease) -> Result<(), SqlViewError> {
+        let mut sql = Sql::new(format!(
+            "UPDATE {LEASES} SET lease_owner = NULL, lease_until = 0 \
+             WHERE view_name = $1 AND lease_owner = $2 AND fence = $3"
+        ));
+        sql.args = vec![
+            Arg::Text(Some(self.schema.name.clone())),
+            Arg::Text(Some(lease.owner.clone())),
+            Arg::Int(Some(Self::fence_value(lease)?)),
+        ];
+        on_pool!(&self.write, |pool| bound(&sql).execute(pool).await?.rows_affected());
+        Ok(())
+    }
+
     async fn write_copy(
         &self,
         copy: ViewCopy,
         changes: &[RowChange],
         checkpoint: &Checkpoint,
+        lease: Option<&Lease>,
     ) -> Result<(), SqlViewError> {
         self.checks(changes)?;
+        let fence = lease.map(|l| self.fence_sql(l)).transpose()?;
+        let stored = self.stored_checkpoint_sql(copy);
         // One change per id, as if applied one by one: the newest version
         // wins, the last of equal ones (a multi-row upsert may not touch one
         // row twice, and an older version never replaces a newer one).
@@ -635,11 +795,19 @@ impl SqlView {
             }
         }
         let table = self.table_of(copy);
+        let next = checkpoint;
         let checkpoint = self.checkpoint_sql(copy, checkpoint);
         let exists = self.exists_sql(table);
         if let Pool::Postgres(pool) = &self.write {
             let statements = self.pg_upserts(table, &last)?;
             let mut tx = pool.begin().await?;
+            if let (Some(fence), Some(lease)) = (&fence, lease) {
+                if bound(fence).execute(&mut *tx).await?.rows_affected() == 0 {
+                    return Err(self.fenced_error(lease));
+                }
+                let found = bound(&stored).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
+                self.check_forward(found, next)?;
+            }
             if copy == ViewCopy::Shadow {
                 // A shadow is dropped by the next `begin_rebuild` whatever
                 // a crash left of it, so its batches need not wait for the
@@ -671,6 +839,13 @@ impl SqlView {
         let statements = self.upserts(table, &last)?;
         on_pool!(&self.write, |pool| {
             let mut tx = pool.begin().await?;
+            if let (Some(fence), Some(lease)) = (&fence, lease) {
+                if bound(fence).execute(&mut *tx).await?.rows_affected() == 0 {
+                    return Err(self.fenced_error(lease));
+                }
+                let found = bound(&stored).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
+                self.check_forward(found, next)?;
+            }
             if copy == ViewCopy::Shadow {
                 let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
                 if found == 0 {
@@ -883,7 +1058,8 @@ impl SqlView {
         Ok(())
     }
 
-    async fn swap_copies(&self) -> Result<(), SqlViewError> {
+    async fn swap_copies(&self, lease: Option<&Lease>) -> Result<(), SqlViewError> {
+        let fence = lease.map(|l| self.fence_sql(l)).transpose()?;
         let exists = self.exists_sql(&self.shadow);
         let name = Arg::Text(Some(self.schema.name.clone()));
         let mut drop_live = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'live'"));
@@ -902,6 +1078,11 @@ impl SqlView {
         // copy or the new one, never neither.
         on_pool!(&self.write, |pool| {
             let mut tx = pool.begin().await?;
+            if let (Some(fence), Some(lease)) = (&fence, lease)
+                && bound(fence).execute(&mut *tx).await?.rows_affected() == 0
+            {
+                return Err(self.fenced_error(lease));
+            }
             let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
             if found == 0 {
                 return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
@@ -963,7 +1144,33 @@ impl ViewStore for SqlView {
     }
 
     async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
-        Ok(self.write_copy(copy, changes, checkpoint).await?)
+        Ok(self.write_copy(copy, changes, checkpoint, None).await?)
+    }
+
+    async fn write_fenced(
+        &self,
+        copy: ViewCopy,
+        changes: &[RowChange],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        Ok(self.write_copy(copy, changes, checkpoint, Some(lease)).await?)
+    }
+
+    async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ViewError> {
+        Ok(self.take_lease(owner, ttl).await?)
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, ViewError> {
+        Ok(self.renew(lease, ttl).await?)
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), ViewError> {
+        Ok(self.release(lease).await?)
+    }
+
+    async fn swap_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        Ok(self.swap_copies(Some(lease)).await?)
     }
 
     async fn begin_rebuild(&self) -> Result<(), ViewError> {
@@ -971,6 +1178,6 @@ impl ViewStore for SqlView {
     }
 
     async fn swap(&self) -> Result<(), ViewError> {
-        Ok(self.swap_copies().await?)
+        Ok(self.swap_copies(None).await?)
     }
 }

@@ -235,7 +235,7 @@ async fn postgres_rebuild_rate_against_a_raw_insert() {
     let runner = ProjectionRunner::new(
         store.clone(),
         vec![projection],
-        RunnerConfig { batch_size: 512, retry_delay: Duration::from_millis(50) },
+        RunnerConfig { batch_size: 512, retry_delay: Duration::from_millis(50), ..RunnerConfig::default() },
     );
     let raw = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)

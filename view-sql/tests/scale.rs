@@ -204,7 +204,7 @@ async fn postgres_100k_figures() {
     let runner = ProjectionRunner::new(
         store.clone(),
         vec![projection],
-        RunnerConfig { batch_size: BATCH, retry_delay: Duration::from_millis(50) },
+        RunnerConfig { batch_size: BATCH, retry_delay: Duration::from_millis(50), ..RunnerConfig::default() },
     );
     let report = runner.rebuild("tasks", &|_, _| {}).await.expect("rebuild");
     assert_eq!(report.events, ROWS as u64);

@@ -5,6 +5,7 @@ mod query;
 mod schema;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -57,9 +58,26 @@ pub enum ViewError {
         /// What was wrong.
         reason: String,
     },
+    /// A write refused because the writer no longer holds the view's
+    /// lease (another runner took it over: its fence moved on), or because
+    /// it would move the checkpoint back. The writer stands by and reloads.
+    #[error("view write fenced: {0}")]
+    Fenced(String),
     /// Any other backend failure.
     #[error("list view failure: {0}")]
     Backend(String),
+}
+
+/// A runner's hold on the write side of a view: who holds it and the fence
+/// (generation) its takeover got. A backend that stores leases bumps the
+/// fence on every takeover and refuses a [`ViewStore::write_fenced`] whose
+/// lease is not the current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The holder: a random id per runner.
+    pub owner: String,
+    /// The fence its takeover got.
+    pub fence: u64,
 }
 
 /// The read side of a list view: answers list queries.
@@ -142,4 +160,53 @@ pub trait ViewStore: ListView {
     /// Makes the shadow copy the live one, atomically for readers; the old
     /// live copy is dropped.
     async fn swap(&self) -> Result<(), ViewError>;
+
+    /// Takes the view's lease for `owner` for `ttl` (by the backend's own
+    /// clock) when it is free, expired or already `owner`'s, bumping its
+    /// fence; `None` when another owner holds it. Only the holder should
+    /// write; [`ViewStore::write_fenced`] enforces it.
+    ///
+    /// The default grants every request at once with fence 0: a backend
+    /// that keeps no lease (the in-memory view, a backend that is single
+    /// writer by other means) lets every runner write, as before.
+    async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ViewError> {
+        let _ = ttl;
+        Ok(Some(Lease { owner: owner.to_owned(), fence: 0 }))
+    }
+
+    /// Extends `lease` by `ttl`; `false` when it is no longer the current
+    /// lease (taken over). The default always renews.
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, ViewError> {
+        let _ = (lease, ttl);
+        Ok(true)
+    }
+
+    /// Gives `lease` up (a planned shutdown), so that a standby takes over
+    /// at once. The default does nothing.
+    async fn release_lease(&self, lease: &Lease) -> Result<(), ViewError> {
+        let _ = lease;
+        Ok(())
+    }
+
+    /// [`ViewStore::write`] by the holder of `lease`: refused with
+    /// [`ViewError::Fenced`] (nothing written) when `lease` is no longer
+    /// current, checked in the write's own transaction. The default writes
+    /// unconditionally.
+    async fn write_fenced(
+        &self,
+        copy: ViewCopy,
+        changes: &[RowChange],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        let _ = lease;
+        self.write(copy, changes, checkpoint).await
+    }
+
+    /// [`ViewStore::swap`] by the holder of `lease`, fenced like
+    /// [`ViewStore::write_fenced`]. The default swaps unconditionally.
+    async fn swap_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        let _ = lease;
+        self.swap().await
+    }
 }

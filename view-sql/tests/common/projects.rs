@@ -185,6 +185,6 @@ pub fn runner(store: &Store, view: Arc<dyn ViewStore>, batch_size: usize) -> Arc
     ProjectionRunner::new(
         store.clone(),
         vec![projection],
-        RunnerConfig { batch_size, retry_delay: Duration::from_millis(20) },
+        RunnerConfig { batch_size, retry_delay: Duration::from_millis(20), ..RunnerConfig::default() },
     )
 }
