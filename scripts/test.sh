@@ -46,7 +46,9 @@ fi
 echo "PostgreSQL: $KES_TEST_DATABASE_URL; Kafka: $KES_TEST_KAFKA_BROKERS"
 
 status=0
-cargo test --workspace --all-features "$@" || status=$?
+# Every test binary runs even when one fails, so that one run shows every
+# failure.
+cargo test --workspace --all-features --no-fail-fast "$@" || status=$?
 
 echo
 if [[ -s "$skips" ]]; then
