@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::config::KafkaConfig;
@@ -106,7 +106,9 @@ pub(crate) struct ReadContext;
 
 impl ClientContext for ReadContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF);
+        if eof {
             return;
         }
         tracing::error!(%error, reason, "librdkafka");
