@@ -174,13 +174,16 @@ fn owners(stores: &[&KafkaStore<Ledger>]) -> Vec<(u32, usize, u64)> {
 }
 
 /// Polls until every partition of `partitions` has exactly one owner among
-/// `stores`, and answers the tenures.
+/// `stores` and every store owns one at least (the group's assignment
+/// once every member joined: right after a start, the first member may
+/// hold everything until the others join), and answers the tenures.
 async fn settled_owners(stores: &[&KafkaStore<Ledger>], partitions: u32, within: Duration) -> Vec<(u32, usize, u64)> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let all = owners(stores);
         let covered: Vec<u32> = all.iter().map(|(p, ..)| *p).collect();
-        if covered == (0..partitions).collect::<Vec<_>>() {
+        let holders: std::collections::HashSet<usize> = all.iter().map(|(_, i, _)| *i).collect();
+        if covered == (0..partitions).collect::<Vec<_>>() && holders.len() == stores.len() {
             return all;
         }
         assert!(tokio::time::Instant::now() < deadline, "ownership never settled: {all:?}");

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kes_core::conformance::Ledger;
-use kes_store_kafka::{KafkaConfig, KafkaStore};
+use kes_store_kafka::{KafkaConfig, KafkaStore, KafkaStoreError};
 
 /// The broker under test, or `None` when there is none (skipped, or failed
 /// under CI, by the workspace's one rule in kes-test-support).
@@ -28,11 +28,15 @@ pub fn config(brokers: &str, partitions: u32) -> KafkaConfig {
 }
 
 /// Connects, or skips (outside CI) / fails (in CI) when the broker does not
-/// answer.
+/// answer. Any other error (a configuration the store refuses, a topic it
+/// finds unsafe) is the test's own fault and fails it everywhere.
 pub async fn connect(config: KafkaConfig) -> Option<KafkaStore<Ledger>> {
     match KafkaStore::connect(config).await {
         Ok(store) => Some(store),
-        Err(e) => kes_test_support::missing("a usable Kafka broker", &e.to_string()),
+        Err(e @ (KafkaStoreError::Unavailable(_) | KafkaStoreError::Broker(_))) => {
+            kes_test_support::missing("a usable Kafka broker", &e.to_string())
+        }
+        Err(e) => panic!("the store refused to start: {e}"),
     }
 }
 
