@@ -135,7 +135,7 @@ impl<A: Aggregate> Inner<A> {
             table.logs[p].end = at.offset + 1;
             return Applied::Skipped;
         }
-        let tip = row.map(|r| StreamTip { version: r.version, last_event_id: r.last_event_id }).unwrap_or_default();
+        let tip = StreamTip::of(row.map(|r| &**r));
         match judge(tip, doc.first_version, doc.previous_event_id) {
             Judgement::Gap if !gap_is_void => Applied::Gap,
             Judgement::Gap => {
@@ -177,7 +177,7 @@ impl<A: Aggregate> Inner<A> {
             return None;
         }
         let row = table.rows.get(doc.aggregate_id.as_str());
-        let tip = row.map(|r| StreamTip { version: r.version, last_event_id: r.last_event_id }).unwrap_or_default();
+        let tip = StreamTip::of(row.map(|r| &**r));
         let applied = match judge(tip, doc.first_version, doc.previous_event_id) {
             Judgement::Gap => return None,
             Judgement::Void(why) => {
@@ -328,8 +328,8 @@ impl<A: Aggregate> Inner<A> {
             }
             let at = Position::new(p, m.offset() as u64);
             let Ok(doc) = EventsDoc::decode(&topic, at, m.key(), m.payload()) else { return Ok(()) };
-            let tip = row.as_ref().map(|r| StreamTip { version: r.version, last_event_id: r.last_event_id });
-            if judge(tip.unwrap_or_default(), doc.first_version, doc.previous_event_id) != Judgement::Valid {
+            let tip = StreamTip::of(row.as_ref());
+            if judge(tip, doc.first_version, doc.previous_event_id) != Judgement::Valid {
                 return Ok(());
             }
             match self.fold(row.as_ref(), &doc) {
