@@ -15,13 +15,15 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use kes_core::{
     Aggregate, CatchUp, CommandBus, CommandError, CommandOutcome, EventStore, ExpectedVersion, History, HistoryError,
-    ListQuery, ListView, Metadata, Position, ProjectionRunner, ProjectionStatus, QueryError, StoreError, StoreGauge,
+    ListQuery, ListView, Metadata, Position, ProjectionError, ProjectionRunner, ProjectionStatus, QueryError,
+    StoreError, StoreGauge, StoredStatus,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use schemars::JsonSchema;
 use serde_json::{Map, Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::admin::{self, AdminToken};
 use crate::edge::Edge;
 use crate::error::{HttpError, RETRY_AFTER_SECS};
 use crate::metrics::Metrics;
@@ -96,6 +98,14 @@ pub type PrincipalFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 pub trait ProjectionStatusSource: Send + Sync {
     /// The status of each projection.
     async fn projection_status(&self) -> Result<Vec<ProjectionStatus>, StoreError>;
+
+    /// Starts rebuilding projection `name` here (for
+    /// `POST /admin/projections/{name}/rebuild`); `None` when this source
+    /// has no projection of that name or cannot rebuild.
+    fn start_rebuild(&self, name: &str) -> Option<Result<(), ProjectionError>> {
+        let _ = name;
+        None
+    }
 }
 
 /// A dependency `/health` reports on beside the mounted stores and views
@@ -108,6 +118,17 @@ pub trait Readiness: Send + Sync {
 
 #[async_trait]
 impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionStatusSource for ProjectionRunner<A, S> {
+    async fn projection_status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
+        self.status().await
+    }
+
+    fn start_rebuild(&self, name: &str) -> Option<Result<(), ProjectionError>> {
+        self.names().iter().any(|n| n == name).then(|| ProjectionRunner::start_rebuild(self, name))
+    }
+}
+
+#[async_trait]
+impl<A: Aggregate, S: EventStore<A>> ProjectionStatusSource for StoredStatus<A, S> {
     async fn projection_status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
         self.status().await
     }
@@ -208,6 +229,7 @@ pub struct Api {
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
     histories: HashMap<String, Arc<dyn History>>,
     checks: Vec<(String, Arc<dyn Readiness>)>,
+    admin: Option<AdminToken>,
 }
 
 impl std::fmt::Debug for Api {
@@ -231,6 +253,7 @@ impl Api {
             sources: Vec::new(),
             histories: HashMap::new(),
             checks: Vec::new(),
+            admin: None,
         }
     }
 
@@ -300,9 +323,21 @@ impl Api {
         self
     }
 
-    /// Adds a source of projection lags for `/metrics`.
+    /// Adds a source of projection lags for `/metrics` (and for the admin
+    /// endpoints, see [`Api::admin`]).
     pub fn projections(mut self, source: Arc<dyn ProjectionStatusSource>) -> Self {
         self.sources.push(source);
+        self
+    }
+
+    /// Serves the operator endpoints to requests carrying `token` as
+    /// `Authorization: Bearer …`: `GET /admin/projections` (status and
+    /// rebuild progress of every projection given to
+    /// [`Api::projections`]) and `POST /admin/projections/{name}/rebuild`
+    /// (a rebuild where this process leads the projection). Without a
+    /// token these routes do not exist.
+    pub fn admin(mut self, token: AdminToken) -> Self {
+        self.admin = Some(token);
         self
     }
 
@@ -324,6 +359,7 @@ impl Api {
         let shared =
             Arc::new(Shared { config: self.config, principal: self.principal, metrics, histories: self.histories });
         let document = Arc::new(openapi::document(&shared.config, &self.mounts));
+        let admin = self.admin.map(|token| admin::routes(token, self.sources.clone()));
         let service = Arc::new(Service {
             mounts: self.mounts,
             sources: self.sources,
@@ -337,6 +373,9 @@ impl Api {
             .route("/metrics", get(metrics_text).with_state(service));
         for build in self.routes {
             router = router.merge(build(Arc::clone(&shared)));
+        }
+        if let Some(admin) = admin {
+            router = router.merge(admin);
         }
         let config = &shared.config;
         let routes = router
@@ -531,7 +570,7 @@ fn routes<A: Aggregate, S: EventStore<A>>(m: M<A, S>) -> Router {
     router.with_state(m)
 }
 
-fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
     match serde_json::to_vec(value) {
         Ok(bytes) => {
             let mut r = (status, bytes).into_response();

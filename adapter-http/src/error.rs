@@ -28,6 +28,8 @@ pub mod problem_type {
     pub const INVALID_HEADER: &str = "urn:kes:problem:invalid-header";
     /// 400: the request is otherwise unacceptable (an id the store refuses).
     pub const BAD_REQUEST: &str = "urn:kes:problem:bad-request";
+    /// 401: the request carries no valid credentials.
+    pub const UNAUTHORIZED: &str = "urn:kes:problem:unauthorized";
     /// 404: no such aggregate, route or command.
     pub const NOT_FOUND: &str = "urn:kes:problem:not-found";
     /// 405: the route exists, the method does not.
@@ -79,6 +81,13 @@ pub enum HttpError {
     /// The request is unacceptable for another reason.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request carries no valid credentials (`realm` names what it
+    /// needs them for, in `WWW-Authenticate`).
+    #[error("missing or invalid credentials")]
+    Unauthorized {
+        /// The realm of the `WWW-Authenticate: Bearer` challenge.
+        realm: &'static str,
+    },
     /// No such aggregate, route or command.
     #[error("{0}")]
     NotFound(String),
@@ -123,6 +132,7 @@ impl HttpError {
             | Self::Query(_)
             | Self::InvalidHeader { .. }
             | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -146,6 +156,7 @@ impl HttpError {
             Self::Query(_) => t::INVALID_QUERY,
             Self::InvalidHeader { .. } => t::INVALID_HEADER,
             Self::BadRequest(_) => t::BAD_REQUEST,
+            Self::Unauthorized { .. } => t::UNAUTHORIZED,
             Self::NotFound(_) => t::NOT_FOUND,
             Self::MethodNotAllowed => t::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => t::CONFLICT,
@@ -229,7 +240,13 @@ impl IntoResponse for HttpError {
             Self::Unavailable(_) | Self::Timeout => tracing::warn!(error = %self, "backend unavailable"),
             _ => tracing::debug!(error = %self, "request refused"),
         }
-        problem_response(self.status(), self.problem_type(), self.detail())
+        let mut response = problem_response(self.status(), self.problem_type(), self.detail());
+        if let Self::Unauthorized { realm } = &self
+            && let Ok(challenge) = HeaderValue::from_str(&format!("Bearer realm=\"{realm}\""))
+        {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
     }
 }
 

@@ -160,6 +160,7 @@
 //! |---|---|
 //! | (none) | everything above; the crate has no optional parts |
 
+mod admin;
 mod api;
 mod edge;
 mod error;
@@ -167,6 +168,7 @@ pub mod metrics;
 mod openapi;
 mod resource;
 
+pub use admin::AdminToken;
 pub use api::{
     Api, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
     ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, Readiness,

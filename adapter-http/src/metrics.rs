@@ -14,6 +14,9 @@ pub const COMMAND_SECONDS: &str = "kes_command_duration_seconds";
 pub const PROJECTION_LAG: &str = "kes_projection_lag";
 /// 1 while a projection's last batch failed, by projection.
 pub const PROJECTION_FAILING: &str = "kes_projection_failing";
+/// 1 while this process leads a projection (holds its view's lease), 0
+/// while it stands by, by projection; absent where no projection runs.
+pub const PROJECTION_LEADER: &str = "kes_projection_leader";
 
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
@@ -67,6 +70,9 @@ impl Metrics {
                 let labels = [("projection", s.name.clone())];
                 metrics::gauge!(PROJECTION_LAG, &labels).set(s.lag as f64);
                 metrics::gauge!(PROJECTION_FAILING, &labels).set(if s.last_error.is_some() { 1.0 } else { 0.0 });
+                if let Some(leads) = s.leads {
+                    metrics::gauge!(PROJECTION_LEADER, &labels).set(if leads { 1.0 } else { 0.0 });
+                }
             }
         });
     }

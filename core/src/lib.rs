@@ -119,8 +119,8 @@ pub use history::{
 pub use locks::{KeyedGuard, KeyedLocks};
 pub use memory::{InMemoryStore, InMemoryView};
 pub use projection::{
-    CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildReport, RunnerConfig,
-    StoredCatchUp, ViewProjection,
+    CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport,
+    RebuildState, RunnerConfig, StoredCatchUp, StoredStatus, ViewProjection,
 };
 pub use store::{
     Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StateDocument, StoreError, StoreGauge,

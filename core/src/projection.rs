@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -35,6 +35,36 @@ pub enum ProjectionError {
     /// one may not write it (it stands by).
     #[error("projection {0:?} is led by another runner (this one stands by)")]
     Standby(String),
+    /// The view's live copy was built with a newer version of the
+    /// projection than this runner's: an older writer (left over from a
+    /// rolling deploy) stands by instead of writing its old rows into it.
+    #[error(
+        "projection {name:?}: the view was built with version {stored}, this runner has version {mine} (stands by)"
+    )]
+    Outdated {
+        /// The projection.
+        name: String,
+        /// The version the live copy was built with.
+        stored: u32,
+        /// This runner's version.
+        mine: u32,
+    },
+    /// A rebuild of the projection is already running.
+    #[error("a rebuild of projection {0:?} is already running")]
+    Busy(String),
+    /// A batch brings an event of `id` at version `next` while the view
+    /// holds it at `have`, below `next - 1`: applying it would build on a
+    /// stale state. The runner reads the missing events from the log and
+    /// applies them first ([`ProjectionRunner`] does it by itself).
+    #[error("projection gap: {id} is at version {have} in the view, the log continues it at {next}")]
+    Gap {
+        /// The aggregate.
+        id: String,
+        /// The version the view holds.
+        have: u64,
+        /// The version of the event that came next.
+        next: u64,
+    },
 }
 
 impl ProjectionError {
@@ -69,6 +99,19 @@ pub trait Projection<E>: Send + Sync {
 
     /// Starts an empty shadow copy.
     async fn begin_rebuild(&self) -> Result<(), ProjectionError>;
+
+    /// [`Projection::begin_rebuild`] by the holder of `lease`, fenced like
+    /// [`Projection::apply_fenced`]. The default starts it unconditionally.
+    async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        let _ = lease;
+        self.begin_rebuild().await
+    }
+
+    /// Readies the filled shadow copy for its swap before the live copy is
+    /// paused (see [`ViewStore::prepare_swap`]). The default does nothing.
+    async fn prepare_swap(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 
     /// Makes the shadow copy live.
     async fn swap(&self) -> Result<(), ProjectionError>;
@@ -192,6 +235,14 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         Ok(self.view.begin_rebuild().await?)
     }
 
+    async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        Ok(self.view.begin_rebuild_fenced(lease).await?)
+    }
+
+    async fn prepare_swap(&self) -> Result<(), ProjectionError> {
+        Ok(self.view.prepare_swap().await?)
+    }
+
     async fn swap(&self) -> Result<(), ProjectionError> {
         Ok(self.view.swap().await?)
     }
@@ -216,6 +267,13 @@ impl<A: Aggregate> ViewProjection<A> {
             // Replays after a crash may repeat events the view already has.
             if envelope.version <= *version {
                 continue;
+            }
+            if envelope.version > *version + 1 {
+                return Err(ProjectionError::Gap {
+                    id: envelope.aggregate_id.clone(),
+                    have: *version,
+                    next: envelope.version,
+                });
             }
             state.apply(&envelope.payload);
             *version = envelope.version;
@@ -271,6 +329,53 @@ pub struct ProjectionStatus {
     pub lag: u64,
     /// The last failure, cleared by the next successful batch.
     pub last_error: Option<String>,
+    /// Whether this process leads the projection (holds its view's lease);
+    /// `None` where the status comes from stored checkpoints of views that
+    /// other processes write ([`StoredStatus`]).
+    pub leads: Option<bool>,
+    /// The last rebuild this process ran (or runs) of the projection.
+    pub rebuild: Option<RebuildProgress>,
+}
+
+/// Where a rebuild is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildState {
+    /// Filling the shadow copy.
+    Running,
+    /// Swapped in.
+    Done,
+    /// Stopped by an error; the live copy is untouched.
+    Failed,
+}
+
+impl RebuildState {
+    /// `running`, `done` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// The progress of a rebuild, for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebuildProgress {
+    /// Where it is.
+    pub state: RebuildState,
+    /// Records of the log applied to the new copy so far.
+    pub done: u64,
+    /// Records the log held when it started.
+    pub total: u64,
+    /// Events applied to the new copy so far.
+    pub events: u64,
+    /// When it started (wall clock).
+    pub started: SystemTime,
+    /// Time spent so far, or in all once finished.
+    pub elapsed: Duration,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// What a rebuild did.
@@ -340,6 +445,44 @@ impl CatchUp for StoredCatchUp {
     }
 }
 
+/// Projection status read from the checkpoints views store with their data,
+/// for a process that runs no projections (an `api` process): any process
+/// can report how far the views are behind the log.
+pub struct StoredStatus<A: Aggregate, S> {
+    store: S,
+    views: Vec<Arc<dyn ListView>>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate, S: EventStore<A>> StoredStatus<A, S> {
+    /// The status of `views`, which follow the log of `store`.
+    pub fn new(store: S, views: Vec<Arc<dyn ListView>>) -> Self {
+        Self { store, views, _aggregate: PhantomData }
+    }
+
+    /// Each view's stored checkpoint and its lag behind the log's head; a
+    /// view that cannot be read reports the error (and no progress).
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, StoreError> {
+        let head = self.store.head().await?;
+        let mut out = Vec::with_capacity(self.views.len());
+        for view in &self.views {
+            let (checkpoint, last_error) = match view.position().await {
+                Ok(c) => (c, None),
+                Err(e) => (Checkpoint::start(), Some(e.to_string())),
+            };
+            out.push(ProjectionStatus {
+                name: view.schema().name.clone(),
+                lag: checkpoint.lag_behind(&head),
+                checkpoint,
+                last_error,
+                leads: None,
+                rebuild: None,
+            });
+        }
+        Ok(out)
+    }
+}
+
 struct Slot<E> {
     projection: Arc<dyn Projection<E>>,
     progress: watch::Sender<Checkpoint>,
@@ -350,6 +493,8 @@ struct Slot<E> {
     last_error: Mutex<Option<String>>,
     /// The view's lease while this runner leads the projection.
     lease: Mutex<Option<Lease>>,
+    /// The last rebuild's progress.
+    rebuild: Mutex<Option<RebuildProgress>>,
 }
 
 impl<E> Slot<E> {
@@ -364,6 +509,34 @@ impl<E> Slot<E> {
     fn set_error(&self, e: Option<String>) {
         if let Ok(mut last) = self.last_error.lock() {
             *last = e;
+        }
+    }
+
+    fn rebuild_progress(&self) -> Option<RebuildProgress> {
+        self.rebuild.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Marks a rebuild as running; `false` when one already is.
+    fn claim_rebuild(&self) -> bool {
+        let mut rebuild = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        if rebuild.as_ref().is_some_and(|r| r.state == RebuildState::Running) {
+            return false;
+        }
+        *rebuild = Some(RebuildProgress {
+            state: RebuildState::Running,
+            done: 0,
+            total: 0,
+            events: 0,
+            started: SystemTime::now(),
+            elapsed: Duration::ZERO,
+            error: None,
+        });
+        true
+    }
+
+    fn update_rebuild(&self, f: impl FnOnce(&mut RebuildProgress)) {
+        if let Some(r) = self.rebuild.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            f(r);
         }
     }
 }
@@ -383,6 +556,8 @@ pub struct ProjectionRunner<A: Aggregate, S> {
     config: RunnerConfig,
     /// This runner's lease owner id (random).
     owner: String,
+    /// The runner itself, for the background work it starts on request.
+    me: std::sync::Weak<Self>,
     slots: Vec<Arc<Slot<A::Event>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
@@ -408,10 +583,12 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
                     rebuilding: tokio::sync::Mutex::new(()),
                     last_error: Mutex::new(None),
                     lease: Mutex::new(None),
+                    rebuild: Mutex::new(None),
                 })
             })
             .collect();
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             store,
             config,
             owner: uuid::Uuid::new_v4().to_string(),
@@ -485,6 +662,8 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
                     lag: checkpoint.lag_behind(&head),
                     checkpoint,
                     last_error: s.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+                    leads: Some(s.lease().is_some()),
+                    rebuild: s.rebuild_progress(),
                 }
             })
             .collect())
@@ -528,6 +707,75 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         result
     }
 
+    /// Starts rebuilding projection `name` in the background, where this
+    /// runner leads it; [`ProjectionRunner::status`] shows the progress.
+    /// Refused with [`ProjectionError::Standby`] when this runner does not
+    /// lead the projection (another process does: ask that one), and with
+    /// [`ProjectionError::Busy`] while a rebuild of it runs.
+    pub fn start_rebuild(&self, name: &str) -> Result<(), ProjectionError> {
+        let runner = self.me.upgrade().ok_or(ProjectionError::Stopped)?;
+        let slot = Arc::clone(self.slot(name)?);
+        if slot.lease().is_none() || self.tasks.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            return Err(ProjectionError::Standby(name.to_owned()));
+        }
+        if !slot.claim_rebuild() {
+            return Err(ProjectionError::Busy(name.to_owned()));
+        }
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let Some(lease) = slot.lease() else {
+                let e = ProjectionError::Standby(name.clone());
+                slot.update_rebuild(|r| {
+                    r.state = RebuildState::Failed;
+                    r.error = Some(e.to_string());
+                });
+                return;
+            };
+            match runner.rebuild_with(&slot, &lease, &|_, _| {}).await {
+                Ok(r) => tracing::info!(projection = %name, events = r.events, "rebuilt on request"),
+                Err(e) => tracing::warn!(projection = %name, error = %e, "rebuild on request failed"),
+            }
+        });
+        Ok(())
+    }
+
+    /// Applies `batch` to `copy` of `slot`; where the view misses events
+    /// before the batch's (a [`ProjectionError::Gap`]), reads them from the
+    /// log and applies them first, instead of folding onto a stale state.
+    async fn apply(
+        &self,
+        slot: &Slot<A::Event>,
+        copy: ViewCopy,
+        batch: Vec<Envelope<A::Event>>,
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ProjectionError> {
+        let mut batch = batch;
+        // Each round fills one aggregate's gap; a batch holds at most
+        // `batch_size` records, so this ends.
+        for _ in 0..=batch.len() {
+            let (id, have, next) = match slot.projection.apply_fenced(copy, &batch, checkpoint, lease).await {
+                Err(ProjectionError::Gap { id, have, next }) => (id, have, next),
+                other => return other,
+            };
+            let wanted = usize::try_from(next - have - 1).unwrap_or(usize::MAX);
+            let missing = self.store.read_page(&id, have, wanted).await?;
+            if missing.len() != wanted || missing.iter().zip(have + 1..).any(|(e, v)| e.version != v) {
+                return Err(ProjectionError::Gap { id, have, next });
+            }
+            tracing::warn!(
+                projection = slot.projection.name(),
+                id = %id,
+                have,
+                next,
+                "the view missed events of an aggregate; refolding them from the log"
+            );
+            let at = batch.iter().position(|e| e.aggregate_id == id && e.version == next).unwrap_or(0);
+            batch.splice(at..at, missing);
+        }
+        Err(ProjectionError::View(ViewError::Backend("gaps kept coming back while refolding a batch".into())))
+    }
+
     /// Renews `lease` when its renewal is due; a lease taken over is a
     /// [`ViewError::Fenced`].
     async fn keep_lease(
@@ -546,18 +794,53 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         Ok(())
     }
 
+    /// Rebuilds `slot` with `lease`, one rebuild at a time, recording its
+    /// progress for [`ProjectionRunner::status`].
     async fn rebuild_with(
         &self,
         slot: &Slot<A::Event>,
         lease: &Lease,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<RebuildReport, ProjectionError> {
-        let name = slot.projection.name();
         let _only_one = slot.rebuilding.lock().await;
+        slot.claim_rebuild();
+        let started = Instant::now();
+        // Never rebuild a view back to an older version of its projection.
+        let result = match slot.projection.progress(ViewCopy::Live).await {
+            Ok(Some(p)) if p.schema_version > slot.projection.version() => {
+                Err(self.outdated(slot, p.schema_version).unwrap_or(ProjectionError::Stopped))
+            }
+            Ok(_) => self.rebuild_copy(slot, lease, progress).await,
+            Err(e) => Err(e),
+        };
+        slot.update_rebuild(|r| {
+            r.elapsed = started.elapsed();
+            match &result {
+                Ok(report) => {
+                    r.state = RebuildState::Done;
+                    r.events = report.events;
+                    r.done = r.total.max(r.done);
+                }
+                Err(e) => {
+                    r.state = RebuildState::Failed;
+                    r.error = Some(e.to_string());
+                }
+            }
+        });
+        result
+    }
+
+    async fn rebuild_copy(
+        &self,
+        slot: &Slot<A::Event>,
+        lease: &Lease,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<RebuildReport, ProjectionError> {
+        let name = slot.projection.name();
         let mut renew_at = tokio::time::Instant::now() + self.config.lease_renew;
         let started = Instant::now();
         let projection = &slot.projection;
-        projection.begin_rebuild().await?;
+        projection.begin_rebuild_fenced(lease).await?;
         let head = self.store.head().await?;
         let total = head.lag_behind(&Checkpoint::start());
         let mut stream = self.store.subscribe(Checkpoint::start()).await?.ready_chunks(self.config.batch_size);
@@ -566,11 +849,21 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         while !checkpoint.covers_all(&head) {
             let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
             self.keep_lease(slot, lease, &mut renew_at).await?;
-            projection.apply_fenced(ViewCopy::Shadow, &batch, &next, lease).await?;
             events += batch.len() as u64;
+            self.apply(slot, ViewCopy::Shadow, batch, &next, lease).await?;
             checkpoint = next;
-            progress(total - checkpoint.lag_behind(&head).min(total), total);
+            let done = total - checkpoint.lag_behind(&head).min(total);
+            slot.update_rebuild(|r| {
+                r.done = done;
+                r.total = total;
+                r.events = events;
+                r.elapsed = started.elapsed();
+            });
+            progress(done, total);
         }
+        // Indexes and the like before the pause, so the pause stays short.
+        projection.prepare_swap().await?;
+        self.keep_lease(slot, lease, &mut renew_at).await?;
         // The rest arrived while we rebuilt: take it with the live copy
         // paused, so that the swap loses nothing.
         let mut generation = slot.gate.lock().await;
@@ -578,8 +871,8 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         while !checkpoint.covers_all(&head) {
             let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
             self.keep_lease(slot, lease, &mut renew_at).await?;
-            projection.apply_fenced(ViewCopy::Shadow, &batch, &next, lease).await?;
             events += batch.len() as u64;
+            self.apply(slot, ViewCopy::Shadow, batch, &next, lease).await?;
             checkpoint = next;
         }
         projection.swap_fenced(lease).await?;
@@ -611,14 +904,27 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
     /// another does, until the runner stops; then releases the lease.
     async fn follow(&self, slot: &Slot<A::Event>) {
         let mut stop = self.stop.subscribe();
-        let mut version_checked = false;
         while let Some(lease) = self.stand_by(slot, &mut stop).await {
-            match self.lead(slot, &lease, &mut version_checked, &mut stop).await {
+            match self.lead(slot, &lease, &mut stop).await {
                 Ok(Interrupt::Stopped) => break,
                 Ok(Interrupt::Swapped) => {}
                 Err(e) if e.is_fenced() => {
                     tracing::warn!(projection = slot.projection.name(), error = %e, "lost the lease; standing by");
                     slot.set_lease(None);
+                }
+                Err(e @ ProjectionError::Outdated { .. }) => {
+                    // Give the lease back at once, so that a runner of the
+                    // current version takes over.
+                    tracing::warn!(projection = slot.projection.name(), error = %e, "standing by");
+                    slot.set_error(Some(e.to_string()));
+                    slot.set_lease(None);
+                    if let Err(e) = slot.projection.release_lease(&lease).await {
+                        tracing::warn!(projection = slot.projection.name(), error = %e, "could not release the lease");
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep(self.config.lease_renew) => {}
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(projection = slot.projection.name(), error = %e, "projection failed; retrying");
@@ -648,6 +954,21 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
             if *stop.borrow() {
                 return None;
             }
+            if slot.lease().is_none() {
+                // Follow the leader's progress; a view built by a newer
+                // version is not this runner's to take.
+                if let Ok(Some(p)) = slot.projection.progress(ViewCopy::Live).await {
+                    slot.progress.send_replace(p.checkpoint);
+                    if let Some(e) = self.outdated(slot, p.schema_version) {
+                        slot.set_error(Some(e.to_string()));
+                        tokio::select! {
+                            _ = stop.changed() => {}
+                            _ = tokio::time::sleep(self.config.lease_renew) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
             let attempt = match slot.lease() {
                 Some(lease) => match slot.projection.renew_lease(&lease, ttl).await {
                     Ok(true) => Ok(Some(lease)),
@@ -664,11 +985,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
                     slot.set_lease(Some(lease.clone()));
                     return Some(lease);
                 }
-                Ok(None) => {
-                    if let Ok(Some(p)) = slot.projection.progress(ViewCopy::Live).await {
-                        slot.progress.send_replace(p.checkpoint);
-                    }
-                }
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(projection = slot.projection.name(), error = %e, "cannot take the lease; retrying");
                     slot.set_error(Some(e.to_string()));
@@ -681,25 +998,30 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         }
     }
 
-    /// Works `slot` with `lease`: rebuilds a copy built with another
-    /// version (once per runner), then follows the log until stopped or
-    /// refused.
+    /// [`ProjectionError::Outdated`] when a copy built with `stored` is
+    /// newer than this runner's projection.
+    fn outdated(&self, slot: &Slot<A::Event>, stored: u32) -> Option<ProjectionError> {
+        let mine = slot.projection.version();
+        (stored > mine).then(|| ProjectionError::Outdated { name: slot.projection.name().to_owned(), stored, mine })
+    }
+
+    /// Works `slot` with `lease`: refuses a copy built by a newer version,
+    /// rebuilds one built with an older version, then follows the log
+    /// until stopped or refused.
     async fn lead(
         &self,
         slot: &Slot<A::Event>,
         lease: &Lease,
-        version_checked: &mut bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Interrupt, ProjectionError> {
-        if !std::mem::replace(version_checked, true) {
-            let stored = slot.projection.progress(ViewCopy::Live).await?;
-            if stored.is_some_and(|p| p.schema_version != slot.projection.version()) {
+        if let Some(p) = slot.projection.progress(ViewCopy::Live).await? {
+            if let Some(e) = self.outdated(slot, p.schema_version) {
+                return Err(e);
+            }
+            if p.schema_version != slot.projection.version() {
                 let name = slot.projection.name().to_owned();
-                match self.rebuild_with(slot, lease, &|_, _| {}).await {
-                    Ok(r) => tracing::info!(projection = %name, events = r.events, "rebuilt for new version"),
-                    Err(e) if e.is_fenced() => return Err(e),
-                    Err(e) => tracing::error!(projection = %name, error = %e, "rebuild for new version failed"),
-                }
+                let r = self.rebuild_with(slot, lease, &|_, _| {}).await?;
+                tracing::info!(projection = %name, events = r.events, "rebuilt for the new version");
             }
         }
         loop {
@@ -736,7 +1058,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
             if *gate != generation {
                 return Ok(Interrupt::Swapped);
             }
-            slot.projection.apply_fenced(ViewCopy::Live, &batch, &next, lease).await?;
+            self.apply(slot, ViewCopy::Live, batch, &next, lease).await?;
             drop(gate);
             checkpoint = next;
             slot.progress.send_replace(checkpoint.clone());

@@ -171,3 +171,32 @@ async fn unknown_projection_names_are_an_error() {
     assert!(s.runner.rebuild("nope", &|_, _| {}).await.is_err());
     assert_eq!(s.runner.names(), vec!["ledgers".to_owned()]);
 }
+
+/// Pitfall: a view that holds an aggregate at an older version than the
+/// next event it is given (its copy missed events, e.g. written around a
+/// swap by another process) must not fold that event onto the stale state;
+/// the runner reads the missing events from the log first.
+#[tokio::test]
+async fn a_view_that_missed_events_is_refolded_from_the_log() {
+    let store = InMemoryStore::new();
+    let view = Arc::new(InMemoryView::new(schema()).unwrap());
+    add(&store, "a", &[1]).await; // versions 1, 2
+    let skipped = add(&store, "a", &[10, 100]).await; // versions 3, 4
+    // The view holds `a` at version 2, yet its checkpoint is past 3 and 4.
+    let stale = Ledger { open: true, closed: false, total: 1, entries: 1 };
+    let change =
+        RowChange { id: "a".into(), version: 2, state: serde_json::to_value(&stale).unwrap(), row: Some(row(&stale)) };
+    let mut checkpoint = kes_core::Checkpoint::start();
+    checkpoint.advance(skipped);
+    view.write(ViewCopy::Live, &[change], &checkpoint).await.unwrap();
+
+    let s = setup(store.clone(), view.clone(), 8);
+    s.runner.start().await.unwrap();
+    let last = add(&store, "a", &[1000]).await; // version 5
+    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await, "the view never caught up");
+    let rows = totals(&view).await;
+    assert_eq!(rows[0].1.get("total"), Some(&FieldValue::Integer(1111)), "the missed events were not refolded");
+    assert_eq!(rows[0].1.get("entries"), Some(&FieldValue::Integer(4)));
+    assert!(s.runner.status().await.unwrap()[0].last_error.is_none());
+    s.runner.shutdown().await;
+}

@@ -7,10 +7,10 @@ use anyhow::{Context, bail};
 use axum::Router;
 use kes_core::{
     Aggregate, CatchUp, CommandBus, EventStore, HistoryProjection, ListView, Projection, ProjectionRunner,
-    RebuildReport, Row, RunnerConfig, StoredCatchUp, ViewHistory, ViewProjection, ViewSchema, ViewStore,
+    RebuildReport, Row, RunnerConfig, StoredCatchUp, StoredStatus, ViewHistory, ViewProjection, ViewSchema, ViewStore,
     history_schema,
 };
-use kes_http::{Api, HttpConfig, Readiness};
+use kes_http::{AdminToken, Api, HttpConfig, Readiness};
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use kes_store_sql::SqlStore;
 
@@ -33,11 +33,37 @@ pub struct Settings {
     pub view: String,
     /// HTTP settings (CORS origins, limits, timeouts).
     pub http: HttpConfig,
+    /// How long a projector's lease on a view lasts unless renewed (it is
+    /// renewed every fifth of it): a projector that stops for longer is
+    /// replaced by one that stands by.
+    pub lease_ttl: std::time::Duration,
+    /// The token of the admin endpoints; without one they do not exist.
+    pub admin_token: Option<AdminToken>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { store: DEFAULT_STORE.into(), view: DEFAULT_VIEW.into(), http: HttpConfig::default() }
+        Self {
+            store: DEFAULT_STORE.into(),
+            view: DEFAULT_VIEW.into(),
+            http: HttpConfig::default(),
+            lease_ttl: RunnerConfig::default().lease_ttl,
+            admin_token: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Settings for the store at `store` and the views at `view`, the rest
+    /// by default.
+    pub fn new(store: impl Into<String>, view: impl Into<String>) -> Self {
+        Self { store: store.into(), view: view.into(), ..Self::default() }
+    }
+
+    /// The projection runners' settings.
+    fn runner_config(&self) -> RunnerConfig {
+        let ttl = self.lease_ttl.max(std::time::Duration::from_millis(500));
+        RunnerConfig { lease_ttl: ttl, lease_renew: ttl / 5, ..RunnerConfig::default() }
     }
 }
 
@@ -135,7 +161,7 @@ impl<A: Aggregate> Part<A> {
         } else {
             None
         };
-        let runner = ProjectionRunner::new(Arc::clone(&store), projections, RunnerConfig::default());
+        let runner = ProjectionRunner::new(Arc::clone(&store), projections, settings.runner_config());
         Ok(Self { bus: Arc::new(CommandBus::new(Arc::clone(&store))), store, view, history, runner })
     }
 }
@@ -152,9 +178,10 @@ pub enum Role {
     /// a read carrying `KES-Position` waits for the checkpoints those views
     /// store.
     Api,
-    /// Runs the projections and serves only `/health` and `/metrics`.
-    /// Run one projector per view: several projectors on one view are not
-    /// fenced against each other yet.
+    /// Runs the projections and serves only `/health`, `/metrics` and,
+    /// with an admin token, the admin endpoints. Several projectors may
+    /// run on one view: one leads (holds the view's lease), the others
+    /// stand by and take over within the lease time when it stops.
     Projector,
 }
 
@@ -190,17 +217,31 @@ impl Readiness for ViewReady {
 }
 
 impl<A: Aggregate> Part<A> {
+    /// The views of this aggregate, as read by an `api` process.
+    fn views(&self) -> Vec<Arc<dyn ListView>> {
+        let mut views: Vec<Arc<dyn ListView>> = vec![self.view.clone()];
+        if let Some(history) = &self.history {
+            views.push(history.clone());
+        }
+        views
+    }
+
+    /// Where `/metrics` (and the admin endpoints) learn of projections: the
+    /// runner where it runs, the views' stored checkpoints otherwise.
+    fn status_source(&self, role: Role) -> Arc<dyn kes_http::ProjectionStatusSource> {
+        if role.runs_projections() {
+            return self.runner.clone();
+        }
+        Arc::new(StoredStatus::<A, _>::new(Arc::clone(&self.store), self.views()))
+    }
+
     /// How reads of this aggregate wait for a position: on the runner in
     /// a process that runs it, on the stored checkpoints otherwise.
     fn catch_up(&self, role: Role) -> Arc<dyn CatchUp> {
         if role.runs_projections() {
             return self.runner.clone();
         }
-        let mut views: Vec<Arc<dyn ListView>> = vec![self.view.clone()];
-        if let Some(history) = &self.history {
-            views.push(history.clone());
-        }
-        Arc::new(StoredCatchUp::new(views, STORED_CHECKPOINT_POLL))
+        Arc::new(StoredCatchUp::new(self.views(), STORED_CHECKPOINT_POLL))
     }
 }
 
@@ -211,6 +252,7 @@ pub struct Service {
     /// Tasks.
     pub tasks: Part<Task>,
     http: HttpConfig,
+    admin_token: Option<AdminToken>,
 }
 
 impl Service {
@@ -219,7 +261,7 @@ impl Service {
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
         let projects = Part::open(settings, resources::project_view(), resources::project_row).await?;
         let tasks = Part::open(settings, resources::task_view(), resources::task_row).await?;
-        Ok(Self { projects, tasks, http: settings.http.clone() })
+        Ok(Self { projects, tasks, http: settings.http.clone(), admin_token: settings.admin_token.clone() })
     }
 
     /// Starts following the log (rebuilding views whose version changed).
@@ -238,7 +280,8 @@ impl Service {
     /// `api`), or only `/health` and `/metrics` (`projector`).
     pub fn router_for(&self, role: Role) -> anyhow::Result<Router> {
         if role == Role::Projector {
-            let api = Api::new(self.http.clone())
+            let api = self
+                .with_admin(Api::new(self.http.clone()), role)
                 .projections(self.projects.runner.clone())
                 .projections(self.tasks.runner.clone())
                 .readiness("projects.store", Arc::new(StoreReady(self.projects.store.clone())))
@@ -260,9 +303,10 @@ impl Service {
                 self.tasks.view.clone(),
                 self.tasks.catch_up(role),
             )?;
-        if role.runs_projections() {
-            api = api.projections(self.projects.runner.clone()).projections(self.tasks.runner.clone());
-        }
+        api = self
+            .with_admin(api, role)
+            .projections(self.projects.status_source(role))
+            .projections(self.tasks.status_source(role));
         for (plural, history) in [("projects", &self.projects.history), ("tasks", &self.tasks.history)] {
             if let Some(view) = history {
                 let view: Arc<dyn kes_core::ListView> = view.clone();
@@ -270,6 +314,15 @@ impl Service {
             }
         }
         Ok(api.into_router())
+    }
+
+    /// `api` with the admin endpoints where projections run and a token
+    /// is set.
+    fn with_admin(&self, api: Api, role: Role) -> Api {
+        match &self.admin_token {
+            Some(token) if role.runs_projections() => api.admin(token.clone()),
+            _ => api,
+        }
     }
 
     /// The names of the list projections.

@@ -684,16 +684,28 @@ impl SqlView {
         ))
     }
 
-    /// The stored checkpoint of `copy`, read in the write transaction.
+    /// The stored checkpoint of `copy` and the schema version it was built
+    /// with, read in the write transaction.
     fn stored_checkpoint_sql(&self, copy: ViewCopy) -> Sql {
-        let mut sql = Sql::new(format!("SELECT checkpoint FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = $2"));
+        let mut sql = Sql::new(format!(
+            "SELECT checkpoint, schema_version FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = $2"
+        ));
         sql.args = vec![Arg::Text(Some(self.schema.name.clone())), Arg::Text(Some(copy_name(copy).into()))];
         sql
     }
 
-    /// Refuses to move a checkpoint back (`stored` is what the copy has).
-    fn check_forward(&self, stored: Option<String>, next: &Checkpoint) -> Result<(), SqlViewError> {
-        let Some(text) = stored else { return Ok(()) };
+    /// Refuses to move a checkpoint back (`stored` is what the copy has),
+    /// and to write into a copy built with another schema version (an
+    /// older writer left over from a rolling deploy, or a newer one that
+    /// has not rebuilt yet).
+    fn check_forward(&self, stored: Option<(String, i64)>, next: &Checkpoint) -> Result<(), SqlViewError> {
+        let Some((text, version)) = stored else { return Ok(()) };
+        if version != i64::from(self.schema.version) {
+            return Err(SqlViewError::Fenced(format!(
+                "view {}: the copy was built with schema version {version}, this writer has version {}",
+                self.schema.name, self.schema.version
+            )));
+        }
         let stored = Checkpoint::from_json(&text).map_err(|e| SqlViewError::Corrupt {
             id: format!("checkpoint of view {}", self.schema.name),
             reason: e.to_string(),
@@ -805,7 +817,10 @@ impl SqlView {
                 if bound(fence).execute(&mut *tx).await?.rows_affected() == 0 {
                     return Err(self.fenced_error(lease));
                 }
-                let found = bound(&stored).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
+                let found = match bound(&stored).fetch_optional(&mut *tx).await? {
+                    Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                    None => None,
+                };
                 self.check_forward(found, next)?;
             }
             if copy == ViewCopy::Shadow {
@@ -843,7 +858,10 @@ impl SqlView {
                 if bound(fence).execute(&mut *tx).await?.rows_affected() == 0 {
                     return Err(self.fenced_error(lease));
                 }
-                let found = bound(&stored).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
+                let found = match bound(&stored).fetch_optional(&mut *tx).await? {
+                    Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                    None => None,
+                };
                 self.check_forward(found, next)?;
             }
             if copy == ViewCopy::Shadow {
@@ -1041,7 +1059,8 @@ impl SqlView {
         }
     }
 
-    async fn begin_shadow(&self) -> Result<(), SqlViewError> {
+    async fn begin_shadow(&self, lease: Option<&Lease>) -> Result<(), SqlViewError> {
+        let fence = lease.map(|l| self.fence_sql(l)).transpose()?;
         let mut statements = vec![format!("DROP TABLE IF EXISTS {}", self.shadow)];
         // The secondary indexes come at the swap, once the copy is filled.
         statements.push(self.create_table(&self.shadow));
@@ -1049,12 +1068,44 @@ impl SqlView {
         forget.args.push(Arg::Text(Some(self.schema.name.clone())));
         on_pool!(&self.write, |pool| {
             let mut tx = pool.begin().await?;
+            if let (Some(fence), Some(lease)) = (&fence, lease)
+                && bound(fence).execute(&mut *tx).await?.rows_affected() == 0
+            {
+                return Err(self.fenced_error(lease));
+            }
             for statement in &statements {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
             bound(&forget).execute(&mut *tx).await?;
             tx.commit().await?;
         });
+        Ok(())
+    }
+
+    /// Builds the shadow copy's secondary indexes (and, on PostgreSQL, its
+    /// planner statistics) unless it has them: one pass over the filled
+    /// table, done before the swap pauses the live copy's writer.
+    async fn index_shadow(&self) -> Result<(), SqlViewError> {
+        let exists = self.exists_sql(&self.shadow);
+        let count_indexes = self.count_indexes_sql(&self.shadow);
+        let create_indexes = self.create_indexes(&self.shadow);
+        on_pool!(&self.write, |pool| {
+            let mut tx = pool.begin().await?;
+            let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
+            if found == 0 {
+                return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+            }
+            let indexes: i64 = bound(&count_indexes).fetch_one(&mut *tx).await?.try_get(0)?;
+            if indexes == 0 {
+                for statement in &create_indexes {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+            }
+            tx.commit().await?;
+        });
+        if let Pool::Postgres(pool) = &self.write {
+            sqlx::query(&format!("ANALYZE {}", self.shadow)).execute(pool).await?;
+        }
         Ok(())
     }
 
@@ -1092,14 +1143,15 @@ impl SqlView {
             // keeping it up to date row by row.
             let indexes: i64 = bound(&count_indexes).fetch_one(&mut *tx).await?.try_get(0)?;
             if indexes == 0 {
+                // `prepare_swap` did not run: do its work here.
                 for statement in &create_indexes {
                     sqlx::query(statement).execute(&mut *tx).await?;
                 }
-            }
-            if self.dialect == Dialect::Postgres {
-                // Fresh planner statistics, or the first queries on the new
-                // copy may be planned as if it were empty.
-                sqlx::query(&format!("ANALYZE {}", self.shadow)).execute(&mut *tx).await?;
+                if self.dialect == Dialect::Postgres {
+                    // Fresh planner statistics, or the first queries on the
+                    // new copy may be planned as if it were empty.
+                    sqlx::query(&format!("ANALYZE {}", self.shadow)).execute(&mut *tx).await?;
+                }
             }
             for statement in &ddl {
                 sqlx::query(statement).execute(&mut *tx).await?;
@@ -1174,7 +1226,15 @@ impl ViewStore for SqlView {
     }
 
     async fn begin_rebuild(&self) -> Result<(), ViewError> {
-        Ok(self.begin_shadow().await?)
+        Ok(self.begin_shadow(None).await?)
+    }
+
+    async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        Ok(self.begin_shadow(Some(lease)).await?)
+    }
+
+    async fn prepare_swap(&self) -> Result<(), ViewError> {
+        Ok(self.index_shadow().await?)
     }
 
     async fn swap(&self) -> Result<(), ViewError> {

@@ -16,10 +16,10 @@ use async_trait::async_trait;
 use common::projects::{Project, ProjectEvent, Store, dump, load, replay, schema, to_row};
 use common::stores::{Backend, TestStore, merge};
 use common::{Place, drop_pg_schema};
-use kes_core::view::ViewProgress;
+use kes_core::view::{RowChange, ViewProgress};
 use kes_core::{
-    Checkpoint, Envelope, InMemoryView, Lease, ListView, Projection, ProjectionError, ProjectionRunner, RunnerConfig,
-    ViewCopy, ViewProjection, ViewStore,
+    Checkpoint, Envelope, InMemoryView, Lease, ListView, Position, Projection, ProjectionError, ProjectionRunner,
+    RebuildState, RunnerConfig, ViewCopy, ViewError, ViewProjection, ViewSchema, ViewStore,
 };
 use tokio::sync::watch;
 
@@ -143,6 +143,14 @@ impl Projection<ProjectEvent> for Probe {
 
     async fn swap_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
         self.inner.swap_fenced(lease).await
+    }
+
+    async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        self.inner.begin_rebuild_fenced(lease).await
+    }
+
+    async fn prepare_swap(&self) -> Result<(), ProjectionError> {
+        self.inner.prepare_swap().await
     }
 }
 
@@ -320,6 +328,151 @@ async fn a_stalled_leader_is_fenced_when_it_resumes(postgres: bool) {
 
     runner_a.shutdown().await;
     clean(place).await;
+}
+
+/// One row change of project `id` at `version`.
+fn change(id: &str, version: u64) -> RowChange {
+    let project = Project { name: format!("Project {id}"), budget: version as i64, ..Project::default() };
+    RowChange {
+        id: id.to_owned(),
+        version,
+        state: serde_json::to_value(&project).expect("state"),
+        row: Some(to_row(&project)),
+    }
+}
+
+fn at(offset: u64) -> Checkpoint {
+    let mut c = Checkpoint::start();
+    c.advance(Position { partition: 0, offset });
+    c
+}
+
+/// Pitfall: a writer that lost the lease must not start a rebuild, which
+/// would drop the shadow copy its successor is filling.
+async fn a_writer_that_lost_the_lease_cannot_restart_the_shadow(postgres: bool) {
+    let Some((_store, place, view_a, view_b)) = fixture(postgres).await else { return };
+    let a = view_a.acquire_lease("a", TTL).await.expect("lease a").expect("a free lease");
+    view_a.begin_rebuild_fenced(&a).await.expect("a starts a rebuild");
+    view_a.release_lease(&a).await.expect("release a");
+
+    let b = view_b.acquire_lease("b", TTL).await.expect("lease b").expect("the released lease");
+    view_b.begin_rebuild_fenced(&b).await.expect("b starts its rebuild");
+    view_b.write_fenced(ViewCopy::Shadow, &[change("p1", 1)], &at(0), &b).await.expect("b fills the shadow");
+
+    let refused = view_a.begin_rebuild_fenced(&a).await;
+    assert!(matches!(refused, Err(ViewError::Fenced(_))), "a stale lease restarted the shadow: {refused:?}");
+    let shadow = view_b.progress(ViewCopy::Shadow).await.expect("shadow progress");
+    assert_eq!(shadow.map(|p| p.checkpoint), Some(at(0)), "the successor's shadow copy was dropped");
+    assert_eq!(view_b.states(ViewCopy::Shadow, &["p1".into()]).await.expect("states").len(), 1);
+    clean(place).await;
+}
+
+fn schema_v(version: u32) -> ViewSchema {
+    let mut schema = schema();
+    schema.version = version;
+    schema
+}
+
+/// Pitfall: after a schema bump, one of two new runners rebuilds; an old
+/// runner (a rolling deploy's leftover) neither rebuilds the view back to
+/// its version nor writes its rows into the new copy, even when it could
+/// take the lease; and the view refuses such a write by itself.
+async fn an_old_version_writes_nothing_into_a_newer_copy(postgres: bool) {
+    let Some((test_store, place, view_v1, _)) = fixture(postgres).await else { return };
+    let store = test_store.store.clone();
+    let shared = Arc::new(Shared::default());
+    let (mut ids, mut written) = load(store.as_ref(), 41, 120, 30).await;
+    let first = runner(&store, &Probe::new(view_v1.clone(), shared.clone()));
+    first.start().await.expect("start v1");
+    until("version 1 caught up", PATIENCE, || covers(view_v1.as_ref(), &written)).await;
+    first.shutdown().await;
+
+    // Two runners of version 2 start together: one leads and rebuilds.
+    let view_x: Arc<dyn ViewStore> = Arc::new(place.open(schema_v(2)).await.expect("view v2"));
+    let view_y: Arc<dyn ViewStore> = Arc::new(place.open(schema_v(2)).await.expect("view v2"));
+    let (x, y) = (Probe::new(view_x.clone(), shared.clone()), Probe::new(view_y.clone(), shared.clone()));
+    let (runner_x, runner_y) = (runner(&store, &x), runner(&store, &y));
+    runner_x.start().await.expect("start x");
+    runner_y.start().await.expect("start y");
+    until("version 2 rebuilt the view", PATIENCE, || async {
+        view_x.progress(ViewCopy::Live).await.is_ok_and(|p| p.is_some_and(|p| p.schema_version == 2))
+    })
+    .await;
+    let rebuilt = |r: &Runner| {
+        let r = r.clone();
+        async move { last_rebuild(&r).await.is_some_and(|s| s.state == RebuildState::Done) }
+    };
+    until("a rebuild reported itself done", PATIENCE, || async {
+        rebuilt(&runner_x).await || rebuilt(&runner_y).await
+    })
+    .await;
+    let rebuilds = [runner_x.clone(), runner_y.clone()].iter().filter(|r| r.leads("projects")).count();
+    assert_eq!(rebuilds, 1, "both new runners lead");
+    assert!(!(rebuilt(&runner_x).await && rebuilt(&runner_y).await), "both new runners rebuilt the view");
+    assert!(last_rebuild(&runner_x).await.is_none() || last_rebuild(&runner_y).await.is_none(), "two rebuilds ran");
+
+    // An old runner starts while a new one leads, then the new ones stop
+    // (releasing the lease): the old one still takes nothing.
+    let old_view: Arc<dyn ViewStore> = Arc::new(place.open(schema_v(1)).await.expect("view v1 again"));
+    let old = Probe::new(old_view.clone(), shared.clone());
+    let runner_old = runner(&store, &old);
+    runner_old.start().await.expect("start the old runner");
+    runner_x.shutdown().await;
+    runner_y.shutdown().await;
+    let (more, at_more) = load(store.as_ref(), 42, 40, 40).await;
+    ids.extend(more);
+    ids.sort();
+    ids.dedup();
+    until("the old runner reported itself outdated", PATIENCE, || async {
+        runner_old.status().await.is_ok_and(|s| s[0].last_error.as_deref().is_some_and(|e| e.contains("version 2")))
+    })
+    .await;
+    assert!(!runner_old.leads("projects"), "the old runner holds the lease of a newer copy");
+    assert_eq!(old.applied(), 0, "the old runner wrote into the newer copy");
+    let stored = view_x.progress(ViewCopy::Live).await.expect("progress").expect("a live copy");
+    assert_eq!(stored.schema_version, 2, "the view was rebuilt back to the old version");
+    assert!(!stored.checkpoint.covers_all(&at_more), "someone applied the new appends");
+
+    // The view refuses an old writer's rows by itself, lease or not.
+    let lease = old_view.acquire_lease("old", TTL).await.expect("lease").expect("the free lease");
+    let refused = old_view.write_fenced(ViewCopy::Live, &[change("p001", 99)], &at_more, &lease).await;
+    assert!(matches!(refused, Err(ViewError::Fenced(_))), "an old-version write was accepted: {refused:?}");
+    old_view.release_lease(&lease).await.expect("release");
+    runner_old.shutdown().await;
+
+    // A new runner takes over and the view equals a fresh replay.
+    merge(&mut written, &at_more);
+    let runner_z = runner(&store, &Probe::new(view_x.clone(), shared.clone()));
+    runner_z.start().await.expect("start z");
+    until("version 2 caught up", PATIENCE, || covers(view_x.as_ref(), &written)).await;
+    assert_replays(&store, view_x.as_ref(), &ids, &written).await;
+    runner_z.shutdown().await;
+    clean(place).await;
+}
+
+/// The last rebuild a runner ran, if any.
+async fn last_rebuild(runner: &Runner) -> Option<kes_core::RebuildProgress> {
+    runner.status().await.ok().and_then(|s| s.into_iter().next()).and_then(|s| s.rebuild)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_lost_the_lease_cannot_restart_the_shadow_on_sqlite() {
+    a_writer_that_lost_the_lease_cannot_restart_the_shadow(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_lost_the_lease_cannot_restart_the_shadow_on_postgres() {
+    a_writer_that_lost_the_lease_cannot_restart_the_shadow(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_version_writes_nothing_into_a_newer_copy_on_sqlite() {
+    an_old_version_writes_nothing_into_a_newer_copy(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_version_writes_nothing_into_a_newer_copy_on_postgres() {
+    an_old_version_writes_nothing_into_a_newer_copy(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,4 +209,21 @@ pub trait ViewStore: ListView {
         let _ = lease;
         self.swap().await
     }
+
+    /// [`ViewStore::begin_rebuild`] by the holder of `lease`, fenced like
+    /// [`ViewStore::write_fenced`]: a writer that lost the lease cannot drop
+    /// the shadow copy its successor is filling. The default starts the
+    /// shadow unconditionally.
+    async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        let _ = lease;
+        self.begin_rebuild().await
+    }
+
+    /// Readies the filled shadow copy for its swap (e.g. builds its
+    /// secondary indexes), so that the swap itself, which runs while the
+    /// live copy's writer is paused, stays short. Called by the holder of
+    /// the lease before it pauses the live copy; the default does nothing.
+    async fn prepare_swap(&self) -> Result<(), ViewError> {
+        Ok(())
+    }
 }

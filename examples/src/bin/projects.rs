@@ -1,15 +1,18 @@
 //! The `projects` service: `projects [serve] [--role all|api|projector]`
 //! runs it (`serve` is the default command, so its flags work without the
-//! word), `projects rebuild` rebuilds its list views from the log.
+//! word), `projects rebuild` rebuilds its list views from the log (itself,
+//! or through the admin endpoint of the projector that leads them).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use kes_core::ProjectionError;
 use kes_examples::service::{DEFAULT_STORE, DEFAULT_VIEW, Role, Service, Settings};
-use kes_http::HttpConfig;
+use kes_http::AdminToken;
 use tracing_subscriber::EnvFilter;
 
 /// The projects service: event-sourced projects and tasks over REST.
@@ -22,6 +25,15 @@ struct Cli {
     /// Where the list views live: sqlite://PATH or postgres://… (view-sql), or an index directory (view-search).
     #[arg(long, env = "KES_VIEW", default_value = DEFAULT_VIEW, global = true)]
     view: String,
+    /// Milliseconds a projector's lease on a view lasts unless renewed: a
+    /// projector that stops for longer is replaced by a standby.
+    #[arg(long, env = "KES_LEASE_TTL_MS", default_value_t = 5000, global = true)]
+    lease_ttl_ms: u64,
+    /// A file holding the admin token (at least 16 characters): enables
+    /// `/admin/projections` on processes that run projections, and is what
+    /// `rebuild --via` sends.
+    #[arg(long, env = "KES_ADMIN_TOKEN_FILE", global = true)]
+    admin_token_file: Option<PathBuf>,
     /// `serve`'s flags, for `projects` without a command.
     #[command(flatten)]
     serve: ServeArgs,
@@ -70,6 +82,11 @@ enum Command {
         /// Only this projection (`projects` or `tasks`); all when absent.
         #[arg(long, env = "KES_PROJECTION")]
         projection: Option<String>,
+        /// Ask the projector serving at this URL (e.g. http://127.0.0.1:9001)
+        /// to rebuild, where it leads the views, instead of rebuilding here
+        /// (which a running projector's lease refuses). Needs the admin token.
+        #[arg(long, env = "KES_ADMIN_URL")]
+        via: Option<String>,
     },
 }
 
@@ -80,13 +97,26 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
-    let mut settings = Settings { store: cli.store, view: cli.view, http: HttpConfig::default() };
+    let mut settings = Settings::new(cli.store, cli.view);
+    settings.lease_ttl = Duration::from_millis(cli.lease_ttl_ms);
+    if let Some(file) = &cli.admin_token_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the admin token file {}", file.display()))?;
+        settings.admin_token = Some(AdminToken::new(&text).context("the admin token")?);
+    }
     match command {
         Command::Serve(args) => {
             settings.http.cors_origins = args.cors_origins;
             serve(settings, args.listen, args.role.into()).await
         }
-        Command::Rebuild { projection } => rebuild(settings, projection).await,
+        Command::Rebuild { projection, via: Some(url) } => {
+            let token =
+                cli.admin_token_file.context("rebuild --via needs --admin-token-file (KES_ADMIN_TOKEN_FILE)")?;
+            let token = std::fs::read_to_string(&token)
+                .with_context(|| format!("reading the admin token file {}", token.display()))?;
+            rebuild_via(&url, token.trim(), projection).await
+        }
+        Command::Rebuild { projection, via: None } => rebuild(settings, projection).await,
     }
 }
 
@@ -133,20 +163,20 @@ async fn rebuild(settings: Settings, only: Option<String>) -> anyhow::Result<()>
         None => service.projection_names(),
     };
     for name in names {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} records ({per_sec}, {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(name.clone());
-        bar.enable_steady_tick(Duration::from_millis(200));
+        let bar = progress_bar(&name);
         let report = service
             .rebuild(&name, &|done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })
-            .await?;
+            .await
+            .map_err(|e| match e.downcast_ref::<ProjectionError>() {
+                Some(ProjectionError::Standby(_)) => e.context(
+                    "a running projector leads this view: rebuild through it with \
+                     `projects rebuild --via http://PROJECTOR --admin-token-file FILE`",
+                ),
+                _ => e,
+            })?;
         bar.finish_and_clear();
         let secs = report.elapsed.as_secs_f64();
         let rate = if secs > 0.0 { report.events as f64 / secs } else { 0.0 };
@@ -154,4 +184,78 @@ async fn rebuild(settings: Settings, only: Option<String>) -> anyhow::Result<()>
     }
     service.shutdown().await;
     Ok(())
+}
+
+fn progress_bar(name: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} records ({per_sec}, {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(name.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// `projects rebuild --via URL`: asks the projector at `base` to rebuild
+/// each projection (one after the other) and follows its progress.
+async fn rebuild_via(base: &str, token: &str, only: Option<String>) -> anyhow::Result<()> {
+    let base = base.trim_end_matches('/');
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let listed = admin_status(&client, base, token).await?;
+    let names: Vec<String> = match only {
+        Some(name) => vec![name],
+        None => listed.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect(),
+    };
+    for name in names {
+        let r = client
+            .post(format!("{base}/admin/projections/{name}/rebuild"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("asking {base} to rebuild {name}"))?;
+        if r.status() != reqwest::StatusCode::ACCEPTED {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            anyhow::bail!("{base} refused to rebuild {name}: {status} {body}");
+        }
+        let bar = progress_bar(&name);
+        let finished = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let listed = admin_status(&client, base, token).await?;
+            let Some(rebuild) = listed.iter().find(|p| p["name"] == name.as_str()).map(|p| p["rebuild"].clone()) else {
+                anyhow::bail!("{base} no longer reports projection {name}");
+            };
+            bar.set_length(rebuild["total"].as_u64().unwrap_or(0));
+            bar.set_position(rebuild["done"].as_u64().unwrap_or(0));
+            if rebuild["state"] != "running" {
+                break rebuild;
+            }
+        };
+        bar.finish_and_clear();
+        if finished["state"] != "done" {
+            anyhow::bail!("rebuilding {name} failed: {}", finished["error"].as_str().unwrap_or("no reason given"));
+        }
+        let secs = finished["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+        let events = finished["events"].as_u64().unwrap_or(0);
+        let rate = if secs > 0.0 { events as f64 / secs } else { 0.0 };
+        println!("rebuilt {name} on {base}: {events} events in {secs:.2}s ({rate:.0} events/s)");
+    }
+    Ok(())
+}
+
+/// The projections the admin endpoint at `base` reports.
+async fn admin_status(client: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let r = client
+        .get(format!("{base}/admin/projections"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("reading {base}/admin/projections"))?;
+    if !r.status().is_success() {
+        anyhow::bail!("{base}/admin/projections answered {}", r.status());
+    }
+    let body: serde_json::Value = r.json().await.context("reading the admin answer")?;
+    Ok(body["projections"].as_array().cloned().unwrap_or_default())
 }

@@ -16,7 +16,6 @@ use anyhow::Context;
 use kes_core::{Aggregate, EventStore, ExpectedVersion, Metadata};
 use kes_examples::domain::{Project, ProjectCommand, ProjectFields};
 use kes_examples::service::{Service, Settings};
-use kes_http::HttpConfig;
 use kes_store_kafka::KafkaConfig;
 
 use crate::backends::Kafka;
@@ -54,7 +53,7 @@ impl Deployment {
         for k in 0..n {
             let dir = tempfile::tempdir()?;
             let view = format!("sqlite://{}/views.db", dir.path().display());
-            let service = Service::open(&Settings { store: store.clone(), view, http: HttpConfig::default() })
+            let service = Service::open(&Settings::new(store.clone(), view))
                 .await
                 .with_context(|| format!("opening instance {k}"))?;
             let server = load::serve(service.router()?).await?;

@@ -16,7 +16,6 @@ use kes_core::{Aggregate, EventStore, ExpectedVersion, FieldValue, Metadata};
 use kes_examples::domain::{Project, ProjectCommand, ProjectEvent, ProjectFields};
 use kes_examples::resources;
 use kes_examples::service::{Service, Settings};
-use kes_http::HttpConfig;
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
@@ -40,7 +39,7 @@ impl Live {
     async fn open(store: String, view: Option<String>, tag: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let view = view.unwrap_or_else(|| format!("sqlite://{}/views.db", dir.path().display()));
-        let service = Service::open(&Settings { store, view, http: HttpConfig::default() }).await?;
+        let service = Service::open(&Settings::new(store, view)).await?;
         let server = load::serve(service.router()?).await?;
         let ids: Vec<String> = (0..CLIENTS).map(|i| format!("{tag}{i}")).collect();
         for id in &ids {
@@ -567,8 +566,7 @@ async fn sql_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
             .collect::<anyhow::Result<_>>()?;
         (seeded.url.clone(), rows)
     };
-    let service =
-        Service::open(&Settings { store: url.clone(), view: url.clone(), http: HttpConfig::default() }).await?;
+    let service = Service::open(&Settings::new(url.clone(), url.clone())).await?;
     let raw_pool = pool(&url, 10).await?;
     let n = rows.len() as f64;
     let (k, b) = interleave!(
@@ -686,9 +684,7 @@ async fn tantivy_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
     };
     let dir = tempfile::tempdir().map_err(anyhow::Error::from)?;
     let index_dir = dir.path().join("index");
-    let service =
-        Service::open(&Settings { store: url, view: index_dir.display().to_string(), http: HttpConfig::default() })
-            .await?;
+    let service = Service::open(&Settings::new(url, index_dir.display().to_string())).await?;
     let n = docs.len() as f64;
     let raw_round = |round: usize| {
         let docs = docs.clone();
@@ -926,7 +922,7 @@ async fn kafka_history_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measu
     // The service as a user runs it on Kafka: its history view caught up.
     let dir = tempfile::tempdir()?;
     let view = format!("sqlite://{}/views.db", dir.path().display());
-    let service = Service::open(&Settings { store: url.clone(), view, http: HttpConfig::default() }).await?;
+    let service = Service::open(&Settings::new(url.clone(), view)).await?;
     let server = load::serve(service.router()?).await?;
     let caught = Instant::now();
     service.start_projections().await?;

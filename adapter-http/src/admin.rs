@@ -1,0 +1,191 @@
+//! Operator endpoints, behind a bearer token and absent unless one is
+//! configured ([`Api::admin`](crate::Api::admin)):
+//!
+//! - `GET /admin/projections`: every projection this process reports, with
+//!   its checkpoint, lag, whether this process leads it and its last
+//!   rebuild's progress;
+//! - `POST /admin/projections/{name}/rebuild`: starts a rebuild where this
+//!   process leads the projection (`202`; `409` when another process leads
+//!   it or a rebuild runs; `404` for an unknown name).
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use kes_core::{ProjectionError, ProjectionStatus};
+use serde_json::{Value, json};
+
+use crate::api::{ProjectionStatusSource, json_response};
+use crate::error::HttpError;
+
+/// The realm of the admin endpoints' `WWW-Authenticate` challenge.
+const REALM: &str = "kes-admin";
+
+/// The shared secret an operator sends as `Authorization: Bearer …`.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    /// Fewest characters a token may have.
+    pub const MIN_LEN: usize = 16;
+
+    /// A token; refused when shorter than [`AdminToken::MIN_LEN`] or not
+    /// visible ASCII (it travels in a header).
+    pub fn new(token: impl AsRef<str>) -> Result<Self, HttpError> {
+        let token = token.as_ref().trim();
+        if token.len() < Self::MIN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(HttpError::Config(format!(
+                "an admin token needs at least {} visible ASCII characters",
+                Self::MIN_LEN
+            )));
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// Whether `headers` carry this token, compared in time independent of
+    /// where they differ.
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(sent) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+        let Some(sent) = sent.strip_prefix("Bearer ").map(str::trim) else { return false };
+        same_secret(sent.as_bytes(), self.0.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
+}
+
+/// Equality of two secrets that reads every byte whatever they hold.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+struct Admin {
+    token: AdminToken,
+    sources: Vec<Arc<dyn ProjectionStatusSource>>,
+}
+
+impl Admin {
+    fn check(&self, headers: &HeaderMap) -> Result<(), HttpError> {
+        if self.token.admits(headers) { Ok(()) } else { Err(HttpError::Unauthorized { realm: REALM }) }
+    }
+}
+
+/// The admin routes over `sources`.
+pub(crate) fn routes(token: AdminToken, sources: Vec<Arc<dyn ProjectionStatusSource>>) -> Router {
+    let admin = Arc::new(Admin { token, sources });
+    Router::new()
+        .route("/admin/projections", get(list))
+        .route("/admin/projections/{name}/rebuild", post(rebuild))
+        .with_state(admin)
+}
+
+async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, HttpError> {
+    admin.check(&headers)?;
+    let mut items = Vec::new();
+    for source in &admin.sources {
+        let statuses = source.projection_status().await.map_err(HttpError::from)?;
+        items.extend(statuses.iter().map(status_json));
+    }
+    Ok(json_response(StatusCode::OK, &json!({ "projections": items })))
+}
+
+async fn rebuild(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    admin.check(&headers)?;
+    for source in &admin.sources {
+        let Some(started) = source.start_rebuild(&name) else { continue };
+        match started {
+            Ok(()) => {}
+            Err(ProjectionError::Standby(_) | ProjectionError::Outdated { .. }) => {
+                return Err(HttpError::Conflict(format!(
+                    "projection {name:?} is led by another process: send the rebuild to the one that leads it"
+                )));
+            }
+            Err(e @ ProjectionError::Busy(_)) => return Err(HttpError::Conflict(e.to_string())),
+            Err(e) => return Err(HttpError::Unavailable(e.to_string())),
+        }
+        let status = source
+            .projection_status()
+            .await
+            .map_err(HttpError::from)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| status_json(&s))
+            .unwrap_or(Value::Null);
+        let mut response = json_response(StatusCode::ACCEPTED, &status);
+        response.headers_mut().insert(header::LOCATION, HeaderValue::from_static("/admin/projections"));
+        return Ok(response);
+    }
+    Err(HttpError::NotFound(format!("no projection named {name:?} runs here")))
+}
+
+fn status_json(s: &ProjectionStatus) -> Value {
+    let rebuild = s.rebuild.as_ref().map(|r| {
+        json!({
+            "state": r.state.as_str(),
+            "done": r.done,
+            "total": r.total,
+            "events": r.events,
+            "started_ms": r.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "elapsed_ms": r.elapsed.as_millis() as u64,
+            "error": r.error,
+        })
+    });
+    json!({
+        "name": s.name,
+        "leads": s.leads,
+        "checkpoint": serde_json::to_value(&s.checkpoint).unwrap_or(Value::Null),
+        "lag": s.lag,
+        "last_error": s.last_error,
+        "rebuild": rebuild,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_compared_whole() {
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!same_secret(b"0123456789abcdef", b"0123456789abcde"));
+    }
+
+    #[test]
+    fn short_or_unprintable_tokens_are_refused() {
+        assert!(AdminToken::new("short").is_err());
+        assert!(AdminToken::new("0123456789abcdef\u{7f}").is_err());
+        assert!(
+            AdminToken::new("  0123456789abcdef\n").is_ok(),
+            "surrounding whitespace (a file's newline) is trimmed"
+        );
+    }
+
+    #[test]
+    fn only_the_bearer_token_admits() {
+        let token = AdminToken::new("0123456789abcdef").unwrap();
+        let mut headers = HeaderMap::new();
+        assert!(!token.admits(&headers));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer 0123456789abcdeX"));
+        assert!(!token.admits(&headers));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic 0123456789abcdef"));
+        assert!(!token.admits(&headers));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer 0123456789abcdef"));
+        assert!(token.admits(&headers));
+    }
+}
