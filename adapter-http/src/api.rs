@@ -624,11 +624,34 @@ fn none_match(headers: &HeaderMap, version: u64) -> Result<bool, HttpError> {
     }))
 }
 
-fn position_token(headers: &HeaderMap) -> Result<Option<Position>, HttpError> {
+/// The `KES-Position` token of a write to `log` (the aggregate type) at
+/// `position`: `LOG@PARTITION:OFFSET`. Every aggregate type has a log of its
+/// own (its SQL table is partition 0 of it; on Kafka, its events topic), so
+/// a token names the log its position belongs to.
+fn position_text(log: &str, position: Position) -> String {
+    format!("{log}@{position}")
+}
+
+/// A `KES-Position` token of a read on the resource whose log is `log`:
+/// `None` without one, `Some(None)` for a token of another log (another
+/// aggregate type: nothing here can wait for it), `Some(Some(position))`
+/// for one of `log` (or a bare `PARTITION:OFFSET`, taken to be of `log`).
+fn position_token(headers: &HeaderMap, log: &str) -> Result<Option<Option<Position>>, HttpError> {
     let Some(text) = header_text(headers, POSITION_HEADER)? else { return Ok(None) };
-    text.parse::<Position>()
-        .map(Some)
-        .map_err(|e| HttpError::InvalidHeader { name: POSITION_HEADER, reason: e.to_string() })
+    let (named, position) = match text.split_once('@') {
+        Some(("", _)) => {
+            return Err(HttpError::InvalidHeader { name: POSITION_HEADER, reason: "the log before @ is empty".into() });
+        }
+        Some((named, position)) => (Some(named), position),
+        None => (None, text),
+    };
+    let position = position
+        .parse::<Position>()
+        .map_err(|e| HttpError::InvalidHeader { name: POSITION_HEADER, reason: e.to_string() })?;
+    Ok(Some(match named {
+        Some(named) if named != log => None,
+        _ => Some(position),
+    }))
 }
 
 fn check_id(id: &str) -> Result<(), HttpError> {
@@ -787,7 +810,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         };
         let headers = response.headers_mut();
         headers.insert(header::ETAG, etag(done.version));
-        if let Some(p) = done.position.and_then(|p| HeaderValue::from_str(&p.to_string()).ok()) {
+        if let Some(p) = done.position.and_then(|p| HeaderValue::from_str(&position_text(A::NAME, p)).ok()) {
             headers.insert(POSITION_HEADER, p);
         }
         if done.deduplicated {
@@ -807,9 +830,9 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         // through another process (several instances on one Kafka log) is
         // there once this process's follower applied it: a token makes the
         // read wait for that, bounded.
-        let consistency = match position_token(&headers)? {
-            None => "eventual",
-            Some(p) => {
+        let consistency = match position_token(&headers, A::NAME)? {
+            None | Some(None) => "eventual",
+            Some(Some(p)) => {
                 let timeout = self.shared.config.consistency_timeout;
                 if self.bus.store().wait_for_position(p, timeout).await? { "caught-up" } else { "stale" }
             }
@@ -847,9 +870,9 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
                 return Err(QueryError::BadSearch("this list has no searchable fields".into()).into());
             }
         }
-        let consistency = match position_token(&parts.headers)? {
-            None => "eventual",
-            Some(p) => {
+        let consistency = match position_token(&parts.headers, A::NAME)? {
+            None | Some(None) => "eventual",
+            Some(Some(p)) => {
                 if self.catch_up.wait_for(p, self.shared.config.consistency_timeout).await {
                     "caught-up"
                 } else {
@@ -866,12 +889,12 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     async fn events(&self, id: String, parts: Parts) -> Result<Response, HttpError> {
         check_id(&id)?;
         let (after, size) = history_paging(parts.uri.query())?;
-        let consistency = match (&self.history, position_token(&parts.headers)?) {
+        let consistency = match (&self.history, position_token(&parts.headers, A::NAME)?) {
             // The store itself is the log: always current.
             (None, _) => "caught-up",
             (Some(h), _) if !h.is_projected() => "caught-up",
-            (Some(_), None) => "eventual",
-            (Some(_), Some(p)) => {
+            (Some(_), None | Some(None)) => "eventual",
+            (Some(_), Some(Some(p))) => {
                 if self.catch_up.wait_for(p, self.shared.config.consistency_timeout).await {
                     "caught-up"
                 } else {

@@ -192,8 +192,8 @@ fn parameters() -> Value {
                                 "description": "Retry key: the same key on the same aggregate appends once and replays the first answer.",
                                 "schema": { "type": "string", "minLength": 1, "maxLength": 255 } },
         "kes.Position": { "name": "KES-Position", "in": "header", "required": false,
-                          "description": "A position token from a write; the read waits (bounded) until the views (lists, history) or this instance's table (reads by id) reached it.",
-                          "schema": { "type": "string", "pattern": "^[0-9]+:[0-9]+$" } },
+                          "description": "A position token from a write (LOG@PARTITION:OFFSET); a read of the same aggregate type waits (bounded) until the views (lists, history) or this instance's table (reads by id) reached it. A token of another aggregate type's log is not waited for (KES-Consistency: eventual).",
+                          "schema": { "type": "string", "pattern": "^([A-Za-z0-9_.-]{1,64}@)?[0-9]{1,10}:[0-9]{1,20}$" } },
     })
 }
 
@@ -201,7 +201,7 @@ fn headers() -> Value {
     json!({
         "ETag": { "description": "The aggregate's version, quoted.", "schema": { "type": "string" } },
         "Location": { "description": "The created aggregate.", "schema": { "type": "string" } },
-        "KES-Position": { "description": "Where the write sits in the log (PARTITION:OFFSET).", "schema": { "type": "string" } },
+        "KES-Position": { "description": "Where the write sits in its aggregate type's log (LOG@PARTITION:OFFSET).", "schema": { "type": "string" } },
         "KES-Consistency": { "description": "eventual, caught-up or stale.", "schema": { "enum": ["eventual", "caught-up", "stale"] } },
         "Idempotent-Replayed": { "description": "true when the answer repeats a first one with the same Idempotency-Key.", "schema": { "type": "string" } },
         "Retry-After": { "description": "Seconds to wait before retrying.", "schema": { "type": "integer" } },

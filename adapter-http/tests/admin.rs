@@ -115,8 +115,8 @@ async fn a_rebuild_runs_reports_progress_and_swaps_in_an_equal_copy() {
         RunnerConfig::default(),
     );
     replay.start().await.expect("replay");
-    let caught_up =
-        kes_core::CatchUp::wait_for(replay.as_ref(), position.parse().expect("position"), Duration::from_secs(10));
+    let at = position.strip_prefix("project@").expect("a token of the project log").parse().expect("position");
+    let caught_up = kes_core::CatchUp::wait_for(replay.as_ref(), at, Duration::from_secs(10));
     assert!(caught_up.await, "the replay did not catch up");
     let query = ListQuery::new().page_size(100);
     let fresh_page = fresh.list(&query).await.expect("list");

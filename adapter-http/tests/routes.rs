@@ -18,7 +18,7 @@ async fn create_answers_201_with_location_etag_position_and_state() {
     let (id, reply) = create(&h.app, "Apollo", 10).await;
     assert!(uuid::Uuid::parse_str(&id).is_ok_and(|u| u.get_version_num() == 7), "{id}");
     assert_eq!(reply.header("etag"), "\"1\"");
-    assert_eq!(reply.header("kes-position"), "0:0");
+    assert_eq!(reply.header("kes-position"), "project@0:0");
     assert_eq!(reply.body["name"], "Apollo");
     assert_eq!(reply.body["budget"], 10);
     let stored = h.store.load(&id).await.unwrap().unwrap();
@@ -93,7 +93,7 @@ async fn put_replaces_and_answers_the_new_etag_and_position() {
     let reply = send(&h.app, json("PUT", &format!("/projects/{id}"), json!({ "name": "New", "budget": 2 }))).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert_eq!(reply.header("etag"), "\"2\"");
-    assert_eq!(reply.header("kes-position"), "0:1");
+    assert_eq!(reply.header("kes-position"), "project@0:1");
     assert_eq!((reply.body["name"].as_str(), reply.body["budget"].as_i64()), (Some("New"), Some(2)));
     // A replace needs every field.
     send(&h.app, json("PUT", &format!("/projects/{id}"), json!({ "name": "x" })))
@@ -504,7 +504,7 @@ async fn answers_are_gzip_compressed_when_asked() {
 async fn the_list_view_trait_object_is_what_the_route_reads() {
     let h = harness().await;
     let (_, created) = create(&h.app, "Seen", 3).await;
-    let position: kes_core::Position = created.header("kes-position").parse().unwrap();
+    let position: kes_core::Position = created.header("kes-position").trim_start_matches("project@").parse().unwrap();
     use kes_core::CatchUp;
     assert!(h.runner.wait_for(position, Duration::from_secs(2)).await);
     let page = h.view.list(&kes_core::ListQuery::new()).await.unwrap();
@@ -535,4 +535,26 @@ async fn a_pluggable_extractor_supplies_the_principal() {
     let id = created.header("location").trim_start_matches("/projects/").to_owned();
     let history = store.read(&id).await.unwrap();
     assert_eq!(history[0].metadata.principal.as_deref(), Some("zoe"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn position_tokens_name_their_log_and_a_foreign_one_is_not_waited_for() {
+    let h = harness().await;
+    let (_, reply) = create(&h.app, "Apollo", 1).await;
+    let token = reply.header("kes-position").to_owned();
+    assert_eq!(token, "project@0:0");
+    let read = |token: &str| with_header(empty("GET", "/projects"), "kes-position", token);
+    assert_eq!(send(&h.app, read(&token)).await.header("kes-consistency"), "caught-up");
+    // A bare position (as earlier versions wrote) is taken to be this log's.
+    assert_eq!(send(&h.app, read("0:0")).await.header("kes-consistency"), "caught-up");
+    // Another aggregate type's log: its offsets say nothing about this one,
+    // so the read neither waits for them nor claims to have caught up.
+    let started = std::time::Instant::now();
+    let foreign = send(&h.app, read("task@0:5000")).await;
+    assert_eq!(foreign.status, StatusCode::OK);
+    assert_eq!(foreign.header("kes-consistency"), "eventual");
+    assert!(started.elapsed() < Duration::from_secs(1), "a foreign token was waited for");
+    for bad in ["project@", "@0:1", "project@0", "project@a:b"] {
+        send(&h.app, read(bad)).await.assert_problem(400, "invalid-header");
+    }
 }

@@ -189,7 +189,7 @@ async fn a_write_answers_the_version_and_position_the_store_reports() {
     let app = app_with(store, Arc::new(healthy_view()), HttpConfig::default());
     let reply = send(&app, with_header(json("POST", "/projects", json!({ "name": "k" })), "x-principal", "ann")).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
-    assert_eq!(reply.header("kes-position"), "3:41");
+    assert_eq!(reply.header("kes-position"), "project@3:41");
     assert_eq!(reply.header("etag"), "\"1\"");
 }
 
