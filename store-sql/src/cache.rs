@@ -33,6 +33,10 @@ struct Slots<A> {
     /// Use stamp → id, oldest first.
     by_use: BTreeMap<u64, Arc<str>>,
     clock: u64,
+    /// When the last sweep ([`StateCache::sweep`]) read the log: a read of
+    /// the table that started before it may have missed what it evicted,
+    /// so it is not cached.
+    swept_at: Option<Instant>,
 }
 
 /// A cached state and, once a reader asked for it, its JSON document.
@@ -71,7 +75,7 @@ impl<A: Clone> StateCache<A> {
 
     /// [`StateCache::new`] measuring time with `clock`.
     pub(crate) fn with_clock(capacity: usize, ttl: Duration, clock: Clock) -> Self {
-        let slots = Mutex::new(Slots { by_id: HashMap::new(), by_use: BTreeMap::new(), clock: 0 });
+        let slots = Mutex::new(Slots { by_id: HashMap::new(), by_use: BTreeMap::new(), clock: 0, swept_at: None });
         Self { capacity, ttl, clock, slots }
     }
 
@@ -130,6 +134,9 @@ impl<A: Clone> StateCache<A> {
         }
         let state = Arc::new(Cached { state, json: OnceLock::new() });
         let mut slots = self.slots();
+        if slots.swept_at.is_some_and(|swept| known_at < swept) {
+            return;
+        }
         if let Some(slot) = slots.by_id.get_mut(id) {
             if slot.version > version {
                 return;
@@ -150,6 +157,25 @@ impl<A: Clone> StateCache<A> {
         while slots.by_id.len() > self.capacity {
             let Some((_, oldest)) = slots.by_use.pop_first() else { break };
             slots.by_id.remove(&oldest);
+        }
+    }
+
+    /// Forgets every entry older than the version `latest` names for its id
+    /// (the log's latest versions of the aggregates written in a stretch of
+    /// it, read from `read_at` on), and refuses entries read from the table
+    /// before `read_at` from now on.
+    pub(crate) fn sweep(&self, latest: &[(String, u64)], read_at: Instant) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut slots = self.slots();
+        slots.swept_at = Some(slots.swept_at.map_or(read_at, |t| t.max(read_at)));
+        for (id, version) in latest {
+            if slots.by_id.get(id.as_str()).is_some_and(|slot| slot.version < *version)
+                && let Some(slot) = slots.by_id.remove(id.as_str())
+            {
+                slots.by_use.remove(&slot.used);
+            }
         }
     }
 
@@ -192,6 +218,25 @@ mod tests {
         fn advance(&self, by: Duration) {
             *self.0.lock().expect("clock") += by;
         }
+    }
+
+    #[test]
+    fn a_sweep_drops_entries_behind_the_log_and_refuses_reads_that_began_before_it() {
+        let time = HandClock::new();
+        let cache = StateCache::with_clock(10, Duration::from_secs(60), time.clock());
+        let before = cache.now();
+        cache.put("a", 1, 1u32, before);
+        cache.put("b", 3, 3u32, before);
+        time.advance(Duration::from_millis(1));
+        let read_at = cache.now();
+        cache.sweep(&[("a".into(), 2), ("b".into(), 3), ("c".into(), 9)], read_at);
+        assert_eq!(cache.fresh("a"), None, "an entry behind the log was kept");
+        assert_eq!(cache.fresh("b"), Some((3, 3)), "an entry at the log's version was dropped");
+        // A table read that began before the sweep may predate what it saw.
+        cache.put("a", 1, 1u32, before);
+        assert_eq!(cache.fresh("a"), None);
+        cache.put("a", 2, 2u32, cache.now());
+        assert_eq!(cache.fresh("a"), Some((2, 2)));
     }
 
     #[test]

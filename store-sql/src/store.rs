@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -345,8 +346,9 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
                 reason: "expected sqlite:PATH or postgres://…".into(),
             });
         };
-        Ok(SqlStore {
+        let store = SqlStore {
             inner: Arc::new(Inner {
+                synced: AtomicU64::new(0),
                 pools,
                 dialect,
                 codec: self.codec,
@@ -359,7 +361,13 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
                 },
                 queue: Mutex::new(Queue { pending: VecDeque::new(), writing: false }),
             }),
-        })
+        };
+        // The cache starts empty: it reflects every write so far.
+        let head: Option<i64> = on_reader!(&store.inner.pools, |pool| {
+            sqlx::query_scalar(sql::HEAD).bind(A::NAME).fetch_one(pool).await.map_err(SqlStoreError::Database)?
+        });
+        store.inner.synced.store(head.map_or(0, |h| from_db(h) + 1), Ordering::SeqCst);
+        Ok(store)
     }
 
     async fn open_sqlite(&self) -> Result<Pools, SqlStoreError> {
@@ -455,6 +463,10 @@ struct Inner<A: Aggregate> {
     /// this process need not wait for their next poll.
     appended: watch::Sender<u64>,
     cache: StateCache<A>,
+    /// Every write at a position below this one is reflected in `cache`
+    /// (its aggregate's entry is current or gone); writes of other
+    /// processes above it may not be (see `wait_for_position`).
+    synced: AtomicU64,
     queue: Mutex<Queue<A>>,
 }
 
@@ -1086,6 +1098,39 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
             done: false,
         };
         Ok(Box::pin(futures::stream::unfold(tail, Tail::next_item)))
+    }
+
+    /// The table is the log, but the state cache may hold an aggregate as
+    /// it was before another process wrote it: the entries behind what the
+    /// log holds up to `position` are dropped (one query over the stretch
+    /// written since the last such sweep), so the next `load` reads them.
+    async fn wait_for_position(&self, position: Position, timeout: Duration) -> Result<bool, StoreError> {
+        let _ = timeout;
+        let cache = &self.inner.cache;
+        let from = self.inner.synced.load(Ordering::SeqCst);
+        if !cache.enabled() || position.partition != 0 || position.offset < from {
+            return Ok(true);
+        }
+        let read_at = cache.now();
+        let (head, rows): (Option<i64>, Vec<(String, i64)>) = on_reader!(&self.inner.pools, |pool| {
+            let head: Option<i64> = sqlx::query_scalar(sql::HEAD).bind(A::NAME).fetch_one(pool).await.map_err(db)?;
+            // A token past the log's end (from another log, or made up)
+            // sweeps no further than what is there.
+            let upto = head.unwrap_or(-1).min(version_param(position.offset));
+            let rows = sqlx::query_as(sql::WRITTEN_BETWEEN)
+                .bind(A::NAME)
+                .bind(version_param(from))
+                .bind(upto)
+                .fetch_all(pool)
+                .await
+                .map_err(db)?;
+            (head, rows)
+        });
+        let latest: Vec<(String, u64)> = rows.into_iter().map(|(id, v)| (id, from_db(v))).collect();
+        cache.sweep(&latest, read_at);
+        let upto = head.map_or(0, |h| from_db(h) + 1).min(position.offset.saturating_add(1));
+        self.inner.synced.fetch_max(upto, Ordering::SeqCst);
+        Ok(true)
     }
 
     async fn head(&self) -> Result<Checkpoint, StoreError> {

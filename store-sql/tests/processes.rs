@@ -102,3 +102,56 @@ async fn several_processes_on_postgres() {
     }
     several_processes(stores).await;
 }
+
+/// Pitfall: a read by id carrying a position token from another process
+/// must not be answered from a state cached before that write (the HTTP
+/// adapter calls `wait_for_position`, then reads). The cache is trusted for
+/// a minute here, so only the token can make the read current.
+async fn a_token_from_another_process_skips_older_cached_states(a: SqlStore<Ledger>, b: SqlStore<Ledger>) {
+    let bus_a = CommandBus::new(a.clone());
+    let bus_b = CommandBus::new(b.clone());
+    bus_a.execute("l-1", LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+    bus_a.execute("l-2", LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+    // B caches both ledgers (and writes one itself).
+    assert_eq!(b.load_document("l-1").await.expect("load").expect("l-1").version, 1);
+    let own = bus_b.execute("l-2", LedgerCommand::Add(5), ExpectedVersion::Any, Metadata::default()).await;
+    assert_eq!(own.expect("add through b").version, 2);
+    // A writes l-1: B's cache does not know.
+    let done = bus_a.execute("l-1", LedgerCommand::Add(1), ExpectedVersion::Any, Metadata::default()).await;
+    let done = done.expect("add through a");
+    assert_eq!(b.load_document("l-1").await.expect("load").expect("l-1").version, 1, "the cache is not stale: no test");
+    let position = done.position.expect("a position");
+    assert!(b.wait_for_position(position, Duration::from_secs(1)).await.expect("wait"));
+    assert_eq!(
+        b.load_document("l-1").await.expect("load").expect("l-1").version,
+        2,
+        "served a state older than the token"
+    );
+    assert_eq!(b.load("l-2").await.expect("load").expect("l-2").version, 2);
+    // A token already covered costs nothing and changes nothing.
+    assert!(b.wait_for_position(position, Duration::from_secs(1)).await.expect("wait"));
+    // A made-up token past the log's end does not mark later writes as seen.
+    let far = kes_core::Position::new(0, position.offset + 1_000);
+    assert!(b.wait_for_position(far, Duration::from_secs(1)).await.expect("wait"));
+    let done = bus_a.execute("l-1", LedgerCommand::Add(1), ExpectedVersion::Any, Metadata::default()).await;
+    let position = done.expect("add through a").position.expect("a position");
+    assert!(b.wait_for_position(position, Duration::from_secs(1)).await.expect("wait"));
+    assert_eq!(b.load_document("l-1").await.expect("load").expect("l-1").version, 3, "a far token hid a later write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_another_process_skips_older_cached_states_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = common::sqlite_url(&dir);
+    let a = long_ttl(SqlStore::builder(&url)).open().await.expect("open a");
+    let b = long_ttl(SqlStore::builder(&url)).open().await.expect("open b");
+    a_token_from_another_process_skips_older_cached_states(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_another_process_skips_older_cached_states_on_postgres() {
+    let schema = common::fresh_schema();
+    let Some(a) = common::postgres_with(&schema, long_ttl).await else { return };
+    let Some(b) = common::postgres_with(&schema, long_ttl).await else { return };
+    a_token_from_another_process_skips_older_cached_states(a, b).await;
+}
