@@ -722,6 +722,31 @@ impl SqlView {
         }
     }
 
+    /// Refuses a swap whose new copy (`shadow`, its stored checkpoint) has
+    /// not reached the live one on every partition.
+    fn check_swap(&self, live: Option<String>, shadow: Option<String>) -> Result<(), SqlViewError> {
+        let read = |text: Option<String>| -> Result<Checkpoint, SqlViewError> {
+            text.map(|t| Checkpoint::from_json(&t))
+                .transpose()
+                .map_err(|e| SqlViewError::Corrupt {
+                    id: format!("checkpoint of view {}", self.schema.name),
+                    reason: e.to_string(),
+                })
+                .map(Option::unwrap_or_default)
+        };
+        let (live, shadow) = (read(live)?, read(shadow)?);
+        if shadow.covers_all(&live) {
+            Ok(())
+        } else {
+            Err(SqlViewError::Fenced(format!(
+                "view {}: the new copy ({}) is behind the live one ({}); not swapped",
+                self.schema.name,
+                shadow.to_json(),
+                live.to_json()
+            )))
+        }
+    }
+
     /// Takes the view's lease for `owner` when it is free, expired (by the
     /// database clock) or `owner`'s already; every take bumps the fence.
     async fn take_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, SqlViewError> {
@@ -1121,6 +1146,8 @@ impl SqlView {
         promote.args.push(name);
         let count_indexes = self.count_indexes_sql(&self.shadow);
         let create_indexes = self.create_indexes(&self.shadow);
+        let live_checkpoint = self.stored_checkpoint_sql(ViewCopy::Live);
+        let shadow_checkpoint = self.stored_checkpoint_sql(ViewCopy::Shadow);
         let ddl = [
             format!("DROP TABLE IF EXISTS {}", self.live),
             format!("ALTER TABLE {} RENAME TO {}", self.shadow, self.live),
@@ -1137,6 +1164,15 @@ impl SqlView {
             let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
             if found == 0 {
                 return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+            }
+            if lease.is_some() {
+                // The new copy must have every record the live one has, on
+                // every partition: a swap never moves the view back.
+                let live: Option<String> =
+                    bound(&live_checkpoint).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
+                let shadow: Option<String> =
+                    bound(&shadow_checkpoint).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
+                self.check_swap(live, shadow)?;
             }
             // A shadow is filled without its secondary indexes: one pass
             // over the full table builds each of them for less than

@@ -367,6 +367,39 @@ async fn a_writer_that_lost_the_lease_cannot_restart_the_shadow(postgres: bool) 
     clean(place).await;
 }
 
+/// Pitfall: a swap never moves the view back: the new copy must have
+/// reached the live one's checkpoint on every partition.
+async fn a_copy_behind_the_live_one_is_not_swapped_in(postgres: bool) {
+    let Some((_store, place, view, _)) = fixture(postgres).await else { return };
+    let lease = view.acquire_lease("a", TTL).await.expect("lease").expect("a free lease");
+    let mut live = at(7);
+    live.advance(Position { partition: 1, offset: 3 });
+    view.write_fenced(ViewCopy::Live, &[change("p1", 2)], &live, &lease).await.expect("live");
+    view.begin_rebuild_fenced(&lease).await.expect("rebuild");
+    // Ahead on partition 0, behind on partition 1.
+    let mut shadow = at(9);
+    shadow.advance(Position { partition: 1, offset: 1 });
+    view.write_fenced(ViewCopy::Shadow, &[change("p1", 2)], &shadow, &lease).await.expect("shadow");
+    let refused = view.swap_fenced(&lease).await;
+    assert!(matches!(refused, Err(ViewError::Fenced(_))), "a copy behind the live one was swapped in: {refused:?}");
+    assert_eq!(view.position().await.expect("position"), live, "the live copy changed");
+    shadow.advance(Position { partition: 1, offset: 3 });
+    view.write_fenced(ViewCopy::Shadow, &[], &shadow, &lease).await.expect("shadow catches up");
+    view.swap_fenced(&lease).await.expect("a copy at or past the live one is swapped in");
+    assert_eq!(view.position().await.expect("position"), shadow);
+    clean(place).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_behind_the_live_one_is_not_swapped_in_on_sqlite() {
+    a_copy_behind_the_live_one_is_not_swapped_in(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_behind_the_live_one_is_not_swapped_in_on_postgres() {
+    a_copy_behind_the_live_one_is_not_swapped_in(true).await;
+}
+
 fn schema_v(version: u32) -> ViewSchema {
     let mut schema = schema();
     schema.version = version;
