@@ -200,3 +200,24 @@ async fn a_view_that_missed_events_is_refolded_from_the_log() {
     assert!(s.runner.status().await.unwrap()[0].last_error.is_none());
     s.runner.shutdown().await;
 }
+
+/// Pitfall: a process that projects nothing (no view to wait on) never
+/// answers a read carrying a position as caught up; one that reads stored
+/// checkpoints answers once they cover it.
+#[tokio::test]
+async fn nothing_projected_is_never_caught_up_and_stored_checkpoints_are_waited_for() {
+    let store = InMemoryStore::<Ledger>::new();
+    let p = add(&store, "a", &[1]).await;
+    let nothing = kes_core::StoredCatchUp::new(Vec::new(), Duration::from_millis(5));
+    assert!(!nothing.wait_for(p, Duration::from_millis(20)).await, "no view, yet caught up");
+    let idle = ProjectionRunner::new(store.clone(), Vec::new(), RunnerConfig::default());
+    assert!(!idle.wait_for(p, Duration::from_millis(20)).await, "no projection, yet caught up");
+
+    let view = Arc::new(InMemoryView::new(schema()).unwrap());
+    let stored = kes_core::StoredCatchUp::new(vec![view.clone() as Arc<dyn ListView>], Duration::from_millis(5));
+    assert!(!stored.wait_for(p, Duration::from_millis(20)).await, "caught up before anything was projected");
+    let s = setup(store.clone(), view.clone(), 8);
+    s.runner.start().await.unwrap();
+    assert!(stored.wait_for(p, Duration::from_secs(5)).await, "the stored checkpoint was not waited for");
+    s.runner.shutdown().await;
+}
