@@ -66,6 +66,30 @@ macro_rules! on_pool {
     };
 }
 
+/// Starts a write transaction: on SQLite with `BEGIN IMMEDIATE`, so that
+/// it holds the database's write lock from its first statement (a deferred
+/// transaction that reads first and writes later fails at once, without
+/// waiting, when another connection — another process's lease renewal —
+/// wrote meanwhile).
+trait BeginWrite {
+    type Db: Database;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>;
+}
+
+impl BeginWrite for sqlx::PgPool {
+    type Db = sqlx::Postgres;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
+impl BeginWrite for sqlx::SqlitePool {
+    type Db = sqlx::Sqlite;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
 /// One column of a PostgreSQL upsert, bound as an array.
 #[derive(Debug)]
 enum PgArray {
@@ -434,7 +458,7 @@ impl SqlView {
              lease_until DOUBLE PRECISION NOT NULL, fence BIGINT NOT NULL)"
         );
         on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             if let Some(name) = pg_schema {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SETUP_LOCK).execute(&mut *tx).await?;
                 sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{name}\"")).execute(&mut *tx).await?;
@@ -878,7 +902,7 @@ impl SqlView {
         }
         let statements = self.upserts(table, &last)?;
         on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             if let (Some(fence), Some(lease)) = (&fence, lease) {
                 if bound(fence).execute(&mut *tx).await?.rows_affected() == 0 {
                     return Err(self.fenced_error(lease));
@@ -1092,7 +1116,7 @@ impl SqlView {
         let mut forget = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'shadow'"));
         forget.args.push(Arg::Text(Some(self.schema.name.clone())));
         on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             if let (Some(fence), Some(lease)) = (&fence, lease)
                 && bound(fence).execute(&mut *tx).await?.rows_affected() == 0
             {
@@ -1115,7 +1139,7 @@ impl SqlView {
         let count_indexes = self.count_indexes_sql(&self.shadow);
         let create_indexes = self.create_indexes(&self.shadow);
         on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
             if found == 0 {
                 return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
@@ -1155,7 +1179,7 @@ impl SqlView {
         // Both dialects run DDL inside transactions: readers see the old
         // copy or the new one, never neither.
         on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             if let (Some(fence), Some(lease)) = (&fence, lease)
                 && bound(fence).execute(&mut *tx).await?.rows_affected() == 0
             {
