@@ -39,6 +39,8 @@ pub struct Settings {
     pub lease_ttl: std::time::Duration,
     /// The token of the admin endpoints; without one they do not exist.
     pub admin_token: Option<AdminToken>,
+    /// What the process does; an `api` process opens the views read-only.
+    pub role: Role,
 }
 
 impl Default for Settings {
@@ -49,6 +51,7 @@ impl Default for Settings {
             http: HttpConfig::default(),
             lease_ttl: RunnerConfig::default().lease_ttl,
             admin_token: None,
+            role: Role::All,
         }
     }
 }
@@ -82,8 +85,13 @@ pub async fn open_store<A: Aggregate>(url: &str) -> anyhow::Result<Arc<dyn Event
     }
 }
 
-/// A list view of the kind `location` names.
-pub async fn open_view(location: &str, schema: ViewSchema) -> anyhow::Result<Arc<dyn ViewStore>> {
+/// A list view of the kind `location` names. `read_only` (an `api`
+/// process, which writes no view) opens a Tantivy index without its
+/// writer, so that the projector keeps it; SQL views need no such care
+/// (their lease decides who writes).
+pub async fn open_view(location: &str, schema: ViewSchema, read_only: bool) -> anyhow::Result<Arc<dyn ViewStore>> {
+    #[cfg(not(feature = "view-search"))]
+    let _ = read_only;
     let sql =
         location.starts_with("sqlite:") || location.starts_with("postgres:") || location.starts_with("postgresql:");
     #[cfg(feature = "view-sql")]
@@ -96,8 +104,12 @@ pub async fn open_view(location: &str, schema: ViewSchema) -> anyhow::Result<Arc
     #[cfg(feature = "view-search")]
     if !sql {
         let dir = std::path::Path::new(location).join(&schema.name);
-        let view = kes_view_search::SearchView::open(&dir, schema)
-            .with_context(|| format!("opening the search index {}", dir.display()))?;
+        let view = if read_only {
+            kes_view_search::SearchView::open_read_only(&dir, schema)
+        } else {
+            kes_view_search::SearchView::open(&dir, schema)
+        }
+        .with_context(|| format!("opening the search index {}", dir.display()))?;
         return Ok(Arc::new(view));
     }
     bail!(
@@ -149,11 +161,12 @@ pub fn history_from_view(store_url: &str) -> bool {
 impl<A: Aggregate> Part<A> {
     async fn open(settings: &Settings, schema: ViewSchema, to_row: fn(&A) -> Row) -> anyhow::Result<Self> {
         let store = open_store::<A>(&settings.store).await?;
-        let view = open_view(&settings.view, schema).await?;
+        let read_only = settings.role == Role::Api;
+        let view = open_view(&settings.view, schema, read_only).await?;
         let mut projections: Vec<Arc<dyn Projection<A::Event>>> =
             vec![Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row))];
         let history = if history_from_view(&settings.store) {
-            let history = open_view(&settings.view, history_schema(A::NAME)).await?;
+            let history = open_view(&settings.view, history_schema(A::NAME), read_only).await?;
             let projection = HistoryProjection::<A>::new(Arc::clone(&history))
                 .with_context(|| format!("the history view of {}", A::NAME))?;
             projections.push(Arc::new(projection));

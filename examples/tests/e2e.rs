@@ -484,6 +484,14 @@ async fn split_roles_on_sqlite() {
     split_roles_on("sqlite://data/events.db", "sqlite://data/views.db").await;
 }
 
+/// A Tantivy index in an `api` process is opened read-only: it follows
+/// what the projector commits (and its swaps), and a new projector takes
+/// the index over from a killed one (the writer lock dies with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_roles_on_search_views() {
+    split_roles_on("sqlite://data/events.db", "data/index").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_roles_on_postgres() {
     let Some(db) = fresh_database().await else { return };

@@ -1,5 +1,6 @@
 //! One copy of a view: a Tantivy index in its own directory, with its
-//! writer, its reader and the progress stored in its last commit.
+//! writer (only in the process that holds the view's writer lock), its
+//! reader and the progress stored in its last commit.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -27,11 +28,15 @@ pub(crate) struct IndexCopy {
     index: Index,
     reader: IndexReader,
     layout: Layout,
-    /// `None` once the copy was retired by a swap.
+    /// `None` once the copy was retired by a swap, or its writer released,
+    /// and in a copy opened without one (read-only, or standing by).
     writer: Mutex<Option<Writing>>,
     /// Where the copy stands: what the last commit's payload says, or, while
     /// writes are deferred, the checkpoint of the last write.
     progress: RwLock<Option<ViewProgress>>,
+    /// For a copy another process writes: the bytes of `meta.json` the
+    /// reader was last loaded from (`None`: reload at the next refresh).
+    seen_meta: Mutex<Option<Vec<u8>>>,
 }
 
 /// The writer of a copy and, while the copy is a shadow being filled, what
@@ -93,10 +98,59 @@ impl IndexCopy {
         Self::from_index(path, index, view, config, commits)
     }
 
-    /// Opens the index in `path`, built from `view` or an older schema.
+    /// Opens the index in `path`, built from `view` or an older schema,
+    /// with its writer (which takes the index's writer lock).
     pub fn open(path: &Path, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
         let index = Index::open_in_dir(path)?;
         Self::from_index(path, index, view, config, Commits::EachWrite)
+    }
+
+    /// Opens the index in `path` for reading only: no writer, no lock; the
+    /// reader follows the commits of the process that writes it through
+    /// [`IndexCopy::refresh`].
+    pub fn open_read_only(path: &Path, view: &ViewSchema) -> Result<Self, SearchError> {
+        let index = Index::open_in_dir(path)?;
+        register_tokenizers(&index);
+        let layout = Layout::resolve(&index.schema(), view)?;
+        // The checkpoint before the reader: the reader loads this commit or
+        // a later one, so the position never claims more than lists show.
+        let meta = read_meta(path)?;
+        let progress = meta_progress(&meta)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        Ok(Self {
+            path: path.to_owned(),
+            index,
+            reader,
+            layout,
+            writer: Mutex::new(None),
+            progress: RwLock::new(progress),
+            seen_meta: Mutex::new(Some(meta)),
+        })
+    }
+
+    /// The name of the copy's directory (`copy-NNNNNN`).
+    pub fn name(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Catches up with the commits another process made to this copy:
+    /// when `meta.json` changed since the reader was last loaded, reads the
+    /// checkpoint from it, then reloads the reader (which loads that commit
+    /// or a later one), then publishes the checkpoint. One attempt: a
+    /// failed reload (its files cleaned up meanwhile, or the whole copy
+    /// deleted after a swap) leaves the reader and the position as they
+    /// were, and the caller retries.
+    pub fn refresh(&self) -> Result<(), SearchError> {
+        let mut seen = lock(&self.seen_meta);
+        let meta = read_meta(&self.path)?;
+        if seen.as_deref() == Some(meta.as_slice()) {
+            return Ok(());
+        }
+        let progress = meta_progress(&meta)?;
+        self.reader.reload()?;
+        *self.progress.write().unwrap_or_else(|p| p.into_inner()) = progress;
+        *seen = Some(meta);
+        Ok(())
     }
 
     fn from_index(
@@ -122,6 +176,7 @@ impl IndexCopy {
             layout,
             writer: Mutex::new(Some(Writing { writer, deferred })),
             progress: RwLock::new(progress),
+            seen_meta: Mutex::new(None),
         })
     }
 
@@ -233,6 +288,23 @@ impl IndexCopy {
         if let Err(rollback) = writer.rollback() {
             tracing::error!(error = %rollback, path = %self.path.display(), "rollback after a failed write failed");
         }
+    }
+
+    /// Commits what a shadow copy buffered so far, so that the commit at
+    /// [`IndexCopy::finish`] (which runs while the live copy is paused) has
+    /// only the rest to do. A no-op for a copy that commits each write.
+    pub fn flush(&self) -> Result<(), SearchError> {
+        let mut guard = lock(&self.writer);
+        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchError::Retired)?;
+        let Some(buffered) = deferred else { return Ok(()) };
+        if buffered.broken {
+            return Err(SearchError::BrokenRebuild);
+        }
+        if let Err(e) = self.commit_deferred(writer, buffered) {
+            self.fail_deferred(writer, buffered);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Ends deferred commits: commits what a shadow copy buffered (with
@@ -408,6 +480,19 @@ impl IndexCopy {
         Ok(Page { items, next, total })
     }
 
+    /// Stops the writer, once its merges ended, releasing the index's
+    /// writer lock; the copy keeps answering reads, and follows another
+    /// process's commits through [`IndexCopy::refresh`] from now on.
+    /// Buffered writes of a shadow are dropped with its writer.
+    pub fn release_writer(&self) -> Result<(), SearchError> {
+        let writing = lock(&self.writer).take();
+        *lock(&self.seen_meta) = None;
+        if let Some(Writing { writer, .. }) = writing {
+            writer.wait_merging_threads()?;
+        }
+        Ok(())
+    }
+
     /// Stops the writer (releasing the index lock) and deletes the
     /// directory. Searches already running keep their open segment files.
     pub fn retire(&self) -> Result<(), SearchError> {
@@ -455,6 +540,25 @@ fn global_key(value: Option<&FieldValue>, ty: FieldType) -> Option<GlobalKey> {
         }
         FieldValue::Timestamp(_) => return None,
     })
+}
+
+/// The bytes of a copy's `meta.json` (replaced atomically by each commit
+/// and merge, so never torn).
+fn read_meta(path: &Path) -> Result<Vec<u8>, SearchError> {
+    let file = path.join("meta.json");
+    std::fs::read(&file).map_err(|source| SearchError::Io { path: file, source })
+}
+
+/// The progress in the commit payload of `meta.json`; `None` when the copy
+/// was never written.
+fn meta_progress(meta: &[u8]) -> Result<Option<ViewProgress>, SearchError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(meta).map_err(|e| SearchError::NotAViewIndex(format!("meta.json: {e}")))?;
+    match value.get("payload") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) => read_payload(text).map(Some),
+        Some(other) => Err(SearchError::Payload(format!("not a text: {other}"))),
+    }
 }
 
 fn read_payload(text: &str) -> Result<ViewProgress, SearchError> {

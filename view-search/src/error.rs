@@ -63,6 +63,21 @@ pub enum SearchError {
     /// A background task of the view failed.
     #[error("index task failed: {0}")]
     Task(String),
+    /// A write to a view opened with
+    /// [`SearchView::open_read_only`](crate::SearchView::open_read_only),
+    /// which never writes.
+    #[error("the view {0} was opened read-only: it takes no writes (another process writes it)")]
+    ReadOnly(String),
+    /// A write to a view that does not hold the writer lock of its
+    /// directory (another process holds it, or this view released it): it
+    /// stands by until [`ViewStore::acquire_lease`](kes_core::ViewStore::acquire_lease)
+    /// takes the lock. Nothing was written.
+    #[error("the view {0} does not hold its index writer (another process may): it stands by until it takes the lease")]
+    Standby(String),
+    /// A fenced write whose lease is not the view's current one. Nothing
+    /// was written.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl From<SearchError> for ViewError {
@@ -77,6 +92,7 @@ impl From<SearchError> for ViewError {
             SearchError::MissingField(_) | SearchError::Retired => ViewError::Unavailable(e.to_string()),
             SearchError::Schema(e) => ViewError::Schema(e),
             SearchError::BadSearch(reason) => ViewError::Query(QueryError::BadSearch(reason)),
+            SearchError::Standby(_) | SearchError::Fenced(_) => ViewError::Fenced(e.to_string()),
             other => ViewError::Backend(other.to_string()),
         }
     }

@@ -31,12 +31,83 @@
 //! ## How it is stored
 //!
 //! The view's directory (by convention `{data dir}/index/{view name}`)
-//! holds one Tantivy index per copy, `copy-NNNNNN/`, and a file `CURRENT`
-//! naming the live one. A rebuild writes a new copy beside the live one,
-//! which keeps answering; [`ViewStore::swap`](kes_core::ViewStore::swap)
-//! rewrites `CURRENT` atomically (write, fsync, rename) and deletes the old
-//! copy. At open, copies `CURRENT` does not name (an unfinished rebuild)
-//! are deleted.
+//! holds one Tantivy index per copy, `copy-NNNNNN/`, a file `CURRENT`
+//! naming the live one, and `.kes-writer.lock`, the writer lock (below). A
+//! rebuild writes a new copy beside the live one, which keeps answering;
+//! [`ViewStore::swap`](kes_core::ViewStore::swap) rewrites `CURRENT`
+//! atomically (write, fsync, rename) and deletes the old copy. When a view
+//! takes the writer lock (at open, or at a takeover), copies `CURRENT` does
+//! not name (an unfinished rebuild) are deleted.
+//!
+//! ## Several processes: one writer, any number of readers
+//!
+//! Only one process writes a view's directory: the one holding the OS lock
+//! of `.kes-writer.lock` (`flock` on Linux and macOS, `LockFileEx` on
+//! Windows; taken without waiting, released when the view lets it go or
+//! drops — or by the OS when the process dies, SIGKILL included). With it,
+//! the writer holds Tantivy's own index writer of the live copy (its
+//! `.tantivy-writer.lock` is an OS lock too, per copy directory); a copy
+//! whose index writer is busy while the directory lock is free (a process
+//! of an older version of this crate, which took only that) is left to it.
+//! A directory-wide lock, rather than Tantivy's per-copy one alone, keeps
+//! the writer across swaps (the live copy changes directory) and makes the
+//! first creation of the view and the clean-up of copies a one-writer job.
+//!
+//! - [`SearchView::open`] takes the lock when it is free and works as the
+//!   only writer. When another process holds it, the open still succeeds,
+//!   **standing by**: it answers reads like a read-only view, refuses
+//!   writes with [`ViewError::Fenced`] ([`SearchError::Standby`]), and
+//!   touches nothing on disk.
+//! - **The lock is the lease** (one host). [`ViewStore::acquire_lease`]
+//!   takes the lock when free (re-reading `CURRENT` and the live copy's
+//!   last commit, so the new writer goes on where the last one stopped)
+//!   and answers `Some(lease)`; `None` while another process (or another
+//!   view of this process) holds it. On top of the lock, the view hands
+//!   its lease to one owner at a time, like the SQL view's lease row:
+//!   another owner of the same view gets it once it expired (`ttl`, by
+//!   this process's monotonic clock), with a higher fence; the fence is a
+//!   counter of this view (the lock, not the number, fences processes
+//!   apart). [`ViewStore::renew_lease`] is `true` while this view holds
+//!   the lock and the lease is the current one.
+//!   [`ViewStore::release_lease`] drops an unfinished rebuild, stops the
+//!   index writer and unlocks, so that a standby (polling `acquire_lease`)
+//!   takes over at once; the view goes on answering reads, standing by.
+//!   [`ViewStore::write_fenced`], [`ViewStore::swap_fenced`] and
+//!   [`ViewStore::begin_rebuild_fenced`] need the lock and the current
+//!   lease, the plain [`ViewStore::write`], [`ViewStore::swap`] and
+//!   [`ViewStore::begin_rebuild`] only the lock; without them they are
+//!   [`ViewError::Fenced`] and change nothing. Like the SQL view's, a
+//!   fenced write also refuses to move the copy's checkpoint back or to
+//!   write into a copy built with another schema version, and a fenced
+//!   swap a new copy behind the live one on any partition. A write holds the view's
+//!   write side for its whole run, so no release or takeover happens in
+//!   its middle. A process that hangs (SIGSTOP) keeps its lock: there is
+//!   no takeover by expiry across processes, and no two writers either.
+//! - [`SearchView::open_read_only`] (for `api` processes) takes no lock
+//!   and creates nothing; writes are refused with
+//!   [`SearchError::ReadOnly`] ([`ViewError::Backend`], "opened
+//!   read-only") and `acquire_lease` is `None`. Until the writer created
+//!   the view, lists are empty and the position is the start.
+//!
+//! A view that does not hold the lock (read-only or standing by) catches
+//! up with the writer before each read (`list`, `position`, `progress`,
+//! `states`): it reads `CURRENT` and, when it names another copy (a swap),
+//! opens that one; otherwise it reads the live copy's `meta.json` and,
+//! when it changed (a commit or a merge), takes the checkpoint from its
+//! commit payload *first* and reloads the reader *after*, so the position
+//! never claims more than lists show. Reloads are explicit
+//! (`ReloadPolicy::Manual`), not Tantivy's `OnCommitWithDelay`: that
+//! policy polls `meta.json` from a thread per index every 500 ms and
+//! reloads behind our back (the checkpoint could not be read before the
+//! reload), only logs a failed reload, and knows nothing of `CURRENT`;
+//! two small file reads per query cost less than that delay. A reload
+//! whose files vanished (the writer's clean-up of merged segments, or a
+//! copy deleted after a swap) is retried from `CURRENT` a few times; after
+//! that the view logs a warning and keeps answering from the reader it
+//! has, whose open segment files stay readable (mmap on Unix), at the
+//! position that reader matches. Tantivy's `.tantivy-meta.lock` keeps the
+//! writer's garbage collection from deleting files while a reader opens
+//! them.
 //!
 //! The Tantivy schema is derived from the [`ViewSchema`](kes_core::ViewSchema)
 //! ([`index_schema`] has the table). Each [`ViewStore::write`](kes_core::ViewStore::write)
@@ -86,9 +157,16 @@
 //!   exact filter on a longer text value does not match it.
 //! - A copy built from other fields keeps serving after the schema changed,
 //!   but the runner rebuilds it only when the schema version was bumped.
-//! - The old copy is deleted right after a swap while searches may still
-//!   read it: fine on Unix; elsewhere a failed deletion is logged and
-//!   retried at the next open.
+//! - The old copy is deleted right after a swap while searches (in this
+//!   process or in readers elsewhere) may still read it: fine on Unix;
+//!   elsewhere a failed deletion is logged and retried at the next
+//!   takeover of the writer.
+//! - The writer lock is a lock of one host's file system: processes on
+//!   several hosts sharing a network file system are not fenced apart
+//!   (`flock` over NFS is not to be trusted).
+//! - A view that does not write reads `CURRENT` and `meta.json` before
+//!   each read; a reader serving many queries per second pays two small
+//!   file reads each.
 //!
 //! ## Features
 //!
@@ -103,16 +181,19 @@ mod layout;
 mod query;
 
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kes_core::{
-    Checkpoint, ListQuery, ListView, Page, RowChange, StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema,
-    ViewStore,
+    Checkpoint, Lease, ListQuery, ListView, Page, RowChange, StoredState, ViewCopy, ViewError, ViewProgress,
+    ViewSchema, ViewStore,
 };
+use tantivy::TantivyError;
 
 use crate::copy::{Commits, IndexCopy};
 pub use crate::error::SearchError;
@@ -121,6 +202,12 @@ pub use crate::layout::{index_document, index_schema, register_tokenizers};
 /// The file naming the live copy's directory.
 const CURRENT: &str = "CURRENT";
 const COPY_PREFIX: &str = "copy-";
+/// The file whose OS lock (`flock` on Unix) makes a process the writer of
+/// the view's directory: the view's lease.
+const WRITER_LOCK: &str = ".kes-writer.lock";
+/// How often a view that does not write tries to catch up with the
+/// writer's files before it keeps answering from what it has.
+const REFRESH_ATTEMPTS: u32 = 3;
 
 /// Tunables of a [`SearchView`].
 #[derive(Debug, Clone)]
@@ -149,19 +236,68 @@ pub struct SearchView {
     inner: Arc<Inner>,
 }
 
+/// How a view was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// [`SearchView::open_read_only`]: never writes, never takes the lock.
+    ReadOnly,
+    /// [`SearchView::open`]: writes while it holds the directory's writer
+    /// lock, stands by (reading) while another process holds it.
+    Writer,
+}
+
 struct Inner {
     schema: Arc<ViewSchema>,
     root: PathBuf,
     config: SearchConfig,
-    live: RwLock<Arc<IndexCopy>>,
+    access: Access,
+    /// `None` only in a view that does not write, while no copy exists yet.
+    live: RwLock<Option<Arc<IndexCopy>>>,
     shadow: Mutex<Option<Arc<IndexCopy>>>,
     /// The number of the next copy directory.
     next_copy: AtomicU64,
+    /// Whether this view holds the writer, and the lease it handed out.
+    /// Writes hold it shared for their whole run, so that a release or a
+    /// takeover never happens in the middle of one.
+    lead: RwLock<Leadership>,
+    /// Mirrors `lead.lock.is_some()`, for checks that must not wait.
+    holding: AtomicBool,
+    /// One catch-up with the writer's files at a time.
+    refreshing: Mutex<()>,
+}
+
+/// The write side of a view in this process.
+#[derive(Default)]
+struct Leadership {
+    /// The locked [`WRITER_LOCK`] file while this view is the writer; the
+    /// live copy's (and a shadow's) Tantivy index writer exists only then.
+    lock: Option<File>,
+    /// The lease handed out on top of the lock (runners of this process).
+    lease: Option<HeldLease>,
+    /// The last fence handed out.
+    fence: u64,
+}
+
+struct HeldLease {
+    owner: String,
+    fence: u64,
+    until: Instant,
+}
+
+impl HeldLease {
+    fn is(&self, lease: &Lease) -> bool {
+        self.owner == lease.owner && self.fence == lease.fence
+    }
 }
 
 impl std::fmt::Debug for SearchView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SearchView").field("view", &self.inner.schema.name).field("root", &self.inner.root).finish()
+        f.debug_struct("SearchView")
+            .field("view", &self.inner.schema.name)
+            .field("root", &self.inner.root)
+            .field("read_only", &(self.inner.access == Access::ReadOnly))
+            .field("holds_writer", &self.holds_writer())
+            .finish()
     }
 }
 
@@ -178,6 +314,20 @@ fn copy_name(n: u64) -> String {
     format!("{COPY_PREFIX}{n:06}")
 }
 
+/// The copy `CURRENT` names; `None` when there is none (yet).
+fn read_current(root: &Path) -> Result<Option<String>, SearchError> {
+    let path = root.join(CURRENT);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let name = text.trim().to_owned();
+            copy_number(&name).ok_or_else(|| SearchError::NotAViewIndex(format!("{CURRENT} names {name:?}")))?;
+            Ok(Some(name))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SearchError::Io { path, source }),
+    }
+}
+
 /// Replaces `CURRENT` with `name`, atomically: a crash leaves either the
 /// old or the new pointer, never a torn one.
 fn write_current(root: &Path, name: &str) -> Result<(), SearchError> {
@@ -190,6 +340,20 @@ fn write_current(root: &Path, name: &str) -> Result<(), SearchError> {
     std::fs::File::open(root).and_then(|d| d.sync_all()).map_err(io(root))
 }
 
+/// Takes the OS lock of the view directory's [`WRITER_LOCK`] file without
+/// waiting; `None` when another open file holds it (another process, or
+/// another view of this process). The OS releases it when the file is
+/// closed, which a dying process does too.
+fn lock_root(root: &Path) -> Result<Option<File>, SearchError> {
+    let path = root.join(WRITER_LOCK);
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(source)) => Err(SearchError::Io { path, source }),
+    }
+}
+
 impl SearchView {
     /// Opens (or creates) the view stored in `dir` with the default
     /// [`SearchConfig`]. Validates the schema first.
@@ -197,7 +361,13 @@ impl SearchView {
         Self::open_with(dir, schema, SearchConfig::default())
     }
 
-    /// Opens (or creates) the view stored in `dir`.
+    /// Opens (or creates) the view stored in `dir`, as its writer when it
+    /// can get the directory's writer lock, or else standing by.
+    ///
+    /// A standby view answers reads like one from
+    /// [`SearchView::open_read_only`] and takes the writer over through
+    /// [`ViewStore::acquire_lease`] once the process holding it released
+    /// it or died (see the crate docs).
     ///
     /// A live copy built from another schema is opened as it is and keeps
     /// answering the queries its fields allow (others get
@@ -207,20 +377,212 @@ impl SearchView {
         schema.validate()?;
         let root = dir.as_ref().to_owned();
         std::fs::create_dir_all(&root).map_err(io(&root))?;
-        let current_path = root.join(CURRENT);
-        let current = match std::fs::read_to_string(&current_path) {
-            Ok(text) => {
-                let name = text.trim().to_owned();
-                copy_number(&name).ok_or_else(|| SearchError::NotAViewIndex(format!("{CURRENT} names {:?}", name)))?;
-                Some(name)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => return Err(SearchError::Io { path: current_path, source }),
+        let view = Self::new(root, schema, config, Access::Writer);
+        let got = {
+            let mut lead = view.inner.lead.write().unwrap_or_else(|p| p.into_inner());
+            view.inner.take_writer(&mut lead)?
         };
+        if !got {
+            tracing::info!(
+                view = %view.inner.schema.name,
+                dir = %view.inner.root.display(),
+                "another process writes the view; this one stands by (it answers reads and takes over the \
+                 writer once free)"
+            );
+            view.inner.load_read_only()?;
+        }
+        Ok(view)
+    }
+
+    /// Opens the view stored in `dir` for reading only, beside the process
+    /// that writes it (an `api` process beside a `projector`). It takes no
+    /// lock, creates nothing and never writes: writes are refused with
+    /// [`SearchError::ReadOnly`] ([`ViewError::Backend`]) and
+    /// [`ViewStore::acquire_lease`] answers `None`.
+    ///
+    /// Each read first catches up with the writer: it follows `CURRENT` to
+    /// the live copy (a rebuild's swap), reads the checkpoint of that
+    /// copy's last commit, then reloads its reader, so `list` sees every
+    /// commit `position` reports. While no copy exists yet (the writer has
+    /// not started), lists are empty and the position is the start of the
+    /// log.
+    ///
+    /// Fails when `CURRENT` names no copy of a view index or the copy it
+    /// names cannot be opened.
+    pub fn open_read_only(dir: impl AsRef<Path>, schema: ViewSchema) -> Result<Self, SearchError> {
+        schema.validate()?;
+        let view = Self::new(dir.as_ref().to_owned(), schema, SearchConfig::default(), Access::ReadOnly);
+        view.inner.load_read_only()?;
+        Ok(view)
+    }
+
+    fn new(root: PathBuf, schema: ViewSchema, config: SearchConfig, access: Access) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                schema: Arc::new(schema),
+                root,
+                config,
+                access,
+                live: RwLock::new(None),
+                shadow: Mutex::new(None),
+                next_copy: AtomicU64::new(1),
+                lead: RwLock::new(Leadership::default()),
+                holding: AtomicBool::new(false),
+                refreshing: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The directory of the view (holding `CURRENT` and the copies).
+    pub fn dir(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The directory of the live copy's Tantivy index this view reads;
+    /// `None` in a view that does not write while no copy exists yet.
+    pub fn live_index_dir(&self) -> Option<PathBuf> {
+        self.inner.live().map(|copy| copy.path.clone())
+    }
+
+    /// Whether the view was opened with [`SearchView::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.inner.access == Access::ReadOnly
+    }
+
+    /// Whether this view holds the writer lock of its directory now (it
+    /// may write); `false` while it stands by or was opened read-only.
+    pub fn holds_writer(&self) -> bool {
+        self.inner.holding.load(Ordering::SeqCst)
+    }
+}
+
+impl Inner {
+    fn lead(&self) -> RwLockReadGuard<'_, Leadership> {
+        self.lead.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live(&self) -> Option<Arc<IndexCopy>> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_live(&self, copy: Option<Arc<IndexCopy>>) -> Option<Arc<IndexCopy>> {
+        std::mem::replace(&mut *self.live.write().unwrap_or_else(|p| p.into_inner()), copy)
+    }
+
+    fn shadow(&self) -> Result<Arc<IndexCopy>, SearchError> {
+        self.shadow.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(SearchError::NoRebuild)
+    }
+
+    /// A copy to write to: only while this view holds the writer (`lead`
+    /// is held for the whole write).
+    fn writable(&self, lead: &Leadership, copy: ViewCopy) -> Result<Arc<IndexCopy>, SearchError> {
+        if self.access == Access::ReadOnly {
+            return Err(SearchError::ReadOnly(self.schema.name.clone()));
+        }
+        if lead.lock.is_none() {
+            return Err(SearchError::Standby(self.schema.name.clone()));
+        }
+        match copy {
+            ViewCopy::Live => self.live().ok_or_else(|| SearchError::Standby(self.schema.name.clone())),
+            ViewCopy::Shadow => self.shadow(),
+        }
+    }
+
+    /// Checks that `lease` is the one this view handed out last, while it
+    /// holds the writer.
+    fn check_lease(&self, lead: &Leadership, lease: &Lease) -> Result<(), SearchError> {
+        if self.access == Access::ReadOnly {
+            return Err(SearchError::ReadOnly(self.schema.name.clone()));
+        }
+        if lead.lock.is_none() {
+            return Err(SearchError::Standby(self.schema.name.clone()));
+        }
+        match &lead.lease {
+            Some(held) if held.is(lease) => Ok(()),
+            Some(held) => Err(SearchError::Fenced(format!(
+                "the lease of view {} is held by {} with fence {}, not by {} with fence {}",
+                self.schema.name, held.owner, held.fence, lease.owner, lease.fence
+            ))),
+            None => Err(SearchError::Fenced(format!(
+                "the lease of view {} ({} with fence {}) was released",
+                self.schema.name, lease.owner, lease.fence
+            ))),
+        }
+    }
+
+    /// Before a read: a view that does not write catches up with the
+    /// process that does.
+    fn follow_writer(&self) {
+        let lead = self.lead();
+        if lead.lock.is_some() {
+            return;
+        }
+        if let Err(e) = self.refresh() {
+            tracing::warn!(
+                view = %self.schema.name,
+                dir = %self.root.display(),
+                error = %e,
+                "cannot catch up with the index's writer; answering from the copy as last loaded"
+            );
+        }
+        drop(lead);
+    }
+
+    /// Follows `CURRENT` to the live copy and reloads its reader when the
+    /// writer committed (or merged) since. A failure (a copy deleted after
+    /// a swap, segment files cleaned up) is retried after reading
+    /// `CURRENT` again; after the last attempt the view keeps its reader,
+    /// whose open files stay readable (mmap), and its position.
+    fn refresh(&self) -> Result<(), SearchError> {
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut attempt = 0;
+        loop {
+            let result = match read_current(&self.root) {
+                Ok(None) => return Ok(()),
+                Ok(Some(name)) => match self.live() {
+                    Some(copy) if copy.name() == name => copy.refresh(),
+                    _ => IndexCopy::open_read_only(&self.root.join(&name), &self.schema).map(|copy| {
+                        self.set_live(Some(Arc::new(copy)));
+                    }),
+                },
+                Err(e) => Err(e),
+            };
+            attempt += 1;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= REFRESH_ATTEMPTS => return Err(e),
+                Err(e) => {
+                    tracing::debug!(view = %self.schema.name, error = %e, attempt, "catching up failed; retrying");
+                    std::thread::sleep(Duration::from_millis(5u64 << attempt));
+                }
+            }
+        }
+    }
+
+    /// The first load of a view that does not write: like
+    /// [`Inner::refresh`], but an error is the caller's.
+    fn load_read_only(&self) -> Result<(), SearchError> {
+        let lead = self.lead();
+        let result = self.refresh();
+        drop(lead);
+        result
+    }
+
+    /// Takes the directory's writer lock and, with it, the live copy's
+    /// index writer (creating the first copy when there is none); `false`
+    /// when another process (or view) holds the lock. Copies `CURRENT`
+    /// does not name (unfinished rebuilds, or leftovers of a crash) are
+    /// deleted, now that nobody else writes.
+    fn take_writer(&self, lead: &mut Leadership) -> Result<bool, SearchError> {
+        if lead.lock.is_some() {
+            return Ok(true);
+        }
+        let Some(lock) = lock_root(&self.root)? else { return Ok(false) };
+        let current = read_current(&self.root)?;
         let mut highest = 0;
         let mut others = Vec::new();
-        for entry in std::fs::read_dir(&root).map_err(io(&root))? {
-            let entry = entry.map_err(io(&root))?;
+        for entry in std::fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let entry = entry.map_err(io(&self.root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(n) = copy_number(&name) else { continue };
             highest = highest.max(n);
@@ -229,74 +591,116 @@ impl SearchView {
             }
         }
         let live = match current {
-            Some(name) => IndexCopy::open(&root.join(&name), &schema, &config)?,
+            Some(name) => match IndexCopy::open(&self.root.join(&name), &self.schema, &self.config) {
+                Ok(copy) => copy,
+                Err(SearchError::Tantivy(TantivyError::LockFailure(..))) => {
+                    // Free directory lock, busy index lock: a process that
+                    // writes without the directory lock (an older version
+                    // of this crate). It keeps writing; this view waits.
+                    tracing::warn!(
+                        view = %self.schema.name,
+                        copy = %name,
+                        "the live copy's index writer is held by a process that does not hold the view's lock \
+                         (an older version?); standing by"
+                    );
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            },
             None => {
                 highest += 1;
                 let name = copy_name(highest);
-                let path = root.join(&name);
+                let path = self.root.join(&name);
                 others.retain(|p| p != &path);
                 if path.exists() {
                     // Created by an open that crashed before writing CURRENT.
                     std::fs::remove_dir_all(&path).map_err(io(&path))?;
                 }
-                let copy = IndexCopy::create(&path, &schema, &config, Commits::EachWrite)?;
-                write_current(&root, &name)?;
+                let copy = IndexCopy::create(&path, &self.schema, &self.config, Commits::EachWrite)?;
+                write_current(&self.root, &name)?;
                 copy
             }
         };
-        // Copies CURRENT does not name are unfinished rebuilds, or copies
-        // whose deletion a crash interrupted. Deleted only now that this
-        // process holds the live copy's writer lock, so that a second open
-        // of a directory in use fails before it touches anything.
         for path in others {
-            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(view = %self.schema.name, path = %path.display(), error = %e, "cannot delete an unused copy");
+            }
         }
         if !live.is_current() {
             let stored = live.progress().map(|p| p.schema_version);
             tracing::warn!(
-                view = %schema.name,
+                view = %self.schema.name,
                 stored_version = ?stored,
-                version = schema.version,
+                version = self.schema.version,
                 "the index was built from other fields; it serves what it can until rebuilt \
                  (a rebuild starts only when the schema version differs from the stored one)"
             );
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                schema: Arc::new(schema),
-                root,
-                config,
-                live: RwLock::new(Arc::new(live)),
-                shadow: Mutex::new(None),
-                next_copy: AtomicU64::new(highest + 1),
-            }),
-        })
+        // The copy opened for reading until now (if any) is dropped once
+        // the searches using it end.
+        self.set_live(Some(Arc::new(live)));
+        *self.shadow.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.next_copy.store(highest + 1, Ordering::SeqCst);
+        lead.lock = Some(lock);
+        self.holding.store(true, Ordering::SeqCst);
+        Ok(true)
     }
 
-    /// The directory of the view (holding `CURRENT` and the copies).
-    pub fn dir(&self) -> &Path {
-        &self.inner.root
+    /// Gives the writer up: drops an unfinished rebuild, stops the live
+    /// copy's index writer (its lock released), then the directory lock.
+    /// The view goes on answering reads, following the next writer.
+    fn drop_writer(&self, lead: &mut Leadership) {
+        if let Some(shadow) = self.shadow.lock().unwrap_or_else(|p| p.into_inner()).take()
+            && let Err(e) = shadow.retire()
+        {
+            tracing::warn!(view = %self.schema.name, error = %e, "the unfinished rebuild could not be deleted");
+        }
+        if let Some(live) = self.live()
+            && let Err(e) = live.release_writer()
+        {
+            tracing::warn!(view = %self.schema.name, error = %e, "stopping the index writer failed");
+        }
+        lead.lease = None;
+        lead.lock = None;
+        self.holding.store(false, Ordering::SeqCst);
     }
 
-    /// The directory of the live copy's Tantivy index.
-    pub fn live_index_dir(&self) -> PathBuf {
-        self.inner.live().path.clone()
+    fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, SearchError> {
+        if self.access == Access::ReadOnly {
+            return Ok(None);
+        }
+        let mut lead = self.lead.write().unwrap_or_else(|p| p.into_inner());
+        if !self.take_writer(&mut lead)? {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        if lead.lease.as_ref().is_some_and(|held| held.owner != owner && held.until > now) {
+            return Ok(None);
+        }
+        lead.fence += 1;
+        let fence = lead.fence;
+        lead.lease = Some(HeldLease { owner: owner.to_owned(), fence, until: now + ttl });
+        Ok(Some(Lease { owner: owner.to_owned(), fence }))
     }
-}
 
-impl Inner {
-    fn live(&self) -> Arc<IndexCopy> {
-        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    fn renew_lease(&self, lease: &Lease, ttl: Duration) -> bool {
+        let mut lead = self.lead.write().unwrap_or_else(|p| p.into_inner());
+        if lead.lock.is_none() {
+            return false;
+        }
+        match &mut lead.lease {
+            Some(held) if held.is(lease) => {
+                held.until = Instant::now() + ttl;
+                true
+            }
+            _ => false,
+        }
     }
 
-    fn shadow(&self) -> Result<Arc<IndexCopy>, SearchError> {
-        self.shadow.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(SearchError::NoRebuild)
-    }
-
-    fn copy(&self, copy: ViewCopy) -> Result<Arc<IndexCopy>, SearchError> {
-        match copy {
-            ViewCopy::Live => Ok(self.live()),
-            ViewCopy::Shadow => self.shadow(),
+    fn release_lease(&self, lease: &Lease) {
+        let mut lead = self.lead.write().unwrap_or_else(|p| p.into_inner());
+        if lead.lock.is_some() && lead.lease.as_ref().is_some_and(|held| held.is(lease)) {
+            self.drop_writer(&mut lead);
         }
     }
 
@@ -320,18 +724,110 @@ impl Inner {
             *shadow = Some(new);
             return Err(e);
         }
-        let name = new.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Err(e) = write_current(&self.root, &name) {
+        if let Err(e) = write_current(&self.root, &new.name()) {
             *shadow = Some(new);
             return Err(e);
         }
-        let old = std::mem::replace(&mut *self.live.write().unwrap_or_else(|p| p.into_inner()), new);
+        let old = self.set_live(Some(new));
         drop(shadow);
-        // The swap has happened; a copy left on disk is deleted at the next open.
-        if let Err(e) = old.retire() {
+        // The swap has happened; a copy left on disk is deleted at the next
+        // takeover of the writer. Processes reading it keep their open files.
+        if let Some(old) = old
+            && let Err(e) = old.retire()
+        {
             tracing::warn!(view = %self.schema.name, error = %e, "the old copy could not be deleted");
         }
         Ok(())
+    }
+
+    /// Runs `op` on the write side: with the writer held (and, with a
+    /// lease, that lease current) for the whole of it.
+    fn on_write_side<T>(
+        &self,
+        lease: Option<&Lease>,
+        op: impl FnOnce(&Self) -> Result<T, SearchError>,
+    ) -> Result<T, SearchError> {
+        let lead = self.lead();
+        match lease {
+            Some(lease) => self.check_lease(&lead, lease)?,
+            None => {
+                self.writable(&lead, ViewCopy::Live)?;
+            }
+        }
+        let result = op(self);
+        drop(lead);
+        result
+    }
+
+    fn write(
+        &self,
+        copy: ViewCopy,
+        changes: &[RowChange],
+        checkpoint: &Checkpoint,
+        lease: Option<&Lease>,
+    ) -> Result<(), SearchError> {
+        let lead = self.lead();
+        if let Some(lease) = lease {
+            self.check_lease(&lead, lease)?;
+        }
+        let target = self.writable(&lead, copy)?;
+        if lease.is_some() {
+            self.check_forward(&target, checkpoint)?;
+        }
+        let result = target.write(changes, checkpoint, self.schema.version);
+        drop(lead);
+        result
+    }
+
+    /// A fenced write refuses, like the SQL view's, to move the copy's
+    /// checkpoint back and to write into a copy built with another schema
+    /// version (a runner of an older version left over from a rolling
+    /// deploy, or a newer one that has not rebuilt yet).
+    fn check_forward(&self, copy: &IndexCopy, next: &Checkpoint) -> Result<(), SearchError> {
+        let Some(stored) = copy.progress() else { return Ok(()) };
+        if stored.schema_version != self.schema.version {
+            return Err(SearchError::Fenced(format!(
+                "view {}: the copy was built with schema version {}, this writer has version {}",
+                self.schema.name, stored.schema_version, self.schema.version
+            )));
+        }
+        if !next.covers_all(&stored.checkpoint) {
+            return Err(SearchError::Fenced(format!(
+                "view {}: checkpoint {} would move back from {}",
+                self.schema.name,
+                next.to_json(),
+                stored.checkpoint.to_json()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A fenced swap refuses, like the SQL view's, a new copy that has not
+    /// reached the live one on every partition: a swap never moves the
+    /// view back.
+    fn check_swap(&self) -> Result<(), SearchError> {
+        let checkpoint = |copy: Option<Arc<IndexCopy>>| copy.and_then(|c| c.progress()).map(|p| p.checkpoint);
+        let live = checkpoint(self.live()).unwrap_or_default();
+        let new = checkpoint(Some(self.shadow()?)).unwrap_or_default();
+        if new.covers_all(&live) {
+            return Ok(());
+        }
+        Err(SearchError::Fenced(format!(
+            "view {}: the new copy ({}) is behind the live one ({}); not swapped",
+            self.schema.name,
+            new.to_json(),
+            live.to_json()
+        )))
+    }
+
+    fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, SearchError> {
+        match copy {
+            ViewCopy::Live => {
+                self.follow_writer();
+                Ok(self.live().and_then(|c| c.progress()))
+            }
+            ViewCopy::Shadow => Ok(self.shadow()?.progress()),
+        }
     }
 }
 
@@ -353,28 +849,56 @@ impl ListView for SearchView {
 
     async fn list(&self, query: &ListQuery) -> Result<Page, ViewError> {
         let query = query.validate(&self.inner.schema)?;
-        let (copy, schema) = (self.inner.live(), Arc::clone(&self.inner.schema));
-        blocking(move || copy.list(&schema, &query)).await
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            inner.follow_writer();
+            match inner.live() {
+                Some(copy) => copy.list(&inner.schema, &query),
+                None => Ok(Page { items: Vec::new(), next: None, total: 0 }),
+            }
+        })
+        .await
     }
 
     async fn position(&self) -> Result<Checkpoint, ViewError> {
-        Ok(self.inner.live().progress().map(|p| p.checkpoint).unwrap_or_default())
+        Ok(self.progress(ViewCopy::Live).await?.map(|p| p.checkpoint).unwrap_or_default())
     }
 }
 
-/// Leases: the trait's defaults (every runner is granted at once, fenced
-/// writes are plain writes). The index writer's file lock already makes a
-/// Tantivy view single-writer: a second process cannot open it for writing.
+/// Leases: the directory's writer lock is the lease. `acquire_lease` takes
+/// the lock (when free) and hands out a lease on top of it to one owner at
+/// a time (another owner of this process gets it once it expired, with a
+/// higher fence); `renew_lease` holds while this view holds the lock and
+/// the lease is current; `release_lease` gives the lock up. Writes need
+/// the lock, fenced ones also the current lease. See the crate docs.
 #[async_trait]
 impl ViewStore for SearchView {
     async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ViewError> {
-        Ok(self.inner.copy(copy)?.progress())
+        if self.holds_writer() {
+            // The only writer: nothing to catch up with.
+            return Ok(match copy {
+                ViewCopy::Live => self.inner.live().and_then(|c| c.progress()),
+                ViewCopy::Shadow => self.inner.shadow()?.progress(),
+            });
+        }
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.progress(copy)).await
     }
 
     async fn states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, ViewError> {
-        let copy = self.inner.copy(copy)?;
+        let inner = Arc::clone(&self.inner);
         let ids = ids.to_vec();
-        blocking(move || copy.states(&ids)).await
+        blocking(move || match copy {
+            ViewCopy::Live => {
+                inner.follow_writer();
+                match inner.live() {
+                    Some(live) => live.states(&ids),
+                    None => Ok(HashMap::new()),
+                }
+            }
+            ViewCopy::Shadow => inner.shadow()?.states(&ids),
+        })
+        .await
     }
 
     async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
@@ -383,18 +907,78 @@ impl ViewStore for SearchView {
                 self.inner.schema.check_row(row)?;
             }
         }
-        let copy = self.inner.copy(copy)?;
-        let (changes, checkpoint, version) = (changes.to_vec(), checkpoint.clone(), self.inner.schema.version);
-        blocking(move || copy.write(&changes, &checkpoint, version)).await
+        let inner = Arc::clone(&self.inner);
+        let (changes, checkpoint) = (changes.to_vec(), checkpoint.clone());
+        blocking(move || inner.write(copy, &changes, &checkpoint, None)).await
+    }
+
+    async fn write_fenced(
+        &self,
+        copy: ViewCopy,
+        changes: &[RowChange],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        for change in changes {
+            if let Some(row) = &change.row {
+                self.inner.schema.check_row(row)?;
+            }
+        }
+        let inner = Arc::clone(&self.inner);
+        let (changes, checkpoint, lease) = (changes.to_vec(), checkpoint.clone(), lease.clone());
+        blocking(move || inner.write(copy, &changes, &checkpoint, Some(&lease))).await
     }
 
     async fn begin_rebuild(&self) -> Result<(), ViewError> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || inner.begin_rebuild()).await
+        blocking(move || inner.on_write_side(None, Inner::begin_rebuild)).await
+    }
+
+    async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        let (inner, lease) = (Arc::clone(&self.inner), lease.clone());
+        blocking(move || inner.on_write_side(Some(&lease), Inner::begin_rebuild)).await
+    }
+
+    async fn prepare_swap(&self) -> Result<(), ViewError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.on_write_side(None, |inner| inner.shadow()?.flush())).await
     }
 
     async fn swap(&self) -> Result<(), ViewError> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || inner.swap()).await
+        blocking(move || inner.on_write_side(None, Inner::swap)).await
+    }
+
+    async fn swap_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        let (inner, lease) = (Arc::clone(&self.inner), lease.clone());
+        blocking(move || {
+            inner.on_write_side(Some(&lease), |inner| {
+                inner.check_swap()?;
+                inner.swap()
+            })
+        })
+        .await
+    }
+
+    async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ViewError> {
+        if self.inner.access == Access::ReadOnly {
+            return Ok(None);
+        }
+        let (inner, owner) = (Arc::clone(&self.inner), owner.to_owned());
+        blocking(move || inner.acquire_lease(&owner, ttl)).await
+    }
+
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, ViewError> {
+        let (inner, lease) = (Arc::clone(&self.inner), lease.clone());
+        blocking(move || Ok(inner.renew_lease(&lease, ttl))).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), ViewError> {
+        let (inner, lease) = (Arc::clone(&self.inner), lease.clone());
+        blocking(move || {
+            inner.release_lease(&lease);
+            Ok(())
+        })
+        .await
     }
 }

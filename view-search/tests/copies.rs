@@ -1,6 +1,7 @@
 //! The copies of a view on disk: the `CURRENT` pointer, rebuilds beside the
-//! live copy, leftovers of a crash, a second open of a directory in use,
-//! and a schema change served by the old copy until the rebuild swaps in.
+//! live copy, leftovers of a crash, a second open of a directory in use (which
+//! stands by), and a schema change served by the old copy until the
+//! rebuild swaps in.
 
 use kes_core::{
     Checkpoint, Field, FilterOp, ListQuery, ListView, Position, Row, RowChange, ViewCopy, ViewError, ViewSchema,
@@ -65,20 +66,22 @@ async fn a_swap_moves_the_pointer_and_survives_a_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unfinished_rebuild_is_dropped_at_open_and_a_directory_in_use_is_refused() {
+async fn an_unfinished_rebuild_is_dropped_at_open_and_a_directory_in_use_is_opened_standing_by() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("things");
     let view = SearchView::open(&dir, schema(1)).expect("open");
     view.write(ViewCopy::Live, &[change("a", "live")], &at(0)).await.expect("write");
     view.begin_rebuild().await.expect("begin");
     view.write(ViewCopy::Shadow, &[change("a", "half")], &at(0)).await.expect("write shadow");
-    // A second open of the same directory fails, and leaves the first
-    // instance's rebuild alone.
-    match SearchView::open(&dir, schema(1)) {
-        Err(e) => assert!(matches!(ViewError::from(e), ViewError::Unavailable(_))),
-        Ok(_) => panic!("a directory in use was opened twice"),
-    }
+    // A second open of the same directory stands by: it reads, refuses
+    // writes, and leaves the first instance's rebuild alone.
+    let second = SearchView::open(&dir, schema(1)).expect("a second open stands by");
+    assert!(view.holds_writer() && !second.holds_writer());
+    assert_eq!(names(&second).await, ["live"]);
+    let refused = second.write(ViewCopy::Live, &[change("b", "sneaky")], &at(1)).await;
+    assert!(matches!(refused, Err(ViewError::Fenced(_))), "{refused:?}");
     assert_eq!(copies(&dir).len(), 2);
+    drop(second);
     // The process ends without swapping: the next open drops the shadow.
     drop(view);
     let reopened = SearchView::open(&dir, schema(1)).expect("reopen");

@@ -107,7 +107,8 @@ async fn main() -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
             settings.http.cors_origins = args.cors_origins;
-            serve(settings, args.listen, args.role.into()).await
+            settings.role = args.role.into();
+            serve(settings, args.listen).await
         }
         Command::Rebuild { projection, via: Some(url) } => {
             let token =
@@ -120,7 +121,8 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(settings: Settings, listen: SocketAddr, role: Role) -> anyhow::Result<()> {
+async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
+    let role = settings.role;
     let service = Service::open(&settings).await?;
     if role.runs_projections() {
         service.start_projections().await?;
