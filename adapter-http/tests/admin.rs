@@ -99,6 +99,8 @@ async fn a_rebuild_runs_reports_progress_and_swaps_in_an_equal_copy() {
     };
     assert_eq!(rebuild["state"], "done", "{rebuild}");
     assert!(rebuild["events"].as_u64().is_some_and(|n| n >= 40), "{rebuild}");
+    assert!(rebuild["total"].as_u64().is_some_and(|n| n >= 40), "the log's size was not reported: {rebuild}");
+    assert_eq!(rebuild["done"], rebuild["total"], "{rebuild}");
     assert_eq!(rebuild["error"], serde_json::Value::Null);
 
     // The live copy equals a fresh replay of the log.

@@ -846,7 +846,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         let projection = &slot.projection;
         projection.begin_rebuild_fenced(lease).await?;
         let head = self.store.head().await?;
-        let total = head.lag_behind(&Checkpoint::start());
+        let total = Checkpoint::start().lag_behind(&head);
         let mut stream = self.store.subscribe(Checkpoint::start()).await?.ready_chunks(self.config.batch_size);
         let mut checkpoint = Checkpoint::start();
         let mut events = 0u64;

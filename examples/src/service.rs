@@ -89,14 +89,25 @@ pub async fn open_store<A: Aggregate>(url: &str) -> anyhow::Result<Arc<dyn Event
 /// process, which writes no view) opens a Tantivy index without its
 /// writer, so that the projector keeps it; SQL views need no such care
 /// (their lease decides who writes).
-pub async fn open_view(location: &str, schema: ViewSchema, read_only: bool) -> anyhow::Result<Arc<dyn ViewStore>> {
+/// `lease_ttl` is the projectors' lease on the views: a PostgreSQL session
+/// idle inside a transaction (a stalled projector holding its lease row) is
+/// ended well within it.
+pub async fn open_view(
+    location: &str,
+    schema: ViewSchema,
+    read_only: bool,
+    lease_ttl: std::time::Duration,
+) -> anyhow::Result<Arc<dyn ViewStore>> {
     #[cfg(not(feature = "view-search"))]
     let _ = read_only;
+    #[cfg(not(feature = "view-sql"))]
+    let _ = lease_ttl;
     let sql =
         location.starts_with("sqlite:") || location.starts_with("postgres:") || location.starts_with("postgresql:");
     #[cfg(feature = "view-sql")]
     if sql {
-        let view = kes_view_sql::SqlView::open(location, schema)
+        let options = kes_view_sql::SqlViewOptions::default().idle_in_transaction_timeout(lease_ttl * 2 / 5);
+        let view = kes_view_sql::SqlView::open_with(location, schema, options)
             .await
             .with_context(|| format!("opening the list views in {}", redact(location)))?;
         return Ok(Arc::new(view));
@@ -162,11 +173,11 @@ impl<A: Aggregate> Part<A> {
     async fn open(settings: &Settings, schema: ViewSchema, to_row: fn(&A) -> Row) -> anyhow::Result<Self> {
         let store = open_store::<A>(&settings.store).await?;
         let read_only = settings.role == Role::Api;
-        let view = open_view(&settings.view, schema, read_only).await?;
+        let view = open_view(&settings.view, schema, read_only, settings.lease_ttl).await?;
         let mut projections: Vec<Arc<dyn Projection<A::Event>>> =
             vec![Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row))];
         let history = if history_from_view(&settings.store) {
-            let history = open_view(&settings.view, history_schema(A::NAME), read_only).await?;
+            let history = open_view(&settings.view, history_schema(A::NAME), read_only, settings.lease_ttl).await?;
             let projection = HistoryProjection::<A>::new(Arc::clone(&history))
                 .with_context(|| format!("the history view of {}", A::NAME))?;
             projections.push(Arc::new(projection));
