@@ -26,6 +26,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::admin::{self, AdminToken};
 use crate::edge::Edge;
 use crate::error::{HttpError, RETRY_AFTER_SECS};
+use crate::feed::{self, Hub};
 use crate::metrics::Metrics;
 use crate::openapi::{self, Describe};
 use crate::resource::{Operation, Resource, id_for_key};
@@ -71,6 +72,9 @@ pub struct HttpConfig {
     /// The header the principal is read from (unless [`Api::principal`]
     /// replaces it).
     pub principal_header: HeaderName,
+    /// How often an idle change feed sends a heartbeat comment, so that
+    /// proxies keep it open.
+    pub feed_heartbeat: Duration,
 }
 
 impl Default for HttpConfig {
@@ -83,6 +87,7 @@ impl Default for HttpConfig {
             request_timeout: Duration::from_secs(30),
             consistency_timeout: Duration::from_secs(2),
             principal_header: HeaderName::from_static("x-principal"),
+            feed_heartbeat: Duration::from_secs(15),
         }
     }
 }
@@ -141,6 +146,21 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Where each plural's history comes from when not from its store.
     histories: HashMap<String, Arc<dyn History>>,
+    /// Turns true at shutdown: the change feeds end.
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Ends the change feeds, so that a graceful shutdown of the server does
+/// not wait for clients that never hang up. Call it when shutdown begins
+/// (e.g. in the future given to `axum::serve(..).with_graceful_shutdown`).
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    /// Ends every open feed of the API.
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Shared {
@@ -230,6 +250,7 @@ pub struct Api {
     histories: HashMap<String, Arc<dyn History>>,
     checks: Vec<(String, Arc<dyn Readiness>)>,
     admin: Option<AdminToken>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -254,7 +275,13 @@ impl Api {
             histories: HashMap::new(),
             checks: Vec::new(),
             admin: None,
+            stop: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// The handle that ends this API's change feeds at shutdown.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(Arc::clone(&self.stop))
     }
 
     /// Mounts `resource` under `/{plural}`: commands go through `bus`,
@@ -287,7 +314,15 @@ impl Api {
         self.mounts.push(description);
         self.routes.push(Box::new(move |shared| {
             let history = shared.histories.get(&resource.plural).cloned();
-            let mounted = Arc::new(Mounted { resource, bus, view, catch_up, history, shared });
+            let feeds = Hub::new(
+                Arc::clone(&bus),
+                Arc::clone(&view),
+                Arc::clone(&catch_up),
+                shared.stop.clone(),
+                shared.metrics.clone(),
+                shared.config.feed_heartbeat,
+            );
+            let mounted = Arc::new(Mounted { resource, bus, view, catch_up, history, shared, feeds });
             routes(mounted)
         }));
         Ok(self)
@@ -356,8 +391,13 @@ impl Api {
             Some(handle) => Metrics::global(handle),
             None => Metrics::local(),
         };
-        let shared =
-            Arc::new(Shared { config: self.config, principal: self.principal, metrics, histories: self.histories });
+        let shared = Arc::new(Shared {
+            config: self.config,
+            principal: self.principal,
+            metrics,
+            histories: self.histories,
+            stop: self.stop.subscribe(),
+        });
         let document = Arc::new(openapi::document(&shared.config, &self.mounts));
         let admin = self.admin.map(|token| admin::routes(token, self.sources.clone()));
         let service = Arc::new(Service {
@@ -540,6 +580,8 @@ struct Mounted<A: Aggregate, S> {
     /// `None`: history comes from the store.
     history: Option<Arc<dyn History>>,
     shared: Arc<Shared>,
+    /// The change feeds.
+    feeds: Arc<Hub<A, S>>,
 }
 
 type M<A, S> = Arc<Mounted<A, S>>;
@@ -563,7 +605,9 @@ fn routes<A: Aggregate, S: EventStore<A>>(m: M<A, S>) -> Router {
     let mut router = Router::new()
         .route(&format!("/{plural}"), collection)
         .route(&format!("/{plural}/{{id}}"), item)
-        .route(&format!("/{plural}/{{id}}/events"), get(events::<A, S>));
+        .route(&format!("/{plural}/{{id}}/events"), get(events::<A, S>))
+        .route(&format!("/{plural}/changes"), get(list_changes::<A, S>))
+        .route(&format!("/{plural}/{{id}}/changes"), get(item_changes::<A, S>));
     if !m.resource.commands.is_empty() {
         router = router.route(&format!("/{plural}/{{id}}/{{command}}"), post(named::<A, S>));
     }
@@ -1018,6 +1062,30 @@ async fn get_one<A: Aggregate, S: EventStore<A>>(
 
 async fn list<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
     answer(m.list(request.into_parts().0).await)
+}
+
+async fn list_changes<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
+    let parts = request.into_parts().0;
+    let opened = async {
+        let (query, after) = feed::feed_query(parts.uri.query(), m.view.schema())?;
+        let resume = feed::resume_of(&parts.headers, after.as_deref())?;
+        m.feeds.list_feed(query, resume).await
+    };
+    answer(opened.await)
+}
+
+async fn item_changes<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let headers = request.into_parts().0.headers;
+    let opened = async {
+        check_id(&id)?;
+        let seen = feed::seen_version(&headers)?;
+        m.feeds.item_feed(id, seen).await
+    };
+    answer(opened.await)
 }
 
 async fn events<A: Aggregate, S: EventStore<A>>(

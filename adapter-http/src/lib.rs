@@ -164,6 +164,7 @@ mod admin;
 mod api;
 mod edge;
 mod error;
+mod feed;
 pub mod metrics;
 mod openapi;
 mod resource;
@@ -171,7 +172,7 @@ mod resource;
 pub use admin::AdminToken;
 pub use api::{
     Api, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
-    ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, Readiness,
+    ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, Readiness, ShutdownHandle,
 };
 pub use error::{HttpError, PROBLEM_JSON, problem_type};
 pub use resource::{IdStrategy, Resource};

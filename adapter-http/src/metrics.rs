@@ -18,6 +18,11 @@ pub const PROJECTION_FAILING: &str = "kes_projection_failing";
 /// while it stands by, by projection; absent where no projection runs.
 pub const PROJECTION_LEADER: &str = "kes_projection_leader";
 
+/// Change feeds open now, by aggregate.
+pub const FEEDS_OPEN: &str = "kes_feeds_open";
+/// Change feed clients cut off for reading too slowly, by aggregate.
+pub const FEEDS_DROPPED: &str = "kes_feed_clients_dropped_total";
+
 const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 /// Where the API records: a recorder of its own (so that several APIs in
@@ -64,6 +69,16 @@ impl Metrics {
         });
     }
 
+    /// Counts a feed as open until the guard is dropped.
+    pub(crate) fn feed_opened(&self, aggregate: &'static str) -> FeedOpen {
+        self.record(|| metrics::gauge!(FEEDS_OPEN, "aggregate" => aggregate).increment(1.0));
+        FeedOpen { metrics: self.clone(), aggregate }
+    }
+
+    pub(crate) fn feed_dropped(&self, aggregate: &'static str) {
+        self.record(|| metrics::counter!(FEEDS_DROPPED, "aggregate" => aggregate).increment(1));
+    }
+
     pub(crate) fn projections(&self, statuses: &[ProjectionStatus]) {
         self.record(|| {
             for s in statuses {
@@ -91,5 +106,18 @@ impl Metrics {
 
     pub(crate) fn render(&self) -> String {
         self.handle.render()
+    }
+}
+
+/// An open change feed, counted in [`FEEDS_OPEN`] until dropped.
+pub(crate) struct FeedOpen {
+    metrics: Metrics,
+    aggregate: &'static str,
+}
+
+impl Drop for FeedOpen {
+    fn drop(&mut self) {
+        let aggregate = self.aggregate;
+        self.metrics.record(|| metrics::gauge!(FEEDS_OPEN, "aggregate" => aggregate).decrement(1.0));
     }
 }

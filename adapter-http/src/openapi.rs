@@ -446,6 +446,53 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
                              ],
                              "responses": history } }),
         );
+        let last_event_id = |description: &str| {
+            json!({ "name": "Last-Event-ID", "in": "header", "required": false, "description": description,
+                    "schema": { "type": "string", "maxLength": 4096 } })
+        };
+        paths.insert(
+            format!("/{plural}/changes"),
+            json!({ "get": { "operationId": format!("{name}_changes"), "tags": tags,
+                "summary": format!("A live feed of the {} list's changes (Server-Sent Events).", A::NAME),
+                "description": "Events: `change` (data `{id, version, row}`: the row as the list view has it), \
+                    `remove` (data `{id, version}`: deleted, or no longer matching the feed's filters), `progress` \
+                    (only moves the resume token), `reset` (data `{reason}`: reload the list, then reconnect; sent \
+                    to a client that read too slowly before it is cut off). Changes of one row that the view \
+                    applied together arrive as one event at its latest version. Each event's SSE `id` is a resume \
+                    token (PARTITION:NEXT_OFFSET[,…]); send it back as `Last-Event-ID` (browsers do) or `after` \
+                    to replay exactly what followed it. Filters and `q` use the list syntax; sorting and paging \
+                    are refused. Comments keep idle connections open.",
+                "parameters": [
+                    last_event_id("Resume after this token."),
+                    { "name": "after", "in": "query", "required": false,
+                      "description": "Resume after this token (when the client cannot set Last-Event-ID).",
+                      "schema": { "type": "string", "pattern": "^([0-9]{1,10}:[0-9]{1,20}(,[0-9]{1,10}:[0-9]{1,20})*)?$" } },
+                    { "name": "filter", "in": "query", "required": false, "style": "deepObject", "explode": true,
+                      "description": "As on the list: `filter[FIELD]=V`, `filter[FIELD][OP]=V`.",
+                      "schema": { "type": "object", "additionalProperties": true } },
+                    { "name": "q", "in": "query", "required": false, "schema": { "type": "string", "maxLength": 256 } }
+                ],
+                "responses": {
+                    "200": { "description": "The feed, until the client or the server closes it.",
+                             "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+                    "400": r("responses", "kes.BadRequest"), "500": r("responses", "kes.Internal"),
+                    "503": r("responses", "kes.Unavailable")
+                } } }),
+        );
+        paths.insert(
+            format!("/{plural}/{{id}}/changes"),
+            json!({ "parameters": [r("parameters", "kes.Id")],
+                "get": { "operationId": format!("{name}_item_changes"), "tags": tags,
+                "summary": format!("A live feed of one {}'s new versions (Server-Sent Events).", A::NAME),
+                "description": "Events: `state` (data `{version, etag, state}`, SSE `id` = the version) and \
+                    `deleted`. The current state comes first unless `Last-Event-ID` already names its version.",
+                "parameters": [last_event_id("The version the client has.")],
+                "responses": {
+                    "200": { "description": "The feed.", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+                    "400": r("responses", "kes.BadRequest"), "500": r("responses", "kes.Internal"),
+                    "503": r("responses", "kes.Unavailable")
+                } } }),
+        );
         for (command, op) in &self.resource.commands {
             let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
             responses.insert("200".into(), written("200", &format!("The {} after the command.", A::NAME), false));

@@ -433,6 +433,9 @@ impl<A: Aggregate> Resource<A> {
             if name == "events" {
                 return Err(HttpError::Config("command name \"events\" is taken by the audit history".into()));
             }
+            if name == "changes" {
+                return Err(HttpError::Config("command name \"changes\" is taken by the change feed".into()));
+            }
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use kes_core::{
     RebuildReport, Row, RunnerConfig, StoredCatchUp, StoredStatus, ViewHistory, ViewProjection, ViewSchema, ViewStore,
     history_schema,
 };
-use kes_http::{AdminToken, Api, HttpConfig, Readiness};
+use kes_http::{AdminToken, Api, HttpConfig, Readiness, ShutdownHandle};
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use kes_store_sql::SqlStore;
 
@@ -277,6 +277,8 @@ pub struct Service {
     pub tasks: Part<Task>,
     http: HttpConfig,
     admin_token: Option<AdminToken>,
+    /// Ends the change feeds of the routers made so far.
+    feeds: std::sync::Mutex<Vec<ShutdownHandle>>,
 }
 
 impl Service {
@@ -285,7 +287,13 @@ impl Service {
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
         let projects = Part::open(settings, resources::project_view(), resources::project_row).await?;
         let tasks = Part::open(settings, resources::task_view(), resources::task_row).await?;
-        Ok(Self { projects, tasks, http: settings.http.clone(), admin_token: settings.admin_token.clone() })
+        Ok(Self {
+            projects,
+            tasks,
+            http: settings.http.clone(),
+            admin_token: settings.admin_token.clone(),
+            feeds: std::sync::Mutex::new(Vec::new()),
+        })
     }
 
     /// Starts following the log (rebuilding views whose version changed).
@@ -337,6 +345,7 @@ impl Service {
                 api = api.history(plural, Arc::new(ViewHistory::new(view)))?;
             }
         }
+        self.feeds.lock().unwrap_or_else(|p| p.into_inner()).push(api.shutdown_handle());
         Ok(api.into_router())
     }
 
@@ -365,6 +374,14 @@ impl Service {
             Ok(self.tasks.runner.rebuild(name, progress).await?)
         } else {
             bail!("no projection named {name:?}; there are: {}", self.projection_names().join(", "))
+        }
+    }
+
+    /// Ends the change feeds of every router this service made, so that a
+    /// graceful shutdown does not wait for clients that never hang up.
+    pub fn end_feeds(&self) {
+        for handle in self.feeds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            handle.shutdown();
         }
     }
 

@@ -435,6 +435,9 @@ async fn split_roles_on(store: &str, view: &str) {
     let projector = Server::start_as(dir.path(), store, view, "projector").await;
     let api = Server::start_as(dir.path(), store, view, "api").await;
     let c = reqwest::Client::new();
+    // A change feed on the api process, fed by the views' stored checkpoints.
+    let mut feed = c.get(api.url("/projects/changes")).send().await.expect("feed");
+    assert_eq!(feed.headers()["content-type"], "text/event-stream");
 
     let r = c.post(api.url("/projects")).json(&json!({ "name": "split", "budget": 1 })).send().await.expect("create");
     assert_eq!(r.status(), StatusCode::CREATED);
@@ -453,6 +456,15 @@ async fn split_roles_on(store: &str, view: &str) {
         assert_eq!(list.headers()["kes-consistency"], "caught-up", "the projector applied the write");
         let list = json_of(list).await;
         assert_eq!(list["items"][0]["version"], budget, "the api reads its own write");
+    }
+    // The feed saw the last write.
+    let wanted = format!("\"id\":\"{id}\"");
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(text.contains(&wanted) && text.contains("\"budget\":11")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, feed.chunk()).await.expect("the feed went quiet");
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("feed").expect("the feed ended")));
     }
     // The projector serves no API, only its health and metrics.
     let r = c.get(projector.url("/projects")).send().await.expect("projector list");
@@ -484,7 +496,10 @@ async fn split_roles_on(store: &str, view: &str) {
         assert!(Instant::now() < deadline, "the new projector never took over from the killed one");
     };
     assert_eq!(json_of(list).await["items"][0]["row"]["budget"], 99);
+    // SIGTERM with the feed still open: the feed ends, so that the
+    // graceful shutdown does not wait for its client.
     api.stop();
+    drop(feed);
     projector.stop();
 }
 

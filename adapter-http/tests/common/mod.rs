@@ -188,6 +188,7 @@ pub struct Harness {
     pub store: InMemoryStore<Project>,
     pub view: Arc<InMemoryView>,
     pub runner: Arc<ProjectionRunner<Project, InMemoryStore<Project>>>,
+    pub shutdown: kes_http::ShutdownHandle,
 }
 
 pub async fn harness() -> Harness {
@@ -202,12 +203,12 @@ pub async fn build(config: HttpConfig, start_projections: bool, ids: IdStrategy)
     if start_projections {
         runner.start().await.expect("projections start");
     }
-    let app = Api::new(config)
+    let api = Api::new(config)
         .mount(resource().ids(ids), Arc::new(CommandBus::new(store.clone())), view.clone(), runner.clone())
         .expect("mount")
-        .projections(runner.clone())
-        .into_router();
-    Harness { app, store, view, runner }
+        .projections(runner.clone());
+    let shutdown = api.shutdown_handle();
+    Harness { app: api.into_router(), store, view, runner, shutdown }
 }
 
 /// What came back: status, headers and the body (JSON when it parses, else a string).

@@ -123,14 +123,19 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
     let role = settings.role;
-    let service = Service::open(&settings).await?;
+    let service = std::sync::Arc::new(Service::open(&settings).await?);
     if role.runs_projections() {
         service.start_projections().await?;
     }
     let router = service.router_for(role)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, store = %settings.store, ?role, "projects service listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("serving")?;
+    let feeds = std::sync::Arc::clone(&service);
+    let stopping = async move {
+        shutdown_signal().await;
+        feeds.end_feeds();
+    };
+    axum::serve(listener, router).with_graceful_shutdown(stopping).await.context("serving")?;
     tracing::info!("in-flight requests finished; stopping projections");
     service.shutdown().await;
     Ok(())

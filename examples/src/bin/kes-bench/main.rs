@@ -11,6 +11,7 @@
 //! as skipped, with the reason.
 
 mod backends;
+mod feeds;
 mod instances;
 mod load;
 mod scenarios;

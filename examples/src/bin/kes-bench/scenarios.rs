@@ -224,6 +224,13 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         kafka_patch_instances(&mut ctx)
     );
     run!("HTTP PATCH, 64 clients, PostgreSQL store", "req/s", Better::Higher, 2.0, pg_patch(&mut ctx));
+    run!(
+        format!("HTTP PATCH, 64 clients, PostgreSQL, {} change feeds open vs none", crate::feeds::FEEDS),
+        "req/s",
+        Better::Higher,
+        0.9,
+        pg_feeds(&mut ctx)
+    );
     run!("seed loop: sequential PATCH, PostgreSQL", "ms/req", Better::Lower, 0.67, pg_seed_loop(&mut ctx));
     run!("seed loop: sequential PATCH, Kafka", "ms/req", Better::Lower, 0.67, kafka_seed_loop(&mut ctx));
     run!("GET by id, 64 clients, PostgreSQL store", "req/s", Better::Higher, 0.8, pg_get(&mut ctx));
@@ -401,6 +408,12 @@ async fn pg_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
                64 concurrent tasks, no HTTP"
             .into(),
     })
+}
+
+async fn pg_feeds(ctx: &mut Ctx) -> Result<Measured, Missing> {
+    let (plan, client) = (ctx.plan, ctx.client.clone());
+    let live = ctx.pg_live().await?;
+    Ok(crate::feeds::measure(plan, &client, &live.server.base, &live.urls()).await?)
 }
 
 /// One raw append of a request body to stream `id`.

@@ -1,0 +1,218 @@
+//! Change feeds under write load: 200 open `GET /projects/changes` while
+//! 64 clients PATCH, against the same load with no feed open. Every feed
+//! must end at the last acknowledged version of every project; the
+//! delivery latency (acknowledgement → SSE event) goes in the note.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::{Measured, Plan, median};
+
+/// Feeds open during the measured rounds.
+pub const FEEDS: usize = 200;
+const CLIENTS: usize = 64;
+
+/// When each (project, version) was acknowledged.
+type Acks = Arc<Mutex<HashMap<(String, u64), Instant>>>;
+
+/// What one feed saw: the latest version of each project, and when each
+/// (project, version) event arrived.
+#[derive(Default)]
+struct Seen {
+    latest: HashMap<String, u64>,
+    arrived: Vec<((String, u64), Instant)>,
+}
+
+/// `clients` loops of `PATCH {"name"}` for `duration`: requests per
+/// second; each acknowledged version is recorded in `acks`.
+async fn patch_round(
+    client: &reqwest::Client,
+    urls: &[String],
+    duration: Duration,
+    acks: &Acks,
+) -> anyhow::Result<f64> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let (client, url, done, acks) = (client.clone(), urls[i % urls.len()].clone(), done.clone(), acks.clone());
+        let id = url.rsplit('/').next().unwrap_or_default().to_owned();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+                let r = client
+                    .patch(&url)
+                    .header("content-type", "application/json")
+                    .body(format!("{{\"name\":\"f{n}\"}}"))
+                    .send()
+                    .await?;
+                let at = Instant::now();
+                if !r.status().is_success() {
+                    bail!("{url} answered {}", r.status());
+                }
+                let version = r
+                    .headers()
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|t| t.trim_matches('"').parse::<u64>().ok())
+                    .context("an ETag")?;
+                let _ = r.bytes().await?;
+                acks.lock().unwrap_or_else(|p| p.into_inner()).insert((id.clone(), version), at);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("a load task panicked")??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Opens a feed and reads it into `seen` until the connection ends.
+async fn read_feed(client: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
+    let mut r = client.get(&url).timeout(Duration::from_secs(3600)).send().await?;
+    if !r.status().is_success() {
+        bail!("{url} answered {}", r.status());
+    }
+    let mut buffer = String::new();
+    while let Some(chunk) = r.chunk().await? {
+        let at = Instant::now();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            if block.lines().any(|l| l == "event: reset" || l == "event:reset") {
+                bail!("a feed was reset (too slow a reader)");
+            }
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
+            let Ok(data) = serde_json::from_str::<serde_json::Value>(data.trim()) else { continue };
+            let (Some(id), Some(version)) = (data["id"].as_str(), data["version"].as_u64()) else { continue };
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.latest.insert(id.to_owned(), version);
+            seen.arrived.push(((id.to_owned(), version), at));
+        }
+    }
+    Ok(())
+}
+
+/// The `p`-th percentile of sorted `values` (milliseconds).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One round with [`FEEDS`] feeds open: its write rate; the feeds'
+/// delivery latencies are added to `latencies`.
+async fn with_feeds(
+    client: &reqwest::Client,
+    base: &str,
+    urls: &[String],
+    duration: Duration,
+    latencies: &mut Vec<f64>,
+) -> anyhow::Result<f64> {
+    let feeds: Vec<Arc<Mutex<Seen>>> = (0..FEEDS).map(|_| Arc::default()).collect();
+    let readers: Vec<_> = feeds
+        .iter()
+        .map(|seen| tokio::spawn(read_feed(client.clone(), format!("{base}/projects/changes"), seen.clone())))
+        .collect();
+    // A write before the round shows every feed is connected.
+    let acks: Acks = Arc::default();
+    let r =
+        client.patch(&urls[0]).header("content-type", "application/json").body("{\"name\":\"first\"}").send().await?;
+    let version = r
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.trim_matches('"').parse::<u64>().ok())
+        .context("an ETag")?;
+    let first = (urls[0].rsplit('/').next().unwrap_or_default().to_owned(), version);
+    let connected = Instant::now() + Duration::from_secs(30);
+    while feeds.iter().any(|f| f.lock().unwrap_or_else(|p| p.into_inner()).latest.get(&first.0) < Some(&first.1)) {
+        if Instant::now() > connected {
+            bail!("the feeds did not all connect within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = patch_round(client, urls, duration, &acks).await?;
+    let acks = acks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for (id, version) in acks.keys() {
+        let v = last.entry(id.as_str()).or_insert(0);
+        *v = (*v).max(*version);
+    }
+    // Every feed ends at every project's last acknowledged version.
+    let converged = Instant::now() + Duration::from_secs(30);
+    loop {
+        let behind = feeds
+            .iter()
+            .filter(|f| {
+                let seen = f.lock().unwrap_or_else(|p| p.into_inner());
+                last.iter().any(|(id, v)| seen.latest.get(*id).copied().unwrap_or(0) < *v)
+            })
+            .count();
+        if behind == 0 {
+            break;
+        }
+        if Instant::now() > converged {
+            bail!("{behind} of {FEEDS} feeds lack acknowledged changes 30 s after the writes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for reader in &readers {
+        if reader.is_finished() {
+            bail!("a feed ended during the round");
+        }
+    }
+    for seen in &feeds {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, at) in &seen.arrived {
+            if let Some(acked) = acks.get(key) {
+                latencies.push(at.saturating_duration_since(*acked).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    Ok(rate)
+}
+
+/// The scenario: write rate with [`FEEDS`] feeds open against none.
+pub async fn measure(plan: Plan, client: &reqwest::Client, base: &str, urls: &[String]) -> anyhow::Result<Measured> {
+    let none: Acks = Arc::default();
+    patch_round(client, urls, Duration::from_secs(1), &none).await?;
+    let mut latencies = Vec::new();
+    let mut kes = Vec::new();
+    let mut baseline = Vec::new();
+    for round in 0..plan.rounds {
+        let without = |acks: Acks| async move { patch_round(client, urls, plan.round, &acks).await };
+        if round % 2 == 0 {
+            kes.push(with_feeds(client, base, urls, plan.round, &mut latencies).await?);
+            baseline.push(without(Arc::default()).await?);
+        } else {
+            baseline.push(without(Arc::default()).await?);
+            kes.push(with_feeds(client, base, urls, plan.round, &mut latencies).await?);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(Measured {
+        kes: median(kes),
+        baseline: median(baseline),
+        note: format!(
+            "PATCH {{\"name\"}} over HTTP on 64 projects (PostgreSQL store and views), with {FEEDS} open \
+             GET /projects/changes feeds vs none; every feed ended at every project's last acknowledged \
+             version; delivery latency acknowledgement → SSE event over {} events: p50 {:.1} ms, p99 {:.1} ms",
+            latencies.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
+        ),
+    })
+}
