@@ -24,9 +24,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use bytes::Bytes;
+use futures::StreamExt;
 use http::HeaderMap;
 use kes_core::view::ValidQuery;
 use kes_core::{
@@ -60,6 +61,21 @@ pub(crate) struct RowChange {
     version: u64,
     /// `None`: no longer listed (deleted).
     row: Option<Row>,
+    /// The data of its `change` event, made once for every feed.
+    change: Arc<str>,
+    /// The data of its `remove` event.
+    remove: Arc<str>,
+}
+
+impl RowChange {
+    fn new(id: &str, version: u64, row: Option<Row>) -> Self {
+        let change = match &row {
+            Some(row) => json!({ "id": id, "version": version, "row": row }).to_string(),
+            None => String::new(),
+        };
+        let remove = json!({ "id": id, "version": version }).to_string();
+        Self { id: id.to_owned(), version, row, change: change.into(), remove: remove.into() }
+    }
 }
 
 /// What the pump found in one stretch of the log.
@@ -189,8 +205,8 @@ async fn rows_of<E>(
         touched
             .iter()
             .map(|(id, version)| match found.get(id) {
-                Some((v, row)) => RowChange { id: id.clone(), version: *v, row: Some(row.clone()) },
-                None => RowChange { id: id.clone(), version: *version, row: None },
+                Some((v, row)) => RowChange::new(id, *v, Some(row.clone())),
+                None => RowChange::new(id, *version, None),
             })
             .collect(),
     )
@@ -318,8 +334,10 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
     /// held of it.
     async fn removed_versions(&self, mut rows: Vec<RowChange>) -> Vec<RowChange> {
         for row in rows.iter_mut().filter(|r| r.row.is_none()) {
-            if let Ok(Some(document)) = self.bus.store().load_document(&row.id).await {
-                row.version = row.version.max(document.version);
+            if let Ok(Some(document)) = self.bus.store().load_document(&row.id).await
+                && document.version > row.version
+            {
+                *row = RowChange::new(&row.id, document.version, None);
             }
         }
         rows
@@ -557,11 +575,7 @@ impl ListFeed {
             let shown = change.row.as_ref().filter(|row| self.query.matches(schema, &change.id, row));
             let removed = shown.is_none();
             match shown {
-                Some(row) => events.push(
-                    Event::default()
-                        .event("change")
-                        .data(json!({ "id": change.id, "version": change.version, "row": row }).to_string()),
-                ),
+                Some(_) => events.push(Event::default().event("change").data(&*change.change)),
                 // Removed already: the client has nothing to drop.
                 None if was_removed => {}
                 // Only a row the client may have seen needs removing: one
@@ -571,11 +585,7 @@ impl ListFeed {
                     || self.query.q.is_some()
                     || change.row.is_none() =>
                 {
-                    events.push(
-                        Event::default()
-                            .event("remove")
-                            .data(json!({ "id": change.id, "version": change.version }).to_string()),
-                    );
+                    events.push(Event::default().event("remove").data(&*change.remove));
                 }
                 None => {}
             }
@@ -604,20 +614,82 @@ impl ListFeed {
     }
 }
 
-/// The SSE answer reading `rx`, with a retry hint and heartbeats.
-fn sse(rx: mpsc::Receiver<Event>, heartbeat: Duration) -> Response {
-    let first = Event::default().retry(Duration::from_millis(RETRY_MS)).comment("kes change feed");
-    let events = futures::stream::once(async move { first }).chain(receiver_stream(rx));
-    let stream = events.map(Ok::<Event, Infallible>);
-    let mut response =
-        Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat).text("keep-alive")).into_response();
-    // Proxies must not buffer the stream.
-    response.headers_mut().insert("x-accel-buffering", http::HeaderValue::from_static("no"));
-    response
+/// One server-sent event.
+#[derive(Debug, Default)]
+pub(crate) struct Event {
+    name: &'static str,
+    id: Option<String>,
+    data: String,
 }
 
-fn receiver_stream(mut rx: mpsc::Receiver<Event>) -> impl Stream<Item = Event> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+impl Event {
+    fn event(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    fn data(mut self, data: impl Into<String>) -> Self {
+        self.data = data.into();
+        self
+    }
+
+    /// Its wire form (`text/event-stream`).
+    fn write_to(&self, out: &mut String) {
+        out.push_str("event: ");
+        out.push_str(self.name);
+        out.push('\n');
+        if let Some(id) = &self.id {
+            out.push_str("id: ");
+            out.push_str(id);
+            out.push('\n');
+        }
+        // JSON text has no raw line breaks; anything else is split.
+        for line in self.data.split('\n') {
+            out.push_str("data: ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+}
+
+/// Most bytes one write to a feed's connection carries: the events queued
+/// while the connection was busy go out together.
+const FRAME: usize = 64 * 1024;
+
+/// The SSE answer reading `rx`: a retry hint first, the queued events in
+/// as few writes as possible, and a heartbeat comment after each idle
+/// `heartbeat`.
+fn sse(rx: mpsc::Receiver<Event>, heartbeat: Duration) -> Response {
+    let hello = Bytes::from(format!("retry: {RETRY_MS}\n: kes change feed\n\n"));
+    let events = futures::stream::unfold(rx, move |mut rx| async move {
+        let first = tokio::select! {
+            event = rx.recv() => event?,
+            _ = tokio::time::sleep(heartbeat) => return Some((Bytes::from_static(b": keep-alive\n\n"), rx)),
+        };
+        let mut out = String::new();
+        first.write_to(&mut out);
+        while out.len() < FRAME {
+            match rx.try_recv() {
+                Ok(event) => event.write_to(&mut out),
+                Err(_) => break,
+            }
+        }
+        Some((Bytes::from(out), rx))
+    });
+    let body = futures::stream::once(async move { hello }).chain(events).map(Ok::<Bytes, Infallible>);
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    // Proxies must not buffer the stream.
+    headers.insert("x-accel-buffering", http::HeaderValue::from_static("no"));
+    response
 }
 
 /// The resume point of a list feed: `Last-Event-ID`, else `?after=`.

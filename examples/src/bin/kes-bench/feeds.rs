@@ -23,6 +23,9 @@ type Acks = Arc<Mutex<HashMap<(String, u64), Instant>>>;
 /// (project, version) event arrived.
 #[derive(Default)]
 struct Seen {
+    /// The server answered: the feed is subscribed (it is before the
+    /// answer's headers are sent).
+    connected: bool,
     latest: HashMap<String, u64>,
     arrived: Vec<((String, u64), Instant)>,
 }
@@ -81,6 +84,7 @@ async fn read_feed(client: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>)
     if !r.status().is_success() {
         bail!("{url} answered {}", r.status());
     }
+    seen.lock().unwrap_or_else(|p| p.into_inner()).connected = true;
     let mut buffer = String::new();
     while let Some(chunk) = r.chunk().await? {
         let at = Instant::now();
@@ -123,21 +127,15 @@ async fn with_feeds(
         .iter()
         .map(|seen| tokio::spawn(read_feed(client.clone(), format!("{base}/projects/changes"), seen.clone())))
         .collect();
-    // A write before the round shows every feed is connected.
     let acks: Acks = Arc::default();
-    let r =
-        client.patch(&urls[0]).header("content-type", "application/json").body("{\"name\":\"first\"}").send().await?;
-    let version = r
-        .headers()
-        .get("etag")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|t| t.trim_matches('"').parse::<u64>().ok())
-        .context("an ETag")?;
-    let first = (urls[0].rsplit('/').next().unwrap_or_default().to_owned(), version);
     let connected = Instant::now() + Duration::from_secs(30);
-    while feeds.iter().any(|f| f.lock().unwrap_or_else(|p| p.into_inner()).latest.get(&first.0) < Some(&first.1)) {
+    while feeds.iter().any(|f| !f.lock().unwrap_or_else(|p| p.into_inner()).connected) {
         if Instant::now() > connected {
             bail!("the feeds did not all connect within 30 s");
+        }
+        if let Some(done) = readers.iter().find(|r| r.is_finished()) {
+            let _ = done;
+            bail!("a feed could not be opened");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

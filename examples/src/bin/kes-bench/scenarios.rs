@@ -412,8 +412,14 @@ async fn pg_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
 
 async fn pg_feeds(ctx: &mut Ctx) -> Result<Measured, Missing> {
     let (plan, client) = (ctx.plan, ctx.client.clone());
-    let live = ctx.pg_live().await?;
-    Ok(crate::feeds::measure(plan, &client, &live.server.base, &live.urls()).await?)
+    // A service of its own, with its projections running: feeds show what
+    // the views applied.
+    let url = ctx.pg()?.fresh("feeds").await?;
+    let live = Live::open(url.clone(), Some(url), "f").await?;
+    live.service.start_projections().await?;
+    let measured = crate::feeds::measure(plan, &client, &live.server.base, &live.urls()).await;
+    live.service.shutdown().await;
+    Ok(measured?)
 }
 
 /// One raw append of a request body to stream `id`.
