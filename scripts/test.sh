@@ -3,7 +3,9 @@
 #   - PostgreSQL at KES_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test),
 #     started with pg_ctlcluster when it is installed but stopped;
 #   - a Kafka-compatible broker (Tansu 0.6.0), installed when missing and
-#     started on a free loopback port for this run only, stopped on exit.
+#     started on a free loopback port for this run only, stopped on exit;
+#   - Chromium and Node packages for the demo page's browser test
+#     (scripts/browser-test.sh), installed when missing.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p kes-core`).
 #
 # Tests that find a service missing fail when CI is set and are skipped
@@ -49,6 +51,15 @@ status=0
 # Every test binary runs even when one fails, so that one run shows every
 # failure.
 cargo test --workspace --all-features --no-fail-fast "$@" || status=$?
+
+# The demo page in Chromium, against the projects binary the tests built
+# (installs chromium and the Node packages when missing). Skipped when
+# arguments narrowed the run to some crates.
+if [[ $# -eq 0 ]]; then
+  target=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  KES_REQUIRE_FEEDS=1 scripts/browser-test.sh "$target/debug/projects" || status=$?
+fi
 
 echo
 if [[ -s "$skips" ]]; then

@@ -34,3 +34,4 @@
 pub mod domain;
 pub mod resources;
 pub mod service;
+pub mod web;

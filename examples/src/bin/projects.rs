@@ -127,7 +127,11 @@ async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
     if role.runs_projections() {
         service.start_projections().await?;
     }
-    let router = service.router_for(role)?;
+    let mut router = service.router_for(role)?;
+    if role != Role::Projector {
+        // The demo page, served beside the API it uses.
+        router = router.merge(kes_examples::web::router());
+    }
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, store = %settings.store, ?role, "projects service listening");
     let feeds = std::sync::Arc::clone(&service);
