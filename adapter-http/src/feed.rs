@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -43,8 +44,11 @@ use crate::metrics::Metrics;
 /// Stretches of the log the broadcast keeps for feeds that read slowly;
 /// a feed further behind is reset.
 const BROADCAST_CAPACITY: usize = 1024;
-/// Events a feed's connection may have queued before it counts as slow.
-const FEED_BUFFER: usize = 1024;
+/// Frames a feed's connection may have queued before it counts as slow.
+const FEED_BUFFER: usize = 4096;
+/// Bytes of events a feed's connection may have queued before it counts
+/// as slow.
+const FEED_BYTES: usize = 256 * 1024;
 /// Records the pump handles at once.
 const PUMP_BATCH: usize = 256;
 /// Most rows looked up in the view per query.
@@ -85,6 +89,9 @@ pub(crate) struct Stretch {
     /// the rows whose last change in the stretch it made, as the view had
     /// them after the whole stretch.
     steps: Vec<Step>,
+    /// The stretch's events for a feed with no filter that has sent
+    /// nothing it could repeat: made once, shared by every such feed.
+    plain: Bytes,
     /// The aggregates it touched, with their last version in it.
     touched: Vec<(String, u64)>,
     /// Its last position.
@@ -281,6 +288,8 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
     async fn pump(&self, from: Checkpoint) {
         let mut stop = self.stop.clone();
         let mut checkpoint = from;
+        // The version each row was last broadcast at.
+        let mut sent: HashMap<String, u64> = HashMap::new();
         'subscribe: loop {
             let stream = match self.bus.store().subscribe(checkpoint.clone()).await {
                 Ok(s) => s,
@@ -319,12 +328,23 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                         None => return,
                     }
                 };
+                // A row the view was already ahead with, sent before, is
+                // not sent again.
+                let rows: Vec<RowChange> =
+                    rows.into_iter().filter(|r| sent.get(&r.id).is_none_or(|v| *v < r.version)).collect();
+                if sent.len() > 100_000 {
+                    sent.clear();
+                }
+                for r in &rows {
+                    sent.insert(r.id.clone(), r.version);
+                }
                 let steps = steps_of(&checkpoint, &records, rows);
                 for record in &records {
                     checkpoint.advance(record.position);
                 }
+                let plain = plain_events(&steps);
                 // Nobody listening is fine: feeds come and go.
-                let _ = self.sender.send(Arc::new(Stretch { steps, touched, last }));
+                let _ = self.sender.send(Arc::new(Stretch { steps, plain, touched, last }));
             }
         }
     }
@@ -352,7 +372,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
         self.ensure_started().await?;
         let live = self.sender.subscribe();
         let head = self.bus.store().head().await?;
-        let (tx, rx) = mpsc::channel(FEED_BUFFER);
+        let (tx, rx) = queue();
         let hub = Arc::clone(self);
         tokio::spawn(async move {
             let _open = hub.metrics.feed_opened(A::NAME);
@@ -361,7 +381,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 hub.metrics.feed_dropped(A::NAME);
                 let reset =
                     Event::default().event("reset").data(json!({ "reason": "the client fell behind" }).to_string());
-                let _ = feed.tx.try_send(reset);
+                feed.tx.reset(reset);
             }
         });
         Ok(sse(rx, self.heartbeat))
@@ -392,6 +412,16 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 Err(broadcast::error::RecvError::Lagged(_)) => return Err(FeedEnd::Slow),
                 Err(broadcast::error::RecvError::Closed) => return Err(FeedEnd::Shutdown),
             };
+            let fresh = stretch.steps.first().is_some_and(|s| !at.covers_all(&s.after));
+            if fresh && feed.is_plain() {
+                if let Some(end) = stretch.steps.last() {
+                    at = end.after.clone();
+                }
+                if !stretch.plain.is_empty() {
+                    feed.send_plain(stretch.plain.clone())?;
+                }
+                continue;
+            }
             for step in &stretch.steps {
                 if at.covers_all(&step.after) {
                     continue;
@@ -450,7 +480,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
     pub(crate) async fn item_feed(self: &Arc<Self>, id: String, seen: Option<u64>) -> Result<Response, HttpError> {
         self.ensure_started().await?;
         let live = self.sender.subscribe();
-        let (tx, rx) = mpsc::channel(FEED_BUFFER);
+        let (tx, rx) = queue();
         let hub = Arc::clone(self);
         tokio::spawn(async move {
             let _open = hub.metrics.feed_opened(A::NAME);
@@ -458,7 +488,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 hub.metrics.feed_dropped(A::NAME);
                 let reset =
                     Event::default().event("reset").data(json!({ "reason": "the client fell behind" }).to_string());
-                let _ = tx.try_send(reset);
+                tx.reset(reset);
             }
         });
         Ok(sse(rx, self.heartbeat))
@@ -469,7 +499,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
         id: &str,
         mut sent: u64,
         mut live: broadcast::Receiver<Arc<Stretch>>,
-        tx: &mpsc::Sender<Event>,
+        tx: &Queue,
     ) -> Result<(), FeedEnd> {
         let mut stop = self.stop.clone();
         // What the client lacks now, then every later version.
@@ -496,7 +526,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
 
     /// Sends the aggregate's current state when it is newer than `sent`;
     /// returns the version the client now has.
-    async fn send_state(&self, id: &str, sent: u64, tx: &mpsc::Sender<Event>) -> Result<u64, FeedEnd> {
+    async fn send_state(&self, id: &str, sent: u64, tx: &Queue) -> Result<u64, FeedEnd> {
         let document = self.bus.store().load_document(id).await.map_err(|_| FeedEnd::Unavailable)?;
         let Some(document) = document else { return Ok(sent) };
         if document.version <= sent {
@@ -531,16 +561,74 @@ enum FeedEnd {
     Unavailable,
 }
 
-/// Queues `event` for the client; a full queue is a slow client (the last
-/// place is kept for the `reset` that tells it so).
-async fn send(tx: &mpsc::Sender<Event>, event: Event) -> Result<(), FeedEnd> {
-    if tx.capacity() <= 1 {
-        return if tx.is_closed() { Err(FeedEnd::Gone) } else { Err(FeedEnd::Slow) };
+/// Queues `event` for the client; a full queue is a slow client.
+async fn send(tx: &Queue, event: Event) -> Result<(), FeedEnd> {
+    tx.push(Frame::One(event))
+}
+
+/// The sending end of a feed's queue, bounded in frames and in bytes (the
+/// last place is kept for the `reset` that tells a slow client so).
+pub(crate) struct Queue {
+    tx: mpsc::Sender<Frame>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// The receiving end, read by the connection.
+pub(crate) struct Outlet {
+    rx: mpsc::Receiver<Frame>,
+    bytes: Arc<AtomicUsize>,
+}
+
+fn queue() -> (Queue, Outlet) {
+    let (tx, rx) = mpsc::channel(FEED_BUFFER);
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (Queue { tx, bytes: Arc::clone(&bytes) }, Outlet { rx, bytes })
+}
+
+impl Queue {
+    fn push(&self, frame: Frame) -> Result<(), FeedEnd> {
+        if self.tx.is_closed() {
+            return Err(FeedEnd::Gone);
+        }
+        let size = frame.size();
+        if self.tx.capacity() <= 1 || self.bytes.load(Ordering::Relaxed) + size > FEED_BYTES {
+            return Err(FeedEnd::Slow);
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => {
+                self.bytes.fetch_add(size, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(FeedEnd::Slow),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(FeedEnd::Gone),
+        }
     }
-    match tx.try_send(event) {
-        Ok(()) => Ok(()),
-        Err(mpsc::error::TrySendError::Full(_)) => Err(FeedEnd::Slow),
-        Err(mpsc::error::TrySendError::Closed(_)) => Err(FeedEnd::Gone),
+
+    /// Tells a slow client to reload and reconnect (in the place kept).
+    fn reset(&self, event: Event) {
+        let _ = self.tx.try_send(Frame::One(event));
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+impl Outlet {
+    async fn recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.recv().await?;
+        self.bytes.fetch_sub(frame.size().min(self.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        Some(frame)
+    }
+
+    fn try_recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.try_recv().ok()?;
+        self.bytes.fetch_sub(frame.size().min(self.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        Some(frame)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rx.is_empty()
     }
 }
 
@@ -550,12 +638,25 @@ struct ListFeed {
     /// The version each row was last sent at, and whether that was its
     /// removal.
     sent: HashMap<String, (u64, bool)>,
-    tx: mpsc::Sender<Event>,
+    tx: Queue,
     /// When the client's token last moved.
     last_id: Instant,
 }
 
 impl ListFeed {
+    /// Whether the shared events of a stretch are this feed's: no filter,
+    /// nothing sent that they could repeat.
+    fn is_plain(&self) -> bool {
+        self.query.filters.is_empty() && self.query.q.is_none() && self.sent.is_empty()
+    }
+
+    /// Queues a stretch's shared events.
+    fn send_plain(&mut self, events: Bytes) -> Result<(), FeedEnd> {
+        self.tx.push(Frame::Many(events))?;
+        self.last_id = Instant::now();
+        Ok(())
+    }
+
     /// Sends the changes of one stretch that this feed shows, the last of
     /// them carrying the token `at`; a stretch with none moves the token
     /// now and then with a `progress` event.
@@ -614,6 +715,47 @@ impl ListFeed {
     }
 }
 
+/// What a feed queues for its connection.
+#[derive(Debug)]
+pub(crate) enum Frame {
+    /// One event.
+    One(Event),
+    /// Events already in their wire form.
+    Many(Bytes),
+}
+
+impl Frame {
+    /// About the bytes it takes on the wire.
+    fn size(&self) -> usize {
+        match self {
+            Self::One(e) => e.name.len() + e.data.len() + e.id.as_ref().map_or(0, String::len) + 24,
+            Self::Many(bytes) => bytes.len(),
+        }
+    }
+}
+
+/// The wire form of a stretch's events for a plain feed: per record, its
+/// rows' `change`/`remove`, the last carrying the token past the record.
+fn plain_events(steps: &[Step]) -> Bytes {
+    let mut out = Vec::new();
+    for step in steps {
+        let count = step.rows.len();
+        if count == 0 {
+            continue;
+        }
+        let id = token(&step.after);
+        for (i, row) in step.rows.iter().enumerate() {
+            let event = match row.row {
+                Some(_) => Event::default().event("change").data(&*row.change),
+                None => Event::default().event("remove").data(&*row.remove),
+            };
+            let event = if i + 1 == count { event.id(id.clone()) } else { event };
+            event.write_to(&mut out);
+        }
+    }
+    Bytes::from(out)
+}
+
 /// One server-sent event.
 #[derive(Debug, Default)]
 pub(crate) struct Event {
@@ -639,22 +781,22 @@ impl Event {
     }
 
     /// Its wire form (`text/event-stream`).
-    fn write_to(&self, out: &mut String) {
-        out.push_str("event: ");
-        out.push_str(self.name);
-        out.push('\n');
+    fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(self.name.as_bytes());
+        out.push(b'\n');
         if let Some(id) = &self.id {
-            out.push_str("id: ");
-            out.push_str(id);
-            out.push('\n');
+            out.extend_from_slice(b"id: ");
+            out.extend_from_slice(id.as_bytes());
+            out.push(b'\n');
         }
         // JSON text has no raw line breaks; anything else is split.
         for line in self.data.split('\n') {
-            out.push_str("data: ");
-            out.push_str(line);
-            out.push('\n');
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
         }
-        out.push('\n');
+        out.push(b'\n');
     }
 }
 
@@ -665,19 +807,24 @@ const FRAME: usize = 64 * 1024;
 /// The SSE answer reading `rx`: a retry hint first, the queued events in
 /// as few writes as possible, and a heartbeat comment after each idle
 /// `heartbeat`.
-fn sse(rx: mpsc::Receiver<Event>, heartbeat: Duration) -> Response {
+fn sse(rx: Outlet, heartbeat: Duration) -> Response {
     let hello = Bytes::from(format!("retry: {RETRY_MS}\n: kes change feed\n\n"));
     let events = futures::stream::unfold(rx, move |mut rx| async move {
         let first = tokio::select! {
-            event = rx.recv() => event?,
+            frame = rx.recv() => frame?,
             _ = tokio::time::sleep(heartbeat) => return Some((Bytes::from_static(b": keep-alive\n\n"), rx)),
         };
-        let mut out = String::new();
-        first.write_to(&mut out);
-        while out.len() < FRAME {
-            match rx.try_recv() {
-                Ok(event) => event.write_to(&mut out),
-                Err(_) => break,
+        let mut out = Vec::new();
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            match frame {
+                // A lone shared frame goes out as it is, uncopied.
+                Frame::Many(bytes) if out.is_empty() && rx.is_empty() => return Some((bytes, rx)),
+                Frame::Many(bytes) => out.extend_from_slice(&bytes),
+                Frame::One(event) => event.write_to(&mut out),
+            }
+            if out.len() < FRAME {
+                next = rx.try_recv();
             }
         }
         Some((Bytes::from(out), rx))

@@ -214,7 +214,7 @@ async fn a_slow_client_is_cut_off_and_others_get_everything() {
     let h = harness().await;
     let mut slow = open(&h.app, "/projects/changes", None).await;
     let mut fast = open(&h.app, "/projects/changes", None).await;
-    let writes = 1300;
+    let writes = 3000;
     let reader = tokio::spawn(async move {
         let mut seen = HashMap::new();
         while seen.len() < writes {
