@@ -51,6 +51,9 @@ const FEED_BUFFER: usize = 4096;
 const FEED_BYTES: usize = 256 * 1024;
 /// Records the pump handles at once.
 const PUMP_BATCH: usize = 256;
+/// How long the pump gathers records after a broadcast before the next
+/// one, so that a busy log reaches every feed in fewer, larger writes.
+const LINGER: Duration = Duration::from_millis(10);
 /// Most rows looked up in the view per query.
 const LOOKUP: usize = 100;
 /// How often a feed whose filter hides everything still moves its token.
@@ -219,6 +222,21 @@ async fn rows_of<E>(
     )
 }
 
+/// Moves the records of a chunk of the subscription into `records`;
+/// `false` when the subscription failed (the caller resubscribes).
+fn take_chunk<E>(chunk: Vec<Result<Logged<E>, StoreError>>, records: &mut Vec<Logged<E>>) -> bool {
+    for item in chunk {
+        match item {
+            Ok(record) => records.push(record),
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed: the log subscription failed; resubscribing");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// The aggregates `records` touched, with their last version in them.
 fn touched_by<E>(records: &[Logged<E>]) -> Vec<(String, u64)> {
     let mut last: HashMap<&str, u64> = HashMap::new();
@@ -290,6 +308,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
         let mut checkpoint = from;
         // The version each row was last broadcast at.
         let mut sent: HashMap<String, u64> = HashMap::new();
+        let mut last_broadcast = tokio::time::Instant::now();
         'subscribe: loop {
             let stream = match self.bus.store().subscribe(checkpoint.clone()).await {
                 Ok(s) => s,
@@ -309,13 +328,22 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 };
                 let Some(chunk) = chunk else { continue 'subscribe };
                 let mut records = Vec::with_capacity(chunk.len());
-                for item in chunk {
-                    match item {
-                        Ok(record) => records.push(record),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "change feed: the log subscription failed; resubscribing");
-                            continue 'subscribe;
+                if !take_chunk(chunk, &mut records) {
+                    continue 'subscribe;
+                }
+                // Under load, what arrives within LINGER of the last
+                // broadcast goes out with it: every feed then gets fewer,
+                // larger writes. After a quiet spell nothing waits.
+                let until = last_broadcast + LINGER;
+                while records.len() < PUMP_BATCH {
+                    match tokio::time::timeout_at(until, stream.next()).await {
+                        Ok(Some(chunk)) => {
+                            if !take_chunk(chunk, &mut records) {
+                                continue 'subscribe;
+                            }
                         }
+                        Ok(None) => continue 'subscribe,
+                        Err(_) => break,
                     }
                 }
                 let Some(last) = records.last().map(|r| r.position) else { continue };
@@ -345,6 +373,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 let plain = plain_events(&steps);
                 // Nobody listening is fine: feeds come and go.
                 let _ = self.sender.send(Arc::new(Stretch { steps, plain, touched, last }));
+                last_broadcast = tokio::time::Instant::now();
             }
         }
     }
