@@ -832,6 +832,15 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         let started = Instant::now();
         let result = self.bus.execute(&id, command, expected, meta).await;
         self.shared.metrics.command(A::NAME, command_name, outcome(&result), started.elapsed());
+        if let Err(CommandError::Conflict { actual, .. }) = &result
+            && if_match
+        {
+            // The version the client must re-read, so that it need not ask.
+            let mut r =
+                HttpError::PreconditionFailed(format!("{} {id} is at version {actual}", A::NAME)).into_response();
+            r.headers_mut().insert(header::ETAG, etag(*actual));
+            return Ok(r);
+        }
         let done = result.map_err(|e| match e {
             CommandError::Rejected(e) => HttpError::Rejected(e.to_string()),
             CommandError::NotFound { .. } => HttpError::NotFound(format!("no {} {id}", A::NAME)),

@@ -215,11 +215,13 @@ fn problem(description: &str) -> Value {
 fn responses() -> Value {
     let mut unavailable = problem("A store or view is unavailable, or the request timed out; retry later.");
     unavailable["headers"] = json!({ "Retry-After": r("headers", "Retry-After") });
+    let mut stale = problem("The If-Match version is stale; nothing was appended. ETag names the current version.");
+    stale["headers"] = json!({ "ETag": r("headers", "ETag") });
     json!({
         "kes.BadRequest": problem("Malformed body, query, cursor, search or header."),
         "kes.NotFound": problem("No such aggregate (or it was deleted)."),
         "kes.Conflict": problem("The aggregate changed meanwhile, or already exists."),
-        "kes.PreconditionFailed": problem("The If-Match version is stale; nothing was appended."),
+        "kes.PreconditionFailed": stale,
         "kes.PayloadTooLarge": problem("The body exceeds the limit."),
         "kes.UnsupportedMediaType": problem("The body is neither JSON nor form data."),
         "kes.Rejected": problem("The aggregate refused the command (a business rule)."),

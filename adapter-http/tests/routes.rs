@@ -118,6 +118,7 @@ async fn patch_with_a_current_if_match_succeeds_and_a_stale_one_is_412_and_appen
     )
     .await;
     stale.assert_problem(412, "precondition-failed");
+    assert_eq!(stale.header("etag"), "\"2\"", "a 412 names the version to re-read");
     let history = h.store.read(&id).await.unwrap();
     assert_eq!(history.len(), 2, "the stale write appended nothing");
     assert_eq!(h.store.load(&id).await.unwrap().unwrap().state.budget, 5);

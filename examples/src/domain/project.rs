@@ -289,8 +289,7 @@ impl Project {
             }
         }
         if let Some(tags) = or_clear(replace, fields.tags, BTreeSet::new()) {
-            let tags: BTreeSet<String> =
-                tags.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+            let tags = clean_tags(tags);
             if tags != self.tags {
                 events.push(ProjectEvent::TagsSet { tags });
             }
@@ -303,6 +302,11 @@ impl Project {
         }
         Ok(events)
     }
+}
+
+/// Tags without surrounding blanks; empty ones dropped.
+fn clean_tags(tags: BTreeSet<String>) -> BTreeSet<String> {
+    tags.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect()
 }
 
 impl Aggregate for Project {
@@ -321,7 +325,7 @@ impl Aggregate for Project {
                 description: f.description.unwrap_or_default(),
                 budget: check_budget(f.budget.unwrap_or(0))?,
                 owner: f.owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()),
-                tags: f.tags.unwrap_or_default(),
+                tags: f.tags.map(clean_tags).unwrap_or_default(),
                 due: f.due,
             }]);
         }
@@ -498,6 +502,17 @@ mod tests {
         TestFramework::<Project>::given(vec![created(Some("x"))])
             .when(ProjectCommand::RemoveMember("bob".into()))
             .then_expect_error(ProjectError::NotMember("bob".into()));
+    }
+
+    #[test]
+    fn create_cleans_tags_like_an_update() {
+        let fields = ProjectFields {
+            tags: Some(BTreeSet::from([" a ".to_owned(), String::new(), "b".to_owned()])),
+            ..ProjectFields::default()
+        };
+        TestFramework::<Project>::given(vec![]).when(ProjectCommand::Create(fields)).then_expect_state(|p| {
+            assert_eq!(p.tags, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+        });
     }
 
     #[test]
