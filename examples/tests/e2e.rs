@@ -27,9 +27,15 @@ impl Server {
 
     /// `projects serve --role ROLE`.
     async fn start_as(dir: &Path, store: &str, view: &str, role: &str) -> Self {
+        Self::start_with(dir, store, view, role, &[]).await
+    }
+
+    /// `projects serve --role ROLE` with more environment.
+    async fn start_with(dir: &Path, store: &str, view: &str, role: &str, env: &[(&str, &str)]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let child = Command::new(BIN)
             .current_dir(dir)
+            .envs(env.iter().copied())
             .env("KES_ROLE", role)
             .env("KES_LISTEN", format!("127.0.0.1:{port}"))
             .env("KES_STORE", store)
@@ -520,4 +526,59 @@ async fn split_roles_on_search_views() {
 async fn split_roles_on_postgres() {
     let Some(db) = fresh_database().await else { return };
     split_roles_on(&db, &db).await;
+}
+
+/// `projects rebuild` on a running system: the plain command refuses while
+/// a live projector leads the views (and says how to do it); `--via` asks
+/// that projector, which rebuilds while the api keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_systems_rebuild_goes_through_the_leading_projector() {
+    let dir = tempfile::tempdir().expect("a work dir");
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "an-admin-token-for-the-e2e-test\n").expect("token file");
+    let token = token.to_str().expect("utf-8 path").to_owned();
+    let (store, view) = ("sqlite://data/events.db", "sqlite://data/views.db");
+    let projector =
+        Server::start_with(dir.path(), store, view, "projector", &[("KES_ADMIN_TOKEN_FILE", token.as_str())]).await;
+    let api = Server::start_as(dir.path(), store, view, "api").await;
+    let c = reqwest::Client::new();
+    let mut position = String::new();
+    for i in 0..20 {
+        let r = c.post(api.url("/projects")).json(&json!({ "name": format!("p{i}") })).send().await.expect("create");
+        assert_eq!(r.status(), StatusCode::CREATED);
+        position = r.headers()["kes-position"].to_str().expect("position").to_owned();
+    }
+    let rebuild = |args: &[&str]| {
+        Command::new(BIN)
+            .current_dir(dir.path())
+            .arg("rebuild")
+            .args(args)
+            .env("KES_STORE", store)
+            .env("KES_VIEW", view)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run projects rebuild")
+    };
+    let plain = rebuild(&[]);
+    assert!(!plain.status.success(), "a rebuild beside a live projector ran");
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(said.contains("--via"), "the refusal does not say how: {said}");
+
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-admin-token-at-all").expect("token file");
+    let refused = rebuild(&["--via", &projector.base, "--admin-token-file", wrong.to_str().expect("path")]);
+    assert!(!refused.status.success(), "a wrong token was accepted");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+
+    let via = rebuild(&["--via", &projector.base, "--admin-token-file", &token]);
+    let printed = String::from_utf8_lossy(&via.stdout);
+    assert!(via.status.success(), "rebuild --via failed: {}", String::from_utf8_lossy(&via.stderr));
+    for name in ["projects", "tasks"] {
+        assert!(printed.contains(&format!("rebuilt {name} on {}", projector.base)), "{printed}");
+    }
+    let list = c.get(api.url("/projects?page[size]=100")).header("KES-Position", &position).send().await.expect("list");
+    assert_eq!(list.headers()["kes-consistency"], "caught-up");
+    assert_eq!(json_of(list).await["total"], 20, "the rebuilt view lost rows");
+    api.stop();
+    projector.stop();
 }
