@@ -294,17 +294,7 @@ impl IndexCopy {
     /// [`IndexCopy::finish`] (which runs while the live copy is paused) has
     /// only the rest to do. A no-op for a copy that commits each write.
     pub fn flush(&self) -> Result<(), SearchError> {
-        let mut guard = lock(&self.writer);
-        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchError::Retired)?;
-        let Some(buffered) = deferred else { return Ok(()) };
-        if buffered.broken {
-            return Err(SearchError::BrokenRebuild);
-        }
-        if let Err(e) = self.commit_deferred(writer, buffered) {
-            self.fail_deferred(writer, buffered);
-            return Err(e);
-        }
-        Ok(())
+        self.commit_buffered(false)
     }
 
     /// Ends deferred commits: commits what a shadow copy buffered (with
@@ -312,6 +302,12 @@ impl IndexCopy {
     /// each write like a live one. Called by the swap, before the copy is
     /// named live; a no-op for a copy that commits each write.
     pub fn finish(&self) -> Result<(), SearchError> {
+        self.commit_buffered(true)
+    }
+
+    /// Commits a shadow copy's buffered writes; with `end`, it commits
+    /// each write from then on.
+    fn commit_buffered(&self, end: bool) -> Result<(), SearchError> {
         let mut guard = lock(&self.writer);
         let Writing { writer, deferred } = guard.as_mut().ok_or(SearchError::Retired)?;
         let Some(buffered) = deferred else { return Ok(()) };
@@ -322,7 +318,9 @@ impl IndexCopy {
             self.fail_deferred(writer, buffered);
             return Err(e);
         }
-        *deferred = None;
+        if end {
+            *deferred = None;
+        }
         Ok(())
     }
 

@@ -355,6 +355,25 @@ fn lock_root(root: &Path) -> Result<Option<File>, SearchError> {
 }
 
 impl SearchView {
+    /// Checks the rows, then writes them (fenced by `lease` when given)
+    /// off the async executor.
+    async fn write_with(
+        &self,
+        copy: ViewCopy,
+        changes: &[RowChange],
+        checkpoint: &Checkpoint,
+        lease: Option<Lease>,
+    ) -> Result<(), ViewError> {
+        for change in changes {
+            if let Some(row) = &change.row {
+                self.inner.schema.check_row(row)?;
+            }
+        }
+        let inner = Arc::clone(&self.inner);
+        let (changes, checkpoint) = (changes.to_vec(), checkpoint.clone());
+        blocking(move || inner.write(copy, &changes, &checkpoint, lease.as_ref())).await
+    }
+
     /// Opens (or creates) the view stored in `dir` with the default
     /// [`SearchConfig`]. Validates the schema first.
     pub fn open(dir: impl AsRef<Path>, schema: ViewSchema) -> Result<Self, SearchError> {
@@ -902,14 +921,7 @@ impl ViewStore for SearchView {
     }
 
     async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
-        for change in changes {
-            if let Some(row) = &change.row {
-                self.inner.schema.check_row(row)?;
-            }
-        }
-        let inner = Arc::clone(&self.inner);
-        let (changes, checkpoint) = (changes.to_vec(), checkpoint.clone());
-        blocking(move || inner.write(copy, &changes, &checkpoint, None)).await
+        self.write_with(copy, changes, checkpoint, None).await
     }
 
     async fn write_fenced(
@@ -919,14 +931,7 @@ impl ViewStore for SearchView {
         checkpoint: &Checkpoint,
         lease: &Lease,
     ) -> Result<(), ViewError> {
-        for change in changes {
-            if let Some(row) = &change.row {
-                self.inner.schema.check_row(row)?;
-            }
-        }
-        let inner = Arc::clone(&self.inner);
-        let (changes, checkpoint, lease) = (changes.to_vec(), checkpoint.clone(), lease.clone());
-        blocking(move || inner.write(copy, &changes, &checkpoint, Some(&lease))).await
+        self.write_with(copy, changes, checkpoint, Some(lease.clone())).await
     }
 
     async fn begin_rebuild(&self) -> Result<(), ViewError> {

@@ -3,6 +3,9 @@
 //! stands by), and a schema change served by the old copy until the
 //! rebuild swaps in.
 
+mod common;
+
+use common::copies;
 use kes_core::{
     Checkpoint, Field, FilterOp, ListQuery, ListView, Position, Row, RowChange, ViewCopy, ViewError, ViewSchema,
     ViewStore,
@@ -23,17 +26,6 @@ fn at(offset: u64) -> Checkpoint {
     let mut c = Checkpoint::start();
     c.advance(Position::new(0, offset));
     c
-}
-
-fn copies(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("dir")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("copy-"))
-        .collect();
-    names.sort();
-    names
 }
 
 fn current(dir: &std::path::Path) -> String {

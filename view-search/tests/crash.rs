@@ -11,10 +11,10 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::respawn;
 use kes_core::{
     Aggregate, Checkpoint, DomainEvent, EventStore, ExpectedVersion, Field, FilterOp, InMemoryStore, ListQuery,
     ListView, Metadata, Page, Position, Projection, ProjectionRunner, Row, RowChange, RunnerConfig, StoredState,
@@ -250,14 +250,7 @@ async fn crash_between_commits_recovers_to_the_same_answers() {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("index").join("items");
-    let exe = std::env::current_exe().expect("test binary");
-    let mut child = Command::new(exe)
-        .args(["crash_between_commits_recovers_to_the_same_answers", "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, &dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn child");
+    let mut child = respawn("crash_between_commits_recovers_to_the_same_answers", CHILD_ENV, &dir);
     // The child's reports, read on their own thread so that waiting for
     // them has a deadline even if the child falls silent.
     let stdout = child.stdout.take().expect("stdout");

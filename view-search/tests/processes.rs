@@ -10,15 +10,17 @@
 //! the `KES_SEARCH_LEASE_CHILD_DIR` variable) that takes the writer and
 //! holds it until the parent kills it.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{copies, respawn};
 use kes_core::{
     Checkpoint, Field, Lease, ListQuery, ListView, Position, Row, RowChange, ViewCopy, ViewError, ViewSchema, ViewStore,
 };
@@ -65,17 +67,6 @@ async fn rows(view: &dyn ListView) -> Vec<(String, String)> {
 
 async fn names(view: &dyn ListView) -> Vec<String> {
     rows(view).await.into_iter().map(|(_, name)| name).collect()
-}
-
-fn copies(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("dir")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("copy-"))
-        .collect();
-    names.sort();
-    names
 }
 
 /// Polls `condition` until it holds; fails the test after `within`.
@@ -608,14 +599,7 @@ async fn the_lock_of_a_killed_writer_process_is_taken_over() {
     }
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("things");
-    let exe = std::env::current_exe().expect("test binary");
-    let mut child = Command::new(exe)
-        .args(["the_lock_of_a_killed_writer_process_is_taken_over", "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, &dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn child");
+    let mut child = respawn("the_lock_of_a_killed_writer_process_is_taken_over", CHILD_ENV, &dir);
     let stdout = child.stdout.take().expect("stdout");
     let (ready, is_ready) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {

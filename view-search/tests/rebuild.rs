@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::copies;
 use common::stores::{Backend, TestStore, caught_up};
 use futures::StreamExt;
 use kes_core::{
@@ -199,17 +200,6 @@ fn change(id: &str, version: u64, name: &str) -> RowChange {
     row.insert("name".into(), name.into());
     row.insert("n".into(), (version as i64).into());
     RowChange { id: id.into(), version, state: serde_json::json!({ "name": name, "v": version }), row: Some(row) }
-}
-
-fn copies(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("dir")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("copy-"))
-        .collect();
-    names.sort();
-    names
 }
 
 async fn names(view: &dyn ListView) -> Vec<(String, String)> {

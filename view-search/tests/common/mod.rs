@@ -7,6 +7,8 @@
 pub mod stores;
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -15,6 +17,31 @@ use kes_core::{
     ViewStore,
 };
 use kes_view_search::SearchView;
+
+/// The copy directories of the view in `dir`, sorted.
+pub fn copies(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("copy-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Runs `test` of this test binary again as a child process, with `var`
+/// set to `value` (the child's cue), its stdout piped to the caller.
+pub fn respawn(test: &str, var: &str, value: &Path) -> Child {
+    let exe = std::env::current_exe().expect("test binary");
+    Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(var, value)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child")
+}
 
 /// A [`SearchView`] and the temporary directory it lives in (deleted when
 /// this is dropped).
