@@ -723,42 +723,31 @@ impl SqlView {
     /// older writer left over from a rolling deploy, or a newer one that
     /// has not rebuilt yet).
     fn check_forward(&self, stored: Option<(String, i64)>, next: &Checkpoint) -> Result<(), SqlViewError> {
-        let Some((text, version)) = stored else { return Ok(()) };
-        if version != i64::from(self.schema.version) {
+        let Some(stored) = progress_of(&self.schema.name, stored)? else { return Ok(()) };
+        if stored.schema_version != self.schema.version {
             return Err(SqlViewError::Fenced(format!(
-                "view {}: the copy was built with schema version {version}, this writer has version {}",
-                self.schema.name, self.schema.version
+                "view {}: the copy was built with schema version {}, this writer has version {}",
+                self.schema.name, stored.schema_version, self.schema.version
             )));
         }
-        let stored = Checkpoint::from_json(&text).map_err(|e| SqlViewError::Corrupt {
-            id: format!("checkpoint of view {}", self.schema.name),
-            reason: e.to_string(),
-        })?;
-        if next.covers_all(&stored) {
+        if next.covers_all(&stored.checkpoint) {
             Ok(())
         } else {
             Err(SqlViewError::Fenced(format!(
                 "view {}: checkpoint {} would move back from {}",
                 self.schema.name,
                 next.to_json(),
-                stored.to_json()
+                stored.checkpoint.to_json()
             )))
         }
     }
 
-    /// Refuses a swap whose new copy (`shadow`, its stored checkpoint) has
-    /// not reached the live one on every partition.
-    fn check_swap(&self, live: Option<String>, shadow: Option<String>) -> Result<(), SqlViewError> {
-        let read = |text: Option<String>| -> Result<Checkpoint, SqlViewError> {
-            text.map(|t| Checkpoint::from_json(&t))
-                .transpose()
-                .map_err(|e| SqlViewError::Corrupt {
-                    id: format!("checkpoint of view {}", self.schema.name),
-                    reason: e.to_string(),
-                })
-                .map(Option::unwrap_or_default)
-        };
-        let (live, shadow) = (read(live)?, read(shadow)?);
+    /// Refuses a swap whose new copy (`shadow`, its stored checkpoint and
+    /// version) has not reached the live one on every partition.
+    fn check_swap(&self, live: Option<(String, i64)>, shadow: Option<(String, i64)>) -> Result<(), SqlViewError> {
+        let checkpoint =
+            |stored| progress_of(&self.schema.name, stored).map(|p| p.map(|p| p.checkpoint).unwrap_or_default());
+        let (live, shadow) = (checkpoint(live)?, checkpoint(shadow)?);
         if shadow.covers_all(&live) {
             Ok(())
         } else {
@@ -1192,11 +1181,15 @@ impl SqlView {
             if lease.is_some() {
                 // The new copy must have every record the live one has, on
                 // every partition: a swap never moves the view back.
-                let live: Option<String> =
-                    bound(&live_checkpoint).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
-                let shadow: Option<String> =
-                    bound(&shadow_checkpoint).fetch_optional(&mut *tx).await?.map(|r| r.try_get(0)).transpose()?;
-                self.check_swap(live, shadow)?;
+                let mut stored = Vec::with_capacity(2);
+                for sql in [&live_checkpoint, &shadow_checkpoint] {
+                    stored.push(match bound(sql).fetch_optional(&mut *tx).await? {
+                        Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                        None => None,
+                    });
+                }
+                let shadow = stored.pop().flatten();
+                self.check_swap(stored.pop().flatten(), shadow)?;
             }
             // A shadow is filled without its secondary indexes: one pass
             // over the full table builds each of them for less than
