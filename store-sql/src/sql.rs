@@ -149,9 +149,9 @@ pub(crate) const RECALL: &str = "SELECT version, position FROM kes_events \
 pub(crate) const STREAM_VERSION: &str =
     "SELECT COALESCE(MAX(version), 0) FROM kes_events WHERE aggregate_type = $1 AND aggregate_id = $2";
 
-/// The latest version of every aggregate written in a stretch of the log
-/// (`$2 <= position <= $3`).
-pub(crate) const WRITTEN_BETWEEN: &str = "SELECT aggregate_id, MAX(version) FROM kes_events \
+/// The latest version (and last position) of every aggregate written in a
+/// stretch of the log (`$2 <= position <= $3`).
+pub(crate) const WRITTEN_BETWEEN: &str = "SELECT aggregate_id, MAX(version), MAX(position) FROM kes_events \
      WHERE aggregate_type = $1 AND position >= $2 AND position <= $3 GROUP BY aggregate_id";
 
 /// The last position of the log (NULL when it is empty).

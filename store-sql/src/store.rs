@@ -1112,24 +1112,24 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
             return Ok(true);
         }
         let read_at = cache.now();
-        let (head, rows): (Option<i64>, Vec<(String, i64)>) = on_reader!(&self.inner.pools, |pool| {
-            let head: Option<i64> = sqlx::query_scalar(sql::HEAD).bind(A::NAME).fetch_one(pool).await.map_err(db)?;
-            // A token past the log's end (from another log, or made up)
-            // sweeps no further than what is there.
-            let upto = head.unwrap_or(-1).min(version_param(position.offset));
-            let rows = sqlx::query_as(sql::WRITTEN_BETWEEN)
+        let rows: Vec<(String, i64, i64)> = on_reader!(&self.inner.pools, |pool| {
+            sqlx::query_as(sql::WRITTEN_BETWEEN)
                 .bind(A::NAME)
                 .bind(version_param(from))
-                .bind(upto)
+                .bind(version_param(position.offset))
                 .fetch_all(pool)
                 .await
-                .map_err(db)?;
-            (head, rows)
+                .map_err(db)?
         });
-        let latest: Vec<(String, u64)> = rows.into_iter().map(|(id, v)| (id, from_db(v))).collect();
+        // Positions are visible gap-free, in commit order: everything up
+        // to the last one found is swept. A token past the log's end (from
+        // another log, or made up) moves the mark no further than that.
+        let last = rows.iter().map(|(_, _, p)| from_db(*p)).max();
+        let latest: Vec<(String, u64)> = rows.into_iter().map(|(id, v, _)| (id, from_db(v))).collect();
         cache.sweep(&latest, read_at);
-        let upto = head.map_or(0, |h| from_db(h) + 1).min(position.offset.saturating_add(1));
-        self.inner.synced.fetch_max(upto, Ordering::SeqCst);
+        if let Some(last) = last {
+            self.inner.synced.fetch_max(last + 1, Ordering::SeqCst);
+        }
         Ok(true)
     }
 
