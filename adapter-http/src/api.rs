@@ -629,7 +629,7 @@ fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
-fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, HttpError> {
+pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, HttpError> {
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v

@@ -38,6 +38,7 @@ use kes_core::{
 use serde_json::json;
 use tokio::sync::{Mutex, broadcast, mpsc, watch};
 
+use crate::api::header_text;
 use crate::error::HttpError;
 use crate::metrics::Metrics;
 
@@ -460,7 +461,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                         at.set_next(p, next);
                     }
                 }
-                feed.send_rows(self.view.schema(), &step.rows, &at).await?;
+                feed.send_rows(self.view.schema(), &step.rows, &at)?;
             }
         }
     }
@@ -498,7 +499,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 self.removed_versions(rows).await
             };
             for step in steps_of(&at, &records, rows) {
-                feed.send_rows(self.view.schema(), &step.rows, &step.after).await?;
+                feed.send_rows(self.view.schema(), &step.rows, &step.after)?;
                 at = step.after;
             }
         }
@@ -572,7 +573,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 json!({ "version": document.version, "etag": format!("\"{}\"", document.version), "state": state });
             Event::default().event("state").id(document.version.to_string()).data(data.to_string())
         };
-        send(tx, event).await?;
+        tx.push(Frame::One(event))?;
         Ok(document.version)
     }
 }
@@ -588,11 +589,6 @@ enum FeedEnd {
     Shutdown,
     /// The store or view failed; the client reconnects and resumes.
     Unavailable,
-}
-
-/// Queues `event` for the client; a full queue is a slow client.
-async fn send(tx: &Queue, event: Event) -> Result<(), FeedEnd> {
-    tx.push(Frame::One(event))
 }
 
 /// The sending end of a feed's queue, bounded in frames and in bytes (the
@@ -615,6 +611,7 @@ fn queue() -> (Queue, Outlet) {
 }
 
 impl Queue {
+    /// Queues `frame` for the client; a full queue is a slow client.
     fn push(&self, frame: Frame) -> Result<(), FeedEnd> {
         if self.tx.is_closed() {
             return Err(FeedEnd::Gone);
@@ -689,12 +686,7 @@ impl ListFeed {
     /// Sends the changes of one stretch that this feed shows, the last of
     /// them carrying the token `at`; a stretch with none moves the token
     /// now and then with a `progress` event.
-    async fn send_rows(
-        &mut self,
-        schema: &kes_core::ViewSchema,
-        rows: &[RowChange],
-        at: &Checkpoint,
-    ) -> Result<(), FeedEnd> {
+    fn send_rows(&mut self, schema: &kes_core::ViewSchema, rows: &[RowChange], at: &Checkpoint) -> Result<(), FeedEnd> {
         let mut events = Vec::new();
         for change in rows {
             let known = self.sent.get(&change.id).copied();
@@ -729,13 +721,13 @@ impl ListFeed {
         match events.pop() {
             Some(last) => {
                 for event in events {
-                    send(&self.tx, event).await?;
+                    self.tx.push(Frame::One(event))?;
                 }
-                send(&self.tx, last.id(id)).await?;
+                self.tx.push(Frame::One(last.id(id)))?;
                 self.last_id = Instant::now();
             }
             None if self.last_id.elapsed() >= PROGRESS_EVERY => {
-                send(&self.tx, Event::default().event("progress").id(id).data("{}")).await?;
+                self.tx.push(Frame::One(Event::default().event("progress").id(id).data("{}")))?;
                 self.last_id = Instant::now();
             }
             None => {}
@@ -870,26 +862,13 @@ fn sse(rx: Outlet, heartbeat: Duration) -> Response {
 
 /// The resume point of a list feed: `Last-Event-ID`, else `?after=`.
 pub(crate) fn resume_of(headers: &HeaderMap, after: Option<&str>) -> Result<Option<Checkpoint>, HttpError> {
-    let header = headers
-        .get("last-event-id")
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| HttpError::InvalidHeader { name: "last-event-id", reason: "not visible ASCII".into() })
-        })
-        .transpose()?;
-    header.or(after).map(parse_token).transpose()
+    header_text(headers, "last-event-id")?.or(after).map(parse_token).transpose()
 }
 
 /// The version a per-aggregate feed resumes after.
 pub(crate) fn seen_version(headers: &HeaderMap) -> Result<Option<u64>, HttpError> {
-    let Some(v) = headers.get("last-event-id") else { return Ok(None) };
-    let text = v
-        .to_str()
-        .map_err(|_| HttpError::InvalidHeader { name: "last-event-id", reason: "not visible ASCII".into() })?;
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    text.trim().parse().map(Some).map_err(|_| HttpError::InvalidHeader {
+    let Some(text) = header_text(headers, "last-event-id")?.filter(|t| !t.is_empty()) else { return Ok(None) };
+    text.parse().map(Some).map_err(|_| HttpError::InvalidHeader {
         name: "last-event-id",
         reason: "expected the version last received".into(),
     })

@@ -807,14 +807,15 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<RebuildReport, ProjectionError> {
         let _only_one = slot.rebuilding.lock().await;
+        // Already claimed when started on request; claimed here otherwise.
         slot.claim_rebuild();
         let started = Instant::now();
         // Never rebuild a view back to an older version of its projection.
         let result = match slot.projection.progress(ViewCopy::Live).await {
-            Ok(Some(p)) if p.schema_version > slot.projection.version() => {
-                Err(self.outdated(slot, p.schema_version).unwrap_or(ProjectionError::Stopped))
-            }
-            Ok(_) => self.rebuild_copy(slot, lease, progress).await,
+            Ok(stored) => match stored.and_then(|p| self.outdated(slot, p.schema_version)) {
+                Some(outdated) => Err(outdated),
+                None => self.rebuild_copy(slot, lease, progress).await,
+            },
             Err(e) => Err(e),
         };
         slot.update_rebuild(|r| {
