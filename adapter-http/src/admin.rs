@@ -6,20 +6,24 @@
 //!   rebuild's progress;
 //! - `POST /admin/projections/{name}/rebuild`: starts a rebuild where this
 //!   process leads the projection (`202`; `409` when another process leads
-//!   it or a rebuild runs; `404` for an unknown name).
+//!   it or a rebuild runs; `404` for an unknown name);
+//! - `GET /admin/reactions`: every reaction this process runs, with its
+//!   checkpoint, lag, lease, last error (a stopped reaction says why
+//!   here), what it sent, and its latest refused commands
+//!   (`?recent=N`, 20 by default, at most 100).
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use kes_core::{ProjectionError, ProjectionStatus};
+use kes_core::{ProjectionError, ProjectionStatus, ReactionStatus};
 use serde_json::{Value, json};
 
-use crate::api::{ProjectionStatusSource, json_response};
+use crate::api::{ProjectionStatusSource, ReactionStatusSource, json_response};
 use crate::error::HttpError;
 
 /// The realm of the admin endpoints' `WWW-Authenticate` challenge.
@@ -73,6 +77,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 struct Admin {
     token: AdminToken,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
+    reactions: Vec<Arc<dyn ReactionStatusSource>>,
 }
 
 impl Admin {
@@ -81,13 +86,79 @@ impl Admin {
     }
 }
 
-/// The admin routes over `sources`.
-pub(crate) fn routes(token: AdminToken, sources: Vec<Arc<dyn ProjectionStatusSource>>) -> Router {
-    let admin = Arc::new(Admin { token, sources });
+/// The admin routes over `sources` and `reactions`.
+pub(crate) fn routes(
+    token: AdminToken,
+    sources: Vec<Arc<dyn ProjectionStatusSource>>,
+    reactions: Vec<Arc<dyn ReactionStatusSource>>,
+) -> Router {
+    let admin = Arc::new(Admin { token, sources, reactions });
     Router::new()
         .route("/admin/projections", get(list))
         .route("/admin/projections/{name}/rebuild", post(rebuild))
+        .route("/admin/reactions", get(list_reactions))
         .with_state(admin)
+}
+
+/// The query of `GET /admin/reactions`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReactionsQuery {
+    /// How many of each reaction's latest refused commands to show.
+    recent: Option<u32>,
+}
+
+async fn list_reactions(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    query: Result<Query<ReactionsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    admin.check(&headers)?;
+    let Query(query) = query.map_err(|e| HttpError::BadRequest(format!("bad query: {}", e.body_text())))?;
+    let recent = query.recent.unwrap_or(20);
+    if recent > 100 {
+        return Err(HttpError::BadRequest("recent: at most 100".into()));
+    }
+    let mut items = Vec::new();
+    for source in &admin.reactions {
+        let statuses = source.reaction_status(recent).await.map_err(HttpError::from)?;
+        items.extend(statuses.iter().map(reaction_json));
+    }
+    Ok(json_response(StatusCode::OK, &json!({ "reactions": items })))
+}
+
+fn reaction_json(r: &ReactionStatus) -> Value {
+    let refusals: Vec<Value> = r
+        .recent_refusals
+        .iter()
+        .map(|f| {
+            json!({
+                "source_event": f.source_event,
+                "source_id": f.source_id,
+                "target": f.target,
+                "target_id": f.target_id,
+                "command": f.command,
+                "error": f.error,
+                "at": f.at.map(|t| t.to_rfc3339()),
+            })
+        })
+        .collect();
+    json!({
+        "reaction": r.reaction,
+        "source": r.source,
+        "journal": r.status.name,
+        "leads": r.status.leads,
+        "checkpoint": serde_json::to_value(&r.status.checkpoint).unwrap_or(Value::Null),
+        "lag": r.status.lag,
+        "last_error": r.status.last_error,
+        "events": r.counts.events,
+        "sent": r.counts.sent,
+        "deduplicated": r.counts.deduplicated,
+        "refused": r.counts.refused,
+        "retries": r.counts.retries,
+        "refused_total": r.refused_total,
+        "recent_refusals": refusals,
+    })
 }
 
 async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, HttpError> {

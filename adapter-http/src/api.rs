@@ -16,7 +16,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use kes_core::{
     Aggregate, CatchUp, CommandBus, CommandError, CommandOutcome, EventStore, ExpectedVersion, History, HistoryError,
     ListQuery, ListView, Metadata, Position, ProjectionError, ProjectionRunner, ProjectionStatus, QueryError,
-    StoreError, StoreGauge, StoredStatus,
+    ReactionRunner, ReactionStatus, StoreError, StoreGauge, StoredStatus,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use schemars::JsonSchema;
@@ -110,6 +110,22 @@ pub trait ProjectionStatusSource: Send + Sync {
     fn start_rebuild(&self, name: &str) -> Option<Result<(), ProjectionError>> {
         let _ = name;
         None
+    }
+}
+
+/// Reports how reactions are doing, for `/metrics` (`kes_reaction_*`) and
+/// `GET /admin/reactions`. [`ReactionRunner`] implements it.
+#[async_trait]
+pub trait ReactionStatusSource: Send + Sync {
+    /// The status of each reaction, with up to `recent` of its latest
+    /// refused commands.
+    async fn reaction_status(&self, recent: u32) -> Result<Vec<ReactionStatus>, StoreError>;
+}
+
+#[async_trait]
+impl<A: Aggregate, S: EventStore<A> + Clone> ReactionStatusSource for ReactionRunner<A, S> {
+    async fn reaction_status(&self, recent: u32) -> Result<Vec<ReactionStatus>, StoreError> {
+        self.status(recent).await
     }
 }
 
@@ -247,6 +263,7 @@ pub struct Api {
     routes: Vec<Box<dyn FnOnce(Arc<Shared>) -> Router + Send>>,
     mounts: Vec<Arc<dyn Mount>>,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
+    reactions: Vec<Arc<dyn ReactionStatusSource>>,
     histories: HashMap<String, Arc<dyn History>>,
     checks: Vec<(String, Arc<dyn Readiness>)>,
     admin: Option<AdminToken>,
@@ -272,6 +289,7 @@ impl Api {
             routes: Vec::new(),
             mounts: Vec::new(),
             sources: Vec::new(),
+            reactions: Vec::new(),
             histories: HashMap::new(),
             checks: Vec::new(),
             admin: None,
@@ -365,12 +383,21 @@ impl Api {
         self
     }
 
+    /// Adds reactions to report on: `/metrics` (`kes_reaction_*`) and,
+    /// with [`Api::admin`], `GET /admin/reactions`.
+    pub fn reactions(mut self, source: Arc<dyn ReactionStatusSource>) -> Self {
+        self.reactions.push(source);
+        self
+    }
+
     /// Serves the operator endpoints to requests carrying `token` as
     /// `Authorization: Bearer …`: `GET /admin/projections` (status and
     /// rebuild progress of every projection given to
-    /// [`Api::projections`]) and `POST /admin/projections/{name}/rebuild`
-    /// (a rebuild where this process leads the projection). Without a
-    /// token these routes do not exist.
+    /// [`Api::projections`]), `POST /admin/projections/{name}/rebuild`
+    /// (a rebuild where this process leads the projection) and
+    /// `GET /admin/reactions` (every reaction given to [`Api::reactions`]:
+    /// progress, counts and its latest refused commands). Without a token
+    /// these routes do not exist.
     pub fn admin(mut self, token: AdminToken) -> Self {
         self.admin = Some(token);
         self
@@ -399,10 +426,11 @@ impl Api {
             stop: self.stop.subscribe(),
         });
         let document = Arc::new(openapi::document(&shared.config, &self.mounts));
-        let admin = self.admin.map(|token| admin::routes(token, self.sources.clone()));
+        let admin = self.admin.map(|token| admin::routes(token, self.sources.clone(), self.reactions.clone()));
         let service = Arc::new(Service {
             mounts: self.mounts,
             sources: self.sources,
+            reactions: self.reactions,
             checks: self.checks,
             shared: Arc::clone(&shared),
         });
@@ -470,6 +498,7 @@ async fn openapi_json(document: Arc<Value>) -> Response {
 struct Service {
     mounts: Vec<Arc<dyn Mount>>,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
+    reactions: Vec<Arc<dyn ReactionStatusSource>>,
     checks: Vec<(String, Arc<dyn Readiness>)>,
     shared: Arc<Shared>,
 }
@@ -503,6 +532,13 @@ async fn metrics_text(State(service): State<Arc<Service>>) -> Response {
             Ok(Ok(statuses)) => service.shared.metrics.projections(&statuses),
             Ok(Err(e)) => tracing::warn!(error = %e, "projection status unavailable for /metrics"),
             Err(_) => tracing::warn!("projection status timed out for /metrics"),
+        }
+    }
+    for source in &service.reactions {
+        match tokio::time::timeout(Duration::from_secs(2), source.reaction_status(0)).await {
+            Ok(Ok(statuses)) => service.shared.metrics.reactions(&statuses),
+            Ok(Err(e)) => tracing::warn!(error = %e, "reaction status unavailable for /metrics"),
+            Err(_) => tracing::warn!("reaction status timed out for /metrics"),
         }
     }
     for mount in &service.mounts {

@@ -172,7 +172,7 @@ mod resource;
 pub use admin::AdminToken;
 pub use api::{
     Api, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
-    ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, Readiness, ShutdownHandle,
+    ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, ReactionStatusSource, Readiness, ShutdownHandle,
 };
 pub use error::{HttpError, PROBLEM_JSON, problem_type};
 pub use resource::{IdStrategy, Resource};

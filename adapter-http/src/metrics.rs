@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kes_core::{ProjectionStatus, StoreGauge};
+use kes_core::{ProjectionStatus, ReactionStatus, StoreGauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 /// Commands handled, by aggregate, command and outcome.
@@ -17,6 +17,23 @@ pub const PROJECTION_FAILING: &str = "kes_projection_failing";
 /// 1 while this process leads a projection (holds its view's lease), 0
 /// while it stands by, by projection; absent where no projection runs.
 pub const PROJECTION_LEADER: &str = "kes_projection_leader";
+
+/// Source records a reaction has not handled yet, by reaction and source
+/// aggregate type.
+pub const REACTION_LAG: &str = "kes_reaction_lag";
+/// 1 while a reaction is stopped by a failure (retrying), by reaction and
+/// source.
+pub const REACTION_FAILING: &str = "kes_reaction_failing";
+/// 1 while this process runs a reaction (holds its lease), 0 while it
+/// stands by.
+pub const REACTION_LEADER: &str = "kes_reaction_leader";
+/// Commands a reaction sent since this process started, by reaction,
+/// source and outcome (`sent`, `deduplicated`, `refused`).
+pub const REACTION_COMMANDS: &str = "kes_reaction_commands_total";
+/// Transient failures a reaction retried since this process started.
+pub const REACTION_RETRIES: &str = "kes_reaction_retries_total";
+/// Refused commands a reaction's journal holds, by reaction and source.
+pub const REACTION_REFUSED: &str = "kes_reaction_refused";
 
 /// Change feeds open now, by aggregate.
 pub const FEEDS_OPEN: &str = "kes_feeds_open";
@@ -87,6 +104,32 @@ impl Metrics {
                 metrics::gauge!(PROJECTION_FAILING, &labels).set(if s.last_error.is_some() { 1.0 } else { 0.0 });
                 if let Some(leads) = s.leads {
                     metrics::gauge!(PROJECTION_LEADER, &labels).set(if leads { 1.0 } else { 0.0 });
+                }
+            }
+        });
+    }
+
+    pub(crate) fn reactions(&self, statuses: &[ReactionStatus]) {
+        self.record(|| {
+            for r in statuses {
+                let labels = [("reaction", r.reaction.clone()), ("source", r.source.clone())];
+                let s = &r.status;
+                metrics::gauge!(REACTION_LAG, &labels).set(s.lag as f64);
+                metrics::gauge!(REACTION_FAILING, &labels).set(if s.last_error.is_some() { 1.0 } else { 0.0 });
+                if let Some(leads) = s.leads {
+                    metrics::gauge!(REACTION_LEADER, &labels).set(if leads { 1.0 } else { 0.0 });
+                }
+                metrics::gauge!(REACTION_REFUSED, &labels).set(r.refused_total as f64);
+                metrics::counter!(REACTION_RETRIES, &labels).absolute(r.counts.retries);
+                for (outcome, n) in
+                    [("sent", r.counts.sent), ("deduplicated", r.counts.deduplicated), ("refused", r.counts.refused)]
+                {
+                    let labels = [
+                        ("reaction", r.reaction.clone()),
+                        ("source", r.source.clone()),
+                        ("outcome", outcome.to_owned()),
+                    ];
+                    metrics::counter!(REACTION_COMMANDS, &labels).absolute(n);
                 }
             }
         });

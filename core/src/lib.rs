@@ -19,6 +19,7 @@
 //! | [`history`] | the audit history page by page: [`StoreHistory`], or a [`HistoryProjection`] read by [`ViewHistory`] |
 //! | [`view`] | [`ViewSchema`], [`ListQuery`], [`Page`], the [`ListView`] / [`ViewStore`] contracts |
 //! | [`projection`] | [`Projection`], [`ViewProjection`], [`ProjectionRunner`] (batches, checkpoints, rebuild, lag) |
+//! | [`reaction`] | [`Reaction`]s (process managers): events that send commands, exactly once in effect, with their [`ReactionProjection`], [`CommandRouter`] and [`ReactionTest`] |
 //! | [`memory`] | [`InMemoryStore`], [`InMemoryView`]: real in-memory backends |
 //! | [`testkit`] | given / when / then tests for aggregates |
 //! | `conformance` | (feature `testing`) the suites every backend runs |
@@ -104,6 +105,7 @@ pub mod history;
 pub mod locks;
 pub mod memory;
 pub mod projection;
+pub mod reaction;
 pub mod store;
 pub mod testkit;
 pub mod view;
@@ -121,6 +123,11 @@ pub use memory::{InMemoryStore, InMemoryView};
 pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport,
     RebuildState, RunnerConfig, StoredCatchUp, StoredStatus, ViewProjection,
+};
+pub use reaction::{
+    CommandRouter, CommandSink, Commands, REACTION_METADATA_KEY, Reaction, ReactionConfig, ReactionCounts,
+    ReactionError, ReactionKey, ReactionOutcome, ReactionProjection, ReactionRunner, ReactionStats, ReactionStatus,
+    ReactionTest, Refusal, Sent, journal_schema,
 };
 pub use store::{
     Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StateDocument, StoreError, StoreGauge,

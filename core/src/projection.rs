@@ -49,6 +49,10 @@ pub enum ProjectionError {
         /// This runner's version.
         mine: u32,
     },
+    /// The projection is never rebuilt (a reaction: replaying the log
+    /// would decide commands again on today's states).
+    #[error("projection {0:?} is not rebuilt")]
+    NotRebuildable(String),
     /// A rebuild of the projection is already running.
     #[error("a rebuild of projection {0:?} is already running")]
     Busy(String),

@@ -9,6 +9,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`domain`] | the aggregates: commands, events, rules |
+//! | [`reactions`] | the rules across aggregates, kept by a reaction: archiving a project cancels its open tasks |
 //! | [`resources`] | how they meet HTTP and the list views |
 //! | [`service`] | stores and views chosen by URL, runners, router, rebuild |
 //!
@@ -32,6 +33,7 @@
 //! ```
 
 pub mod domain;
+pub mod reactions;
 pub mod resources;
 pub mod service;
 pub mod web;

@@ -21,6 +21,15 @@ pub struct MemberBody {
     pub member: String,
 }
 
+/// Why a task is cancelled.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// Why (blank: "cancelled").
+    #[serde(default)]
+    pub reason: String,
+}
+
 /// Creates a task.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -60,7 +69,7 @@ pub fn projects() -> Resource<Project> {
         .command("remove-member", |b: MemberBody| ProjectCommand::RemoveMember(b.member))
 }
 
-/// `/tasks`: create, update, complete, reopen, delete.
+/// `/tasks`: create, update, complete, reopen, cancel, delete.
 pub fn tasks() -> Resource<Task> {
     Resource::new("tasks")
         .create(|b: CreateTask| TaskCommand::Create { project_id: b.project_id, title: b.title, assignee: b.assignee })
@@ -68,6 +77,7 @@ pub fn tasks() -> Resource<Task> {
         .delete(|| TaskCommand::Delete)
         .command("complete", |_: NoBody| TaskCommand::Complete)
         .command("reopen", |_: NoBody| TaskCommand::Reopen)
+        .command("cancel", |b: CancelBody| TaskCommand::Cancel { reason: b.reason })
         .command("assign", |b: UpdateTask| TaskCommand::Update {
             title: None,
             assignee: b.assignee.or(Some(String::new())),

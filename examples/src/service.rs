@@ -6,15 +6,16 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use axum::Router;
 use kes_core::{
-    Aggregate, CatchUp, CommandBus, EventStore, HistoryProjection, ListView, Projection, ProjectionRunner,
-    RebuildReport, Row, RunnerConfig, StoredCatchUp, StoredStatus, ViewHistory, ViewProjection, ViewSchema, ViewStore,
-    history_schema,
+    Aggregate, CatchUp, CommandBus, CommandRouter, CommandSink, EventStore, HistoryProjection, ListView, Projection,
+    ProjectionRunner, ReactionConfig, ReactionProjection, ReactionRunner, RebuildReport, Row, RunnerConfig,
+    StoredCatchUp, StoredStatus, ViewHistory, ViewProjection, ViewSchema, ViewStore, history_schema, journal_schema,
 };
 use kes_http::{AdminToken, Api, HttpConfig, Readiness, ShutdownHandle};
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use kes_store_sql::SqlStore;
 
 use crate::domain::{Project, Task};
+use crate::reactions::{PROJECT_TASKS, ProjectTasks};
 use crate::resources;
 
 /// The default event store: a SQLite file under `./data`.
@@ -269,12 +270,53 @@ impl<A: Aggregate> Part<A> {
     }
 }
 
+/// The reactions of the service ([`ProjectTasks`]), one runner per source
+/// aggregate type; each keeps its checkpoint, lease and refused commands
+/// in a journal view beside the list views.
+pub struct Reactions {
+    /// Over the projects' log.
+    pub projects: Arc<ReactionRunner<Project, Arc<dyn EventStore<Project>>>>,
+    /// Over the tasks' log.
+    pub tasks: Arc<ReactionRunner<Task, Arc<dyn EventStore<Task>>>>,
+}
+
+impl Reactions {
+    async fn open(settings: &Settings, projects: &Part<Project>, tasks: &Part<Task>) -> anyhow::Result<Self> {
+        let router = CommandRouter::new()
+            .route::<Project>(Arc::clone(&projects.bus) as Arc<dyn CommandSink<Project>>)
+            .route::<Task>(Arc::clone(&tasks.bus) as Arc<dyn CommandSink<Task>>);
+        let reaction = Arc::new(ProjectTasks::new(
+            Arc::clone(&projects.store),
+            Arc::clone(&tasks.store),
+            Arc::clone(&tasks.view) as Arc<dyn ListView>,
+        ));
+        let journal = |source: &'static str| {
+            open_view(&settings.view, journal_schema(PROJECT_TASKS, source), false, settings.lease_ttl)
+        };
+        let on_projects = ReactionProjection::<Project>::new(
+            reaction.clone(),
+            router.clone(),
+            journal(Project::NAME).await?,
+            ReactionConfig::default(),
+        )?;
+        let on_tasks =
+            ReactionProjection::<Task>::new(reaction, router, journal(Task::NAME).await?, ReactionConfig::default())?;
+        let config = settings.runner_config();
+        Ok(Self {
+            projects: Arc::new(ReactionRunner::new(Arc::clone(&projects.store), vec![on_projects], config.clone())),
+            tasks: Arc::new(ReactionRunner::new(Arc::clone(&tasks.store), vec![on_tasks], config)),
+        })
+    }
+}
+
 /// The whole projects service: both aggregates, ready to serve.
 pub struct Service {
     /// Projects.
     pub projects: Part<Project>,
     /// Tasks.
     pub tasks: Part<Task>,
+    /// The reactions, in processes that run projections.
+    pub reactions: Option<Reactions>,
     http: HttpConfig,
     admin_token: Option<AdminToken>,
     /// Ends the change feeds of the routers made so far.
@@ -287,9 +329,15 @@ impl Service {
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
         let projects = Part::open(settings, resources::project_view(), resources::project_row).await?;
         let tasks = Part::open(settings, resources::task_view(), resources::task_row).await?;
+        let reactions = if settings.role.runs_projections() {
+            Some(Reactions::open(settings, &projects, &tasks).await.context("opening the reactions")?)
+        } else {
+            None
+        };
         Ok(Self {
             projects,
             tasks,
+            reactions,
             http: settings.http.clone(),
             admin_token: settings.admin_token.clone(),
             feeds: std::sync::Mutex::new(Vec::new()),
@@ -300,6 +348,10 @@ impl Service {
     pub async fn start_projections(&self) -> anyhow::Result<()> {
         self.projects.runner.start().await.context("starting the projects projection")?;
         self.tasks.runner.start().await.context("starting the tasks projection")?;
+        if let Some(reactions) = &self.reactions {
+            reactions.projects.start().await.context("starting the reactions to projects")?;
+            reactions.tasks.start().await.context("starting the reactions to tasks")?;
+        }
         Ok(())
     }
 
@@ -350,8 +402,12 @@ impl Service {
     }
 
     /// `api` with the admin endpoints where projections run and a token
-    /// is set.
+    /// is set, and the reactions' status where they run.
     fn with_admin(&self, api: Api, role: Role) -> Api {
+        let api = match (&self.reactions, role.runs_projections()) {
+            (Some(r), true) => api.reactions(r.projects.clone()).reactions(r.tasks.clone()),
+            _ => api,
+        };
         match &self.admin_token {
             Some(token) if role.runs_projections() => api.admin(token.clone()),
             _ => api,
@@ -388,6 +444,10 @@ impl Service {
     /// Stops the projection runners (after in-flight batches), then lets
     /// the stores write out what they hold in memory only.
     pub async fn shutdown(&self) {
+        if let Some(reactions) = &self.reactions {
+            reactions.projects.shutdown().await;
+            reactions.tasks.shutdown().await;
+        }
         self.projects.runner.shutdown().await;
         self.tasks.runner.shutdown().await;
         for (name, flushed) in

@@ -1,9 +1,8 @@
 //! The `projects` binary, started on a free port and driven over HTTP, on
 //! each combination of store and list backend.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,93 +11,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-const BIN: &str = env!("CARGO_BIN_EXE_projects");
+mod common;
 
-/// A running `projects serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    async fn start(dir: &Path, store: &str, view: &str) -> Self {
-        Self::start_as(dir, store, view, "all").await
-    }
-
-    /// `projects serve --role ROLE`.
-    async fn start_as(dir: &Path, store: &str, view: &str, role: &str) -> Self {
-        Self::start_with(dir, store, view, role, &[]).await
-    }
-
-    /// `projects serve --role ROLE` with more environment.
-    async fn start_with(dir: &Path, store: &str, view: &str, role: &str, env: &[(&str, &str)]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let child = Command::new(BIN)
-            .current_dir(dir)
-            .envs(env.iter().copied())
-            .env("KES_ROLE", role)
-            .env("KES_LISTEN", format!("127.0.0.1:{port}"))
-            .env("KES_STORE", store)
-            .env("KES_VIEW", view)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the projects binary");
-        let server = Self { child, base: format!("http://127.0.0.1:{port}") };
-        let client = reqwest::Client::new();
-        let started = Instant::now();
-        loop {
-            if let Ok(r) = client.get(format!("{}/health", server.base)).send().await
-                && r.status() == StatusCode::OK
-            {
-                return server;
-            }
-            assert!(started.elapsed() < Duration::from_secs(60), "the service did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// SIGTERM, then wait: the graceful path.
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "the service exited with {status} on SIGTERM");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the service did not stop within 20 s of SIGTERM");
-    }
-
-    /// SIGKILL: the crash path.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A fresh PostgreSQL database, or `None` (skipped, or failed under CI, by
-/// the workspace's one rule).
-async fn fresh_database() -> Option<String> {
-    kes_test_support::fresh_postgres_database("e2e").await
-}
-
-fn kafka_brokers() -> Option<String> {
-    kes_test_support::kafka_brokers()
-}
+use common::{BIN, Server, fresh_database, json_of, kafka_brokers};
 
 fn run_rebuild(dir: &Path, store: &str, view: &str) -> String {
     let out = Command::new(BIN)
@@ -112,10 +27,6 @@ fn run_rebuild(dir: &Path, store: &str, view: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "rebuild failed: {}", String::from_utf8_lossy(&out.stderr));
     stdout
-}
-
-async fn json_of(r: reqwest::Response) -> Value {
-    r.json().await.expect("a JSON body")
 }
 
 /// The list answers the scenario compares across restarts and rebuilds,

@@ -499,12 +499,14 @@ async function loadTasks() {
     const { data } = await call('GET', `/tasks?${query}`, { log: 'task' });
     if (!fresh() || current?.id !== id) return;
     const items = data.items.map(({ id: taskId, row }) => {
-      const done = row.status === 'done';
-      const verb = done ? 'reopen' : 'complete';
-      return h('li', { class: done ? 'done' : null },
-        h('span', { class: 'title' }, row.title), row.assignee ? ` (${row.assignee})` : '', ' ',
-        h('button', { type: 'button', class: 'small', 'aria-label': `${done ? 'Reopen' : 'Mark done'}: ${row.title}`,
-          onclick: () => taskCommand(taskId, verb) }, done ? 'Reopen' : 'Mark done'));
+      // A cancelled task (its project was archived) can be reopened too.
+      const closed = row.status === 'done' || row.status === 'cancelled';
+      const verb = closed ? 'reopen' : 'complete';
+      return h('li', { class: closed ? row.status : null },
+        h('span', { class: 'title' }, row.title), row.assignee ? ` (${row.assignee})` : '',
+        row.status === 'cancelled' ? h('span', { class: 'note' }, ' (cancelled)') : '', ' ',
+        h('button', { type: 'button', class: 'small', 'aria-label': `${closed ? 'Reopen' : 'Mark done'}: ${row.title}`,
+          onclick: () => taskCommand(taskId, verb) }, closed ? 'Reopen' : 'Mark done'));
     });
     if (data.total > data.items.length) items.push(h('li', {}, `… and ${data.total - data.items.length} more`));
     $('tasks').replaceChildren(...(items.length ? items : [h('li', {}, 'No tasks yet.')]));

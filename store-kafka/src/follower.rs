@@ -480,12 +480,34 @@ impl<A: Aggregate> Inner<A> {
     /// Waits, at most `timeout`, until partition `p`'s table applied the
     /// whole partition as the broker has it now.
     pub(crate) async fn catch_up_partition(&self, p: u32, timeout: Duration) -> Result<bool, StoreError> {
-        let high = self.high_watermarks(&self.events_topic, self.partitions).await?;
-        let high = high.get(p as usize).copied().unwrap_or(0);
+        let high = self.partition_head(p).await?;
         if high == 0 {
             return Ok(true);
         }
         Ok(self.wait_applied(Position::new(p, high - 1), timeout).await)
+    }
+
+    /// The high watermark of events partition `p` as the broker has it at
+    /// some moment after this call began. Concurrent callers share reads:
+    /// one read runs at a time per partition, and a caller takes the last
+    /// one when it started after the caller did (a reaction catching up
+    /// asks for the same partition's head dozens of times at once, and a
+    /// client serves watermark requests one after another).
+    async fn partition_head(&self, p: u32) -> Result<u64, StoreError> {
+        let called = std::time::Instant::now();
+        let Some(slot) = self.heads.get(p as usize) else {
+            return Err(StoreError::Invalid(format!("no events partition {p}")));
+        };
+        let mut last = slot.lock().await;
+        if let Some((started, high)) = *last
+            && started >= called
+        {
+            return Ok(high);
+        }
+        let started = std::time::Instant::now();
+        let high = self.high_watermark(&self.events_topic, p).await?;
+        *last = Some((started, high));
+        Ok(high)
     }
 
     /// The figures of [`FollowerStats`].

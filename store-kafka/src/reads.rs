@@ -54,6 +54,20 @@ impl<A: Aggregate> Inner<A> {
         marks.map_err(|e| KafkaStoreError::from_kafka("watermarks", &e))
     }
 
+    /// The high watermark of partition `p` of `topic`.
+    pub(crate) async fn high_watermark(&self, topic: &str, p: u32) -> Result<u64, KafkaStoreError> {
+        let producer = self.producer();
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        let high = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_watermarks(&topic, p as i32, Timeout::After(timeout)).map(|(_, high)| high)
+        })
+        .await
+        .map_err(|e| KafkaStoreError::Broker(format!("watermark: {e}")))?
+        .map_err(|e| KafkaStoreError::from_kafka("watermark", &e))?;
+        Ok(u64::try_from(high).unwrap_or(0))
+    }
+
     /// The events topic's head: the next offset of every partition that
     /// holds records.
     pub(crate) async fn head(&self) -> Result<Checkpoint, StoreError> {

@@ -76,6 +76,10 @@ pub(crate) struct Inner<A: Aggregate> {
     /// The table writer's bookkeeping: records waiting or unacknowledged,
     /// and the `flush` calls cutting their waits short.
     pub(crate) table_writes: TableWrites,
+    /// Per events partition: the last high watermark read for
+    /// `load_current`, and when its read started (see
+    /// `Inner::partition_head`).
+    pub(crate) heads: Vec<tokio::sync::Mutex<Option<(std::time::Instant, u64)>>>,
 }
 
 impl<A: Aggregate> KafkaStore<A> {
@@ -114,6 +118,7 @@ impl<A: Aggregate> KafkaStore<A> {
             instance: uuid::Uuid::new_v4(),
             owners_settled: tokio::sync::watch::Sender::new(false),
             table_writes: TableWrites::new(),
+            heads: (0..partitions).map(|_| tokio::sync::Mutex::new(None)).collect(),
         });
         inner.recover().await?;
         inner.start_following()?;

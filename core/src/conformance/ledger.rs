@@ -18,7 +18,7 @@ pub struct Ledger {
 }
 
 /// Commands of [`Ledger`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum LedgerCommand {
     /// Open it.
     Open,

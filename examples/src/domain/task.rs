@@ -7,12 +7,19 @@
 //! later. An application that needs it would check it in a process manager
 //! reacting to `TaskAssigned` (reading the project's list row), and flag or
 //! reassign the task.
+//!
+//! The rule "a task's project exists and is not archived" is kept that way,
+//! by the reactions in [`crate::reactions`]: archiving a project cancels
+//! its open tasks, and a task created for a project that does not exist
+//! (or is archived) is cancelled with that reason moments after it was
+//! created. Cancelled is final for the reactions: restoring the project
+//! does not reopen its cancelled tasks (a user may reopen one).
 
 use kes_core::{Aggregate, DomainEvent};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Open or done.
+/// Open, done or cancelled.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskStatus {
@@ -21,6 +28,9 @@ pub enum TaskStatus {
     Open,
     /// Done.
     Done,
+    /// Not to be done any more (its project was archived, or it never had
+    /// one).
+    Cancelled,
 }
 
 impl TaskStatus {
@@ -29,6 +39,7 @@ impl TaskStatus {
         match self {
             Self::Open => "open",
             Self::Done => "done",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -50,6 +61,9 @@ pub struct Task {
     pub status: TaskStatus,
     /// Who does it.
     pub assignee: Option<String>,
+    /// Why it was cancelled, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
     /// Whether it was deleted.
     #[serde(default)]
     pub deleted: bool,
@@ -76,8 +90,14 @@ pub enum TaskCommand {
     },
     /// Mark it done.
     Complete,
-    /// Open it again.
+    /// Open it again (also a cancelled one).
     Reopen,
+    /// Cancel an open task, saying why (nothing happens to a cancelled
+    /// one; a done one refuses).
+    Cancel {
+        /// Why.
+        reason: String,
+    },
     /// Delete it.
     Delete,
 }
@@ -106,6 +126,11 @@ pub enum TaskEvent {
     Completed,
     /// It was opened again.
     Reopened,
+    /// It was cancelled.
+    Cancelled {
+        /// Why.
+        reason: String,
+    },
     /// It was deleted.
     Deleted,
 }
@@ -118,6 +143,7 @@ impl DomainEvent for TaskEvent {
             Self::Assigned { .. } => "TaskAssigned",
             Self::Completed => "TaskCompleted",
             Self::Reopened => "TaskReopened",
+            Self::Cancelled { .. } => "TaskCancelled",
             Self::Deleted => "TaskDeleted",
         }
     }
@@ -138,7 +164,8 @@ pub enum TaskError {
     /// A blank title.
     #[error("a task title cannot be blank")]
     BlankTitle,
-    /// Complete on a done task, reopen on an open one.
+    /// Complete on a done (or cancelled) task, reopen on an open one,
+    /// cancel on one that is not open.
     #[error("the task is already {0}")]
     AlreadyInStatus(&'static str),
 }
@@ -188,8 +215,21 @@ impl Aggregate for Task {
                 }
                 events
             }
-            TaskCommand::Complete if self.status == TaskStatus::Done => return Err(TaskError::AlreadyInStatus("done")),
+            TaskCommand::Complete if self.status != TaskStatus::Open => {
+                return Err(TaskError::AlreadyInStatus(self.status.as_str()));
+            }
             TaskCommand::Complete => vec![TaskEvent::Completed],
+            // Cancelling is idempotent: two reasons to cancel (the project
+            // was archived, and the task was created in an archived
+            // project) may meet on one task.
+            TaskCommand::Cancel { .. } if self.status == TaskStatus::Cancelled => Vec::new(),
+            TaskCommand::Cancel { .. } if self.status != TaskStatus::Open => {
+                return Err(TaskError::AlreadyInStatus(self.status.as_str()));
+            }
+            TaskCommand::Cancel { reason } => {
+                let reason = reason.trim().to_owned();
+                vec![TaskEvent::Cancelled { reason: if reason.is_empty() { "cancelled".to_owned() } else { reason } }]
+            }
             TaskCommand::Reopen if self.status == TaskStatus::Open => return Err(TaskError::AlreadyInStatus("open")),
             TaskCommand::Reopen => vec![TaskEvent::Reopened],
             TaskCommand::Delete => vec![TaskEvent::Deleted],
@@ -206,7 +246,14 @@ impl Aggregate for Task {
             TaskEvent::Retitled { title } => self.title = title.clone(),
             TaskEvent::Assigned { assignee } => self.assignee = assignee.clone(),
             TaskEvent::Completed => self.status = TaskStatus::Done,
-            TaskEvent::Reopened => self.status = TaskStatus::Open,
+            TaskEvent::Reopened => {
+                self.status = TaskStatus::Open;
+                self.cancel_reason = None;
+            }
+            TaskEvent::Cancelled { reason } => {
+                self.status = TaskStatus::Cancelled;
+                self.cancel_reason = Some(reason.clone());
+            }
             TaskEvent::Deleted => self.deleted = true,
         }
     }
@@ -251,5 +298,22 @@ mod tests {
         TestFramework::<Task>::given(vec![created()])
             .when(TaskCommand::Reopen)
             .then_expect_error(TaskError::AlreadyInStatus("open"));
+    }
+
+    #[test]
+    fn only_an_open_task_is_cancelled_and_a_cancelled_one_can_be_reopened() {
+        let cancel = || TaskCommand::Cancel { reason: "project archived".into() };
+        let cancelled = TaskEvent::Cancelled { reason: "project archived".into() };
+        TestFramework::<Task>::given(vec![created()]).when(cancel()).then_expect_events(vec![cancelled.clone()]);
+        TestFramework::<Task>::given(vec![created(), cancelled.clone()]).when(cancel()).then_expect_events(vec![]);
+        TestFramework::<Task>::given(vec![created(), TaskEvent::Completed])
+            .when(cancel())
+            .then_expect_error(TaskError::AlreadyInStatus("done"));
+        TestFramework::<Task>::given(vec![created(), cancelled.clone()])
+            .when(TaskCommand::Complete)
+            .then_expect_error(TaskError::AlreadyInStatus("cancelled"));
+        TestFramework::<Task>::given(vec![created(), cancelled])
+            .when(TaskCommand::Reopen)
+            .then_expect_events(vec![TaskEvent::Reopened]);
     }
 }
