@@ -42,6 +42,9 @@ pub struct Settings {
     pub admin_token: Option<AdminToken>,
     /// What the process does; an `api` process opens the views read-only.
     pub role: Role,
+    /// The most connections each SQL store and SQL view opens; `None`:
+    /// each backend's default.
+    pub db_connections: Option<u32>,
 }
 
 impl Default for Settings {
@@ -53,6 +56,7 @@ impl Default for Settings {
             lease_ttl: RunnerConfig::default().lease_ttl,
             admin_token: None,
             role: Role::All,
+            db_connections: None,
         }
     }
 }
@@ -73,9 +77,21 @@ impl Settings {
 
 /// A store of the kind `url` names, for aggregate `A`.
 pub async fn open_store<A: Aggregate>(url: &str) -> anyhow::Result<Arc<dyn EventStore<A>>> {
+    open_store_sized(url, None).await
+}
+
+/// [`open_store`] with at most `connections` database connections per
+/// pool (SQL stores; `None`: the store's default).
+pub async fn open_store_sized<A: Aggregate>(
+    url: &str,
+    connections: Option<u32>,
+) -> anyhow::Result<Arc<dyn EventStore<A>>> {
     if url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        let store =
-            SqlStore::<A>::open(url).await.with_context(|| format!("opening the event store {}", redact(url)))?;
+        let mut builder = SqlStore::<A>::builder(url);
+        if let Some(n) = connections {
+            builder = builder.max_connections(n);
+        }
+        let store = builder.open().await.with_context(|| format!("opening the event store {}", redact(url)))?;
         Ok(Arc::new(store))
     } else if url.starts_with("kafka:") {
         let config = KafkaConfig::from_url(url).context("reading the Kafka store URL")?;
@@ -99,15 +115,32 @@ pub async fn open_view(
     read_only: bool,
     lease_ttl: std::time::Duration,
 ) -> anyhow::Result<Arc<dyn ViewStore>> {
+    open_view_sized(location, schema, read_only, lease_ttl, None).await
+}
+
+/// [`open_view`] with at most `connections` database connections (SQL
+/// views; 5 by default): a view written one batch at a time and read
+/// rarely (a reaction's journal) needs few, and every process of a
+/// deployment holds its own.
+pub async fn open_view_sized(
+    location: &str,
+    schema: ViewSchema,
+    read_only: bool,
+    lease_ttl: std::time::Duration,
+    connections: Option<u32>,
+) -> anyhow::Result<Arc<dyn ViewStore>> {
     #[cfg(not(feature = "view-search"))]
     let _ = read_only;
     #[cfg(not(feature = "view-sql"))]
-    let _ = lease_ttl;
+    let _ = (lease_ttl, connections);
     let sql =
         location.starts_with("sqlite:") || location.starts_with("postgres:") || location.starts_with("postgresql:");
     #[cfg(feature = "view-sql")]
     if sql {
-        let options = kes_view_sql::SqlViewOptions::default().idle_in_transaction_timeout(lease_ttl * 2 / 5);
+        let mut options = kes_view_sql::SqlViewOptions::default().idle_in_transaction_timeout(lease_ttl * 2 / 5);
+        if let Some(n) = connections {
+            options = options.max_connections(n);
+        }
         let view = kes_view_sql::SqlView::open_with(location, schema, options)
             .await
             .with_context(|| format!("opening the list views in {}", redact(location)))?;
@@ -172,13 +205,21 @@ pub fn history_from_view(store_url: &str) -> bool {
 
 impl<A: Aggregate> Part<A> {
     async fn open(settings: &Settings, schema: ViewSchema, to_row: fn(&A) -> Row) -> anyhow::Result<Self> {
-        let store = open_store::<A>(&settings.store).await?;
+        let store = open_store_sized::<A>(&settings.store, settings.db_connections).await?;
         let read_only = settings.role == Role::Api;
-        let view = open_view(&settings.view, schema, read_only, settings.lease_ttl).await?;
+        let view =
+            open_view_sized(&settings.view, schema, read_only, settings.lease_ttl, settings.db_connections).await?;
         let mut projections: Vec<Arc<dyn Projection<A::Event>>> =
             vec![Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row))];
         let history = if history_from_view(&settings.store) {
-            let history = open_view(&settings.view, history_schema(A::NAME), read_only, settings.lease_ttl).await?;
+            let history = open_view_sized(
+                &settings.view,
+                history_schema(A::NAME),
+                read_only,
+                settings.lease_ttl,
+                settings.db_connections,
+            )
+            .await?;
             let projection = HistoryProjection::<A>::new(Arc::clone(&history))
                 .with_context(|| format!("the history view of {}", A::NAME))?;
             projections.push(Arc::new(projection));
@@ -291,7 +332,15 @@ impl Reactions {
             Arc::clone(&tasks.view) as Arc<dyn ListView>,
         ));
         let journal = |source: &'static str| {
-            open_view(&settings.view, journal_schema(PROJECT_TASKS, source), false, settings.lease_ttl)
+            // Written one batch at a time, read by the admin endpoint.
+            let connections = settings.db_connections.map_or(2, |n| n.min(2));
+            open_view_sized(
+                &settings.view,
+                journal_schema(PROJECT_TASKS, source),
+                false,
+                settings.lease_ttl,
+                Some(connections),
+            )
         };
         let on_projects = ReactionProjection::<Project>::new(
             reaction.clone(),

@@ -101,7 +101,12 @@ fn ms(d: Duration) -> f64 {
 /// The last lines of a process's log, for a failure message.
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    // Without the frames of a backtrace, which would hide the error above it.
+    let frame = |l: &&str| {
+        let t = l.trim_start();
+        t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !frame(l)).collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
@@ -132,6 +137,9 @@ impl Proc {
             .env("KES_STORE", store)
             .env("KES_VIEW", view)
             .env("KES_LEASE_TTL_MS", LEASE_TTL_MS.to_string())
+            // Five processes share one PostgreSQL (max_connections 100 by
+            // default): each keeps its pools small, as a deployment would.
+            .env("KES_DB_CONNECTIONS", "3")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out)

@@ -34,6 +34,12 @@ struct Cli {
     /// `rebuild --via` sends.
     #[arg(long, env = "KES_ADMIN_TOKEN_FILE", global = true)]
     admin_token_file: Option<PathBuf>,
+    /// The most database connections each SQL store and each SQL view of
+    /// this process opens (by default 10 per store, 5 per view, 2 per
+    /// reaction journal): every process of a deployment holds its own, so
+    /// size them against the database's `max_connections`.
+    #[arg(long, env = "KES_DB_CONNECTIONS", global = true, value_parser = clap::value_parser!(u32).range(1..))]
+    db_connections: Option<u32>,
     /// `serve`'s flags, for `projects` without a command.
     #[command(flatten)]
     serve: ServeArgs,
@@ -99,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     let mut settings = Settings::new(cli.store, cli.view);
     settings.lease_ttl = Duration::from_millis(cli.lease_ttl_ms);
+    settings.db_connections = cli.db_connections;
     if let Some(file) = &cli.admin_token_file {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("reading the admin token file {}", file.display()))?;
