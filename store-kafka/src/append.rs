@@ -150,9 +150,9 @@ impl<A: Aggregate> Inner<A> {
         let (actual, state, last_event) = {
             let table = self.table();
             let row = table.rows.get(id);
-            let first = key.zip(row).and_then(|(key, row)| row.key(key));
-            if let Some(k) = first {
-                let first = Appended { version: k.version, position: Position::new(p, k.offset), deduplicated: true };
+            let first = key.zip(row).and_then(|(key, row)| row.recall(key));
+            if let Some((version, offset)) = first {
+                let first = Appended { version, position: Position::new(p, offset), deduplicated: true };
                 return Ok(StreamBefore::Recalled(first));
             }
             // The bytes are copied out and typed after the table is unlocked.

@@ -362,17 +362,18 @@ impl<A: Aggregate> Inner<A> {
         Ok(row.unwrap_or_else(|| Row::new(Position::new(p, from))))
     }
 
-    /// Puts a rebuilt row in place of the table's, keeping the keys the
-    /// table remembered.
+    /// Puts a rebuilt row in place of the table's, keeping the keys and
+    /// reaction marks the table remembered.
     pub(crate) fn replace_row(&self, table: &mut Table<A>, id: &str, mut rebuilt: Row) {
         let retention = self.key_retention();
-        if let Some(old) = table.rows.get(id)
-            && let Some(keys) = old.keys.as_deref()
-        {
-            for k in keys {
+        if let Some(old) = table.rows.get(id) {
+            for k in old.keys.as_deref().into_iter().flatten() {
                 if rebuilt.key(&k.key).is_none() {
                     rebuilt.remember_key(k.key.clone(), k.version, k.offset, k.recorded_ms, retention);
                 }
+            }
+            for m in old.marks.as_deref().into_iter().flatten() {
+                rebuilt.keep_mark(m);
             }
         }
         table.rows.insert(id.into(), Box::new(rebuilt));

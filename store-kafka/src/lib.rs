@@ -64,7 +64,13 @@
 //!   [`KafkaConfig::idempotency_keys_per_aggregate`], and all those younger
 //!   than [`KafkaConfig::idempotency_window`], up to 1,024 per aggregate),
 //!   so a retry reaching another instance is answered once; the command bus
-//!   recalls the key again after any conflict.
+//!   recalls the key again after any conflict. A reaction's command
+//!   (its key a `kes_core::ReactionKey`) is also recognised for good: each
+//!   row keeps, per reaction sequence (reaction, source log partition), the
+//!   furthest command of the sequence it holds, and a reaction sends a
+//!   sequence's commands for one aggregate in order, so a replay from any
+//!   old checkpoint appends nothing (answered with that furthest command's
+//!   version and position).
 //! - **Gaps and unreadable records.** A record that skips versions tells a
 //!   reader that its picture of the stream is incomplete: the stream is
 //!   rebuilt from the events topic before the record is judged. A valid
@@ -135,7 +141,9 @@
 //! - `recall`: each aggregate remembers its last
 //!   [`KafkaConfig::idempotency_keys_per_aggregate`] keys (default 32),
 //!   persisted in its table record, so they survive restarts; older keys are
-//!   forgotten whatever their age.
+//!   forgotten whatever their age. Reaction marks (one per reaction
+//!   sequence that reached the aggregate, about 60 bytes each) are kept
+//!   for good, in the table record too.
 //! - `read(id)` and `read_page(id, after, limit)`: the table keeps each
 //!   aggregate's record offsets, and a read cache
 //!   ([`KafkaConfig::read_cache_bytes`], 64 MiB by default) keeps the

@@ -407,6 +407,7 @@ mod tests {
             epoch,
             last_event_id: None,
             idempotency_keys: Default::default(),
+            reaction_marks: Vec::new(),
             updated_at: Utc::now(),
         };
         (id.to_owned(), serde_json::to_vec(&doc).unwrap())

@@ -47,6 +47,8 @@
 //!   "max_record_bytes": 512, "reflected_below": 15,
 //!   "last_event_id": "0190…",
 //!   "idempotency_keys": [{ "key": "k-1", "version": 2, "offset": 9, "recorded_ms": 1767268800000 }],
+//!   "reaction_marks": [{ "sequence": "project_tasks:project:0", "source_offset": 41, "index": 0,
+//!                        "version": 2, "offset": 9 }],
 //!   "updated_at": "2026-01-01T12:00:00Z"
 //! }
 //! ```
@@ -311,6 +313,23 @@ pub(crate) struct KeyDoc {
     pub recorded_ms: i64,
 }
 
+/// How far one reaction's sequence of commands (a `kes_core::ReactionKey`
+/// sequence: one reaction, one partition of one source log) reached on a
+/// row: the [`kes_core::ReactionKey::order`] of the furthest command of
+/// the sequence the row holds, and the version and record offset that
+/// command's append answered. A reaction sends a sequence's commands for
+/// one aggregate one after another in that order, so a command at or
+/// before the mark was appended (or refused) before: a replay from any old
+/// checkpoint appends nothing, long after the recent keys moved on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MarkDoc {
+    pub sequence: String,
+    pub source_offset: u64,
+    pub index: u32,
+    pub version: u64,
+    pub offset: u64,
+}
+
 /// The value of one table record.
 ///
 /// A deleted aggregate is written like any other (with `deleted: true`),
@@ -352,6 +371,10 @@ pub(crate) struct TableDoc {
     pub last_event_id: Option<Uuid>,
     #[serde(default)]
     pub idempotency_keys: VecDeque<KeyDoc>,
+    /// How far each reaction's commands reached on the row (absent when
+    /// none did, and in records of older versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reaction_marks: Vec<MarkDoc>,
     pub updated_at: DateTime<Utc>,
 }
 

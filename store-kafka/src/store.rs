@@ -220,9 +220,9 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         self.inner.partition_ready(p)?;
         let table = self.inner.table();
         Ok(table.rows.get(id).and_then(|row| {
-            row.key(idempotency_key).map(|k| Appended {
-                version: k.version,
-                position: Position::new(row.partition, k.offset),
+            row.recall(idempotency_key).map(|(version, offset)| Appended {
+                version,
+                position: Position::new(row.partition, offset),
                 deduplicated: true,
             })
         }))

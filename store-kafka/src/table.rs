@@ -6,11 +6,11 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use kes_core::{Aggregate, Position, StoreError};
+use kes_core::{Aggregate, Position, ReactionKey, StoreError};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::record::{KeyDoc, TableDoc};
+use crate::record::{KeyDoc, MarkDoc, TableDoc};
 
 /// The in-memory table and, per events partition, what this process knows
 /// about the partition's progress.
@@ -86,6 +86,9 @@ pub(crate) struct Row {
     pub(crate) offsets: Offsets,
     /// Its recent idempotency keys, oldest first; `None` when it has none.
     pub(crate) keys: Option<Box<VecDeque<KeyDoc>>>,
+    /// How far each reaction's commands reached on it; `None` when no
+    /// reaction's did.
+    pub(crate) marks: Option<Box<Vec<MarkDoc>>>,
     /// Its events records' values, all of them, while they fit the read
     /// cache; `None` once evicted or for rows loaded from the table topic.
     pub(crate) history: Option<Box<Vec<Arc<[u8]>>>>,
@@ -152,6 +155,7 @@ impl Row {
             max_bytes: 0,
             offsets: Offsets::First,
             keys: None,
+            marks: None,
             history: Some(Box::default()),
             deleted: false,
             table_writing: false,
@@ -185,6 +189,7 @@ impl Row {
     /// against the model and encoded as the table keeps it.
     pub(crate) fn from_table_doc(doc: TableDoc, state: Box<[u8]>, deleted: bool) -> Self {
         let keys = doc.idempotency_keys;
+        let marks = doc.reaction_marks;
         Self {
             state,
             version: doc.version,
@@ -195,6 +200,7 @@ impl Row {
             max_bytes: u32::try_from(doc.max_record_bytes).unwrap_or(u32::MAX),
             offsets: Offsets::from_vec(doc.offsets, doc.first_offset),
             keys: (!keys.is_empty()).then(|| Box::new(keys)),
+            marks: (!marks.is_empty()).then(|| Box::new(marks)),
             history: None,
             deleted,
             table_writing: false,
@@ -205,6 +211,46 @@ impl Row {
     /// The recent idempotency key `key`, when the row remembers it.
     pub(crate) fn key(&self, key: &str) -> Option<&KeyDoc> {
         self.keys.as_deref().and_then(|keys| keys.iter().find(|k| k.key == key))
+    }
+
+    /// The version and record offset the append with idempotency key `key`
+    /// answered: from the recent keys, or, for a reaction's command
+    /// ([`ReactionKey`]), from its sequence's mark when the command is at or
+    /// before it (see [`MarkDoc`]).
+    pub(crate) fn recall(&self, key: &str) -> Option<(u64, u64)> {
+        if let Some(k) = self.key(key) {
+            return Some((k.version, k.offset));
+        }
+        let key = ReactionKey::parse(key)?;
+        let sequence = key.sequence();
+        let mark = self.marks.as_deref()?.iter().find(|m| m.sequence == sequence)?;
+        (key.order() <= (mark.source_offset, mark.index)).then_some((mark.version, mark.offset))
+    }
+
+    /// Moves the mark of the reaction sequence of `key` (when it is a
+    /// [`ReactionKey`]) to the command of the record at `offset` that
+    /// brought the row to `version`, unless it is already further.
+    pub(crate) fn mark(&mut self, key: &str, version: u64, offset: u64) {
+        let Some(key) = ReactionKey::parse(key) else { return };
+        let (source_offset, index) = key.order();
+        let sequence = key.sequence();
+        let marks = self.marks.get_or_insert_default();
+        match marks.iter_mut().find(|m| m.sequence == sequence) {
+            Some(m) if (m.source_offset, m.index) >= (source_offset, index) => {}
+            Some(m) => *m = MarkDoc { sequence, source_offset, index, version, offset },
+            None => marks.push(MarkDoc { sequence, source_offset, index, version, offset }),
+        }
+    }
+
+    /// Keeps `mark` (from an earlier picture of the row) unless the row's
+    /// own mark of its sequence is further.
+    pub(crate) fn keep_mark(&mut self, mark: &MarkDoc) {
+        let marks = self.marks.get_or_insert_default();
+        match marks.iter_mut().find(|m| m.sequence == mark.sequence) {
+            Some(m) if (m.source_offset, m.index) >= (mark.source_offset, mark.index) => {}
+            Some(m) => *m = mark.clone(),
+            None => marks.push(mark.clone()),
+        }
     }
 
     /// Whether the valid record at `offset` is one of this row's.
@@ -225,7 +271,8 @@ impl Row {
     /// than `retention.window_ms` (a hot aggregate may see many commands
     /// between a client's first try and its retry through another
     /// instance) and at least the last `retention.at_least`, never more
-    /// than `retention.at_most`.
+    /// than `retention.at_most`. A reaction's key also moves its
+    /// sequence's mark ([`Row::mark`]), which is kept for good.
     pub(crate) fn remember_key(
         &mut self,
         key: String,
@@ -234,6 +281,7 @@ impl Row {
         recorded_ms: i64,
         retention: KeyRetention,
     ) {
+        self.mark(&key, version, offset);
         if retention.at_most == 0 || self.key(&key).is_some() {
             return;
         }
@@ -392,6 +440,61 @@ mod tests {
         let mut unknown = Offsets::Unknown;
         unknown.push(5, 9);
         assert_eq!(unknown, Offsets::Unknown, "an unknown list stays unknown");
+    }
+
+    fn reaction_key(reaction: &str, partition: u32, offset: u64, index: u32) -> String {
+        let position = Position::new(partition, offset);
+        let (reaction, source, event_id) = (reaction.to_owned(), "project".to_owned(), Uuid::new_v4());
+        ReactionKey { reaction, event_id, index, source, position }.to_string()
+    }
+
+    #[test]
+    fn reaction_marks_recall_every_command_up_to_the_furthest_of_their_sequence() {
+        let none = KeyRetention { at_least: 0, at_most: 0, window_ms: 0 };
+        let mut row = Row::new(Position::new(1, 3));
+        row.remember_key(reaction_key("r", 0, 5, 1), 2, 9, 0, none);
+        assert!(row.keys.is_none(), "no recent keys kept, yet the mark is");
+        // Everything up to (5, 1) of the sequence r/project/0 was appended.
+        assert_eq!(row.recall(&reaction_key("r", 0, 5, 1)), Some((2, 9)));
+        assert_eq!(row.recall(&reaction_key("r", 0, 5, 0)), Some((2, 9)));
+        assert_eq!(row.recall(&reaction_key("r", 0, 3, 7)), Some((2, 9)));
+        assert_eq!(row.recall(&reaction_key("r", 0, 5, 2)), None, "a later command of the sequence");
+        assert_eq!(row.recall(&reaction_key("r", 0, 6, 0)), None);
+        assert_eq!(row.recall(&reaction_key("r", 1, 1, 0)), None, "another source partition");
+        assert_eq!(row.recall(&reaction_key("q", 0, 1, 0)), None, "another reaction");
+        assert_eq!(row.recall("plain-key"), None);
+        // A mark moves forward only.
+        row.remember_key(reaction_key("r", 0, 8, 0), 3, 12, 0, none);
+        row.remember_key(reaction_key("r", 0, 4, 0), 4, 13, 0, none);
+        row.remember_key(reaction_key("q", 2, 1, 0), 5, 14, 0, none);
+        assert_eq!(row.recall(&reaction_key("r", 0, 7, 9)), Some((3, 12)));
+        assert_eq!(row.recall(&reaction_key("q", 2, 1, 0)), Some((5, 14)));
+        // Kept across a rebuilt picture of the row, the furthest winning.
+        let mut rebuilt = Row::new(Position::new(1, 3));
+        rebuilt.remember_key(reaction_key("r", 0, 2, 0), 1, 4, 0, none);
+        for m in row.marks.as_deref().into_iter().flatten() {
+            rebuilt.keep_mark(m);
+        }
+        assert_eq!(rebuilt.recall(&reaction_key("r", 0, 8, 0)), Some((3, 12)));
+        assert_eq!(rebuilt.recall(&reaction_key("q", 2, 1, 0)), Some((5, 14)));
+    }
+
+    #[test]
+    fn reaction_marks_survive_a_table_record_and_older_records_have_none() {
+        let old = serde_json::json!({
+            "aggregate_type": "task", "aggregate_id": "t", "version": 2, "deleted": false, "state": {},
+            "events_partition": 1, "first_offset": 3, "last_offset": 9, "updated_at": "2026-01-01T00:00:00Z"
+        });
+        let doc: TableDoc = serde_json::from_value(old).unwrap();
+        assert!(doc.reaction_marks.is_empty());
+        let mark = MarkDoc { sequence: "r:project:0".into(), source_offset: 5, index: 1, version: 2, offset: 9 };
+        let mut doc = doc;
+        doc.reaction_marks.push(mark.clone());
+        let text = serde_json::to_string(&doc).unwrap();
+        let back: TableDoc = serde_json::from_str(&text).unwrap();
+        let row = Row::from_table_doc(back, Box::default(), false);
+        assert_eq!(row.marks.as_deref(), Some(&vec![mark]));
+        assert_eq!(row.recall(&reaction_key("r", 0, 5, 0)), Some((2, 9)));
     }
 
     #[test]

@@ -132,6 +132,7 @@ impl<A: Aggregate> Inner<A> {
                 last_event_id: row.last_event_id,
                 epoch: table.logs.get(p as usize).and_then(|l| l.tenure).map_or(0, |t| t.epoch),
                 idempotency_keys: row.keys.as_deref().cloned().unwrap_or_default(),
+                reaction_marks: row.marks.as_deref().cloned().unwrap_or_default(),
                 updated_at: chrono::Utc::now(),
             },
             p,

@@ -512,3 +512,74 @@ async fn a_cold_history_read_among_many_other_records_is_whole_and_in_order() {
     assert_eq!(last.iter().map(|e| e.version).collect::<Vec<_>>(), [1000]);
     assert!(cold.read_page("target", 1000, 100).await.expect("past the end").is_empty());
 }
+
+/// The idempotency key of the `index`-th command reaction `reaction` sent
+/// for the event at `offset` of partition 0 of the project log.
+fn reaction_key(reaction: &str, offset: u64, index: u32) -> String {
+    kes_core::ReactionKey {
+        reaction: reaction.into(),
+        event_id: uuid::Uuid::from_u128(u128::from(offset) << 32 | u128::from(index)),
+        index,
+        source: "project".into(),
+        position: kes_core::Position::new(0, offset),
+    }
+    .to_string()
+}
+
+/// A reaction replaying from an old checkpoint, long after the aggregate's
+/// recent idempotency keys moved on (here: one key, no time window), sends
+/// commands the stream already holds: the row's mark of the reaction's
+/// sequence recognises them, also after a restart, and later commands of
+/// the sequence, or another reaction's, still append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaction_replayed_after_its_keys_were_forgotten_appends_nothing() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let mut config = common::config(&brokers, 2);
+    config.idempotency_keys_per_aggregate = 1;
+    config.idempotency_window = Duration::ZERO;
+    let Some(store) = common::connect(config.clone()).await else { return };
+    let bus = CommandBus::new(store.clone());
+    let keyed = |key: String| Metadata { idempotency_key: Some(key), ..Metadata::default() };
+    bus.execute("m", LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
+    let first = bus
+        .execute("m", LedgerCommand::Add(1), ExpectedVersion::Any, keyed(reaction_key("mirror", 5, 0)))
+        .await
+        .expect("the reaction's command");
+    assert_eq!(first.version, 2);
+    for i in 0..3 {
+        let plain = keyed(format!("client-{i}"));
+        bus.execute("m", LedgerCommand::Add(10), ExpectedVersion::Any, plain).await.expect("a client's command");
+    }
+    let recalled = store.recall("m", &reaction_key("mirror", 5, 0)).await.expect("recall");
+    assert_eq!(recalled.map(|a| a.version), Some(2), "the mark answers for a key the recent keys forgot");
+    for (offset, index) in [(5, 0), (3, 0), (4, 9)] {
+        let replay = bus
+            .execute("m", LedgerCommand::Add(1), ExpectedVersion::Any, keyed(reaction_key("mirror", offset, index)))
+            .await
+            .expect("a replayed command");
+        assert!(replay.deduplicated, "({offset}, {index}) was appended again");
+    }
+    assert_eq!(store.load("m").await.expect("load").map(|s| (s.version, s.state.total)), Some((5, 31)));
+    let later = bus
+        .execute("m", LedgerCommand::Add(100), ExpectedVersion::Any, keyed(reaction_key("mirror", 6, 0)))
+        .await
+        .expect("a later command");
+    let other = bus
+        .execute("m", LedgerCommand::Add(1000), ExpectedVersion::Any, keyed(reaction_key("audit", 1, 0)))
+        .await
+        .expect("another reaction's command");
+    assert!(!later.deduplicated && !other.deduplicated);
+    store.flush(FLUSH).await.expect("flush");
+    drop(bus);
+    drop(store);
+
+    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    // Recognised by the mark, which answers with the furthest command of
+    // the sequence (6, at version 6), not the replayed one's own answer.
+    for (reaction, offset, version) in [("mirror", 5, 6), ("mirror", 6, 6), ("audit", 1, 7)] {
+        let recalled = again.recall("m", &reaction_key(reaction, offset, 0)).await.expect("recall");
+        assert_eq!(recalled.map(|a| a.version), Some(version), "{reaction} at {offset} after a restart");
+    }
+    assert_eq!(again.recall("m", &reaction_key("mirror", 7, 0)).await.expect("recall"), None);
+}
