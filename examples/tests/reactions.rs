@@ -494,3 +494,52 @@ async fn reaction_latency_under_load_on_kafka() {
     let prefix = format!("rl{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     reaction_latency_under_load_on(&format!("kafka://{brokers}?prefix={prefix}"), &db).await;
 }
+
+/// An event the store cannot decode stops the reaction there, visibly
+/// (`last_error`, a lag that stays), instead of skipping it: the tasks after
+/// it are not cancelled until the event reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_event_stops_the_reaction_visibly() {
+    use sqlx::{Connection, SqliteConnection};
+    let setup = Setup::new("sqlite://data/events.db", "sqlite://data/views.db");
+    let c = Client::new();
+    // Two tasks for a missing project, taken while no reaction runs.
+    let api = setup.start("api").await;
+    let broken = task(&c, &api, "missing", "its creation will not read").await;
+    let after = task(&c, &api, "missing", "after the broken one").await;
+    api.stop();
+    let db = format!("sqlite://{}", setup.dir.path().join("data/events.db").display());
+    let mut conn = SqliteConnection::connect(&db).await.expect("the events database");
+    let find = "SELECT CAST(payload AS TEXT) FROM kes_events WHERE aggregate_id = $1 AND version = 1";
+    let original: String = sqlx::query_scalar(find).bind(&broken).fetch_one(&mut conn).await.expect("the event");
+    let set = "UPDATE kes_events SET payload = $1 WHERE aggregate_id = $2 AND version = 1";
+    sqlx::query(set).bind(r#"{"NoSuchEvent":{}}"#).bind(&broken).execute(&mut conn).await.expect("damage it");
+
+    let s = setup.start("all").await;
+    let deadline = Instant::now() + PATIENCE;
+    let stopped = loop {
+        let statuses = admin_reactions(&c, &s).await;
+        let on_tasks = statuses.into_iter().find(|r| r["source"] == "task").expect("the reaction to tasks");
+        if !on_tasks["last_error"].is_null() {
+            break on_tasks;
+        }
+        assert!(Instant::now() < deadline, "the reaction did not report the undecodable event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = stopped["last_error"].as_str().unwrap_or("");
+    assert!(error.contains(&broken) && error.contains("cannot be read"), "{error}");
+    assert!(stopped["lag"].as_u64().unwrap_or(0) >= 1, "{stopped}");
+    let metrics = c.get(s.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kes_reaction_failing") && l.contains("source=\"task\"") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert_eq!(get(&c, &s, &format!("/tasks/{after}")).await["status"], "open", "it skipped the event");
+
+    // Readable again: the reaction goes on from where it stopped.
+    sqlx::query(set).bind(&original).bind(&broken).execute(&mut conn).await.expect("repair it");
+    all_cancelled(&c, &s, &[broken, after]).await;
+    s.stop();
+}
