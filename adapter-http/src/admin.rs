@@ -82,7 +82,11 @@ struct Admin {
 
 impl Admin {
     fn check(&self, headers: &HeaderMap) -> Result<(), HttpError> {
-        if self.token.admits(headers) { Ok(()) } else { Err(HttpError::Unauthorized { realm: REALM }) }
+        if self.token.admits(headers) {
+            Ok(())
+        } else {
+            Err(HttpError::Unauthorized { realm: REALM, invalid_token: false })
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use serde_json::{Map, Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::admin::{self, AdminToken};
+use crate::auth::{self, JwtAuth, Principal};
 use crate::edge::Edge;
 use crate::error::{HttpError, RETRY_AFTER_SECS};
 use crate::feed::{self, Hub};
@@ -159,6 +161,9 @@ impl<A: Aggregate, S: EventStore<A>> ProjectionStatusSource for StoredStatus<A, 
 pub(crate) struct Shared {
     pub(crate) config: HttpConfig,
     principal: Option<PrincipalFn>,
+    /// Whether requests are authenticated by a bearer token: the
+    /// principal is then the token's subject, never a header.
+    authenticated: bool,
     pub(crate) metrics: Metrics,
     /// Where each plural's history comes from when not from its store.
     histories: HashMap<String, Arc<dyn History>>,
@@ -181,6 +186,12 @@ impl ShutdownHandle {
 
 impl Shared {
     fn principal(&self, parts: &Parts) -> Result<Option<String>, HttpError> {
+        if self.authenticated {
+            return match parts.extensions.get::<Principal>() {
+                Some(p) => Ok(Some(p.subject.clone())),
+                None => Err(HttpError::Unauthorized { realm: auth::REALM, invalid_token: false }),
+            };
+        }
         let found = match &self.principal {
             Some(f) => f(parts),
             None => match parts.headers.get(&self.config.principal_header) {
@@ -267,6 +278,7 @@ pub struct Api {
     histories: HashMap<String, Arc<dyn History>>,
     checks: Vec<(String, Arc<dyn Readiness>)>,
     admin: Option<AdminToken>,
+    auth: Option<Arc<JwtAuth>>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -293,6 +305,7 @@ impl Api {
             histories: HashMap::new(),
             checks: Vec::new(),
             admin: None,
+            auth: None,
             stop: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
@@ -383,6 +396,17 @@ impl Api {
         self
     }
 
+    /// Requires a bearer JWT verified by `auth` on every route of the
+    /// mounted resources (see [`crate::auth`]): the principal of every
+    /// command is then the token's subject, and the principal header
+    /// ([`HttpConfig::principal_header`]) is ignored. `/health`,
+    /// `/metrics` and `/openapi.json` stay open; the admin endpoints keep
+    /// their own token.
+    pub fn authenticate(mut self, auth: impl Into<Arc<JwtAuth>>) -> Self {
+        self.auth = Some(auth.into());
+        self
+    }
+
     /// Adds reactions to report on: `/metrics` (`kes_reaction_*`) and,
     /// with [`Api::admin`], `GET /admin/reactions`.
     pub fn reactions(mut self, source: Arc<dyn ReactionStatusSource>) -> Self {
@@ -421,11 +445,12 @@ impl Api {
         let shared = Arc::new(Shared {
             config: self.config,
             principal: self.principal,
+            authenticated: self.auth.is_some(),
             metrics,
             histories: self.histories,
             stop: self.stop.subscribe(),
         });
-        let document = Arc::new(openapi::document(&shared.config, &self.mounts));
+        let document = Arc::new(openapi::document(&shared.config, &self.mounts, self.auth.is_some()));
         let admin = self.admin.map(|token| admin::routes(token, self.sources.clone(), self.reactions.clone()));
         let service = Arc::new(Service {
             mounts: self.mounts,
@@ -439,9 +464,25 @@ impl Api {
             .route("/openapi.json", get(move || openapi_json(Arc::clone(&document))))
             .route("/health", get(health).with_state(Arc::clone(&service)))
             .route("/metrics", get(metrics_text).with_state(service));
+        let mut resources = Router::new();
         for build in self.routes {
-            router = router.merge(build(Arc::clone(&shared)));
+            resources = resources.merge(build(Arc::clone(&shared)));
         }
+        if let Some(auth) = self.auth {
+            resources = resources.layer(axum::middleware::from_fn(move |mut request: Request, next: Next| {
+                let verified = auth.authenticate(request.headers());
+                async move {
+                    match verified {
+                        Ok(principal) => {
+                            request.extensions_mut().insert(principal);
+                            next.run(request).await
+                        }
+                        Err(refused) => refused.into_response(),
+                    }
+                }
+            }));
+        }
+        router = router.merge(resources);
         if let Some(admin) = admin {
             router = router.merge(admin);
         }

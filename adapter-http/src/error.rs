@@ -87,6 +87,9 @@ pub enum HttpError {
     Unauthorized {
         /// The realm of the `WWW-Authenticate: Bearer` challenge.
         realm: &'static str,
+        /// Whether credentials were sent but refused (the challenge then
+        /// says `error="invalid_token"`).
+        invalid_token: bool,
     },
     /// No such aggregate, route or command.
     #[error("{0}")]
@@ -241,8 +244,12 @@ impl IntoResponse for HttpError {
             _ => tracing::debug!(error = %self, "request refused"),
         }
         let mut response = problem_response(self.status(), self.problem_type(), self.detail());
-        if let Self::Unauthorized { realm } = &self
-            && let Ok(challenge) = HeaderValue::from_str(&format!("Bearer realm=\"{realm}\""))
+        if let Self::Unauthorized { realm, invalid_token } = &self
+            && let Ok(challenge) = HeaderValue::from_str(&if *invalid_token {
+                format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+            } else {
+                format!("Bearer realm=\"{realm}\"")
+            })
         {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
         }

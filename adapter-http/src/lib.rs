@@ -162,6 +162,7 @@
 
 mod admin;
 mod api;
+pub mod auth;
 mod edge;
 mod error;
 mod feed;
@@ -174,6 +175,7 @@ pub use api::{
     Api, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
     ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, ReactionStatusSource, Readiness, ShutdownHandle,
 };
+pub use auth::{JwtAuth, Principal};
 pub use error::{HttpError, PROBLEM_JSON, problem_type};
 pub use resource::{IdStrategy, Resource};
 /// The schemars version body, state and event types derive `JsonSchema` with.

@@ -40,7 +40,9 @@ fn op_id(s: &str) -> String {
 }
 
 /// The whole document.
-pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>]) -> Value {
+/// The OpenAPI document of `mounts`; with `bearer`, every operation of the
+/// mounted resources requires a bearer JWT (and may answer 401).
+pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>], bearer: bool) -> Value {
     let mut g = SchemaSettings::draft2020_12()
         .with(|s| {
             s.definitions_path = "/components/schemas".into();
@@ -123,8 +125,35 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>]) -> Value 
             }
         }),
     );
-    add_service_paths(&mut paths);
-    json!({
+    if bearer {
+        for item in paths.values_mut() {
+            for operation in item.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
+                if let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) {
+                    responses.insert("401".into(), r("responses", "kes.Unauthorized"));
+                }
+            }
+        }
+    }
+    add_service_paths(&mut paths, bearer);
+    let mut components = json!({
+        "schemas": schemas,
+        "parameters": parameters(),
+        "headers": headers(),
+        "responses": responses(),
+    });
+    let mut security = Value::Null;
+    if bearer {
+        components["securitySchemes"] = json!({
+            "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                        "description": "A JWT whose subject becomes the principal recorded with every event." }
+        });
+        let mut unauthorized =
+            problem("No bearer token, or one that does not verify (signature, expiry, issuer, audience).");
+        unauthorized["headers"] = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
+        components["responses"]["kes.Unauthorized"] = unauthorized;
+        security = json!([{ "bearer": [] }]);
+    }
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": {
             "title": config.title,
@@ -135,16 +164,17 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>]) -> Value 
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "parameters": parameters(),
-            "headers": headers(),
-            "responses": responses(),
-        }
-    })
+        "components": components,
+    });
+    if !security.is_null() {
+        document["security"] = security;
+    }
+    document
 }
 
-fn add_service_paths(paths: &mut Map<String, Value>) {
+/// `/health`, `/metrics` and `/openapi.json`, open to all (`bearer`: the
+/// document requires a token elsewhere, so they say they need none).
+fn add_service_paths(paths: &mut Map<String, Value>, bearer: bool) {
     paths.insert(
         "/health".into(),
         json!({ "get": {
@@ -176,6 +206,13 @@ fn add_service_paths(paths: &mut Map<String, Value>) {
             "responses": { "200": { "description": "OpenAPI 3.1.", "content": { "application/json": { "schema": { "type": "object" } } } } }
         }}),
     );
+    if bearer {
+        for path in ["/health", "/metrics", "/openapi.json"] {
+            if let Some(get) = paths.get_mut(path).and_then(|item| item.get_mut("get")) {
+                get["security"] = json!([]);
+            }
+        }
+    }
 }
 
 fn parameters() -> Value {

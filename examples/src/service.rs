@@ -10,7 +10,7 @@ use kes_core::{
     ProjectionRunner, ReactionConfig, ReactionProjection, ReactionRunner, RebuildReport, Row, RunnerConfig,
     StoredCatchUp, StoredStatus, ViewHistory, ViewProjection, ViewSchema, ViewStore, history_schema, journal_schema,
 };
-use kes_http::{AdminToken, Api, HttpConfig, Readiness, ShutdownHandle};
+use kes_http::{AdminToken, Api, HttpConfig, JwtAuth, Readiness, ShutdownHandle};
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use kes_store_sql::SqlStore;
 
@@ -45,6 +45,9 @@ pub struct Settings {
     /// The most connections each SQL store and SQL view opens; `None`:
     /// each backend's default.
     pub db_connections: Option<u32>,
+    /// Bearer JWT authentication of the API; `None`: requests are
+    /// anonymous or name themselves in `X-Principal` (for trying it out).
+    pub auth: Option<Arc<JwtAuth>>,
 }
 
 impl Default for Settings {
@@ -57,6 +60,7 @@ impl Default for Settings {
             admin_token: None,
             role: Role::All,
             db_connections: None,
+            auth: None,
         }
     }
 }
@@ -368,6 +372,7 @@ pub struct Service {
     pub reactions: Option<Reactions>,
     http: HttpConfig,
     admin_token: Option<AdminToken>,
+    auth: Option<Arc<JwtAuth>>,
     /// Ends the change feeds of the routers made so far.
     feeds: std::sync::Mutex<Vec<ShutdownHandle>>,
 }
@@ -389,6 +394,7 @@ impl Service {
             reactions,
             http: settings.http.clone(),
             admin_token: settings.admin_token.clone(),
+            auth: settings.auth.clone(),
             feeds: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -440,6 +446,9 @@ impl Service {
             .with_admin(api, role)
             .projections(self.projects.status_source(role))
             .projections(self.tasks.status_source(role));
+        if let Some(auth) = &self.auth {
+            api = api.authenticate(Arc::clone(auth));
+        }
         for (plural, history) in [("projects", &self.projects.history), ("tasks", &self.tasks.history)] {
             if let Some(view) = history {
                 let view: Arc<dyn kes_core::ListView> = view.clone();

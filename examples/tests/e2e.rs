@@ -493,3 +493,59 @@ async fn a_running_systems_rebuild_goes_through_the_leading_projector() {
     api.stop();
     projector.stop();
 }
+
+/// `--auth-hs256-secret-file` and `--auth-issuer`: the API needs a bearer
+/// JWT, the token's subject is the principal of the events (a forged
+/// `X-Principal` is ignored), and the reactions keep working behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_requires_tokens_when_asked_to() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let dir = tempfile::tempdir().expect("a work dir");
+    let secret = "a-secret-for-the-e2e-test-of-at-least-32-bytes";
+    std::fs::write(dir.path().join("jwt.secret"), format!("{secret}\n")).expect("secret file");
+    let secret_file = dir.path().join("jwt.secret").to_str().expect("utf-8 path").to_owned();
+    let env = [("KES_AUTH_HS256_SECRET_FILE", secret_file.as_str()), ("KES_AUTH_ISSUER", "https://login.example")];
+    let s = Server::start_with(dir.path(), "sqlite://data/events.db", "sqlite://data/views.db", "all", &env).await;
+    let token = |sub: &str, iss: &str| {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 600;
+        let claims = json!({ "sub": sub, "iss": iss, "exp": exp });
+        encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+    };
+    let c = reqwest::Client::new();
+    let r = c.post(s.url("/projects")).json(&json!({ "name": "locked" })).send().await.expect("POST");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"kes\"");
+    let wrong = token("ann", "https://elsewhere.example");
+    let r = c.post(s.url("/projects")).bearer_auth(&wrong).json(&json!({ "name": "x" })).send().await.expect("POST");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "a token of another issuer");
+    let ann = token("ann", "https://login.example");
+    let r = c
+        .post(s.url("/projects"))
+        .bearer_auth(&ann)
+        .header("X-Principal", "mallory")
+        .json(&json!({ "name": "mine" }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let location = r.headers()["location"].to_str().expect("location").to_owned();
+    let history =
+        json_of(c.get(s.url(&format!("{location}/events"))).bearer_auth(&ann).send().await.expect("GET")).await;
+    assert_eq!(history["items"][0]["metadata"]["principal"], "ann");
+    let r = c
+        .post(s.url("/tasks"))
+        .bearer_auth(&ann)
+        .json(&json!({ "project_id": "missing", "title": "orphan" }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let task = r.headers()["location"].to_str().expect("location").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while json_of(c.get(s.url(&task)).bearer_auth(&ann).send().await.expect("GET")).await["status"] != "cancelled" {
+        assert!(Instant::now() < deadline, "the reaction did not cancel the orphan behind authentication");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.get(s.url("/health")).send().await.expect("health").status(), StatusCode::OK, "health stays open");
+    s.stop();
+}

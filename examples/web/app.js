@@ -66,7 +66,10 @@ async function call(method, path, { body, version, key, log } = {}) {
   if (me && !/^[\x20-\x7e]+$/.test(me)) {
     throw new Problem(0, { detail: 'your name must be plain ASCII (an HTTP header carries it)' });
   }
-  if (me) headers['X-Principal'] = me;
+  // A JWT (three dot-separated parts) signs in where the service requires
+  // tokens; anything else is a name, trusted only where it does not.
+  if (/^[\w-]+\.[\w-]+\.[\w-]*$/.test(me)) headers.Authorization = `Bearer ${me}`;
+  else if (me) headers['X-Principal'] = me;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   if (version) headers['If-Match'] = `"${version}"`;
   if (key) headers['Idempotency-Key'] = key;

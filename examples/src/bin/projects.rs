@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kes_core::ProjectionError;
 use kes_examples::service::{DEFAULT_STORE, DEFAULT_VIEW, Role, Service, Settings};
-use kes_http::AdminToken;
+use kes_http::{AdminToken, JwtAuth};
 use tracing_subscriber::EnvFilter;
 
 /// The projects service: event-sourced projects and tasks over REST.
@@ -55,6 +56,21 @@ struct ServeArgs {
     /// Origins allowed by CORS (comma-separated), for a front end on another port.
     #[arg(long, env = "KES_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    /// Require bearer JWTs signed with HS256 and the secret in this file
+    /// (at least 32 bytes). Without an auth flag, requests are anonymous
+    /// or name themselves in `X-Principal`.
+    #[arg(long, env = "KES_AUTH_HS256_SECRET_FILE", conflicts_with = "auth_jwks")]
+    auth_hs256_secret_file: Option<PathBuf>,
+    /// Require bearer JWTs signed with a key of this JWKS file (RSA, EC
+    /// P-256/P-384, Ed25519), read again when it changes.
+    #[arg(long, env = "KES_AUTH_JWKS")]
+    auth_jwks: Option<PathBuf>,
+    /// With an auth flag: the `iss` tokens must carry.
+    #[arg(long, env = "KES_AUTH_ISSUER")]
+    auth_issuer: Option<String>,
+    /// With an auth flag: the `aud` tokens must name.
+    #[arg(long, env = "KES_AUTH_AUDIENCE")]
+    auth_audience: Option<String>,
     /// What this process does: `all` (API and projections), `api` (the API,
     /// reading views that projector processes keep) or `projector`
     /// (projections, with only /health and /metrics).
@@ -96,6 +112,33 @@ enum Command {
     },
 }
 
+/// The JWT authentication the auth flags ask for, if any.
+fn authentication(args: &ServeArgs) -> anyhow::Result<Option<JwtAuth>> {
+    let auth = match (&args.auth_hs256_secret_file, &args.auth_jwks) {
+        (Some(file), _) => {
+            let secret =
+                std::fs::read(file).with_context(|| format!("reading the HS256 secret file {}", file.display()))?;
+            let secret = secret.trim_ascii();
+            JwtAuth::hs256(secret).context("the HS256 secret")?
+        }
+        (None, Some(file)) => JwtAuth::jwks_file(file).context("the JWKS file")?,
+        (None, None) => {
+            if args.auth_issuer.is_some() || args.auth_audience.is_some() {
+                anyhow::bail!("--auth-issuer and --auth-audience need --auth-hs256-secret-file or --auth-jwks");
+            }
+            return Ok(None);
+        }
+    };
+    let auth = match &args.auth_issuer {
+        Some(iss) => auth.issuer(iss),
+        None => auth,
+    };
+    Ok(Some(match &args.auth_audience {
+        Some(aud) => auth.audience(aud),
+        None => auth,
+    }))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -113,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match command {
         Command::Serve(args) => {
+            settings.auth = authentication(&args)?.map(Arc::new);
             settings.http.cors_origins = args.cors_origins;
             settings.role = args.role.into();
             serve(settings, args.listen).await
