@@ -10,6 +10,7 @@
 //! `KES_TEST_KAFKA_BROKERS`; a scenario whose service is absent is reported
 //! as skipped, with the reason.
 
+mod auth;
 mod backends;
 mod feeds;
 mod instances;

@@ -236,6 +236,20 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
     run!("GET by id, 64 clients, PostgreSQL store", "req/s", Better::Higher, 0.8, pg_get(&mut ctx));
     run!("GET by id, 64 clients, Kafka store", "req/s", Better::Higher, 0.8, kafka_get(&mut ctx));
     run!(
+        "JWT verification: GET by id, 64 clients, PostgreSQL",
+        "req/s",
+        Better::Higher,
+        0.9,
+        pg_jwt(&mut ctx, Verb::Get)
+    );
+    run!(
+        "JWT verification: PATCH, 64 clients, PostgreSQL",
+        "req/s",
+        Better::Higher,
+        0.9,
+        pg_jwt(&mut ctx, Verb::PatchName)
+    );
+    run!(
         format!("SQL view rebuild (PostgreSQL), {thousands} rows"),
         "rows/s",
         Better::Higher,
@@ -560,6 +574,14 @@ async fn pg_get(ctx: &mut Ctx) -> Result<Measured, Missing> {
     ctx.pg_live().await?;
     let live = ctx.pg_live.take().ok_or_else(|| Missing::Failed(anyhow::anyhow!("no service")))?;
     let result = get_by_id(ctx, &live).await;
+    ctx.pg_live = Some(live);
+    Ok(result?)
+}
+
+async fn pg_jwt(ctx: &mut Ctx, verb: Verb) -> Result<Measured, Missing> {
+    ctx.pg_live().await?;
+    let live = ctx.pg_live.take().ok_or_else(|| Missing::Failed(anyhow::anyhow!("no service")))?;
+    let result = crate::auth::measure(ctx.plan, &live.service, &live.ids, verb).await;
     ctx.pg_live = Some(live);
     Ok(result?)
 }
