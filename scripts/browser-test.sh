@@ -57,7 +57,10 @@ bin=$(realpath "$bin")
 work=$(mktemp -d -t kes-browser-XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base=http://127.0.0.1:$port
-(cd "$work" && exec "$bin" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1) &
+# The test plays several people (ann, bob), named by the page's name
+# field: the service trusts the X-Principal header, as it would behind a
+# gateway that authenticates (never the default).
+(cd "$work" && exec "$bin" --listen "127.0.0.1:$port" --trust-principal-header x-principal >"$work/server.log" 2>&1) &
 server=$!
 
 stop_server() {

@@ -1,5 +1,9 @@
-//! Operator endpoints, behind a bearer token and absent unless one is
-//! configured ([`Api::admin`](crate::Api::admin)):
+//! Operator endpoints, absent unless an admin token is configured
+//! ([`Api::admin`](crate::Api::admin)) or bearer JWTs are
+//! ([`Api::authenticate`](crate::Api::authenticate)). They answer requests
+//! that carry the admin token, or a JWT granting the admin role
+//! ([`Api::admin_role`](crate::Api::admin_role), `admin` by default); a
+//! valid JWT without the role is `403`, anything else `401`:
 //!
 //! - `GET /admin/projections`: every projection this process reports, with
 //!   its checkpoint, lag, whether this process leads it and its last
@@ -24,6 +28,7 @@ use kes_core::{ProjectionError, ProjectionStatus, ReactionStatus};
 use serde_json::{Value, json};
 
 use crate::api::{ProjectionStatusSource, ReactionStatusSource, json_response};
+use crate::auth::JwtAuth;
 use crate::error::HttpError;
 
 /// The realm of the admin endpoints' `WWW-Authenticate` challenge.
@@ -74,29 +79,57 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Who may use the admin endpoints.
+pub(crate) struct Admins {
+    /// The shared admin token.
+    pub(crate) token: Option<AdminToken>,
+    /// JWTs verified by this, granting this role.
+    pub(crate) jwt: Option<(Arc<JwtAuth>, String)>,
+}
+
+impl Admins {
+    /// Whether anyone may: without, the admin routes do not exist.
+    pub(crate) fn any(&self) -> bool {
+        self.token.is_some() || self.jwt.is_some()
+    }
+
+    fn check(&self, headers: &HeaderMap) -> Result<(), HttpError> {
+        if self.token.as_ref().is_some_and(|t| t.admits(headers)) {
+            return Ok(());
+        }
+        if let Some((auth, role)) = &self.jwt
+            && let Ok(principal) = auth.authenticate(headers)
+        {
+            return if principal.has_role(role) {
+                Ok(())
+            } else {
+                Err(HttpError::Forbidden(format!("the admin endpoints need the {role:?} role")))
+            };
+        }
+        let sent = headers.contains_key(header::AUTHORIZATION);
+        Err(HttpError::Unauthorized { realm: REALM, invalid_token: sent })
+    }
+}
+
 struct Admin {
-    token: AdminToken,
+    admins: Admins,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
     reactions: Vec<Arc<dyn ReactionStatusSource>>,
 }
 
 impl Admin {
     fn check(&self, headers: &HeaderMap) -> Result<(), HttpError> {
-        if self.token.admits(headers) {
-            Ok(())
-        } else {
-            Err(HttpError::Unauthorized { realm: REALM, invalid_token: false })
-        }
+        self.admins.check(headers)
     }
 }
 
 /// The admin routes over `sources` and `reactions`.
 pub(crate) fn routes(
-    token: AdminToken,
+    admins: Admins,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
     reactions: Vec<Arc<dyn ReactionStatusSource>>,
 ) -> Router {
-    let admin = Arc::new(Admin { token, sources, reactions });
+    let admin = Arc::new(Admin { admins, sources, reactions });
     Router::new()
         .route("/admin/projections", get(list))
         .route("/admin/projections/{name}/rebuild", post(rebuild))

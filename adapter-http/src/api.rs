@@ -24,6 +24,7 @@ use schemars::JsonSchema;
 use serde_json::{Map, Value, json};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::access::ANONYMOUS;
 use crate::admin::{self, AdminToken};
 use crate::auth::{self, JwtAuth, Principal};
 use crate::edge::Edge;
@@ -71,9 +72,6 @@ pub struct HttpConfig {
     /// Longest time a list read that carries a position token waits for
     /// the views to catch up before it answers with what they have.
     pub consistency_timeout: Duration,
-    /// The header the principal is read from (unless [`Api::principal`]
-    /// replaces it).
-    pub principal_header: HeaderName,
     /// How often an idle change feed sends a heartbeat comment, so that
     /// proxies keep it open.
     pub feed_heartbeat: Duration,
@@ -88,7 +86,6 @@ impl Default for HttpConfig {
             body_limit: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             consistency_timeout: Duration::from_secs(2),
-            principal_header: HeaderName::from_static("x-principal"),
             feed_heartbeat: Duration::from_secs(15),
         }
     }
@@ -157,13 +154,23 @@ impl<A: Aggregate, S: EventStore<A>> ProjectionStatusSource for StoredStatus<A, 
     }
 }
 
+/// Where the principal of a request comes from (see [`crate::access`]).
+#[derive(Clone)]
+enum Identity {
+    /// Everyone is [`ANONYMOUS`]; rules are not asked.
+    Anonymous,
+    /// The value of a header set by a gateway that authenticates.
+    TrustedHeader(HeaderName),
+    /// A function of the request.
+    Custom(PrincipalFn),
+    /// A bearer JWT, verified by the authentication layer.
+    Bearer,
+}
+
 /// What every route of the API shares.
 pub(crate) struct Shared {
     pub(crate) config: HttpConfig,
-    principal: Option<PrincipalFn>,
-    /// Whether requests are authenticated by a bearer token: the
-    /// principal is then the token's subject, never a header.
-    authenticated: bool,
+    identity: Identity,
     pub(crate) metrics: Metrics,
     /// Where each plural's history comes from when not from its store.
     histories: HashMap<String, Arc<dyn History>>,
@@ -173,7 +180,7 @@ pub(crate) struct Shared {
 
 /// Ends the change feeds, so that a graceful shutdown of the server does
 /// not wait for clients that never hang up. Call it when shutdown begins
-/// (e.g. in the future given to `axum::serve(..).with_graceful_shutdown`).
+/// (e.g. in the future given to [`serve`](crate::serve)).
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle(Arc<tokio::sync::watch::Sender<bool>>);
 
@@ -185,16 +192,19 @@ impl ShutdownHandle {
 }
 
 impl Shared {
-    fn principal(&self, parts: &Parts) -> Result<Option<String>, HttpError> {
-        if self.authenticated {
-            return match parts.extensions.get::<Principal>() {
-                Some(p) => Ok(Some(p.subject.clone())),
-                None => Err(HttpError::Unauthorized { realm: auth::REALM, invalid_token: false }),
-            };
-        }
-        let found = match &self.principal {
-            Some(f) => f(parts),
-            None => match parts.headers.get(&self.config.principal_header) {
+    /// Who sent the request: `None` in an API without identities (the
+    /// principal recorded is then [`ANONYMOUS`] and no rule is asked).
+    fn caller(&self, parts: &Parts) -> Result<Option<Principal>, HttpError> {
+        let subject = match &self.identity {
+            Identity::Anonymous => return Ok(None),
+            Identity::Bearer => {
+                return match parts.extensions.get::<Principal>() {
+                    Some(p) => Ok(Some(p.clone())),
+                    None => Err(HttpError::Unauthorized { realm: auth::REALM, invalid_token: false }),
+                };
+            }
+            Identity::Custom(f) => f(parts),
+            Identity::TrustedHeader(name) => match parts.headers.get(name) {
                 None => None,
                 Some(v) => Some(
                     v.to_str()
@@ -202,15 +212,18 @@ impl Shared {
                             name: "principal",
                             reason: "not visible ASCII".into(),
                         })?
+                        .trim()
                         .to_owned(),
                 ),
             },
         };
-        match found {
+        match subject {
             Some(p) if p.len() > MAX_TOKEN => {
                 Err(HttpError::InvalidHeader { name: "principal", reason: format!("longer than {MAX_TOKEN} bytes") })
             }
-            other => Ok(other.filter(|p| !p.is_empty())),
+            Some(p) if !p.is_empty() => Ok(Some(Principal { subject: p, roles: Vec::new() })),
+            // A gateway that let a request through without a name.
+            _ => Ok(Some(Principal { subject: ANONYMOUS.to_owned(), roles: Vec::new() })),
         }
     }
 }
@@ -263,13 +276,13 @@ pub(crate) trait Mount: Describe + Send + Sync {
 ///     .unwrap()
 ///     .projections(runner)
 ///     .into_router();
-/// // axum::serve(listener, app).await
+/// // kes_http::serve(listener, app, Default::default(), shutdown).await
 /// # let _ = app;
 /// # });
 /// ```
 pub struct Api {
     config: HttpConfig,
-    principal: Option<PrincipalFn>,
+    identity: Identity,
     prometheus: Option<PrometheusHandle>,
     routes: Vec<Box<dyn FnOnce(Arc<Shared>) -> Router + Send>>,
     mounts: Vec<Arc<dyn Mount>>,
@@ -278,6 +291,7 @@ pub struct Api {
     histories: HashMap<String, Arc<dyn History>>,
     checks: Vec<(String, Arc<dyn Readiness>)>,
     admin: Option<AdminToken>,
+    admin_role: String,
     auth: Option<Arc<JwtAuth>>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -296,7 +310,7 @@ impl Api {
     pub fn new(config: HttpConfig) -> Self {
         Self {
             config,
-            principal: None,
+            identity: Identity::Anonymous,
             prometheus: None,
             routes: Vec::new(),
             mounts: Vec::new(),
@@ -305,6 +319,7 @@ impl Api {
             histories: HashMap::new(),
             checks: Vec::new(),
             admin: None,
+            admin_role: "admin".to_owned(),
             auth: None,
             stop: Arc::new(tokio::sync::watch::channel(false).0),
         }
@@ -376,9 +391,24 @@ impl Api {
         Ok(self)
     }
 
-    /// Reads the principal with `f` instead of the configured header.
+    /// Reads the principal of each request with `f` (a request for which
+    /// it finds none is [`ANONYMOUS`]). Resource rules apply to what it
+    /// finds, with no roles. Replaced by [`Api::authenticate`] or
+    /// [`Api::trust_principal_header`] when called after them.
     pub fn principal(mut self, f: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static) -> Self {
-        self.principal = Some(Arc::new(f));
+        self.identity = Identity::Custom(Arc::new(f));
+        self
+    }
+
+    /// **Trusted-header mode**: the principal of each request is the value
+    /// of header `name` (e.g. `x-principal`), as set by a gateway in front
+    /// of the service that authenticates callers and removes the header
+    /// from what they send; resource rules apply to it, with no roles. Off
+    /// by default, because anyone who reaches the service without passing
+    /// the gateway can name themselves anyone. A request without the
+    /// header is [`ANONYMOUS`].
+    pub fn trust_principal_header(mut self, name: HeaderName) -> Self {
+        self.identity = Identity::TrustedHeader(name);
         self
     }
 
@@ -398,12 +428,21 @@ impl Api {
 
     /// Requires a bearer JWT verified by `auth` on every route of the
     /// mounted resources (see [`crate::auth`]): the principal of every
-    /// command is then the token's subject, and the principal header
-    /// ([`HttpConfig::principal_header`]) is ignored. `/health`,
-    /// `/metrics` and `/openapi.json` stay open; the admin endpoints keep
-    /// their own token.
+    /// command is then the token's subject, with the token's roles, and
+    /// no header can claim another. `/health`, `/metrics` and
+    /// `/openapi.json` stay open; the admin endpoints are served to tokens
+    /// with the admin role (see [`Api::admin_role`]) and to the admin
+    /// token, when one is set.
     pub fn authenticate(mut self, auth: impl Into<Arc<JwtAuth>>) -> Self {
         self.auth = Some(auth.into());
+        self.identity = Identity::Bearer;
+        self
+    }
+
+    /// The role a JWT must grant for the admin endpoints (`admin` by
+    /// default); see [`Api::authenticate`].
+    pub fn admin_role(mut self, role: impl Into<String>) -> Self {
+        self.admin_role = role.into();
         self
     }
 
@@ -444,14 +483,14 @@ impl Api {
         };
         let shared = Arc::new(Shared {
             config: self.config,
-            principal: self.principal,
-            authenticated: self.auth.is_some(),
+            identity: self.identity.clone(),
             metrics,
             histories: self.histories,
             stop: self.stop.subscribe(),
         });
         let document = Arc::new(openapi::document(&shared.config, &self.mounts, self.auth.is_some()));
-        let admin = self.admin.map(|token| admin::routes(token, self.sources.clone(), self.reactions.clone()));
+        let admins = admin::Admins { token: self.admin, jwt: self.auth.clone().map(|auth| (auth, self.admin_role)) };
+        let admin = admins.any().then(|| admin::routes(admins, self.sources.clone(), self.reactions.clone()));
         let service = Arc::new(Service {
             mounts: self.mounts,
             sources: self.sources,
@@ -470,7 +509,7 @@ impl Api {
         }
         if let Some(auth) = self.auth {
             resources = resources.layer(axum::middleware::from_fn(move |mut request: Request, next: Next| {
-                let verified = auth.authenticate(request.headers());
+                let verified = auth.authenticate_request(&request);
                 async move {
                     match verified {
                         Ok(principal) => {
@@ -491,34 +530,42 @@ impl Api {
             .fallback(|| async { HttpError::NotFound("no such route".into()) })
             .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed });
         // Without allowed origins CORS has nothing to add.
-        let cors = (!config.cors_origins.is_empty()).then(|| cors(config));
+        let cors = (!config.cors_origins.is_empty()).then(|| cors(config, &self.identity));
         let edge = Edge::new(routes, cors, config.body_limit, config.request_timeout);
         // The edge sits outside the routes: routing must see the path without its slash.
         Router::new().fallback_service(edge)
     }
 }
 
-fn cors(config: &HttpConfig) -> CorsLayer {
+fn cors(config: &HttpConfig, identity: &Identity) -> CorsLayer {
     let origin = if config.cors_origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
     let h = |s: &'static str| HeaderName::from_static(s);
+    let trusted = match identity {
+        Identity::TrustedHeader(name) => Some(name.clone()),
+        _ => None,
+    };
     CorsLayer::new()
         .allow_origin(origin)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
-        .allow_headers([
-            header::CONTENT_TYPE,
-            header::IF_MATCH,
-            header::IF_NONE_MATCH,
-            header::AUTHORIZATION,
-            h(IDEMPOTENCY_KEY_HEADER),
-            h(POSITION_HEADER),
-            h(CORRELATION_HEADER),
-            h(REQUEST_ID_HEADER),
-            config.principal_header.clone(),
-        ])
+        .allow_headers(
+            [
+                header::CONTENT_TYPE,
+                header::IF_MATCH,
+                header::IF_NONE_MATCH,
+                header::AUTHORIZATION,
+                h(IDEMPOTENCY_KEY_HEADER),
+                h(POSITION_HEADER),
+                h(CORRELATION_HEADER),
+                h(REQUEST_ID_HEADER),
+            ]
+            .into_iter()
+            .chain(trusted)
+            .collect::<Vec<_>>(),
+        )
         .expose_headers([
             header::ETAG,
             header::LOCATION,
@@ -717,21 +764,28 @@ pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Res
 }
 
 /// `If-Match` → the expected version: `"3"` (or `3`) → exactly 3, `*` → it
-/// must exist. One tag only: a version is a single point.
+/// must exist. One tag only: a version is a single point. Exactly what
+/// the OpenAPI document's pattern admits (`kes.IfMatch`).
 fn if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>, HttpError> {
     let Some(text) = header_text(headers, "if-match")? else { return Ok(None) };
     if text == "*" {
         return Ok(Some(ExpectedVersion::Exists));
     }
-    let bad = |reason: &str| HttpError::InvalidHeader { name: "if-match", reason: reason.into() };
-    if text.starts_with("W/") {
-        return Err(bad("weak tags cannot be compared for writes"));
-    }
-    let tag = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
-    match tag.parse::<u64>() {
-        Ok(0) | Err(_) => Err(bad("expected one entity tag holding a version, like \"3\"")),
-        Ok(v) => Ok(Some(ExpectedVersion::Exact(v))),
-    }
+    let bad = || HttpError::InvalidHeader {
+        name: "if-match",
+        reason: "expected * or one entity tag holding a version, like \"3\"".into(),
+    };
+    let tag = match text.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"').ok_or_else(bad)?,
+        None => text,
+    };
+    version_digits(tag).map(|v| Some(ExpectedVersion::Exact(v))).ok_or_else(bad)
+}
+
+/// A version written as the document says: 1 to 19 digits, no leading zero.
+fn version_digits(text: &str) -> Option<u64> {
+    let plain = (1..=19).contains(&text.len()) && !text.starts_with('0') && text.bytes().all(|b| b.is_ascii_digit());
+    if plain { text.parse().ok() } else { None }
 }
 
 /// Whether `If-None-Match` names `version` (weak comparison, as RFC 9110 asks).
@@ -759,27 +813,59 @@ fn position_text(log: &str, position: Position) -> String {
 /// for one of `log` (or a bare `PARTITION:OFFSET`, taken to be of `log`).
 fn position_token(headers: &HeaderMap, log: &str) -> Result<Option<Option<Position>>, HttpError> {
     let Some(text) = header_text(headers, POSITION_HEADER)? else { return Ok(None) };
+    let bad = || HttpError::InvalidHeader {
+        name: POSITION_HEADER,
+        reason: "expected LOG@PARTITION:OFFSET (a log name of letters, digits, _ . -; at most 9 and 19 digits)".into(),
+    };
     let (named, position) = match text.split_once('@') {
-        Some(("", _)) => {
-            return Err(HttpError::InvalidHeader { name: POSITION_HEADER, reason: "the log before @ is empty".into() });
-        }
         Some((named, position)) => (Some(named), position),
         None => (None, text),
     };
-    let position = position
-        .parse::<Position>()
-        .map_err(|e| HttpError::InvalidHeader { name: POSITION_HEADER, reason: e.to_string() })?;
+    if let Some(named) = named
+        && !((1..=64).contains(&named.len())
+            && named.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')))
+    {
+        return Err(bad());
+    }
+    let (partition, offset) = position.split_once(':').ok_or_else(bad)?;
+    let digits = |s: &str, most: usize| (1..=most).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(partition, 9) || !digits(offset, 19) {
+        return Err(bad());
+    }
+    let position = Position::new(partition.parse().map_err(|_| bad())?, offset.parse().map_err(|_| bad())?);
     Ok(Some(match named {
         Some(named) if named != log => None,
         _ => Some(position),
     }))
 }
 
+/// An id as the document's `kes.Id` pattern says: 1 to 255 characters,
+/// no `/` and no control character, not starting with `.` (`.` and `..`
+/// are path segments that clients resolve away).
 fn check_id(id: &str) -> Result<(), HttpError> {
-    if id.is_empty() || id.len() > MAX_TOKEN || id.chars().any(|c| c.is_control() || c == '/') {
-        return Err(HttpError::BadRequest(format!("an id is 1 to {MAX_TOKEN} bytes without control characters or /")));
+    let fine = !id.is_empty()
+        && !id.starts_with('.')
+        && id.chars().count() <= MAX_TOKEN
+        && !id.chars().any(|c| c.is_control() || c == '/');
+    if !fine {
+        return Err(HttpError::BadRequest(format!(
+            "an id is 1 to {MAX_TOKEN} characters without control characters or /, not starting with ."
+        )));
     }
     Ok(())
+}
+
+/// An `Idempotency-Key` as the document's `kes.IdempotencyKey` says: 1 to
+/// 255 visible ASCII characters and inner spaces.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, HttpError> {
+    let Some(key) = header_text(headers, IDEMPOTENCY_KEY_HEADER)? else { return Ok(None) };
+    if key.is_empty() || key.len() > MAX_TOKEN || !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(HttpError::InvalidHeader {
+            name: IDEMPOTENCY_KEY_HEADER,
+            reason: format!("a key is 1 to {MAX_TOKEN} visible ASCII characters (inner spaces allowed)"),
+        });
+    }
+    Ok(Some(key.to_owned()))
 }
 
 fn bounded_token(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, HttpError> {
@@ -792,8 +878,9 @@ fn bounded_token(headers: &HeaderMap, name: &'static str) -> Result<Option<Strin
     }
 }
 
-/// Who asked, as part of what, under which retry key.
-fn metadata(shared: &Shared, parts: &Parts) -> Result<Metadata, HttpError> {
+/// Who asked (`caller`, from [`Shared::caller`]), as part of what, under
+/// which retry key.
+fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Metadata, HttpError> {
     let request_id = bounded_token(&parts.headers, REQUEST_ID_HEADER).ok().flatten();
     let correlation_id = bounded_token(&parts.headers, CORRELATION_HEADER)?.or_else(|| request_id.clone());
     let mut extra = std::collections::BTreeMap::new();
@@ -803,8 +890,8 @@ fn metadata(shared: &Shared, parts: &Parts) -> Result<Metadata, HttpError> {
     Ok(Metadata {
         correlation_id,
         causation_id: None,
-        principal: shared.principal(parts)?,
-        idempotency_key: bounded_token(&parts.headers, IDEMPOTENCY_KEY_HEADER)?,
+        principal: Some(caller.map_or_else(|| ANONYMOUS.to_owned(), |c| c.subject.clone())),
+        idempotency_key: idempotency_key(&parts.headers)?,
         extra,
     })
 }
@@ -858,6 +945,7 @@ fn outcome<E>(result: &Result<CommandOutcome<impl Sized>, CommandError<E>>) -> &
         Ok(o) if o.deduplicated => "replayed",
         Ok(_) => "ok",
         Err(CommandError::Rejected(_)) => "rejected",
+        Err(CommandError::Forbidden(_)) => "forbidden",
         Err(CommandError::NotFound { .. }) => "not_found",
         Err(CommandError::Conflict { .. }) => "conflict",
         Err(CommandError::Store(e)) if e.is_transient() => "unavailable",
@@ -882,7 +970,8 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         request: Request,
     ) -> Result<Response, HttpError> {
         let (parts, body) = request.into_parts();
-        let meta = metadata(&self.shared, &parts)?;
+        let caller = self.shared.caller(&parts)?;
+        let meta = metadata(&parts, caller.as_ref())?;
         let (id, expected, if_match) = match (&kind, id) {
             (Write::Create, _) => {
                 let id = match &meta.idempotency_key {
@@ -906,8 +995,12 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
             _ => read_body(&self.shared, &parts, body, op).await?,
         };
         let command = op.command(&id, value)?;
+        let guard = self.resource.rules.write_guard(command_name, caller.as_ref());
         let started = Instant::now();
-        let result = self.bus.execute(&id, command, expected, meta).await;
+        let result = match &guard {
+            Some(guard) => self.bus.execute_guarded(&id, command, expected, meta, guard).await,
+            None => self.bus.execute(&id, command, expected, meta).await,
+        };
         self.shared.metrics.command(A::NAME, command_name, outcome(&result), started.elapsed());
         if let Err(CommandError::Conflict { actual, .. }) = &result
             && if_match
@@ -920,6 +1013,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         }
         let done = result.map_err(|e| match e {
             CommandError::Rejected(e) => HttpError::Rejected(e.to_string()),
+            CommandError::Forbidden(rule) => HttpError::Forbidden(rule),
             CommandError::NotFound { .. } => HttpError::NotFound(format!("no {} {id}", A::NAME)),
             CommandError::Conflict { actual, .. } if if_match => {
                 HttpError::PreconditionFailed(format!("{} {id} is at version {actual}", A::NAME))
@@ -954,7 +1048,14 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         Ok(response)
     }
 
-    async fn get_one(&self, id: String, headers: HeaderMap) -> Result<Response, HttpError> {
+    /// Refuses `parts` when the resource's read rule does.
+    fn may_read(&self, parts: &Parts) -> Result<(), HttpError> {
+        self.resource.rules.check_read(self.shared.caller(parts)?.as_ref())
+    }
+
+    async fn get_one(&self, id: String, parts: Parts) -> Result<Response, HttpError> {
+        self.may_read(&parts)?;
+        let headers = parts.headers;
         check_id(&id)?;
         // The table moves with every append of this process; a write made
         // through another process (several instances on one Kafka log) is
@@ -985,6 +1086,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     }
 
     async fn list(&self, parts: Parts) -> Result<Response, HttpError> {
+        self.may_read(&parts)?;
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
             .map_err(|e| HttpError::MalformedQuery(e.to_string()))?;
         let query = ListQuery::from_pairs(pairs)?;
@@ -1017,6 +1119,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     }
 
     async fn events(&self, id: String, parts: Parts) -> Result<Response, HttpError> {
+        self.may_read(&parts)?;
         check_id(&id)?;
         let (after, size) = history_paging(parts.uri.query())?;
         let consistency = match (&self.history, position_token(&parts.headers, A::NAME)?) {
@@ -1143,7 +1246,7 @@ async fn get_one<A: Aggregate, S: EventStore<A>>(
     request: Request,
 ) -> Response {
     // The headers are taken from the request, not copied by an extractor.
-    answer(m.get_one(id, request.into_parts().0.headers).await)
+    answer(m.get_one(id, request.into_parts().0).await)
 }
 
 async fn list<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
@@ -1153,6 +1256,7 @@ async fn list<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request:
 async fn list_changes<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
     let parts = request.into_parts().0;
     let opened = async {
+        m.may_read(&parts)?;
         let (query, after) = feed::feed_query(parts.uri.query(), m.view.schema())?;
         let resume = feed::resume_of(&parts.headers, after.as_deref())?;
         m.feeds.list_feed(query, resume).await
@@ -1165,8 +1269,10 @@ async fn item_changes<A: Aggregate, S: EventStore<A>>(
     Path(id): Path<String>,
     request: Request,
 ) -> Response {
-    let headers = request.into_parts().0.headers;
+    let parts = request.into_parts().0;
     let opened = async {
+        m.may_read(&parts)?;
+        let headers = parts.headers;
         check_id(&id)?;
         let seen = feed::seen_version(&headers)?;
         m.feeds.item_feed(id, seen).await

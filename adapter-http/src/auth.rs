@@ -17,6 +17,10 @@
 //! - `iss` and `aud` are the configured ones, when configured;
 //! - the subject claim (`sub` by default) is a non-empty string.
 //!
+//! A change feed (`GET …/changes`) may carry its token as the query
+//! parameter `access_token` instead (RFC 6750 §2.3), as a browser's
+//! `EventSource` cannot send headers; mind that proxies may log URLs.
+//!
 //! The principal recorded with every event is then the token's subject;
 //! its roles come from the roles claim (`roles` by default: an array of
 //! strings, or a space-separated string such as `scope`). A request without
@@ -82,6 +86,12 @@ enum Refused {
     NoSubject(String),
     #[error("the JWKS file cannot be read: {0}")]
     Jwks(String),
+}
+
+/// The `access_token` query parameter, when there is one.
+fn query_token(query: Option<&str>) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
+    pairs.into_iter().find(|(k, _)| k == "access_token").map(|(_, v)| v)
 }
 
 /// Where verification keys come from.
@@ -202,6 +212,23 @@ impl JwtAuth {
     pub fn roles_claim(mut self, claim: impl Into<String>) -> Self {
         self.roles_claim = claim.into();
         self
+    }
+
+    /// The principal of `request`, or the `401` to answer. A change feed
+    /// (`GET …/changes`) without an `Authorization` header may carry its
+    /// token as the query parameter `access_token` (RFC 6750 §2.3), since
+    /// a browser's `EventSource` cannot send headers.
+    pub(crate) fn authenticate_request<B>(&self, request: &http::Request<B>) -> Result<Principal, HttpError> {
+        let feed = request.method() == http::Method::GET
+            && request.uri().path().trim_end_matches('/').ends_with("/changes")
+            && !request.headers().contains_key(AUTHORIZATION);
+        if feed && let Some(token) = query_token(request.uri().query()) {
+            return self.verify(&token).map_err(|why| {
+                tracing::debug!(reason = %why, "access_token refused");
+                HttpError::Unauthorized { realm: REALM, invalid_token: true }
+            });
+        }
+        self.authenticate(request.headers())
     }
 
     /// The principal of a request with `headers`, or the `401` to answer.

@@ -30,6 +30,8 @@ pub mod problem_type {
     pub const BAD_REQUEST: &str = "urn:kes:problem:bad-request";
     /// 401: the request carries no valid credentials.
     pub const UNAUTHORIZED: &str = "urn:kes:problem:unauthorized";
+    /// 403: the caller may not do this (a rule of the resource, named in `detail`).
+    pub const FORBIDDEN: &str = "urn:kes:problem:forbidden";
     /// 404: no such aggregate, route or command.
     pub const NOT_FOUND: &str = "urn:kes:problem:not-found";
     /// 405: the route exists, the method does not.
@@ -91,6 +93,9 @@ pub enum HttpError {
         /// says `error="invalid_token"`).
         invalid_token: bool,
     },
+    /// The caller may not do this; the text is the rule that refused it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// No such aggregate, route or command.
     #[error("{0}")]
     NotFound(String),
@@ -136,6 +141,7 @@ impl HttpError {
             | Self::InvalidHeader { .. }
             | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -160,6 +166,7 @@ impl HttpError {
             Self::InvalidHeader { .. } => t::INVALID_HEADER,
             Self::BadRequest(_) => t::BAD_REQUEST,
             Self::Unauthorized { .. } => t::UNAUTHORIZED,
+            Self::Forbidden(_) => t::FORBIDDEN,
             Self::NotFound(_) => t::NOT_FOUND,
             Self::MethodNotAllowed => t::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => t::CONFLICT,

@@ -887,6 +887,9 @@ pub(crate) fn feed_query(
     for (k, v) in pairs {
         if k == "after" {
             after = Some(v);
+        } else if k == "access_token" {
+            // Verified by the authentication layer (EventSource sends no
+            // header); nothing for the feed.
         } else if k == "q" || k.starts_with("filter[") {
             rest.push((k, v));
         } else {

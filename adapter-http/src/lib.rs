@@ -25,9 +25,14 @@
 //! metadata; the same key on the same aggregate appends once and replays the
 //! first answer (`Idempotent-Replayed: true`). On a create, the new id is
 //! derived from the key (and the principal), so a retried create reaches
-//! the aggregate the first attempt made. The principal (header
-//! `X-Principal` by default, or [`Api::principal`]) and the correlation id
-//! (`X-Correlation-Id`, else the request id) are recorded with the events.
+//! the aggregate the first attempt made. The principal (`anonymous` by
+//! default; a bearer JWT's subject with [`Api::authenticate`]; see
+//! [`access`]) and the correlation id (`X-Correlation-Id`, else the
+//! request id) are recorded with the events.
+//!
+//! **Who may.** A resource's rules ([`Resource::allow`],
+//! [`Resource::allow_reads`]) decide from the principal and the
+//! aggregate's current state; a refusal is 403 before the command runs.
 //!
 //! **Bodies.** JSON, or flat form data (`curl -d name=x`), which becomes a
 //! JSON object of strings; where the body type wants a number, bool or null,
@@ -45,7 +50,7 @@
 //!
 //! **Errors** are `application/problem+json` (RFC 9457) with a stable
 //! `type` from [`problem_type`]: 400 malformed body, query, cursor, search
-//! or header; 404; 405; 409 / 412; 413; 415; 422 with the domain error's
+//! or header; 401 without valid credentials; 403 when a rule refuses; 404; 405; 409 / 412; 413; 415; 422 with the domain error's
 //! message; 503 with `Retry-After` when a store or view is unavailable or
 //! the request timed out; 500 otherwise. Server-side detail (SQL, broker,
 //! panic messages) goes to the log, never to the client; a panicking
@@ -160,6 +165,7 @@
 //! |---|---|
 //! | (none) | everything above; the crate has no optional parts |
 
+pub mod access;
 mod admin;
 mod api;
 pub mod auth;
@@ -169,7 +175,9 @@ mod feed;
 pub mod metrics;
 mod openapi;
 mod resource;
+mod server;
 
+pub use access::ANONYMOUS;
 pub use admin::AdminToken;
 pub use api::{
     Api, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
@@ -180,3 +188,4 @@ pub use error::{HttpError, PROBLEM_JSON, problem_type};
 pub use resource::{IdStrategy, Resource};
 /// The schemars version body, state and event types derive `JsonSchema` with.
 pub use schemars;
+pub use server::{ServerConfig, serve};

@@ -126,6 +126,16 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>], bearer: b
         }),
     );
     if bearer {
+        for (path, item) in paths.iter_mut() {
+            if path.ends_with("/changes")
+                && let Some(params) = item.pointer_mut("/get/parameters").and_then(Value::as_array_mut)
+            {
+                params.push(json!({ "name": "access_token", "in": "query", "required": false,
+                    "description": "The bearer token, for clients that cannot send Authorization (a browser's \
+                        EventSource); used only when no Authorization header is sent.",
+                    "schema": { "type": "string", "maxLength": 8192 } }));
+            }
+        }
         for item in paths.values_mut() {
             for operation in item.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
                 if let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) {
@@ -169,7 +179,47 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>], bearer: b
     if !security.is_null() {
         document["security"] = security;
     }
+    bound_integers(&mut document, 0);
     document
+}
+
+/// Gives every integer schema with a size `format` (`int64`, `uint32`, …,
+/// as schemars writes them) the `minimum` and `maximum` of that size, which
+/// the body decoder enforces: a generator reading the document then never
+/// makes a number the server cannot hold.
+fn bound_integers(value: &mut Value, depth: u32) {
+    if depth > 64 {
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            let range = match map.get("format").and_then(Value::as_str) {
+                Some("int8") => Some((i128::from(i8::MIN), i128::from(i8::MAX))),
+                Some("int16") => Some((i128::from(i16::MIN), i128::from(i16::MAX))),
+                Some("int32") => Some((i128::from(i32::MIN), i128::from(i32::MAX))),
+                Some("int64") => Some((i128::from(i64::MIN), i128::from(i64::MAX))),
+                Some("uint8") => Some((0, i128::from(u8::MAX))),
+                Some("uint16") => Some((0, i128::from(u16::MAX))),
+                Some("uint32") => Some((0, i128::from(u32::MAX))),
+                Some("uint64" | "uint") => Some((0, i128::from(u64::MAX))),
+                _ => None,
+            };
+            if let Some((min, max)) = range {
+                let number = |n: i128| {
+                    i64::try_from(n)
+                        .map(Value::from)
+                        .unwrap_or_else(|_| u64::try_from(n).map(Value::from).unwrap_or(Value::Null))
+                };
+                map.entry("minimum").or_insert_with(|| number(min));
+                map.entry("maximum").or_insert_with(|| number(max));
+            }
+            for v in map.values_mut() {
+                bound_integers(v, depth + 1);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| bound_integers(v, depth + 1)),
+        _ => {}
+    }
 }
 
 /// `/health`, `/metrics` and `/openapi.json`, open to all (`bearer`: the
@@ -217,20 +267,23 @@ fn add_service_paths(paths: &mut Map<String, Value>, bearer: bool) {
 
 fn parameters() -> Value {
     json!({
-        "kes.Id": { "name": "id", "in": "path", "required": true, "description": "The aggregate id.",
-                    "schema": { "type": "string", "minLength": 1, "maxLength": 255 } },
+        "kes.Id": { "name": "id", "in": "path", "required": true,
+                    "description": "The aggregate id: 1 to 255 characters, no / and no control character, not starting with a dot.",
+                    "schema": { "type": "string", "minLength": 1, "maxLength": 255,
+                                "pattern": "^[^/.\\u0000-\\u001f\\u007f-\\u009f][^/\\u0000-\\u001f\\u007f-\\u009f]*$" } },
         "kes.IfMatch": { "name": "If-Match", "in": "header", "required": false,
                          "description": "The version the write expects (an ETag such as \"3\", or *). 412 when stale.",
-                         "schema": { "type": "string", "pattern": "^(\\*|\"?[1-9][0-9]*\"?)$" } },
+                         "schema": { "type": "string", "pattern": "^(\\*|[1-9][0-9]{0,18}|\"[1-9][0-9]{0,18}\")$" } },
         "kes.IfNoneMatch": { "name": "If-None-Match", "in": "header", "required": false,
                              "description": "ETags the client holds; 304 when the version is among them.",
-                             "schema": { "type": "string" } },
+                             "schema": { "type": "string", "pattern": "^[\\t -~]*$" } },
         "kes.IdempotencyKey": { "name": "Idempotency-Key", "in": "header", "required": false,
                                 "description": "Retry key: the same key on the same aggregate appends once and replays the first answer.",
-                                "schema": { "type": "string", "minLength": 1, "maxLength": 255 } },
+                                "schema": { "type": "string", "minLength": 1, "maxLength": 255,
+                                            "pattern": "^[!-~]([ -~]*[!-~])?$" } },
         "kes.Position": { "name": "KES-Position", "in": "header", "required": false,
                           "description": "A position token from a write (LOG@PARTITION:OFFSET); a read of the same aggregate type waits (bounded) until the views (lists, history) or this instance's table (reads by id) reached it. A token of another aggregate type's log is not waited for (KES-Consistency: eventual).",
-                          "schema": { "type": "string", "pattern": "^([A-Za-z0-9_.-]{1,64}@)?[0-9]{1,10}:[0-9]{1,20}$" } },
+                          "schema": { "type": "string", "pattern": "^([A-Za-z0-9_.-]{1,64}@)?[0-9]{1,9}:[0-9]{1,19}$" } },
     })
 }
 
@@ -265,6 +318,18 @@ fn responses() -> Value {
         "kes.Unavailable": unavailable,
         "kes.Internal": problem("The server failed; details are in its log."),
     })
+}
+
+/// Adds the `403` of an operation guarded by `rule` (none without one).
+fn forbidden(responses: &mut Map<String, Value>, rule: Option<&str>) {
+    if let Some(rule) = rule {
+        responses.insert(
+            "403".into(),
+            problem(&format!(
+                "The caller may not: {rule}. Nothing was changed (problem type urn:kes:problem:forbidden)."
+            )),
+        );
+    }
 }
 
 fn refs(codes: &[&str]) -> Map<String, Value> {
@@ -390,7 +455,9 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         let write_params = json!([r("parameters", "kes.IfMatch"), r("parameters", "kes.IdempotencyKey")]);
 
         let mut collection = Map::new();
+        let rules = &self.resource.rules;
         let mut list_responses = refs(&["400", "500", "503"]);
+        forbidden(&mut list_responses, rules.read_text());
         list_responses.insert(
             "200".into(),
             json!({ "description": "One page of the list.",
@@ -404,6 +471,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         );
         if let Some(op) = &self.resource.create {
             let mut responses = refs(&["400", "409", "413", "415", "422", "500", "503"]);
+            forbidden(&mut responses, rules.write_text("create"));
             responses.insert("201".into(), written("201", &format!("The new {}.", A::NAME), true));
             let mut o = json!({ "operationId": format!("create_{name}"), "tags": tags,
                 "summary": format!("Create a {}; the server makes its id.", A::NAME),
@@ -418,6 +486,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         let mut item = Map::new();
         item.insert("parameters".into(), json!([r("parameters", "kes.Id")]));
         let mut get_responses = refs(&["400", "404", "500", "503"]);
+        forbidden(&mut get_responses, rules.read_text());
         get_responses.insert(
             "200".into(),
             json!({ "description": format!("The {}'s latest state.", A::NAME),
@@ -438,6 +507,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         for (method, verb, op) in updates {
             let Some(op) = op else { continue };
             let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
+            forbidden(&mut responses, rules.write_text(verb));
             responses.insert("200".into(), written("200", &format!("The {} after the command.", A::NAME), false));
             let mut o = json!({ "operationId": format!("{verb}_{name}"), "tags": tags,
                 "summary": format!("{verb} a {}.", A::NAME), "parameters": write_params, "responses": responses });
@@ -448,6 +518,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         }
         if self.resource.delete.is_some() {
             let mut responses = refs(&["400", "404", "409", "412", "422", "500", "503"]);
+            forbidden(&mut responses, rules.write_text("delete"));
             responses.insert("204".into(), written("204", "Deleted.", false));
             item.insert(
                 "delete".into(),
@@ -459,6 +530,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         paths.insert(format!("/{plural}/{{id}}"), Value::Object(item));
 
         let mut history = refs(&["400", "404", "500", "503"]);
+        forbidden(&mut history, rules.read_text());
         history.insert(
             "200".into(),
             json!({ "description": "One page of events, oldest first.",
@@ -532,8 +604,16 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
                     "503": r("responses", "kes.Unavailable")
                 } } }),
         );
+        for feed in [format!("/{plural}/changes"), format!("/{plural}/{{id}}/changes")] {
+            if let Some(responses) =
+                paths.get_mut(&feed).and_then(|p| p.pointer_mut("/get/responses")).and_then(Value::as_object_mut)
+            {
+                forbidden(responses, rules.read_text());
+            }
+        }
         for (command, op) in &self.resource.commands {
             let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
+            forbidden(&mut responses, rules.write_text(command));
             responses.insert("200".into(), written("200", &format!("The {} after the command.", A::NAME), false));
             let mut o = json!({ "operationId": format!("{name}_{}", op_id(command)), "tags": tags,
                 "summary": format!("Run command {command} on a {}.", A::NAME),

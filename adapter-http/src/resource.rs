@@ -10,6 +10,8 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::access::Rules;
+use crate::auth::Principal;
 use crate::error::HttpError;
 
 /// Turns a decoded JSON body (and the aggregate id) into a command.
@@ -293,6 +295,7 @@ pub struct Resource<A: Aggregate> {
     pub(crate) patch: Option<Operation<A::Command>>,
     pub(crate) delete: Option<Operation<A::Command>>,
     pub(crate) commands: BTreeMap<String, Operation<A::Command>>,
+    pub(crate) rules: Rules<A>,
 }
 
 impl<A: Aggregate> Clone for Resource<A> {
@@ -305,6 +308,7 @@ impl<A: Aggregate> Clone for Resource<A> {
             patch: self.patch.clone(),
             delete: self.delete.clone(),
             commands: self.commands.clone(),
+            rules: self.rules.clone(),
         }
     }
 }
@@ -320,6 +324,7 @@ impl<A: Aggregate> fmt::Debug for Resource<A> {
             .field("patch", &self.patch.is_some())
             .field("delete", &self.delete.is_some())
             .field("commands", &self.commands.keys().collect::<Vec<_>>())
+            .field("rules", &self.rules)
             .finish()
     }
 }
@@ -335,6 +340,7 @@ impl<A: Aggregate> Resource<A> {
             patch: None,
             delete: None,
             commands: BTreeMap::new(),
+            rules: Rules::default(),
         }
     }
 
@@ -407,8 +413,78 @@ impl<A: Aggregate> Resource<A> {
         self
     }
 
+    /// Lets only callers for whom `allowed(principal, state)` holds run
+    /// `operation` (`create`, `replace`, `patch`, `delete` or a named
+    /// command); others get `403` with `rule` as the reason, before the
+    /// aggregate's `handle` runs. `state` is the aggregate as the command
+    /// would be decided on (the default state for `create`). `rule` says
+    /// in words who may (it is shown to refused callers and in the OpenAPI
+    /// document). Rules apply when the API has identities (see
+    /// [`crate::access`]). A second rule on an operation replaces the first.
+    ///
+    /// ```
+    /// # use kes_core::{Aggregate, DomainEvent};
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Default, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+    /// # struct Doc { owner: String }
+    /// # #[derive(Debug, Clone, Serialize, Deserialize)]
+    /// # enum DocEvent { Archived }
+    /// # impl DomainEvent for DocEvent { fn event_type(&self) -> &'static str { "Archived" } }
+    /// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;
+    /// # impl Aggregate for Doc {
+    /// #     const NAME: &'static str = "doc";
+    /// #     type Command = (); type Event = DocEvent; type Error = No;
+    /// #     fn handle(&self, _: ()) -> Result<Vec<DocEvent>, No> { Ok(vec![DocEvent::Archived]) }
+    /// #     fn apply(&mut self, _: &DocEvent) {}
+    /// # }
+    /// # #[derive(Deserialize, schemars::JsonSchema)] struct NoBody {}
+    /// let docs = kes_http::Resource::<Doc>::new("docs")
+    ///     .command("archive", |_: NoBody| ())
+    ///     .allow("archive", "only the owner or an admin", |who, doc| {
+    ///         who.subject == doc.owner || who.has_role("admin")
+    ///     });
+    /// ```
+    pub fn allow(
+        mut self,
+        operation: impl Into<String>,
+        rule: impl Into<String>,
+        allowed: impl Fn(&Principal, &A) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.rules.add_write(operation.into(), rule.into(), allowed);
+        self
+    }
+
+    /// Lets only callers for whom `allowed(principal)` holds read the
+    /// resource (one aggregate, the list, the history and the change
+    /// feeds); others get `403` with `rule` as the reason.
+    pub fn allow_reads(
+        mut self,
+        rule: impl Into<String>,
+        allowed: impl Fn(&Principal) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.rules.set_reads(rule.into(), allowed);
+        self
+    }
+
+    /// Whether this resource offers `operation`.
+    fn offers(&self, operation: &str) -> bool {
+        match operation {
+            "create" => self.create.is_some(),
+            "replace" => self.replace.is_some(),
+            "patch" => self.patch.is_some(),
+            "delete" => self.delete.is_some(),
+            name => self.commands.contains_key(name),
+        }
+    }
+
     /// Checks names before anything is routed.
     pub(crate) fn validate(&self) -> Result<(), HttpError> {
+        if let Some(op) = self.rules.writes.keys().find(|op| !self.offers(op)) {
+            return Err(HttpError::Config(format!(
+                "/{} has a rule for {op:?}, which it does not offer (create, replace, patch, delete or a command)",
+                self.plural
+            )));
+        }
         let plain = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64
@@ -432,6 +508,11 @@ impl<A: Aggregate> Resource<A> {
             }
             if name == "events" {
                 return Err(HttpError::Config("command name \"events\" is taken by the audit history".into()));
+            }
+            if ["create", "replace", "patch", "delete"].contains(&name.as_str()) {
+                return Err(HttpError::Config(format!(
+                    "command name {name:?} would share its rules with the {name} operation"
+                )));
             }
             if name == "changes" {
                 return Err(HttpError::Config("command name \"changes\" is taken by the change feed".into()));

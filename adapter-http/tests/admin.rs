@@ -51,7 +51,12 @@ async fn a_missing_or_wrong_token_is_401_with_a_challenge() {
     for token in [None, Some("not-the-admin-token-at-all"), Some("")] {
         let reply = send(&app, admin_request("GET", "/admin/projections", token)).await;
         reply.assert_problem(401, "unauthorized");
-        assert_eq!(reply.header("www-authenticate"), "Bearer realm=\"kes-admin\"");
+        let challenge = match token {
+            None => "Bearer realm=\"kes-admin\"",
+            // A token was sent and refused (RFC 6750 §3.1).
+            Some(_) => "Bearer realm=\"kes-admin\", error=\"invalid_token\"",
+        };
+        assert_eq!(reply.header("www-authenticate"), challenge);
         let reply = send(&app, admin_request("POST", "/admin/projections/projects/rebuild", token)).await;
         reply.assert_problem(401, "unauthorized");
     }

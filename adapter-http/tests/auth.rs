@@ -253,3 +253,84 @@ async fn the_document_says_which_operations_need_a_token() {
     let open = send(&harness().await.app, empty("GET", "/openapi.json")).await.body;
     assert!(open.get("security").is_none() && open["components"].get("securitySchemes").is_none());
 }
+
+/// Claims of a token for `sub` granting `roles`.
+fn with_roles(sub: &str, roles: &[&str]) -> Value {
+    let mut c = claims(sub);
+    c["roles"] = json!(roles);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_see_the_tokens_roles_and_admin_endpoints_need_the_admin_role() {
+    let store = InMemoryStore::<Project>::new();
+    let view = Arc::new(InMemoryView::new(view_schema()).expect("schema"));
+    let runner = ProjectionRunner::new(
+        store.clone(),
+        vec![Arc::new(ViewProjection::<Project>::new(view.clone(), row))],
+        RunnerConfig::default(),
+    );
+    runner.start().await.expect("projections");
+    let guarded = resource().allow("archive", "only an archivist may archive", |who, _| who.has_role("archivist"));
+    let app = Api::new(HttpConfig::default())
+        .mount(guarded, Arc::new(CommandBus::new(store.clone())), view, runner.clone())
+        .expect("mount")
+        .projections(runner)
+        .authenticate(hs_auth())
+        .admin_role("operator")
+        .admin(kes_http::AdminToken::new("an-operator-token-0123456789").expect("token"))
+        .into_router();
+
+    let member = hs256(&claims("ann"));
+    let created = create_with(&app, Some(&member)).await;
+    let id = created.header("location").trim_start_matches("/projects/").to_owned();
+    let archive = |token: &str| bearer(json("POST", &format!("/projects/{id}/archive"), json!({})), token);
+    send(&app, archive(&member)).await.assert_problem(403, "forbidden");
+    assert_eq!(store.read(&id).await.expect("read").len(), 1, "a refused command appends nothing");
+    let archivist = hs256(&with_roles("ann", &["archivist"]));
+    assert_eq!(send(&app, archive(&archivist)).await.status, StatusCode::OK);
+
+    let admin_list = |token: Option<&str>| {
+        let request = empty("GET", "/admin/projections");
+        match token {
+            Some(t) => bearer(request, t),
+            None => request,
+        }
+    };
+    send(&app, admin_list(None)).await.assert_problem(401, "unauthorized");
+    send(&app, admin_list(Some(&member))).await.assert_problem(403, "forbidden");
+    send(&app, admin_list(Some("not.a.token"))).await.assert_problem(401, "unauthorized");
+    let operator = hs256(&with_roles("olga", &["operator"]));
+    let listed = send(&app, admin_list(Some(&operator))).await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+    assert!(listed.body["projections"].as_array().is_some_and(|p| !p.is_empty()));
+    let by_token = send(&app, admin_list(Some("an-operator-token-0123456789"))).await;
+    assert_eq!(by_token.status, StatusCode::OK, "the admin token still opens them");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_takes_its_token_from_the_query_where_browsers_cannot_send_headers() {
+    use tower::ServiceExt;
+    let a = app(hs_auth()).await;
+    let token = hs256(&claims("ann"));
+    let open = |uri: String| {
+        let app = a.app.clone();
+        async move { app.oneshot(empty("GET", &uri)).await.expect("answer") }
+    };
+    let feed = open(format!("/projects/changes?access_token={token}")).await;
+    assert_eq!(feed.status(), StatusCode::OK);
+    assert!(feed.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    drop(feed);
+    let created = create_with(&a.app, Some(&token)).await;
+    let id = created.header("location").trim_start_matches("/projects/").to_owned();
+    let item = open(format!("/projects/{id}/changes?access_token={token}")).await;
+    assert_eq!(item.status(), StatusCode::OK);
+    drop(item);
+    assert_eq!(open("/projects/changes?access_token=not.a.token".into()).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(open("/projects/changes".into()).await.status(), StatusCode::UNAUTHORIZED);
+    // Only feeds take it: elsewhere a token belongs in the header.
+    assert_eq!(open(format!("/projects?access_token={token}")).await.status(), StatusCode::UNAUTHORIZED);
+    let doc = send(&a.app, empty("GET", "/openapi.json")).await.body;
+    let params = doc["paths"]["/projects/changes"]["get"]["parameters"].as_array().expect("parameters").clone();
+    assert!(params.iter().any(|p| p["name"] == "access_token"), "the document names the parameter");
+}

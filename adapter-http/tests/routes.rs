@@ -208,7 +208,10 @@ async fn the_same_idempotency_key_twice_appends_once_and_replays_the_first_answe
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_create_with_an_idempotency_key_reaches_the_same_aggregate() {
-    let h = harness().await;
+    let h = build_with(HttpConfig::default(), true, resource(), |api| {
+        api.trust_principal_header(http::HeaderName::from_static("x-principal"))
+    })
+    .await;
     let request = || with_header(json("POST", "/projects", json!({ "name": "Once" })), "idempotency-key", "create-1");
     let first = send(&h.app, request()).await;
     let second = send(&h.app, request()).await;
@@ -364,7 +367,10 @@ async fn requests_without_an_id_get_a_fresh_one_and_no_cors_headers_by_default()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_history_carries_versions_types_times_and_metadata() {
-    let h = harness().await;
+    let h = build_with(HttpConfig::default(), true, resource(), |api| {
+        api.trust_principal_header(http::HeaderName::from_static("x-principal"))
+    })
+    .await;
     let request = with_header(
         with_header(json("POST", "/projects", json!({ "name": "Audited" })), "x-principal", "ann"),
         "x-request-id",

@@ -183,10 +183,13 @@ async fn a_write_answers_the_version_and_position_the_store_reports() {
     store
         .expect_append()
         .withf(|_, expected, events, meta| {
-            *expected == ExpectedVersion::Exact(0) && events.len() == 1 && meta.principal.as_deref() == Some("ann")
+            *expected == ExpectedVersion::Exact(0)
+                && events.len() == 1
+                && meta.principal.as_deref() == Some("anonymous")
         })
         .returning(|_, _, _, _| Ok(Appended { version: 1, position: Position::new(3, 41), deduplicated: false }));
     let app = app_with(store, Arc::new(healthy_view()), HttpConfig::default());
+    // Without identities, a principal header is not believed.
     let reply = send(&app, with_header(json("POST", "/projects", json!({ "name": "k" })), "x-principal", "ann")).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     assert_eq!(reply.header("kes-position"), "project@3:41");

@@ -40,6 +40,11 @@ pub enum CommandError<E> {
         /// The actual version.
         actual: u64,
     },
+    /// The caller may not run this command on the aggregate as it is (a
+    /// guard given to [`CommandBus::execute_guarded`] refused it, with this
+    /// reason); nothing appended.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// The store failed; see [`StoreError::is_transient`].
     #[error(transparent)]
     Store(StoreError),
@@ -107,6 +112,11 @@ fn contention_pause(race: u32) -> Duration {
     Duration::from_micros(ceiling_us / 2 + draw % (ceiling_us / 2 + 1))
 }
 
+/// Decides whether a command may run on the aggregate's current state
+/// (see [`CommandBus::execute_guarded`]): `Err` holds the reason told to
+/// the caller.
+pub type CommandGuard<'a, A> = &'a (dyn Fn(&A) -> Result<(), String> + Send + Sync);
+
 /// Runs commands against one aggregate type.
 ///
 /// Commands on the same aggregate id run one after another; commands on
@@ -170,6 +180,30 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
         expected: ExpectedVersion,
         metadata: Metadata,
     ) -> Result<CommandOutcome<A>, CommandError<A::Error>> {
+        self.execute_guarded(id, command, expected, metadata, &|_| Ok(())).await
+    }
+
+    /// Like [`CommandBus::execute`], with `guard` asked before `handle`
+    /// whether the command may run on the state it is decided on: an
+    /// authorization rule that depends on the aggregate (only its owner may
+    /// archive it). A refusal is [`CommandError::Forbidden`] and appends
+    /// nothing.
+    ///
+    /// The guard sees exactly the state the events are appended after: an
+    /// append conditioned on that state's version, so a command allowed on
+    /// a state that another writer has since changed is decided (and
+    /// guarded) again on the new one, never appended on an old permission.
+    /// Like a rejection, a refusal on a state that may be stale is checked
+    /// again on [`EventStore::load_current`]. A retry whose idempotency key
+    /// already landed replays the first answer without asking the guard.
+    pub async fn execute_guarded(
+        &self,
+        id: &str,
+        command: A::Command,
+        expected: ExpectedVersion,
+        metadata: Metadata,
+        guard: CommandGuard<'_, A>,
+    ) -> Result<CommandOutcome<A>, CommandError<A::Error>> {
         let _turn = self.locks.lock(id).await;
         let key = metadata.idempotency_key.clone();
         if let Some(key) = &key
@@ -191,6 +225,13 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
                     return Err(refused);
                 }
                 // What `load` gave may be stale: refuse only what the log says.
+                current = true;
+                continue;
+            }
+            if let Err(reason) = guard(&state) {
+                if current {
+                    return Err(CommandError::Forbidden(reason));
+                }
                 current = true;
                 continue;
             }

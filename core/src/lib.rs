@@ -111,7 +111,7 @@ pub mod testkit;
 pub mod view;
 
 pub use aggregate::{Aggregate, DomainEvent};
-pub use bus::{BusConfig, CommandBus, CommandError, CommandOutcome};
+pub use bus::{BusConfig, CommandBus, CommandError, CommandGuard, CommandOutcome};
 pub use codec::{Codec, CodecError, EncodedEvent, JsonCodec, RawEnvelope, Upcast, Upcasters};
 pub use envelope::{Checkpoint, Envelope, Metadata, Position};
 pub use history::{

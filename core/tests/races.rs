@@ -194,3 +194,70 @@ async fn two_buses_on_one_store_never_answer_a_plain_command_with_a_conflict() {
     let state = log.load("l-1").await.expect("load").expect("a ledger");
     assert_eq!((state.version, state.state.total), (321, 320));
 }
+
+/// A guard (an authorization rule on the state) that allowed a command on
+/// a state another writer has since changed is asked again on the new one:
+/// nothing is appended on a permission the log no longer grants.
+#[tokio::test]
+async fn a_guard_is_asked_again_on_the_state_a_lost_race_leaves() {
+    let store = Contended::new(ledger(1).await, competing_add()).await;
+    let bus = CommandBus::new(store.clone());
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&asked);
+    let small_only = move |l: &Ledger| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        if l.total < 50 { Ok(()) } else { Err("only small ledgers take entries".to_owned()) }
+    };
+    let refused =
+        bus.execute_guarded("l-1", LedgerCommand::Add(5), ExpectedVersion::Any, Metadata::default(), &small_only).await;
+    assert!(
+        matches!(&refused, Err(CommandError::Forbidden(r)) if r == "only small ledgers take entries"),
+        "{refused:?}"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "asked on the stale state, then on the competitor's");
+    let history = store.log.read("l-1").await.expect("history");
+    assert!(!history.iter().any(|e| e.payload == LedgerEvent::Added { amount: 5 }), "nothing appended");
+}
+
+/// Like a rejection, a guard's refusal decided on a state that may be
+/// stale is checked against the log before the caller hears it.
+#[tokio::test]
+async fn a_guard_refusal_on_a_stale_cache_is_checked_against_the_log() {
+    let log = ledger(1).await;
+    let store = Contended::new(log.clone(), None).await;
+    log.append("l-1", ExpectedVersion::Any, vec![LedgerEvent::Added { amount: 7 }], Metadata::default())
+        .await
+        .expect("another process appends");
+    let bus = CommandBus::new(store.clone());
+    let big_only = |l: &Ledger| if l.total >= 5 { Ok(()) } else { Err("too small".to_owned()) };
+    let done = bus
+        .execute_guarded("l-1", LedgerCommand::Add(5), ExpectedVersion::Any, Metadata::default(), &big_only)
+        .await
+        .expect("the log's state passes the guard");
+    assert_eq!((done.version, done.state.total), (4, 13));
+    assert_eq!(store.current_loads.load(Ordering::SeqCst), 1);
+}
+
+/// A retry whose key already landed replays the first answer: the guard
+/// is not asked again, so a caller whose own command changed what the rule
+/// looks at still gets the answer to what they did.
+#[tokio::test]
+async fn a_replayed_retry_does_not_ask_the_guard() {
+    let log = ledger(0).await;
+    let bus = CommandBus::new(log.clone());
+    let meta = Metadata { idempotency_key: Some("k-1".into()), ..Metadata::default() };
+    let small_only = |l: &Ledger| if l.total < 50 { Ok(()) } else { Err("only small ledgers".to_owned()) };
+    let first = bus
+        .execute_guarded("l-1", LedgerCommand::Add(60), ExpectedVersion::Any, meta.clone(), &small_only)
+        .await
+        .expect("allowed on the empty ledger");
+    let again = bus
+        .execute_guarded("l-1", LedgerCommand::Add(60), ExpectedVersion::Any, meta, &small_only)
+        .await
+        .expect("the retry replays");
+    assert!(again.deduplicated);
+    assert_eq!(again.version, first.version);
+    let other =
+        bus.execute_guarded("l-1", LedgerCommand::Add(1), ExpectedVersion::Any, Metadata::default(), &small_only);
+    assert!(matches!(other.await, Err(CommandError::Forbidden(_))), "a new command meets the rule");
+}

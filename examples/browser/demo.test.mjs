@@ -125,6 +125,20 @@ async function main() {
       await see(ann, '#history li', 'renamed');
     });
 
+    await step('add members', async () => {
+      await ann.fill('#new-member', 'bob');
+      await ann.click('#member-form button[type=submit]');
+      await see(ann, '#status', 'bob added.');
+      await ann.fill('#new-member', 'carol');
+      await ann.click('#member-form button[type=submit]');
+      await see(ann, '#status', 'carol added.');
+      await see(ann, '#members li', 'carol');
+      await see(ann, '#history li', 'member added');
+      await ann.fill('#new-member', 'carol');
+      await ann.click('#member-form button[type=submit]');
+      await see(ann, '#status', 'carol is already a member');
+    });
+
     const bob = await openPage(context, 'bob', `#${id}`);
     await step('see the 412 when another tab changed it first', async () => {
       await see(bob, '#detail-title', `Apollo II ${tag}`);
@@ -150,15 +164,12 @@ async function main() {
       await conflict.waitFor({ state: 'hidden' });
     });
 
-    await step('add a member', async () => {
-      await ann.fill('#new-member', 'carol');
-      await ann.click('#member-form button[type=submit]');
-      await see(ann, '#status', 'carol added.');
-      await see(ann, '#members li', 'carol');
-      await see(ann, '#history li', 'member added');
-      await ann.fill('#new-member', 'carol');
-      await ann.click('#member-form button[type=submit]');
-      await see(ann, '#status', 'carol is already a member');
+    await step('see why a member may not archive the project', async () => {
+      await use(bob);
+      await bob.click('[data-command=archive]');
+      await see(bob, '#status', 'only the project\'s owner or an admin may do this');
+      await see(bob, '#detail-status', 'draft');
+      await use(ann);
     });
 
     await step('activate it, add a task and complete it', async () => {
@@ -233,7 +244,7 @@ async function main() {
         await seeRows(bob, ['Artemis', 'Gemini', 'Mercury', 'Skylab', 'Soyuz', 'Vostok'].map((n) => `${n} ${tag}`));
         await bob.locator('#live[data-state=on]').waitFor();
         await see(bob, '#detail-title', `Artemis ${tag}`);
-        const { etag } = await api('PATCH', `/projects/${id}`, { name: `Artemis live ${tag}`, budget: 4242 });
+        const { etag } = await api('PATCH', `/projects/${id}`, { name: `Artemis live ${tag}`, budget: 4242 }, 'ann');
         const written = Date.now();
         await see(bob, '#rows td', `Artemis live ${tag}`, LIVE_MS);
         const inList = Date.now() - written;
@@ -247,10 +258,10 @@ async function main() {
         await bob.selectOption('#filter-status', 'active');
         await see(bob, '#list-caption', '1 project');
         await bob.locator('#live[data-state=on]').waitFor();
-        await api('POST', `/projects/${id}/archive`, {});
+        await api('POST', `/projects/${id}/archive`, {}, 'ann');
         await see(bob, '#list-caption', 'No projects match.', LIVE_MS);
         await see(bob, '#detail-status', 'archived', LIVE_MS);
-        await api('POST', `/projects/${id}/restore`, {});
+        await api('POST', `/projects/${id}/restore`, {}, 'ann');
         await see(bob, '#detail-status', 'active', LIVE_MS);
       });
     }

@@ -2,7 +2,7 @@
 //! schemas and rows.
 
 use kes_core::{Field, FieldValue, Row, ViewSchema};
-use kes_http::Resource;
+use kes_http::{Principal, Resource};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -55,8 +55,34 @@ pub struct UpdateTask {
     pub assignee: Option<String>,
 }
 
-/// `/projects`: CRUD plus the status and membership commands.
+/// The role that may do anything to any project.
+pub const ADMIN_ROLE: &str = "admin";
+
+/// Who may change a project.
+pub const TEAM_RULE: &str =
+    "only the project's owner, its members or an admin may change it (anyone while it has neither owner nor members)";
+/// Who may archive, restore or delete a project.
+pub const OWNER_RULE: &str = "only the project's owner or an admin may do this (anyone while it has no owner)";
+
+/// Whether `who` may change `project`: [`TEAM_RULE`].
+pub fn in_team(who: &Principal, project: &Project) -> bool {
+    let unclaimed = project.owner.is_none() && project.members.is_empty();
+    unclaimed || owns(who, project) || project.members.contains(&who.subject)
+}
+
+/// Whether `who` may archive, restore or delete `project`: [`OWNER_RULE`].
+pub fn owns(who: &Principal, project: &Project) -> bool {
+    match &project.owner {
+        None => true,
+        Some(owner) => *owner == who.subject || who.has_role(ADMIN_ROLE),
+    }
+}
+
+/// `/projects`: CRUD plus the status and membership commands, with who
+/// may run each ([`TEAM_RULE`], [`OWNER_RULE`]; creating and reading are
+/// open to every caller the API lets in).
 pub fn projects() -> Resource<Project> {
+    let team = |who: &Principal, p: &Project| in_team(who, p) || who.has_role(ADMIN_ROLE);
     Resource::new("projects")
         .create(ProjectCommand::Create)
         .replace(ProjectCommand::Replace)
@@ -67,6 +93,14 @@ pub fn projects() -> Resource<Project> {
         .command("restore", |_: NoBody| ProjectCommand::Restore)
         .command("add-member", |b: MemberBody| ProjectCommand::AddMember(b.member))
         .command("remove-member", |b: MemberBody| ProjectCommand::RemoveMember(b.member))
+        .allow("replace", TEAM_RULE, team)
+        .allow("patch", TEAM_RULE, team)
+        .allow("activate", TEAM_RULE, team)
+        .allow("add-member", TEAM_RULE, team)
+        .allow("remove-member", TEAM_RULE, team)
+        .allow("archive", OWNER_RULE, owns)
+        .allow("restore", OWNER_RULE, owns)
+        .allow("delete", OWNER_RULE, owns)
 }
 
 /// `/tasks`: create, update, complete, reopen, cancel, delete.
@@ -156,5 +190,22 @@ mod tests {
         project_view().check_row(&project_row(&p)).unwrap();
         task_view().validate().unwrap();
         task_view().check_row(&task_row(&Task::default())).unwrap();
+    }
+
+    #[test]
+    fn owners_members_and_admins_may_change_a_project() {
+        let who = |name: &str, roles: &[&str]| Principal {
+            subject: name.into(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        };
+        let unclaimed = Project::default();
+        assert!(in_team(&who("zoe", &[]), &unclaimed) && owns(&who("zoe", &[]), &unclaimed));
+        let mut p = Project { owner: Some("ann".into()), ..Project::default() };
+        p.members.insert("bob".into());
+        assert!(in_team(&who("ann", &[]), &p) && owns(&who("ann", &[]), &p));
+        assert!(in_team(&who("bob", &[]), &p), "members may change it");
+        assert!(!owns(&who("bob", &[]), &p), "members may not archive it");
+        assert!(!in_team(&who("zoe", &[]), &p) && !owns(&who("zoe", &[]), &p));
+        assert!(owns(&who("zoe", &[ADMIN_ROLE]), &p), "admins may");
     }
 }

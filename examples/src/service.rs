@@ -45,9 +45,14 @@ pub struct Settings {
     /// The most connections each SQL store and SQL view opens; `None`:
     /// each backend's default.
     pub db_connections: Option<u32>,
-    /// Bearer JWT authentication of the API; `None`: requests are
-    /// anonymous or name themselves in `X-Principal` (for trying it out).
+    /// Bearer JWT authentication of the API (its tokens' `admin` role
+    /// opens the admin endpoints); `None`: see
+    /// [`Settings::trusted_principal_header`].
     pub auth: Option<Arc<JwtAuth>>,
+    /// Without `auth`: the header a gateway in front of the service puts
+    /// the authenticated caller's name in (trusted-header mode). With
+    /// neither, every request is `anonymous` (for trying it out).
+    pub trusted_principal_header: Option<axum::http::HeaderName>,
 }
 
 impl Default for Settings {
@@ -61,6 +66,7 @@ impl Default for Settings {
             role: Role::All,
             db_connections: None,
             auth: None,
+            trusted_principal_header: None,
         }
     }
 }
@@ -373,6 +379,7 @@ pub struct Service {
     http: HttpConfig,
     admin_token: Option<AdminToken>,
     auth: Option<Arc<JwtAuth>>,
+    trusted_principal_header: Option<axum::http::HeaderName>,
     /// Ends the change feeds of the routers made so far.
     feeds: std::sync::Mutex<Vec<ShutdownHandle>>,
 }
@@ -395,6 +402,7 @@ impl Service {
             http: settings.http.clone(),
             admin_token: settings.admin_token.clone(),
             auth: settings.auth.clone(),
+            trusted_principal_header: settings.trusted_principal_header.clone(),
             feeds: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -427,7 +435,7 @@ impl Service {
                 .readiness("projects.view", Arc::new(ViewReady(self.projects.view.clone())))
                 .readiness("tasks.store", Arc::new(StoreReady(self.tasks.store.clone())))
                 .readiness("tasks.view", Arc::new(ViewReady(self.tasks.view.clone())));
-            return Ok(api.into_router());
+            return Ok(self.with_identity(api).into_router());
         }
         let mut api = Api::new(self.http.clone())
             .mount(
@@ -446,9 +454,7 @@ impl Service {
             .with_admin(api, role)
             .projections(self.projects.status_source(role))
             .projections(self.tasks.status_source(role));
-        if let Some(auth) = &self.auth {
-            api = api.authenticate(Arc::clone(auth));
-        }
+        api = self.with_identity(api);
         for (plural, history) in [("projects", &self.projects.history), ("tasks", &self.tasks.history)] {
             if let Some(view) = history {
                 let view: Arc<dyn kes_core::ListView> = view.clone();
@@ -457,6 +463,16 @@ impl Service {
         }
         self.feeds.lock().unwrap_or_else(|p| p.into_inner()).push(api.shutdown_handle());
         Ok(api.into_router())
+    }
+
+    /// `api` with the identity of its callers: bearer JWTs, a trusted
+    /// header, or none (anonymous).
+    fn with_identity(&self, api: Api) -> Api {
+        match (&self.auth, &self.trusted_principal_header) {
+            (Some(auth), _) => api.authenticate(Arc::clone(auth)).admin_role(resources::ADMIN_ROLE),
+            (None, Some(header)) => api.trust_principal_header(header.clone()),
+            (None, None) => api,
+        }
     }
 
     /// `api` with the admin endpoints where projections run and a token

@@ -496,7 +496,8 @@ async fn a_running_systems_rebuild_goes_through_the_leading_projector() {
 
 /// `--auth-hs256-secret-file` and `--auth-issuer`: the API needs a bearer
 /// JWT, the token's subject is the principal of the events (a forged
-/// `X-Principal` is ignored), and the reactions keep working behind it.
+/// `X-Principal` is ignored), the example's rules answer 403 from the
+/// token's subject and roles, and the reactions keep working behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_requires_tokens_when_asked_to() {
     use jsonwebtoken::{EncodingKey, Header, encode};
@@ -546,6 +547,41 @@ async fn the_service_requires_tokens_when_asked_to() {
         assert!(Instant::now() < deadline, "the reaction did not cancel the orphan behind authentication");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The example's rules: ann owns "owned"; bob may neither change nor
+    // archive it until he is a member, and then only change it; an admin may.
+    let with_roles = |sub: &str, roles: &[&str]| {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 600;
+        let claims = json!({ "sub": sub, "iss": "https://login.example", "exp": exp, "roles": roles });
+        encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+    };
+    let bob = token("bob", "https://login.example");
+    let r = c.post(s.url("/projects")).bearer_auth(&ann).json(&json!({ "name": "owned", "owner": "ann" })).send();
+    let owned = r.await.expect("POST").headers()["location"].to_str().expect("location").to_owned();
+    let run = |token: &str, method: reqwest::Method, path: String, body: serde_json::Value| {
+        c.request(method, s.url(&path)).bearer_auth(token).json(&body).send()
+    };
+    let rename = |token: &str| run(token, reqwest::Method::PATCH, owned.clone(), json!({ "name": "renamed" }));
+    let archive = |token: &str| run(token, reqwest::Method::POST, format!("{owned}/archive"), json!({}));
+    let refused = rename(&bob).await.expect("PATCH");
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(json_of(refused).await["detail"].as_str().expect("detail").contains("owner, its members or an admin"));
+    let r = run(&ann, reqwest::Method::POST, format!("{owned}/add-member"), json!({ "member": "bob" })).await;
+    assert_eq!(r.expect("POST").status(), StatusCode::OK);
+    assert_eq!(rename(&bob).await.expect("PATCH").status(), StatusCode::OK, "a member may change it");
+    assert_eq!(archive(&bob).await.expect("POST").status(), StatusCode::FORBIDDEN, "but not archive it");
+    assert_eq!(archive(&with_roles("root", &["admin"])).await.expect("POST").status(), StatusCode::OK);
+    let history = json_of(c.get(s.url(&format!("{owned}/events"))).bearer_auth(&ann).send().await.expect("GET")).await;
+    let who: Vec<&str> = history["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["metadata"]["principal"].as_str())
+        .collect();
+    assert_eq!(who, ["ann", "ann", "bob", "root"], "refused commands left nothing in the history");
+    let admin = c.get(s.url("/admin/reactions")).bearer_auth(with_roles("root", &["admin"])).send().await;
+    assert_eq!(admin.expect("GET").status(), StatusCode::OK, "the admin role opens the admin endpoints");
+    let admin = c.get(s.url("/admin/reactions")).bearer_auth(&bob).send().await;
+    assert_eq!(admin.expect("GET").status(), StatusCode::FORBIDDEN);
     assert_eq!(c.get(s.url("/health")).send().await.expect("health").status(), StatusCode::OK, "health stays open");
     s.stop();
 }

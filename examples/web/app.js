@@ -194,12 +194,22 @@ function setLive(state, text) {
  * re-read the visible page (whose sort and paging the feed does not know),
  * `reset` reloads it on a fresh feed. Without the feed (a
  * 404, an old server) the page works as before, without live updates. */
+/** A feed's URL. EventSource sends no Authorization header: a JWT in the
+ * name field travels as `access_token`, which the feed routes take. */
+function feedUrl(path, query) {
+  const params = new URLSearchParams(query);
+  const me = $('principal').value.trim();
+  if (/^[\w-]+\.[\w-]+\.[\w-]*$/.test(me)) params.set('access_token', me);
+  const text = params.toString();
+  return text ? `${path}?${text}` : path;
+}
+
 function openListFeed() {
   feeds.list?.close();
   feeds.list = null;
   if (!window.EventSource || document.hidden) return;
   const filters = listFilters().toString();
-  const es = new EventSource(`/projects/changes${filters ? `?${filters}` : ''}`);
+  const es = new EventSource(feedUrl('/projects/changes', filters));
   feeds.list = es;
   feeds.listKey = filters;
   setLive('reconnecting', 'connecting…');
@@ -227,7 +237,7 @@ function openItemFeed() {
   feeds.item = null;
   if (!current || !window.EventSource || document.hidden) return;
   const id = current.id;
-  const es = new EventSource(`/projects/${enc(id)}/changes`);
+  const es = new EventSource(feedUrl(`/projects/${enc(id)}/changes`, ''));
   feeds.item = es;
   es.addEventListener('state', (e) => {
     const d = JSON.parse(e.data);

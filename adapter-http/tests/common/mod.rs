@@ -196,6 +196,17 @@ pub async fn harness() -> Harness {
 }
 
 pub async fn build(config: HttpConfig, start_projections: bool, ids: IdStrategy) -> Harness {
+    build_with(config, start_projections, resource().ids(ids), |api| api).await
+}
+
+/// A harness serving `resource`, with `shape` applied to the API (its
+/// identity, say) before it becomes a router.
+pub async fn build_with(
+    config: HttpConfig,
+    start_projections: bool,
+    resource: Resource<Project>,
+    shape: impl FnOnce(Api) -> Api,
+) -> Harness {
     let store = InMemoryStore::<Project>::new();
     let view = Arc::new(InMemoryView::new(view_schema()).expect("valid schema"));
     let projection = ViewProjection::<Project>::new(view.clone(), row);
@@ -204,9 +215,10 @@ pub async fn build(config: HttpConfig, start_projections: bool, ids: IdStrategy)
         runner.start().await.expect("projections start");
     }
     let api = Api::new(config)
-        .mount(resource().ids(ids), Arc::new(CommandBus::new(store.clone())), view.clone(), runner.clone())
+        .mount(resource, Arc::new(CommandBus::new(store.clone())), view.clone(), runner.clone())
         .expect("mount")
         .projections(runner.clone());
+    let api = shape(api);
     let shutdown = api.shutdown_handle();
     Harness { app: api.into_router(), store, view, runner, shutdown }
 }

@@ -57,8 +57,9 @@ struct ServeArgs {
     #[arg(long, env = "KES_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
     /// Require bearer JWTs signed with HS256 and the secret in this file
-    /// (at least 32 bytes). Without an auth flag, requests are anonymous
-    /// or name themselves in `X-Principal`.
+    /// (at least 32 bytes); tokens with the `admin` role may use the admin
+    /// endpoints. Without an auth flag (or --trust-principal-header), every
+    /// request is `anonymous`.
     #[arg(long, env = "KES_AUTH_HS256_SECRET_FILE", conflicts_with = "auth_jwks")]
     auth_hs256_secret_file: Option<PathBuf>,
     /// Require bearer JWTs signed with a key of this JWKS file (RSA, EC
@@ -71,6 +72,12 @@ struct ServeArgs {
     /// With an auth flag: the `aud` tokens must name.
     #[arg(long, env = "KES_AUTH_AUDIENCE")]
     auth_audience: Option<String>,
+    /// Trusted-header mode, for a service behind a gateway that
+    /// authenticates: the caller is the value of this header (e.g.
+    /// x-principal). Anyone who reaches the service directly can claim any
+    /// name: off unless given, and ignored with an auth flag.
+    #[arg(long, env = "KES_TRUST_PRINCIPAL_HEADER", conflicts_with_all = ["auth_hs256_secret_file", "auth_jwks"])]
+    trust_principal_header: Option<axum::http::HeaderName>,
     /// What this process does: `all` (API and projections), `api` (the API,
     /// reading views that projector processes keep) or `projector`
     /// (projections, with only /health and /metrics).
@@ -157,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => {
             settings.auth = authentication(&args)?.map(Arc::new);
+            settings.trusted_principal_header = args.trust_principal_header;
             settings.http.cors_origins = args.cors_origins;
             settings.role = args.role.into();
             serve(settings, args.listen).await
@@ -190,7 +198,9 @@ async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
         shutdown_signal().await;
         feeds.end_feeds();
     };
-    axum::serve(listener, router).with_graceful_shutdown(stopping).await.context("serving")?;
+    // Header timeouts, header size and connection limits against slow or
+    // hostile clients (see kes_http::serve).
+    kes_http::serve(listener, router, kes_http::ServerConfig::default(), stopping).await.context("serving")?;
     tracing::info!("in-flight requests finished; stopping projections");
     service.shutdown().await;
     Ok(())

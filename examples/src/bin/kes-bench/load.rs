@@ -23,12 +23,13 @@ impl Drop for Server {
     }
 }
 
-/// Serves `router` on an ephemeral loopback port.
+/// Serves `router` on an ephemeral loopback port, with the server the
+/// projects service uses (KES routes and baselines alike).
 pub async fn serve(router: Router) -> anyhow::Result<Server> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding 127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = kes_http::serve(listener, router, kes_http::ServerConfig::default(), std::future::pending()).await;
     });
     Ok(Server { base: format!("http://{addr}"), task })
 }
