@@ -5,7 +5,9 @@
 #   - a Kafka-compatible broker (Tansu 0.6.0), installed when missing and
 #     started on a free loopback port for this run only, stopped on exit;
 #   - Chromium and Node packages for the demo page's browser test
-#     (scripts/browser-test.sh), installed when missing.
+#     (scripts/browser-test.sh), installed when missing;
+#   - schemathesis (PyPI) for the requests generated from the OpenAPI
+#     document (scripts/api-fuzz.sh), installed when missing.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p kes-core`).
 #
 # Tests that find a service missing fail when CI is set and are skipped
@@ -59,6 +61,9 @@ if [[ $# -eq 0 ]]; then
   target=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
   KES_REQUIRE_FEEDS=1 scripts/browser-test.sh "$target/debug/projects" || status=$?
+  # Thousands of requests generated from /openapi.json (schemathesis,
+  # installed from PyPI when missing).
+  scripts/api-fuzz.sh "$target/debug/projects" || status=$?
 fi
 
 echo

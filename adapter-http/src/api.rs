@@ -812,7 +812,10 @@ fn position_text(log: &str, position: Position) -> String {
 /// aggregate type: nothing here can wait for it), `Some(Some(position))`
 /// for one of `log` (or a bare `PARTITION:OFFSET`, taken to be of `log`).
 fn position_token(headers: &HeaderMap, log: &str) -> Result<Option<Option<Position>>, HttpError> {
-    let Some(text) = header_text(headers, POSITION_HEADER)? else { return Ok(None) };
+    let text = match header_text(headers, POSITION_HEADER)? {
+        None | Some("") => return Ok(None),
+        Some(text) => text,
+    };
     let bad = || HttpError::InvalidHeader {
         name: POSITION_HEADER,
         reason: "expected LOG@PARTITION:OFFSET (a log name of letters, digits, _ . -; at most 9 and 19 digits)".into(),
@@ -839,17 +842,12 @@ fn position_token(headers: &HeaderMap, log: &str) -> Result<Option<Option<Positi
     }))
 }
 
-/// An id as the document's `kes.Id` pattern says: 1 to 255 characters,
-/// no `/` and no control character, not starting with `.` (`.` and `..`
-/// are path segments that clients resolve away).
+/// An id as the document's `kes.Id` pattern says (see [`crate::id`]).
 fn check_id(id: &str) -> Result<(), HttpError> {
-    let fine = !id.is_empty()
-        && !id.starts_with('.')
-        && id.chars().count() <= MAX_TOKEN
-        && !id.chars().any(|c| c.is_control() || c == '/');
-    if !fine {
+    if !crate::id::is_valid_id(id) {
         return Err(HttpError::BadRequest(format!(
-            "an id is 1 to {MAX_TOKEN} characters without control characters or /, not starting with ."
+            "an id is 1 to {} characters without control characters or /, not starting with .",
+            crate::id::MAX_ID_CHARS
         )));
     }
     Ok(())

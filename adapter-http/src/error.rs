@@ -20,7 +20,8 @@ pub mod problem_type {
     pub const MALFORMED_BODY: &str = "urn:kes:problem:malformed-body";
     /// 400: the query string cannot be read, or names what the list lacks.
     pub const INVALID_QUERY: &str = "urn:kes:problem:invalid-query";
-    /// 400: `page[after]` is not a cursor issued for this query.
+    /// 422: `page[after]` is not a cursor issued for this query (a
+    /// well-formed string the list cannot continue from).
     pub const INVALID_CURSOR: &str = "urn:kes:problem:invalid-cursor";
     /// 400: `q` cannot be searched.
     pub const INVALID_SEARCH: &str = "urn:kes:problem:invalid-search";
@@ -135,6 +136,7 @@ impl HttpError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::Query(QueryError::BadCursor) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MalformedBody(_)
             | Self::MalformedQuery(_)
             | Self::Query(_)

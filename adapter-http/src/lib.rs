@@ -49,9 +49,11 @@
 //! every append.
 //!
 //! **Errors** are `application/problem+json` (RFC 9457) with a stable
-//! `type` from [`problem_type`]: 400 malformed body, query, cursor, search
-//! or header; 401 without valid credentials; 403 when a rule refuses; 404; 405; 409 / 412; 413; 415; 422 with the domain error's
-//! message; 503 with `Retry-After` when a store or view is unavailable or
+//! `type` from [`problem_type`]: 400 malformed body, query, search or
+//! header; 401 without valid credentials; 403 when a rule refuses; 404;
+//! 405; 409 / 412; 413; 415; 422 with the domain error's message, or for a
+//! page cursor the list did not issue; 431 for oversized headers (from
+//! [`serve`]); 503 with `Retry-After` when a store or view is unavailable or
 //! the request timed out; 500 otherwise. Server-side detail (SQL, broker,
 //! panic messages) goes to the log, never to the client; a panicking
 //! handler becomes a 500 and the service goes on.
@@ -172,6 +174,7 @@ pub mod auth;
 mod edge;
 mod error;
 mod feed;
+mod id;
 pub mod metrics;
 mod openapi;
 mod resource;
@@ -185,6 +188,7 @@ pub use api::{
 };
 pub use auth::{JwtAuth, Principal};
 pub use error::{HttpError, PROBLEM_JSON, problem_type};
+pub use id::AggregateId;
 pub use resource::{IdStrategy, Resource};
 /// The schemars version body, state and event types derive `JsonSchema` with.
 pub use schemars;

@@ -187,7 +187,7 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>], bearer: b
 /// as schemars writes them) the `minimum` and `maximum` of that size, which
 /// the body decoder enforces: a generator reading the document then never
 /// makes a number the server cannot hold.
-fn bound_integers(value: &mut Value, depth: u32) {
+pub(crate) fn bound_integers(value: &mut Value, depth: u32) {
     if depth > 64 {
         return;
     }
@@ -269,8 +269,8 @@ fn parameters() -> Value {
     json!({
         "kes.Id": { "name": "id", "in": "path", "required": true,
                     "description": "The aggregate id: 1 to 255 characters, no / and no control character, not starting with a dot.",
-                    "schema": { "type": "string", "minLength": 1, "maxLength": 255,
-                                "pattern": "^[^/.\\u0000-\\u001f\\u007f-\\u009f][^/\\u0000-\\u001f\\u007f-\\u009f]*$" } },
+                    "schema": { "type": "string", "minLength": 1, "maxLength": crate::id::MAX_ID_CHARS,
+                                "pattern": crate::id::ID_PATTERN } },
         "kes.IfMatch": { "name": "If-Match", "in": "header", "required": false,
                          "description": "The version the write expects (an ETag such as \"3\", or *). 412 when stale.",
                          "schema": { "type": "string", "pattern": "^(\\*|[1-9][0-9]{0,18}|\"[1-9][0-9]{0,18}\")$" } },
@@ -282,8 +282,8 @@ fn parameters() -> Value {
                                 "schema": { "type": "string", "minLength": 1, "maxLength": 255,
                                             "pattern": "^[!-~]([ -~]*[!-~])?$" } },
         "kes.Position": { "name": "KES-Position", "in": "header", "required": false,
-                          "description": "A position token from a write (LOG@PARTITION:OFFSET); a read of the same aggregate type waits (bounded) until the views (lists, history) or this instance's table (reads by id) reached it. A token of another aggregate type's log is not waited for (KES-Consistency: eventual).",
-                          "schema": { "type": "string", "pattern": "^([A-Za-z0-9_.-]{1,64}@)?[0-9]{1,9}:[0-9]{1,19}$" } },
+                          "description": "A position token from a write (LOG@PARTITION:OFFSET); a read of the same aggregate type waits (bounded) until the views (lists, history) or this instance's table (reads by id) reached it. A token of another aggregate type's log is not waited for (KES-Consistency: eventual); an empty one is no token.",
+                          "schema": { "type": "string", "pattern": "^(([A-Za-z0-9_.-]{1,64}@)?[0-9]{1,9}:[0-9]{1,19})?$" } },
     })
 }
 
@@ -315,6 +315,7 @@ fn responses() -> Value {
         "kes.PayloadTooLarge": problem("The body exceeds the limit."),
         "kes.UnsupportedMediaType": problem("The body is neither JSON nor form data."),
         "kes.Rejected": problem("The aggregate refused the command (a business rule)."),
+        "kes.InvalidCursor": problem("page[after] is not a cursor this list issued for this sort and these filters (problem type urn:kes:problem:invalid-cursor)."),
         "kes.Unavailable": unavailable,
         "kes.Internal": problem("The server failed; details are in its log."),
     })
@@ -352,19 +353,60 @@ fn refs(codes: &[&str]) -> Map<String, Value> {
         .collect()
 }
 
+/// The request body of `op`. It is required when the body type has
+/// required fields: an empty body reads as `{}`, which then fails.
 fn request_body<C>(g: &mut SchemaGenerator, op: &Operation<C>) -> Option<Value> {
     let schema = (op.schema.as_ref()?)(g).to_value();
+    let resolved = match schema.get("$ref").and_then(Value::as_str).and_then(|r| r.rsplit_once('/')) {
+        Some((_, name)) => g.definitions().get(name).cloned().unwrap_or(Value::Null),
+        None => schema.clone(),
+    };
+    let required = resolved.get("required").and_then(Value::as_array).is_some_and(|r| !r.is_empty());
+    let form = form_schema(&resolved).unwrap_or_else(|| schema.clone());
     let mut body = json!({
-        "required": false,
+        "required": required,
         "content": {
-            "application/json": { "schema": schema.clone() },
-            "application/x-www-form-urlencoded": { "schema": schema }
+            "application/json": { "schema": schema },
+            "application/x-www-form-urlencoded": { "schema": form }
         }
     });
     if let Some(d) = &op.description {
         body["description"] = d.clone().into();
     }
     Some(body)
+}
+
+/// The schema of a body sent as a form, where the server reads what a
+/// form cannot say: one value of a list field is a list of one (`tags=a`),
+/// and an empty value of a field that takes null, other than free text, is
+/// null (`due=`). `None` when no field needs either.
+fn form_schema(body: &Value) -> Option<Value> {
+    let mut form = body.clone();
+    let properties = form.get_mut("properties")?.as_object_mut()?;
+    let mut changed = false;
+    for property in properties.values_mut() {
+        let types: Vec<&str> = match property.get("type") {
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let free_text = types.contains(&"string") && property.get("format").is_none();
+        let mut choices = Vec::new();
+        if types.contains(&"array")
+            && let Some(item) = property.get("items")
+        {
+            choices.push(item.clone());
+        }
+        if types.contains(&"null") && !free_text {
+            choices.push(json!({ "type": "string", "maxLength": 0 }));
+        }
+        if !choices.is_empty() {
+            choices.insert(0, property.take());
+            *property = json!({ "anyOf": choices });
+            changed = true;
+        }
+    }
+    changed.then_some(form)
 }
 
 fn list_parameters(schema: &ViewSchema) -> Vec<Value> {
@@ -378,15 +420,16 @@ fn list_parameters(schema: &ViewSchema) -> Vec<Value> {
     let keys = sortable.join("|");
     params.push(json!({ "name": "sort", "in": "query", "required": false,
         "description": "Sort keys, most significant first; - for descending.",
-        "schema": { "type": "string", "pattern": format!("^-?({keys})(,-?({keys}))*$") } }));
+        "schema": { "type": "string", "pattern": format!("^(-?({keys})(,-?({keys}))*)?$") } }));
     params.push(json!({ "name": "page[size]", "in": "query", "required": false,
         "schema": { "type": "integer", "minimum": 1, "maximum": schema.max_page_size } }));
     params.push(json!({ "name": "page[after]", "in": "query", "required": false,
-        "description": "The next cursor of the previous page.", "schema": { "type": "string" } }));
+        "description": "The next cursor of the previous page (422 for any other string; empty: the first page).",
+        "schema": { "type": "string" } }));
     if schema.fields.iter().any(|f| f.searchable) {
         params.push(json!({ "name": "q", "in": "query", "required": false,
-            "description": "Full-text search over the searchable fields.",
-            "schema": { "type": "string", "maxLength": 256 } }));
+            "description": "Full-text search over the searchable fields (no control characters).",
+            "schema": { "type": "string", "maxLength": 256, "pattern": "^[^\u{0}-\u{1f}\u{7f}-\u{9f}]*$" } }));
     }
     let mut filterable: Vec<(String, FieldType)> = vec![("id".into(), FieldType::Keyword)];
     filterable.extend(schema.fields.iter().filter(|f| f.filterable).map(|f| (f.name.clone(), f.ty)));
@@ -398,7 +441,18 @@ fn list_parameters(schema: &ViewSchema) -> Vec<Value> {
             let value = match op {
                 FilterOp::Eq => continue,
                 FilterOp::Prefix if !matches!(ty, FieldType::Text | FieldType::Keyword) => continue,
-                FilterOp::In => json!({ "type": "string", "description": "Comma-separated values." }),
+                FilterOp::In => {
+                    // Comma-separated: a text value cannot hold a comma.
+                    let mut item = field_schema(ty);
+                    if matches!(ty, FieldType::Text | FieldType::Keyword) {
+                        item["pattern"] = "^[^,]*$".into();
+                    }
+                    params.push(json!({ "name": format!("filter[{name}][in]"), "in": "query", "required": false,
+                        "description": "Any of these values (comma-separated).",
+                        "style": "form", "explode": false,
+                        "schema": { "type": "array", "minItems": 1, "maxItems": 100, "items": item } }));
+                    continue;
+                }
                 _ => field_schema(ty),
             };
             params.push(
@@ -457,6 +511,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         let mut collection = Map::new();
         let rules = &self.resource.rules;
         let mut list_responses = refs(&["400", "500", "503"]);
+        list_responses.insert("422".into(), r("responses", "kes.InvalidCursor"));
         forbidden(&mut list_responses, rules.read_text());
         list_responses.insert(
             "200".into(),
@@ -552,7 +607,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
                                                "default": crate::api::HISTORY_DEFAULT_PAGE } },
                                  { "name": "page[after]", "in": "query", "required": false,
                                    "description": "Start after this version (the `next` of the previous page).",
-                                   "schema": { "type": "integer", "minimum": 0, "default": 0 } },
+                                   "schema": { "type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0 } },
                                  r("parameters", "kes.Position")
                              ],
                              "responses": history } }),
@@ -581,7 +636,8 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
                     { "name": "filter", "in": "query", "required": false, "style": "deepObject", "explode": true,
                       "description": "As on the list: `filter[FIELD]=V`, `filter[FIELD][OP]=V`.",
                       "schema": { "type": "object", "additionalProperties": true } },
-                    { "name": "q", "in": "query", "required": false, "schema": { "type": "string", "maxLength": 256 } }
+                    { "name": "q", "in": "query", "required": false,
+                      "schema": { "type": "string", "maxLength": 256, "pattern": "^[^\u{0}-\u{1f}\u{7f}-\u{9f}]*$" } }
                 ],
                 "responses": {
                     "200": { "description": "The feed, until the client or the server closes it.",

@@ -22,6 +22,9 @@ pub(crate) type SchemaFn = Arc<dyn Fn(&mut SchemaGenerator) -> Schema + Send + S
 /// One body-to-command mapping.
 pub(crate) struct Operation<C> {
     decode: DecodeFn<C>,
+    /// The body's JSON Schema, compiled: a body is checked against exactly
+    /// what the OpenAPI document says before it is decoded.
+    validator: Option<Arc<jsonschema::Validator>>,
     /// Scalar types of the body's top-level fields, for form bodies.
     coercions: BTreeMap<String, Scalars>,
     /// The body's JSON Schema, `None` for operations without a body.
@@ -34,6 +37,7 @@ impl<C> Clone for Operation<C> {
     fn clone(&self) -> Self {
         Self {
             decode: Arc::clone(&self.decode),
+            validator: self.validator.clone(),
             coercions: self.coercions.clone(),
             schema: self.schema.clone(),
             description: self.description.clone(),
@@ -50,11 +54,23 @@ impl<C> Operation<C> {
         let root = schemars::schema_for!(B);
         let coercions = scalar_fields(root.as_value());
         let description = root.get("description").and_then(Value::as_str).map(str::to_owned);
+        // A schema schemars wrote always compiles; if one ever did not,
+        // serde's decoding still guards the command.
+        let mut checked = root.as_value().clone();
+        crate::openapi::bound_integers(&mut checked, 0);
+        let validator = match jsonschema::draft202012::options().build(&checked) {
+            Ok(v) => Some(Arc::new(v)),
+            Err(e) => {
+                tracing::error!(body = std::any::type_name::<B>(), error = %e, "the body's JSON Schema does not compile");
+                None
+            }
+        };
         Self {
             decode: Arc::new(move |id, value| {
                 let body = decode_body::<B>(value)?;
                 Ok(f(id, body))
             }),
+            validator,
             coercions,
             schema: Some(Arc::new(|g: &mut SchemaGenerator| g.subschema_for::<B>())),
             description,
@@ -62,11 +78,31 @@ impl<C> Operation<C> {
     }
 
     fn without_body(f: impl Fn(&str) -> C + Send + Sync + 'static) -> Self {
-        Self { decode: Arc::new(move |id, _| Ok(f(id))), coercions: BTreeMap::new(), schema: None, description: None }
+        Self {
+            decode: Arc::new(move |id, _| Ok(f(id))),
+            validator: None,
+            coercions: BTreeMap::new(),
+            schema: None,
+            description: None,
+        }
     }
 
-    /// Builds the command from a parsed body.
-    pub(crate) fn command(&self, id: &str, body: Value) -> Result<C, HttpError> {
+    /// Builds the command from a parsed body, once the body has met its
+    /// JSON Schema (the one the OpenAPI document shows).
+    pub(crate) fn command(&self, id: &str, mut body: Value) -> Result<C, HttpError> {
+        if let Some(validator) = &self.validator {
+            // An empty body is "no fields": `{}`, or `null` for a unit body.
+            if body == Value::Object(Map::new()) && !validator.is_valid(&body) && validator.is_valid(&Value::Null) {
+                body = Value::Null;
+            }
+            if let Err(e) = validator.validate(&body) {
+                let at = e.instance_path().to_string();
+                let place = if at.is_empty() { "the body".to_owned() } else { at };
+                return Err(HttpError::MalformedBody(format!("{place}: {}", clip(&e.to_string()))));
+            }
+            // JSON Schema counts 2.0 as an integer; serde does not.
+            integral_floats(&mut body, 0);
+        }
         (self.decode)(id, body)
     }
 
@@ -84,6 +120,33 @@ impl<C> Operation<C> {
             })
             .collect();
         Value::Object(coerced)
+    }
+}
+
+/// At most 200 characters of `text`, for error details.
+fn clip(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+/// Writes every number that is a whole float (`2.0`) as an integer, which
+/// integer fields need and float fields take as well.
+fn integral_floats(value: &mut Value, depth: u32) {
+    if depth > 128 {
+        return;
+    }
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            // Within ±2^53 a whole float is exactly the integer it was
+            // written as; beyond, it may be the rounding of another one
+            // (JSON's -9223372036854775809 parses as i64::MIN's float), so
+            // it stays a float and an integer field refuses it.
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0) {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| integral_floats(v, depth + 1)),
+        Value::Object(map) => map.values_mut().for_each(|v| integral_floats(v, depth + 1)),
+        _ => {}
     }
 }
 
@@ -106,19 +169,30 @@ fn decode_body<B: DeserializeOwned>(value: Value) -> Result<B, HttpError> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Scalars {
     string: bool,
+    /// A string with a `format` (a date, say): never the word `null`.
+    formatted: bool,
     integer: bool,
     number: bool,
     boolean: bool,
     null: bool,
+    array: bool,
 }
 
 impl Scalars {
     fn coerce(&self, text: &str) -> Option<Value> {
+        // A form spells JSON's null as nothing, or as the word itself
+        // where no free text is wanted.
+        let free_text = self.string && !self.formatted;
+        if self.null && (text.is_empty() || text == "null") && !free_text {
+            return Some(Value::Null);
+        }
         if self.string {
             return None;
         }
-        if self.null && text.is_empty() {
-            return Some(Value::Null);
+        // One value of a list field is a list of one (`tag=a`); an empty
+        // one is the empty list. Repeated keys already made a list.
+        if self.array {
+            return Some(if text.is_empty() { Value::Array(Vec::new()) } else { Value::Array(vec![text.into()]) });
         }
         if self.integer {
             if let Ok(i) = text.trim().parse::<i64>() {
@@ -153,12 +227,16 @@ impl Scalars {
             "number" => self.number = true,
             "boolean" => self.boolean = true,
             "null" => self.null = true,
+            "array" => self.array = true,
             _ => {}
         };
         match schema.get("type") {
             Some(Value::String(t)) => add(t),
             Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).for_each(add),
             _ => {}
+        }
+        if schema.get("format").is_some() {
+            self.formatted = true;
         }
         for key in ["anyOf", "oneOf"] {
             for sub in schema.get(key).and_then(Value::as_array).into_iter().flatten() {
@@ -547,9 +625,39 @@ mod tests {
         }
         let body = op.command("x", op.coerce_form(form)).unwrap();
         assert_eq!(body, Body { name: "42".into(), budget: Some(7), rate: 1.5, active: true, code: "007".into() });
+        let mut nulls = Map::new();
+        for (k, v) in [("name", "null"), ("budget", "null"), ("rate", "0"), ("active", "off"), ("code", "")] {
+            nulls.insert(k.into(), v.into());
+        }
+        let body = op.command("x", op.coerce_form(nulls)).unwrap();
+        assert_eq!((body.name.as_str(), body.budget), ("null", None), "null is a word where text is wanted");
         let mut bad = Map::new();
         bad.insert("budget".into(), "lots".into());
         assert!(matches!(op.command("x", op.coerce_form(bad)), Err(HttpError::MalformedBody(_))));
+    }
+
+    #[test]
+    fn the_word_null_is_null_where_no_free_text_is_wanted() {
+        #[derive(Debug, Deserialize, JsonSchema)]
+        struct Dated {
+            due: Option<chrono::NaiveDate>,
+            note: Option<String>,
+        }
+        let op = Operation::<(Option<chrono::NaiveDate>, Option<String>)>::with_body(|_, b: Dated| (b.due, b.note));
+        let form = Map::from_iter([("due".to_owned(), Value::from("null")), ("note".to_owned(), Value::from("null"))]);
+        assert_eq!(op.command("x", op.coerce_form(form)).unwrap(), (None, Some("null".to_owned())));
+    }
+
+    #[test]
+    fn a_form_value_of_a_list_field_is_a_list() {
+        #[derive(Debug, Deserialize, JsonSchema)]
+        struct Tagged {
+            tags: Vec<String>,
+        }
+        let op = Operation::<Vec<String>>::with_body(|_, b: Tagged| b.tags);
+        let form = |v: &str| Map::from_iter([("tags".to_owned(), Value::from(v))]);
+        assert_eq!(op.command("x", op.coerce_form(form("a"))).unwrap(), ["a"]);
+        assert!(op.command("x", op.coerce_form(form(""))).unwrap().is_empty());
     }
 
     #[test]

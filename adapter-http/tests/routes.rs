@@ -299,8 +299,8 @@ async fn list_query_errors_have_their_own_problem_types() {
     send(&h.app, empty("GET", "/projects?page[size]=1000")).await.assert_problem(400, "invalid-query");
     send(&h.app, empty("GET", "/projects?limit=3")).await.assert_problem(400, "invalid-query");
     send(&h.app, empty("GET", "/projects?filter[budget][near]=3")).await.assert_problem(400, "invalid-query");
-    send(&h.app, empty("GET", "/projects?page[after]=bm90LWEtY3Vyc29y")).await.assert_problem(400, "invalid-cursor");
-    send(&h.app, empty("GET", "/projects?page[after]=%%%")).await.assert_problem(400, "invalid-cursor");
+    send(&h.app, empty("GET", "/projects?page[after]=bm90LWEtY3Vyc29y")).await.assert_problem(422, "invalid-cursor");
+    send(&h.app, empty("GET", "/projects?page[after]=%%%")).await.assert_problem(422, "invalid-cursor");
     let long = "x".repeat(300);
     send(&h.app, empty("GET", &format!("/projects?q={long}"))).await.assert_problem(400, "invalid-search");
     send(&h.app, empty("GET", "/projects?q=a%00b")).await.assert_problem(400, "invalid-search");
@@ -317,7 +317,7 @@ async fn a_cursor_of_another_sort_is_refused() {
         send(&h.app, with_header(empty("GET", "/projects?sort=budget&page[size]=1"), "kes-position", &position)).await;
     let cursor = page.body["next"].as_str().unwrap().to_owned();
     let reply = send(&h.app, empty("GET", &format!("/projects?sort=-name&page[after]={cursor}"))).await;
-    reply.assert_problem(400, "invalid-cursor");
+    reply.assert_problem(422, "invalid-cursor");
 }
 
 #[tokio::test(flavor = "multi_thread")]

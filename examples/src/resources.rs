@@ -2,7 +2,7 @@
 //! schemas and rows.
 
 use kes_core::{Field, FieldValue, Row, ViewSchema};
-use kes_http::{Principal, Resource};
+use kes_http::{AggregateId, Principal, Resource};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -35,7 +35,7 @@ pub struct CancelBody {
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
     /// The project it belongs to.
-    pub project_id: String,
+    pub project_id: AggregateId,
     /// What is to be done.
     pub title: String,
     /// Who does it.
@@ -106,7 +106,11 @@ pub fn projects() -> Resource<Project> {
 /// `/tasks`: create, update, complete, reopen, cancel, delete.
 pub fn tasks() -> Resource<Task> {
     Resource::new("tasks")
-        .create(|b: CreateTask| TaskCommand::Create { project_id: b.project_id, title: b.title, assignee: b.assignee })
+        .create(|b: CreateTask| TaskCommand::Create {
+            project_id: b.project_id.into_string(),
+            title: b.title,
+            assignee: b.assignee,
+        })
         .patch(|b: UpdateTask| TaskCommand::Update { title: b.title, assignee: b.assignee })
         .delete(|| TaskCommand::Delete)
         .command("complete", |_: NoBody| TaskCommand::Complete)

@@ -33,6 +33,8 @@ const LEASES: &str = "kes_view_leases";
 /// writer's transaction (holding the lease row) ends before a standby
 /// would wait long on it.
 const DEFAULT_IDLE_IN_TRANSACTION: Duration = Duration::from_secs(2);
+/// How long a list query (page and total) may run on PostgreSQL by default.
+const DEFAULT_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most bound values per statement: below SQLite's 32766 and
 /// PostgreSQL's 65535.
@@ -165,6 +167,11 @@ pub struct SqlViewOptions {
     /// transaction holds the lease row, and this is how long a standby
     /// may wait on it.
     pub idle_in_transaction_timeout: Option<Duration>,
+    /// PostgreSQL only: the `statement_timeout` of each list query, its
+    /// page and its total (default 10 s). A query the indexes cannot serve
+    /// (a full-text `q` over a large view, say) is cancelled there and
+    /// answered as unavailable, instead of scanning for as long as it takes.
+    pub list_timeout: Option<Duration>,
 }
 
 impl SqlViewOptions {
@@ -186,6 +193,12 @@ impl SqlViewOptions {
         self.idle_in_transaction_timeout = Some(timeout);
         self
     }
+
+    /// Sets how long a list query may run on PostgreSQL.
+    pub fn list_timeout(mut self, timeout: Duration) -> Self {
+        self.list_timeout = Some(timeout);
+        self
+    }
 }
 
 /// A list view in PostgreSQL or SQLite: a table per view copy (live, and a
@@ -204,6 +217,8 @@ pub struct SqlView {
     write: Pool,
     live: String,
     shadow: String,
+    /// `SET LOCAL statement_timeout` of a PostgreSQL list transaction.
+    list_timeout: String,
 }
 
 fn plain_name(name: &str) -> bool {
@@ -359,6 +374,10 @@ impl SqlView {
         let view = Self {
             live: format!("view_{}", schema.name),
             shadow: format!("shadow_{}", schema.name),
+            list_timeout: format!(
+                "SET LOCAL statement_timeout = {}",
+                options.list_timeout.unwrap_or(DEFAULT_LIST_TIMEOUT).as_millis().max(1)
+            ),
             schema,
             dialect,
             read,
@@ -1020,7 +1039,12 @@ impl SqlView {
         let (items, total) = on_pool!(&self.read, |pool| {
             // One snapshot for the page and its total.
             let mut tx = match self.dialect {
-                Dialect::Postgres => pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?,
+                Dialect::Postgres => {
+                    let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+                    // A query no index serves is cut off, not left to scan.
+                    sqlx::query(&self.list_timeout).execute(&mut *tx).await?;
+                    tx
+                }
                 Dialect::Sqlite => pool.begin().await?,
             };
             let rows = bound(page).fetch_all(&mut *tx).await?;

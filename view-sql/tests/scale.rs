@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use chrono::{TimeZone, Utc};
 use kes_core::{
     Aggregate, Checkpoint, DomainEvent, EventStore, ExpectedVersion, Field, FieldValue, FilterOp, InMemoryStore,
-    ListQuery, ListView, Metadata, Position, ProjectionRunner, Row, RowChange, RunnerConfig, ViewCopy, ViewProjection,
-    ViewSchema, ViewStore,
+    ListQuery, ListView, Metadata, Position, ProjectionRunner, Row, RowChange, RunnerConfig, ViewCopy, ViewError,
+    ViewProjection, ViewSchema, ViewStore,
 };
 use kes_view_sql::SqlView;
 use serde::{Deserialize, Serialize};
@@ -121,6 +121,29 @@ async fn postgres_filtered_sorted_page_uses_an_index_at_100k_rows() {
         assert!(plan.contains("Index") && plan.contains("ix_tasks_"), "no index of the view in the plan:\n{plan}");
         assert!(!plan.contains("Seq Scan"), "the plan scans the whole table:\n{plan}");
     }
+    view.close().await;
+    common::drop_pg_schema(&pg_schema).await;
+}
+
+/// A list query that no index serves (a full-text search and its total
+/// over 100k rows) is cut off by the view's `list_timeout` and answered as
+/// unavailable, instead of scanning for as long as it takes; the same
+/// query within the default bound is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_list_queries_are_bounded_in_time() {
+    let pg_schema = common::fresh_pg_schema();
+    let Some(view) = common::pg_in(&pg_schema, schema()).await else { return };
+    load_directly(&view).await;
+    let options = kes_view_sql::SqlViewOptions::default().pg_schema(&pg_schema).list_timeout(Duration::from_millis(1));
+    let hasty = SqlView::open_with(&common::pg_url(), schema(), options).await.expect("open");
+    let scan = ListQuery::new().search("project").filter("budget", FilterOp::Ne, "3");
+    match hasty.list(&scan).await {
+        Err(ViewError::Unavailable(reason)) => assert!(reason.contains("statement timeout"), "{reason}"),
+        other => panic!("a 1 ms bound let a 100k-row scan through: {:?}", other.map(|p| p.total)),
+    }
+    let page = view.list(&scan).await.expect("within the default bound");
+    assert!(page.total > 0);
+    hasty.close().await;
     view.close().await;
     common::drop_pg_schema(&pg_schema).await;
 }

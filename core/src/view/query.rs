@@ -110,6 +110,14 @@ pub enum QueryError {
         /// The largest page size.
         max: u32,
     },
+    /// More filters than a query may carry: at most one per filterable
+    /// field (and `id`) and operator, and never fewer than 32 (repeating a filter
+    /// parameter makes a query arbitrarily long, and costly).
+    #[error("at most {max} filters")]
+    TooManyFilters {
+        /// The most filters this view takes in one query.
+        max: usize,
+    },
     /// A cursor that was not issued for this query.
     #[error("invalid page cursor")]
     BadCursor,
@@ -203,7 +211,7 @@ impl ListQuery {
         for (key, value) in pairs {
             let (key, value) = (key.as_ref(), value.as_ref());
             match key {
-                "sort" => query.sort = parse_sort(value),
+                "sort" => query.sort = parse_sort_strictly(value)?,
                 "q" => query.q = Some(value.to_owned()).filter(|q| !q.trim().is_empty()),
                 "page[size]" => {
                     query.page_size = Some(value.parse().map_err(|_| QueryError::BadPageSize { max: u32::MAX })?)
@@ -231,6 +239,11 @@ impl ListQuery {
     /// backend builds from the result names a field outside the schema.
     pub fn validate(&self, schema: &ViewSchema) -> Result<ValidQuery, QueryError> {
         let field = |name: &str| schema.get(name).ok_or_else(|| QueryError::UnknownField(clip(name)));
+        // `id` is filterable too.
+        let most = ((schema.fields.iter().filter(|f| f.filterable).count() + 1) * FilterOp::ALL.len()).max(32);
+        if self.filters.len() > most {
+            return Err(QueryError::TooManyFilters { max: most });
+        }
         let mut filters = Vec::with_capacity(self.filters.len());
         for f in &self.filters {
             let field = field(&f.field)?;
@@ -267,6 +280,9 @@ impl ListQuery {
                 return Err(QueryError::NotSortable(field.name));
             }
             let is_id = field.name == ID_FIELD;
+            if sort.iter().any(|k: &ValidSort| k.field.name == field.name) {
+                continue; // A repeated key could never decide anything either.
+            }
             sort.push(ValidSort { field, descending: key.descending });
             if is_id {
                 break; // id is unique: later keys could never decide anything.
@@ -287,6 +303,29 @@ impl ListQuery {
         }
         Ok(valid)
     }
+}
+
+/// `sort` as a query string writes it: comma-separated field names, each
+/// with an optional `-` (descending); empty is no sort. Anything else (a
+/// blank key, spaces, `+`) is refused rather than guessed at.
+fn parse_sort_strictly(spec: &str) -> Result<Vec<SortKey>, QueryError> {
+    if spec.is_empty() {
+        return Ok(Vec::new());
+    }
+    spec.split(',')
+        .map(|key| {
+            let (field, descending) = match key.strip_prefix('-') {
+                Some(f) => (f, true),
+                None => (key, false),
+            };
+            let plain = !field.is_empty() && field.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if plain {
+                Ok(SortKey { field: field.to_owned(), descending })
+            } else {
+                Err(QueryError::UnknownField(clip(key)))
+            }
+        })
+        .collect()
 }
 
 fn parse_sort(spec: &str) -> Vec<SortKey> {
@@ -586,6 +625,10 @@ mod tests {
         assert!(matches!(ListQuery::from_pairs([("limit", "1")]), Err(QueryError::UnknownParameter(_))));
         assert!(matches!(ListQuery::from_pairs([("filter[n", "1")]), Err(QueryError::UnknownParameter(_))));
         assert!(ListQuery::from_pairs([("page[size]", "-1")]).is_err());
+        assert!(ListQuery::from_pairs([("sort", "")]).unwrap().sort.is_empty());
+        for loose in ["a,,b", " a", "+a", "a,", "-"] {
+            assert!(ListQuery::from_pairs([("sort", loose)]).is_err(), "{loose:?}");
+        }
     }
 
     #[test]
@@ -605,6 +648,19 @@ mod tests {
         assert!(matches!(err(ListQuery::new().page_size(0)), QueryError::BadPageSize { .. }));
         assert!(matches!(err(ListQuery::new().page_size(101)), QueryError::BadPageSize { .. }));
         assert!(matches!(err(ListQuery::new().after("garbage!")), QueryError::BadCursor));
+    }
+
+    #[test]
+    fn a_query_is_bounded_in_filters_and_sort_keys() {
+        let s = schema();
+        // 3 filterable fields and id × 8 operators: exactly the floor of 32.
+        let most = (4 * FilterOp::ALL.len()).max(32);
+        let repeated = |n: usize| (0..n).fold(ListQuery::new(), |q, i| q.filter("n", FilterOp::Ne, i.to_string()));
+        assert!(repeated(most).validate(&s).is_ok());
+        assert_eq!(repeated(most + 1).validate(&s).unwrap_err(), QueryError::TooManyFilters { max: most });
+        let v = ListQuery::from_pairs([("sort", "n,-n,n,name,n")]).unwrap().validate(&s).unwrap();
+        let keys: Vec<_> = v.sort.iter().map(|k| (k.field.name.as_str(), k.descending)).collect();
+        assert_eq!(keys, [("n", false), ("name", false), ("id", false)], "repeated keys are dropped");
     }
 
     #[test]
