@@ -15,7 +15,9 @@
 //!
 //! **Rules.** A [`Resource`](crate::Resource) says who may run each write
 //! from the principal and the aggregate's current state
-//! ([`Resource::allow`](crate::Resource::allow)), and who may read
+//! ([`Resource::allow`](crate::Resource::allow)), or from those and the
+//! command ([`Resource::allow_command`](crate::Resource::allow_command)),
+//! and who may read
 //! ([`Resource::allow_reads`](crate::Resource::allow_reads)). A refusal is
 //! `403` with a problem document naming the rule, decided before the
 //! aggregate's `handle` runs and on the very state the events would follow
@@ -39,8 +41,8 @@ use crate::error::HttpError;
 /// The principal recorded for requests of an API without identities.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// A rule on a write: whether `principal` may run it on `state`.
-type WriteCheck<A> = Arc<dyn Fn(&Principal, &A) -> bool + Send + Sync>;
+/// A rule on a write: whether `principal` may run `command` on `state`.
+type WriteCheck<S, C> = Arc<dyn Fn(&Principal, &S, &C) -> bool + Send + Sync>;
 /// A rule on reads: whether `principal` may read.
 type ReadCheck = Arc<dyn Fn(&Principal) -> bool + Send + Sync>;
 
@@ -57,27 +59,27 @@ impl<C: Clone> Clone for Rule<C> {
     }
 }
 
-/// The rules of one resource.
-pub(crate) struct Rules<A> {
+/// The rules of one resource, over its state `S` and commands `C`.
+pub(crate) struct Rules<S, C> {
     pub(crate) reads: Option<Rule<ReadCheck>>,
     /// By operation name: `create`, `replace`, `patch`, `delete` or a
     /// named command.
-    pub(crate) writes: BTreeMap<String, Rule<WriteCheck<A>>>,
+    pub(crate) writes: BTreeMap<String, Rule<WriteCheck<S, C>>>,
 }
 
-impl<A> Default for Rules<A> {
+impl<S, C> Default for Rules<S, C> {
     fn default() -> Self {
         Self { reads: None, writes: BTreeMap::new() }
     }
 }
 
-impl<A> Clone for Rules<A> {
+impl<S, C> Clone for Rules<S, C> {
     fn clone(&self) -> Self {
         Self { reads: self.reads.clone(), writes: self.writes.clone() }
     }
 }
 
-impl<A> fmt::Debug for Rules<A> {
+impl<S, C> fmt::Debug for Rules<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rules")
             .field("reads", &self.reads.as_ref().map(|r| &r.text))
@@ -86,12 +88,12 @@ impl<A> fmt::Debug for Rules<A> {
     }
 }
 
-impl<A> Rules<A> {
+impl<S, C> Rules<S, C> {
     pub(crate) fn add_write(
         &mut self,
         operation: String,
         text: String,
-        check: impl Fn(&Principal, &A) -> bool + Send + Sync + 'static,
+        check: impl Fn(&Principal, &S, &C) -> bool + Send + Sync + 'static,
     ) {
         self.writes.insert(operation, Rule { text, check: Arc::new(check) });
     }
@@ -115,13 +117,18 @@ impl<A> Rules<A> {
         &self,
         operation: &str,
         caller: Option<&Principal>,
-    ) -> Option<impl Fn(&A) -> Result<(), String> + Send + Sync + 'static>
+    ) -> Option<impl Fn(&S, &C) -> Result<(), String> + Send + Sync + 'static>
     where
-        A: 'static,
+        S: 'static,
+        C: 'static,
     {
         let rule = self.writes.get(operation)?.clone();
         let caller = caller?.clone();
-        Some(move |state: &A| if (rule.check)(&caller, state) { Ok(()) } else { Err(rule.text.clone()) })
+        Some(
+            move |state: &S, command: &C| {
+                if (rule.check)(&caller, state, command) { Ok(()) } else { Err(rule.text.clone()) }
+            },
+        )
     }
 
     /// The text of the rule on `operation`, for OpenAPI.
@@ -144,17 +151,20 @@ mod tests {
 
     #[test]
     fn a_rule_is_asked_only_when_callers_have_identities() {
-        let mut rules = Rules::<String>::default();
+        let mut rules = Rules::<String, u32>::default();
         rules.set_reads("members only".into(), |p| p.has_role("member"));
-        rules.add_write("rename".into(), "only the owner".into(), |p, owner: &String| &p.subject == owner);
+        rules.add_write("rename".into(), "only the owner, below 10".into(), |p, owner: &String, n: &u32| {
+            &p.subject == owner && *n < 10
+        });
         assert!(rules.check_read(Some(&ann())).is_ok());
         let bob = Principal { subject: "bob".into(), roles: vec![] };
         assert!(matches!(rules.check_read(Some(&bob)), Err(HttpError::Forbidden(t)) if t == "members only"));
         assert!(rules.check_read(None).is_ok(), "anonymous APIs ask no rule");
 
         let guard = rules.write_guard("rename", Some(&ann())).expect("a rule");
-        assert_eq!(guard(&"ann".to_owned()), Ok(()));
-        assert_eq!(guard(&"bob".to_owned()), Err("only the owner".to_owned()));
+        assert_eq!(guard(&"ann".to_owned(), &1), Ok(()));
+        assert_eq!(guard(&"bob".to_owned(), &1), Err("only the owner, below 10".to_owned()));
+        assert_eq!(guard(&"ann".to_owned(), &10), Err("only the owner, below 10".to_owned()), "the command counts");
         assert!(rules.write_guard("rename", None).is_none());
         assert!(rules.write_guard("delete", Some(&ann())).is_none(), "no rule, no guard");
     }

@@ -373,7 +373,7 @@ pub struct Resource<A: Aggregate> {
     pub(crate) patch: Option<Operation<A::Command>>,
     pub(crate) delete: Option<Operation<A::Command>>,
     pub(crate) commands: BTreeMap<String, Operation<A::Command>>,
-    pub(crate) rules: Rules<A>,
+    pub(crate) rules: Rules<A, A::Command>,
 }
 
 impl<A: Aggregate> Clone for Resource<A> {
@@ -523,10 +523,22 @@ impl<A: Aggregate> Resource<A> {
     ///     });
     /// ```
     pub fn allow(
-        mut self,
+        self,
         operation: impl Into<String>,
         rule: impl Into<String>,
         allowed: impl Fn(&Principal, &A) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.allow_command(operation, rule, move |who, state, _| allowed(who, state))
+    }
+
+    /// Like [`Resource::allow`], with the command in view too: a rule on
+    /// what the command would change (only the owner may give a project
+    /// another owner), decided on the state it would change.
+    pub fn allow_command(
+        mut self,
+        operation: impl Into<String>,
+        rule: impl Into<String>,
+        allowed: impl Fn(&Principal, &A, &A::Command) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.rules.add_write(operation.into(), rule.into(), allowed);
         self

@@ -113,9 +113,9 @@ fn contention_pause(race: u32) -> Duration {
 }
 
 /// Decides whether a command may run on the aggregate's current state
-/// (see [`CommandBus::execute_guarded`]): `Err` holds the reason told to
-/// the caller.
-pub type CommandGuard<'a, A> = &'a (dyn Fn(&A) -> Result<(), String> + Send + Sync);
+/// (see [`CommandBus::execute_guarded`]), from that state and the command
+/// itself: `Err` holds the reason told to the caller.
+pub type CommandGuard<'a, A> = &'a (dyn Fn(&A, &<A as Aggregate>::Command) -> Result<(), String> + Send + Sync);
 
 /// Runs commands against one aggregate type.
 ///
@@ -180,7 +180,7 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
         expected: ExpectedVersion,
         metadata: Metadata,
     ) -> Result<CommandOutcome<A>, CommandError<A::Error>> {
-        self.execute_guarded(id, command, expected, metadata, &|_| Ok(())).await
+        self.execute_guarded(id, command, expected, metadata, &|_, _| Ok(())).await
     }
 
     /// Like [`CommandBus::execute`], with `guard` asked before `handle`
@@ -228,7 +228,7 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
                 current = true;
                 continue;
             }
-            if let Err(reason) = guard(&state) {
+            if let Err(reason) = guard(&state, &command) {
                 if current {
                     return Err(CommandError::Forbidden(reason));
                 }

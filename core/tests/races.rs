@@ -204,7 +204,7 @@ async fn a_guard_is_asked_again_on_the_state_a_lost_race_leaves() {
     let bus = CommandBus::new(store.clone());
     let asked = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&asked);
-    let small_only = move |l: &Ledger| {
+    let small_only = move |l: &Ledger, _: &LedgerCommand| {
         counted.fetch_add(1, Ordering::SeqCst);
         if l.total < 50 { Ok(()) } else { Err("only small ledgers take entries".to_owned()) }
     };
@@ -229,7 +229,7 @@ async fn a_guard_refusal_on_a_stale_cache_is_checked_against_the_log() {
         .await
         .expect("another process appends");
     let bus = CommandBus::new(store.clone());
-    let big_only = |l: &Ledger| if l.total >= 5 { Ok(()) } else { Err("too small".to_owned()) };
+    let big_only = |l: &Ledger, _: &LedgerCommand| if l.total >= 5 { Ok(()) } else { Err("too small".to_owned()) };
     let done = bus
         .execute_guarded("l-1", LedgerCommand::Add(5), ExpectedVersion::Any, Metadata::default(), &big_only)
         .await
@@ -246,7 +246,8 @@ async fn a_replayed_retry_does_not_ask_the_guard() {
     let log = ledger(0).await;
     let bus = CommandBus::new(log.clone());
     let meta = Metadata { idempotency_key: Some("k-1".into()), ..Metadata::default() };
-    let small_only = |l: &Ledger| if l.total < 50 { Ok(()) } else { Err("only small ledgers".to_owned()) };
+    let small_only =
+        |l: &Ledger, _: &LedgerCommand| if l.total < 50 { Ok(()) } else { Err("only small ledgers".to_owned()) };
     let first = bus
         .execute_guarded("l-1", LedgerCommand::Add(60), ExpectedVersion::Any, meta.clone(), &small_only)
         .await
@@ -260,4 +261,23 @@ async fn a_replayed_retry_does_not_ask_the_guard() {
     let other =
         bus.execute_guarded("l-1", LedgerCommand::Add(1), ExpectedVersion::Any, Metadata::default(), &small_only);
     assert!(matches!(other.await, Err(CommandError::Forbidden(_))), "a new command meets the rule");
+}
+
+/// A guard sees the command too: a rule on what a command would change
+/// (only small entries), decided with the state it would change.
+#[tokio::test]
+async fn a_guard_sees_the_command() {
+    let bus = CommandBus::new(ledger(0).await);
+    let small_entries = |_: &Ledger, c: &LedgerCommand| match c {
+        LedgerCommand::Add(n) if *n > 10 => Err(format!("{n} is too large an entry")),
+        _ => Ok(()),
+    };
+    let refused =
+        bus.execute_guarded("l-1", LedgerCommand::Add(11), ExpectedVersion::Any, Metadata::default(), &small_entries);
+    assert!(matches!(refused.await, Err(CommandError::Forbidden(r)) if r == "11 is too large an entry"));
+    let done = bus
+        .execute_guarded("l-1", LedgerCommand::Add(3), ExpectedVersion::Any, Metadata::default(), &small_entries)
+        .await
+        .expect("a small entry passes");
+    assert_eq!(done.state.total, 3);
 }

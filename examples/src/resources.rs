@@ -61,6 +61,10 @@ pub const ADMIN_ROLE: &str = "admin";
 /// Who may change a project.
 pub const TEAM_RULE: &str =
     "only the project's owner, its members or an admin may change it (anyone while it has neither owner nor members)";
+/// Who may edit a project's fields (PATCH, PUT): [`TEAM_RULE`], and the
+/// owner is the owner's to give away.
+pub const EDIT_RULE: &str = "only the project's owner, its members or an admin may change it (anyone while it has \
+     neither owner nor members), and only its owner or an admin may give it another owner";
 /// Who may archive, restore or delete a project.
 pub const OWNER_RULE: &str = "only the project's owner or an admin may do this (anyone while it has no owner)";
 
@@ -68,6 +72,16 @@ pub const OWNER_RULE: &str = "only the project's owner or an admin may do this (
 pub fn in_team(who: &Principal, project: &Project) -> bool {
     let unclaimed = project.owner.is_none() && project.members.is_empty();
     unclaimed || owns(who, project) || project.members.contains(&who.subject)
+}
+
+/// Whether `command` would give `project` another owner.
+pub fn gives_another_owner(project: &Project, command: &ProjectCommand) -> bool {
+    let asked = match command {
+        ProjectCommand::Replace(fields) => Some(fields.owner.clone()),
+        ProjectCommand::Update(fields) => fields.owner.clone().map(Some),
+        _ => None,
+    };
+    asked.is_some_and(|owner| owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()) != project.owner)
 }
 
 /// Whether `who` may archive, restore or delete `project`: [`OWNER_RULE`].
@@ -79,10 +93,13 @@ pub fn owns(who: &Principal, project: &Project) -> bool {
 }
 
 /// `/projects`: CRUD plus the status and membership commands, with who
-/// may run each ([`TEAM_RULE`], [`OWNER_RULE`]; creating and reading are
+/// may run each ([`EDIT_RULE`], [`TEAM_RULE`], [`OWNER_RULE`]; creating and reading are
 /// open to every caller the API lets in).
 pub fn projects() -> Resource<Project> {
     let team = |who: &Principal, p: &Project| in_team(who, p) || who.has_role(ADMIN_ROLE);
+    let edit = move |who: &Principal, p: &Project, c: &ProjectCommand| {
+        team(who, p) && (!gives_another_owner(p, c) || owns(who, p))
+    };
     Resource::new("projects")
         .create(ProjectCommand::Create)
         .replace(ProjectCommand::Replace)
@@ -93,8 +110,8 @@ pub fn projects() -> Resource<Project> {
         .command("restore", |_: NoBody| ProjectCommand::Restore)
         .command("add-member", |b: MemberBody| ProjectCommand::AddMember(b.member))
         .command("remove-member", |b: MemberBody| ProjectCommand::RemoveMember(b.member))
-        .allow("replace", TEAM_RULE, team)
-        .allow("patch", TEAM_RULE, team)
+        .allow_command("replace", EDIT_RULE, edit)
+        .allow_command("patch", EDIT_RULE, edit)
         .allow("activate", TEAM_RULE, team)
         .allow("add-member", TEAM_RULE, team)
         .allow("remove-member", TEAM_RULE, team)
@@ -211,5 +228,21 @@ mod tests {
         assert!(!owns(&who("bob", &[]), &p), "members may not archive it");
         assert!(!in_team(&who("zoe", &[]), &p) && !owns(&who("zoe", &[]), &p));
         assert!(owns(&who("zoe", &[ADMIN_ROLE]), &p), "admins may");
+    }
+
+    #[test]
+    fn only_a_change_of_owner_counts_as_giving_it_away() {
+        use crate::domain::ProjectFields;
+        let p = Project { owner: Some("ann".into()), ..Project::default() };
+        let update = |owner: Option<&str>| {
+            ProjectCommand::Update(ProjectFields { owner: owner.map(str::to_owned), ..ProjectFields::default() })
+        };
+        assert!(!gives_another_owner(&p, &update(None)), "a PATCH without owner keeps it");
+        assert!(!gives_another_owner(&p, &update(Some(" ann "))), "the same owner, spaced");
+        assert!(gives_another_owner(&p, &update(Some("bob"))));
+        assert!(gives_another_owner(&p, &update(Some(""))), "clearing it is giving it away");
+        let replace = ProjectCommand::Replace(ProjectFields { name: Some("x".into()), ..ProjectFields::default() });
+        assert!(gives_another_owner(&p, &replace), "a PUT without owner clears it");
+        assert!(!gives_another_owner(&p, &ProjectCommand::Archive));
     }
 }

@@ -568,6 +568,8 @@ async fn the_service_requires_tokens_when_asked_to() {
     let r = run(&ann, reqwest::Method::POST, format!("{owned}/add-member"), json!({ "member": "bob" })).await;
     assert_eq!(r.expect("POST").status(), StatusCode::OK);
     assert_eq!(rename(&bob).await.expect("PATCH").status(), StatusCode::OK, "a member may change it");
+    let takeover = run(&bob, reqwest::Method::PATCH, owned.clone(), json!({ "owner": "bob" })).await.expect("PATCH");
+    assert_eq!(takeover.status(), StatusCode::FORBIDDEN, "but not make himself its owner");
     assert_eq!(archive(&bob).await.expect("POST").status(), StatusCode::FORBIDDEN, "but not archive it");
     assert_eq!(archive(&with_roles("root", &["admin"])).await.expect("POST").status(), StatusCode::OK);
     let history = json_of(c.get(s.url(&format!("{owned}/events"))).bearer_auth(&ann).send().await.expect("GET")).await;
