@@ -41,33 +41,14 @@ if [[ ! -x "$venv/bin/schemathesis" ]]; then
   "$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
-bin=${1:-${PROJECTS_BIN:-}}
-if [[ -z "$bin" ]]; then
-  cargo build -p kes-examples --bin projects
-  target=$(cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-  bin=$target/debug/projects
-fi
-bin=$(realpath "$bin")
-[[ -x "$bin" ]] || { echo "api-fuzz.sh: $bin is not an executable" >&2; exit 1; }
-
+script=api-fuzz.sh
+source scripts/lib/projects-service.sh
+bin=$(projects_bin "${1:-}")
 work=$(mktemp -d -t kes-fuzz-XXXXXX)
 reports=${KES_FUZZ_REPORTS:-$work/reports}
 mkdir -p "$reports"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-base=http://127.0.0.1:$port
-(cd "$work" && exec "$bin" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1) &
-server=$!
-stop() {
-  kill "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
-}
-trap stop EXIT
-for _ in $(seq 1 300); do
-  curl -fsS "$base/health" >/dev/null 2>&1 && break
-  kill -0 "$server" 2>/dev/null || { cat "$work/server.log" >&2; echo "api-fuzz.sh: the service did not start" >&2; exit 1; }
-  sleep 0.1
-done
+trap stop_projects EXIT
+start_projects "$bin" "$work"
 echo "projects service: $base ($bin, in $work)"
 
 cat >"$work/schemathesis.toml" <<'EOF'

@@ -44,55 +44,20 @@ fi
   fi
 )
 
-bin=${1:-${PROJECTS_BIN:-}}
-if [[ -z "$bin" ]]; then
-  cargo build -p kes-examples --bin projects
-  target=$(cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-  bin=$target/debug/projects
-fi
-bin=$(realpath "$bin")
-[[ -x "$bin" ]] || { echo "browser-test.sh: $bin is not an executable" >&2; exit 1; }
-
+script=browser-test.sh
+source scripts/lib/projects-service.sh
+bin=$(projects_bin "${1:-}")
 work=$(mktemp -d -t kes-browser-XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-base=http://127.0.0.1:$port
-# The test plays several people (ann, bob), named by the page's name
-# field: the service trusts the X-Principal header, as it would behind a
-# gateway that authenticates (never the default).
-(cd "$work" && exec "$bin" --listen "127.0.0.1:$port" --trust-principal-header x-principal >"$work/server.log" 2>&1) &
-server=$!
-
-stop_server() {
-  kill -TERM "$server" 2>/dev/null || return 0
-  # A graceful stop waits for open requests; the browser is gone by now.
-  for _ in $(seq 1 100); do
-    kill -0 "$server" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$server" 2>/dev/null; then
-    echo "browser-test.sh: the server did not stop within 10 s of SIGTERM; killing it" >&2
-    kill -KILL "$server" 2>/dev/null || true
-  fi
-  wait "$server" 2>/dev/null || true
-}
 cleanup() {
-  stop_server
+  # The browser is gone by now: nothing holds the graceful stop open.
+  stop_projects
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-# Ready when /health answers (the store and the views are open).
-for _ in $(seq 1 600); do
-  if ! kill -0 "$server" 2>/dev/null; then
-    echo "browser-test.sh: the server stopped at start:" >&2
-    cat "$work/server.log" >&2
-    exit 1
-  fi
-  curl -fsS -o /dev/null "$base/health" 2>/dev/null && break
-  sleep 0.1
-done
-curl -fsS -o /dev/null "$base/health" || { echo "browser-test.sh: $base/health never answered" >&2; exit 1; }
+# The test plays several people (ann, bob), named by the page's name
+# field: the service trusts the X-Principal header, as it would behind a
+# gateway that authenticates (never the default).
+start_projects "$bin" "$work" --trust-principal-header x-principal
 page=$(curl -fsS "$base/" 2>/dev/null || true)
 if [[ "$page" != *'<title>KES projects</title>'* ]]; then
   echo "browser-test.sh: $bin serves no demo page at / (mount kes_examples::web::router())" >&2

@@ -16,6 +16,9 @@ pub(crate) const MAX_ID_CHARS: usize = 255;
 /// regular-expression dialect reads the same way.
 pub(crate) const ID_PATTERN: &str = "^[^/.\u{0}-\u{1f}\u{7f}-\u{9f}][^/\u{0}-\u{1f}\u{7f}-\u{9f}]*$";
 
+/// The id rule in words, for refusals.
+pub(crate) const ID_RULE: &str = "an id is 1 to 255 characters without control characters or /, not starting with .";
+
 /// Whether `id` is an id: 1 to 255 characters matching [`ID_PATTERN`].
 pub(crate) fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -52,11 +55,7 @@ impl AggregateId {
 impl<'de> Deserialize<'de> for AggregateId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        Self::new(text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "an id is 1 to {MAX_ID_CHARS} characters without control characters or /, not starting with ."
-            ))
-        })
+        Self::new(text).ok_or_else(|| serde::de::Error::custom(ID_RULE))
     }
 }
 
@@ -101,6 +100,7 @@ mod tests {
             assert!(!validator.is_valid(&id.into()), "{id:?}");
         }
         assert!(serde_json::from_str::<AggregateId>("\"a/b\"").is_err());
+        assert!(ID_RULE.contains(&MAX_ID_CHARS.to_string()), "the words say the same length");
         assert_eq!(serde_json::from_str::<AggregateId>("\"p-1\"").unwrap().as_str(), "p-1");
     }
 }

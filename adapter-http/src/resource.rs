@@ -91,14 +91,15 @@ impl<C> Operation<C> {
     /// JSON Schema (the one the OpenAPI document shows).
     pub(crate) fn command(&self, id: &str, mut body: Value) -> Result<C, HttpError> {
         if let Some(validator) = &self.validator {
-            // An empty body is "no fields": `{}`, or `null` for a unit body.
-            if body == Value::Object(Map::new()) && !validator.is_valid(&body) && validator.is_valid(&Value::Null) {
-                body = Value::Null;
-            }
             if let Err(e) = validator.validate(&body) {
-                let at = e.instance_path().to_string();
-                let place = if at.is_empty() { "the body".to_owned() } else { at };
-                return Err(HttpError::MalformedBody(format!("{place}: {}", clip(&e.to_string()))));
+                // An empty body is "no fields": `{}`, or `null` for a unit body.
+                let unit = body == Value::Object(Map::new()) && validator.is_valid(&Value::Null);
+                if !unit {
+                    let at = e.instance_path().to_string();
+                    let place = if at.is_empty() { "the body".to_owned() } else { at };
+                    return Err(HttpError::MalformedBody(format!("{place}: {}", clip(&e.to_string()))));
+                }
+                body = Value::Null;
             }
             // JSON Schema counts 2.0 as an integer; serde does not.
             integral_floats(&mut body, 0);
@@ -152,17 +153,13 @@ fn integral_floats(value: &mut Value, depth: u32) {
 
 /// An empty body means "no fields": `{}` for structs, `null` for `()`.
 fn decode_body<B: DeserializeOwned>(value: Value) -> Result<B, HttpError> {
-    match serde_json::from_value::<B>(value.clone()) {
-        Ok(b) => Ok(b),
-        Err(first) => {
-            if value == Value::Object(Map::new())
-                && let Ok(b) = serde_json::from_value::<B>(Value::Null)
-            {
-                return Ok(b);
-            }
-            Err(HttpError::MalformedBody(first.to_string()))
-        }
-    }
+    let empty = value == Value::Object(Map::new());
+    serde_json::from_value::<B>(value).or_else(|first| {
+        empty
+            .then(|| serde_json::from_value::<B>(Value::Null).ok())
+            .flatten()
+            .ok_or_else(|| HttpError::MalformedBody(first.to_string()))
+    })
 }
 
 /// Which JSON scalar types a top-level field accepts.

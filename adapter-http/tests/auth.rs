@@ -59,6 +59,11 @@ struct App {
 }
 
 async fn app(auth: JwtAuth) -> App {
+    app_with(resource(), |api| api.authenticate(auth)).await
+}
+
+/// `resource` mounted over a fresh store, with `shape` applied to the API.
+async fn app_with(resource: kes_http::Resource<Project>, shape: impl FnOnce(Api) -> Api) -> App {
     let store = InMemoryStore::<Project>::new();
     let view = Arc::new(InMemoryView::new(view_schema()).expect("schema"));
     let runner = ProjectionRunner::new(
@@ -67,12 +72,11 @@ async fn app(auth: JwtAuth) -> App {
         RunnerConfig::default(),
     );
     runner.start().await.expect("projections");
-    let app = Api::new(HttpConfig::default())
-        .mount(resource(), Arc::new(CommandBus::new(store.clone())), view, runner)
+    let api = Api::new(HttpConfig::default())
+        .mount(resource, Arc::new(CommandBus::new(store.clone())), view, runner.clone())
         .expect("mount")
-        .authenticate(auth)
-        .into_router();
-    App { app, store }
+        .projections(runner);
+    App { app: shape(api).into_router(), store }
 }
 
 fn hs_auth() -> JwtAuth {
@@ -263,23 +267,13 @@ fn with_roles(sub: &str, roles: &[&str]) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rules_see_the_tokens_roles_and_admin_endpoints_need_the_admin_role() {
-    let store = InMemoryStore::<Project>::new();
-    let view = Arc::new(InMemoryView::new(view_schema()).expect("schema"));
-    let runner = ProjectionRunner::new(
-        store.clone(),
-        vec![Arc::new(ViewProjection::<Project>::new(view.clone(), row))],
-        RunnerConfig::default(),
-    );
-    runner.start().await.expect("projections");
     let guarded = resource().allow("archive", "only an archivist may archive", |who, _| who.has_role("archivist"));
-    let app = Api::new(HttpConfig::default())
-        .mount(guarded, Arc::new(CommandBus::new(store.clone())), view, runner.clone())
-        .expect("mount")
-        .projections(runner)
-        .authenticate(hs_auth())
-        .admin_role("operator")
-        .admin(kes_http::AdminToken::new("an-operator-token-0123456789").expect("token"))
-        .into_router();
+    let App { app, store } = app_with(guarded, |api| {
+        api.authenticate(hs_auth())
+            .admin_role("operator")
+            .admin(kes_http::AdminToken::new("an-operator-token-0123456789").expect("token"))
+    })
+    .await;
 
     let member = hs256(&claims("ann"));
     let created = create_with(&app, Some(&member)).await;

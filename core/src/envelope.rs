@@ -61,11 +61,14 @@ impl fmt::Display for Position {
 #[error("not a log position (expected PARTITION:OFFSET): {0:?}")]
 pub struct BadPosition(pub String);
 
+/// Reads `PARTITION:OFFSET` as [`Display`](std::fmt::Display) writes it:
+/// decimal digits only (no sign, no spaces), within range.
 impl FromStr for Position {
     type Err = BadPosition;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadPosition(s.chars().take(64).collect());
-        let (p, o) = s.split_once(':').ok_or_else(bad)?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        let (p, o) = s.split_once(':').filter(|(p, o)| digits(p) && digits(o)).ok_or_else(bad)?;
         Ok(Self { partition: p.parse().map_err(|_| bad())?, offset: o.parse().map_err(|_| bad())? })
     }
 }
@@ -188,6 +191,9 @@ mod tests {
         assert!("3".parse::<Position>().is_err());
         assert!("x:1".parse::<Position>().is_err());
         assert!("1:-1".parse::<Position>().is_err());
+        for loose in ["+1:2", "1:+2", " 1:2", "1:2 ", ":2", "1:", "1:2:3"] {
+            assert!(loose.parse::<Position>().is_err(), "{loose:?}");
+        }
     }
 
     #[test]
