@@ -111,7 +111,7 @@ async fn with_history_view(start: bool) -> (axum::Router, Arc<ProjectionRunner<P
     let app = Api::new(HttpConfig::default())
         .mount(resource(), Arc::new(CommandBus::new(store)), view, runner.clone())
         .expect("mount")
-        .history("projects", Arc::new(ViewHistory::new(history)))
+        .history("projects", Arc::new(ViewHistory::new::<Project>(history)))
         .expect("a history for a mounted resource")
         .into_router();
     (app, runner)
@@ -152,7 +152,7 @@ fn a_history_needs_a_mounted_resource() {
     let error = Api::new(HttpConfig::default())
         .history(
             "projects",
-            Arc::new(ViewHistory::new(Arc::new(InMemoryView::new(history_schema("project")).unwrap()))),
+            Arc::new(ViewHistory::new::<Project>(Arc::new(InMemoryView::new(history_schema("project")).unwrap()))),
         )
         .expect_err("nothing is mounted under /projects");
     assert!(error.to_string().contains("/projects"), "{error}");

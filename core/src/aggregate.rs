@@ -9,8 +9,11 @@ use serde::{Serialize, de::DeserializeOwned};
 ///
 /// Events are stored forever, so their shape is a contract with the future:
 /// when it has to change, bump [`DomainEvent::revision`] for that event type
-/// and register an upcaster (see [`crate::codec::Upcasters`]) that turns the
-/// old stored JSON into the new shape.
+/// and return, from [`DomainEvent::upcasters`], a step that turns the old
+/// stored JSON into the new shape. Every store's default codec
+/// ([`crate::JsonCodec`]) applies them on every path that decodes an event
+/// (loads, reads, subscriptions, recovery, rebuilds), so the registration
+/// is one place that no path can miss.
 pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
     /// The stable name of this event's type, e.g. `"ProjectRenamed"`.
     /// Stored next to the payload and shown in audit histories.
@@ -19,6 +22,33 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + Send + Syn
     /// The schema revision of this event's type, starting at 1.
     fn revision(&self) -> u32 {
         1
+    }
+
+    /// The steps that bring payloads of older revisions up to the current
+    /// ones (none by default). Called once per codec, not per event.
+    ///
+    /// ```
+    /// use kes_core::{DomainEvent, Upcast, Upcasters};
+    /// # use serde::{Deserialize, Serialize};
+    /// #[derive(Debug, Clone, Serialize, Deserialize)]
+    /// enum Ev { Paid { cents: i64, currency: String } }
+    /// impl DomainEvent for Ev {
+    ///     fn event_type(&self) -> &'static str { "Paid" }
+    ///     // Revision 1 had `cents` only, always in euros.
+    ///     fn revision(&self) -> u32 { 2 }
+    ///     fn upcasters() -> Upcasters {
+    ///         Upcasters::new().register("Paid", 1, |mut v| {
+    ///             v["Paid"]["currency"] = "EUR".into();
+    ///             Ok(Upcast { event_type: "Paid".into(), payload: v })
+    ///         })
+    ///     }
+    /// }
+    /// use kes_core::{Codec, JsonCodec};
+    /// let old = JsonCodec::<Ev>::default().decode("Paid", 1, br#"{"Paid":{"cents":5}}"#).unwrap();
+    /// assert!(matches!(old, Ev::Paid { cents: 5, ref currency } if currency == "EUR"));
+    /// ```
+    fn upcasters() -> crate::codec::Upcasters {
+        crate::codec::Upcasters::new()
     }
 }
 
@@ -68,6 +98,14 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Clone + Debug + Se
     /// The aggregate type's name, singular and lower case (`"project"`).
     /// Names topics, tables and (pluralised by the HTTP adapter) routes.
     const NAME: &'static str;
+
+    /// The version of what a state *means*: bump it when `apply` changes,
+    /// or a field is added whose value older states lack (a state written
+    /// by the old code still decodes, but says something else). A store's
+    /// table of latest states records the version it was built by; a table
+    /// built by another one is rebuilt from the log at the next start, as
+    /// list views are when their schema version changes.
+    const STATE_VERSION: u32 = 1;
 
     /// What a caller asks the aggregate to do. `Clone`, because a command
     /// that lost a race against another writer is decided again on the

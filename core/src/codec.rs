@@ -81,6 +81,17 @@ impl Upcasters {
         self
     }
 
+    /// Whether a payload of `event_type` at `revision` needs a step.
+    pub fn applies_to(&self, event_type: &str, revision: u32) -> bool {
+        // No allocation on the common path: most logs hold no old payloads.
+        !self.steps.is_empty() && self.steps.keys().any(|(t, r)| *r == revision && t == event_type)
+    }
+
+    /// Whether no step is registered.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
     /// Applies every registered step that matches, in order.
     pub fn upcast(
         &self,
@@ -117,14 +128,17 @@ impl<E> fmt::Debug for JsonCodec<E> {
     }
 }
 
-impl<E> Default for JsonCodec<E> {
+impl<E: DomainEvent> Default for JsonCodec<E> {
+    /// A JSON codec that upcasts with the event type's own
+    /// [`DomainEvent::upcasters`].
     fn default() -> Self {
-        Self { upcasters: Upcasters::new(), _event: PhantomData }
+        Self { upcasters: E::upcasters(), _event: PhantomData }
     }
 }
 
 impl<E> JsonCodec<E> {
-    /// A JSON codec that upcasts old payloads with `upcasters`.
+    /// A JSON codec that upcasts old payloads with `upcasters` instead of
+    /// the event type's own.
     pub fn with_upcasters(upcasters: Upcasters) -> Self {
         Self { upcasters, _event: PhantomData }
     }
@@ -145,6 +159,11 @@ impl<E: DomainEvent> Codec<E> for JsonCodec<E> {
 
     fn decode(&self, event_type: &str, revision: u32, payload: &[u8]) -> Result<E, CodecError> {
         let err = |reason: String| CodecError { event_type: event_type.to_owned(), revision, reason };
+        if !self.upcasters.applies_to(event_type, revision) {
+            // Current payloads decode straight from the bytes, without the
+            // JSON tree an upcaster works on.
+            return serde_json::from_slice(payload).map_err(|e| err(e.to_string()));
+        }
         let value: Value = serde_json::from_slice(payload).map_err(|e| err(format!("not JSON: {e}")))?;
         let (event_type, revision, value) = self.upcasters.upcast(event_type, revision, value)?;
         serde_json::from_value(value).map_err(|e| CodecError { event_type, revision, reason: e.to_string() })
@@ -216,9 +235,18 @@ pub type RawEnvelope = crate::Envelope<Vec<u8>>;
 impl RawEnvelope {
     /// Decodes the payload; an unreadable one becomes
     /// [`crate::StoreError::Corrupt`] naming aggregate, id and version.
-    pub fn decode<E: 'static>(self, codec: &dyn Codec<E>) -> Result<crate::Envelope<E>, crate::StoreError> {
+    /// The envelope then names the event's current type and revision: an
+    /// upcast payload is shown as what it now is.
+    pub fn decode<E: DomainEvent>(self, codec: &dyn Codec<E>) -> Result<crate::Envelope<E>, crate::StoreError> {
         match codec.decode(&self.event_type, self.revision, &self.payload) {
-            Ok(event) => Ok(self.map(|_| event)),
+            Ok(event) => {
+                let mut envelope = self.map(|_| event);
+                envelope.revision = envelope.payload.revision();
+                if envelope.event_type != envelope.payload.event_type() {
+                    envelope.event_type = envelope.payload.event_type().to_owned();
+                }
+                Ok(envelope)
+            }
             Err(e) => Err(crate::StoreError::Corrupt {
                 aggregate: self.aggregate_type,
                 id: self.aggregate_id,

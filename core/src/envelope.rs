@@ -150,7 +150,9 @@ pub struct Envelope<E> {
     pub version: u64,
     /// The event's type name ([`crate::DomainEvent::event_type`]).
     pub event_type: String,
-    /// The schema revision the payload was written with.
+    /// The schema revision of `payload`: the one it was written with while
+    /// the payload is still bytes ([`crate::RawEnvelope`]), the current one
+    /// once decoded (an upcaster raised it).
     pub revision: u32,
     /// When the command that caused it was accepted.
     pub recorded_at: DateTime<Utc>,

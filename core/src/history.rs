@@ -295,14 +295,32 @@ impl<A: Aggregate> HistoryProjection<A> {
 }
 
 /// History read from a history view filled by [`HistoryProjection`].
+///
+/// The view keeps each event as it was shown when projected. A record of
+/// an older revision than the code now writes (the view was filled before
+/// an event's shape changed) is brought up to date with the event type's
+/// [`crate::DomainEvent::upcasters`] as it is read, so the history shows
+/// the same shape as one read from the store, without a rebuild.
 pub struct ViewHistory {
     view: Arc<dyn ListView>,
+    upcasters: crate::codec::Upcasters,
 }
 
 impl ViewHistory {
-    /// History served by `view` (its schema is [`history_schema`]).
-    pub fn new(view: Arc<dyn ListView>) -> Self {
-        Self { view }
+    /// History of aggregate type `A` served by `view` (its schema is
+    /// [`history_schema`]).
+    pub fn new<A: Aggregate>(view: Arc<dyn ListView>) -> Self {
+        Self { view, upcasters: <A::Event as crate::DomainEvent>::upcasters() }
+    }
+
+    fn upcast(&self, record: &mut HistoryRecord) -> Result<(), crate::codec::CodecError> {
+        if self.upcasters.applies_to(&record.event_type, record.revision) {
+            let payload = std::mem::take(&mut record.payload);
+            let (event_type, revision, payload) =
+                self.upcasters.upcast(&record.event_type, record.revision, payload)?;
+            (record.event_type, record.revision, record.payload) = (event_type, revision, payload);
+        }
+        Ok(())
     }
 }
 
@@ -324,8 +342,9 @@ impl History for ViewHistory {
                     ViewError::Corrupt { id: item.id, reason: "a history row without its record".into() }.into()
                 );
             };
-            let record: HistoryRecord = serde_json::from_str(json)
+            let mut record: HistoryRecord = serde_json::from_str(json)
                 .map_err(|e| ViewError::Corrupt { id: item.id.clone(), reason: format!("history record: {e}") })?;
+            self.upcast(&mut record).map_err(|e| ViewError::Corrupt { id: item.id.clone(), reason: e.to_string() })?;
             items.push(record);
         }
         let next = if more { items.last().map(|r| r.version) } else { None };
@@ -346,5 +365,86 @@ mod tests {
         history_schema("project").validate().unwrap();
         assert!(history_row_id("p", 9) < history_row_id("p", 10));
         assert!(history_row_id("p", 99_999) < history_row_id("p", 100_000));
+    }
+
+    /// An aggregate whose one event gained a unit in revision 2.
+    #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    struct Gauge;
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    enum GaugeEvent {
+        Set { value: i64, unit: String },
+    }
+
+    impl crate::DomainEvent for GaugeEvent {
+        fn event_type(&self) -> &'static str {
+            "GaugeSet"
+        }
+        fn revision(&self) -> u32 {
+            2
+        }
+        fn upcasters() -> crate::Upcasters {
+            crate::Upcasters::new().register("GaugeSet", 1, |mut v| {
+                v["Set"]["unit"] = "m".into();
+                Ok(crate::Upcast { event_type: "GaugeSet".into(), payload: v })
+            })
+        }
+    }
+
+    impl Aggregate for Gauge {
+        const NAME: &'static str = "gauge";
+        type Command = ();
+        type Event = GaugeEvent;
+        type Error = std::convert::Infallible;
+        fn handle(&self, _: ()) -> Result<Vec<GaugeEvent>, Self::Error> {
+            Ok(Vec::new())
+        }
+        fn apply(&mut self, _: &GaugeEvent) {}
+    }
+
+    #[tokio::test]
+    async fn a_history_view_filled_before_an_event_changed_shows_it_upcast() {
+        let view = Arc::new(crate::InMemoryView::new(history_schema("gauge")).unwrap());
+        let record = |version: u64, revision: u32, payload: serde_json::Value| HistoryRecord {
+            event_id: Uuid::new_v4(),
+            version,
+            event_type: "GaugeSet".into(),
+            revision,
+            recorded_at: Utc::now(),
+            position: format!("0:{version}"),
+            metadata: Metadata::default(),
+            payload,
+        };
+        // Projected by the code of revision 1, then by today's.
+        let records = [
+            record(1, 1, serde_json::json!({ "Set": { "value": 3 } })),
+            record(2, 2, serde_json::json!({ "Set": { "value": 4, "unit": "ft" } })),
+        ];
+        let changes: Vec<RowChange> = records
+            .iter()
+            .map(|r| {
+                let mut row = Row::new();
+                row.insert(HISTORY_AGGREGATE_FIELD.into(), FieldValue::Text("g".into()));
+                row.insert(HISTORY_VERSION_FIELD.into(), FieldValue::Integer(r.version as i64));
+                row.insert(HISTORY_RECORD_FIELD.into(), FieldValue::Text(serde_json::to_string(r).unwrap()));
+                RowChange {
+                    id: history_row_id("g", r.version),
+                    version: r.version,
+                    state: serde_json::Value::Null,
+                    row: Some(row),
+                }
+            })
+            .collect();
+        view.write(ViewCopy::Live, &changes, &Checkpoint::default()).await.unwrap();
+
+        let page = ViewHistory::new::<Gauge>(view).page("g", 0, 10).await.unwrap();
+        let shown: Vec<(u32, serde_json::Value)> = page.items.iter().map(|r| (r.revision, r.payload.clone())).collect();
+        assert_eq!(
+            shown,
+            [
+                (2, serde_json::json!({ "Set": { "value": 3, "unit": "m" } })),
+                (2, serde_json::json!({ "Set": { "value": 4, "unit": "ft" } }))
+            ]
+        );
     }
 }

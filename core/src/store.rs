@@ -209,6 +209,31 @@ pub struct StoreGauge {
     pub value: f64,
 }
 
+impl StoreGauge {
+    /// What a store with a table of latest states reports about its state
+    /// version: `table_state_version` (the [`Aggregate::STATE_VERSION`] the
+    /// table is built by) and `table_rebuilt_from_state_version` (the
+    /// version the table held when the store found it outdated at start and
+    /// rebuilt it from the log; 0 when it did not).
+    pub fn state_version<A: Aggregate>(rebuilt_from: u32) -> Vec<StoreGauge> {
+        vec![
+            StoreGauge {
+                name: "table_state_version",
+                help: "the state version (Aggregate::STATE_VERSION) the table of latest states is built by",
+                labels: Vec::new(),
+                value: f64::from(A::STATE_VERSION),
+            },
+            StoreGauge {
+                name: "table_rebuilt_from_state_version",
+                help: "the state version of the table this process found at start and rebuilt from the log \
+                       (0: the table was current)",
+                labels: Vec::new(),
+                value: f64::from(rebuilt_from),
+            },
+        ]
+    }
+}
+
 /// The append-only event log of one aggregate type plus its table of latest
 /// states.
 ///

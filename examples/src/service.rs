@@ -455,11 +455,11 @@ impl Service {
             .projections(self.projects.status_source(role))
             .projections(self.tasks.status_source(role));
         api = self.with_identity(api);
-        for (plural, history) in [("projects", &self.projects.history), ("tasks", &self.tasks.history)] {
-            if let Some(view) = history {
-                let view: Arc<dyn kes_core::ListView> = view.clone();
-                api = api.history(plural, Arc::new(ViewHistory::new(view)))?;
-            }
+        if let Some(view) = &self.projects.history {
+            api = api.history("projects", Arc::new(ViewHistory::new::<Project>(view.clone())))?;
+        }
+        if let Some(view) = &self.tasks.history {
+            api = api.history("tasks", Arc::new(ViewHistory::new::<Task>(view.clone())))?;
         }
         self.feeds.lock().unwrap_or_else(|p| p.into_inner()).push(api.shutdown_handle());
         Ok(api.into_router())

@@ -319,13 +319,16 @@ impl<A: Aggregate> Inner<A> {
 
     /// Starts the tenure: every row of `p` that changed at or after the
     /// partition's last trusted claim `claim` is written again (a
-    /// predecessor may have applied it without writing it).
+    /// predecessor may have applied it without writing it); every row of
+    /// `p` when start-up rebuilt the table.
     fn begin_tenure(self: &Arc<Self>, p: u32, epoch: u64, claim: u64) {
         let mut table = self.table();
         let log = &mut table.logs[p as usize];
         log.tenure = Some(Tenure { epoch });
         log.claimed = claim;
         log.unsaved.clear();
+        // After a rebuild from the events topic every row is written again.
+        let claim = if std::mem::take(&mut log.rewrite_all) { 0 } else { claim };
         let stale: Vec<(u64, String)> = table
             .rows
             .iter()
@@ -398,6 +401,7 @@ mod tests {
             version,
             deleted: false,
             state: serde_json::json!({}),
+            state_version: 1,
             events_partition: 0,
             first_offset: 3,
             last_offset: 3 + version,

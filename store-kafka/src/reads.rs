@@ -375,7 +375,7 @@ struct PageCollector<'a, E> {
     events: Vec<Envelope<E>>,
 }
 
-impl<E: 'static> PageCollector<'_, E> {
+impl<E: kes_core::DomainEvent> PageCollector<'_, E> {
     /// Takes the page's events from the record at `at`; records of other
     /// aggregates, and records before or past the page, are passed over.
     fn keep(&mut self, at: Position, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<(), KafkaStoreError> {

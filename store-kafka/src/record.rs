@@ -346,6 +346,10 @@ pub(crate) struct TableDoc {
     #[serde(default)]
     pub deleted: bool,
     pub state: Value,
+    /// The [`kes_core::Aggregate::STATE_VERSION`] that made `state` (1 in
+    /// records of versions that did not record it).
+    #[serde(default = "first_state_version")]
+    pub state_version: u32,
     /// The events partition of this aggregate.
     pub events_partition: u32,
     /// Offset of its first events record (where `read` starts scanning).
@@ -376,6 +380,10 @@ pub(crate) struct TableDoc {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reaction_marks: Vec<MarkDoc>,
     pub updated_at: DateTime<Utc>,
+}
+
+fn first_state_version() -> u32 {
+    1
 }
 
 impl TableDoc {

@@ -38,6 +38,7 @@ impl<A: Aggregate> Inner<A> {
             for (log, claimed) in table.logs.iter_mut().zip(&from) {
                 log.unsaved.clear();
                 log.claimed = *claimed;
+                log.rewrite_all = rebuild_all;
             }
         }
         if !changed.is_empty() {
@@ -65,12 +66,19 @@ impl<A: Aggregate> Inner<A> {
 
     /// The rows the table records describe, and per events partition the
     /// highest catch-up mark they carry. No rows and marks at 0 (a rebuild
-    /// from the whole events topic) when there are no trustworthy records or
-    /// a state no longer fits the aggregate's model.
+    /// from the whole events topic) when there are no trustworthy records, a
+    /// record was made by another [`Aggregate::STATE_VERSION`], or a state
+    /// no longer fits the aggregate's model.
     fn rows_from_table_records(&self, docs: Option<HashMap<String, TableDoc>>) -> LoadedRows {
         let mut rows: HashMap<Box<str>, Box<Row>> = HashMap::new();
         let mut from = vec![0u64; self.partitions as usize];
         let Some(docs) = docs else { return (rows, from) };
+        if let Some(other) = docs.values().map(|d| d.state_version).find(|v| *v != A::STATE_VERSION) {
+            tracing::info!(topic = %self.table_topic, from = other, to = A::STATE_VERSION,
+                "table records were built by another state version; rebuilding the table from the events topic");
+            self.table_rebuilt_from.store(other.max(1), std::sync::atomic::Ordering::Relaxed);
+            return (rows, from);
+        }
         rows.reserve(docs.len());
         let mut scratch = Vec::with_capacity(1024);
         for (id, mut doc) in docs {

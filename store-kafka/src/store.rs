@@ -80,6 +80,9 @@ pub(crate) struct Inner<A: Aggregate> {
     /// `load_current`, and when its read started (see
     /// `Inner::partition_head`).
     pub(crate) heads: Vec<tokio::sync::Mutex<Option<(std::time::Instant, u64)>>>,
+    /// The state version the table records were built by when this store
+    /// found them outdated at start and rebuilt the table (0: it did not).
+    pub(crate) table_rebuilt_from: std::sync::atomic::AtomicU32,
 }
 
 impl<A: Aggregate> KafkaStore<A> {
@@ -119,6 +122,7 @@ impl<A: Aggregate> KafkaStore<A> {
             owners_settled: tokio::sync::watch::Sender::new(false),
             table_writes: TableWrites::new(),
             heads: (0..partitions).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            table_rebuilt_from: std::sync::atomic::AtomicU32::new(0),
         });
         inner.recover().await?;
         inner.start_following()?;
@@ -306,6 +310,9 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             count("awaited_appends", "appends that waited for the follower's verdict", stats.awaited_appends),
             count("lost_races", "appends answered Conflict because their record was void", stats.lost_races),
         ];
+        gauges.extend(StoreGauge::state_version::<A>(
+            self.inner.table_rebuilt_from.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         for (p, applied) in stats.applied.iter().enumerate() {
             let halted = stats.halted.iter().any(|h| h.partition as usize == p);
             let labels = vec![("partition", p.to_string())];

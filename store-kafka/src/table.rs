@@ -340,6 +340,11 @@ pub(crate) struct PartitionLog {
     /// Applied events records whose table record is not acknowledged yet
     /// (offset → aggregate id).
     pub(crate) unsaved: BTreeMap<u64, String>,
+    /// Set when start-up rebuilt the table from the events topic (the table
+    /// records were unreadable or of another state version): the first
+    /// tenure then writes every row of the partition, not only those moved
+    /// since the last claim, so that the next start finds records it trusts.
+    pub(crate) rewrite_all: bool,
     /// The highest `reflected_below` an acknowledged table record claims.
     pub(crate) claimed: u64,
     /// The aggregate of the latest valid events record applied.
@@ -487,6 +492,7 @@ mod tests {
         });
         let doc: TableDoc = serde_json::from_value(old).unwrap();
         assert!(doc.reaction_marks.is_empty());
+        assert_eq!(doc.state_version, 1, "records of versions before state versions were built by version 1");
         let mark = MarkDoc { sequence: "r:project:0".into(), source_offset: 5, index: 1, version: 2, offset: 9 };
         let mut doc = doc;
         doc.reaction_marks.push(mark.clone());

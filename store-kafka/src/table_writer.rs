@@ -123,6 +123,7 @@ impl<A: Aggregate> Inner<A> {
                 version: row.version,
                 deleted: row.deleted,
                 state,
+                state_version: A::STATE_VERSION,
                 events_partition: p,
                 first_offset: row.first_offset,
                 last_offset: row.last_offset,

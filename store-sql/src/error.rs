@@ -42,6 +42,9 @@ pub enum SqlStoreError {
     /// A statement failed.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// The state version of the table could not be checked or recorded.
+    #[error("cannot check the state version of the table of latest states: {0}")]
+    StateVersion(#[source] kes_core::StoreError),
 }
 
 impl SqlStoreError {
@@ -51,6 +54,7 @@ impl SqlStoreError {
         match self {
             Self::Connect(_) | Self::CreateDir { .. } => true,
             Self::Database(e) => is_transient(e),
+            Self::StateVersion(e) => e.is_transient(),
             Self::Url { .. } | Self::SchemaName(_) | Self::Migrate(_) => false,
         }
     }

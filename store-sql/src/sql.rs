@@ -137,6 +137,28 @@ pub(crate) const REPAIR_STATE: &str = "INSERT INTO kes_aggregates (aggregate_typ
     version = excluded.version, state = excluded.state, updated_at = excluded.updated_at \
     WHERE kes_aggregates.version <= excluded.version";
 
+/// Table rows rebuilt from the log at start ([`REPAIR_STATE`] for `rows`
+/// aggregates): an append that moved a row on meanwhile keeps its row.
+pub(crate) fn repair_states(rows: usize) -> String {
+    let mut sql = upsert_states(rows);
+    sql.push_str(" WHERE kes_aggregates.version <= excluded.version");
+    sql
+}
+
+/// The state version an aggregate type's table rows were built by.
+pub(crate) const RECORDED_STATE_VERSION: &str =
+    "SELECT state_version FROM kes_state_versions WHERE aggregate_type = $1";
+
+/// Whether an aggregate type has any table row.
+pub(crate) const ANY_STATE: &str = "SELECT version FROM kes_aggregates WHERE aggregate_type = $1 LIMIT 1";
+
+/// Drops an aggregate type's table rows (they are rebuilt from the log).
+pub(crate) const DROP_STATES: &str = "DELETE FROM kes_aggregates WHERE aggregate_type = $1";
+
+/// Records the state version an aggregate type's table rows are built by.
+pub(crate) const RECORD_STATE_VERSION: &str = "INSERT INTO kes_state_versions (aggregate_type, state_version) \
+    VALUES ($1, $2) ON CONFLICT (aggregate_type) DO UPDATE SET state_version = excluded.state_version";
+
 /// The table row of one aggregate.
 pub(crate) const LOAD_STATE: &str =
     "SELECT version, CAST(state AS TEXT) FROM kes_aggregates WHERE aggregate_type = $1 AND aggregate_id = $2";

@@ -1,11 +1,11 @@
 //! [`SqlStore`]: the event log and table of one aggregate type in SQLite or
 //! PostgreSQL.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use kes_core::codec::encode_all;
 use kes_core::{
     Aggregate, Appended, Checkpoint, Codec, Envelope, EventStore, EventStream, ExpectedVersion, JsonCodec, Logged,
-    Metadata, Position, Snapshot, StateDocument, StoreError,
+    Metadata, Position, Snapshot, StateDocument, StoreError, StoreGauge,
 };
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -360,6 +360,7 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
                     None => StateCache::new(self.cache_capacity, self.cache_ttl),
                 },
                 queue: Mutex::new(Queue { pending: VecDeque::new(), writing: false }),
+                table_rebuilt_from: AtomicU32::new(0),
             }),
         };
         // The cache starts empty: it reflects every write so far.
@@ -367,6 +368,9 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
             sqlx::query_scalar(sql::HEAD).bind(A::NAME).fetch_one(pool).await.map_err(SqlStoreError::Database)?
         });
         store.inner.synced.store(head.map_or(0, |h| from_db(h) + 1), Ordering::SeqCst);
+        if let Some(built_by) = store.check_state_version().await? {
+            store.inner.table_rebuilt_from.store(built_by.max(1), Ordering::Relaxed);
+        }
         Ok(store)
     }
 
@@ -468,6 +472,9 @@ struct Inner<A: Aggregate> {
     /// processes above it may not be (see `wait_for_position`).
     synced: AtomicU64,
     queue: Mutex<Queue<A>>,
+    /// The state version the table was built by when this store rebuilt it
+    /// at open (0: it did not).
+    table_rebuilt_from: AtomicU32,
 }
 
 impl<A: Aggregate> Inner<A> {
@@ -902,6 +909,113 @@ impl<A: Aggregate> SqlStore<A> {
             tracing::warn!(aggregate = A::NAME, id, error = %e, "could not write the rebuilt table row");
         }
     }
+
+    /// At open: when the table rows of this aggregate type were built by
+    /// another [`Aggregate::STATE_VERSION`], drops them and records ours in
+    /// one transaction holding the log for writing (no append of this
+    /// store's kind can slip a row of the old meaning in between), then
+    /// rebuilds them from the log. Returns the version they were built by
+    /// when it rebuilt them.
+    ///
+    /// Correctness rests on the drop: a missing row is rebuilt from the log
+    /// by `load` and by an append anyway. The rebuild that follows only
+    /// spares those first reads; if it fails (a corrupt event, an outage)
+    /// it is logged and the rows it did not write are rebuilt one by one
+    /// when used.
+    async fn check_state_version(&self) -> Result<Option<u32>, SqlStoreError> {
+        let ours = i64::from(A::STATE_VERSION);
+        let outdated = in_append_tx!(&self.inner.pools, A::NAME, |tx| {
+            async {
+                let recorded: Option<i64> =
+                    sqlx::query_scalar(sql::RECORDED_STATE_VERSION).bind(A::NAME).fetch_optional(&mut *tx).await?;
+                let any: Option<i64> =
+                    sqlx::query_scalar(sql::ANY_STATE).bind(A::NAME).fetch_optional(&mut *tx).await?;
+                // Rows written before versions were recorded: version 1.
+                let built_by = recorded.unwrap_or(1);
+                let outdated = (any.is_some() && built_by != ours).then_some(built_by);
+                if outdated.is_some() {
+                    sqlx::query(sql::DROP_STATES).bind(A::NAME).execute(&mut *tx).await?;
+                }
+                if recorded != Some(ours) {
+                    sqlx::query(sql::RECORD_STATE_VERSION).bind(A::NAME).bind(ours).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(outdated)
+            }
+            .await
+            .map_err(failure)
+        });
+        let outdated = match outdated {
+            Ok(outdated) => outdated,
+            Err(Failure::Database(e) | Failure::Commit(e)) => return Err(SqlStoreError::StateVersion(e)),
+            Err(Failure::Raced) => unreachable!("no insert of events"),
+        };
+        let Some(built_by) = outdated else { return Ok(None) };
+        let built_by = u32::try_from(built_by).unwrap_or(u32::MAX);
+        let started = Instant::now();
+        match self.rebuild_table().await {
+            Ok(rows) => tracing::info!(
+                aggregate = A::NAME,
+                from = built_by,
+                to = A::STATE_VERSION,
+                rows,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "the table of latest states was built by another state version: rebuilt from the log"
+            ),
+            Err(e) => tracing::warn!(
+                aggregate = A::NAME,
+                from = built_by,
+                to = A::STATE_VERSION,
+                error = %e,
+                "the table of latest states was built by another state version and was dropped; rebuilding it \
+                 failed, so each row is rebuilt from the log when it is next used"
+            ),
+        }
+        Ok(Some(built_by))
+    }
+
+    /// Folds the whole log of this aggregate type and writes every row,
+    /// keeping rows that appends moved on meanwhile. Returns the number of
+    /// rows.
+    async fn rebuild_table(&self) -> Result<usize, StoreError> {
+        let mut states: HashMap<String, (A, u64)> = HashMap::new();
+        let mut next = 0;
+        loop {
+            let page = self.page(next).await;
+            let done = page.appends.is_empty();
+            for envelope in page.appends.into_iter().flatten() {
+                let (state, version) = states.entry(envelope.aggregate_id).or_default();
+                state.apply(&envelope.payload);
+                *version = envelope.version;
+            }
+            if let Some(e) = page.failure {
+                return Err(e);
+            }
+            if done {
+                break;
+            }
+            next = page.next;
+        }
+        let rows: Vec<(String, u64, Value)> = states
+            .into_iter()
+            .map(|(id, (state, version))| {
+                let json = self.state_json(&id, &state)?;
+                Ok((id, version, json))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let now = now();
+        for chunk in rows.chunks(STATES_PER_UPSERT) {
+            let query = sql::repair_states(chunk.len());
+            on_writer!(&self.inner.pools, |pool| {
+                let mut q = sqlx::query(&query);
+                for (id, version, json) in chunk {
+                    q = q.bind(A::NAME).bind(id.as_str()).bind(version_param(*version)).bind(Json(json)).bind(now);
+                }
+                q.execute(pool).await.map_err(db)?;
+            });
+        }
+        Ok(rows.len())
+    }
 }
 
 /// Whether `event` belongs to the same command as the open `group`.
@@ -1142,6 +1256,10 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
             head.set_next(0, from_db(last) + 1);
         }
         Ok(head)
+    }
+
+    fn gauges(&self) -> Vec<StoreGauge> {
+        StoreGauge::state_version::<A>(self.inner.table_rebuilt_from.load(Ordering::Relaxed))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

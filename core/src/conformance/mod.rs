@@ -23,7 +23,7 @@ mod ledger;
 pub mod store;
 pub mod view;
 
-pub use ledger::{Ledger, LedgerCommand, LedgerError, LedgerEvent};
+pub use ledger::{Ledger, LedgerCommand, LedgerError, LedgerEvent, LedgerV2};
 
 /// Expands to the EventStore conformance tests. See the module docs.
 #[macro_export]

@@ -631,7 +631,7 @@ pub async fn history_view_pages_by_version(view: Arc<dyn ViewStore>) {
             projection.apply(ViewCopy::Live, batch, &checkpoint).await.expect("replay a batch");
         }
     }
-    let history = ViewHistory::new(view.clone());
+    let history = ViewHistory::new::<Ledger>(view.clone());
     let walk = |size: u32| {
         let history = &history;
         async move {

@@ -3,5 +3,7 @@
 pub mod project;
 pub mod task;
 
-pub use project::{Project, ProjectCommand, ProjectError, ProjectEvent, ProjectFields, Status};
+pub use project::{
+    DEFAULT_CURRENCY, Money, Project, ProjectCommand, ProjectError, ProjectEvent, ProjectFields, Status,
+};
 pub use task::{Task, TaskCommand, TaskError, TaskEvent, TaskStatus};

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use chrono::NaiveDate;
-use kes_core::{Aggregate, DomainEvent};
+use kes_core::{Aggregate, DomainEvent, Upcast, Upcasters};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,19 @@ impl Status {
     }
 }
 
+/// The currency of budgets that name none: every budget before
+/// `ProjectCreated` and `ProjectBudgetSet` revision 2 was in euros.
+pub const DEFAULT_CURRENCY: &str = "EUR";
+
+/// A sum of money: whole units of a currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Money {
+    /// Whole units; never negative in a budget.
+    pub amount: i64,
+    /// ISO 4217 code: three capital letters.
+    pub currency: String,
+}
+
 /// The latest state of a project, as `GET /projects/{id}` shows it.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Project {
@@ -48,9 +61,12 @@ pub struct Project {
     /// What it was before it was archived, so `restore` goes back there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archived_from: Option<Status>,
-    /// The budget in whole currency units; never negative.
+    /// The budget in whole units of `currency`; never negative.
     #[serde(default)]
     pub budget: i64,
+    /// The currency of the budget (ISO 4217).
+    #[serde(default)]
+    pub currency: String,
     /// Who answers for it.
     pub owner: Option<String>,
     /// Who works on it; each member once.
@@ -102,6 +118,11 @@ pub struct ProjectFields {
     /// Whole currency units, ≥ 0.
     #[serde(default)]
     pub budget: Option<i64>,
+    /// The budget's currency: an ISO 4217 code (`EUR` when a project is
+    /// created without one).
+    #[serde(default)]
+    #[schemars(extend("pattern" = "^[A-Z]{3}$"))]
+    pub currency: Option<String>,
     /// Who answers for it.
     #[serde(default)]
     pub owner: Option<String>,
@@ -122,8 +143,8 @@ pub enum ProjectEvent {
         name: Option<String>,
         /// Description.
         description: String,
-        /// Budget.
-        budget: i64,
+        /// Budget (a bare number before revision 2: see [`ProjectEvent::upcasters`]).
+        budget: Money,
         /// Owner.
         owner: Option<String>,
         /// Tags.
@@ -141,10 +162,10 @@ pub enum ProjectEvent {
         /// The new description.
         description: String,
     },
-    /// Its budget was set.
+    /// Its budget (amount or currency) was set.
     BudgetSet {
-        /// The new budget.
-        budget: i64,
+        /// The new budget (a bare number before revision 2).
+        budget: Money,
     },
     /// Its owner changed.
     OwnerChanged {
@@ -199,6 +220,35 @@ impl DomainEvent for ProjectEvent {
             Self::Deleted => "ProjectDeleted",
         }
     }
+
+    /// Revision 2 of `ProjectCreated` and `ProjectBudgetSet` carries the
+    /// budget as [`Money`]; revision 1 had a bare number.
+    fn revision(&self) -> u32 {
+        match self {
+            Self::Created { .. } | Self::BudgetSet { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Revision 1 budgets were numbers, all in [`DEFAULT_CURRENCY`].
+    fn upcasters() -> Upcasters {
+        Upcasters::new()
+            .register("ProjectCreated", 1, |payload| budget_with_currency(payload, "ProjectCreated", "Created"))
+            .register("ProjectBudgetSet", 1, |payload| budget_with_currency(payload, "ProjectBudgetSet", "BudgetSet"))
+    }
+}
+
+/// Revision 1 → 2 of an event whose `budget` was a number: it becomes
+/// `{amount, currency}` in [`DEFAULT_CURRENCY`]. A payload of another shape
+/// is refused by name, without its values.
+fn budget_with_currency(mut payload: serde_json::Value, event_type: &str, variant: &str) -> Result<Upcast, String> {
+    let budget = payload
+        .get_mut(variant)
+        .and_then(|fields| fields.get_mut("budget"))
+        .ok_or_else(|| format!("{variant}.budget is missing"))?;
+    let amount = budget.as_i64().ok_or_else(|| format!("{variant}.budget is not a whole number"))?;
+    *budget = serde_json::json!({ "amount": amount, "currency": DEFAULT_CURRENCY });
+    Ok(Upcast { event_type: event_type.to_owned(), payload })
 }
 
 /// Why a project refused a command.
@@ -216,6 +266,9 @@ pub enum ProjectError {
     /// A negative budget.
     #[error("a budget cannot be negative (got {0})")]
     NegativeBudget(i64),
+    /// A currency that is not three capital letters.
+    #[error("a currency is an ISO 4217 code: three capital letters")]
+    BadCurrency,
     /// Any change to an archived project but `restore`.
     #[error("the project is archived: restore it first")]
     Archived,
@@ -255,6 +308,11 @@ fn check_budget(budget: i64) -> Result<i64, ProjectError> {
     if budget < 0 { Err(ProjectError::NegativeBudget(budget)) } else { Ok(budget) }
 }
 
+fn check_currency(currency: String) -> Result<String, ProjectError> {
+    let code = currency.len() == 3 && currency.bytes().all(|b| b.is_ascii_uppercase());
+    if code { Ok(currency) } else { Err(ProjectError::BadCurrency) }
+}
+
 impl Project {
     /// The events that move the editable fields to `fields`; with
     /// `replace`, absent fields are cleared rather than kept.
@@ -275,9 +333,15 @@ impl Project {
         {
             events.push(ProjectEvent::DescriptionChanged { description });
         }
-        if let Some(budget) = or_clear(replace, fields.budget, 0) {
-            let budget = check_budget(budget)?;
-            if budget != self.budget {
+        let amount = or_clear(replace, fields.budget, 0).map(check_budget).transpose()?;
+        let currency =
+            or_clear(replace, fields.currency, DEFAULT_CURRENCY.to_owned()).map(check_currency).transpose()?;
+        if amount.is_some() || currency.is_some() {
+            let budget = Money {
+                amount: amount.unwrap_or(self.budget),
+                currency: currency.unwrap_or_else(|| self.currency.clone()),
+            };
+            if budget.amount != self.budget || budget.currency != self.currency {
                 events.push(ProjectEvent::BudgetSet { budget });
             }
         }
@@ -311,6 +375,9 @@ fn clean_tags(tags: BTreeSet<String>) -> BTreeSet<String> {
 
 impl Aggregate for Project {
     const NAME: &'static str = "project";
+    /// 2: states have a `currency`. A state of version 1 would still
+    /// decode, with no currency, so tables built by it are rebuilt.
+    const STATE_VERSION: u32 = 2;
     type Command = ProjectCommand;
     type Event = ProjectEvent;
     type Error = ProjectError;
@@ -323,7 +390,10 @@ impl Aggregate for Project {
             return Ok(vec![ProjectEvent::Created {
                 name: f.name.as_deref().map(clean_name).transpose()?,
                 description: f.description.unwrap_or_default(),
-                budget: check_budget(f.budget.unwrap_or(0))?,
+                budget: Money {
+                    amount: check_budget(f.budget.unwrap_or(0))?,
+                    currency: check_currency(f.currency.unwrap_or_else(|| DEFAULT_CURRENCY.to_owned()))?,
+                },
                 owner: f.owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()),
                 tags: f.tags.map(clean_tags).unwrap_or_default(),
                 due: f.due,
@@ -378,14 +448,18 @@ impl Aggregate for Project {
                 self.created = true;
                 self.name = name.clone();
                 self.description = description.clone();
-                self.budget = *budget;
+                self.budget = budget.amount;
+                self.currency = budget.currency.clone();
                 self.owner = owner.clone();
                 self.tags = tags.clone();
                 self.due = *due;
             }
             ProjectEvent::Renamed { name } => self.name = Some(name.clone()),
             ProjectEvent::DescriptionChanged { description } => self.description = description.clone(),
-            ProjectEvent::BudgetSet { budget } => self.budget = *budget,
+            ProjectEvent::BudgetSet { budget } => {
+                self.budget = budget.amount;
+                self.currency = budget.currency.clone();
+            }
             ProjectEvent::OwnerChanged { owner } => self.owner = owner.clone(),
             ProjectEvent::TagsSet { tags } => self.tags = tags.clone(),
             ProjectEvent::DueDateSet { due } => self.due = *due,
@@ -420,7 +494,7 @@ mod tests {
         ProjectEvent::Created {
             name: name.map(str::to_owned),
             description: String::new(),
-            budget: 0,
+            budget: Money { amount: 0, currency: DEFAULT_CURRENCY.into() },
             owner: None,
             tags: BTreeSet::new(),
             due: None,
@@ -456,7 +530,9 @@ mod tests {
         let fields = ProjectFields { name: Some("x".into()), budget: Some(5), ..ProjectFields::default() };
         TestFramework::<Project>::given(vec![created(Some("x"))])
             .when(ProjectCommand::Update(fields))
-            .then_expect_events(vec![ProjectEvent::BudgetSet { budget: 5 }]);
+            .then_expect_events(vec![ProjectEvent::BudgetSet {
+                budget: Money { amount: 5, currency: DEFAULT_CURRENCY.into() },
+            }]);
     }
 
     #[test]
@@ -520,15 +596,52 @@ mod tests {
         let start = ProjectEvent::Created {
             name: Some("x".into()),
             description: "d".into(),
-            budget: 3,
+            budget: Money { amount: 3, currency: "USD".into() },
             owner: Some("ann".into()),
             tags: BTreeSet::from(["t".to_owned()]),
             due: None,
         };
         TestFramework::<Project>::given(vec![start]).when(ProjectCommand::Replace(named("x"))).then_expect_state(|p| {
             assert_eq!((p.description.as_str(), p.budget, p.owner.as_deref()), ("", 0, None));
+            assert_eq!(p.currency, DEFAULT_CURRENCY, "a PUT without a currency goes back to the default");
             assert!(p.tags.is_empty());
         });
+    }
+
+    #[test]
+    fn a_currency_alone_moves_the_budget_and_must_be_a_code() {
+        let usd = ProjectFields { currency: Some("USD".into()), ..ProjectFields::default() };
+        TestFramework::<Project>::given(vec![
+            created(Some("x")),
+            ProjectEvent::BudgetSet { budget: Money { amount: 9, currency: DEFAULT_CURRENCY.into() } },
+        ])
+        .when(ProjectCommand::Update(usd))
+        .then_expect_events(vec![ProjectEvent::BudgetSet { budget: Money { amount: 9, currency: "USD".into() } }]);
+        for bad in ["usd", "EURO", "", "E1R"] {
+            let fields = ProjectFields { currency: Some(bad.into()), ..ProjectFields::default() };
+            TestFramework::<Project>::given(vec![created(Some("x"))])
+                .when(ProjectCommand::Update(fields))
+                .then_expect_error(ProjectError::BadCurrency);
+        }
+    }
+
+    #[test]
+    fn revision_1_budgets_are_read_as_euros() {
+        use kes_core::{Codec, JsonCodec};
+        let codec = JsonCodec::<ProjectEvent>::default();
+        let created = br#"{"Created":{"name":"a","description":"","budget":120,"owner":null,"tags":[],"due":null}}"#;
+        match codec.decode("ProjectCreated", 1, created).expect("an upcast r1 event") {
+            ProjectEvent::Created { budget, .. } => assert_eq!(budget, Money { amount: 120, currency: "EUR".into() }),
+            other => panic!("{other:?}"),
+        }
+        let set = codec.decode("ProjectBudgetSet", 1, br#"{"BudgetSet":{"budget":7}}"#).expect("an upcast r1 event");
+        assert_eq!(set, ProjectEvent::BudgetSet { budget: Money { amount: 7, currency: "EUR".into() } });
+        // Revision 2 is read as it is; another shape at revision 1 is a
+        // typed error naming the field, not its value.
+        let current = br#"{"BudgetSet":{"budget":{"amount":7,"currency":"USD"}}}"#;
+        assert!(codec.decode("ProjectBudgetSet", 2, current).is_ok());
+        let err = codec.decode("ProjectBudgetSet", 1, br#"{"BudgetSet":{"budget":"secret"}}"#).unwrap_err();
+        assert!(err.reason.contains("BudgetSet.budget") && !err.reason.contains("secret"), "{err}");
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn created(i: usize) -> ProjectEvent {
     ProjectEvent::Created {
         name: Some(format!("project {i}")),
         description: format!("the {i}th project of the benchmark, with a few words to search"),
-        budget: (i as i64 % 1000) * 100,
+        budget: kes_examples::domain::Money { amount: (i as i64 % 1000) * 100, currency: "EUR".into() },
         owner: Some(format!("owner{}", i % 50)),
         tags: BTreeSet::from([format!("t{}", i % 7), "bench".to_owned()]),
         due: None,
