@@ -242,37 +242,25 @@ pub(crate) trait Mount: Describe + Send + Sync {
 /// `/openapi.json`, `/health` and `/metrics`.
 ///
 /// ```
-/// # use kes_core::{Aggregate, DomainEvent};
-/// # use serde::{Deserialize, Serialize};
-/// # #[derive(Debug, Default, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-/// # struct Note { text: String }
-/// # #[derive(Debug, Clone, Serialize, Deserialize)]
-/// # enum NoteEvent { Written { text: String } }
-/// # impl DomainEvent for NoteEvent { fn event_type(&self) -> &'static str { "Written" } }
-/// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;
-/// # impl Aggregate for Note {
-/// #     const NAME: &'static str = "note";
-/// #     type Command = String; type Event = NoteEvent; type Error = No;
-/// #     fn handle(&self, text: String) -> Result<Vec<NoteEvent>, No> { Ok(vec![NoteEvent::Written { text }]) }
-/// #     fn apply(&mut self, e: &NoteEvent) { match e { NoteEvent::Written { text } => self.text = text.clone() } }
-/// # }
+/// # use kes_http::doc_fixtures::{Task, TaskCommand};
 /// use std::sync::Arc;
 /// use kes_core::{CommandBus, InMemoryStore, InMemoryView, ProjectionRunner, ViewProjection, ViewSchema, Field};
 /// use kes_http::{Api, HttpConfig, Resource};
+/// use serde::Deserialize;
 ///
 /// #[derive(Deserialize, schemars::JsonSchema)]
-/// struct Write { #[serde(default)] text: String }
+/// struct OpenTask { #[serde(default)] title: String }
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let store = InMemoryStore::<Note>::new();
-/// let view = Arc::new(InMemoryView::new(ViewSchema::new("notes", 1).field(Field::text("text").searchable())).unwrap());
-/// let projection = ViewProjection::<Note>::new(view.clone(), |n| [("text".to_owned(), n.text.as_str().into())].into());
+/// let store = InMemoryStore::<Task>::new();
+/// let view = Arc::new(InMemoryView::new(ViewSchema::new("tasks", 1).field(Field::text("title").searchable())).unwrap());
+/// let projection = ViewProjection::<Task>::new(view.clone(), |t| [("title".to_owned(), t.title.as_str().into())].into());
 /// let runner = ProjectionRunner::new(store.clone(), vec![Arc::new(projection)], Default::default());
 /// runner.start().await.unwrap();
 ///
-/// let notes = Resource::<Note>::new("notes").create(|w: Write| w.text);
+/// let tasks = Resource::<Task>::new("tasks").create(|b: OpenTask| TaskCommand::Open(b.title));
 /// let app: axum::Router = Api::new(HttpConfig::default())
-///     .mount(notes, Arc::new(CommandBus::new(store)), view, runner.clone())
+///     .mount(tasks, Arc::new(CommandBus::new(store)), view, runner.clone())
 ///     .unwrap()
 ///     .projections(runner)
 ///     .into_router();

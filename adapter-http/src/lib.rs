@@ -171,6 +171,8 @@ pub mod access;
 mod admin;
 mod api;
 pub mod auth;
+#[doc(hidden)]
+pub mod doc_fixtures;
 mod edge;
 mod error;
 mod feed;

@@ -378,8 +378,10 @@ fn request_body<C>(g: &mut SchemaGenerator, op: &Operation<C>) -> Option<Value> 
 
 /// The schema of a body sent as a form, where the server reads what a
 /// form cannot say: one value of a list field is a list of one (`tags=a`),
-/// and an empty value of a field that takes null, other than free text, is
-/// null (`due=`). `None` when no field needs either.
+/// an empty value of a field that takes null, other than free text, is
+/// null (`due=`), and a free text field takes only text (`x=null` is the
+/// text "null", which its pattern may refuse). `None` when no field needs
+/// any of these.
 fn form_schema(body: &Value) -> Option<Value> {
     let mut form = body.clone();
     let properties = form.get_mut("properties")?.as_object_mut()?;
@@ -399,6 +401,11 @@ fn form_schema(body: &Value) -> Option<Value> {
         }
         if types.contains(&"null") && !free_text {
             choices.push(json!({ "type": "string", "maxLength": 0 }));
+        } else if types.contains(&"null") && free_text {
+            // A form value is always text: `x=null` is the string "null",
+            // so a form cannot give a free text field no value.
+            property["type"] = json!("string");
+            changed = true;
         }
         if !choices.is_empty() {
             choices.insert(0, property.take());

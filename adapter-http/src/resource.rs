@@ -333,21 +333,8 @@ pub(crate) fn id_for_key(plural: &str, principal: Option<&str>, key: &str) -> St
 /// form) and described in the OpenAPI document by its JSON Schema.
 ///
 /// ```
-/// # use kes_core::{Aggregate, DomainEvent};
-/// # use serde::{Deserialize, Serialize};
-/// # #[derive(Debug, Default, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-/// # struct Task { title: String, done: bool }
-/// # #[derive(Debug, Clone, Serialize, Deserialize)]
-/// # enum TaskEvent { Opened { title: String }, Done }
-/// # impl DomainEvent for TaskEvent { fn event_type(&self) -> &'static str { "x" } }
-/// # #[derive(Debug, Clone)] enum TaskCommand { Open(String), Finish }
-/// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;
-/// # impl Aggregate for Task {
-/// #     const NAME: &'static str = "task";
-/// #     type Command = TaskCommand; type Event = TaskEvent; type Error = No;
-/// #     fn handle(&self, c: TaskCommand) -> Result<Vec<TaskEvent>, No> { Ok(vec![]) }
-/// #     fn apply(&mut self, e: &TaskEvent) {}
-/// # }
+/// # use kes_http::doc_fixtures::{Task, TaskCommand};
+/// # use serde::Deserialize;
 /// use kes_http::{IdStrategy, Resource};
 ///
 /// #[derive(Deserialize, schemars::JsonSchema)]
@@ -498,25 +485,12 @@ impl<A: Aggregate> Resource<A> {
     /// [`crate::access`]). A second rule on an operation replaces the first.
     ///
     /// ```
-    /// # use kes_core::{Aggregate, DomainEvent};
-    /// # use serde::{Deserialize, Serialize};
-    /// # #[derive(Debug, Default, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-    /// # struct Doc { owner: String }
-    /// # #[derive(Debug, Clone, Serialize, Deserialize)]
-    /// # enum DocEvent { Archived }
-    /// # impl DomainEvent for DocEvent { fn event_type(&self) -> &'static str { "Archived" } }
-    /// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;
-    /// # impl Aggregate for Doc {
-    /// #     const NAME: &'static str = "doc";
-    /// #     type Command = (); type Event = DocEvent; type Error = No;
-    /// #     fn handle(&self, _: ()) -> Result<Vec<DocEvent>, No> { Ok(vec![DocEvent::Archived]) }
-    /// #     fn apply(&mut self, _: &DocEvent) {}
-    /// # }
-    /// # #[derive(Deserialize, schemars::JsonSchema)] struct NoBody {}
-    /// let docs = kes_http::Resource::<Doc>::new("docs")
-    ///     .command("archive", |_: NoBody| ())
-    ///     .allow("archive", "only the owner or an admin", |who, doc| {
-    ///         who.subject == doc.owner || who.has_role("admin")
+    /// # use kes_http::doc_fixtures::{Task, TaskCommand};
+    /// # #[derive(serde::Deserialize, schemars::JsonSchema)] struct NoBody {}
+    /// let tasks = kes_http::Resource::<Task>::new("tasks")
+    ///     .command("archive", |_: NoBody| TaskCommand::Archive)
+    ///     .allow("archive", "only the owner or an admin", |who, task| {
+    ///         who.subject == task.owner || who.has_role("admin")
     ///     });
     /// ```
     pub fn allow(

@@ -100,6 +100,8 @@ pub mod bus;
 pub mod codec;
 #[cfg(feature = "testing")]
 pub mod conformance;
+#[doc(hidden)]
+pub mod doc_fixtures;
 pub mod envelope;
 pub mod history;
 pub mod locks;

@@ -1,25 +1,7 @@
 //! Given / when / then tests for aggregates, without any store.
 //!
 //! ```
-//! # use kes_core::{Aggregate, DomainEvent};
-//! # use serde::{Deserialize, Serialize};
-//! # #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-//! # struct Counter { value: i64 }
-//! # #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-//! # enum CounterEvent { Added { by: i64 } }
-//! # impl DomainEvent for CounterEvent { fn event_type(&self) -> &'static str { "Added" } }
-//! # #[derive(Debug, thiserror::Error, PartialEq)]
-//! # #[error("a counter never goes below zero")]
-//! # struct BelowZero;
-//! # impl Aggregate for Counter {
-//! #     const NAME: &'static str = "counter";
-//! #     type Command = i64; type Event = CounterEvent; type Error = BelowZero;
-//! #     fn handle(&self, by: i64) -> Result<Vec<CounterEvent>, BelowZero> {
-//! #         if self.value + by < 0 { return Err(BelowZero) }
-//! #         Ok(vec![CounterEvent::Added { by }])
-//! #     }
-//! #     fn apply(&mut self, e: &CounterEvent) { match e { CounterEvent::Added { by } => self.value += by } }
-//! # }
+//! # use kes_core::doc_fixtures::{BelowZero, Counter, CounterEvent};
 //! use kes_core::testkit::TestFramework;
 //!
 //! TestFramework::<Counter>::given(vec![CounterEvent::Added { by: 2 }])

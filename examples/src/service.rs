@@ -11,6 +11,7 @@ use kes_core::{
     StoredCatchUp, StoredStatus, ViewHistory, ViewProjection, ViewSchema, ViewStore, history_schema, journal_schema,
 };
 use kes_http::{AdminToken, Api, HttpConfig, JwtAuth, Readiness, ShutdownHandle};
+#[cfg(feature = "kafka")]
 use kes_store_kafka::{KafkaConfig, KafkaStore};
 use kes_store_sql::SqlStore;
 
@@ -104,12 +105,22 @@ pub async fn open_store_sized<A: Aggregate>(
         let store = builder.open().await.with_context(|| format!("opening the event store {}", redact(url)))?;
         Ok(Arc::new(store))
     } else if url.starts_with("kafka:") {
-        let config = KafkaConfig::from_url(url).context("reading the Kafka store URL")?;
-        let store = KafkaStore::<A>::connect(config).await.context("connecting to Kafka")?;
-        Ok(Arc::new(store))
+        open_kafka_store(url).await
     } else {
         bail!("unknown store URL {:?}: use sqlite://PATH, postgres://… or kafka://HOST:PORT", redact(url))
     }
+}
+
+#[cfg(feature = "kafka")]
+async fn open_kafka_store<A: Aggregate>(url: &str) -> anyhow::Result<Arc<dyn EventStore<A>>> {
+    let config = KafkaConfig::from_url(url).context("reading the Kafka store URL")?;
+    let store = KafkaStore::<A>::connect(config).await.context("connecting to Kafka")?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn open_kafka_store<A: Aggregate>(url: &str) -> anyhow::Result<Arc<dyn EventStore<A>>> {
+    bail!("{}: this build has no Kafka store (build kes-examples with the feature `kafka`, on by default)", redact(url))
 }
 
 /// A list view of the kind `location` names. `read_only` (an `api`

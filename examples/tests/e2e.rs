@@ -190,6 +190,7 @@ async fn postgres_store_with_postgres_views() {
     }
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_store_with_postgres_views() {
     let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };
@@ -335,6 +336,7 @@ async fn acknowledged_writes_survive_kill_9_on_postgres() {
     }
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_on_kafka() {
     let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };

@@ -8,6 +8,8 @@
 //! The instances share only the Kafka topics: each runs in its own working
 //! directory with its own SQLite list and history views.
 
+#![cfg(feature = "kafka")]
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::path::Path;

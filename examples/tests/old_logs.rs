@@ -420,6 +420,7 @@ async fn a_postgres_log_of_revision_1() {
     read_old_log(dir.path(), &url, &url, read_made("postgres")).await;
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_log_of_revision_1() {
     let Some(brokers) = kafka_brokers() else { return };
@@ -432,6 +433,7 @@ async fn a_kafka_log_of_revision_1() {
 
 /// Creates the fixture's topics under `prefix` and writes its records back
 /// at their offsets.
+#[cfg(feature = "kafka")]
 async fn restore_topics(brokers: &str, prefix: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;

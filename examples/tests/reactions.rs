@@ -228,6 +228,7 @@ async fn archive_cancels_open_tasks_on_postgres() {
     archive_cancels_open_tasks_on(&db, &db).await;
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_cancels_open_tasks_on_kafka() {
     let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };
@@ -307,6 +308,7 @@ async fn kill_9_in_the_middle_of_a_reaction_on_postgres() {
     kill_9_in_the_middle_on(&db, &db).await;
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_a_reaction_on_kafka() {
     let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };
@@ -364,6 +366,7 @@ async fn refusals_are_recorded_on_postgres() {
     refusals_are_recorded_on(&db, &db).await;
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_recorded_on_kafka() {
     let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };
@@ -488,6 +491,7 @@ async fn reaction_latency_under_load_on_postgres() {
     reaction_latency_under_load_on(&db, &db).await;
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaction_latency_under_load_on_kafka() {
     let (Some(brokers), Some(db)) = (kafka_brokers(), fresh_database().await) else { return };

@@ -1055,6 +1055,7 @@ async fn fresh_database() -> Option<String> {
     kes_test_support::fresh_postgres_database("split").await
 }
 
+#[cfg(feature = "kafka")]
 fn kafka_store(brokers: &str) -> String {
     let prefix = format!("split{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     format!("kafka://{brokers}?prefix={prefix}")
@@ -1077,6 +1078,7 @@ async fn failover_under_load_on_postgres() {
     failover_under_load("postgres", &db, &db, &replay).await;
 }
 
+#[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_under_load_on_kafka() {
     let _one = ONE_AT_A_TIME.lock().await;

@@ -104,6 +104,7 @@ function readFields(form) {
   };
   if (v('name')) body.name = v('name');
   if (v('budget') !== '') body.budget = Number(v('budget'));
+  if (v('currency')) body.currency = v('currency').toUpperCase();
   if (v('due')) body.due = v('due');
   return body;
 }
@@ -364,6 +365,7 @@ function fillForm() {
   const s = current.state;
   f.name.value = s.name ?? '';
   f.budget.value = String(s.budget ?? 0);
+  f.currency.value = s.currency || 'EUR';
   f.owner.value = s.owner ?? '';
   f.tags.value = (s.tags ?? []).join(', ');
   f.due.value = s.due ?? '';
@@ -454,13 +456,23 @@ async function command(name, body, done) {
 
 const human = (type) => type.replace(/^(Project|Task)/, '').replace(/([a-z])([A-Z])/g, '$1 $2').toLowerCase();
 
+/** One value of an event's payload as text: lists joined, a sum of money as `1,500 EUR`. */
+function valueText(v) {
+  if (Array.isArray(v)) return v.map(valueText).join(', ');
+  if (v && typeof v === 'object') {
+    if ('amount' in v && 'currency' in v) return `${money(v.amount)} ${v.currency}`;
+    return Object.entries(v).map(([k, x]) => `${k} ${valueText(x)}`).join(', ');
+  }
+  return String(v);
+}
+
 /** The fields of an event's payload, as text (`{"Renamed":{"name":"x"}}` → `name: x`). */
 function summarize(payload) {
   const inner = payload && typeof payload === 'object' ? Object.values(payload)[0] : null;
   if (!inner || typeof inner !== 'object') return '';
   return Object.entries(inner)
     .filter(([, v]) => v !== null && v !== '' && !(Array.isArray(v) && v.length === 0))
-    .map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(', ') : v}`)
+    .map(([k, v]) => `${k}: ${valueText(v)}`)
     .join('; ');
 }
 

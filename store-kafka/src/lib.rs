@@ -172,22 +172,7 @@
 //! Needs a broker (start one with `scripts/kafka-broker.sh start 19092 /tmp/kes-kafka`):
 //!
 //! ```no_run
-//! # use kes_core::{Aggregate, DomainEvent};
-//! # use serde::{Deserialize, Serialize};
-//! # #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-//! # struct Counter { value: i64 }
-//! # #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-//! # enum CounterEvent { Added { by: i64 } }
-//! # impl DomainEvent for CounterEvent { fn event_type(&self) -> &'static str { "Added" } }
-//! # #[derive(Debug, thiserror::Error)]
-//! # #[error("never")]
-//! # struct Never;
-//! # impl Aggregate for Counter {
-//! #     const NAME: &'static str = "counter";
-//! #     type Command = i64; type Event = CounterEvent; type Error = Never;
-//! #     fn handle(&self, by: i64) -> Result<Vec<CounterEvent>, Never> { Ok(vec![CounterEvent::Added { by }]) }
-//! #     fn apply(&mut self, e: &CounterEvent) { match e { CounterEvent::Added { by } => self.value += by } }
-//! # }
+//! # use kes_core::doc_fixtures::Counter;
 //! use kes_core::{CommandBus, ExpectedVersion, Metadata};
 //! use kes_store_kafka::{KafkaConfig, KafkaStore};
 //!
