@@ -268,9 +268,13 @@ pub struct EncodedEvent {
     pub payload: Vec<u8>,
 }
 
-/// Encodes the events of one append; a failure is
+/// Encodes the events of one append, which every store does first; no
+/// event at all, or one that does not encode, is
 /// [`crate::StoreError::Invalid`] and nothing is appended.
 pub fn encode_all<E: DomainEvent>(codec: &dyn Codec<E>, events: &[E]) -> Result<Vec<EncodedEvent>, crate::StoreError> {
+    if events.is_empty() {
+        return Err(crate::StoreError::Invalid("an append needs at least one event".into()));
+    }
     events
         .iter()
         .map(|e| {

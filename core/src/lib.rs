@@ -136,5 +136,5 @@ pub use store::{
 };
 pub use view::{
     Field, FieldType, FieldValue, FilterOp, Lease, ListItem, ListQuery, ListView, Page, QueryError, Row, RowChange,
-    StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema, ViewStore,
+    StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema, ViewStore, is_plain_name, prefix_upper_bound,
 };

@@ -82,9 +82,6 @@ impl<A: Aggregate> EventStore<A> for InMemoryStore<A> {
         events: Vec<A::Event>,
         metadata: Metadata,
     ) -> Result<Appended, StoreError> {
-        if events.is_empty() {
-            return Err(StoreError::Invalid("an append needs at least one event".into()));
-        }
         // Nothing is kept encoded here, but an event that no store could
         // encode is refused like a durable store would refuse it.
         encode_all(&JsonCodec::default(), &events)?;

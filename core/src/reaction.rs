@@ -110,7 +110,7 @@ impl ReactionKey {
         let source = tail_parts.next()?;
         let partition = tail_parts.next()?.parse().ok()?;
         let offset = tail_parts.next()?.parse().ok()?;
-        if !plain_name(reaction) || !plain_name(source) {
+        if !crate::is_plain_name(reaction) || !crate::is_plain_name(source) {
             return None;
         }
         Some(Self {
@@ -153,11 +153,6 @@ impl fmt::Display for ReactionKey {
             self.position.offset
         )
     }
-}
-
-fn plain_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some('a'..='z')) && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
 }
 
 /// Runs commands on aggregates of type `T`: what a reaction's commands go
@@ -508,7 +503,7 @@ impl<A: Aggregate> ReactionProjection<A> {
     ) -> Result<Self, ViewError> {
         let name = reaction.name();
         let schema = journal_schema(name, A::NAME);
-        if !plain_name(name) || schema.validate().is_err() {
+        if !crate::is_plain_name(name) || schema.validate().is_err() {
             return Err(ViewError::Backend(format!(
                 "reaction name {name:?}: use lower-case letters, digits and '_', starting with a letter \
                  (its journal's name {:?} must fit a view name)",

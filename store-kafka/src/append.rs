@@ -51,9 +51,8 @@ impl<A: Aggregate> Inner<A> {
         events: Vec<A::Event>,
         metadata: Metadata,
     ) -> Result<Appended, StoreError> {
-        if events.is_empty() {
-            return Err(StoreError::Invalid("an append needs at least one event".into()));
-        }
+        // Encoded before the stream's turn: nothing of it needs the lock.
+        let encoded = encode_all(&*self.codec, &events)?;
         let p = self.partition_checked(id)?;
         let _turn = self.id_locks.lock(id).await;
         self.partition_ready(p)?;
@@ -64,7 +63,7 @@ impl<A: Aggregate> Inner<A> {
         if !expected.admits(actual) {
             return Err(StoreError::Conflict { aggregate: A::NAME.into(), id: id.into(), expected, actual });
         }
-        let prepared = self.prepare_record(id, actual, last_event, state, &events, metadata)?;
+        let prepared = self.prepare_record(id, actual, last_event, state, &events, encoded, metadata)?;
         let first_event = prepared.doc.first_event_id().ok_or_else(|| StoreError::Invalid("no events".into()))?;
         let (verdict_tx, verdict) = oneshot::channel();
         self.table().logs[p as usize].waiting.insert(first_event, verdict_tx);
@@ -170,7 +169,9 @@ impl<A: Aggregate> Inner<A> {
     }
 
     /// The events record of a command on stream `id` at version `actual`
-    /// (last event `last_event`), and the state its `events` lead `state` to.
+    /// (last event `last_event`), and the state its `events` (`encoded`)
+    /// lead `state` to.
+    #[expect(clippy::too_many_arguments, reason = "one command's parts, put together into one record")]
     fn prepare_record(
         &self,
         id: &str,
@@ -178,9 +179,9 @@ impl<A: Aggregate> Inner<A> {
         last_event: Option<Uuid>,
         mut state: A,
         events: &[A::Event],
+        encoded: Vec<kes_core::EncodedEvent>,
         metadata: Metadata,
     ) -> Result<PreparedRecord, StoreError> {
-        let encoded = encode_all(&*self.codec, events)?;
         let outgoing = encoded
             .into_iter()
             .map(|e| OutgoingEvent { event_type: e.event_type.to_owned(), revision: e.revision, payload: e.payload })

@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -18,7 +17,7 @@ use kes_core::{
 };
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, Executor};
 use tokio::sync::{oneshot, watch};
@@ -29,15 +28,7 @@ use crate::cache::{Clock, StateCache};
 use crate::error::{SqlStoreError, db, is_unique_violation, redact};
 use crate::sql::{self, StoredEvent};
 
-/// Which database a [`SqlStore`] runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Dialect {
-    /// An embedded SQLite file (or an in-memory database).
-    Sqlite,
-    /// A PostgreSQL server.
-    Postgres,
-}
+pub use kes_sql::Dialect;
 
 /// The connections of a store. SQLite gets a writer pool of exactly one
 /// connection (SQLite has one writer per file anyway; queueing in the pool
@@ -336,15 +327,15 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
 
     /// Connects, applies the embedded migrations and returns the store.
     pub async fn open(self) -> Result<SqlStore<A>, SqlStoreError> {
-        let (pools, dialect) = if self.url.starts_with("sqlite:") {
-            (self.open_sqlite().await?, Dialect::Sqlite)
-        } else if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
-            (self.open_postgres().await?, Dialect::Postgres)
-        } else {
-            return Err(SqlStoreError::Url {
-                url: redact(&self.url),
-                reason: "expected sqlite:PATH or postgres://…".into(),
-            });
+        let (pools, dialect) = match Dialect::of_url(&self.url) {
+            Some(Dialect::Sqlite) => (self.open_sqlite().await?, Dialect::Sqlite),
+            Some(Dialect::Postgres) => (self.open_postgres().await?, Dialect::Postgres),
+            None => {
+                return Err(SqlStoreError::Url {
+                    url: redact(&self.url),
+                    reason: "expected sqlite:PATH or postgres://…".into(),
+                });
+            }
         };
         let store = SqlStore {
             inner: Arc::new(Inner {
@@ -375,22 +366,14 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
     }
 
     async fn open_sqlite(&self) -> Result<Pools, SqlStoreError> {
-        let bad_url = |e: sqlx::Error| SqlStoreError::Url { url: redact(&self.url), reason: e.to_string() };
-        let memory = self.url.contains(":memory:") || self.url.contains("mode=memory");
-        let mut options = SqliteConnectOptions::from_str(&self.url)
-            .map_err(bad_url)?
-            .create_if_missing(true)
-            .busy_timeout(self.busy_timeout)
-            .statement_cache_capacity(STATEMENT_CACHE)
-            // FULL: an append is acknowledged only once its WAL frame is
-            // on disk, so an acknowledged command survives a power cut too.
-            .synchronous(SqliteSynchronous::Full);
-        if !memory {
-            options = options.journal_mode(SqliteJournalMode::Wal);
-            if let Some(dir) = options.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
-                create_dir(dir)?;
-            }
-        }
+        // The log's durability: an append is acknowledged only once its
+        // WAL frame is on disk, so it survives a power cut too.
+        let target = kes_sql::sqlite_options(&self.url, kes_sql::Durability::Log).map_err(|e| match e {
+            kes_sql::SqliteSetupError::Url(e) => SqlStoreError::Url { url: redact(&self.url), reason: e.to_string() },
+            kes_sql::SqliteSetupError::Folder { path, source } => SqlStoreError::CreateDir { path, source },
+        })?;
+        let memory = target.in_memory;
+        let options = target.options.busy_timeout(self.busy_timeout).statement_cache_capacity(STATEMENT_CACHE);
         // An in-memory database lives as long as one connection to it does,
         // and shared-cache connections lock each other out: one connection
         // serves everything there.
@@ -443,18 +426,14 @@ impl<A: Aggregate> SqlStoreBuilder<A> {
     }
 }
 
-fn create_dir(dir: &Path) -> Result<(), SqlStoreError> {
-    std::fs::create_dir_all(dir).map_err(|source| SqlStoreError::CreateDir { path: dir.to_owned(), source })
-}
-
 /// Schema names are spliced into `CREATE SCHEMA` and the search path, so
-/// only plain identifiers pass.
+/// only plain names ([`kes_core::is_plain_name`]) pass.
 fn check_schema_name(schema: &str) -> Result<(), SqlStoreError> {
-    let plain = !schema.is_empty()
-        && schema.len() <= 63
-        && !schema.starts_with(|c: char| c.is_ascii_digit())
-        && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if plain { Ok(()) } else { Err(SqlStoreError::SchemaName(schema.chars().take(80).collect())) }
+    if kes_core::is_plain_name(schema) {
+        Ok(())
+    } else {
+        Err(SqlStoreError::SchemaName(schema.chars().take(80).collect()))
+    }
 }
 
 struct Inner<A: Aggregate> {
@@ -1057,9 +1036,6 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
         events: Vec<A::Event>,
         metadata: Metadata,
     ) -> Result<Appended, StoreError> {
-        if events.is_empty() {
-            return Err(StoreError::Invalid("an append needs at least one event".into()));
-        }
         let encoded = encode_all(&*self.inner.codec, &events)?
             .into_iter()
             .map(|e| {

@@ -119,7 +119,7 @@ impl QueryBuilder<'_> {
             FilterOp::Prefix => match first {
                 FieldValue::Text(p) if p.is_empty() => self.exists(&filter.field)?,
                 FieldValue::Text(p) => {
-                    let upper = prefix_upper_bound(p).map(FieldValue::Text);
+                    let upper = kes_core::prefix_upper_bound(p).map(FieldValue::Text);
                     let upper = upper.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
                     self.range(raw, Bound::Included(first), upper)?
                 }
@@ -145,23 +145,6 @@ impl QueryBuilder<'_> {
         }
         Box::new(BooleanQuery::new(clauses))
     }
-}
-
-/// The smallest string above every string starting with `prefix`, in code
-/// point order; `None` when there is none (the prefix is all U+10FFFF).
-fn prefix_upper_bound(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = match last {
-            '\u{D7FF}' => Some('\u{E000}'),
-            c => char::from_u32(c as u32 + 1),
-        };
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
 }
 
 /// Parses `q` strictly: a syntax error, or a field `q` may not search, is
@@ -209,23 +192,4 @@ fn check_fields(ast: &UserInputAst, layout: &Layout) -> Result<(), SearchError> 
 
 fn clip(s: &str) -> String {
     s.chars().take(64).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::prefix_upper_bound;
-
-    #[test]
-    fn prefix_upper_bound_is_the_next_string_in_code_point_order() {
-        assert_eq!(prefix_upper_bound("ab").as_deref(), Some("ac"));
-        assert_eq!(prefix_upper_bound("a\u{10FFFF}").as_deref(), Some("b"));
-        assert_eq!(prefix_upper_bound("\u{D7FF}").as_deref(), Some("\u{E000}"));
-        assert_eq!(prefix_upper_bound("\u{10FFFF}"), None);
-        for p in ["ab", "z", "é", "a\u{10FFFF}"] {
-            let upper = prefix_upper_bound(p).unwrap();
-            for s in [p.to_string(), format!("{p}\u{10FFFF}zz"), format!("{p}\0")] {
-                assert!(s.as_bytes() < upper.as_bytes(), "{s:?} < {upper:?}");
-            }
-        }
-    }
 }

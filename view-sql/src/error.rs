@@ -53,25 +53,7 @@ impl SqlViewError {
     /// Whether the failure is the database being out of reach (retrying
     /// later may help) rather than a fault of the data or the request.
     pub fn is_unavailable(&self) -> bool {
-        let Self::Database(e) = self else { return false };
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(db) => {
-                let code = db.code().unwrap_or_default();
-                // PostgreSQL: connection exceptions (08), insufficient
-                // resources (53), operator intervention (57: shutdown,
-                // cancel). SQLite: BUSY (5) and LOCKED (6), primary codes.
-                code.starts_with("08")
-                    || code.starts_with("53")
-                    || code.starts_with("57")
-                    || matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6))
-            }
-            _ => false,
-        }
+        matches!(self, Self::Database(e) if kes_sql::is_transient(e))
     }
 
     /// Whether the database said a table does not exist (a copy that was

@@ -9,15 +9,7 @@ use std::fmt::Write as _;
 use kes_core::view::{Cond, Cursor, Field, ID_FIELD, ValidFilter, ValidQuery};
 use kes_core::{FieldType, FieldValue, FilterOp, ViewSchema};
 
-/// The SQL dialect of a view database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Dialect {
-    /// PostgreSQL.
-    Postgres,
-    /// SQLite.
-    Sqlite,
-}
+pub use kes_sql::Dialect;
 
 /// One bound value. NULLs carry their type because PostgreSQL types
 /// parameters from what the client declares.
@@ -108,23 +100,6 @@ pub(crate) fn column_type(dialect: Dialect, ty: FieldType) -> &'static str {
     }
 }
 
-/// The smallest string greater than every string starting with `prefix`,
-/// or `None` when there is none (then `>= prefix` alone is exact).
-fn prefix_bound(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = match last as u32 {
-            0xD7FF => Some('\u{E000}'),
-            c => char::from_u32(c + 1),
-        };
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
-}
-
 fn filter(sql: &mut Sql, f: &ValidFilter) {
     let col = column(&f.field);
     let first = Arg::of(&f.values[0]);
@@ -157,7 +132,7 @@ fn filter(sql: &mut Sql, f: &ValidFilter) {
                 return;
             };
             sql.push("(").push(&col).push(" >= ").arg(Arg::Text(Some(prefix.clone())));
-            if let Some(bound) = prefix_bound(prefix) {
+            if let Some(bound) = kes_core::prefix_upper_bound(prefix) {
                 sql.push(" AND ").push(&col).push(" < ").arg(Arg::Text(Some(bound)));
             }
             sql.push(")");
@@ -317,15 +292,6 @@ mod tests {
             .field(Field::text("name").filterable().sortable().searchable())
             .field(Field::integer("n").filterable().sortable())
             .field(Field::text("note").searchable())
-    }
-
-    #[test]
-    fn prefix_bounds_step_the_last_code_point() {
-        assert_eq!(prefix_bound("ab").as_deref(), Some("ac"));
-        assert_eq!(prefix_bound("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
-        assert_eq!(prefix_bound("a\u{10FFFF}").as_deref(), Some("b"));
-        assert_eq!(prefix_bound("\u{10FFFF}"), None);
-        assert_eq!(prefix_bound(""), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use kes_core::{
     RowChange, StoredState, ViewCopy, ViewError, ViewSchema, ViewStore,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{ColumnIndex, Database, Decode, Encode, PgPool, Row as _, SqlitePool, Type};
 
 use crate::error::SqlViewError;
@@ -221,13 +221,6 @@ pub struct SqlView {
     list_timeout: String,
 }
 
-fn plain_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some('a'..='z'))
-        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-        && name.len() <= 48
-}
-
 /// Binds the arguments of `sql` to a query of any sqlx database.
 fn bound<'q, DB: Database>(sql: &'q Sql) -> sqlx::query::Query<'q, DB, <DB as Database>::Arguments<'q>>
 where
@@ -327,7 +320,7 @@ impl SqlView {
         let (dialect, read, write) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut connect = PgConnectOptions::from_str(url)?;
             if let Some(name) = &options.pg_schema {
-                if !plain_name(name) {
+                if !kes_core::is_plain_name(name) {
                     return Err(SqlViewError::BadSchemaName(name.clone()));
                 }
                 connect = connect.options([("search_path", name.as_str())]);
@@ -341,14 +334,14 @@ impl SqlView {
                 .await?;
             (Dialect::Postgres, Pool::Postgres(pool.clone()), Pool::Postgres(pool))
         } else if url.starts_with("sqlite:") {
-            let connect = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(10));
-            let file = connect.get_filename().to_owned();
-            let in_memory = file.to_string_lossy().contains("sqlx-in-memory") || file.as_os_str() == ":memory:";
-            if in_memory {
+            let target = kes_sql::sqlite_options(url, kes_sql::Durability::Rebuildable).map_err(|e| match e {
+                kes_sql::SqliteSetupError::Url(e) => SqlViewError::Database(e),
+                kes_sql::SqliteSetupError::Folder { path, source } => {
+                    SqlViewError::Directory { path: path.display().to_string(), source }
+                }
+            })?;
+            let connect = target.options;
+            if target.in_memory {
                 // One connection keeps an in-memory database alive and whole.
                 let pool = SqlitePoolOptions::new()
                     .max_connections(1)
@@ -359,10 +352,6 @@ impl SqlView {
                     .await?;
                 (Dialect::Sqlite, Pool::Sqlite(pool.clone()), Pool::Sqlite(pool))
             } else {
-                if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|source| SqlViewError::Directory { path: dir.display().to_string(), source })?;
-                }
                 let write = SqlitePoolOptions::new().max_connections(1).connect_with(connect.clone()).await?;
                 let read = SqlitePoolOptions::new().max_connections(max).connect_with(connect).await?;
                 (Dialect::Sqlite, Pool::Sqlite(read), Pool::Sqlite(write))

@@ -31,6 +31,7 @@ macro_rules! event_store_conformance {
     ($make:expr) => {
         $crate::__conformance_case!(store, $make, append_load_read_round_trip);
         $crate::__conformance_case!(store, $make, missing_stream_is_empty);
+        $crate::__conformance_case!(store, $make, an_append_without_events_is_invalid);
         $crate::__conformance_case!(store, $make, stale_expected_version_is_a_conflict);
         $crate::__conformance_case!(store, $make, multi_event_append_is_atomic);
         $crate::__conformance_case!(store, $make, racing_appends_admit_exactly_one);

@@ -92,6 +92,14 @@ pub async fn append_load_read_round_trip<S: EventStore<Ledger>>(store: S) {
     assert!(age.num_seconds().abs() < 300, "recorded_at is the append time, got {}", history[0].recorded_at);
 }
 
+/// An append without events is `Invalid` and writes nothing.
+pub async fn an_append_without_events_is_invalid<S: EventStore<Ledger>>(store: S) {
+    let err = store.append("l-empty", ExpectedVersion::Any, Vec::new(), Metadata::default()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert!(store.load("l-empty").await.expect("load").is_none());
+    assert!(store.read("l-empty").await.expect("read").is_empty());
+}
+
 /// A stream never written is `None` to `load` and empty to `read`.
 pub async fn missing_stream_is_empty<S: EventStore<Ledger>>(store: S) {
     assert!(store.load("nobody").await.expect("load").is_none());

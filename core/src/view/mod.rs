@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 pub use query::{Cond, Cursor, Filter, FilterOp, ListQuery, QueryError, SortKey, ValidFilter, ValidQuery, ValidSort};
-pub use schema::{Field, FieldType, FieldValue, ID_FIELD, Row, SchemaError, ViewSchema};
+pub use schema::{
+    Field, FieldType, FieldValue, ID_FIELD, Row, SchemaError, ViewSchema, is_plain_name, prefix_upper_bound,
+};
 
 use crate::envelope::Checkpoint;
 

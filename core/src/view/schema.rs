@@ -134,11 +134,36 @@ pub struct ViewSchema {
 /// The name of the built-in id field.
 pub const ID_FIELD: &str = "id";
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` is fit to become part of an SQL identifier, a topic name
+/// or a key, which is what KES does with the names of views, fields,
+/// reactions and PostgreSQL schemas: a lower-case ASCII letter, then
+/// lower-case letters, digits and `_`, at most 48 characters (room for the
+/// prefixes KES adds within PostgreSQL's 63-byte identifiers). Such a name
+/// needs no quoting and means the same to every database.
+pub fn is_plain_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some('a'..='z'))
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
         && name.len() <= 48
+}
+
+/// The smallest string above every string that starts with `prefix`, in
+/// code point order (surrogates skipped); `None` when there is none (the
+/// prefix is empty or all U+10FFFF). A backend that can only compare serves
+/// the `prefix` filter as `>= prefix AND < bound`.
+pub fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(c as u32 + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 impl ViewSchema {
@@ -165,7 +190,7 @@ impl ViewSchema {
     /// or index names are known to be plain.
     pub fn validate(&self) -> Result<(), SchemaError> {
         let err = |reason: String| SchemaError { view: self.name.clone(), reason };
-        if !valid_name(&self.name) {
+        if !is_plain_name(&self.name) {
             return Err(err("the view name must be lower-case ASCII letters, digits and _".into()));
         }
         if self.default_page_size == 0 || self.default_page_size > self.max_page_size {
@@ -173,7 +198,7 @@ impl ViewSchema {
         }
         let mut seen = std::collections::HashSet::new();
         for f in &self.fields {
-            if !valid_name(&f.name) {
+            if !is_plain_name(&f.name) {
                 return Err(err(format!("field name {:?} must be lower-case ASCII letters, digits and _", f.name)));
             }
             if f.name == ID_FIELD {
@@ -364,6 +389,33 @@ pub type Row = BTreeMap<String, FieldValue>;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plain_names_are_lower_case_identifiers_of_at_most_48() {
+        use super::is_plain_name;
+        for ok in ["a", "projects", "view_2", &"x".repeat(48)] {
+            assert!(is_plain_name(ok), "{ok}");
+        }
+        for bad in ["", "2a", "_a", "Projects", "a-b", "a b", "a;drop", "é", &"x".repeat(49)] {
+            assert!(!is_plain_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_upper_bound_is_the_next_string_in_code_point_order() {
+        use super::prefix_upper_bound;
+        assert_eq!(prefix_upper_bound("ab").as_deref(), Some("ac"));
+        assert_eq!(prefix_upper_bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_upper_bound("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(prefix_upper_bound("\u{10FFFF}"), None);
+        assert_eq!(prefix_upper_bound(""), None);
+        for p in ["ab", "z", "é", "a\u{10FFFF}"] {
+            let upper = prefix_upper_bound(p).unwrap();
+            for s in [p.to_string(), format!("{p}\u{10FFFF}zz"), format!("{p}\0")] {
+                assert!(s.as_bytes() < upper.as_bytes(), "{s:?} < {upper:?}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
