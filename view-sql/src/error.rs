@@ -52,7 +52,7 @@ pub enum SqlViewError {
 impl SqlViewError {
     /// Whether the failure is the database being out of reach (retrying
     /// later may help) rather than a fault of the data or the request.
-    pub fn is_unavailable(&self) -> bool {
+    pub fn is_transient(&self) -> bool {
         matches!(self, Self::Database(e) if kes_sql::is_transient(e))
     }
 
@@ -66,7 +66,7 @@ impl SqlViewError {
 
 impl From<SqlViewError> for ViewError {
     fn from(e: SqlViewError) -> Self {
-        if e.is_unavailable() {
+        if e.is_transient() {
             return ViewError::Unavailable(e.to_string());
         }
         match e {

@@ -157,7 +157,7 @@ pub struct SqlViewOptions {
     /// PostgreSQL only: the schema (namespace) holding the view's tables,
     /// created when missing; `None` keeps the connection's search path.
     /// Lets several applications or tests share one database.
-    pub pg_schema: Option<String>,
+    pub schema: Option<String>,
     /// Most connections in the read pool (default 5). SQLite writes always
     /// go through one connection of their own: SQLite has one writer.
     pub max_connections: Option<u32>,
@@ -176,8 +176,8 @@ pub struct SqlViewOptions {
 
 impl SqlViewOptions {
     /// Puts the view's tables into PostgreSQL schema `name`.
-    pub fn pg_schema(mut self, name: impl Into<String>) -> Self {
-        self.pg_schema = Some(name.into());
+    pub fn schema(mut self, name: impl Into<String>) -> Self {
+        self.schema = Some(name.into());
         self
     }
 
@@ -319,7 +319,7 @@ impl SqlView {
         let max = options.max_connections.unwrap_or(5).max(1);
         let (dialect, read, write) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut connect = PgConnectOptions::from_str(url)?;
-            if let Some(name) = &options.pg_schema {
+            if let Some(name) = &options.schema {
                 if !kes_core::is_plain_name(name) {
                     return Err(SqlViewError::BadSchemaName(name.clone()));
                 }
@@ -372,7 +372,7 @@ impl SqlView {
             read,
             write,
         };
-        view.setup(options.pg_schema.as_deref()).await?;
+        view.setup(options.schema.as_deref()).await?;
         Ok(view)
     }
 
@@ -446,7 +446,7 @@ impl SqlView {
         sql
     }
 
-    async fn setup(&self, pg_schema: Option<&str>) -> Result<(), SqlViewError> {
+    async fn setup(&self, schema: Option<&str>) -> Result<(), SqlViewError> {
         let exists = self.exists_sql(&self.live);
         let columns = match self.dialect {
             Dialect::Postgres => Sql::new(
@@ -467,7 +467,7 @@ impl SqlView {
         );
         on_pool!(&self.write, |pool| {
             let mut tx = pool.begin_write().await?;
-            if let Some(name) = pg_schema {
+            if let Some(name) = schema {
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SETUP_LOCK).execute(&mut *tx).await?;
                 sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{name}\"")).execute(&mut *tx).await?;
             } else if self.dialect == Dialect::Postgres {

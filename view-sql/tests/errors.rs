@@ -32,7 +32,7 @@ fn at(offset: u64) -> Checkpoint {
 async fn an_unreachable_database_is_unavailable() {
     // Port 1 on localhost: nothing listens there.
     let err = SqlView::open("postgres://postgres@127.0.0.1:1/test", schema(1)).await.expect_err("no server");
-    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.is_transient(), "{err:?}");
     assert!(matches!(ViewError::from(err), ViewError::Unavailable(_)));
 }
 
@@ -48,7 +48,7 @@ async fn bad_urls_and_schemas_are_refused() {
     assert!(matches!(SqlView::open("mysql://x", schema(1)).await, Err(SqlViewError::BadUrl(_))));
     let bad = ViewSchema::new("Notes; drop table x", 1);
     assert!(matches!(SqlView::open("sqlite::memory:", bad).await, Err(SqlViewError::Schema(_))));
-    let options = kes_view_sql::SqlViewOptions::default().pg_schema("x\"; drop schema public; --");
+    let options = kes_view_sql::SqlViewOptions::default().schema("x\"; drop schema public; --");
     let opened = SqlView::open_with(&common::pg_url(), schema(1), options).await;
     assert!(matches!(opened, Err(SqlViewError::BadSchemaName(_))), "{opened:?}");
 }

@@ -32,15 +32,15 @@ pub fn fresh_sqlite_url() -> String {
 /// one rule ([`kes_test_support::missing`]: a failure when `CI` is set);
 /// any other failure to open fails the test.
 pub fn skip_or_fail(e: SqlViewError) -> Option<SqlView> {
-    if e.is_unavailable() {
+    if e.is_transient() {
         return kes_test_support::missing("PostgreSQL", &format!("{}: {e}", pg_url()));
     }
     panic!("cannot open the view: {e}");
 }
 
-/// Opens the view of `schema` in PostgreSQL schema `pg_schema`.
-pub async fn pg_in(pg_schema: &str, schema: ViewSchema) -> Option<SqlView> {
-    match SqlView::open_with(&pg_url(), schema, SqlViewOptions::default().pg_schema(pg_schema)).await {
+/// Opens the view of `schema` in PostgreSQL schema `namespace`.
+pub async fn pg_in(namespace: &str, schema: ViewSchema) -> Option<SqlView> {
+    match SqlView::open_with(&pg_url(), schema, SqlViewOptions::default().schema(namespace)).await {
         Ok(view) => Some(view),
         Err(e) => skip_or_fail(e),
     }
