@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::api::{ProjectionStatusSource, ReactionStatusSource, json_response};
 use crate::auth::JwtAuth;
-use crate::error::HttpError;
+use crate::error::{ConfigError, HttpError};
 
 /// The realm of the admin endpoints' `WWW-Authenticate` challenge.
 const REALM: &str = "kes-admin";
@@ -44,10 +44,10 @@ impl AdminToken {
 
     /// A token; refused when shorter than [`AdminToken::MIN_LEN`] or not
     /// visible ASCII (it travels in a header).
-    pub fn new(token: impl AsRef<str>) -> Result<Self, HttpError> {
+    pub fn new(token: impl AsRef<str>) -> Result<Self, ConfigError> {
         let token = token.as_ref().trim();
         if token.len() < Self::MIN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(HttpError::Config(format!(
+            return Err(ConfigError(format!(
                 "an admin token needs at least {} visible ASCII characters",
                 Self::MIN_LEN
             )));

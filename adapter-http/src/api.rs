@@ -28,7 +28,7 @@ use crate::access::ANONYMOUS;
 use crate::admin::{self, AdminToken};
 use crate::auth::{self, JwtAuth, Principal};
 use crate::edge::Edge;
-use crate::error::{HttpError, RETRY_AFTER_SECS};
+use crate::error::{ConfigError, HttpError, RETRY_AFTER_SECS};
 use crate::feed::{self, Hub};
 use crate::metrics::Metrics;
 use crate::openapi::{self, Describe};
@@ -330,14 +330,14 @@ impl Api {
         bus: Arc<CommandBus<A, S>>,
         view: Arc<dyn ListView>,
         catch_up: Arc<dyn CatchUp>,
-    ) -> Result<Self, HttpError>
+    ) -> Result<Self, ConfigError>
     where
         A: Aggregate + JsonSchema,
         S: EventStore<A>,
     {
         resource.validate()?;
         if self.mounts.iter().any(|m| m.plural() == resource.plural) {
-            return Err(HttpError::Config(format!("/{} is mounted twice", resource.plural)));
+            return Err(ConfigError(format!("/{} is mounted twice", resource.plural)));
         }
         let description = Arc::new(MountedDescription::<A> {
             resource: resource.clone(),
@@ -369,12 +369,12 @@ impl Api {
     /// runner given as `catch_up` to [`Api::mount`], so that history reads
     /// carrying `KES-Position` wait for it). Fails when nothing is mounted
     /// under `/{plural}` or a history is set twice.
-    pub fn history(mut self, plural: &str, history: Arc<dyn History>) -> Result<Self, HttpError> {
+    pub fn history(mut self, plural: &str, history: Arc<dyn History>) -> Result<Self, ConfigError> {
         if !self.mounts.iter().any(|m| m.plural() == plural) {
-            return Err(HttpError::Config(format!("no resource is mounted under /{plural}")));
+            return Err(ConfigError(format!("no resource is mounted under /{plural}")));
         }
         if self.histories.insert(plural.to_owned(), history).is_some() {
-            return Err(HttpError::Config(format!("/{plural} has two histories")));
+            return Err(ConfigError(format!("/{plural} has two histories")));
         }
         Ok(self)
     }
@@ -1172,102 +1172,95 @@ fn history_paging(query: Option<&str>) -> Result<(u64, u32), HttpError> {
     Ok((after, size))
 }
 
-fn answer(result: Result<Response, HttpError>) -> Response {
-    result.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn create<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
-    let Some(op) = &m.resource.create else { return HttpError::MethodNotAllowed.into_response() };
-    answer(m.write(Write::Create, "create", op, None, request).await)
+async fn create<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    request: Request,
+) -> Result<Response, HttpError> {
+    let op = m.resource.create.as_ref().ok_or(HttpError::MethodNotAllowed)?;
+    m.write(Write::Create, "create", op, None, request).await
 }
 
 async fn replace<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path(id): Path<String>,
     request: Request,
-) -> Response {
-    let Some(op) = &m.resource.replace else { return HttpError::MethodNotAllowed.into_response() };
-    answer(m.write(Write::Update, "replace", op, Some(id), request).await)
+) -> Result<Response, HttpError> {
+    let op = m.resource.replace.as_ref().ok_or(HttpError::MethodNotAllowed)?;
+    m.write(Write::Update, "replace", op, Some(id), request).await
 }
 
 async fn patch<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path(id): Path<String>,
     request: Request,
-) -> Response {
-    let Some(op) = &m.resource.patch else { return HttpError::MethodNotAllowed.into_response() };
-    answer(m.write(Write::Update, "patch", op, Some(id), request).await)
+) -> Result<Response, HttpError> {
+    let op = m.resource.patch.as_ref().ok_or(HttpError::MethodNotAllowed)?;
+    m.write(Write::Update, "patch", op, Some(id), request).await
 }
 
 async fn delete<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path(id): Path<String>,
     request: Request,
-) -> Response {
-    let Some(op) = &m.resource.delete else { return HttpError::MethodNotAllowed.into_response() };
-    answer(m.write(Write::Delete, "delete", op, Some(id), request).await)
+) -> Result<Response, HttpError> {
+    let op = m.resource.delete.as_ref().ok_or(HttpError::MethodNotAllowed)?;
+    m.write(Write::Delete, "delete", op, Some(id), request).await
 }
 
 async fn named<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path((id, command)): Path<(String, String)>,
     request: Request,
-) -> Response {
-    let Some(op) = m.resource.commands.get(&command) else {
-        return HttpError::NotFound(format!(
-            "{} has no command {:?}",
-            A::NAME,
-            command.chars().take(64).collect::<String>()
-        ))
-        .into_response();
-    };
-    answer(m.write(Write::Update, &command, op, Some(id), request).await)
+) -> Result<Response, HttpError> {
+    let op = m.resource.commands.get(&command).ok_or_else(|| {
+        HttpError::NotFound(format!("{} has no command {:?}", A::NAME, command.chars().take(64).collect::<String>()))
+    })?;
+    m.write(Write::Update, &command, op, Some(id), request).await
 }
 
 async fn get_one<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path(id): Path<String>,
     request: Request,
-) -> Response {
+) -> Result<Response, HttpError> {
     // The headers are taken from the request, not copied by an extractor.
-    answer(m.get_one(id, request.into_parts().0).await)
+    m.get_one(id, request.into_parts().0).await
 }
 
-async fn list<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
-    answer(m.list(request.into_parts().0).await)
+async fn list<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    request: Request,
+) -> Result<Response, HttpError> {
+    m.list(request.into_parts().0).await
 }
 
-async fn list_changes<A: Aggregate, S: EventStore<A>>(State(m): State<M<A, S>>, request: Request) -> Response {
+async fn list_changes<A: Aggregate, S: EventStore<A>>(
+    State(m): State<M<A, S>>,
+    request: Request,
+) -> Result<Response, HttpError> {
     let parts = request.into_parts().0;
-    let opened = async {
-        m.may_read(&parts)?;
-        let (query, after) = feed::feed_query(parts.uri.query(), m.view.schema())?;
-        let resume = feed::resume_of(&parts.headers, after.as_deref())?;
-        m.feeds.list_feed(query, resume).await
-    };
-    answer(opened.await)
+    m.may_read(&parts)?;
+    let (query, after) = feed::feed_query(parts.uri.query(), m.view.schema())?;
+    let resume = feed::resume_of(&parts.headers, after.as_deref())?;
+    m.feeds.list_feed(query, resume).await
 }
 
 async fn item_changes<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path(id): Path<String>,
     request: Request,
-) -> Response {
+) -> Result<Response, HttpError> {
     let parts = request.into_parts().0;
-    let opened = async {
-        m.may_read(&parts)?;
-        let headers = parts.headers;
-        check_id(&id)?;
-        let seen = feed::seen_version(&headers)?;
-        m.feeds.item_feed(id, seen).await
-    };
-    answer(opened.await)
+    m.may_read(&parts)?;
+    check_id(&id)?;
+    let seen = feed::seen_version(&parts.headers)?;
+    m.feeds.item_feed(id, seen).await
 }
 
 async fn events<A: Aggregate, S: EventStore<A>>(
     State(m): State<M<A, S>>,
     Path(id): Path<String>,
     request: Request,
-) -> Response {
-    answer(m.events(id, request.into_parts().0).await)
+) -> Result<Response, HttpError> {
+    m.events(id, request.into_parts().0).await
 }

@@ -39,7 +39,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgo
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-use crate::error::HttpError;
+use crate::error::{ConfigError, HttpError};
 
 /// The realm of the API's `WWW-Authenticate` challenge.
 pub(crate) const REALM: &str = "kes";
@@ -148,9 +148,9 @@ impl JwtAuth {
 
     /// Tokens signed with HS256 and `secret` (at least
     /// [`JwtAuth::MIN_SECRET_BYTES`] bytes).
-    pub fn hs256(secret: &[u8]) -> Result<Self, HttpError> {
+    pub fn hs256(secret: &[u8]) -> Result<Self, ConfigError> {
         if secret.len() < Self::MIN_SECRET_BYTES {
-            return Err(HttpError::Config(format!("an HS256 secret needs at least {} bytes", Self::MIN_SECRET_BYTES)));
+            return Err(ConfigError(format!("an HS256 secret needs at least {} bytes", Self::MIN_SECRET_BYTES)));
         }
         Ok(Self::with_keys(Keys::Secret(DecodingKey::from_secret(secret))))
     }
@@ -159,12 +159,12 @@ impl JwtAuth {
     /// or P-384, Ed25519), chosen by the token's `kid`. The file is read
     /// now (an unreadable or empty one is a configuration error) and again
     /// whenever it changes.
-    pub fn jwks_file(path: impl Into<PathBuf>) -> Result<Self, HttpError> {
+    pub fn jwks_file(path: impl Into<PathBuf>) -> Result<Self, ConfigError> {
         let path = path.into();
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let keys = read_jwks(&path).map_err(|e| HttpError::Config(format!("{}: {e}", path.display())))?;
+        let keys = read_jwks(&path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         if keys.is_empty() {
-            return Err(HttpError::Config(format!("{}: no usable verification key", path.display())));
+            return Err(ConfigError(format!("{}: no usable verification key", path.display())));
         }
         Ok(Self::with_keys(Keys::Jwks(JwksFile {
             path,
@@ -315,9 +315,9 @@ impl JwtAuth {
 
     /// Reads a changed JWKS file again (at most once a second); for tests
     /// and for callers that know the file changed.
-    pub fn refresh(&self) -> Result<(), HttpError> {
+    pub fn refresh(&self) -> Result<(), ConfigError> {
         match &self.keys {
-            Keys::Jwks(file) => file.reload(true).map_err(|e| HttpError::Config(e.to_string())),
+            Keys::Jwks(file) => file.reload(true).map_err(|e| ConfigError(e.to_string())),
             Keys::Secret(_) => Ok(()),
         }
     }

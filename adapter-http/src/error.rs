@@ -127,10 +127,14 @@ pub enum HttpError {
     /// Anything else (the text is logged, not shown).
     #[error("internal error: {0}")]
     Internal(String),
-    /// The API was configured wrongly (found when mounting, never at run time).
-    #[error("invalid API configuration: {0}")]
-    Config(String),
 }
+
+/// The API was set up wrongly: found while it is built (mounting a
+/// resource, a history, an authenticator or an admin token), so that a
+/// mistake stops the service at start rather than failing requests.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid API configuration: {0}")]
+pub struct ConfigError(pub String);
 
 impl HttpError {
     /// The HTTP status of this error.
@@ -152,7 +156,7 @@ impl HttpError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) | Self::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -178,7 +182,7 @@ impl HttpError {
             Self::Rejected(_) => t::REJECTED,
             Self::Unavailable(_) => t::UNAVAILABLE,
             Self::Timeout => t::TIMEOUT,
-            Self::Internal(_) | Self::Config(_) => t::INTERNAL,
+            Self::Internal(_) => t::INTERNAL,
         }
     }
 
@@ -187,7 +191,7 @@ impl HttpError {
     fn detail(&self) -> String {
         match self {
             Self::Unavailable(_) => "a backend is unavailable; retry later".to_owned(),
-            Self::Internal(_) | Self::Config(_) => "the server failed to answer; the failure was logged".to_owned(),
+            Self::Internal(_) => "the server failed to answer; the failure was logged".to_owned(),
             other => other.to_string(),
         }
     }
@@ -248,7 +252,7 @@ pub(crate) fn problem_response(status: StatusCode, kind: &'static str, detail: S
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         match &self {
-            Self::Internal(_) | Self::Config(_) => tracing::error!(error = %self, "request failed"),
+            Self::Internal(_) => tracing::error!(error = %self, "request failed"),
             Self::Unavailable(_) | Self::Timeout => tracing::warn!(error = %self, "backend unavailable"),
             _ => tracing::debug!(error = %self, "request refused"),
         }

@@ -189,7 +189,7 @@ pub use api::{
     ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, ReactionStatusSource, Readiness, ShutdownHandle,
 };
 pub use auth::{JwtAuth, Principal};
-pub use error::{HttpError, PROBLEM_JSON, problem_type};
+pub use error::{ConfigError, HttpError, PROBLEM_JSON, problem_type};
 pub use id::AggregateId;
 pub use resource::{IdStrategy, Resource};
 /// The schemars version body, state and event types derive `JsonSchema` with.

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::access::Rules;
 use crate::auth::Principal;
-use crate::error::HttpError;
+use crate::error::{ConfigError, HttpError};
 
 /// Turns a decoded JSON body (and the aggregate id) into a command.
 type DecodeFn<C> = Arc<dyn Fn(&str, Value) -> Result<C, HttpError> + Send + Sync>;
@@ -539,9 +539,9 @@ impl<A: Aggregate> Resource<A> {
     }
 
     /// Checks names before anything is routed.
-    pub(crate) fn validate(&self) -> Result<(), HttpError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if let Some(op) = self.rules.writes.keys().find(|op| !self.offers(op)) {
-            return Err(HttpError::Config(format!(
+            return Err(ConfigError(format!(
                 "/{} has a rule for {op:?}, which it does not offer (create, replace, patch, delete or a command)",
                 self.plural
             )));
@@ -553,30 +553,30 @@ impl<A: Aggregate> Resource<A> {
                 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         };
         if !plain(&self.plural) {
-            return Err(HttpError::Config(format!(
+            return Err(ConfigError(format!(
                 "route name {:?} must be lower-case ASCII letters, digits, - and _",
                 self.plural
             )));
         }
         if ["openapi.json", "health", "metrics"].contains(&self.plural.as_str()) {
-            return Err(HttpError::Config(format!("route name {:?} is reserved", self.plural)));
+            return Err(ConfigError(format!("route name {:?} is reserved", self.plural)));
         }
         for name in self.commands.keys() {
             if !plain(name) {
-                return Err(HttpError::Config(format!(
+                return Err(ConfigError(format!(
                     "command name {name:?} must be lower-case ASCII letters, digits, - and _"
                 )));
             }
             if name == "events" {
-                return Err(HttpError::Config("command name \"events\" is taken by the audit history".into()));
+                return Err(ConfigError("command name \"events\" is taken by the audit history".into()));
             }
             if ["create", "replace", "patch", "delete"].contains(&name.as_str()) {
-                return Err(HttpError::Config(format!(
+                return Err(ConfigError(format!(
                     "command name {name:?} would share its rules with the {name} operation"
                 )));
             }
             if name == "changes" {
-                return Err(HttpError::Config("command name \"changes\" is taken by the change feed".into()));
+                return Err(ConfigError("command name \"changes\" is taken by the change feed".into()));
             }
         }
         Ok(())

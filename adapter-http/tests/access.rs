@@ -139,8 +139,8 @@ fn a_rule_on_an_operation_the_resource_lacks_fails_at_mount() {
     let bus = std::sync::Arc::new(kes_core::CommandBus::new(store));
     let typo = resource().allow("achive", "nobody", |_, _| false);
     let mounted = Api::new(HttpConfig::default()).mount(typo, bus.clone(), view.clone(), runner.clone());
-    assert!(matches!(mounted, Err(kes_http::HttpError::Config(m)) if m.contains("achive")));
+    assert!(matches!(mounted, Err(kes_http::ConfigError(m)) if m.contains("achive")));
     let shadowing = resource().command("patch", |_: Explode| -> ProjectCommand { unreachable!() });
     let mounted = Api::new(HttpConfig::default()).mount(shadowing, bus, view, runner);
-    assert!(matches!(mounted, Err(kes_http::HttpError::Config(m)) if m.contains("patch")));
+    assert!(matches!(mounted, Err(kes_http::ConfigError(m)) if m.contains("patch")));
 }
