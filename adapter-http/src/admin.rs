@@ -27,9 +27,10 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use kes_core::{ProjectionError, ProjectionStatus, ReactionStatus};
 use serde_json::{Value, json};
 
-use crate::api::{ProjectionStatusSource, ReactionStatusSource, json_response};
+use crate::api::{ProjectionStatusSource, ReactionStatusSource};
 use crate::auth::JwtAuth;
 use crate::error::{ConfigError, HttpError};
+use crate::request::json_response;
 
 /// The realm of the admin endpoints' `WWW-Authenticate` challenge.
 const REALM: &str = "kes-admin";

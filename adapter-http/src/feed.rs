@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::HeaderMap;
-use kes_core::view::ValidQuery;
+use kes_core::ValidQuery;
 use kes_core::{
     Aggregate, CatchUp, Checkpoint, CommandBus, EventStore, FilterOp, ListQuery, ListView, Logged, Position, Row,
     StoreError,
@@ -38,9 +38,9 @@ use kes_core::{
 use serde_json::json;
 use tokio::sync::{Mutex, broadcast, mpsc, watch};
 
-use crate::api::header_text;
 use crate::error::HttpError;
 use crate::metrics::Metrics;
+use crate::request::header_text;
 
 /// Stretches of the log the broadcast keeps for feeds that read slowly;
 /// a feed further behind is reset.
@@ -304,6 +304,8 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
 
     /// Follows the log from `from`, broadcasting what each stretch changed
     /// once the view applied it, until the API shuts down.
+    // Kept in one piece: One loop with two exits (shutdown, or a log failure retried by subscribing again): the
+    // labelled `continue` is its point.
     async fn pump(&self, from: Checkpoint) {
         let mut stop = self.stop.clone();
         let mut checkpoint = from;

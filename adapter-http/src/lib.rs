@@ -179,7 +179,10 @@ mod feed;
 mod id;
 pub mod metrics;
 mod openapi;
+mod ops;
+mod request;
 mod resource;
+mod routes;
 mod server;
 
 pub use access::ANONYMOUS;

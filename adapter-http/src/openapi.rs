@@ -13,7 +13,9 @@ use schemars::generate::SchemaSettings;
 use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{Map, Value, json};
 
-use crate::api::{HttpConfig, Mount, MountedDescription};
+use crate::access::Rules;
+use crate::api::{HttpConfig, Mount};
+use crate::ops::MountedDescription;
 use crate::resource::Operation;
 
 /// Adds one mount's paths and schemas to the document.
@@ -39,7 +41,6 @@ fn op_id(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
-/// The whole document.
 /// The OpenAPI document of `mounts`; with `bearer`, every operation of the
 /// mounted resources requires a bearer JWT (and may answer 401).
 pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>], bearer: bool) -> Value {
@@ -57,6 +58,52 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>], bearer: b
     for (name, schema) in g.take_definitions(true) {
         schemas.insert(name, schema);
     }
+    shared_schemas(&mut schemas);
+    if bearer {
+        require_bearer(&mut paths);
+    }
+    add_service_paths(&mut paths, bearer);
+    let mut components = json!({
+        "schemas": schemas,
+        "parameters": parameters(),
+        "headers": headers(),
+        "responses": responses(),
+    });
+    let mut security = Value::Null;
+    if bearer {
+        components["securitySchemes"] = json!({
+            "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                        "description": "A JWT whose subject becomes the principal recorded with every event." }
+        });
+        let mut unauthorized =
+            problem("No bearer token, or one that does not verify (signature, expiry, issuer, audience).");
+        unauthorized["headers"] = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
+        components["responses"]["kes.Unauthorized"] = unauthorized;
+        security = json!([{ "bearer": [] }]);
+    }
+    let mut document = json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": config.title,
+            "version": config.version,
+            "description": "Event-sourced aggregates over REST. Writes answer with the new version (ETag) and a \
+                log position token (KES-Position); send the token back on a list read to wait until the views \
+                reflect the write."
+        },
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "paths": paths,
+        "components": components,
+    });
+    if !security.is_null() {
+        document["security"] = security;
+    }
+    bound_integers(&mut document, 0);
+    document
+}
+
+/// The schemas every mount's paths refer to.
+// Kept in one piece: it is data, one literal per schema.
+fn shared_schemas(schemas: &mut Map<String, Value>) {
     schemas.insert(
         "kes.Problem".into(),
         json!({
@@ -125,62 +172,28 @@ pub(crate) fn document(config: &HttpConfig, mounts: &[Arc<dyn Mount>], bearer: b
             }
         }),
     );
-    if bearer {
-        for (path, item) in paths.iter_mut() {
-            if path.ends_with("/changes")
-                && let Some(params) = item.pointer_mut("/get/parameters").and_then(Value::as_array_mut)
-            {
-                params.push(json!({ "name": "access_token", "in": "query", "required": false,
-                    "description": "The bearer token, for clients that cannot send Authorization (a browser's \
-                        EventSource); used only when no Authorization header is sent.",
-                    "schema": { "type": "string", "maxLength": 8192 } }));
-            }
-        }
-        for item in paths.values_mut() {
-            for operation in item.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
-                if let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) {
-                    responses.insert("401".into(), r("responses", "kes.Unauthorized"));
-                }
-            }
+}
+
+/// Every mounted operation may answer 401; feeds also take the token as a
+/// query parameter.
+fn require_bearer(paths: &mut Map<String, Value>) {
+    for (path, item) in paths.iter_mut() {
+        if path.ends_with("/changes")
+            && let Some(params) = item.pointer_mut("/get/parameters").and_then(Value::as_array_mut)
+        {
+            params.push(json!({ "name": "access_token", "in": "query", "required": false,
+                "description": "The bearer token, for clients that cannot send Authorization (a browser's \
+                    EventSource); used only when no Authorization header is sent.",
+                "schema": { "type": "string", "maxLength": 8192 } }));
         }
     }
-    add_service_paths(&mut paths, bearer);
-    let mut components = json!({
-        "schemas": schemas,
-        "parameters": parameters(),
-        "headers": headers(),
-        "responses": responses(),
-    });
-    let mut security = Value::Null;
-    if bearer {
-        components["securitySchemes"] = json!({
-            "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                        "description": "A JWT whose subject becomes the principal recorded with every event." }
-        });
-        let mut unauthorized =
-            problem("No bearer token, or one that does not verify (signature, expiry, issuer, audience).");
-        unauthorized["headers"] = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
-        components["responses"]["kes.Unauthorized"] = unauthorized;
-        security = json!([{ "bearer": [] }]);
+    for item in paths.values_mut() {
+        for operation in item.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
+            if let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) {
+                responses.insert("401".into(), r("responses", "kes.Unauthorized"));
+            }
+        }
     }
-    let mut document = json!({
-        "openapi": "3.1.0",
-        "info": {
-            "title": config.title,
-            "version": config.version,
-            "description": "Event-sourced aggregates over REST. Writes answer with the new version (ETag) and a \
-                log position token (KES-Position); send the token back on a list read to wait until the views \
-                reflect the write."
-        },
-        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
-        "paths": paths,
-        "components": components,
-    });
-    if !security.is_null() {
-        document["security"] = security;
-    }
-    bound_integers(&mut document, 0);
-    document
 }
 
 /// Gives every integer schema with a size `format` (`int64`, `uint32`, …,
@@ -471,13 +484,59 @@ fn list_parameters(schema: &ViewSchema) -> Vec<Value> {
     params
 }
 
+/// What the paths of one mounted resource share while they are described.
+struct Cx<'a, A: Aggregate> {
+    plural: &'a str,
+    name: String,
+    state: Value,
+    tags: Value,
+    rules: &'a Rules<A, A::Command>,
+    write_params: Value,
+}
+
+/// The response of a successful write: the new state (none for 204) and
+/// the headers every write sets.
+fn written(state: &Value, status: &str, description: &str, with_location: bool) -> Value {
+    let mut headers = json!({
+        "ETag": r("headers", "ETag"),
+        "KES-Position": r("headers", "KES-Position"),
+        "Idempotent-Replayed": r("headers", "Idempotent-Replayed"),
+    });
+    if with_location {
+        headers["Location"] = r("headers", "Location");
+    }
+    let mut resp = json!({ "description": description, "headers": headers });
+    if status != "204" {
+        resp["content"] = json!({ "application/json": { "schema": state.clone() } });
+    }
+    resp
+}
+
 impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
     fn describe(&self, g: &mut SchemaGenerator, paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
-        let plural = &self.resource.plural;
-        let name = op_id(A::NAME);
-        let state = g.subschema_for::<A>().to_value();
-        let tags = json!([plural]);
+        let plural = self.resource.plural.as_str();
+        let cx = Cx {
+            plural,
+            name: op_id(A::NAME),
+            state: g.subschema_for::<A>().to_value(),
+            tags: json!([plural]),
+            rules: &self.resource.rules,
+            write_params: json!([r("parameters", "kes.IfMatch"), r("parameters", "kes.IdempotencyKey")]),
+        };
+        self.row_schemas(&cx, schemas);
+        paths.insert(format!("/{plural}"), self.collection_path(g, &cx));
+        paths.insert(format!("/{plural}/{{id}}"), self.item_path(g, &cx));
+        paths.insert(format!("/{plural}/{{id}}/events"), history_path::<A>(&cx));
+        feed_paths(&cx, paths);
+        self.command_paths(g, &cx, paths);
+    }
+}
 
+impl<A: Aggregate + JsonSchema> MountedDescription<A> {
+    /// `{plural}.Row`, `.ListItem` and `.Page`: the list's shapes, from the
+    /// view's schema.
+    fn row_schemas(&self, cx: &Cx<'_, A>, schemas: &mut Map<String, Value>) {
+        let plural = cx.plural;
         let row_props: Map<String, Value> =
             self.schema.fields.iter().map(|f| (f.name.clone(), field_schema(f.ty))).collect();
         schemas.insert(format!("{plural}.Row"), json!({ "type": "object", "properties": row_props }));
@@ -497,26 +556,13 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
                 "total": { "type": "integer", "minimum": 0 }
             }}),
         );
+    }
 
-        let written = |status: &str, description: &str, with_location: bool| {
-            let mut headers = json!({
-                "ETag": r("headers", "ETag"),
-                "KES-Position": r("headers", "KES-Position"),
-                "Idempotent-Replayed": r("headers", "Idempotent-Replayed"),
-            });
-            if with_location {
-                headers["Location"] = r("headers", "Location");
-            }
-            let mut resp = json!({ "description": description, "headers": headers });
-            if status != "204" {
-                resp["content"] = json!({ "application/json": { "schema": state.clone() } });
-            }
-            resp
-        };
-        let write_params = json!([r("parameters", "kes.IfMatch"), r("parameters", "kes.IdempotencyKey")]);
-
+    /// `GET` (the list) and `POST` (create) on `/{plural}`.
+    fn collection_path(&self, g: &mut SchemaGenerator, cx: &Cx<'_, A>) -> Value {
+        let Cx { plural, name, state, tags, .. } = cx;
         let mut collection = Map::new();
-        let rules = &self.resource.rules;
+        let rules = cx.rules;
         let mut list_responses = refs(&["400", "500", "503"]);
         list_responses.insert("422".into(), r("responses", "kes.InvalidCursor"));
         forbidden(&mut list_responses, rules.read_text());
@@ -534,7 +580,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         if let Some(op) = &self.resource.create {
             let mut responses = refs(&["400", "409", "413", "415", "422", "500", "503"]);
             forbidden(&mut responses, rules.write_text("create"));
-            responses.insert("201".into(), written("201", &format!("The new {}.", A::NAME), true));
+            responses.insert("201".into(), written(state, "201", &format!("The new {}.", A::NAME), true));
             let mut o = json!({ "operationId": format!("create_{name}"), "tags": tags,
                 "summary": format!("Create a {}; the server makes its id.", A::NAME),
                 "parameters": [r("parameters", "kes.IdempotencyKey")], "responses": responses });
@@ -543,8 +589,12 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
             }
             collection.insert("post".into(), o);
         }
-        paths.insert(format!("/{plural}"), Value::Object(collection));
+        Value::Object(collection)
+    }
 
+    /// `GET`, `PUT`, `PATCH` and `DELETE` on `/{plural}/{id}`.
+    fn item_path(&self, g: &mut SchemaGenerator, cx: &Cx<'_, A>) -> Value {
+        let Cx { name, state, tags, rules, write_params, .. } = cx;
         let mut item = Map::new();
         item.insert("parameters".into(), json!([r("parameters", "kes.Id")]));
         let mut get_responses = refs(&["400", "404", "500", "503"]);
@@ -570,7 +620,8 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
             let Some(op) = op else { continue };
             let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
             forbidden(&mut responses, rules.write_text(verb));
-            responses.insert("200".into(), written("200", &format!("The {} after the command.", A::NAME), false));
+            responses
+                .insert("200".into(), written(state, "200", &format!("The {} after the command.", A::NAME), false));
             let mut o = json!({ "operationId": format!("{verb}_{name}"), "tags": tags,
                 "summary": format!("{verb} a {}.", A::NAME), "parameters": write_params, "responses": responses });
             if let Some(body) = request_body(g, op) {
@@ -581,7 +632,7 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
         if self.resource.delete.is_some() {
             let mut responses = refs(&["400", "404", "409", "412", "422", "500", "503"]);
             forbidden(&mut responses, rules.write_text("delete"));
-            responses.insert("204".into(), written("204", "Deleted.", false));
+            responses.insert("204".into(), written(state, "204", "Deleted.", false));
             item.insert(
                 "delete".into(),
                 json!({ "operationId": format!("delete_{name}"), "tags": tags,
@@ -589,95 +640,17 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
                         "parameters": write_params, "responses": responses }),
             );
         }
-        paths.insert(format!("/{plural}/{{id}}"), Value::Object(item));
+        Value::Object(item)
+    }
 
-        let mut history = refs(&["400", "404", "500", "503"]);
-        forbidden(&mut history, rules.read_text());
-        history.insert(
-            "200".into(),
-            json!({ "description": "One page of events, oldest first.",
-                    "headers": { "KES-Consistency": r("headers", "KES-Consistency") },
-                    "content": { "application/json": { "schema": r("schemas", "kes.History") } } }),
-        );
-        let max = kes_core::history::HISTORY_MAX_PAGE;
-        paths.insert(
-            format!("/{plural}/{{id}}/events"),
-            json!({ "parameters": [r("parameters", "kes.Id")],
-                    "get": { "operationId": format!("{name}_events"), "tags": tags,
-                             "summary": format!("The audit history of one {}, page by page.", A::NAME),
-                             "description": "Pages follow versions: every event appears on exactly one page even \
-                                 while the aggregate takes new commands. 404 when the aggregate has no events.",
-                             "parameters": [
-                                 { "name": "page[size]", "in": "query", "required": false,
-                                   "description": "Events per page.",
-                                   "schema": { "type": "integer", "minimum": 1, "maximum": max,
-                                               "default": crate::api::HISTORY_DEFAULT_PAGE } },
-                                 { "name": "page[after]", "in": "query", "required": false,
-                                   "description": "Start after this version (the `next` of the previous page).",
-                                   "schema": { "type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0 } },
-                                 r("parameters", "kes.Position")
-                             ],
-                             "responses": history } }),
-        );
-        let last_event_id = |description: &str| {
-            json!({ "name": "Last-Event-ID", "in": "header", "required": false, "description": description,
-                    "schema": { "type": "string", "maxLength": 4096 } })
-        };
-        paths.insert(
-            format!("/{plural}/changes"),
-            json!({ "get": { "operationId": format!("{name}_changes"), "tags": tags,
-                "summary": format!("A live feed of the {} list's changes (Server-Sent Events).", A::NAME),
-                "description": "Events: `change` (data `{id, version, row}`: the row as the list view has it), \
-                    `remove` (data `{id, version}`: deleted, or no longer matching the feed's filters), `progress` \
-                    (only moves the resume token), `reset` (data `{reason}`: reload the list, then reconnect; sent \
-                    to a client that read too slowly before it is cut off). Changes of one row that the view \
-                    applied together arrive as one event at its latest version. Each event's SSE `id` is a resume \
-                    token (PARTITION:NEXT_OFFSET[,…]); send it back as `Last-Event-ID` (browsers do) or `after` \
-                    to replay exactly what followed it. Filters and `q` use the list syntax; sorting and paging \
-                    are refused. Comments keep idle connections open.",
-                "parameters": [
-                    last_event_id("Resume after this token."),
-                    { "name": "after", "in": "query", "required": false,
-                      "description": "Resume after this token (when the client cannot set Last-Event-ID).",
-                      "schema": { "type": "string", "pattern": "^([0-9]{1,10}:[0-9]{1,20}(,[0-9]{1,10}:[0-9]{1,20})*)?$" } },
-                    { "name": "filter", "in": "query", "required": false, "style": "deepObject", "explode": true,
-                      "description": "As on the list: `filter[FIELD]=V`, `filter[FIELD][OP]=V`.",
-                      "schema": { "type": "object", "additionalProperties": true } },
-                    { "name": "q", "in": "query", "required": false,
-                      "schema": { "type": "string", "maxLength": 256, "pattern": "^[^\u{0}-\u{1f}\u{7f}-\u{9f}]*$" } }
-                ],
-                "responses": {
-                    "200": { "description": "The feed, until the client or the server closes it.",
-                             "content": { "text/event-stream": { "schema": { "type": "string" } } } },
-                    "400": r("responses", "kes.BadRequest"), "500": r("responses", "kes.Internal"),
-                    "503": r("responses", "kes.Unavailable")
-                } } }),
-        );
-        paths.insert(
-            format!("/{plural}/{{id}}/changes"),
-            json!({ "parameters": [r("parameters", "kes.Id")],
-                "get": { "operationId": format!("{name}_item_changes"), "tags": tags,
-                "summary": format!("A live feed of one {}'s new versions (Server-Sent Events).", A::NAME),
-                "description": "Events: `state` (data `{version, etag, state}`, SSE `id` = the version) and \
-                    `deleted`. The current state comes first unless `Last-Event-ID` already names its version.",
-                "parameters": [last_event_id("The version the client has.")],
-                "responses": {
-                    "200": { "description": "The feed.", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
-                    "400": r("responses", "kes.BadRequest"), "500": r("responses", "kes.Internal"),
-                    "503": r("responses", "kes.Unavailable")
-                } } }),
-        );
-        for feed in [format!("/{plural}/changes"), format!("/{plural}/{{id}}/changes")] {
-            if let Some(responses) =
-                paths.get_mut(&feed).and_then(|p| p.pointer_mut("/get/responses")).and_then(Value::as_object_mut)
-            {
-                forbidden(responses, rules.read_text());
-            }
-        }
+    /// `POST /{plural}/{id}/{command}` for every named command.
+    fn command_paths(&self, g: &mut SchemaGenerator, cx: &Cx<'_, A>, paths: &mut Map<String, Value>) {
+        let Cx { plural, name, state, tags, rules, write_params } = cx;
         for (command, op) in &self.resource.commands {
             let mut responses = refs(&["400", "404", "409", "412", "413", "415", "422", "500", "503"]);
             forbidden(&mut responses, rules.write_text(command));
-            responses.insert("200".into(), written("200", &format!("The {} after the command.", A::NAME), false));
+            responses
+                .insert("200".into(), written(state, "200", &format!("The {} after the command.", A::NAME), false));
             let mut o = json!({ "operationId": format!("{name}_{}", op_id(command)), "tags": tags,
                 "summary": format!("Run command {command} on a {}.", A::NAME),
                 "parameters": write_params, "responses": responses });
@@ -688,6 +661,96 @@ impl<A: Aggregate + JsonSchema> Describe for MountedDescription<A> {
                 format!("/{plural}/{{id}}/{command}"),
                 json!({ "parameters": [r("parameters", "kes.Id")], "post": o }),
             );
+        }
+    }
+}
+
+/// `GET /{plural}/{id}/events`: the audit history, page by page.
+fn history_path<A: Aggregate>(cx: &Cx<'_, A>) -> Value {
+    let Cx { name, tags, rules, .. } = cx;
+    let mut history = refs(&["400", "404", "500", "503"]);
+    forbidden(&mut history, rules.read_text());
+    history.insert(
+        "200".into(),
+        json!({ "description": "One page of events, oldest first.",
+                "headers": { "KES-Consistency": r("headers", "KES-Consistency") },
+                "content": { "application/json": { "schema": r("schemas", "kes.History") } } }),
+    );
+    let max = kes_core::HISTORY_MAX_PAGE;
+    json!({ "parameters": [r("parameters", "kes.Id")],
+                "get": { "operationId": format!("{name}_events"), "tags": tags,
+                         "summary": format!("The audit history of one {}, page by page.", A::NAME),
+                         "description": "Pages follow versions: every event appears on exactly one page even \
+                             while the aggregate takes new commands. 404 when the aggregate has no events.",
+                         "parameters": [
+                             { "name": "page[size]", "in": "query", "required": false,
+                               "description": "Events per page.",
+                               "schema": { "type": "integer", "minimum": 1, "maximum": max,
+                                           "default": crate::request::HISTORY_DEFAULT_PAGE } },
+                             { "name": "page[after]", "in": "query", "required": false,
+                               "description": "Start after this version (the `next` of the previous page).",
+                               "schema": { "type": "integer", "minimum": 0, "maximum": u64::MAX, "default": 0 } },
+                             r("parameters", "kes.Position")
+                         ],
+                         "responses": history } })
+}
+
+/// The live feeds: `/{plural}/changes` and `/{plural}/{id}/changes`.
+fn feed_paths<A: Aggregate>(cx: &Cx<'_, A>, paths: &mut Map<String, Value>) {
+    let Cx { plural, name, tags, rules, .. } = cx;
+    let last_event_id = |description: &str| {
+        json!({ "name": "Last-Event-ID", "in": "header", "required": false, "description": description,
+                "schema": { "type": "string", "maxLength": 4096 } })
+    };
+    paths.insert(
+        format!("/{plural}/changes"),
+        json!({ "get": { "operationId": format!("{name}_changes"), "tags": tags,
+            "summary": format!("A live feed of the {} list's changes (Server-Sent Events).", A::NAME),
+            "description": "Events: `change` (data `{id, version, row}`: the row as the list view has it), \
+                `remove` (data `{id, version}`: deleted, or no longer matching the feed's filters), `progress` \
+                (only moves the resume token), `reset` (data `{reason}`: reload the list, then reconnect; sent \
+                to a client that read too slowly before it is cut off). Changes of one row that the view \
+                applied together arrive as one event at its latest version. Each event's SSE `id` is a resume \
+                token (PARTITION:NEXT_OFFSET[,…]); send it back as `Last-Event-ID` (browsers do) or `after` \
+                to replay exactly what followed it. Filters and `q` use the list syntax; sorting and paging \
+                are refused. Comments keep idle connections open.",
+            "parameters": [
+                last_event_id("Resume after this token."),
+                { "name": "after", "in": "query", "required": false,
+                  "description": "Resume after this token (when the client cannot set Last-Event-ID).",
+                  "schema": { "type": "string", "pattern": "^([0-9]{1,10}:[0-9]{1,20}(,[0-9]{1,10}:[0-9]{1,20})*)?$" } },
+                { "name": "filter", "in": "query", "required": false, "style": "deepObject", "explode": true,
+                  "description": "As on the list: `filter[FIELD]=V`, `filter[FIELD][OP]=V`.",
+                  "schema": { "type": "object", "additionalProperties": true } },
+                { "name": "q", "in": "query", "required": false,
+                  "schema": { "type": "string", "maxLength": 256, "pattern": "^[^\u{0}-\u{1f}\u{7f}-\u{9f}]*$" } }
+            ],
+            "responses": {
+                "200": { "description": "The feed, until the client or the server closes it.",
+                         "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+                "400": r("responses", "kes.BadRequest"), "500": r("responses", "kes.Internal"),
+                "503": r("responses", "kes.Unavailable")
+            } } }),
+    );
+    paths.insert(
+        format!("/{plural}/{{id}}/changes"),
+        json!({ "parameters": [r("parameters", "kes.Id")],
+            "get": { "operationId": format!("{name}_item_changes"), "tags": tags,
+            "summary": format!("A live feed of one {}'s new versions (Server-Sent Events).", A::NAME),
+            "description": "Events: `state` (data `{version, etag, state}`, SSE `id` = the version) and \
+                `deleted`. The current state comes first unless `Last-Event-ID` already names its version.",
+            "parameters": [last_event_id("The version the client has.")],
+            "responses": {
+                "200": { "description": "The feed.", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+                "400": r("responses", "kes.BadRequest"), "500": r("responses", "kes.Internal"),
+                "503": r("responses", "kes.Unavailable")
+            } } }),
+    );
+    for feed in [format!("/{plural}/changes"), format!("/{plural}/{{id}}/changes")] {
+        if let Some(responses) =
+            paths.get_mut(&feed).and_then(|p| p.pointer_mut("/get/responses")).and_then(Value::as_object_mut)
+        {
+            forbidden(responses, rules.read_text());
         }
     }
 }

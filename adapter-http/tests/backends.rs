@@ -12,7 +12,7 @@ use common::*;
 use http::StatusCode;
 use kes_core::{CommandBus, EventStore, ProjectionRunner, RunnerConfig, ViewProjection, ViewStore};
 use kes_http::{Api, HttpConfig};
-use kes_store_kafka::{KafkaConfig, KafkaStore};
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
 use kes_store_sql::SqlStore;
 use kes_view_sql::SqlView;
 use serde_json::{Value, json};
@@ -136,8 +136,8 @@ async fn essential_routes_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn essential_routes_on_kafka() {
     let Some(brokers) = kes_test_support::kafka_brokers() else { return };
-    let config = KafkaConfig::new(brokers, kes_test_support::unique_prefix("http"));
-    let store = KafkaStore::<Project>::connect(config).await.expect("a Kafka store");
+    let config = KafkaStoreConfig::new(brokers, kes_test_support::unique_prefix("http"));
+    let store = KafkaStore::<Project>::open(config).await.expect("a Kafka store");
     let dir = tempfile::tempdir().expect("a temp dir");
     let view = SqlView::open(&sqlite_url(&dir, "views.db"), view_schema()).await.expect("a SQLite view");
     essential_routes(Arc::new(store), Arc::new(view)).await;
@@ -150,9 +150,9 @@ async fn essential_routes_on_kafka() {
 async fn a_broker_outage_is_503_then_writes_resume() {
     // Runs wherever broker tests run: it starts a broker of its own.
     let Some(own) = kes_test_support::OwnBroker::start() else { return };
-    let mut config = KafkaConfig::new(own.address(), kes_test_support::unique_prefix("outage"));
+    let mut config = KafkaStoreConfig::new(own.address(), kes_test_support::unique_prefix("outage"));
     config.request_timeout = Duration::from_secs(2);
-    let store = KafkaStore::<Project>::connect(config).await.expect("a Kafka store");
+    let store = KafkaStore::<Project>::open(config).await.expect("a Kafka store");
     let dir = tempfile::tempdir().expect("a temp dir");
     let view = SqlView::open(&sqlite_url(&dir, "views.db"), view_schema()).await.expect("a SQLite view");
     let (app, runner) = api(Arc::new(store), Arc::new(view)).await;

@@ -18,6 +18,8 @@ const ISSUER: &str = "https://login.example";
 
 /// Requests per second with a token verified on every request, against
 /// none; `verb` on the projects `ids` of `service`.
+// Kept in one piece: A scenario reads top to bottom (seed, measure KES, measure the baseline, clean up); split,
+// its steps would hand each other every local.
 pub async fn measure(
     plan: Plan,
     service: &kes_examples::service::Service,

@@ -16,7 +16,7 @@ use anyhow::Context;
 use kes_core::{Aggregate, EventStore, ExpectedVersion, Metadata};
 use kes_examples::domain::{Project, ProjectCommand, ProjectFields};
 use kes_examples::service::{Service, Settings};
-use kes_store_kafka::KafkaConfig;
+use kes_store_kafka::KafkaStoreConfig;
 
 use crate::backends::Kafka;
 use crate::load::{self, Server};
@@ -47,7 +47,7 @@ struct Deployment {
 impl Deployment {
     async fn open(brokers: &str, n: usize, tag: &str) -> anyhow::Result<Self> {
         let store = format!("kafka://{brokers}?prefix={}", Kafka::prefix(tag));
-        let events_topic = KafkaConfig::from_url(&store)?.events_topic(Project::NAME);
+        let events_topic = KafkaStoreConfig::from_url(&store)?.events_topic(Project::NAME);
         let mut instances = Vec::with_capacity(n);
         // One after the other: the first creates the topics.
         for k in 0..n {

@@ -125,8 +125,8 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Clone + Debug + Se
     fn apply(&mut self, event: &Self::Event);
 
     /// Whether this state is a deletion (tombstone). A deleted aggregate is
-    /// not found by reads, its list row is removed, and the Kafka table
-    /// writes a tombstone for it. Its events stay in the log.
+    /// not found by reads, its list row is removed, and the store's table
+    /// of latest states drops it. Its events stay in the log.
     fn is_deleted(&self) -> bool {
         false
     }

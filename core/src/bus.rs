@@ -196,6 +196,8 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
     /// Like a rejection, a refusal on a state that may be stale is checked
     /// again on [`EventStore::load_current`]. A retry whose idempotency key
     /// already landed replays the first answer without asking the guard.
+    // Kept in one piece: One retry loop on purpose: every `continue` decides again on the log's current state,
+    // and the three reasons to retry (stale read, stale refusal, lost race) share the loop's state.
     pub async fn execute_guarded(
         &self,
         id: &str,

@@ -95,36 +95,36 @@
 //! # });
 //! ```
 
-pub mod aggregate;
-pub mod bus;
-pub mod codec;
+mod aggregate;
+mod bus;
+mod codec;
 #[cfg(feature = "testing")]
 pub mod conformance;
 #[doc(hidden)]
 pub mod doc_fixtures;
-pub mod envelope;
-pub mod history;
-pub mod locks;
-pub mod memory;
-pub mod projection;
-pub mod reaction;
-pub mod store;
-pub mod testkit;
-pub mod view;
+mod envelope;
+mod history;
+mod locks;
+mod memory;
+mod projection;
+mod reaction;
+mod store;
+mod testkit;
+mod view;
 
 pub use aggregate::{Aggregate, DomainEvent};
 pub use bus::{BusConfig, CommandBus, CommandError, CommandGuard, CommandOutcome};
-pub use codec::{Codec, CodecError, EncodedEvent, JsonCodec, RawEnvelope, Upcast, Upcasters};
-pub use envelope::{Checkpoint, Envelope, Metadata, Position};
+pub use codec::{Codec, CodecError, EncodedEvent, JsonCodec, RawEnvelope, Upcast, UpcastFn, Upcasters, encode_all};
+pub use envelope::{BadPosition, Checkpoint, Envelope, Metadata, Position};
 pub use history::{
-    History, HistoryError, HistoryPage, HistoryProjection, HistoryRecord, StoreHistory, ViewHistory, history_schema,
-    store_page,
+    HISTORY_AGGREGATE_FIELD, HISTORY_MAX_PAGE, HISTORY_RECORD_FIELD, HISTORY_VERSION_FIELD, History, HistoryError,
+    HistoryPage, HistoryProjection, HistoryRecord, StoreHistory, ViewHistory, history_schema, store_page,
 };
 pub use locks::{KeyedGuard, KeyedLocks};
 pub use memory::{InMemoryStore, InMemoryView};
 pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport,
-    RebuildState, RunnerConfig, StoredCatchUp, StoredStatus, ViewProjection,
+    RebuildState, RowFn, RunnerConfig, StoredCatchUp, StoredStatus, ViewProjection,
 };
 pub use reaction::{
     CommandRouter, CommandSink, Commands, REACTION_METADATA_KEY, Reaction, ReactionConfig, ReactionCounts,
@@ -134,7 +134,9 @@ pub use reaction::{
 pub use store::{
     Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StateDocument, StoreError, StoreGauge,
 };
+pub use testkit::{TestFramework, TestOutcome};
 pub use view::{
-    Field, FieldType, FieldValue, FilterOp, Lease, ListItem, ListQuery, ListView, Page, QueryError, Row, RowChange,
-    StoredState, ViewCopy, ViewError, ViewProgress, ViewSchema, ViewStore, is_plain_name, prefix_upper_bound,
+    Cond, Cursor, Field, FieldType, FieldValue, Filter, FilterOp, ID_FIELD, Lease, ListItem, ListQuery, ListView, Page,
+    QueryError, Row, RowChange, SchemaError, SortKey, StoredState, ValidFilter, ValidQuery, ValidSort, ViewCopy,
+    ViewError, ViewProgress, ViewSchema, ViewStore, is_plain_name, prefix_upper_bound,
 };

@@ -333,11 +333,12 @@ pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Writes out what the store holds only in memory (a Kafka store's
-    /// table records waiting to be coalesced) and waits for it, so that the
-    /// next start has nothing to catch up. Call it before a planned
-    /// shutdown; the store stays usable. Stores that write everything
-    /// during `append` have nothing to do.
+    /// Writes out whatever the store keeps only in memory after an append
+    /// has been acknowledged (work it defers, such as coalesced writes of
+    /// its table) and waits for it, so that the next start has nothing to
+    /// catch up. Call it before a planned shutdown; the store stays usable.
+    /// Stores that write everything during `append` have nothing to do
+    /// (the default).
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }

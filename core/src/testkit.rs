@@ -2,7 +2,7 @@
 //!
 //! ```
 //! # use kes_core::doc_fixtures::{BelowZero, Counter, CounterEvent};
-//! use kes_core::testkit::TestFramework;
+//! use kes_core::TestFramework;
 //!
 //! TestFramework::<Counter>::given(vec![CounterEvent::Added { by: 2 }])
 //!     .when(-1)
@@ -35,20 +35,20 @@ impl<A: Aggregate> TestFramework<A> {
     }
 
     /// Runs `command` against the given history.
-    pub fn when(self, command: A::Command) -> Outcome<A> {
+    pub fn when(self, command: A::Command) -> TestOutcome<A> {
         let result = self.state.handle(command);
-        Outcome { before: self.state, result }
+        TestOutcome { before: self.state, result }
     }
 }
 
 /// What a command did in a test; assert on it with the `then_*` methods.
 #[must_use = "an outcome asserts nothing until a then_* method is called"]
-pub struct Outcome<A: Aggregate> {
+pub struct TestOutcome<A: Aggregate> {
     before: A,
     result: Result<Vec<A::Event>, A::Error>,
 }
 
-impl<A: Aggregate> Outcome<A> {
+impl<A: Aggregate> TestOutcome<A> {
     /// Asserts that the command produced exactly `expected`.
     #[track_caller]
     pub fn then_expect_events(self, expected: Vec<A::Event>)

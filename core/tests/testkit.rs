@@ -1,7 +1,7 @@
 //! The given / when / then kit on the conformance ledger.
 
+use kes_core::TestFramework;
 use kes_core::conformance::{Ledger, LedgerCommand, LedgerError, LedgerEvent};
-use kes_core::testkit::TestFramework;
 
 #[test]
 fn expected_events() {

@@ -23,7 +23,7 @@
 //! ## Example
 //!
 //! ```
-//! use kes_core::testkit::TestFramework;
+//! use kes_core::TestFramework;
 //! use kes_examples::domain::{Project, ProjectCommand, ProjectError, ProjectFields};
 //!
 //! let negative = ProjectFields { budget: Some(-5), ..ProjectFields::default() };

@@ -12,8 +12,8 @@ use kes_core::{
 };
 use kes_http::{AdminToken, Api, HttpConfig, JwtAuth, Readiness, ShutdownHandle};
 #[cfg(feature = "kafka")]
-use kes_store_kafka::{KafkaConfig, KafkaStore};
-use kes_store_sql::SqlStore;
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
+use kes_store_sql::{SqlStore, SqlStoreConfig};
 
 use crate::domain::{Project, Task};
 use crate::reactions::{PROJECT_TASKS, ProjectTasks};
@@ -98,11 +98,12 @@ pub async fn open_store_sized<A: Aggregate>(
     connections: Option<u32>,
 ) -> anyhow::Result<Arc<dyn EventStore<A>>> {
     if url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        let mut builder = SqlStore::<A>::builder(url);
+        let mut config = SqlStoreConfig::from_url(url);
         if let Some(n) = connections {
-            builder = builder.max_connections(n);
+            config = config.max_connections(n);
         }
-        let store = builder.open().await.with_context(|| format!("opening the event store {}", redact(url)))?;
+        let store =
+            SqlStore::<A>::open(config).await.with_context(|| format!("opening the event store {}", redact(url)))?;
         Ok(Arc::new(store))
     } else if url.starts_with("kafka:") {
         open_kafka_store(url).await
@@ -113,8 +114,8 @@ pub async fn open_store_sized<A: Aggregate>(
 
 #[cfg(feature = "kafka")]
 async fn open_kafka_store<A: Aggregate>(url: &str) -> anyhow::Result<Arc<dyn EventStore<A>>> {
-    let config = KafkaConfig::from_url(url).context("reading the Kafka store URL")?;
-    let store = KafkaStore::<A>::connect(config).await.context("connecting to Kafka")?;
+    let config = KafkaStoreConfig::from_url(url).context("reading the Kafka store URL")?;
+    let store = KafkaStore::<A>::open(config).await.context("connecting to Kafka")?;
     Ok(Arc::new(store))
 }
 
@@ -158,11 +159,11 @@ pub async fn open_view_sized(
         location.starts_with("sqlite:") || location.starts_with("postgres:") || location.starts_with("postgresql:");
     #[cfg(feature = "view-sql")]
     if sql {
-        let mut options = kes_view_sql::SqlViewOptions::default().idle_in_transaction_timeout(lease_ttl * 2 / 5);
+        let mut config = kes_view_sql::SqlViewConfig::from_url(location).idle_in_transaction_timeout(lease_ttl * 2 / 5);
         if let Some(n) = connections {
-            options = options.max_connections(n);
+            config = config.max_connections(n);
         }
-        let view = kes_view_sql::SqlView::open_with(location, schema, options)
+        let view = kes_view_sql::SqlView::open(config, schema)
             .await
             .with_context(|| format!("opening the list views in {}", redact(location)))?;
         return Ok(Arc::new(view));

@@ -11,9 +11,16 @@
 //! - [`is_transient`]: which driver errors mean "the database cannot serve
 //!   us now, retry later" (503 and back-off rather than a failure).
 //! - [`redact`]: a URL without its password, for messages and logs.
+//! - [`Pool`], [`Tx`], [`DbRow`] and [`Statement`]: one code path for both
+//!   databases — each operation is written once, and the `match` on the
+//!   dialect per primitive lives here.
 //!
 //! It is an internal crate of KES: its API follows what the two backends
 //! need.
+
+mod db;
+
+pub use db::{Arg, Column, DbRow, Pool, Statement, Tx};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kes_core::codec::encode_all;
+use kes_core::encode_all;
 use kes_core::{Aggregate, Appended, ExpectedVersion, Metadata, Position, StoreError};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::oneshot;

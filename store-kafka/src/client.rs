@@ -11,7 +11,7 @@ use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 
-use crate::config::KafkaConfig;
+use crate::config::KafkaStoreConfig;
 use crate::error::KafkaStoreError;
 
 /// Fetch size of scans and subscriptions.
@@ -45,7 +45,7 @@ pub(crate) const FOLLOWER_FETCH_WAIT_MS: u32 = 20;
 const FETCH_MAX_BYTES: u64 = 1 << 20;
 
 /// The settings every client shares, then the user's overrides.
-pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
+pub(crate) fn client_config(config: &KafkaStoreConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     let timeout = config.request_timeout.as_millis().to_string();
     c.set("bootstrap.servers", &config.brokers)
@@ -59,7 +59,7 @@ pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-pub(crate) fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaStoreError> {
+pub(crate) fn create_producer(config: &KafkaStoreConfig) -> Result<FutureProducer, KafkaStoreError> {
     let mut c = client_config(config);
     let timeout = config.request_timeout.as_millis();
     // Every append waits for its record: lingering would add to each
@@ -80,7 +80,7 @@ pub(crate) fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, Ka
 /// shallow queue starves on brokers with slow fetches). `wait_ms` is its
 /// `fetch.wait.max.ms` ([`BOUNDED_FETCH_WAIT_MS`] or
 /// [`FOLLOW_FETCH_WAIT_MS`]).
-pub(crate) fn create_consumer(config: &KafkaConfig, eof: bool, wait_ms: u32) -> Result<Reader, KafkaStoreError> {
+pub(crate) fn create_consumer(config: &KafkaStoreConfig, eof: bool, wait_ms: u32) -> Result<Reader, KafkaStoreError> {
     let mut c = client_config(config);
     c.set("max.partition.fetch.bytes", SCAN_FETCH_BYTES.clamp(1024, FETCH_MAX_BYTES).to_string())
         .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string());
@@ -141,7 +141,7 @@ impl ProducerSlot {
     /// timed out bumps its epoch locally and keeps producing with it; some
     /// brokers (Tansu 0.6.0) cannot handle an epoch they never issued. A
     /// fresh producer asks the broker for a new producer id instead.
-    pub(crate) fn replace_failed(&self, config: &KafkaConfig, failed: &Arc<FutureProducer>, after_timeout: bool) {
+    pub(crate) fn replace_failed(&self, config: &KafkaStoreConfig, failed: &Arc<FutureProducer>, after_timeout: bool) {
         let fatal = failed.client().fatal_error();
         if fatal.is_none() && !after_timeout {
             return;

@@ -12,7 +12,7 @@ pub const THOUSAND_YEARS_MS: i64 = 1000 * 365 * 24 * 3600 * 1000;
 
 /// Settings of a [`crate::KafkaStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KafkaConfig {
+pub struct KafkaStoreConfig {
     /// `bootstrap.servers`: comma-separated `host:port` list.
     pub brokers: String,
     /// Topics are named `{prefix}.{aggregate}.events` and
@@ -64,7 +64,7 @@ pub struct KafkaConfig {
     pub client: BTreeMap<String, String>,
 }
 
-impl KafkaConfig {
+impl KafkaStoreConfig {
     /// Defaults for brokers at `brokers` and topics under `topic_prefix`.
     pub fn new(brokers: impl Into<String>, topic_prefix: impl Into<String>) -> Self {
         Self {
@@ -157,11 +157,11 @@ mod tests {
 
     #[test]
     fn urls_are_read_or_refused() {
-        let c = KafkaConfig::from_url("kafka://127.0.0.1:9092?prefix=app&partitions=6").unwrap();
+        let c = KafkaStoreConfig::from_url("kafka://127.0.0.1:9092?prefix=app&partitions=6").unwrap();
         assert_eq!((c.brokers.as_str(), c.topic_prefix.as_str(), c.partitions), ("127.0.0.1:9092", "app", 6));
         assert_eq!(c.events_topic("project"), "app.project.events");
-        assert_eq!(KafkaConfig::from_url("kafka://a:1,b:2/").unwrap().brokers, "a:1,b:2");
-        let c = KafkaConfig::from_url("kafka://h:1?table_delay_ms=0").unwrap();
+        assert_eq!(KafkaStoreConfig::from_url("kafka://a:1,b:2/").unwrap().brokers, "a:1,b:2");
+        let c = KafkaStoreConfig::from_url("kafka://h:1?table_delay_ms=0").unwrap();
         assert_eq!(c.table_write_delay, Duration::ZERO);
         for bad in [
             "http://x",
@@ -172,8 +172,8 @@ mod tests {
             "kafka://h:1?table_delay_ms=-1",
             "kafka://h:1?table_delay_ms=600000",
         ] {
-            assert!(KafkaConfig::from_url(bad).is_err(), "{bad}");
+            assert!(KafkaStoreConfig::from_url(bad).is_err(), "{bad}");
         }
-        assert!(KafkaConfig::new("h:1", "bad prefix").validate().is_err());
+        assert!(KafkaStoreConfig::new("h:1", "bad prefix").validate().is_err());
     }
 }

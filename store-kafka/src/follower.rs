@@ -30,7 +30,7 @@ use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reader, create_consumer};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
-use crate::table::{Halt, KeyRetention, Row, Table, Verdict, encode_state};
+use crate::table::{Halt, KeyRetention, Table, TableRow, Verdict, encode_state};
 use crate::validity::{Judgement, StreamTip, judge};
 
 /// Most idempotency keys one aggregate remembers, whatever their age.
@@ -225,7 +225,7 @@ impl<A: Aggregate> Inner<A> {
     /// The state after the valid record `doc` on top of `row`: its events
     /// decoded and applied. The reason when they do not decode or the held
     /// state does not fit the model (the partition halts then).
-    fn fold(&self, row: Option<&Row>, doc: &EventsDoc) -> Result<(Box<[u8]>, bool), String> {
+    fn fold(&self, row: Option<&TableRow>, doc: &EventsDoc) -> Result<(Box<[u8]>, bool), String> {
         let mut state: A = match row {
             Some(r) => r.typed().map_err(|e| format!("the table's state does not fit the aggregate's model: {e}"))?,
             None => A::default(),
@@ -258,7 +258,7 @@ impl<A: Aggregate> Inner<A> {
     ) -> bool {
         let id = doc.aggregate_id.as_str();
         let retention = self.key_retention();
-        let row = table.rows.entry(id.into()).or_insert_with(|| Box::new(Row::new(at)));
+        let row = table.rows.entry(id.into()).or_insert_with(|| Box::new(TableRow::new(at)));
         row.advance(state, deleted, doc.last_version, at, size);
         row.last_event_id = doc.last_event_id();
         if let Some(key) = &doc.metadata.idempotency_key {
@@ -317,10 +317,16 @@ impl<A: Aggregate> Inner<A> {
     /// (excluding) `to`, rebuilt from the log by the validity rule: what a
     /// row must be when a gap shows that the table's picture of it is
     /// incomplete. Keeps the row's idempotency keys.
-    pub(crate) async fn rebuild_stream(&self, p: u32, id: &str, from: u64, to: u64) -> Result<Row, KafkaStoreError> {
+    pub(crate) async fn rebuild_stream(
+        &self,
+        p: u32,
+        id: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<TableRow, KafkaStoreError> {
         let topic = self.events_topic.clone();
         let retention = self.key_retention();
-        let mut row: Option<Row> = None;
+        let mut row: Option<TableRow> = None;
         let mut unreadable = None;
         self.scan(&topic, &[(p, from, to)], |m| {
             if m.key() != Some(id.as_bytes()) || unreadable.is_some() {
@@ -335,7 +341,7 @@ impl<A: Aggregate> Inner<A> {
             match self.fold(row.as_ref(), &doc) {
                 Ok((state, deleted)) => {
                     let value = m.payload().unwrap_or_default();
-                    let r = row.get_or_insert_with(|| Row::new(at));
+                    let r = row.get_or_insert_with(|| TableRow::new(at));
                     r.advance(state, deleted, doc.last_version, at, (id.len() + value.len()) as u64);
                     r.last_event_id = doc.last_event_id();
                     r.history = None;
@@ -359,12 +365,12 @@ impl<A: Aggregate> Inner<A> {
         }
         tracing::warn!(topic = %self.events_topic, partition = p, aggregate_id = id, from, to,
             "stream rebuilt from the events topic (the table's row of it was incomplete)");
-        Ok(row.unwrap_or_else(|| Row::new(Position::new(p, from))))
+        Ok(row.unwrap_or_else(|| TableRow::new(Position::new(p, from))))
     }
 
     /// Puts a rebuilt row in place of the table's, keeping the keys and
     /// reaction marks the table remembered.
-    pub(crate) fn replace_row(&self, table: &mut Table<A>, id: &str, mut rebuilt: Row) {
+    pub(crate) fn replace_row(&self, table: &mut Table<A>, id: &str, mut rebuilt: TableRow) {
         let retention = self.key_retention();
         if let Some(old) = table.rows.get(id) {
             for k in old.keys.as_deref().into_iter().flatten() {

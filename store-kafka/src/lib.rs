@@ -11,7 +11,7 @@
 //! ## Layout
 //!
 //! Per aggregate type (`A::NAME`), created explicitly with their configs
-//! (never by auto-creation), with [`KafkaConfig::partitions`] partitions:
+//! (never by auto-creation), with [`KafkaStoreConfig::partitions`] partitions:
 //!
 //! | topic | config | key | value |
 //! |---|---|---|---|
@@ -61,8 +61,8 @@
 //!   that landed earlier are both answered with the right position.
 //! - **Idempotency across instances.** Every valid record's idempotency key
 //!   is remembered by every instance (the last
-//!   [`KafkaConfig::idempotency_keys_per_aggregate`], and all those younger
-//!   than [`KafkaConfig::idempotency_window`], up to 1,024 per aggregate),
+//!   [`KafkaStoreConfig::idempotency_keys_per_aggregate`], and all those younger
+//!   than [`KafkaStoreConfig::idempotency_window`], up to 1,024 per aggregate),
 //!   so a retry reaching another instance is answered once; the command bus
 //!   recalls the key again after any conflict. A reaction's command
 //!   (its key a `kes_core::ReactionKey`) is also recognised for good: each
@@ -86,11 +86,11 @@
 //! - **Acknowledged means durable.** The producer is idempotent with
 //!   `acks=all`; a command is answered only after the broker acknowledged
 //!   its record and the record was judged valid. Table records are written
-//!   later, after [`KafkaConfig::table_write_delay`] (250 ms by default),
+//!   later, after [`KafkaStoreConfig::table_write_delay`] (250 ms by default),
 //!   one per aggregate at a time, carrying every command that arrived
 //!   meanwhile.
 //! - **Bounded failure.** Every broker round trip is bounded by
-//!   [`KafkaConfig::request_timeout`]: a down broker gives
+//!   [`KafkaStoreConfig::request_timeout`]: a down broker gives
 //!   [`kes_core::StoreError::Unavailable`] within about twice that, never a
 //!   hang. A send whose outcome is unknown answers `Unavailable`; if the
 //!   record landed after all, the follower judges it like any other, and a
@@ -139,14 +139,14 @@
 //!   offsets, map slot); idempotency keys, the offsets of further records
 //!   and cached histories cost only the aggregates that have them.
 //! - `recall`: each aggregate remembers its last
-//!   [`KafkaConfig::idempotency_keys_per_aggregate`] keys (default 32),
+//!   [`KafkaStoreConfig::idempotency_keys_per_aggregate`] keys (default 32),
 //!   persisted in its table record, so they survive restarts; older keys are
 //!   forgotten whatever their age. Reaction marks (one per reaction
 //!   sequence that reached the aggregate, about 60 bytes each) are kept
 //!   for good, in the table record too.
 //! - `read(id)` and `read_page(id, after, limit)`: the table keeps each
 //!   aggregate's record offsets, and a read cache
-//!   ([`KafkaConfig::read_cache_bytes`], 64 MiB by default) keeps the
+//!   ([`KafkaStoreConfig::read_cache_bytes`], 64 MiB by default) keeps the
 //!   records of aggregates written or caught up since start, evicting whole
 //!   histories oldest first. A cached history costs no broker round trip.
 //!   Otherwise only the records that can hold the page are fetched (when
@@ -174,10 +174,10 @@
 //! ```no_run
 //! # use kes_core::doc_fixtures::Counter;
 //! use kes_core::{CommandBus, ExpectedVersion, Metadata};
-//! use kes_store_kafka::{KafkaConfig, KafkaStore};
+//! use kes_store_kafka::{KafkaStoreConfig, KafkaStore};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = KafkaStore::<Counter>::connect(KafkaConfig::from_url("kafka://127.0.0.1:19092?prefix=demo")?).await?;
+//! let store = KafkaStore::<Counter>::open(KafkaStoreConfig::from_url("kafka://127.0.0.1:19092?prefix=demo")?).await?;
 //! let bus = CommandBus::new(store);
 //! let done = bus.execute("c-1", 5, ExpectedVersion::Any, Metadata::default()).await?;
 //! println!("counter c-1 at version {} is {}", done.version, done.state.value);
@@ -238,7 +238,7 @@ mod table_writer;
 mod topics;
 mod validity;
 
-pub use config::{KafkaConfig, THOUSAND_YEARS_MS};
+pub use config::{KafkaStoreConfig, THOUSAND_YEARS_MS};
 pub use error::KafkaStoreError;
 pub use follower::{FollowerStats, HaltedPartition};
 pub use store::KafkaStore;

@@ -13,11 +13,11 @@ use crate::error::KafkaStoreError;
 use crate::follower::Applied;
 use crate::record::{EventsDoc, TableDoc};
 use crate::store::Inner;
-use crate::table::{Row, encode_state};
+use crate::table::{TableRow, encode_state};
 
 /// The rows read from the table topic, and per events partition the offset
 /// from which the events topic must be replayed.
-type LoadedRows = (HashMap<Box<str>, Box<Row>>, Vec<u64>);
+type LoadedRows = (HashMap<Box<str>, Box<TableRow>>, Vec<u64>);
 
 impl<A: Aggregate> Inner<A> {
     /// Start-up: the table from the table topic (by the fencing rule of
@@ -70,7 +70,7 @@ impl<A: Aggregate> Inner<A> {
     /// record was made by another [`Aggregate::STATE_VERSION`], or a state
     /// no longer fits the aggregate's model.
     fn rows_from_table_records(&self, docs: Option<HashMap<String, TableDoc>>) -> LoadedRows {
-        let mut rows: HashMap<Box<str>, Box<Row>> = HashMap::new();
+        let mut rows: HashMap<Box<str>, Box<TableRow>> = HashMap::new();
         let mut from = vec![0u64; self.partitions as usize];
         let Some(docs) = docs else { return (rows, from) };
         if let Some(other) = docs.values().map(|d| d.state_version).find(|v| *v != A::STATE_VERSION) {
@@ -94,7 +94,7 @@ impl<A: Aggregate> Inner<A> {
             };
             let slot = &mut from[doc.events_partition as usize];
             *slot = (*slot).max(doc.reflected_below);
-            rows.insert(id.into_boxed_str(), Box::new(Row::from_table_doc(doc, state, deleted)));
+            rows.insert(id.into_boxed_str(), Box::new(TableRow::from_table_doc(doc, state, deleted)));
         }
         (rows, from)
     }

@@ -14,7 +14,7 @@ use kes_core::{
 use rdkafka::producer::FutureProducer;
 
 use crate::client::{ProducerSlot, create_producer};
-use crate::config::KafkaConfig;
+use crate::config::KafkaStoreConfig;
 use crate::error::KafkaStoreError;
 use crate::follower::{FollowerCounters, FollowerStats};
 use crate::record::partition_for;
@@ -50,7 +50,7 @@ impl<A: Aggregate> std::fmt::Debug for KafkaStore<A> {
 
 /// What every clone of a [`KafkaStore`] and its background tasks share.
 pub(crate) struct Inner<A: Aggregate> {
-    pub(crate) config: KafkaConfig,
+    pub(crate) config: KafkaStoreConfig,
     pub(crate) events_topic: String,
     pub(crate) table_topic: String,
     /// Partition count of the events topic (decides where an id lives).
@@ -86,15 +86,19 @@ pub(crate) struct Inner<A: Aggregate> {
 }
 
 impl<A: Aggregate> KafkaStore<A> {
-    /// Connects with the JSON codec: creates the topics when missing,
-    /// checks their configuration, loads the table and catches it up with
-    /// the events topic.
-    pub async fn connect(config: KafkaConfig) -> Result<Self, KafkaStoreError> {
-        Self::connect_with_codec(config, JsonCodec::default()).await
+    /// Opens the store `config` describes with payloads in JSON
+    /// ([`JsonCodec`] with the events' upcasters): creates the topics when
+    /// missing, checks their configuration, loads the table and catches it
+    /// up with the events topic.
+    pub async fn open(config: KafkaStoreConfig) -> Result<Self, KafkaStoreError> {
+        Self::open_with_codec(config, JsonCodec::default()).await
     }
 
-    /// [`KafkaStore::connect`] with another payload codec.
-    pub async fn connect_with_codec(config: KafkaConfig, codec: impl Codec<A::Event>) -> Result<Self, KafkaStoreError> {
+    /// [`KafkaStore::open`] with another payload codec.
+    pub async fn open_with_codec(
+        config: KafkaStoreConfig,
+        codec: impl Codec<A::Event>,
+    ) -> Result<Self, KafkaStoreError> {
         config.validate()?;
         let events_topic = config.events_topic(A::NAME);
         let table_topic = config.table_topic(A::NAME);
@@ -146,7 +150,7 @@ impl<A: Aggregate> KafkaStore<A> {
     }
 
     /// Writes the table records still waiting for their delay
-    /// ([`KafkaConfig::table_write_delay`]) and waits until every record
+    /// ([`KafkaStoreConfig::table_write_delay`]) and waits until every record
     /// handed to the producer (table records included) is acknowledged, or
     /// `timeout` passes. Call it before a planned shutdown so that the next
     /// start has nothing to catch up.

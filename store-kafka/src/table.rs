@@ -18,7 +18,7 @@ pub(crate) struct Table<A: Aggregate> {
     /// Every aggregate of the type; a row is boxed so that the map's empty
     /// slots (up to half of them, as the map grows by doubling) cost a
     /// pointer rather than a whole row.
-    pub(crate) rows: HashMap<Box<str>, Box<Row>>,
+    pub(crate) rows: HashMap<Box<str>, Box<TableRow>>,
     /// What this process knows of each events partition, by partition.
     pub(crate) logs: Vec<PartitionLog>,
     /// Bytes held by the rows' `history` caches.
@@ -68,7 +68,7 @@ impl<A: Aggregate> Table<A> {
     clippy::box_collection,
     reason = "a boxed collection takes 8 bytes of every row instead of 24 or 32; most rows have none"
 )]
-pub(crate) struct Row {
+pub(crate) struct TableRow {
     /// The state, serialised with `serde_json` (compact).
     pub(crate) state: Box<[u8]>,
     pub(crate) version: u64,
@@ -141,7 +141,7 @@ impl Offsets {
     }
 }
 
-impl Row {
+impl TableRow {
     /// A row for an aggregate whose first events record is at `at`, before
     /// that record is applied (version 0, the default state).
     pub(crate) fn new(at: Position) -> Self {
@@ -272,7 +272,7 @@ impl Row {
     /// between a client's first try and its retry through another
     /// instance) and at least the last `retention.at_least`, never more
     /// than `retention.at_most`. A reaction's key also moves its
-    /// sequence's mark ([`Row::mark`]), which is kept for good.
+    /// sequence's mark ([`TableRow::mark`]), which is kept for good.
     pub(crate) fn remember_key(
         &mut self,
         key: String,
@@ -297,7 +297,7 @@ impl Row {
     }
 }
 
-/// How long a row remembers idempotency keys (see [`Row::remember_key`]).
+/// How long a row remembers idempotency keys (see [`TableRow::remember_key`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeyRetention {
     pub(crate) at_least: usize,
@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn reaction_marks_recall_every_command_up_to_the_furthest_of_their_sequence() {
         let none = KeyRetention { at_least: 0, at_most: 0, window_ms: 0 };
-        let mut row = Row::new(Position::new(1, 3));
+        let mut row = TableRow::new(Position::new(1, 3));
         row.remember_key(reaction_key("r", 0, 5, 1), 2, 9, 0, none);
         assert!(row.keys.is_none(), "no recent keys kept, yet the mark is");
         // Everything up to (5, 1) of the sequence r/project/0 was appended.
@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(row.recall(&reaction_key("r", 0, 7, 9)), Some((3, 12)));
         assert_eq!(row.recall(&reaction_key("q", 2, 1, 0)), Some((5, 14)));
         // Kept across a rebuilt picture of the row, the furthest winning.
-        let mut rebuilt = Row::new(Position::new(1, 3));
+        let mut rebuilt = TableRow::new(Position::new(1, 3));
         rebuilt.remember_key(reaction_key("r", 0, 2, 0), 1, 4, 0, none);
         for m in row.marks.as_deref().into_iter().flatten() {
             rebuilt.keep_mark(m);
@@ -498,7 +498,7 @@ mod tests {
         doc.reaction_marks.push(mark.clone());
         let text = serde_json::to_string(&doc).unwrap();
         let back: TableDoc = serde_json::from_str(&text).unwrap();
-        let row = Row::from_table_doc(back, Box::default(), false);
+        let row = TableRow::from_table_doc(back, Box::default(), false);
         assert_eq!(row.marks.as_deref(), Some(&vec![mark]));
         assert_eq!(row.recall(&reaction_key("r", 0, 5, 0)), Some((2, 9)));
     }
@@ -507,7 +507,7 @@ mod tests {
     fn a_row_moves_record_by_record() {
         use kes_core::conformance::Ledger;
         let mut scratch = Vec::new();
-        let mut row = Row::new(Position::new(2, 7));
+        let mut row = TableRow::new(Position::new(2, 7));
         assert_eq!(row.typed::<Ledger>().unwrap(), Ledger::default());
         let opened = Ledger { open: true, ..Ledger::default() };
         let (state, deleted) = encode_state(&opened, &mut scratch).unwrap();
@@ -560,7 +560,7 @@ mod tests {
     #[test]
     fn idempotency_keys_are_kept_for_their_window_within_bounds() {
         let retention = KeyRetention { at_least: 2, at_most: 4, window_ms: 1_000 };
-        let mut row = Row::new(Position::new(0, 0));
+        let mut row = TableRow::new(Position::new(0, 0));
         for (i, at) in [0i64, 100, 200].into_iter().enumerate() {
             row.remember_key(format!("k{i}"), i as u64 + 1, i as u64, at, retention);
         }
@@ -577,7 +577,7 @@ mod tests {
 
     #[test]
     fn a_row_knows_its_own_records() {
-        let mut row = Row::new(Position::new(0, 4));
+        let mut row = TableRow::new(Position::new(0, 4));
         assert!(!row.holds_record(4, 1), "no record applied yet");
         row.advance(Box::from(&b"{}"[..]), false, 1, Position::new(0, 4), 10);
         assert!(row.holds_record(4, 1) && !row.holds_record(5, 2));

@@ -159,7 +159,7 @@ impl<A: Aggregate> Inner<A> {
         Ok((sent, producer))
     }
 
-    /// After [`KafkaConfig::table_write_delay`](crate::KafkaConfig::table_write_delay),
+    /// After [`KafkaStoreConfig::table_write_delay`](crate::KafkaStoreConfig::table_write_delay),
     /// writes the current table record of `id` and, once the broker has it,
     /// forgets the events records it reflects; retries in the background
     /// until it succeeds or the store is dropped.

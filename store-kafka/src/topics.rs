@@ -14,13 +14,17 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::util::Timeout;
 
 use crate::client::client_config;
-use crate::config::KafkaConfig;
+use crate::config::KafkaStoreConfig;
 use crate::error::KafkaStoreError;
 
 /// Creates the events topic `events` and the table topic `table` when
 /// missing, then refuses them when their configuration could lose events
 /// or table rows (see [`check_topics`]).
-pub(crate) async fn prepare_topics(config: &KafkaConfig, events: &str, table: &str) -> Result<(), KafkaStoreError> {
+pub(crate) async fn prepare_topics(
+    config: &KafkaStoreConfig,
+    events: &str,
+    table: &str,
+) -> Result<(), KafkaStoreError> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(config).create().map_err(|e| KafkaStoreError::from_kafka("admin client", &e))?;
     ensure_topics(&admin, config, events, table).await?;
@@ -31,7 +35,7 @@ pub(crate) async fn prepare_topics(config: &KafkaConfig, events: &str, table: &s
 /// (its configuration is checked next).
 async fn ensure_topics(
     admin: &AdminClient<DefaultClientContext>,
-    config: &KafkaConfig,
+    config: &KafkaStoreConfig,
     events: &str,
     table: &str,
 ) -> Result<(), KafkaStoreError> {
@@ -59,13 +63,13 @@ async fn ensure_topics(
     Ok(())
 }
 
-fn admin_options(config: &KafkaConfig) -> AdminOptions {
+fn admin_options(config: &KafkaStoreConfig) -> AdminOptions {
     AdminOptions::new().request_timeout(Some(config.request_timeout)).operation_timeout(Some(config.request_timeout))
 }
 
 /// Runs a client future with the configured bound.
 async fn bounded<T>(
-    config: &KafkaConfig,
+    config: &KafkaStoreConfig,
     what: &str,
     f: impl Future<Output = Result<T, KafkaError>>,
 ) -> Result<T, KafkaStoreError> {
@@ -79,7 +83,7 @@ async fn bounded<T>(
 /// events (events topic) or table rows (table topic).
 async fn check_topics(
     admin: &AdminClient<DefaultClientContext>,
-    config: &KafkaConfig,
+    config: &KafkaStoreConfig,
     events: &str,
     table: &str,
 ) -> Result<(), KafkaStoreError> {

@@ -35,7 +35,7 @@ pub(crate) struct StreamTip {
 impl StreamTip {
     /// Where the valid stream of a table row stands (the start of a stream
     /// for a row not in the table).
-    pub(crate) fn of(row: Option<&crate::table::Row>) -> Self {
+    pub(crate) fn of(row: Option<&crate::table::TableRow>) -> Self {
         row.map(|r| Self { version: r.version, last_event_id: r.last_event_id }).unwrap_or_default()
     }
 }

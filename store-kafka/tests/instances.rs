@@ -342,7 +342,7 @@ async fn three_instances_random_routing_lose_no_acknowledged_write() {
     let Some(first) = common::connect(config.clone()).await else { return };
     let mut stores = vec![first];
     for _ in 0..2 {
-        stores.push(KafkaStore::connect(config.clone()).await.expect("another instance connects"));
+        stores.push(KafkaStore::open(config.clone()).await.expect("another instance connects"));
     }
     let buses: Vec<Arc<Bus>> = stores.iter().map(bus).collect();
     let ids: Vec<String> = (0..10).map(|i| format!("acct-{i}")).collect();
@@ -484,7 +484,7 @@ async fn three_instances_random_routing_lose_no_acknowledged_write() {
     }
 
     // A fourth instance started now recovers the same states and histories.
-    let fourth = KafkaStore::<Ledger>::connect(config.clone()).await.expect("a fourth instance connects");
+    let fourth = KafkaStore::<Ledger>::open(config.clone()).await.expect("a fourth instance connects");
     let applied = fourth.follower_stats().applied;
     for (partition, next) in head.iter() {
         assert!(
@@ -591,7 +591,7 @@ async fn a_record_decided_on_a_losing_record_is_void_in_every_reader() {
         describe(&follower.follower_stats())
     );
     // (a) The recovery of an instance started after they were written.
-    let recovered = KafkaStore::<Ledger>::connect(config.clone()).await.expect("a second instance connects");
+    let recovered = KafkaStore::<Ledger>::open(config.clone()).await.expect("a second instance connects");
     let head = follower.head().await.expect("head");
     assert_eq!(head.next_offset(partition), p_on_winner.offset + 1, "the partition holds only these records");
 
@@ -679,7 +679,7 @@ async fn the_loser_of_a_race_is_never_acknowledged() {
     let _turn = common::turn().await;
     let config = common::config(&brokers, 2);
     let Some(a) = common::connect(config.clone()).await else { return };
-    let b = KafkaStore::<Ledger>::connect(config.clone()).await.expect("instance B connects");
+    let b = KafkaStore::<Ledger>::open(config.clone()).await.expect("instance B connects");
     let producer = raw_producer(&brokers);
     let id = "raced";
     a.append(id, ExpectedVersion::NoStream, vec![LedgerEvent::Opened], tagged("cmd-open")).await.expect("open");
@@ -717,7 +717,7 @@ async fn the_loser_of_a_race_is_never_acknowledged() {
     let head = a.head().await.expect("head");
     wait_for_head(&a, &head, "A").await;
     wait_for_head(&b, &head, "B").await;
-    let c = KafkaStore::<Ledger>::connect(config).await.expect("instance C connects");
+    let c = KafkaStore::<Ledger>::open(config).await.expect("instance C connects");
     let reference = a.read(id).await.expect("read");
     for (who, store) in [("A", &a), ("B", &b), ("C", &c)] {
         let history = store.read(id).await.expect("read");
@@ -752,7 +752,7 @@ async fn a_store_dropped_mid_load_leaves_exactly_what_it_acknowledged() {
     let _turn = common::turn().await;
     let config = common::config(&brokers, 2);
     let Some(survivor) = common::connect(config.clone()).await else { return };
-    let doomed = KafkaStore::<Ledger>::connect(config.clone()).await.expect("the doomed instance connects");
+    let doomed = KafkaStore::<Ledger>::open(config.clone()).await.expect("the doomed instance connects");
     let ids: Vec<String> = (0..4).map(|i| format!("d-{i}")).collect();
     let survivor_bus = bus(&survivor);
     let mut survivor_acks: Vec<Ack> = Vec::new();
@@ -873,7 +873,7 @@ async fn a_store_dropped_mid_load_leaves_exactly_what_it_acknowledged() {
 
     let head = survivor.head().await.expect("head");
     wait_for_head(&survivor, &head, "the survivor").await;
-    let fresh = KafkaStore::<Ledger>::connect(config).await.expect("a fresh instance connects");
+    let fresh = KafkaStore::<Ledger>::open(config).await.expect("a fresh instance connects");
     let acks: Vec<Ack> = survivor_acks.iter().chain(&doomed_acks).cloned().collect();
     let mut unacknowledged = 0;
     for id in &ids {
@@ -980,7 +980,7 @@ async fn an_undecodable_record_halts_its_partition_until_code_can_read_it() {
     let Some(brokers) = common::brokers() else { return };
     let _turn = common::turn().await;
     let config = common::config(&brokers, 3);
-    let old = match KafkaStore::<Ledger>::connect_with_codec(config.clone(), OldDeployCodec::default()).await {
+    let old = match KafkaStore::<Ledger>::open_with_codec(config.clone(), OldDeployCodec::default()).await {
         Ok(store) => store,
         Err(e) => {
             let _: Option<()> = kes_test_support::missing("a usable Kafka broker", &e.to_string());
@@ -1034,7 +1034,7 @@ async fn an_undecodable_record_halts_its_partition_until_code_can_read_it() {
 
     // The old code restarted (a rolling deploy not done yet) halts the same
     // way at recovery.
-    let restarted = KafkaStore::<Ledger>::connect_with_codec(config.clone(), OldDeployCodec::default())
+    let restarted = KafkaStore::<Ledger>::open_with_codec(config.clone(), OldDeployCodec::default())
         .await
         .expect("an old-code instance starts on a log it cannot fully read");
     let stats = restarted.follower_stats();
@@ -1045,7 +1045,7 @@ async fn an_undecodable_record_halts_its_partition_until_code_can_read_it() {
     assert_eq!(restarted.load(&y).await.expect("load").map(|s| s.version), Some(2), "y after a restart");
 
     // The newer deploy reads it.
-    let new = KafkaStore::<Ledger>::connect_with_codec(config, NewDeployCodec::default())
+    let new = KafkaStore::<Ledger>::open_with_codec(config, NewDeployCodec::default())
         .await
         .expect("the newer deploy connects");
     let stats = new.follower_stats();
@@ -1083,7 +1083,7 @@ async fn reads_wait_for_a_position_written_through_another_instance() {
     let _turn = common::turn().await;
     let config = common::config(&brokers, 2);
     let Some(a) = common::connect(config.clone()).await else { return };
-    let b = KafkaStore::<Ledger>::connect(config).await.expect("instance B connects");
+    let b = KafkaStore::<Ledger>::open(config).await.expect("instance B connects");
     let instances = [("A", &a), ("B", &b)];
     let mut versions: HashMap<String, u64> = HashMap::new();
     for i in 0..12usize {
@@ -1149,7 +1149,7 @@ async fn one_idempotency_key_through_every_instance_appends_once() {
     let Some(first) = common::connect(config.clone()).await else { return };
     let mut stores = vec![first];
     for _ in 0..2 {
-        stores.push(KafkaStore::connect(config.clone()).await.expect("another instance connects"));
+        stores.push(KafkaStore::open(config.clone()).await.expect("another instance connects"));
     }
     let buses: Vec<Arc<Bus>> = stores.iter().map(bus).collect();
     let ids = ["k-0", "k-1", "k-2"];
@@ -1241,7 +1241,7 @@ async fn a_command_right_after_a_create_through_another_instance_is_decided_on_t
     let _turn = common::turn().await;
     let config = common::config(&brokers, 2);
     let Some(a) = common::connect(config.clone()).await else { return };
-    let b = KafkaStore::<Ledger>::connect(config).await.expect("instance B connects");
+    let b = KafkaStore::<Ledger>::open(config).await.expect("instance B connects");
     let (bus_a, bus_b) = (bus(&a), bus(&b));
     let mut refused = Vec::new();
     for i in 0..6 {

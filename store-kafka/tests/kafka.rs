@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kes_core::conformance::{Ledger, LedgerCommand, LedgerEvent};
 use kes_core::{Checkpoint, CommandBus, EventStore, ExpectedVersion, Metadata, StoreError};
-use kes_store_kafka::{KafkaConfig, KafkaStore, KafkaStoreError};
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig, KafkaStoreError};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -85,7 +85,7 @@ async fn restart_rebuilds_the_table_including_a_command_whose_table_record_was_l
     drop(bus);
     drop(store);
 
-    let again = KafkaStore::<Ledger>::connect(config.clone()).await.expect("restart");
+    let again = KafkaStore::<Ledger>::open(config.clone()).await.expect("restart");
     let after = snapshot_of(&again, &ids).await;
     for row in &before {
         assert!(after.contains(row), "{} changed across the restart: {row:?} vs {after:?}", row.0);
@@ -110,7 +110,7 @@ async fn restart_rebuilds_the_table_including_a_command_whose_table_record_was_l
     let second = snapshot_of(&again, &ids).await;
     again.flush(FLUSH).await.expect("flush");
     drop(again);
-    let third = KafkaStore::<Ledger>::connect(config).await.expect("third start");
+    let third = KafkaStore::<Ledger>::open(config).await.expect("third start");
     assert_eq!(snapshot_of(&third, &ids).await, second);
 }
 
@@ -220,19 +220,19 @@ async fn an_events_topic_that_could_lose_events_is_refused_by_setting() {
     for r in admin.create_topics([&forever], &AdminOptions::new()).await.expect("create") {
         r.expect("topic created");
     }
-    match KafkaStore::<Ledger>::connect(config.clone()).await {
+    match KafkaStore::<Ledger>::open(config.clone()).await {
         Err(KafkaStoreError::UnsafeTopic { setting, value, .. }) => {
             assert_eq!((setting.as_str(), value.as_str()), ("retention.ms", "-1"));
         }
         other => panic!("expected a refusal naming retention.ms, got {other:?}"),
     }
-    let compacted = KafkaConfig { topic_prefix: format!("{}-c", config.topic_prefix), ..config };
+    let compacted = KafkaStoreConfig { topic_prefix: format!("{}-c", config.topic_prefix), ..config };
     let topic = compacted.events_topic("ledger");
     let compact = NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
     for r in admin.create_topics([&compact], &AdminOptions::new()).await.expect("create") {
         r.expect("topic created");
     }
-    match KafkaStore::<Ledger>::connect(compacted).await {
+    match KafkaStore::<Ledger>::open(compacted).await {
         Err(e @ KafkaStoreError::UnsafeTopic { .. }) => assert!(e.to_string().contains("cleanup.policy"), "{e}"),
         other => panic!("expected a refusal naming cleanup.policy, got {other:?}"),
     }
@@ -267,7 +267,7 @@ async fn bad_records_are_typed_errors_not_panics() {
     // A store starting on that log halts the partition at the record it
     // cannot read: nothing past it is judged, its aggregates answer
     // Unavailable, and the halt is visible.
-    let again = KafkaStore::<Ledger>::connect(config).await.expect("a store starts on a log it cannot fully read");
+    let again = KafkaStore::<Ledger>::open(config).await.expect("a store starts on a log it cannot fully read");
     let halted = again.follower_stats().halted;
     assert_eq!(halted.len(), 1, "{halted:?}");
     assert_eq!((halted[0].partition, halted[0].offset), (0, 1), "{halted:?}");
@@ -302,7 +302,7 @@ async fn a_table_state_that_no_longer_fits_the_model_is_rebuilt_from_the_events(
     raw_producer(&brokers).send(record, Duration::from_secs(10)).await.expect("raw produce");
     drop(store);
 
-    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    let again = KafkaStore::<Ledger>::open(config).await.expect("restart");
     let a = again.load("a").await.expect("load").expect("a exists");
     assert_eq!((a.version, a.state.open, a.state.total, a.state.entries), (2, true, 4, 1));
     assert_eq!(again.recall("a", "k-9").await.expect("recall").map(|r| r.version), Some(2));
@@ -398,7 +398,7 @@ async fn a_busy_aggregate_writes_few_table_records() {
     assert!(versions.windows(2).all(|w| w[0] <= w[1]), "table records overtook each other: {versions:?}");
     assert_eq!(versions.last(), Some(&30), "the last table record of busy holds every command: {versions:?}");
     drop(store);
-    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    let again = KafkaStore::<Ledger>::open(config).await.expect("restart");
     let busy = again.load("busy").await.expect("load").expect("busy exists");
     assert_eq!((busy.version, busy.state.total), (30, 29));
 }
@@ -422,7 +422,7 @@ async fn a_store_dropped_before_its_table_records_were_written_loses_nothing() {
     drop(store);
     assert!(keys_of(&brokers, &config.table_topic("ledger"), 2).is_empty(), "no table record was written yet");
 
-    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    let again = KafkaStore::<Ledger>::open(config).await.expect("restart");
     assert_eq!(snapshot_of(&again, &["x", "y", "z"]).await, before);
     let retried = again.recall("y", "retry-me").await.expect("recall").expect("the key survived");
     assert_eq!(retried.version, 2);
@@ -574,7 +574,7 @@ async fn a_reaction_replayed_after_its_keys_were_forgotten_appends_nothing() {
     drop(bus);
     drop(store);
 
-    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart");
+    let again = KafkaStore::<Ledger>::open(config).await.expect("restart");
     // Recognised by the mark, which answers with the furthest command of
     // the sequence (6, at version 6), not the replayed one's own answer.
     for (reaction, offset, version) in [("mirror", 5, 6), ("mirror", 6, 6), ("audit", 1, 7)] {

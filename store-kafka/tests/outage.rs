@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{EventStore, ExpectedVersion, Metadata, StoreError};
-use kes_store_kafka::{KafkaConfig, KafkaStore};
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
 
 async fn append_one(store: &KafkaStore<Ledger>, version: u64) -> Result<u64, StoreError> {
     let event = if version == 0 { LedgerEvent::Opened } else { LedgerEvent::Added { amount: 1 } };
@@ -19,10 +19,10 @@ async fn append_one(store: &KafkaStore<Ledger>, version: u64) -> Result<u64, Sto
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_gives_typed_errors_then_recovers_without_losing_commands() {
     let Some(own) = kes_test_support::OwnBroker::start() else { return };
-    let mut config = KafkaConfig::new(own.address(), common::unique_prefix());
+    let mut config = KafkaStoreConfig::new(own.address(), common::unique_prefix());
     config.partitions = 1;
     config.request_timeout = Duration::from_secs(3);
-    let store = KafkaStore::<Ledger>::connect(config.clone()).await.expect("connect");
+    let store = KafkaStore::<Ledger>::open(config.clone()).await.expect("connect");
     let mut acknowledged = 0;
     for _ in 0..5 {
         acknowledged = append_one(&store, acknowledged).await.expect("append while up");
@@ -73,7 +73,7 @@ async fn broker_outage_gives_typed_errors_then_recovers_without_losing_commands(
     assert_eq!(history.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
     store.flush(Duration::from_secs(120)).await.expect("flush");
     drop(store);
-    let again = KafkaStore::<Ledger>::connect(config).await.expect("restart the store");
+    let again = KafkaStore::<Ledger>::open(config).await.expect("restart the store");
     let snapshot = again.load("o-1").await.expect("load").expect("exists");
     assert_eq!((snapshot.version, snapshot.state.entries), (9, 8), "an acknowledged command was lost");
 }

@@ -31,7 +31,7 @@ async fn table_records_of_another_state_version_are_rebuilt_from_the_log() {
     v1.flush(Duration::from_secs(30)).await.expect("flush");
     drop(v1);
 
-    let v2 = KafkaStore::<LedgerV2>::connect(config.clone()).await.expect("connect v2");
+    let v2 = KafkaStore::<LedgerV2>::open(config.clone()).await.expect("connect v2");
     let gauges = v2.gauges();
     assert_eq!(gauge(&gauges, "table_state_version"), 2.0);
     assert_eq!(gauge(&gauges, "table_rebuilt_from_state_version"), 1.0, "the v1 records were not trusted");
@@ -48,7 +48,7 @@ async fn table_records_of_another_state_version_are_rebuilt_from_the_log() {
     drop(v2);
 
     // The records now carry version 2: the next start trusts them.
-    let again = KafkaStore::<LedgerV2>::connect(config).await.expect("reconnect v2");
+    let again = KafkaStore::<LedgerV2>::open(config).await.expect("reconnect v2");
     assert_eq!(gauge(&again.gauges(), "table_rebuilt_from_state_version"), 0.0);
     assert_eq!(again.load("a").await.expect("load").expect("a").state.largest, 90);
 }

@@ -95,7 +95,7 @@ async fn a_stale_owners_late_table_record_does_not_mislead_a_reader() {
     produce(&brokers, &table, "k", &stale, None).await;
     drop(store);
 
-    let reader = KafkaStore::<Ledger>::connect(config).await.expect("a reader starting from the table topic");
+    let reader = KafkaStore::<Ledger>::open(config).await.expect("a reader starting from the table topic");
     let k = reader.load("k").await.expect("load").expect("k");
     assert_eq!((k.version, &k.state), (followed.version, &followed.state), "the stale record misled the reader");
     assert_eq!(reader.read("k").await.expect("read").len(), 3);
@@ -120,7 +120,7 @@ async fn a_gap_rebuilds_the_stream_instead_of_voiding_the_record() {
     // claiming every record below the head.
     let lying = table_record("g", 1, epoch, head, json!({"open": true, "closed": false, "total": 0, "entries": 0}));
     produce(&brokers, writer.table_topic(), "g", &lying, None).await;
-    let reader = KafkaStore::<Ledger>::connect(config).await.expect("reader");
+    let reader = KafkaStore::<Ledger>::open(config).await.expect("reader");
     // The next record of g (version 4) reaches the reader's follower.
     let added = vec![LedgerEvent::Added { amount: 40 }];
     let appended = writer.append("g", ExpectedVersion::Exact(3), added, Metadata::default()).await.expect("append");
@@ -142,7 +142,7 @@ async fn a_retry_through_another_instance_appends_once() {
     let _turn = common::turn().await;
     let config = common::config(&brokers, 1);
     let Some(a) = common::connect(config.clone()).await else { return };
-    let b = KafkaStore::<Ledger>::connect(config).await.expect("second instance");
+    let b = KafkaStore::<Ledger>::open(config).await.expect("second instance");
     let (bus_a, bus_b) = (CommandBus::new(a.clone()), CommandBus::new(b.clone()));
     bus_a.execute("i", LedgerCommand::Open, ExpectedVersion::NoStream, Metadata::default()).await.expect("open");
     for n in 0..20 {
@@ -200,8 +200,8 @@ async fn each_partition_has_one_table_writer_and_a_departed_owners_partitions_mo
     let _turn = common::turn().await;
     let config = common::config(&brokers, 3);
     let Some(a) = common::connect(config.clone()).await else { return };
-    let b = KafkaStore::<Ledger>::connect(config.clone()).await.expect("b");
-    let c = KafkaStore::<Ledger>::connect(config).await.expect("c");
+    let b = KafkaStore::<Ledger>::open(config.clone()).await.expect("b");
+    let c = KafkaStore::<Ledger>::open(config).await.expect("c");
     let before = settled_owners(&[&a, &b, &c], 3, WAIT).await;
     let holders: std::collections::HashSet<usize> = before.iter().map(|(_, i, _)| *i).collect();
     assert_eq!(holders.len(), 3, "three instances, three partitions: one each ({before:?})");

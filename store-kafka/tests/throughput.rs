@@ -118,7 +118,7 @@ async fn follow_lag_between_two_instances() {
     let _turn = common::turn().await;
     let config = common::config(&brokers, 3);
     let Some(writer) = common::connect(config.clone()).await else { return };
-    let reader = kes_store_kafka::KafkaStore::<Ledger>::connect(config).await.expect("second instance");
+    let reader = kes_store_kafka::KafkaStore::<Ledger>::open(config).await.expect("second instance");
     let (mut appends, mut lags) = (Vec::new(), Vec::new());
     for i in 0..300u64 {
         let id = format!("lag-{}", i % 30);

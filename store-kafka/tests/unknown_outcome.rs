@@ -19,7 +19,7 @@
 //! proxy. What landed is checked against the log itself, read with a plain
 //! consumer.
 //!
-//! Why not librdkafka's mock cluster (`rdkafka::mocking`): `KafkaStore::connect`
+//! Why not librdkafka's mock cluster (`rdkafka::mocking`): `KafkaStore::open`
 //! creates its topics (CreateTopics) and reads their configuration back
 //! (DescribeConfigs). The mock cluster implements neither request, and its
 //! metadata names a controller (broker 0) that does not exist (its brokers
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{Appended, EventStore, ExpectedVersion, Metadata, Position, StoreError};
-use kes_store_kafka::{KafkaConfig, KafkaStore};
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -426,7 +426,7 @@ impl Drop for Tansu {
 /// this order: the store before the proxy and the broker).
 struct Rig {
     store: KafkaStore<Ledger>,
-    config: KafkaConfig,
+    config: KafkaStoreConfig,
     proxy: Proxy,
     broker: Tansu,
 }
@@ -443,10 +443,10 @@ impl Rig {
             Err(e) => return kes_test_support::missing("a dedicated Tansu broker", &e),
         };
         let proxy = Proxy::start(listener, format!("127.0.0.1:{port}"));
-        let mut config = KafkaConfig::new(proxy.addr.clone(), common::unique_prefix());
+        let mut config = KafkaStoreConfig::new(proxy.addr.clone(), common::unique_prefix());
         config.partitions = 1;
         config.request_timeout = REQUEST_TIMEOUT;
-        let store = match KafkaStore::<Ledger>::connect(config.clone()).await {
+        let store = match KafkaStore::<Ledger>::open(config.clone()).await {
             Ok(store) => store,
             Err(e) => panic!("connect through the proxy: {e}\n--- broker log:\n{}", broker.log()),
         };
@@ -611,7 +611,7 @@ async fn a_record_written_without_acknowledgement_is_read_back_once_and_the_stre
 
     // A store started afresh on the same topics agrees.
     store.flush(HUNG).await.expect("flush");
-    let again = KafkaStore::<Ledger>::connect(rig.config.clone()).await.expect("restart");
+    let again = KafkaStore::<Ledger>::open(rig.config.clone()).await.expect("restart");
     assert_eq!(load(&again, "u-1").await, (3, 12, 2));
     assert_eq!(read_versions(&again, "u-1").await, [1, 2, 3]);
 }
@@ -711,7 +711,7 @@ async fn an_append_acknowledged_through_a_resend_is_found_where_the_broker_wrote
     assert_eq!(next.expect("next").version, 2);
 
     store.flush(HUNG).await.expect("flush");
-    let again = KafkaStore::<Ledger>::connect(rig.config.clone()).await.expect("restart");
+    let again = KafkaStore::<Ledger>::open(rig.config.clone()).await.expect("restart");
     assert_eq!(load(&again, "d").await, (2, 2, 1));
     let read: Vec<(u64, Position)> = history(&again, "d").await.into_iter().map(|e| (e.0, e.3)).collect();
     assert_eq!(read.first(), Some(&(1, written)), "read after a restart: {read:?}");

@@ -131,7 +131,7 @@ macro_rules! ledger_types {
             let started = Instant::now();
             let mut tasks = Vec::new();
             $(
-                let store = SqlStore::<$t>::builder(url).schema(schema).max_connections(2).open().await.expect("open");
+                let store = SqlStore::<$t>::open(kes_store_sql::SqlStoreConfig::from_url(url).schema(schema).max_connections(2)).await.expect("open");
                 tasks.push(tokio::spawn(async move { store_rate(store, 1, per).await }));
             )*
             for t in tasks {
@@ -186,7 +186,11 @@ async fn postgres(total: usize) {
     let url =
         std::env::var("KES_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let schema = format!("kes_bench_{}", std::process::id());
-    let store = match SqlStore::<Ledger>::builder(&url).schema(&schema).max_connections(20).open().await {
+    let store = match SqlStore::<Ledger>::open(
+        kes_store_sql::SqlStoreConfig::from_url(&url).schema(&schema).max_connections(20),
+    )
+    .await
+    {
         Ok(store) => store,
         Err(e) => {
             println!("PostgreSQL skipped: {e}");

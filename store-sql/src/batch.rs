@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use kes_core::{Aggregate, Appended, ExpectedVersion, Position, StoreError};
+use kes_sql::DbRow;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -39,11 +40,39 @@ pub(crate) struct EncodedRow {
     pub(crate) payload: String,
 }
 
-/// One row of the batch's prepare query (see `sql::append_prepare`): the
-/// request's index, the stream version, the log's next position, the
-/// version and position recorded with the request's retry key, and the
-/// table row's version and state.
-pub(crate) type PrepareRow = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, Option<String>);
+/// One row of the batch's prepare query (see `sql::append_prepare`), in
+/// the order of its columns.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PrepareRow {
+    /// The index of the request the row answers.
+    pub(crate) n: i64,
+    /// The stream's version (0: no stream).
+    pub(crate) stream_version: i64,
+    /// The log's next position.
+    pub(crate) next_position: i64,
+    /// The version an earlier append with the request's retry key ended at.
+    pub(crate) key_version: Option<i64>,
+    /// The log position of that append.
+    pub(crate) key_position: Option<i64>,
+    /// The version of the aggregate's table row.
+    pub(crate) table_version: Option<i64>,
+    /// The state of the aggregate's table row (JSON text).
+    pub(crate) table_state: Option<String>,
+}
+
+impl PrepareRow {
+    pub(crate) fn read(row: &DbRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            n: row.get(0)?,
+            stream_version: row.get(1)?,
+            next_position: row.get(2)?,
+            key_version: row.get(3)?,
+            key_position: row.get(4)?,
+            table_version: row.get(5)?,
+            table_state: row.get(6)?,
+        })
+    }
+}
 
 /// What the database said about one request.
 struct Prepared {
@@ -130,9 +159,16 @@ impl<'a, A: Aggregate> Decider<'a, A> {
         }
         let mut next_position = 0;
         let mut prepared = Vec::with_capacity(rows.len());
-        for (index, (n, stream, next, key_version, key_position, table_version, table_state)) in
-            rows.into_iter().enumerate()
-        {
+        for (index, row) in rows.into_iter().enumerate() {
+            let PrepareRow {
+                n,
+                stream_version: stream,
+                next_position: next,
+                key_version,
+                key_position,
+                table_version,
+                table_state,
+            } = row;
             if usize::try_from(n).ok() != Some(index) {
                 return Err(StoreError::Backend(format!("{}: the batch read returned its rows out of order", A::NAME)));
             }
@@ -163,6 +199,8 @@ impl<'a, A: Aggregate> Decider<'a, A> {
     /// needs the state of an aggregate that only a replay of its log can
     /// give: then returns that id (answer with [`Self::replayed`] and call
     /// again). `None` once every request is decided.
+    // Kept in one piece: One resumable loop over the batch's cursor: every early return is a point where the
+    // caller must replay a log and call again, which a split would hide.
     pub(crate) fn run(&mut self, cache: &StateCache<A>) -> Option<&'a str> {
         while self.cursor < self.requests.len() {
             let i = self.cursor;
@@ -352,7 +390,11 @@ mod tests {
     /// Rows as the database would answer for streams that do not exist
     /// yet, the log's next position being 7.
     fn empty_rows(n: usize) -> Vec<PrepareRow> {
-        (0..n).map(|i| (i as i64, 0, 7, None, None, None, None)).collect()
+        (0..n).map(|i| prepared(i as i64, 0, 7)).collect()
+    }
+
+    fn prepared(n: i64, stream_version: i64, next_position: i64) -> PrepareRow {
+        PrepareRow { n, stream_version, next_position, ..PrepareRow::default() }
     }
 
     #[test]
@@ -387,8 +429,11 @@ mod tests {
     #[test]
     fn a_stale_table_row_asks_for_a_replay() {
         let requests = vec![request("a", ExpectedVersion::Any, add(1), None)];
-        let rows =
-            vec![(0, 2, 5, None, None, Some(1), Some(r#"{"open":true,"closed":false,"total":0,"entries":0}"#.into()))];
+        let rows = vec![PrepareRow {
+            table_version: Some(1),
+            table_state: Some(r#"{"open":true,"closed":false,"total":0,"entries":0}"#.into()),
+            ..prepared(0, 2, 5)
+        }];
         let mut decider = Decider::new(&requests, rows).expect("rows");
         assert_eq!(decider.run(&no_cache()), Some("a"));
         decider.replayed("a", Ok(Ledger { open: true, closed: false, total: 10, entries: 1 }));
@@ -403,7 +448,7 @@ mod tests {
         let cache = StateCache::new(10, Duration::ZERO);
         cache.put("a", 2, Ledger { open: true, closed: false, total: 3, entries: 1 }, std::time::Instant::now());
         let requests = vec![request("a", ExpectedVersion::Exact(2), add(1), None)];
-        let mut decider = Decider::new(&requests, vec![(0, 2, 5, None, None, None, None)]).expect("rows");
+        let mut decider = Decider::new(&requests, vec![prepared(0, 2, 5)]).expect("rows");
         assert!(decider.run(&cache).is_none());
         let (_, settled) = decider.finish();
         assert_eq!(settled[0].appended.as_ref().map(|(v, s)| (*v, s.total)), Some((3, 4)));
@@ -416,11 +461,7 @@ mod tests {
             request("b", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], None),
             request("a", ExpectedVersion::Any, add(1), None),
         ];
-        let rows = vec![
-            (0, 2, 5, None, None, None, None),
-            (1, 0, 5, None, None, None, None),
-            (2, 2, 5, None, None, None, None),
-        ];
+        let rows = vec![prepared(0, 2, 5), prepared(1, 0, 5), prepared(2, 2, 5)];
         let mut decider = Decider::new(&requests, rows).expect("rows");
         assert_eq!(decider.run(&no_cache()), Some("a"));
         let broken = StoreError::Corrupt { aggregate: "ledger".into(), id: "a".into(), version: 1, reason: "x".into() };
@@ -437,6 +478,6 @@ mod tests {
     fn rows_that_do_not_match_the_requests_are_refused() {
         let requests = vec![request("a", ExpectedVersion::Any, add(1), None)];
         assert!(Decider::new(&requests, Vec::new()).is_err());
-        assert!(Decider::new(&requests, vec![(3, 0, 0, None, None, None, None)]).is_err());
+        assert!(Decider::new(&requests, vec![prepared(3, 0, 0)]).is_err());
     }
 }

@@ -107,8 +107,8 @@
 //! state is used only at exactly the stream's current version, and an
 //! append that meets a foreign write answers `Conflict` and drops the entry
 //! so that the next `load` reads the table. Size it with
-//! [`SqlStoreBuilder::state_cache`] (0 turns it off) and
-//! [`SqlStoreBuilder::state_cache_ttl`].
+//! [`SqlStoreConfig::state_cache`] (0 turns it off) and
+//! [`SqlStoreConfig::state_cache_ttl`].
 //!
 //! The trade-off: memory grows with capacity × the size of a state; a
 //! longer time-to-live spares more queries but shows foreign writes later
@@ -144,9 +144,14 @@
 
 mod batch;
 mod cache;
+mod config;
 mod error;
 mod sql;
 mod store;
+mod table;
+mod tail;
+mod writer;
 
+pub use config::SqlStoreConfig;
 pub use error::SqlStoreError;
-pub use store::{Dialect, SqlStore, SqlStoreBuilder};
+pub use store::{Dialect, SqlStore};

@@ -11,7 +11,7 @@
 
 use chrono::{DateTime, Utc};
 use kes_core::{Metadata, Position, RawEnvelope, StoreError};
-use sqlx::{Decode, Row, Type};
+use kes_sql::DbRow;
 use uuid::Uuid;
 
 /// Columns read back for an envelope, in the order [`envelope_from_row`]
@@ -53,16 +53,17 @@ pub(crate) fn append_prepare(requests: usize) -> String {
     sql
 }
 
-/// Starts an append transaction on PostgreSQL and serialises appends of
-/// aggregate type `name` until it ends, in one round trip (a simple-query
-/// batch, hence the name as a quoted literal rather than a parameter). The
+/// Run right after `BEGIN` of an append transaction on PostgreSQL, in the
+/// same round trip (a simple-query batch, hence the name as a quoted
+/// literal rather than a parameter): serialises appends of aggregate type
+/// `name` until the transaction ends. The
 /// lock is taken before the next position is read, so positions are handed
 /// out in commit order and a reader never sees position n+1 without n. The
 /// key includes the schema so that stores in different schemas do not wait
 /// on each other.
-pub(crate) fn pg_begin_append(name: &str) -> String {
+pub(crate) fn pg_append_lock(name: &str) -> String {
     format!(
-        "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('kes_events/' || current_schema() || '/' || '{}', 0))",
+        "SELECT pg_advisory_xact_lock(hashtextextended('kes_events/' || current_schema() || '/' || '{}', 0))",
         name.replace('\'', "''")
     )
 }
@@ -230,17 +231,9 @@ impl StoredEvent {
 /// Reads one row selected with the envelope columns. Any column that does
 /// not decode is [`StoreError::Corrupt`], naming as much of the row as could
 /// be read; never a panic.
-pub(crate) fn envelope_from_row<R>(row: &R, aggregate: &str) -> Result<StoredEvent, StoreError>
-where
-    R: Row,
-    usize: sqlx::ColumnIndex<R>,
-    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> Uuid: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
-{
-    let id: String = row.try_get(1).unwrap_or_default();
-    let version: i64 = row.try_get(2).unwrap_or_default();
+pub(crate) fn envelope_from_row(row: &DbRow, aggregate: &str) -> Result<StoredEvent, StoreError> {
+    let id: String = row.get(1).unwrap_or_default();
+    let version: i64 = row.get(2).unwrap_or_default();
     let corrupt = |reason: String| StoreError::Corrupt {
         aggregate: aggregate.to_owned(),
         id: id.clone(),
@@ -248,19 +241,19 @@ where
         reason,
     };
     let column = |name: &str, e: sqlx::Error| corrupt(format!("column {name}: {e}"));
-    let position: i64 = row.try_get(0).map_err(|e| column("position", e))?;
-    let _: String = row.try_get(1).map_err(|e| column("aggregate_id", e))?;
+    let position: i64 = row.get(0).map_err(|e| column("position", e))?;
+    let _: String = row.get(1).map_err(|e| column("aggregate_id", e))?;
     let version: u64 = row
-        .try_get::<i64, _>(2)
+        .get::<i64>(2)
         .map_err(|e| column("version", e))
         .and_then(|v| u64::try_from(v).map_err(|_| corrupt(format!("negative version {v}"))))?;
-    let command_end: i64 = row.try_get(3).map_err(|e| column("command_end", e))?;
-    let event_id: Uuid = row.try_get(4).map_err(|e| column("event_id", e))?;
-    let event_type: String = row.try_get(5).map_err(|e| column("event_type", e))?;
-    let revision: i64 = row.try_get(6).map_err(|e| column("revision", e))?;
-    let payload: String = row.try_get(7).map_err(|e| column("payload", e))?;
-    let metadata: String = row.try_get(8).map_err(|e| column("metadata", e))?;
-    let recorded_at: DateTime<Utc> = row.try_get(9).map_err(|e| column("recorded_at", e))?;
+    let command_end: i64 = row.get(3).map_err(|e| column("command_end", e))?;
+    let event_id: Uuid = row.get(4).map_err(|e| column("event_id", e))?;
+    let event_type: String = row.get(5).map_err(|e| column("event_type", e))?;
+    let revision: i64 = row.get(6).map_err(|e| column("revision", e))?;
+    let payload: String = row.get(7).map_err(|e| column("payload", e))?;
+    let metadata: String = row.get(8).map_err(|e| column("metadata", e))?;
+    let recorded_at: DateTime<Utc> = row.get(9).map_err(|e| column("recorded_at", e))?;
     let metadata: Metadata =
         serde_json::from_str(&metadata).map_err(|e| corrupt(format!("metadata is not valid: {e}")))?;
     Ok(StoredEvent {
@@ -289,7 +282,7 @@ mod tests {
 
     #[test]
     fn aggregate_names_are_quoted_in_the_lock_statement() {
-        assert!(pg_begin_append("it's").ends_with("'it''s', 0))"));
+        assert!(pg_append_lock("it's").ends_with("'it''s', 0))"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{Checkpoint, EventStore, ExpectedVersion, Metadata, StoreError};
-use kes_store_sql::{SqlStore, SqlStoreBuilder};
+use kes_store_sql::{SqlStore, SqlStoreConfig};
 use sqlx::{Connection, Executor, PgConnection, SqliteConnection};
 
 use common::HandClock;
@@ -46,9 +46,7 @@ async fn sqlite() -> (common::TempStore<Ledger>, Direct) {
     sqlite_with(|b| b.state_cache(0)).await
 }
 
-async fn sqlite_with(
-    configure: impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger>,
-) -> (common::TempStore<Ledger>, Direct) {
+async fn sqlite_with(configure: impl FnOnce(SqlStoreConfig) -> SqlStoreConfig) -> (common::TempStore<Ledger>, Direct) {
     let store = common::sqlite_with::<Ledger>(configure).await;
     let conn = SqliteConnection::connect(&store.url()).await.expect("connect");
     (store, Direct::Sqlite(conn))
@@ -58,9 +56,7 @@ async fn postgres() -> Option<(SqlStore<Ledger>, Direct)> {
     postgres_with(|b| b.state_cache(0)).await
 }
 
-async fn postgres_with(
-    configure: impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger>,
-) -> Option<(SqlStore<Ledger>, Direct)> {
+async fn postgres_with(configure: impl FnOnce(SqlStoreConfig) -> SqlStoreConfig) -> Option<(SqlStore<Ledger>, Direct)> {
     let schema = common::fresh_schema();
     let store = common::postgres_with::<Ledger>(&schema, configure).await?;
     Some((store, Direct::Postgres(common::postgres_connection(&schema).await)))
@@ -242,7 +238,7 @@ const CACHE_TTL: Duration = Duration::from_millis(300);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_cache_hides_damage_for_its_ttl_only() {
     let clock = HandClock::new();
-    let configure = |b: SqlStoreBuilder<Ledger>| {
+    let configure = |b: SqlStoreConfig| {
         b.state_cache(100).state_cache_ttl(Duration::from_secs(60)).state_cache_clock(clock.reader())
     };
     let (store, mut direct) = sqlite_with(configure).await;
@@ -261,7 +257,7 @@ async fn sqlite_cache_hides_damage_for_its_ttl_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_cache_hides_damage_for_its_ttl_only() {
     let clock = HandClock::new();
-    let configure = |b: SqlStoreBuilder<Ledger>| b.state_cache_ttl(CACHE_TTL).state_cache_clock(clock.reader());
+    let configure = |b: SqlStoreConfig| b.state_cache_ttl(CACHE_TTL).state_cache_clock(clock.reader());
     let Some((store, mut direct)) = postgres_with(configure).await else { return };
     cache_hides_damage_for_its_ttl_only(store, &mut direct, &clock).await;
 }

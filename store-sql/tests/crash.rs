@@ -24,11 +24,11 @@ const ACK: &str = "KES-ACK";
 const WRITERS: usize = 4;
 
 async fn open(url: &str, schema: Option<&str>) -> SqlStore<Ledger> {
-    let mut builder = SqlStore::<Ledger>::builder(url);
+    let mut config = kes_store_sql::SqlStoreConfig::from_url(url);
     if let Some(schema) = schema {
-        builder = builder.schema(schema);
+        config = config.schema(schema);
     }
-    builder.open().await.expect("open store")
+    SqlStore::<Ledger>::open(config).await.expect("open store")
 }
 
 /// The writer: four tasks, each appending to its own ledger — an open, then

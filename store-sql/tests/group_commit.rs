@@ -18,7 +18,7 @@ use futures::StreamExt;
 use futures::future::join_all;
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{Appended, Checkpoint, EventStore, ExpectedVersion, Metadata, StoreError};
-use kes_store_sql::{SqlStore, SqlStoreBuilder};
+use kes_store_sql::{SqlStore, SqlStoreConfig};
 
 use common::HandClock;
 
@@ -52,10 +52,10 @@ impl Db {
         Self::sqlite_with(|b| b).await
     }
 
-    async fn sqlite_with(configure: impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger>) -> Self {
+    async fn sqlite_with(configure: impl FnOnce(SqlStoreConfig) -> SqlStoreConfig) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = common::sqlite_url(&dir);
-        let store = configure(SqlStore::builder(&url)).open().await.expect("open sqlite store");
+        let store = SqlStore::open(configure(SqlStoreConfig::from_url(&url))).await.expect("open sqlite store");
         Self { store, place: Place::Sqlite { url, _dir: dir } }
     }
 
@@ -63,22 +63,19 @@ impl Db {
         Self::postgres_with(|b| b).await
     }
 
-    async fn postgres_with(configure: impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger>) -> Option<Self> {
+    async fn postgres_with(configure: impl FnOnce(SqlStoreConfig) -> SqlStoreConfig) -> Option<Self> {
         let schema = common::fresh_schema();
         let store = common::postgres_with::<Ledger>(&schema, configure).await?;
         Some(Self { store, place: Place::Postgres { schema } })
     }
 
     /// Another store on the same database, as another process would open it.
-    async fn second_store(
-        &self,
-        configure: impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger>,
-    ) -> SqlStore<Ledger> {
-        let builder = match &self.place {
-            Place::Sqlite { url, .. } => SqlStore::builder(url),
-            Place::Postgres { schema } => SqlStore::builder(&common::database_url()).schema(schema),
+    async fn second_store(&self, configure: impl FnOnce(SqlStoreConfig) -> SqlStoreConfig) -> SqlStore<Ledger> {
+        let config = match &self.place {
+            Place::Sqlite { url, .. } => SqlStoreConfig::from_url(url),
+            Place::Postgres { schema } => SqlStoreConfig::from_url(&common::database_url()).schema(schema),
         };
-        configure(builder).open().await.expect("open the second store")
+        SqlStore::open(configure(config)).await.expect("open the second store")
     }
 
     /// PostgreSQL only: the transaction that wrote each event, by aggregate
@@ -394,10 +391,7 @@ async fn a_second_store_is_seen(db: Db, clock: HandClock, ttl: Duration, learns:
     assert!(other_view == 2 || other_view == 3, "the other store may still answer from its cache");
 }
 
-fn hand_clocked(
-    clock: &HandClock,
-    ttl: Duration,
-) -> impl FnOnce(SqlStoreBuilder<Ledger>) -> SqlStoreBuilder<Ledger> + use<> {
+fn hand_clocked(clock: &HandClock, ttl: Duration) -> impl FnOnce(SqlStoreConfig) -> SqlStoreConfig + use<> {
     let now = clock.reader();
     move |b| b.state_cache_ttl(ttl).state_cache_clock(now)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kes_core::conformance::{Ledger, LedgerEvent};
 use kes_core::{Checkpoint, EventStore, ExpectedVersion, Metadata, StoreError};
-use kes_store_sql::{Dialect, SqlStore, SqlStoreError};
+use kes_store_sql::{Dialect, SqlStore, SqlStoreConfig, SqlStoreError};
 
 fn meta() -> Metadata {
     Metadata::default()
@@ -21,18 +21,18 @@ async fn unsupported_urls_and_schema_names_are_refused() {
     assert!(matches!(StoreError::from(err), StoreError::Invalid(_)));
 
     let err =
-        SqlStore::<Ledger>::builder("postgres://postgres@127.0.0.1/test").schema("x; DROP").open().await.unwrap_err();
+        SqlStore::<Ledger>::open(SqlStoreConfig::from_url("postgres://postgres@127.0.0.1/test").schema("x; DROP"))
+            .await
+            .unwrap_err();
     assert!(matches!(err, SqlStoreError::SchemaName(_)), "{err:?}");
 }
 
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable() {
     // Port 1 on the loopback: nothing listens there.
-    let err = SqlStore::<Ledger>::builder("postgres://postgres@127.0.0.1:1/test")
-        .acquire_timeout(Duration::from_secs(2))
-        .open()
-        .await
-        .unwrap_err();
+    let config =
+        SqlStoreConfig::from_url("postgres://postgres@127.0.0.1:1/test").acquire_timeout(Duration::from_secs(2));
+    let err = SqlStore::<Ledger>::open(config).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
     assert!(matches!(StoreError::from(err), StoreError::Unavailable(_)));
 }
@@ -99,7 +99,8 @@ async fn commands_larger_than_a_page<S: EventStore<Ledger>>(store: S) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_commands_larger_than_a_page_arrive_whole() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqlStore::<Ledger>::builder(&common::sqlite_url(&dir)).page_size(4).open().await.expect("open");
+    let store =
+        SqlStore::<Ledger>::open(SqlStoreConfig::from_url(&common::sqlite_url(&dir)).page_size(4)).await.expect("open");
     commands_larger_than_a_page(store).await;
 }
 
@@ -108,12 +109,8 @@ async fn postgres_commands_larger_than_a_page_arrive_whole() {
     if !common::postgres_available().await {
         return;
     }
-    let store = SqlStore::<Ledger>::builder(&common::database_url())
-        .schema(common::fresh_schema())
-        .page_size(4)
-        .open()
-        .await
-        .expect("open");
+    let config = SqlStoreConfig::from_url(&common::database_url()).schema(common::fresh_schema()).page_size(4);
+    let store = SqlStore::<Ledger>::open(config).await.expect("open");
     assert_eq!(store.dialect(), Dialect::Postgres);
     commands_larger_than_a_page(store).await;
 }

@@ -76,7 +76,7 @@ async fn several_processes(stores: Vec<SqlStore<Ledger>>) {
     assert_eq!(latest, history.len() as u64 + 3);
 }
 
-fn long_ttl(builder: kes_store_sql::SqlStoreBuilder<Ledger>) -> kes_store_sql::SqlStoreBuilder<Ledger> {
+fn long_ttl(builder: kes_store_sql::SqlStoreConfig) -> kes_store_sql::SqlStoreConfig {
     // A cache trusted for a minute: every process's view of the others is stale.
     builder.state_cache(10_000).state_cache_ttl(Duration::from_secs(60))
 }
@@ -87,7 +87,7 @@ async fn several_processes_on_sqlite() {
     let url = common::sqlite_url(&dir);
     let mut stores = Vec::new();
     for _ in 0..3 {
-        stores.push(long_ttl(SqlStore::builder(&url)).open().await.expect("open"));
+        stores.push(SqlStore::open(long_ttl(kes_store_sql::SqlStoreConfig::from_url(&url))).await.expect("open"));
     }
     several_processes(stores).await;
 }
@@ -143,8 +143,8 @@ async fn a_token_from_another_process_skips_older_cached_states(a: SqlStore<Ledg
 async fn a_token_from_another_process_skips_older_cached_states_on_sqlite() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = common::sqlite_url(&dir);
-    let a = long_ttl(SqlStore::builder(&url)).open().await.expect("open a");
-    let b = long_ttl(SqlStore::builder(&url)).open().await.expect("open b");
+    let a = SqlStore::open(long_ttl(kes_store_sql::SqlStoreConfig::from_url(&url))).await.expect("open a");
+    let b = SqlStore::open(long_ttl(kes_store_sql::SqlStoreConfig::from_url(&url))).await.expect("open b");
     a_token_from_another_process_skips_older_cached_states(a, b).await;
 }
 

@@ -48,25 +48,32 @@ async fn open_v2_and_check(store: SqlStore<LedgerV2>, rows_after_open: i64) {
 async fn sqlite_rebuilds_a_table_of_another_state_version_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = common::sqlite_url(&dir);
-    let v1 = SqlStore::<Ledger>::builder(&url).state_cache(0).open().await.expect("open v1");
+    let v1 =
+        SqlStore::<Ledger>::open(kes_store_sql::SqlStoreConfig::from_url(&url).state_cache(0)).await.expect("open v1");
     write_v1(&v1).await;
     v1.close().await;
 
-    let v2 = SqlStore::<LedgerV2>::builder(&url).state_cache(0).open().await.expect("open v2");
+    let v2 = SqlStore::<LedgerV2>::open(kes_store_sql::SqlStoreConfig::from_url(&url).state_cache(0))
+        .await
+        .expect("open v2");
     let rows = count_sqlite_rows(&url).await;
     assert_eq!(stored_largest_sqlite(&url, "a").await, Some(40), "the row itself holds the new state");
     open_v2_and_check(v2.clone(), rows).await;
     v2.close().await;
 
     // Recorded: the next open of the same version rebuilds nothing.
-    let again = SqlStore::<LedgerV2>::builder(&url).state_cache(0).open().await.expect("reopen v2");
+    let again = SqlStore::<LedgerV2>::open(kes_store_sql::SqlStoreConfig::from_url(&url).state_cache(0))
+        .await
+        .expect("reopen v2");
     assert_eq!(gauge(&again.gauges(), "table_rebuilt_from_state_version"), 0.0);
     assert_eq!(again.load("a").await.expect("load").expect("a").state.largest, 90);
     again.close().await;
 
     // Going back to version 1 (a rollback) rebuilds too: the table never
     // holds states of a meaning the code does not have.
-    let back = SqlStore::<Ledger>::builder(&url).state_cache(0).open().await.expect("open v1 again");
+    let back = SqlStore::<Ledger>::open(kes_store_sql::SqlStoreConfig::from_url(&url).state_cache(0))
+        .await
+        .expect("open v1 again");
     assert_eq!(gauge(&back.gauges(), "table_rebuilt_from_state_version"), 2.0);
     assert_eq!(stored_largest_sqlite(&url, "a").await, None, "version 1 states have no `largest`");
     assert_eq!(back.load("a").await.expect("load").expect("a").state.total, 142);

@@ -1,5 +1,5 @@
 //! The collector that keeps the first `limit` matching documents in the
-//! order of a [`kes_core::view::ValidQuery`]'s sort keys, strictly after its
+//! order of a [`kes_core::ValidQuery`]'s sort keys, strictly after its
 //! keyset cursor.
 //!
 //! Tantivy's own sorted collectors order by one fast field and know nothing

@@ -6,18 +6,18 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
-use kes_core::view::ID_FIELD;
-use kes_core::view::{Cursor, ValidQuery};
+use kes_core::ID_FIELD;
 use kes_core::{Checkpoint, FieldType, FieldValue, ListItem, Page, RowChange, StoredState, ViewProgress, ViewSchema};
+use kes_core::{Cursor, ValidQuery};
 use serde_json::json;
 use tantivy::collector::{Count, DocSetCollector, TopDocs};
 use tantivy::query::{Query, TermSetQuery};
 use tantivy::schema::Value;
 use tantivy::{DocAddress, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
 
-use crate::SearchConfig;
+use crate::SearchViewConfig;
 use crate::collect::{FirstRows, GlobalKey, KeySource, SortSpec};
-use crate::error::SearchError;
+use crate::error::SearchViewError;
 use crate::layout::{Layout, index_schema, read_row, register_tokenizers};
 use crate::query::{QueryBuilder, full_text};
 
@@ -80,7 +80,7 @@ pub(crate) enum Commits {
     /// Every write is one commit (the live copy).
     EachWrite,
     /// Writes are buffered and committed in bulk: every
-    /// [`SearchConfig::rebuild_commit_docs`] documents and at
+    /// [`SearchViewConfig::rebuild_commit_docs`] documents and at
     /// [`IndexCopy::finish`] (a shadow being rebuilt).
     Deferred,
 }
@@ -90,17 +90,17 @@ impl IndexCopy {
     pub fn create(
         path: &Path,
         view: &ViewSchema,
-        config: &SearchConfig,
+        config: &SearchViewConfig,
         commits: Commits,
-    ) -> Result<Self, SearchError> {
-        std::fs::create_dir_all(path).map_err(|source| SearchError::Io { path: path.to_owned(), source })?;
+    ) -> Result<Self, SearchViewError> {
+        std::fs::create_dir_all(path).map_err(|source| SearchViewError::Io { path: path.to_owned(), source })?;
         let index = Index::create_in_dir(path, index_schema(view))?;
         Self::from_index(path, index, view, config, commits)
     }
 
     /// Opens the index in `path`, built from `view` or an older schema,
     /// with its writer (which takes the index's writer lock).
-    pub fn open(path: &Path, view: &ViewSchema, config: &SearchConfig) -> Result<Self, SearchError> {
+    pub fn open(path: &Path, view: &ViewSchema, config: &SearchViewConfig) -> Result<Self, SearchViewError> {
         let index = Index::open_in_dir(path)?;
         Self::from_index(path, index, view, config, Commits::EachWrite)
     }
@@ -108,7 +108,7 @@ impl IndexCopy {
     /// Opens the index in `path` for reading only: no writer, no lock; the
     /// reader follows the commits of the process that writes it through
     /// [`IndexCopy::refresh`].
-    pub fn open_read_only(path: &Path, view: &ViewSchema) -> Result<Self, SearchError> {
+    pub fn open_read_only(path: &Path, view: &ViewSchema) -> Result<Self, SearchViewError> {
         let index = Index::open_in_dir(path)?;
         register_tokenizers(&index);
         let layout = Layout::resolve(&index.schema(), view)?;
@@ -140,7 +140,7 @@ impl IndexCopy {
     /// failed reload (its files cleaned up meanwhile, or the whole copy
     /// deleted after a swap) leaves the reader and the position as they
     /// were, and the caller retries.
-    pub fn refresh(&self) -> Result<(), SearchError> {
+    pub fn refresh(&self) -> Result<(), SearchViewError> {
         let mut seen = lock(&self.seen_meta);
         let meta = read_meta(&self.path)?;
         if seen.as_deref() == Some(meta.as_slice()) {
@@ -157,9 +157,9 @@ impl IndexCopy {
         path: &Path,
         index: Index,
         view: &ViewSchema,
-        config: &SearchConfig,
+        config: &SearchViewConfig,
         commits: Commits,
-    ) -> Result<Self, SearchError> {
+    ) -> Result<Self, SearchViewError> {
         register_tokenizers(&index);
         let layout = Layout::resolve(&index.schema(), view)?;
         let progress = index.load_metas()?.payload.as_deref().map(read_payload).transpose()?;
@@ -200,7 +200,7 @@ impl IndexCopy {
     /// Live copies commit each write with `checkpoint` in the commit
     /// payload: one Tantivy commit, so after a crash the index holds either
     /// all of it or none. A shadow copy buffers the write in its index
-    /// writer and commits only every [`SearchConfig::rebuild_commit_docs`]
+    /// writer and commits only every [`SearchViewConfig::rebuild_commit_docs`]
     /// documents (and at [`IndexCopy::finish`]), each commit carrying the
     /// checkpoint of the last write it holds; `states` sees the buffered
     /// writes.
@@ -209,19 +209,19 @@ impl IndexCopy {
         changes: &[RowChange],
         checkpoint: &Checkpoint,
         schema_version: u32,
-    ) -> Result<(), SearchError> {
+    ) -> Result<(), SearchViewError> {
         let docs = changes.iter().map(|c| self.layout.document(c)).collect::<Result<Vec<_>, _>>()?;
         let checkpoint_json: serde_json::Value =
-            serde_json::from_str(&checkpoint.to_json()).map_err(SearchError::Json)?;
+            serde_json::from_str(&checkpoint.to_json()).map_err(SearchViewError::Json)?;
         let payload = json!({ "checkpoint": checkpoint_json, "schema_version": schema_version }).to_string();
         let progress = ViewProgress { checkpoint: checkpoint.clone(), schema_version };
         let mut guard = lock(&self.writer);
-        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchError::Retired)?;
+        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchViewError::Retired)?;
         if let Some(deferred) = deferred {
             if deferred.broken {
-                return Err(SearchError::BrokenRebuild);
+                return Err(SearchViewError::BrokenRebuild);
             }
-            let result = (|| -> Result<(), SearchError> {
+            let result = (|| -> Result<(), SearchViewError> {
                 let written = &mut deferred.written;
                 add(writer, self.layout.id, changes, docs, |id| !written.insert(id.to_owned()))?;
                 for change in changes {
@@ -242,7 +242,7 @@ impl IndexCopy {
             self.set_progress(progress);
             return Ok(());
         }
-        let result = (|| -> Result<(), SearchError> {
+        let result = (|| -> Result<(), SearchViewError> {
             add(writer, self.layout.id, changes, docs, |_| true)?;
             let mut prepared = writer.prepare_commit()?;
             prepared.set_payload(&payload);
@@ -267,7 +267,7 @@ impl IndexCopy {
     /// write, and makes it visible to the reader. Called with the writer
     /// locked, so `states` never sees the buffer emptied before the reader
     /// holds its documents.
-    fn commit_deferred(&self, writer: &mut IndexWriter, deferred: &mut Deferred) -> Result<(), SearchError> {
+    fn commit_deferred(&self, writer: &mut IndexWriter, deferred: &mut Deferred) -> Result<(), SearchViewError> {
         let Some(payload) = deferred.payload.take() else { return Ok(()) };
         let mut prepared = writer.prepare_commit()?;
         prepared.set_payload(&payload);
@@ -293,7 +293,7 @@ impl IndexCopy {
     /// Commits what a shadow copy buffered so far, so that the commit at
     /// [`IndexCopy::finish`] (which runs while the live copy is paused) has
     /// only the rest to do. A no-op for a copy that commits each write.
-    pub fn flush(&self) -> Result<(), SearchError> {
+    pub fn flush(&self) -> Result<(), SearchViewError> {
         self.commit_buffered(false)
     }
 
@@ -301,18 +301,18 @@ impl IndexCopy {
     /// the checkpoint of its last write), after which the copy commits
     /// each write like a live one. Called by the swap, before the copy is
     /// named live; a no-op for a copy that commits each write.
-    pub fn finish(&self) -> Result<(), SearchError> {
+    pub fn finish(&self) -> Result<(), SearchViewError> {
         self.commit_buffered(true)
     }
 
     /// Commits a shadow copy's buffered writes; with `end`, it commits
     /// each write from then on.
-    fn commit_buffered(&self, end: bool) -> Result<(), SearchError> {
+    fn commit_buffered(&self, end: bool) -> Result<(), SearchViewError> {
         let mut guard = lock(&self.writer);
-        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchError::Retired)?;
+        let Writing { writer, deferred } = guard.as_mut().ok_or(SearchViewError::Retired)?;
         let Some(buffered) = deferred else { return Ok(()) };
         if buffered.broken {
-            return Err(SearchError::BrokenRebuild);
+            return Err(SearchViewError::BrokenRebuild);
         }
         if let Err(e) = self.commit_deferred(writer, buffered) {
             self.fail_deferred(writer, buffered);
@@ -326,7 +326,7 @@ impl IndexCopy {
 
     /// The stored states of `ids` (deleted aggregates included), buffered
     /// writes of a shadow copy included.
-    pub fn states(&self, ids: &[String]) -> Result<HashMap<String, StoredState>, SearchError> {
+    pub fn states(&self, ids: &[String]) -> Result<HashMap<String, StoredState>, SearchViewError> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -336,7 +336,7 @@ impl IndexCopy {
             return self.committed_states(ids.iter());
         };
         if deferred.broken {
-            return Err(SearchError::BrokenRebuild);
+            return Err(SearchViewError::BrokenRebuild);
         }
         // The lock is held until the index was read: a commit in between
         // would empty the buffer before the reader saw its documents.
@@ -355,7 +355,7 @@ impl IndexCopy {
     fn committed_states<'a>(
         &self,
         ids: impl Iterator<Item = &'a String>,
-    ) -> Result<HashMap<String, StoredState>, SearchError> {
+    ) -> Result<HashMap<String, StoredState>, SearchViewError> {
         let terms: Vec<Term> = ids.map(|id| Term::from_field_text(self.layout.id, id)).collect();
         if terms.is_empty() {
             return Ok(HashMap::new());
@@ -369,35 +369,37 @@ impl IndexCopy {
             let version = doc
                 .get_first(self.layout.version)
                 .and_then(|v| v.as_u64())
-                .ok_or_else(|| SearchError::CorruptRow { id: id.clone(), reason: "no version".into() })?;
+                .ok_or_else(|| SearchViewError::CorruptRow { id: id.clone(), reason: "no version".into() })?;
             let state = self.text(&doc, self.layout.state, &id)?;
             let state = serde_json::from_str(&state)
-                .map_err(|e| SearchError::CorruptRow { id: id.clone(), reason: format!("stored state: {e}") })?;
+                .map_err(|e| SearchViewError::CorruptRow { id: id.clone(), reason: format!("stored state: {e}") })?;
             states.insert(id, StoredState { version, state });
         }
         Ok(states)
     }
 
-    fn text(&self, doc: &TantivyDocument, field: tantivy::schema::Field, id: &str) -> Result<String, SearchError> {
-        doc.get_first(field).and_then(|v| v.as_str().map(str::to_owned)).ok_or_else(|| SearchError::CorruptRow {
+    fn text(&self, doc: &TantivyDocument, field: tantivy::schema::Field, id: &str) -> Result<String, SearchViewError> {
+        doc.get_first(field).and_then(|v| v.as_str().map(str::to_owned)).ok_or_else(|| SearchViewError::CorruptRow {
             id: id.to_owned(),
             reason: format!("no {}", self.index.schema().get_field_name(field)),
         })
     }
 
-    fn item(&self, view: &ViewSchema, searcher: &Searcher, address: DocAddress) -> Result<ListItem, SearchError> {
+    fn item(&self, view: &ViewSchema, searcher: &Searcher, address: DocAddress) -> Result<ListItem, SearchViewError> {
         let doc: TantivyDocument = searcher.doc(address)?;
         let id = self.text(&doc, self.layout.id, "?")?;
         let version = doc
             .get_first(self.layout.version)
             .and_then(|v| v.as_u64())
-            .ok_or_else(|| SearchError::CorruptRow { id: id.clone(), reason: "no version".into() })?;
+            .ok_or_else(|| SearchViewError::CorruptRow { id: id.clone(), reason: "no version".into() })?;
         let row = read_row(view, &id, &self.text(&doc, self.layout.row, &id)?)?;
         Ok(ListItem { id, version, row })
     }
 
     /// One page of `query`.
-    pub fn list(&self, view: &ViewSchema, query: &ValidQuery) -> Result<Page, SearchError> {
+    // Kept in one piece: The two orders a page can have (relevance, or sort keys with a cursor) share the query
+    // built at the top; each branch is short.
+    pub fn list(&self, view: &ViewSchema, query: &ValidQuery) -> Result<Page, SearchViewError> {
         let searcher = self.reader.searcher();
         let builder = QueryBuilder { layout: &self.layout };
         let mut required: Vec<Box<dyn Query>> = vec![builder.listed()];
@@ -448,7 +450,7 @@ impl IndexCopy {
                 };
                 Ok(SortSpec { source, descending: key.descending })
             })
-            .collect::<Result<Vec<_>, SearchError>>()?;
+            .collect::<Result<Vec<_>, SearchViewError>>()?;
         // The keyset cursor is applied inside the collector (comparing sort
         // keys), so one pass counts every match and finds the page.
         let after = match &query.after {
@@ -482,7 +484,7 @@ impl IndexCopy {
     /// writer lock; the copy keeps answering reads, and follows another
     /// process's commits through [`IndexCopy::refresh`] from now on.
     /// Buffered writes of a shadow are dropped with its writer.
-    pub fn release_writer(&self) -> Result<(), SearchError> {
+    pub fn release_writer(&self) -> Result<(), SearchViewError> {
         let writing = lock(&self.writer).take();
         *lock(&self.seen_meta) = None;
         if let Some(Writing { writer, .. }) = writing {
@@ -493,7 +495,7 @@ impl IndexCopy {
 
     /// Stops the writer (releasing the index lock) and deletes the
     /// directory. Searches already running keep their open segment files.
-    pub fn retire(&self) -> Result<(), SearchError> {
+    pub fn retire(&self) -> Result<(), SearchViewError> {
         if let Some(Writing { writer, .. }) = lock(&self.writer).take() {
             // A shadow's buffered writes are dropped with its writer.
             writer.wait_merging_threads()?;
@@ -501,7 +503,7 @@ impl IndexCopy {
         match std::fs::remove_dir_all(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(SearchError::Io { path: self.path.clone(), source }),
+            Err(source) => Err(SearchViewError::Io { path: self.path.clone(), source }),
         }
     }
 }
@@ -514,7 +516,7 @@ fn add(
     changes: &[RowChange],
     docs: Vec<TantivyDocument>,
     mut may_exist: impl FnMut(&str) -> bool,
-) -> Result<(), SearchError> {
+) -> Result<(), SearchViewError> {
     for (change, doc) in changes.iter().zip(docs) {
         // Deletes apply to documents added before them, so the new
         // document of the same id survives its own delete.
@@ -542,25 +544,25 @@ fn global_key(value: Option<&FieldValue>, ty: FieldType) -> Option<GlobalKey> {
 
 /// The bytes of a copy's `meta.json` (replaced atomically by each commit
 /// and merge, so never torn).
-fn read_meta(path: &Path) -> Result<Vec<u8>, SearchError> {
+fn read_meta(path: &Path) -> Result<Vec<u8>, SearchViewError> {
     let file = path.join("meta.json");
-    std::fs::read(&file).map_err(|source| SearchError::Io { path: file, source })
+    std::fs::read(&file).map_err(|source| SearchViewError::Io { path: file, source })
 }
 
 /// The progress in the commit payload of `meta.json`; `None` when the copy
 /// was never written.
-fn meta_progress(meta: &[u8]) -> Result<Option<ViewProgress>, SearchError> {
+fn meta_progress(meta: &[u8]) -> Result<Option<ViewProgress>, SearchViewError> {
     let value: serde_json::Value =
-        serde_json::from_slice(meta).map_err(|e| SearchError::NotAViewIndex(format!("meta.json: {e}")))?;
+        serde_json::from_slice(meta).map_err(|e| SearchViewError::NotAViewIndex(format!("meta.json: {e}")))?;
     match value.get("payload") {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(text)) => read_payload(text).map(Some),
-        Some(other) => Err(SearchError::Payload(format!("not a text: {other}"))),
+        Some(other) => Err(SearchViewError::Payload(format!("not a text: {other}"))),
     }
 }
 
-fn read_payload(text: &str) -> Result<ViewProgress, SearchError> {
-    let bad = |reason: String| SearchError::Payload(reason);
+fn read_payload(text: &str) -> Result<ViewProgress, SearchViewError> {
+    let bad = |reason: String| SearchViewError::Payload(reason);
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
     let checkpoint = value.get("checkpoint").ok_or_else(|| bad("no checkpoint".into()))?;
     let checkpoint = Checkpoint::from_json(&checkpoint.to_string()).map_err(|e| bad(e.to_string()))?;

@@ -9,10 +9,10 @@ use tantivy::TantivyError;
 /// traits see it as a [`ViewError`] (`From` below sorts each kind).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SearchError {
+pub enum SearchViewError {
     /// The view schema is invalid, or a row does not fit it.
     #[error(transparent)]
-    Schema(#[from] kes_core::view::SchemaError),
+    Schema(#[from] kes_core::SchemaError),
     /// Tantivy refused or failed an operation.
     #[error("search index: {0}")]
     Tantivy(#[from] TantivyError),
@@ -80,19 +80,19 @@ pub enum SearchError {
     Fenced(String),
 }
 
-impl From<SearchError> for ViewError {
-    fn from(e: SearchError) -> Self {
+impl From<SearchViewError> for ViewError {
+    fn from(e: SearchViewError) -> Self {
         match e {
-            SearchError::Tantivy(TantivyError::LockFailure(..)) => ViewError::Unavailable(e.to_string()),
-            SearchError::Tantivy(TantivyError::DataCorruption(..)) | SearchError::NotAViewIndex(_) => {
+            SearchViewError::Tantivy(TantivyError::LockFailure(..)) => ViewError::Unavailable(e.to_string()),
+            SearchViewError::Tantivy(TantivyError::DataCorruption(..)) | SearchViewError::NotAViewIndex(_) => {
                 ViewError::Corrupt { id: "(index)".into(), reason: e.to_string() }
             }
-            SearchError::Payload(_) => ViewError::Corrupt { id: "(checkpoint)".into(), reason: e.to_string() },
-            SearchError::CorruptRow { id, reason } => ViewError::Corrupt { id, reason },
-            SearchError::MissingField(_) | SearchError::Retired => ViewError::Unavailable(e.to_string()),
-            SearchError::Schema(e) => ViewError::Schema(e),
-            SearchError::BadSearch(reason) => ViewError::Query(QueryError::BadSearch(reason)),
-            SearchError::Standby(_) | SearchError::Fenced(_) => ViewError::Fenced(e.to_string()),
+            SearchViewError::Payload(_) => ViewError::Corrupt { id: "(checkpoint)".into(), reason: e.to_string() },
+            SearchViewError::CorruptRow { id, reason } => ViewError::Corrupt { id, reason },
+            SearchViewError::MissingField(_) | SearchViewError::Retired => ViewError::Unavailable(e.to_string()),
+            SearchViewError::Schema(e) => ViewError::Schema(e),
+            SearchViewError::BadSearch(reason) => ViewError::Query(QueryError::BadSearch(reason)),
+            SearchViewError::Standby(_) | SearchViewError::Fenced(_) => ViewError::Fenced(e.to_string()),
             other => ViewError::Backend(other.to_string()),
         }
     }

@@ -10,7 +10,7 @@ use tantivy::schema::{
 use tantivy::tokenizer::{LowerCaser, RawTokenizer, TextAnalyzer};
 use tantivy::{Index, TantivyDocument};
 
-use crate::error::SearchError;
+use crate::error::SearchViewError;
 
 /// The aggregate id: raw, stored, fast (the final sort key of every list).
 pub(crate) const ID: &str = "_id";
@@ -127,13 +127,14 @@ pub(crate) struct Layout {
 
 impl Layout {
     /// Resolves `view` against the schema of an existing index.
-    pub fn resolve(actual: &Schema, view: &ViewSchema) -> Result<Self, SearchError> {
+    pub fn resolve(actual: &Schema, view: &ViewSchema) -> Result<Self, SearchViewError> {
         let wanted = index_schema(view);
-        let internal = |name: &str| -> Result<IndexField, SearchError> {
-            let field = actual.get_field(name).map_err(|_| SearchError::NotAViewIndex(format!("no field {name}")))?;
+        let internal = |name: &str| -> Result<IndexField, SearchViewError> {
+            let field =
+                actual.get_field(name).map_err(|_| SearchViewError::NotAViewIndex(format!("no field {name}")))?;
             let expected = wanted.get_field(name).map(|f| wanted.get_field_entry(f)).ok();
             if expected != Some(actual.get_field_entry(field)) {
-                return Err(SearchError::NotAViewIndex(format!("field {name} has another type")));
+                return Err(SearchViewError::NotAViewIndex(format!("field {name} has another type")));
             }
             Ok(field)
         };
@@ -174,11 +175,11 @@ impl Layout {
     }
 
     /// The document `change` is stored as.
-    pub fn document(&self, change: &RowChange) -> Result<TantivyDocument, SearchError> {
+    pub fn document(&self, change: &RowChange) -> Result<TantivyDocument, SearchViewError> {
         let mut doc = TantivyDocument::new();
         doc.add_text(self.id, &change.id);
         doc.add_u64(self.version, change.version);
-        doc.add_text(self.state, serde_json::to_string(&change.state).map_err(SearchError::Json)?);
+        doc.add_text(self.state, serde_json::to_string(&change.state).map_err(SearchViewError::Json)?);
         let Some(row) = &change.row else {
             doc.add_bool(self.listed, false);
             return Ok(doc);
@@ -207,15 +208,15 @@ impl Layout {
 
 /// The Tantivy document `change` is stored as in an index built from
 /// `view` (for tools and benchmarks that write such an index directly).
-pub fn index_document(view: &ViewSchema, change: &RowChange) -> Result<TantivyDocument, SearchError> {
+pub fn index_document(view: &ViewSchema, change: &RowChange) -> Result<TantivyDocument, SearchViewError> {
     Layout::resolve(&index_schema(view), view)?.document(change)
 }
 
 /// Reads a row stored by [`Layout::document`]: values of fields the view
 /// no longer has, or whose type changed, are left out (an older copy
 /// serving during a rebuild).
-pub(crate) fn read_row(view: &ViewSchema, id: &str, text: &str) -> Result<Row, SearchError> {
-    let corrupt = |reason: String| SearchError::CorruptRow { id: id.to_owned(), reason };
+pub(crate) fn read_row(view: &ViewSchema, id: &str, text: &str) -> Result<Row, SearchViewError> {
+    let corrupt = |reason: String| SearchViewError::CorruptRow { id: id.to_owned(), reason };
     let json: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(text).map_err(|e| corrupt(format!("stored row: {e}")))?;
     let mut row = Row::new();

@@ -56,7 +56,7 @@
 //! - [`SearchView::open`] takes the lock when it is free and works as the
 //!   only writer. When another process holds it, the open still succeeds,
 //!   **standing by**: it answers reads like a read-only view, refuses
-//!   writes with [`ViewError::Fenced`] ([`SearchError::Standby`]), and
+//!   writes with [`ViewError::Fenced`] ([`SearchViewError::Standby`]), and
 //!   touches nothing on disk.
 //! - **The lock is the lease** (one host). [`ViewStore::acquire_lease`]
 //!   takes the lock when free (re-reading `CURRENT` and the live copy's
@@ -85,7 +85,7 @@
 //!   no takeover by expiry across processes, and no two writers either.
 //! - [`SearchView::open_read_only`] (for `api` processes) takes no lock
 //!   and creates nothing; writes are refused with
-//!   [`SearchError::ReadOnly`] ([`ViewError::Backend`], "opened
+//!   [`SearchViewError::ReadOnly`] ([`ViewError::Backend`], "opened
 //!   read-only") and `acquire_lease` is `None`. Until the writer created
 //!   the view, lists are empty and the position is the start.
 //!
@@ -120,7 +120,7 @@
 //! Writes to the shadow copy of a rebuild are not committed one by one (a
 //! commit flushes a segment and syncs its files): the index writer buffers
 //! them, and the copy commits every
-//! [`SearchConfig::rebuild_commit_docs`] documents and once more in
+//! [`SearchViewConfig::rebuild_commit_docs`] documents and once more in
 //! [`ViewStore::swap`](kes_core::ViewStore::swap), before `CURRENT` names
 //! it. Each of these commits carries the checkpoint of the last write it
 //! holds. Until a write is committed, [`ViewStore::states`](kes_core::ViewStore::states)
@@ -196,7 +196,7 @@ use kes_core::{
 use tantivy::TantivyError;
 
 use crate::copy::{Commits, IndexCopy};
-pub use crate::error::SearchError;
+pub use crate::error::SearchViewError;
 pub use crate::layout::{index_document, index_schema, register_tokenizers};
 
 /// The file naming the live copy's directory.
@@ -209,24 +209,55 @@ const WRITER_LOCK: &str = ".kes-writer.lock";
 /// writer's files before it keeps answering from what it has.
 const REFRESH_ATTEMPTS: u32 = 3;
 
-/// Tunables of a [`SearchView`].
+/// Where a [`SearchView`] lives and how it indexes.
+/// `SearchViewConfig::in_dir(dir)` gives the defaults; a directory alone
+/// converts into one (`SearchView::open(dir, schema)`).
 #[derive(Debug, Clone)]
-pub struct SearchConfig {
+pub struct SearchViewConfig {
+    dir: PathBuf,
+    pub(crate) writer_memory_bytes: usize,
+    pub(crate) writer_threads: usize,
+    pub(crate) rebuild_commit_docs: usize,
+}
+
+impl<P: AsRef<Path>> From<P> for SearchViewConfig {
+    fn from(dir: P) -> Self {
+        Self::in_dir(dir)
+    }
+}
+
+impl SearchViewConfig {
+    /// The default settings for the view stored in `dir` (created when
+    /// missing by [`SearchView::open`]).
+    pub fn in_dir(dir: impl AsRef<Path>) -> Self {
+        Self {
+            dir: dir.as_ref().to_owned(),
+            writer_memory_bytes: 50_000_000,
+            writer_threads: 1,
+            rebuild_commit_docs: 50_000,
+        }
+    }
+
     /// Memory budget of each copy's index writer, in bytes (Tantivy needs
-    /// at least 15 MB per thread).
-    pub writer_memory_bytes: usize,
-    /// Indexing threads of each copy's writer.
-    pub writer_threads: usize,
+    /// at least 15 MB per thread). Default 50 MB.
+    pub fn writer_memory_bytes(mut self, bytes: usize) -> Self {
+        self.writer_memory_bytes = bytes;
+        self
+    }
+
+    /// Indexing threads of each copy's writer. Default 1.
+    pub fn writer_threads(mut self, threads: usize) -> Self {
+        self.writer_threads = threads.max(1);
+        self
+    }
+
     /// During a rebuild, how many documents the shadow copy buffers before
     /// it commits (and at most how many states it keeps in memory for
     /// [`ViewStore::states`](kes_core::ViewStore::states)); the rest is
-    /// committed at the swap.
-    pub rebuild_commit_docs: usize,
-}
-
-impl Default for SearchConfig {
-    fn default() -> Self {
-        Self { writer_memory_bytes: 50_000_000, writer_threads: 1, rebuild_commit_docs: 50_000 }
+    /// committed at the swap. Default 50 000.
+    pub fn rebuild_commit_docs(mut self, docs: usize) -> Self {
+        self.rebuild_commit_docs = docs.max(1);
+        self
     }
 }
 
@@ -249,7 +280,7 @@ enum Access {
 struct Inner {
     schema: Arc<ViewSchema>,
     root: PathBuf,
-    config: SearchConfig,
+    config: SearchViewConfig,
     access: Access,
     /// `None` only in a view that does not write, while no copy exists yet.
     live: RwLock<Option<Arc<IndexCopy>>>,
@@ -301,8 +332,8 @@ impl std::fmt::Debug for SearchView {
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SearchError + '_ {
-    move |source| SearchError::Io { path: path.to_owned(), source }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SearchViewError + '_ {
+    move |source| SearchViewError::Io { path: path.to_owned(), source }
 }
 
 fn copy_number(name: &str) -> Option<u64> {
@@ -315,22 +346,22 @@ fn copy_name(n: u64) -> String {
 }
 
 /// The copy `CURRENT` names; `None` when there is none (yet).
-fn read_current(root: &Path) -> Result<Option<String>, SearchError> {
+fn read_current(root: &Path) -> Result<Option<String>, SearchViewError> {
     let path = root.join(CURRENT);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let name = text.trim().to_owned();
-            copy_number(&name).ok_or_else(|| SearchError::NotAViewIndex(format!("{CURRENT} names {name:?}")))?;
+            copy_number(&name).ok_or_else(|| SearchViewError::NotAViewIndex(format!("{CURRENT} names {name:?}")))?;
             Ok(Some(name))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(SearchError::Io { path, source }),
+        Err(source) => Err(SearchViewError::Io { path, source }),
     }
 }
 
 /// Replaces `CURRENT` with `name`, atomically: a crash leaves either the
 /// old or the new pointer, never a torn one.
-fn write_current(root: &Path, name: &str) -> Result<(), SearchError> {
+fn write_current(root: &Path, name: &str) -> Result<(), SearchViewError> {
     let tmp = root.join(format!("{CURRENT}.tmp"));
     let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     file.write_all(name.as_bytes()).map_err(io(&tmp))?;
@@ -344,13 +375,13 @@ fn write_current(root: &Path, name: &str) -> Result<(), SearchError> {
 /// waiting; `None` when another open file holds it (another process, or
 /// another view of this process). The OS releases it when the file is
 /// closed, which a dying process does too.
-fn lock_root(root: &Path) -> Result<Option<File>, SearchError> {
+fn lock_root(root: &Path) -> Result<Option<File>, SearchViewError> {
     let path = root.join(WRITER_LOCK);
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io(&path))?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(TryLockError::WouldBlock) => Ok(None),
-        Err(TryLockError::Error(source)) => Err(SearchError::Io { path, source }),
+        Err(TryLockError::Error(source)) => Err(SearchViewError::Io { path, source }),
     }
 }
 
@@ -374,14 +405,10 @@ impl SearchView {
         blocking(move || inner.write(copy, &changes, &checkpoint, lease.as_ref())).await
     }
 
-    /// Opens (or creates) the view stored in `dir` with the default
-    /// [`SearchConfig`]. Validates the schema first.
-    pub fn open(dir: impl AsRef<Path>, schema: ViewSchema) -> Result<Self, SearchError> {
-        Self::open_with(dir, schema, SearchConfig::default())
-    }
-
-    /// Opens (or creates) the view stored in `dir`, as its writer when it
-    /// can get the directory's writer lock, or else standing by.
+    /// Opens (or creates) the view stored in the directory `config` names
+    /// (or in a directory given alone), as its writer when it can get the
+    /// directory's writer lock, or else standing by. Validates the schema
+    /// first.
     ///
     /// A standby view answers reads like one from
     /// [`SearchView::open_read_only`] and takes the writer over through
@@ -392,9 +419,10 @@ impl SearchView {
     /// answering the queries its fields allow (others get
     /// [`ViewError::Unavailable`]); its stored schema version differs, so
     /// the projection runner rebuilds it and swaps the new copy in.
-    pub fn open_with(dir: impl AsRef<Path>, schema: ViewSchema, config: SearchConfig) -> Result<Self, SearchError> {
+    pub fn open(config: impl Into<SearchViewConfig>, schema: ViewSchema) -> Result<Self, SearchViewError> {
         schema.validate()?;
-        let root = dir.as_ref().to_owned();
+        let config = config.into();
+        let root = config.dir.clone();
         std::fs::create_dir_all(&root).map_err(io(&root))?;
         let view = Self::new(root, schema, config, Access::Writer);
         let got = {
@@ -413,10 +441,10 @@ impl SearchView {
         Ok(view)
     }
 
-    /// Opens the view stored in `dir` for reading only, beside the process
+    /// Opens the view stored in the directory `config` names for reading only, beside the process
     /// that writes it (an `api` process beside a `projector`). It takes no
     /// lock, creates nothing and never writes: writes are refused with
-    /// [`SearchError::ReadOnly`] ([`ViewError::Backend`]) and
+    /// [`SearchViewError::ReadOnly`] ([`ViewError::Backend`]) and
     /// [`ViewStore::acquire_lease`] answers `None`.
     ///
     /// Each read first catches up with the writer: it follows `CURRENT` to
@@ -428,14 +456,15 @@ impl SearchView {
     ///
     /// Fails when `CURRENT` names no copy of a view index or the copy it
     /// names cannot be opened.
-    pub fn open_read_only(dir: impl AsRef<Path>, schema: ViewSchema) -> Result<Self, SearchError> {
+    pub fn open_read_only(config: impl Into<SearchViewConfig>, schema: ViewSchema) -> Result<Self, SearchViewError> {
         schema.validate()?;
-        let view = Self::new(dir.as_ref().to_owned(), schema, SearchConfig::default(), Access::ReadOnly);
+        let config = config.into();
+        let view = Self::new(config.dir.clone(), schema, config, Access::ReadOnly);
         view.inner.load_read_only()?;
         Ok(view)
     }
 
-    fn new(root: PathBuf, schema: ViewSchema, config: SearchConfig, access: Access) -> Self {
+    fn new(root: PathBuf, schema: ViewSchema, config: SearchViewConfig, access: Access) -> Self {
         Self {
             inner: Arc::new(Inner {
                 schema: Arc::new(schema),
@@ -488,41 +517,41 @@ impl Inner {
         std::mem::replace(&mut *self.live.write().unwrap_or_else(|p| p.into_inner()), copy)
     }
 
-    fn shadow(&self) -> Result<Arc<IndexCopy>, SearchError> {
-        self.shadow.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(SearchError::NoRebuild)
+    fn shadow(&self) -> Result<Arc<IndexCopy>, SearchViewError> {
+        self.shadow.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(SearchViewError::NoRebuild)
     }
 
     /// A copy to write to: only while this view holds the writer (`lead`
     /// is held for the whole write).
-    fn writable(&self, lead: &Leadership, copy: ViewCopy) -> Result<Arc<IndexCopy>, SearchError> {
+    fn writable(&self, lead: &Leadership, copy: ViewCopy) -> Result<Arc<IndexCopy>, SearchViewError> {
         if self.access == Access::ReadOnly {
-            return Err(SearchError::ReadOnly(self.schema.name.clone()));
+            return Err(SearchViewError::ReadOnly(self.schema.name.clone()));
         }
         if lead.lock.is_none() {
-            return Err(SearchError::Standby(self.schema.name.clone()));
+            return Err(SearchViewError::Standby(self.schema.name.clone()));
         }
         match copy {
-            ViewCopy::Live => self.live().ok_or_else(|| SearchError::Standby(self.schema.name.clone())),
+            ViewCopy::Live => self.live().ok_or_else(|| SearchViewError::Standby(self.schema.name.clone())),
             ViewCopy::Shadow => self.shadow(),
         }
     }
 
     /// Checks that `lease` is the one this view handed out last, while it
     /// holds the writer.
-    fn check_lease(&self, lead: &Leadership, lease: &Lease) -> Result<(), SearchError> {
+    fn check_lease(&self, lead: &Leadership, lease: &Lease) -> Result<(), SearchViewError> {
         if self.access == Access::ReadOnly {
-            return Err(SearchError::ReadOnly(self.schema.name.clone()));
+            return Err(SearchViewError::ReadOnly(self.schema.name.clone()));
         }
         if lead.lock.is_none() {
-            return Err(SearchError::Standby(self.schema.name.clone()));
+            return Err(SearchViewError::Standby(self.schema.name.clone()));
         }
         match &lead.lease {
             Some(held) if held.is(lease) => Ok(()),
-            Some(held) => Err(SearchError::Fenced(format!(
+            Some(held) => Err(SearchViewError::Fenced(format!(
                 "the lease of view {} is held by {} with fence {}, not by {} with fence {}",
                 self.schema.name, held.owner, held.fence, lease.owner, lease.fence
             ))),
-            None => Err(SearchError::Fenced(format!(
+            None => Err(SearchViewError::Fenced(format!(
                 "the lease of view {} ({} with fence {}) was released",
                 self.schema.name, lease.owner, lease.fence
             ))),
@@ -552,7 +581,7 @@ impl Inner {
     /// a swap, segment files cleaned up) is retried after reading
     /// `CURRENT` again; after the last attempt the view keeps its reader,
     /// whose open files stay readable (mmap), and its position.
-    fn refresh(&self) -> Result<(), SearchError> {
+    fn refresh(&self) -> Result<(), SearchViewError> {
         let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let mut attempt = 0;
         loop {
@@ -580,7 +609,7 @@ impl Inner {
 
     /// The first load of a view that does not write: like
     /// [`Inner::refresh`], but an error is the caller's.
-    fn load_read_only(&self) -> Result<(), SearchError> {
+    fn load_read_only(&self) -> Result<(), SearchViewError> {
         let lead = self.lead();
         let result = self.refresh();
         drop(lead);
@@ -592,7 +621,9 @@ impl Inner {
     /// when another process (or view) holds the lock. Copies `CURRENT`
     /// does not name (unfinished rebuilds, or leftovers of a crash) are
     /// deleted, now that nobody else writes.
-    fn take_writer(&self, lead: &mut Leadership) -> Result<bool, SearchError> {
+    // Kept in one piece: Each step holds the lock the next one needs (directory lock, then writer, then the
+    // cleanup only the lock holder may do); split, the steps would pass the lock around.
+    fn take_writer(&self, lead: &mut Leadership) -> Result<bool, SearchViewError> {
         if lead.lock.is_some() {
             return Ok(true);
         }
@@ -612,7 +643,7 @@ impl Inner {
         let live = match current {
             Some(name) => match IndexCopy::open(&self.root.join(&name), &self.schema, &self.config) {
                 Ok(copy) => copy,
-                Err(SearchError::Tantivy(TantivyError::LockFailure(..))) => {
+                Err(SearchViewError::Tantivy(TantivyError::LockFailure(..))) => {
                     // Free directory lock, busy index lock: a process that
                     // writes without the directory lock (an older version
                     // of this crate). It keeps writing; this view waits.
@@ -684,7 +715,7 @@ impl Inner {
         self.holding.store(false, Ordering::SeqCst);
     }
 
-    fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, SearchError> {
+    fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, SearchViewError> {
         if self.access == Access::ReadOnly {
             return Ok(None);
         }
@@ -723,7 +754,7 @@ impl Inner {
         }
     }
 
-    fn begin_rebuild(&self) -> Result<(), SearchError> {
+    fn begin_rebuild(&self) -> Result<(), SearchViewError> {
         let mut shadow = self.shadow.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = shadow.take() {
             old.retire()?;
@@ -734,9 +765,9 @@ impl Inner {
         Ok(())
     }
 
-    fn swap(&self) -> Result<(), SearchError> {
+    fn swap(&self) -> Result<(), SearchViewError> {
         let mut shadow = self.shadow.lock().unwrap_or_else(|p| p.into_inner());
-        let new = shadow.take().ok_or(SearchError::NoRebuild)?;
+        let new = shadow.take().ok_or(SearchViewError::NoRebuild)?;
         // The buffered tail of the rebuild is committed before the copy is
         // named live, so that `CURRENT` never names a copy missing writes.
         if let Err(e) = new.finish() {
@@ -764,8 +795,8 @@ impl Inner {
     fn on_write_side<T>(
         &self,
         lease: Option<&Lease>,
-        op: impl FnOnce(&Self) -> Result<T, SearchError>,
-    ) -> Result<T, SearchError> {
+        op: impl FnOnce(&Self) -> Result<T, SearchViewError>,
+    ) -> Result<T, SearchViewError> {
         let lead = self.lead();
         match lease {
             Some(lease) => self.check_lease(&lead, lease)?,
@@ -784,7 +815,7 @@ impl Inner {
         changes: &[RowChange],
         checkpoint: &Checkpoint,
         lease: Option<&Lease>,
-    ) -> Result<(), SearchError> {
+    ) -> Result<(), SearchViewError> {
         let lead = self.lead();
         if let Some(lease) = lease {
             self.check_lease(&lead, lease)?;
@@ -802,16 +833,16 @@ impl Inner {
     /// checkpoint back and to write into a copy built with another schema
     /// version (a runner of an older version left over from a rolling
     /// deploy, or a newer one that has not rebuilt yet).
-    fn check_forward(&self, copy: &IndexCopy, next: &Checkpoint) -> Result<(), SearchError> {
+    fn check_forward(&self, copy: &IndexCopy, next: &Checkpoint) -> Result<(), SearchViewError> {
         let Some(stored) = copy.progress() else { return Ok(()) };
         if stored.schema_version != self.schema.version {
-            return Err(SearchError::Fenced(format!(
+            return Err(SearchViewError::Fenced(format!(
                 "view {}: the copy was built with schema version {}, this writer has version {}",
                 self.schema.name, stored.schema_version, self.schema.version
             )));
         }
         if !next.covers_all(&stored.checkpoint) {
-            return Err(SearchError::Fenced(format!(
+            return Err(SearchViewError::Fenced(format!(
                 "view {}: checkpoint {} would move back from {}",
                 self.schema.name,
                 next.to_json(),
@@ -824,14 +855,14 @@ impl Inner {
     /// A fenced swap refuses, like the SQL view's, a new copy that has not
     /// reached the live one on every partition: a swap never moves the
     /// view back.
-    fn check_swap(&self) -> Result<(), SearchError> {
+    fn check_swap(&self) -> Result<(), SearchViewError> {
         let checkpoint = |copy: Option<Arc<IndexCopy>>| copy.and_then(|c| c.progress()).map(|p| p.checkpoint);
         let live = checkpoint(self.live()).unwrap_or_default();
         let new = checkpoint(Some(self.shadow()?)).unwrap_or_default();
         if new.covers_all(&live) {
             return Ok(());
         }
-        Err(SearchError::Fenced(format!(
+        Err(SearchViewError::Fenced(format!(
             "view {}: the new copy ({}) is behind the live one ({}); not swapped",
             self.schema.name,
             new.to_json(),
@@ -839,7 +870,7 @@ impl Inner {
         )))
     }
 
-    fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, SearchError> {
+    fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, SearchViewError> {
         match copy {
             ViewCopy::Live => {
                 self.follow_writer();
@@ -852,11 +883,11 @@ impl Inner {
 
 /// Runs blocking index work off the async executor.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SearchError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, SearchViewError> + Send + 'static,
 ) -> Result<T, ViewError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result.map_err(ViewError::from),
-        Err(e) => Err(SearchError::Task(e.to_string()).into()),
+        Err(e) => Err(SearchViewError::Task(e.to_string()).into()),
     }
 }
 
@@ -880,7 +911,7 @@ impl ListView for SearchView {
     }
 
     async fn position(&self) -> Result<Checkpoint, ViewError> {
-        Ok(self.progress(ViewCopy::Live).await?.map(|p| p.checkpoint).unwrap_or_default())
+        self.live_checkpoint().await
     }
 }
 

@@ -9,8 +9,8 @@
 
 use std::ops::Bound;
 
-use kes_core::view::{ID_FIELD, ValidFilter};
 use kes_core::{Field, FieldType, FieldValue, FilterOp};
+use kes_core::{ID_FIELD, ValidFilter};
 use tantivy::query::{
     BooleanQuery, ConstScoreQuery, EmptyQuery, ExistsQuery, Occur, Query, QueryParser, RangeQuery, TermQuery,
     TermSetQuery,
@@ -19,7 +19,7 @@ use tantivy::query_grammar::{UserInputAst, UserInputLeaf};
 use tantivy::schema::IndexRecordOption;
 use tantivy::{Index, Term};
 
-use crate::error::SearchError;
+use crate::error::SearchViewError;
 use crate::layout::{Layout, RawField, raw_name};
 
 /// Builds the Tantivy side of list queries for one index copy.
@@ -28,20 +28,20 @@ pub(crate) struct QueryBuilder<'a> {
 }
 
 impl QueryBuilder<'_> {
-    fn raw(&self, field: &Field) -> Result<RawField, SearchError> {
+    fn raw(&self, field: &Field) -> Result<RawField, SearchViewError> {
         if field.name == ID_FIELD {
             return Ok(RawField { field: self.layout.id, ty: FieldType::Keyword });
         }
-        self.layout.raw.get(&field.name).copied().ok_or_else(|| SearchError::MissingField(field.name.clone()))
+        self.layout.raw.get(&field.name).copied().ok_or_else(|| SearchViewError::MissingField(field.name.clone()))
     }
 
     /// The fast-field name holding `field`'s exact values.
-    pub fn fast_name(&self, field: &Field) -> Result<String, SearchError> {
+    pub fn fast_name(&self, field: &Field) -> Result<String, SearchViewError> {
         self.raw(field)?;
         Ok(if field.name == ID_FIELD { crate::layout::ID.to_owned() } else { raw_name(&field.name) })
     }
 
-    fn term(&self, raw: RawField, value: &FieldValue) -> Result<Term, SearchError> {
+    fn term(&self, raw: RawField, value: &FieldValue) -> Result<Term, SearchViewError> {
         let f = raw.field;
         Ok(match (raw.ty, value) {
             (FieldType::Text | FieldType::Keyword, FieldValue::Text(s)) => Term::from_field_text(f, s),
@@ -49,11 +49,11 @@ impl QueryBuilder<'_> {
             (FieldType::Float, FieldValue::Float(x)) => Term::from_field_f64(f, *x),
             (FieldType::Bool, FieldValue::Bool(b)) => Term::from_field_bool(f, *b),
             (FieldType::Timestamp, FieldValue::Timestamp(t)) => Term::from_field_i64(f, t.timestamp_micros()),
-            (ty, v) => return Err(SearchError::BadSearch(format!("{v:?} is not a {ty}"))),
+            (ty, v) => return Err(SearchViewError::BadSearch(format!("{v:?} is not a {ty}"))),
         })
     }
 
-    fn exists(&self, field: &Field) -> Result<Box<dyn Query>, SearchError> {
+    fn exists(&self, field: &Field) -> Result<Box<dyn Query>, SearchViewError> {
         Ok(Box::new(ExistsQuery::new(self.fast_name(field)?, false)))
     }
 
@@ -62,7 +62,7 @@ impl QueryBuilder<'_> {
         raw: RawField,
         lower: Bound<&FieldValue>,
         upper: Bound<&FieldValue>,
-    ) -> Result<Box<dyn Query>, SearchError> {
+    ) -> Result<Box<dyn Query>, SearchViewError> {
         if raw.ty == FieldType::Bool {
             // Tantivy has no range over bools; there are only two values.
             let inside = |v: &FieldValue| {
@@ -88,7 +88,7 @@ impl QueryBuilder<'_> {
                 _ => Box::new(TermSetQuery::new(terms)),
             });
         }
-        let bound = |b: Bound<&FieldValue>| -> Result<Bound<Term>, SearchError> {
+        let bound = |b: Bound<&FieldValue>| -> Result<Bound<Term>, SearchViewError> {
             Ok(match b {
                 Bound::Included(v) => Bound::Included(self.term(raw, v)?),
                 Bound::Excluded(v) => Bound::Excluded(self.term(raw, v)?),
@@ -99,9 +99,9 @@ impl QueryBuilder<'_> {
     }
 
     /// The documents passing one filter.
-    pub fn filter(&self, filter: &ValidFilter) -> Result<Box<dyn Query>, SearchError> {
+    pub fn filter(&self, filter: &ValidFilter) -> Result<Box<dyn Query>, SearchViewError> {
         let raw = self.raw(&filter.field)?;
-        let first = filter.values.first().ok_or_else(|| SearchError::BadSearch("a filter without value".into()))?;
+        let first = filter.values.first().ok_or_else(|| SearchViewError::BadSearch("a filter without value".into()))?;
         Ok(match filter.op {
             FilterOp::Eq => Box::new(TermQuery::new(self.term(raw, first)?, IndexRecordOption::Basic)),
             FilterOp::Ne => Box::new(BooleanQuery::new(vec![
@@ -123,7 +123,7 @@ impl QueryBuilder<'_> {
                     let upper = upper.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
                     self.range(raw, Bound::Included(first), upper)?
                 }
-                other => return Err(SearchError::BadSearch(format!("prefix of {other:?}"))),
+                other => return Err(SearchViewError::BadSearch(format!("prefix of {other:?}"))),
             },
         })
     }
@@ -148,16 +148,16 @@ impl QueryBuilder<'_> {
 }
 
 /// Parses `q` strictly: a syntax error, or a field `q` may not search, is
-/// [`SearchError::BadSearch`]. Words without a field search every
+/// [`SearchViewError::BadSearch`]. Words without a field search every
 /// searchable field; all words must match (conjunction), as users of a
 /// search box expect. `None` when the view has no searchable field (then
 /// nothing matches, as with the other backends).
-pub(crate) fn full_text(index: &Index, layout: &Layout, q: &str) -> Result<Option<Box<dyn Query>>, SearchError> {
+pub(crate) fn full_text(index: &Index, layout: &Layout, q: &str) -> Result<Option<Box<dyn Query>>, SearchViewError> {
     // The grammar is a hand-written parser fed with client input: a panic
     // in it must become a client error, not take the request down.
     let parsed = std::panic::catch_unwind(|| tantivy::query_grammar::parse_query(q))
-        .map_err(|_| SearchError::BadSearch("the search query cannot be parsed".into()))?;
-    let ast = parsed.map_err(|_| SearchError::BadSearch(format!("cannot parse search query {:?}", clip(q))))?;
+        .map_err(|_| SearchViewError::BadSearch("the search query cannot be parsed".into()))?;
+    let ast = parsed.map_err(|_| SearchViewError::BadSearch(format!("cannot parse search query {:?}", clip(q))))?;
     check_fields(&ast, layout)?;
     if layout.search.is_empty() {
         return Ok(None);
@@ -167,14 +167,14 @@ pub(crate) fn full_text(index: &Index, layout: &Layout, q: &str) -> Result<Optio
     let mut parser = QueryParser::for_index(index, fields.into_iter().map(|(_, f)| *f).collect());
     parser.set_conjunction_by_default();
     let built = std::panic::catch_unwind(|| parser.build_query_from_user_input_ast(ast))
-        .map_err(|_| SearchError::BadSearch("the search query cannot be parsed".into()))?;
-    built.map(Some).map_err(|e| SearchError::BadSearch(format!("{e}")))
+        .map_err(|_| SearchViewError::BadSearch("the search query cannot be parsed".into()))?;
+    built.map(Some).map_err(|e| SearchViewError::BadSearch(format!("{e}")))
 }
 
-fn check_fields(ast: &UserInputAst, layout: &Layout) -> Result<(), SearchError> {
+fn check_fields(ast: &UserInputAst, layout: &Layout) -> Result<(), SearchViewError> {
     let check = |name: &Option<String>| match name {
         Some(n) if !layout.search.contains_key(n) => {
-            Err(SearchError::BadSearch(format!("{:?} is not a searchable field", clip(n))))
+            Err(SearchViewError::BadSearch(format!("{:?} is not a searchable field", clip(n))))
         }
         _ => Ok(()),
     };

@@ -21,7 +21,7 @@ use kes_core::{
     Page, Position, Projection, ProjectionRunner, Row, RowChange, RunnerConfig, ViewCopy, ViewProjection, ViewSchema,
     ViewStore,
 };
-use kes_view_search::{SearchConfig, SearchView};
+use kes_view_search::{SearchView, SearchViewConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -152,8 +152,8 @@ fn runner(store: Store, view: Arc<dyn ViewStore>, batch_size: usize) -> Arc<Proj
     )
 }
 
-fn config(rebuild_commit_docs: usize) -> SearchConfig {
-    SearchConfig { rebuild_commit_docs, ..SearchConfig::default() }
+fn config(dir: impl AsRef<std::path::Path>, rebuild_commit_docs: usize) -> SearchViewConfig {
+    SearchViewConfig::in_dir(dir).rebuild_commit_docs(rebuild_commit_docs)
 }
 
 async fn all_pages(view: &dyn ListView, query: ListQuery) -> Vec<Page> {
@@ -228,8 +228,7 @@ async fn rebuild_over_many_batches(backend: Backend) {
     // them), committing every few documents, or only at the swap.
     for (batch, commit_every) in [(5, 7), (3, 50_000), (64, 1)] {
         let dir = tmp.path().join(format!("rebuilt-{batch}-{commit_every}"));
-        let view: Arc<SearchView> =
-            Arc::new(SearchView::open_with(&dir, schema(), config(commit_every)).expect("open"));
+        let view: Arc<SearchView> = Arc::new(SearchView::open(config(&dir, commit_every), schema()).expect("open"));
         let rebuild = runner(store.clone(), Arc::clone(&view) as Arc<dyn ViewStore>, batch);
         let report = rebuild.rebuild("items", &|_, _| {}).await.expect("rebuild");
         assert_eq!(report.events, events, "batch {batch}, commit every {commit_every}: events rebuilt");
@@ -247,7 +246,7 @@ async fn rebuild_over_many_batches(backend: Backend) {
         drop(rebuild);
         let view = Arc::into_inner(view).expect("the only handle");
         drop(view);
-        let reopened = SearchView::open_with(&dir, schema(), config(commit_every)).expect("reopen");
+        let reopened = SearchView::open(config(&dir, commit_every), schema()).expect("reopen");
         assert_eq!(answers(&reopened).await, want, "batch {batch}, commit every {commit_every}: after a reopen");
         assert_eq!(reopened.position().await.expect("position"), head);
     }
@@ -281,7 +280,7 @@ mod a_rebuild_over_many_batches_equals_a_fresh_replay {
 async fn the_live_copy_serves_unchanged_until_the_swap() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("items");
-    let view = SearchView::open_with(&dir, schema(), config(5)).expect("open");
+    let view = SearchView::open(config(&dir, 5), schema()).expect("open");
     view.write(ViewCopy::Live, &[change("a", 1, "old a"), change("b", 1, "old b")], &at(1)).await.expect("live");
     let before = names(&view).await;
     view.begin_rebuild().await.expect("begin");
@@ -321,7 +320,7 @@ async fn the_live_copy_serves_unchanged_until_the_swap() {
     // The swapped-in copy commits each write, like a live copy.
     view.write(ViewCopy::Live, &[change("s9", 1, "after")], &at(22)).await.expect("live write");
     drop(view);
-    let reopened = SearchView::open_with(&dir, schema(), config(5)).expect("reopen");
+    let reopened = SearchView::open(config(&dir, 5), schema()).expect("reopen");
     let mut want = want;
     want.push(("s9".into(), "after".into()));
     assert_eq!(names(&reopened).await, want);
@@ -343,7 +342,7 @@ fn committed(path: &Path) -> (Checkpoint, u64) {
 async fn a_rebuild_stopped_before_its_swap_leaves_consistent_commits_and_starts_over() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("items");
-    let view = SearchView::open_with(&dir, schema(), config(10)).expect("open");
+    let view = SearchView::open(config(&dir, 10), schema()).expect("open");
     view.write(ViewCopy::Live, &[change("a", 1, "live a")], &at(0)).await.expect("live");
     view.begin_rebuild().await.expect("begin");
     let live = std::fs::read_to_string(dir.join("CURRENT")).expect("CURRENT");
@@ -363,7 +362,7 @@ async fn a_rebuild_stopped_before_its_swap_leaves_consistent_commits_and_starts_
     // The process stops without a swap: the next open serves the live copy
     // and drops the unfinished one.
     drop(view);
-    let reopened = SearchView::open_with(&dir, schema(), config(10)).expect("reopen");
+    let reopened = SearchView::open(config(&dir, 10), schema()).expect("reopen");
     assert_eq!(copies(&dir), std::slice::from_ref(&live));
     assert_eq!(names(&reopened).await, [("a".to_owned(), "live a".to_owned())]);
     assert_eq!(reopened.position().await.expect("position"), at(0));
@@ -384,7 +383,7 @@ async fn a_rebuild_stopped_before_its_swap_leaves_consistent_commits_and_starts_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_rebuild_drops_the_buffered_writes_of_the_first() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let view = SearchView::open_with(tmp.path().join("items"), schema(), config(1_000)).expect("open");
+    let view = SearchView::open(config(tmp.path().join("items"), 1_000), schema()).expect("open");
     view.begin_rebuild().await.expect("begin");
     view.write(ViewCopy::Shadow, &[change("x", 1, "first")], &at(3)).await.expect("shadow");
     view.begin_rebuild().await.expect("begin again");

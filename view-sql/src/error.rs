@@ -1,7 +1,7 @@
 //! The crate's one error type and its mapping into the core's portable
 //! [`ViewError`].
 
-use kes_core::view::SchemaError;
+use kes_core::SchemaError;
 use kes_core::{QueryError, ViewError};
 
 /// Why a SQL list view operation failed.

@@ -37,7 +37,7 @@
 //!   back. A lease read at the start of a transaction would not fence: the
 //!   update is the fence. PostgreSQL connections set
 //!   `idle_in_transaction_session_timeout` (default 2 s,
-//!   [`SqlViewOptions::idle_in_transaction_timeout`]) below the lease, so
+//!   [`SqlViewConfig::idle_in_transaction_timeout`]) below the lease, so
 //!   that a stalled writer's transaction does not hold the row for long.
 //!   Plain [`kes_core::ViewStore::write`] stays unfenced (one writer).
 //! - **Rebuilds**: a fresh shadow table is filled while the live one keeps
@@ -120,4 +120,4 @@ mod view;
 
 pub use error::SqlViewError;
 pub use sql::Dialect;
-pub use view::{DEFAULT_URL, SqlView, SqlViewOptions};
+pub use view::{DEFAULT_URL, SqlView, SqlViewConfig};

@@ -6,10 +6,11 @@
 
 use std::fmt::Write as _;
 
-use kes_core::view::{Cond, Cursor, Field, ID_FIELD, ValidFilter, ValidQuery};
+use kes_core::{Cond, Cursor, Field, ID_FIELD, ValidFilter, ValidQuery};
 use kes_core::{FieldType, FieldValue, FilterOp, ViewSchema};
 
 pub use kes_sql::Dialect;
+use kes_sql::Statement;
 
 /// One bound value. NULLs carry their type because PostgreSQL types
 /// parameters from what the client declares.
@@ -69,6 +70,20 @@ impl Sql {
     pub(crate) fn arg(&mut self, arg: Arg) -> &mut Self {
         let placeholder = self.bind(arg);
         self.push(&placeholder)
+    }
+
+    /// The statement to run, borrowing this one's text and values.
+    pub(crate) fn statement(&self) -> Statement<'_> {
+        let mut statement = Statement::with_capacity(self.text.as_str(), self.args.len());
+        for arg in &self.args {
+            statement.push(match arg {
+                Arg::Text(v) => kes_sql::Arg::Text(v.as_deref()),
+                Arg::Int(v) => kes_sql::Arg::Int(*v),
+                Arg::Float(v) => kes_sql::Arg::Float(*v),
+                Arg::Bool(v) => kes_sql::Arg::Bool(*v),
+            });
+        }
+        statement
     }
 }
 

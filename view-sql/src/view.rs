@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
-use kes_core::view::{Cursor, SchemaError, ViewProgress};
 use kes_core::{
     Checkpoint, FieldType, FieldValue, Lease, ListItem, ListQuery, ListView, Page, Position, QueryError, Row,
     RowChange, StoredState, ViewCopy, ViewError, ViewSchema, ViewStore,
 };
+use kes_core::{Cursor, SchemaError, ViewProgress};
+use kes_sql::{DbRow, Pool, Statement, Tx};
+use sqlx::Row as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{ColumnIndex, Database, Decode, Encode, PgPool, Row as _, SqlitePool, Type};
 
 use crate::error::SqlViewError;
 use crate::sql::{self, Arg, Dialect, Sql};
@@ -51,47 +52,6 @@ const MAX_ROWS_PER_ARRAY_STATEMENT: usize = 10_000;
 /// database: concurrent `CREATE … IF NOT EXISTS` can otherwise collide.
 const SETUP_LOCK: i64 = 0x6b65_735f_7669_6577;
 
-#[derive(Debug, Clone)]
-enum Pool {
-    Postgres(PgPool),
-    Sqlite(SqlitePool),
-}
-
-/// Runs `$body` with `$p` bound to the concrete pool, so that one block of
-/// code serves both dialects without generic executor bounds.
-macro_rules! on_pool {
-    ($pool:expr, |$p:ident| $body:expr) => {
-        match $pool {
-            Pool::Postgres($p) => $body,
-            Pool::Sqlite($p) => $body,
-        }
-    };
-}
-
-/// Starts a write transaction: on SQLite with `BEGIN IMMEDIATE`, so that
-/// it holds the database's write lock from its first statement (a deferred
-/// transaction that reads first and writes later fails at once, without
-/// waiting, when another connection — another process's lease renewal —
-/// wrote meanwhile).
-trait BeginWrite {
-    type Db: Database;
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>;
-}
-
-impl BeginWrite for sqlx::PgPool {
-    type Db = sqlx::Postgres;
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        self.begin().await
-    }
-}
-
-impl BeginWrite for sqlx::SqlitePool {
-    type Db = sqlx::Sqlite;
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.begin_with("BEGIN IMMEDIATE").await
-    }
-}
-
 /// One column of a PostgreSQL upsert, bound as an array.
 #[derive(Debug)]
 enum PgArray {
@@ -128,6 +88,15 @@ impl PgArray {
     }
 }
 
+/// The statements that write a batch of rows.
+enum Upserts {
+    /// PostgreSQL: one `INSERT … SELECT FROM UNNEST(…)` per column type
+    /// set, its values bound as arrays.
+    Arrays(Vec<PgUpsert>),
+    /// SQLite: multi-row `INSERT … VALUES`.
+    Rows(Vec<Sql>),
+}
+
 /// A PostgreSQL `INSERT … SELECT FROM UNNEST(…)` and its arrays.
 #[derive(Debug)]
 struct PgUpsert {
@@ -150,31 +119,75 @@ impl PgUpsert {
     }
 }
 
-/// How to open a [`SqlView`] beyond its URL.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct SqlViewOptions {
+/// Where a [`SqlView`] lives and how it runs. `SqlViewConfig::from_url(url)`
+/// gives the defaults; a URL alone converts into one
+/// (`SqlView::open("sqlite::memory:", schema)`).
+#[derive(Clone)]
+pub struct SqlViewConfig {
+    url: String,
     /// PostgreSQL only: the schema (namespace) holding the view's tables,
     /// created when missing; `None` keeps the connection's search path.
     /// Lets several applications or tests share one database.
-    pub schema: Option<String>,
+    schema: Option<String>,
     /// Most connections in the read pool (default 5). SQLite writes always
     /// go through one connection of their own: SQLite has one writer.
-    pub max_connections: Option<u32>,
+    max_connections: Option<u32>,
     /// PostgreSQL only: `idle_in_transaction_session_timeout` of the
     /// view's connections (default 2 s). Keep it below the runners'
     /// [`kes_core::RunnerConfig::lease_ttl`]: a writer stalled inside a
     /// transaction holds the lease row, and this is how long a standby
     /// may wait on it.
-    pub idle_in_transaction_timeout: Option<Duration>,
+    idle_in_transaction_timeout: Option<Duration>,
     /// PostgreSQL only: the `statement_timeout` of each list query, its
     /// page and its total (default 10 s). A query the indexes cannot serve
     /// (a full-text `q` over a large view, say) is cancelled there and
     /// answered as unavailable, instead of scanning for as long as it takes.
-    pub list_timeout: Option<Duration>,
+    list_timeout: Option<Duration>,
 }
 
-impl SqlViewOptions {
+impl std::fmt::Debug for SqlViewConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlViewConfig")
+            .field("url", &kes_sql::redact(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("idle_in_transaction_timeout", &self.idle_in_transaction_timeout)
+            .field("list_timeout", &self.list_timeout)
+            .finish()
+    }
+}
+
+impl From<&str> for SqlViewConfig {
+    fn from(url: &str) -> Self {
+        Self::from_url(url)
+    }
+}
+
+impl From<String> for SqlViewConfig {
+    fn from(url: String) -> Self {
+        Self::from_url(&url)
+    }
+}
+
+impl From<&String> for SqlViewConfig {
+    fn from(url: &String) -> Self {
+        Self::from_url(url)
+    }
+}
+
+impl SqlViewConfig {
+    /// The default settings for the database at `url` (`postgres://…` or
+    /// `sqlite:PATH`). The URL is checked when the view opens.
+    pub fn from_url(url: &str) -> Self {
+        Self {
+            url: url.trim().to_owned(),
+            schema: None,
+            max_connections: None,
+            idle_in_transaction_timeout: None,
+            list_timeout: None,
+        }
+    }
+
     /// Puts the view's tables into PostgreSQL schema `name`.
     pub fn schema(mut self, name: impl Into<String>) -> Self {
         self.schema = Some(name.into());
@@ -221,50 +234,43 @@ pub struct SqlView {
     list_timeout: String,
 }
 
-/// Binds the arguments of `sql` to a query of any sqlx database.
-fn bound<'q, DB: Database>(sql: &'q Sql) -> sqlx::query::Query<'q, DB, <DB as Database>::Arguments<'q>>
-where
-    Option<&'q str>: Encode<'q, DB> + Type<DB>,
-    Option<i64>: Encode<'q, DB> + Type<DB>,
-    Option<f64>: Encode<'q, DB> + Type<DB>,
-    Option<bool>: Encode<'q, DB> + Type<DB>,
-{
-    let mut query = sqlx::query::<DB>(&sql.text);
-    for arg in &sql.args {
-        query = match arg {
-            Arg::Text(v) => query.bind(v.as_deref()),
-            Arg::Int(v) => query.bind(*v),
-            Arg::Float(v) => query.bind(*v),
-            Arg::Bool(v) => query.bind(*v),
-        };
+/// The number a counting statement (`SELECT COUNT(*) …`) answers.
+async fn count(tx: &mut Tx, sql: &Sql) -> Result<i64, sqlx::Error> {
+    tx.fetch_scalar::<i64>(&sql.statement()).await?.ok_or(sqlx::Error::RowNotFound)
+}
+
+/// A stored checkpoint and schema version, if the statement found one.
+async fn stored_checkpoint(tx: &mut Tx, sql: &Sql) -> Result<Option<(String, i64)>, sqlx::Error> {
+    match tx.fetch_optional(&sql.statement()).await? {
+        Some(r) => Ok(Some((r.get(0)?, r.get(1)?))),
+        None => Ok(None),
     }
-    query
+}
+
+/// Runs the fence check of `lease` in `tx`: the view's lease row still
+/// names it, or the write is refused as fenced.
+async fn check_fence(view: &SqlView, tx: &mut Tx, fence: &Sql, lease: &Lease) -> Result<(), SqlViewError> {
+    if tx.execute(&fence.statement()).await? == 0 {
+        return Err(view.fenced_error(lease));
+    }
+    Ok(())
 }
 
 /// Reads one page row: `id`, `_version`, then the schema's fields.
-fn item<R: sqlx::Row>(row: &R, schema: &ViewSchema) -> Result<ListItem, SqlViewError>
-where
-    usize: ColumnIndex<R>,
-    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
-    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
-{
-    let id: String = row.try_get(0)?;
+fn item(row: &DbRow, schema: &ViewSchema) -> Result<ListItem, SqlViewError> {
+    let id: String = row.get(0)?;
     let corrupt = |reason: String| SqlViewError::Corrupt { id: id.clone(), reason };
-    let version: i64 = row.try_get(1).map_err(|e| corrupt(e.to_string()))?;
+    let version: i64 = row.get(1).map_err(|e| corrupt(e.to_string()))?;
     let version = u64::try_from(version).map_err(|_| corrupt(format!("negative version {version}")))?;
     let mut values = Row::new();
     for (i, field) in schema.fields.iter().enumerate() {
         let at = i + 2;
         let value = match field.ty {
-            FieldType::Text | FieldType::Keyword => {
-                row.try_get::<Option<String>, _>(at).map(|v| v.map(FieldValue::Text))
-            }
-            FieldType::Integer => row.try_get::<Option<i64>, _>(at).map(|v| v.map(FieldValue::Integer)),
-            FieldType::Float => row.try_get::<Option<f64>, _>(at).map(|v| v.map(FieldValue::Float)),
-            FieldType::Bool => row.try_get::<Option<bool>, _>(at).map(|v| v.map(FieldValue::Bool)),
-            FieldType::Timestamp => match row.try_get::<Option<i64>, _>(at) {
+            FieldType::Text | FieldType::Keyword => row.get::<Option<String>>(at).map(|v| v.map(FieldValue::Text)),
+            FieldType::Integer => row.get::<Option<i64>>(at).map(|v| v.map(FieldValue::Integer)),
+            FieldType::Float => row.get::<Option<f64>>(at).map(|v| v.map(FieldValue::Float)),
+            FieldType::Bool => row.get::<Option<bool>>(at).map(|v| v.map(FieldValue::Bool)),
+            FieldType::Timestamp => match row.get::<Option<i64>>(at) {
                 Ok(Some(micros)) => match Utc.timestamp_micros(micros).single() {
                     Some(t) => Ok(Some(FieldValue::Timestamp(t))),
                     None => return Err(corrupt(format!("{}: timestamp {micros} out of range", field.name))),
@@ -307,14 +313,14 @@ fn progress_of(view: &str, stored: Option<(String, i64)>) -> Result<Option<ViewP
 
 impl SqlView {
     /// Opens (creating when missing) the view of `schema` in the database
-    /// at `url`: `postgres://…` or `sqlite://path` (the file and its
-    /// directory are created; [`DEFAULT_URL`] is what the examples use).
-    pub async fn open(url: &str, schema: ViewSchema) -> Result<Self, SqlViewError> {
-        Self::open_with(url, schema, SqlViewOptions::default()).await
-    }
-
-    /// [`SqlView::open`] with options.
-    pub async fn open_with(url: &str, schema: ViewSchema, options: SqlViewOptions) -> Result<Self, SqlViewError> {
+    /// `config` names — or at a URL: `postgres://…` or `sqlite://path` (the
+    /// file and its directory are created; [`DEFAULT_URL`] is what the
+    /// examples use).
+    // Kept in one piece: Setup in the order it must happen (connect, schema, tables, version check, rebuild
+    // decision): each step uses what the previous made.
+    pub async fn open(config: impl Into<SqlViewConfig>, schema: ViewSchema) -> Result<Self, SqlViewError> {
+        let options = config.into();
+        let url = options.url.as_str();
         schema.validate()?;
         let max = options.max_connections.unwrap_or(5).max(1);
         let (dialect, read, write) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -465,49 +471,40 @@ impl SqlView {
             "CREATE TABLE IF NOT EXISTS {LEASES} (view_name TEXT NOT NULL PRIMARY KEY, lease_owner TEXT, \
              lease_until DOUBLE PRECISION NOT NULL, fence BIGINT NOT NULL)"
         );
-        on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin_write().await?;
-            if let Some(name) = schema {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SETUP_LOCK).execute(&mut *tx).await?;
-                sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{name}\"")).execute(&mut *tx).await?;
-            } else if self.dialect == Dialect::Postgres {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SETUP_LOCK).execute(&mut *tx).await?;
+        let mut tx = self.write.begin_write(None).await?;
+        if self.dialect == Dialect::Postgres {
+            tx.execute(&Statement::new("SELECT pg_advisory_xact_lock($1)").int(SETUP_LOCK)).await?;
+        }
+        if let (Some(name), Dialect::Postgres) = (schema, self.dialect) {
+            tx.execute(&Statement::new(format!("CREATE SCHEMA IF NOT EXISTS \"{name}\""))).await?;
+        }
+        tx.execute(&Statement::new(checkpoints)).await?;
+        tx.execute(&Statement::new(leases)).await?;
+        if count(&mut tx, &exists).await? == 0 {
+            let mut statements = vec![self.create_table(&self.live)];
+            statements.extend(self.create_indexes(&self.live));
+            for statement in statements {
+                tx.execute(&Statement::new(statement)).await?;
             }
-            sqlx::query(&checkpoints).execute(&mut *tx).await?;
-            sqlx::query(&leases).execute(&mut *tx).await?;
-            let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
-            if found == 0 {
-                let mut statements = vec![self.create_table(&self.live)];
-                statements.extend(self.create_indexes(&self.live));
-                for statement in statements {
-                    sqlx::query(&statement).execute(&mut *tx).await?;
-                }
-            } else {
-                // A copy built from an older schema keeps answering until
-                // the rebuild swaps a new one in: give it the new columns.
-                let have: Vec<String> = bound(&columns)
-                    .fetch_all(&mut *tx)
-                    .await?
+        } else {
+            // A copy built from an older schema keeps answering until the
+            // rebuild swaps a new one in: give it the new columns.
+            let have: Vec<String> =
+                tx.fetch_all(&columns.statement()).await?.iter().map(|r| r.get(0)).collect::<Result<_, _>>()?;
+            let mut wanted: Vec<(String, &'static str)> =
+                self.schema.fields.iter().map(|f| (f.name.clone(), sql::column_type(self.dialect, f.ty))).collect();
+            wanted.extend(
+                self.schema
+                    .fields
                     .iter()
-                    .map(|r| r.try_get(0))
-                    .collect::<Result<_, _>>()?;
-                let mut wanted: Vec<(String, &'static str)> =
-                    self.schema.fields.iter().map(|f| (f.name.clone(), sql::column_type(self.dialect, f.ty))).collect();
-                wanted.extend(
-                    self.schema
-                        .fields
-                        .iter()
-                        .filter(|f| f.searchable)
-                        .map(|f| (format!("_lc_{}", f.name), self.text_type())),
-                );
-                for (name, ty) in wanted.into_iter().filter(|(n, _)| !have.contains(n)) {
-                    sqlx::query(&format!("ALTER TABLE {} ADD COLUMN \"{name}\" {ty}", self.live))
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                    .filter(|f| f.searchable)
+                    .map(|f| (format!("_lc_{}", f.name), self.text_type())),
+            );
+            for (name, ty) in wanted.into_iter().filter(|(n, _)| !have.contains(n)) {
+                tx.execute(&Statement::new(format!("ALTER TABLE {} ADD COLUMN \"{name}\" {ty}", self.live))).await?;
             }
-            tx.commit().await?;
-        });
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -785,12 +782,7 @@ impl SqlView {
             Arg::Text(Some(owner.to_owned())),
             Arg::Float(Some(ttl.as_secs_f64())),
         ];
-        let fence: Option<i64> = on_pool!(&self.write, |pool| {
-            match bound(&sql).fetch_optional(pool).await? {
-                Some(r) => Some(r.try_get(0)?),
-                None => None,
-            }
-        });
+        let fence: Option<i64> = self.write.fetch_scalar(&sql.statement()).await?;
         Ok(fence.map(|f| Lease { owner: owner.to_owned(), fence: u64::try_from(f).unwrap_or(0) }))
     }
 
@@ -808,7 +800,7 @@ impl SqlView {
             Arg::Int(Some(Self::fence_value(lease)?)),
             Arg::Float(Some(ttl.as_secs_f64())),
         ];
-        let rows = on_pool!(&self.write, |pool| bound(&sql).execute(pool).await?.rows_affected());
+        let rows = self.write.execute(&sql.statement()).await?;
         Ok(rows == 1)
     }
 
@@ -823,7 +815,7 @@ impl SqlView {
             Arg::Text(Some(lease.owner.clone())),
             Arg::Int(Some(Self::fence_value(lease)?)),
         ];
-        on_pool!(&self.write, |pool| bound(&sql).execute(pool).await?.rows_affected());
+        self.write.execute(&sql.statement()).await?;
         Ok(())
     }
 
@@ -837,91 +829,68 @@ impl SqlView {
         self.checks(changes)?;
         let fence = lease.map(|l| self.fence_sql(l)).transpose()?;
         let stored = self.stored_checkpoint_sql(copy);
-        // One change per id, as if applied one by one: the newest version
-        // wins, the last of equal ones (a multi-row upsert may not touch one
-        // row twice, and an older version never replaces a newer one).
-        let mut at: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
-        let mut last: Vec<&RowChange> = Vec::with_capacity(changes.len());
-        for change in changes {
-            match at.get(change.id.as_str()) {
-                Some(&i) if change.version >= last[i].version => last[i] = change,
-                Some(_) => {}
-                None => {
-                    at.insert(&change.id, last.len());
-                    last.push(change);
-                }
-            }
-        }
+        let last = newest_per_id(changes);
         let table = self.table_of(copy);
         let next = checkpoint;
         let checkpoint = self.checkpoint_sql(copy, checkpoint);
         let exists = self.exists_sql(table);
-        if let Pool::Postgres(pool) = &self.write {
-            let statements = self.pg_upserts(table, &last)?;
-            let mut tx = pool.begin().await?;
-            if let (Some(fence), Some(lease)) = (&fence, lease) {
-                if bound(fence).execute(&mut *tx).await?.rows_affected() == 0 {
-                    return Err(self.fenced_error(lease));
-                }
-                let found = match bound(&stored).fetch_optional(&mut *tx).await? {
-                    Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
-                    None => None,
-                };
-                self.check_forward(found, next)?;
-            }
-            if copy == ViewCopy::Shadow {
+        let upserts = match self.dialect {
+            Dialect::Postgres => Upserts::Arrays(self.pg_upserts(table, &last)?),
+            Dialect::Sqlite => Upserts::Rows(self.upserts(table, &last)?),
+        };
+        let mut tx = self.write.begin_write(None).await?;
+        if let (Some(fence), Some(lease)) = (&fence, lease) {
+            check_fence(self, &mut tx, fence, lease).await?;
+            let found = stored_checkpoint(&mut tx, &stored).await?;
+            self.check_forward(found, next)?;
+        }
+        if copy == ViewCopy::Shadow {
+            if self.dialect == Dialect::Postgres {
                 // A shadow is dropped by the next `begin_rebuild` whatever
                 // a crash left of it, so its batches need not wait for the
                 // WAL flush; the swap's synchronous commit flushes them all
                 // before the copy goes live. Still atomic: a crash loses
                 // whole batches, rows and checkpoint together.
-                sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-                if statements.is_empty() {
-                    let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
-                    if found == 0 {
-                        return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+                tx.execute(&Statement::new("SET LOCAL synchronous_commit = off")).await?;
+            }
+            // A PostgreSQL upsert into a missing shadow fails as such; with
+            // nothing to upsert, or on SQLite, look first.
+            let has_arrays = matches!(&upserts, Upserts::Arrays(a) if !a.is_empty());
+            if !has_arrays && count(&mut tx, &exists).await? == 0 {
+                return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+            }
+        }
+        self.run_upserts(copy, &upserts, &mut tx).await?;
+        tx.execute(&checkpoint.statement()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs a batch's upserts in `tx`; into a shadow that is gone, that is
+    /// [`SqlViewError::NoRebuild`].
+    async fn run_upserts(&self, copy: ViewCopy, upserts: &Upserts, tx: &mut Tx) -> Result<(), SqlViewError> {
+        match (upserts, &mut *tx) {
+            (Upserts::Arrays(statements), Tx::Postgres(pg)) => {
+                for statement in statements {
+                    if let Err(e) = statement.query().execute(&mut **pg).await {
+                        let e = SqlViewError::from(e);
+                        return Err(if copy == ViewCopy::Shadow && e.is_missing_table() {
+                            SqlViewError::NoRebuild(self.schema.name.clone())
+                        } else {
+                            e
+                        });
                     }
                 }
             }
-            for statement in statements {
-                if let Err(e) = statement.query().execute(&mut *tx).await {
-                    let e = SqlViewError::from(e);
-                    return Err(if copy == ViewCopy::Shadow && e.is_missing_table() {
-                        SqlViewError::NoRebuild(self.schema.name.clone())
-                    } else {
-                        e
-                    });
+            (Upserts::Rows(statements), _) => {
+                for statement in statements {
+                    tx.execute(&statement.statement()).await?;
                 }
             }
-            bound(&checkpoint).execute(&mut *tx).await?;
-            tx.commit().await?;
-            return Ok(());
+            (Upserts::Arrays(_), Tx::Sqlite(_)) => {
+                return Err(SqlViewError::Database(sqlx::Error::Protocol("array upserts are PostgreSQL's".into())));
+            }
         }
-        let statements = self.upserts(table, &last)?;
-        on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin_write().await?;
-            if let (Some(fence), Some(lease)) = (&fence, lease) {
-                if bound(fence).execute(&mut *tx).await?.rows_affected() == 0 {
-                    return Err(self.fenced_error(lease));
-                }
-                let found = match bound(&stored).fetch_optional(&mut *tx).await? {
-                    Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
-                    None => None,
-                };
-                self.check_forward(found, next)?;
-            }
-            if copy == ViewCopy::Shadow {
-                let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
-                if found == 0 {
-                    return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
-                }
-            }
-            for statement in &statements {
-                bound(statement).execute(&mut *tx).await?;
-            }
-            bound(&checkpoint).execute(&mut *tx).await?;
-            tx.commit().await?;
-        });
         Ok(())
     }
 
@@ -961,15 +930,11 @@ impl SqlView {
                 sql.arg(Arg::Text(Some(id.clone())));
             }
             sql.push(")");
-            let rows: Vec<(String, i64, String)> = on_pool!(&self.read, |pool| {
-                bound(&sql)
-                    .fetch_all(pool)
-                    .await
-                    .map_err(missing)?
-                    .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?
-            });
+            let rows = self.read.fetch_all(&sql.statement()).await.map_err(missing)?;
+            let rows = rows
+                .iter()
+                .map(|r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?, r.get::<String>(2)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
             for (id, version, state) in rows {
                 Self::insert_state(&mut out, id, version, &state)?;
             }
@@ -996,17 +961,15 @@ impl SqlView {
             "SELECT checkpoint, schema_version FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = $2"
         ));
         sql.args = vec![Arg::Text(Some(self.schema.name.clone())), Arg::Text(Some(copy_name(copy).into()))];
-        let stored: Option<(String, i64)> = on_pool!(&self.read, |pool| {
-            match bound(&sql).fetch_optional(pool).await? {
-                Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
-                None => None,
-            }
-        });
+        let stored = match self.read.fetch_optional(&sql.statement()).await? {
+            Some(r) => Some((r.get::<String>(0)?, r.get::<i64>(1)?)),
+            None => None,
+        };
         progress_of(&self.schema.name, stored)
     }
 
     /// Refuses text values PostgreSQL could not even compare.
-    fn check_query(&self, query: &kes_core::view::ValidQuery) -> Result<(), QueryError> {
+    fn check_query(&self, query: &kes_core::ValidQuery) -> Result<(), QueryError> {
         for f in &query.filters {
             for v in &f.values {
                 if matches!(v, FieldValue::Text(t) if !self.check_text(t)) {
@@ -1024,24 +987,17 @@ impl SqlView {
         Ok(())
     }
 
-    async fn list_once(&self, page: &Sql, count: &Sql) -> Result<(Vec<ListItem>, u64), SqlViewError> {
-        let (items, total) = on_pool!(&self.read, |pool| {
-            // One snapshot for the page and its total.
-            let mut tx = match self.dialect {
-                Dialect::Postgres => {
-                    let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
-                    // A query no index serves is cut off, not left to scan.
-                    sqlx::query(&self.list_timeout).execute(&mut *tx).await?;
-                    tx
-                }
-                Dialect::Sqlite => pool.begin().await?,
-            };
-            let rows = bound(page).fetch_all(&mut *tx).await?;
-            let total: i64 = bound(count).fetch_one(&mut *tx).await?.try_get(0)?;
-            tx.commit().await?;
-            let items = rows.iter().map(|r| item(r, &self.schema)).collect::<Result<Vec<_>, _>>()?;
-            (items, total)
-        });
+    async fn list_once(&self, page: &Sql, count_sql: &Sql) -> Result<(Vec<ListItem>, u64), SqlViewError> {
+        // One snapshot for the page and its total.
+        let mut tx = self.read.begin_snapshot().await?;
+        if self.dialect == Dialect::Postgres {
+            // A query no index serves is cut off, not left to scan.
+            tx.execute(&Statement::new(self.list_timeout.as_str())).await?;
+        }
+        let rows = tx.fetch_all(&page.statement()).await?;
+        let total = count(&mut tx, count_sql).await?;
+        tx.commit().await?;
+        let items = rows.iter().map(|r| item(r, &self.schema)).collect::<Result<Vec<_>, _>>()?;
         Ok((items, u64::try_from(total).unwrap_or(0)))
     }
 
@@ -1080,14 +1036,13 @@ impl SqlView {
             _ => 0,
         };
         let mut sql = sql::page(self.dialect, &self.live, &self.schema, &query, offset);
-        let lines: Vec<String> = on_pool!(&self.read, |pool| {
-            match self.dialect {
-                Dialect::Postgres => sql.text.insert_str(0, "EXPLAIN "),
-                Dialect::Sqlite => sql.text.insert_str(0, "EXPLAIN QUERY PLAN "),
-            }
-            let at = if self.dialect == Dialect::Postgres { 0 } else { 3 };
-            bound(&sql).fetch_all(pool).await?.iter().map(|r| r.try_get(at)).collect::<Result<_, _>>()?
-        });
+        match self.dialect {
+            Dialect::Postgres => sql.text.insert_str(0, "EXPLAIN "),
+            Dialect::Sqlite => sql.text.insert_str(0, "EXPLAIN QUERY PLAN "),
+        }
+        let at = if self.dialect == Dialect::Postgres { 0 } else { 3 };
+        let lines: Vec<String> =
+            self.read.fetch_all(&sql.statement()).await?.iter().map(|r| r.get(at)).collect::<Result<_, _>>()?;
         Ok(lines.join("\n"))
     }
 
@@ -1117,19 +1072,15 @@ impl SqlView {
         statements.push(self.create_table(&self.shadow));
         let mut forget = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'shadow'"));
         forget.args.push(Arg::Text(Some(self.schema.name.clone())));
-        on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin_write().await?;
-            if let (Some(fence), Some(lease)) = (&fence, lease)
-                && bound(fence).execute(&mut *tx).await?.rows_affected() == 0
-            {
-                return Err(self.fenced_error(lease));
-            }
-            for statement in &statements {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
-            bound(&forget).execute(&mut *tx).await?;
-            tx.commit().await?;
-        });
+        let mut tx = self.write.begin_write(None).await?;
+        if let (Some(fence), Some(lease)) = (&fence, lease) {
+            check_fence(self, &mut tx, fence, lease).await?;
+        }
+        for statement in statements {
+            tx.execute(&Statement::new(statement)).await?;
+        }
+        tx.execute(&forget.statement()).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1140,22 +1091,18 @@ impl SqlView {
         let exists = self.exists_sql(&self.shadow);
         let count_indexes = self.count_indexes_sql(&self.shadow);
         let create_indexes = self.create_indexes(&self.shadow);
-        on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin_write().await?;
-            let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
-            if found == 0 {
-                return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+        let mut tx = self.write.begin_write(None).await?;
+        if count(&mut tx, &exists).await? == 0 {
+            return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+        }
+        if count(&mut tx, &count_indexes).await? == 0 {
+            for statement in create_indexes {
+                tx.execute(&Statement::new(statement)).await?;
             }
-            let indexes: i64 = bound(&count_indexes).fetch_one(&mut *tx).await?.try_get(0)?;
-            if indexes == 0 {
-                for statement in &create_indexes {
-                    sqlx::query(statement).execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
-        });
-        if let Pool::Postgres(pool) = &self.write {
-            sqlx::query(&format!("ANALYZE {}", self.shadow)).execute(pool).await?;
+        }
+        tx.commit().await?;
+        if self.dialect == Dialect::Postgres {
+            self.write.execute(&Statement::new(format!("ANALYZE {}", self.shadow))).await?;
         }
         Ok(())
     }
@@ -1180,59 +1127,47 @@ impl SqlView {
         ];
         // Both dialects run DDL inside transactions: readers see the old
         // copy or the new one, never neither.
-        on_pool!(&self.write, |pool| {
-            let mut tx = pool.begin_write().await?;
-            if let (Some(fence), Some(lease)) = (&fence, lease)
-                && bound(fence).execute(&mut *tx).await?.rows_affected() == 0
-            {
-                return Err(self.fenced_error(lease));
+        let mut tx = self.write.begin_write(None).await?;
+        if let (Some(fence), Some(lease)) = (&fence, lease) {
+            check_fence(self, &mut tx, fence, lease).await?;
+        }
+        if count(&mut tx, &exists).await? == 0 {
+            return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+        }
+        if lease.is_some() {
+            // The new copy must have every record the live one has, on
+            // every partition: a swap never moves the view back.
+            let live = stored_checkpoint(&mut tx, &live_checkpoint).await?;
+            let shadow = stored_checkpoint(&mut tx, &shadow_checkpoint).await?;
+            self.check_swap(live, shadow)?;
+        }
+        // A shadow is filled without its secondary indexes: one pass over
+        // the full table builds each of them for less than keeping it up to
+        // date row by row.
+        if count(&mut tx, &count_indexes).await? == 0 {
+            // `prepare_swap` did not run: do its work here.
+            for statement in create_indexes {
+                tx.execute(&Statement::new(statement)).await?;
             }
-            let found: i64 = bound(&exists).fetch_one(&mut *tx).await?.try_get(0)?;
-            if found == 0 {
-                return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
+            if self.dialect == Dialect::Postgres {
+                // Fresh planner statistics, or the first queries on the new
+                // copy may be planned as if it were empty.
+                tx.execute(&Statement::new(format!("ANALYZE {}", self.shadow))).await?;
             }
-            if lease.is_some() {
-                // The new copy must have every record the live one has, on
-                // every partition: a swap never moves the view back.
-                let mut stored = Vec::with_capacity(2);
-                for sql in [&live_checkpoint, &shadow_checkpoint] {
-                    stored.push(match bound(sql).fetch_optional(&mut *tx).await? {
-                        Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
-                        None => None,
-                    });
-                }
-                let shadow = stored.pop().flatten();
-                self.check_swap(stored.pop().flatten(), shadow)?;
-            }
-            // A shadow is filled without its secondary indexes: one pass
-            // over the full table builds each of them for less than
-            // keeping it up to date row by row.
-            let indexes: i64 = bound(&count_indexes).fetch_one(&mut *tx).await?.try_get(0)?;
-            if indexes == 0 {
-                // `prepare_swap` did not run: do its work here.
-                for statement in &create_indexes {
-                    sqlx::query(statement).execute(&mut *tx).await?;
-                }
-                if self.dialect == Dialect::Postgres {
-                    // Fresh planner statistics, or the first queries on the
-                    // new copy may be planned as if it were empty.
-                    sqlx::query(&format!("ANALYZE {}", self.shadow)).execute(&mut *tx).await?;
-                }
-            }
-            for statement in &ddl {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
-            bound(&drop_live).execute(&mut *tx).await?;
-            bound(&promote).execute(&mut *tx).await?;
-            tx.commit().await?;
-        });
+        }
+        for statement in ddl {
+            tx.execute(&Statement::new(statement)).await?;
+        }
+        tx.execute(&drop_live.statement()).await?;
+        tx.execute(&promote.statement()).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Closes the connection pools; later calls fail as unavailable.
     pub async fn close(&self) {
-        on_pool!(&self.read, |pool| pool.close().await);
-        on_pool!(&self.write, |pool| pool.close().await);
+        self.read.close().await;
+        self.write.close().await;
     }
 }
 
@@ -1247,7 +1182,7 @@ impl ListView for SqlView {
     }
 
     async fn position(&self) -> Result<Checkpoint, ViewError> {
-        Ok(self.read_progress(ViewCopy::Live).await?.map(|p| p.checkpoint).unwrap_or_default())
+        self.live_checkpoint().await
     }
 }
 
@@ -1306,4 +1241,23 @@ impl ViewStore for SqlView {
     async fn swap(&self) -> Result<(), ViewError> {
         Ok(self.swap_copies(None).await?)
     }
+}
+
+/// One change per id, as if applied one by one: the newest version
+/// wins, the last of equal ones (a multi-row upsert may not touch one
+/// row twice, and an older version never replaces a newer one).
+fn newest_per_id(changes: &[RowChange]) -> Vec<&RowChange> {
+    let mut at: HashMap<&str, usize> = HashMap::with_capacity(changes.len());
+    let mut last: Vec<&RowChange> = Vec::with_capacity(changes.len());
+    for change in changes {
+        match at.get(change.id.as_str()) {
+            Some(&i) if change.version >= last[i].version => last[i] = change,
+            Some(_) => {}
+            None => {
+                at.insert(&change.id, last.len());
+                last.push(change);
+            }
+        }
+    }
+    last
 }

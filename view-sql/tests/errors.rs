@@ -48,8 +48,8 @@ async fn bad_urls_and_schemas_are_refused() {
     assert!(matches!(SqlView::open("mysql://x", schema(1)).await, Err(SqlViewError::BadUrl(_))));
     let bad = ViewSchema::new("Notes; drop table x", 1);
     assert!(matches!(SqlView::open("sqlite::memory:", bad).await, Err(SqlViewError::Schema(_))));
-    let options = kes_view_sql::SqlViewOptions::default().schema("x\"; drop schema public; --");
-    let opened = SqlView::open_with(&common::pg_url(), schema(1), options).await;
+    let config = kes_view_sql::SqlViewConfig::from_url(&common::pg_url()).schema("x\"; drop schema public; --");
+    let opened = SqlView::open(config, schema(1)).await;
     assert!(matches!(opened, Err(SqlViewError::BadSchemaName(_))), "{opened:?}");
 }
 

@@ -16,11 +16,11 @@ use async_trait::async_trait;
 use common::projects::{Project, ProjectEvent, Store, dump, load, replay, schema, to_row};
 use common::stores::{Backend, TestStore, merge};
 use common::{Place, drop_pg_schema};
-use kes_core::view::{RowChange, ViewProgress};
 use kes_core::{
     Checkpoint, Envelope, InMemoryView, Lease, ListView, Position, Projection, ProjectionError, ProjectionRunner,
     RebuildState, RunnerConfig, ViewCopy, ViewError, ViewProjection, ViewSchema, ViewStore,
 };
+use kes_core::{RowChange, ViewProgress};
 use tokio::sync::watch;
 
 /// The lease the runners of these tests hold: short, so that takeovers

@@ -18,7 +18,7 @@ use common::Place;
 use common::projects::{CATCH_UP, Project, dump, load, replay, runner, schema};
 use common::stores::{Backend, TestStore, caught_up};
 use futures::FutureExt as _;
-use kes_core::view::ViewProgress;
+use kes_core::ViewProgress;
 use kes_core::{
     Checkpoint, FilterOp, InMemoryView, ListQuery, ListView, Page, Position, Row, RowChange, StoredState, ViewCopy,
     ViewError, ViewSchema, ViewStore,

@@ -22,12 +22,12 @@ use async_trait::async_trait;
 use common::Place;
 use common::projects::{CATCH_UP, Project, ProjectEvent, Store, dump, load, replay, runner, schema};
 use common::stores::{Backend, DroppedDatabase, TestStore, caught_up, merge};
-use kes_core::view::ViewProgress;
+use kes_core::ViewProgress;
 use kes_core::{
     Appended, CatchUp, Checkpoint, EventStore, ExpectedVersion, ListQuery, ListView, Metadata, Page, RowChange,
     StoreError, StoredState, ViewCopy, ViewError, ViewSchema, ViewStore,
 };
-use kes_store_kafka::{KafkaConfig, KafkaStore};
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
 use kes_view_sql::SqlView;
 use sqlx::Connection as _;
 
@@ -51,10 +51,10 @@ async fn append_when_up(store: &Store, id: &str, deadline: Instant) -> Appended 
 async fn a_runner_following_kafka_keeps_running_through_a_broker_stop_and_start() {
     let started = Instant::now();
     let Some(own) = kes_test_support::OwnBroker::start() else { return };
-    let mut config = KafkaConfig::new(own.address(), kes_test_support::unique_prefix("vsql-outage"));
+    let mut config = KafkaStoreConfig::new(own.address(), kes_test_support::unique_prefix("vsql-outage"));
     config.partitions = 3;
     config.request_timeout = Duration::from_secs(3);
-    let store: Store = Arc::new(KafkaStore::<Project>::connect(config.clone()).await.expect("connect"));
+    let store: Store = Arc::new(KafkaStore::<Project>::open(config.clone()).await.expect("connect"));
     let view = Arc::new(Place::fresh(false).open(schema()).await.expect("SQLite view"));
     let runner = runner(&store, view.clone(), 16);
     runner.start().await.expect("start");

@@ -134,8 +134,10 @@ async fn postgres_list_queries_are_bounded_in_time() {
     let pg_schema = common::fresh_pg_schema();
     let Some(view) = common::pg_in(&pg_schema, schema()).await else { return };
     load_directly(&view).await;
-    let options = kes_view_sql::SqlViewOptions::default().schema(&pg_schema).list_timeout(Duration::from_millis(1));
-    let hasty = SqlView::open_with(&common::pg_url(), schema(), options).await.expect("open");
+    let config = kes_view_sql::SqlViewConfig::from_url(&common::pg_url())
+        .schema(&pg_schema)
+        .list_timeout(Duration::from_millis(1));
+    let hasty = SqlView::open(config, schema()).await.expect("open");
     let scan = ListQuery::new().search("project").filter("budget", FilterOp::Ne, "3");
     match hasty.list(&scan).await {
         Err(ViewError::Unavailable(reason)) => assert!(reason.contains("statement timeout"), "{reason}"),

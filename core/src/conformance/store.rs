@@ -376,6 +376,8 @@ pub async fn rejected_command_appends_nothing<S: EventStore<Ledger>>(store: S) {
 /// empty; pages of one stream, read while another task keeps appending to
 /// it (single- and multi-event appends), hold every event exactly once, in
 /// version order, with the envelopes `read` gives.
+// Kept in one piece: A conformance check reads as one scenario: what it writes, then every property asserted on
+// it.
 pub async fn history_pages_walk_every_event_once<S: EventStore<Ledger> + Clone>(store: S) {
     assert!(store.read_page("h-missing", 0, 10).await.expect("read a page").is_empty());
     open(&store, "h-1").await;

@@ -593,6 +593,8 @@ pub async fn rebuild_swaps_in_a_shadow_copy(view: Arc<dyn ViewStore>) {
 /// once in version order (versions 9 → 10 → 100 sort as numbers), never
 /// another aggregate's; a replayed batch changes nothing; a rebuild holds
 /// the same pages. `view` is built from `history_schema("ledger")`.
+// Kept in one piece: A conformance check reads as one scenario: what it writes, then every property asserted on
+// it.
 pub async fn history_view_pages_by_version(view: Arc<dyn ViewStore>) {
     use super::ledger::{Ledger, LedgerEvent};
     use crate::envelope::{Envelope, Metadata};

@@ -149,6 +149,13 @@ pub trait ViewStore: ListView {
     /// The progress of `copy`; `None` when it was never written.
     async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ViewError>;
 
+    /// The checkpoint of the live copy (the start of the log when it was
+    /// never written): what [`ListView::position`] answers for a view that
+    /// keeps its progress with its rows.
+    async fn live_checkpoint(&self) -> Result<Checkpoint, ViewError> {
+        Ok(self.progress(ViewCopy::Live).await?.map(|p| p.checkpoint).unwrap_or_default())
+    }
+
     /// The stored states of `ids` in `copy` (absent ids are left out).
     async fn states(&self, copy: ViewCopy, ids: &[String]) -> Result<HashMap<String, StoredState>, ViewError>;
 

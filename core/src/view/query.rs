@@ -237,6 +237,7 @@ impl ListQuery {
 
     /// Checks the query against `schema` and types its values. Nothing a
     /// backend builds from the result names a field outside the schema.
+    // Kept in one piece: A list of independent checks, one per part of the query, each a few lines.
     pub fn validate(&self, schema: &ViewSchema) -> Result<ValidQuery, QueryError> {
         let field = |name: &str| schema.get(name).ok_or_else(|| QueryError::UnknownField(clip(name)));
         // `id` is filterable too.

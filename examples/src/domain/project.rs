@@ -486,7 +486,7 @@ impl Aggregate for Project {
 
 #[cfg(test)]
 mod tests {
-    use kes_core::testkit::TestFramework;
+    use kes_core::TestFramework;
 
     use super::*;
 

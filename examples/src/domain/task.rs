@@ -265,7 +265,7 @@ impl Aggregate for Task {
 
 #[cfg(test)]
 mod tests {
-    use kes_core::testkit::TestFramework;
+    use kes_core::TestFramework;
 
     use super::*;
 

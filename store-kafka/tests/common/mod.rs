@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kes_core::conformance::Ledger;
-use kes_store_kafka::{KafkaConfig, KafkaStore, KafkaStoreError};
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig, KafkaStoreError};
 
 /// The broker under test, or `None` when there is none (skipped, or failed
 /// under CI, by the workspace's one rule in kes-test-support).
@@ -20,8 +20,8 @@ pub fn unique_prefix() -> String {
 }
 
 /// A configuration for fresh topics on the test broker.
-pub fn config(brokers: &str, partitions: u32) -> KafkaConfig {
-    let mut config = KafkaConfig::new(brokers, unique_prefix());
+pub fn config(brokers: &str, partitions: u32) -> KafkaStoreConfig {
+    let mut config = KafkaStoreConfig::new(brokers, unique_prefix());
     config.partitions = partitions;
     config.request_timeout = Duration::from_secs(30);
     config
@@ -30,8 +30,8 @@ pub fn config(brokers: &str, partitions: u32) -> KafkaConfig {
 /// Connects, or skips (outside CI) / fails (in CI) when the broker does not
 /// answer. Any other error (a configuration the store refuses, a topic it
 /// finds unsafe) is the test's own fault and fails it everywhere.
-pub async fn connect(config: KafkaConfig) -> Option<KafkaStore<Ledger>> {
-    match KafkaStore::connect(config).await {
+pub async fn connect(config: KafkaStoreConfig) -> Option<KafkaStore<Ledger>> {
+    match KafkaStore::open(config).await {
         Ok(store) => Some(store),
         Err(e @ (KafkaStoreError::Unavailable(_) | KafkaStoreError::Broker(_))) => {
             kes_test_support::missing("a usable Kafka broker", &e.to_string())

@@ -12,7 +12,7 @@ use kes_core::{
     Aggregate, Appended, Checkpoint, Envelope, EventStore, EventStream, ExpectedVersion, Metadata, Snapshot,
     StateDocument, StoreError,
 };
-use kes_store_sql::{SqlStore, SqlStoreBuilder};
+use kes_store_sql::{SqlStore, SqlStoreConfig};
 use sqlx::{Connection, Executor, PgConnection};
 use tempfile::TempDir;
 use tokio::sync::OnceCell;
@@ -45,7 +45,7 @@ impl HandClock {
         Self(Arc::new(Mutex::new(Instant::now())))
     }
 
-    /// The clock for `SqlStoreBuilder::state_cache_clock`.
+    /// The clock for `SqlStoreConfig::state_cache_clock`.
     pub fn reader(&self) -> impl Fn() -> Instant + Send + Sync + use<> {
         let time = Arc::clone(&self.0);
         move || *time.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -73,11 +73,10 @@ pub async fn sqlite<A: Aggregate>() -> TempStore<A> {
 }
 
 /// A fresh SQLite store with settings of its own.
-pub async fn sqlite_with<A: Aggregate>(
-    configure: impl FnOnce(SqlStoreBuilder<A>) -> SqlStoreBuilder<A>,
-) -> TempStore<A> {
+pub async fn sqlite_with<A: Aggregate>(configure: impl FnOnce(SqlStoreConfig) -> SqlStoreConfig) -> TempStore<A> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = configure(SqlStore::builder(&sqlite_url(&dir))).open().await.expect("open sqlite store");
+    let store =
+        SqlStore::open(configure(SqlStoreConfig::from_url(&sqlite_url(&dir)))).await.expect("open sqlite store");
     TempStore { store, dir: Arc::new(dir) }
 }
 
@@ -206,13 +205,13 @@ pub async fn postgres_in<A: Aggregate>(schema: &str) -> Option<SqlStore<A>> {
 /// A PostgreSQL store in `schema` with settings of its own.
 pub async fn postgres_with<A: Aggregate>(
     schema: &str,
-    configure: impl FnOnce(SqlStoreBuilder<A>) -> SqlStoreBuilder<A>,
+    configure: impl FnOnce(SqlStoreConfig) -> SqlStoreConfig,
 ) -> Option<SqlStore<A>> {
     if !postgres_available().await {
         return None;
     }
-    let builder = SqlStore::builder(&database_url()).schema(schema).max_connections(20);
-    Some(configure(builder).open().await.expect("open postgres store"))
+    let config = SqlStoreConfig::from_url(&database_url()).schema(schema).max_connections(20);
+    Some(SqlStore::open(configure(config)).await.expect("open postgres store"))
 }
 
 /// A plain connection whose search path is `schema`, for tests that touch

@@ -10,7 +10,7 @@ pub mod stores;
 use std::path::PathBuf;
 
 use kes_core::ViewSchema;
-use kes_view_sql::{SqlView, SqlViewError, SqlViewOptions};
+use kes_view_sql::{SqlView, SqlViewConfig, SqlViewError};
 
 /// The PostgreSQL server the tests use.
 pub fn pg_url() -> String {
@@ -40,7 +40,7 @@ pub fn skip_or_fail(e: SqlViewError) -> Option<SqlView> {
 
 /// Opens the view of `schema` in PostgreSQL schema `namespace`.
 pub async fn pg_in(namespace: &str, schema: ViewSchema) -> Option<SqlView> {
-    match SqlView::open_with(&pg_url(), schema, SqlViewOptions::default().schema(namespace)).await {
+    match SqlView::open(SqlViewConfig::from_url(&pg_url()).schema(namespace), schema).await {
         Ok(view) => Some(view),
         Err(e) => skip_or_fail(e),
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kes_core::{Aggregate, CatchUp, Checkpoint, EventStore, InMemoryStore, Position};
-use kes_store_kafka::{KafkaConfig, KafkaStore};
+use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
 use kes_store_sql::SqlStore;
 
 /// Which event store a test runs on.
@@ -67,10 +67,11 @@ impl<A: Aggregate> TestStore<A> {
             Backend::Kafka => {
                 let brokers = kes_test_support::kafka_brokers()?;
                 let turn = KAFKA_TURN.lock().await;
-                let mut config = KafkaConfig::new(brokers, kes_test_support::unique_prefix(env!("CARGO_PKG_NAME")));
+                let mut config =
+                    KafkaStoreConfig::new(brokers, kes_test_support::unique_prefix(env!("CARGO_PKG_NAME")));
                 config.partitions = 3;
                 config.request_timeout = Duration::from_secs(30);
-                let store = match KafkaStore::<A>::connect(config).await {
+                let store = match KafkaStore::<A>::open(config).await {
                     Ok(store) => store,
                     Err(e) => return kes_test_support::missing("a usable Kafka broker", &e.to_string()),
                 };
