@@ -53,8 +53,19 @@ const FEED_BYTES: usize = 256 * 1024;
 /// Records the pump handles at once.
 const PUMP_BATCH: usize = 256;
 /// How long the pump gathers records after a broadcast before the next
-/// one, so that a busy log reaches every feed in fewer, larger writes.
-const LINGER: Duration = Duration::from_millis(10);
+/// one, so that a busy log reaches every feed in fewer, larger writes:
+/// [`LINGER_PER_FEED`] per open feed, within these bounds. Every broadcast
+/// costs one write per feed, so the writes per second stay near
+/// `1 / LINGER_PER_FEED` (2,000) however many feeds are open; after a
+/// quiet spell nothing waits.
+const LINGER_MIN: Duration = Duration::from_millis(10);
+const LINGER_MAX: Duration = Duration::from_millis(100);
+const LINGER_PER_FEED: Duration = Duration::from_micros(500);
+
+/// How long the pump gathers records with `feeds` feeds open.
+fn linger(feeds: usize) -> Duration {
+    LINGER_PER_FEED.saturating_mul(u32::try_from(feeds).unwrap_or(u32::MAX)).clamp(LINGER_MIN, LINGER_MAX)
+}
 /// Most rows looked up in the view per query.
 const LOOKUP: usize = 100;
 /// How often a feed whose filter hides everything still moves its token.
@@ -334,10 +345,10 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 if !take_chunk(chunk, &mut records) {
                     continue 'subscribe;
                 }
-                // Under load, what arrives within LINGER of the last
+                // Under load, what arrives within the linger of the last
                 // broadcast goes out with it: every feed then gets fewer,
                 // larger writes. After a quiet spell nothing waits.
-                let until = last_broadcast + LINGER;
+                let until = last_broadcast + linger(self.sender.receiver_count());
                 while records.len() < PUMP_BATCH {
                     match tokio::time::timeout_at(until, stream.next()).await {
                         Ok(Some(chunk)) => {
@@ -905,6 +916,15 @@ pub(crate) fn feed_query(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_linger_grows_with_the_open_feeds_within_bounds() {
+        assert_eq!(linger(0), LINGER_MIN);
+        assert_eq!(linger(1), LINGER_MIN);
+        assert_eq!(linger(40), Duration::from_millis(20));
+        assert_eq!(linger(200), LINGER_MAX);
+        assert_eq!(linger(usize::MAX), LINGER_MAX);
+    }
 
     #[test]
     fn tokens_round_trip_and_bad_ones_are_refused() {

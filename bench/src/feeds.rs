@@ -19,15 +19,18 @@ const CLIENTS: usize = 64;
 /// When each (project, version) was acknowledged.
 type Acks = Arc<Mutex<HashMap<(String, u64), Instant>>>;
 
-/// What one feed saw: the latest version of each project, and when each
-/// (project, version) event arrived.
+/// The written projects' ids, each with its index in [`Seen`].
+type Ids = Arc<HashMap<String, usize>>;
+
+/// What one feed saw: the latest version of each project (by its index in
+/// [`Ids`]), and when each (project, version) event arrived.
 #[derive(Default)]
 struct Seen {
     /// The server answered: the feed is subscribed (it is before the
     /// answer's headers are sent).
     connected: bool,
-    latest: HashMap<String, u64>,
-    arrived: Vec<((String, u64), Instant)>,
+    latest: Vec<u64>,
+    arrived: Vec<(usize, u64, Instant)>,
 }
 
 /// `clients` loops of `PATCH {"name"}` for `duration`: requests per
@@ -78,59 +81,83 @@ async fn patch_round(
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The byte patterns a feed reader looks for, compiled once.
+struct Patterns {
+    end: memchr::memmem::Finder<'static>,
+    reset: memchr::memmem::Finder<'static>,
+    data: memchr::memmem::Finder<'static>,
+    id: memchr::memmem::Finder<'static>,
+    version: memchr::memmem::Finder<'static>,
+}
+
+impl Patterns {
+    fn new() -> Self {
+        use memchr::memmem::Finder;
+        Self {
+            end: Finder::new(b"\n\n"),
+            reset: Finder::new(b"event: reset"),
+            data: Finder::new(b"data:"),
+            id: Finder::new(b"\"id\":\""),
+            version: Finder::new(b"\"version\":"),
+        }
+    }
+
+    /// The (id, version) an event block reports; `Err` for a reset.
+    fn event<'b>(&self, block: &'b [u8]) -> anyhow::Result<Option<(&'b [u8], u64)>> {
+        if self.reset.find(block).is_some() {
+            bail!("a feed was reset (too slow a reader)");
+        }
+        // The two fields the check needs, without decoding the row.
+        let Some(data) = self.data.find(block).map(|at| &block[at..]) else { return Ok(None) };
+        let Some(id) = self.id.find(data).map(|at| &data[at + 6..]) else { return Ok(None) };
+        let Some(id) = memchr::memchr(b'"', id).map(|end| &id[..end]) else { return Ok(None) };
+        let Some(digits) = self.version.find(data).map(|at| &data[at + 10..]) else { return Ok(None) };
+        let digits = &digits[..digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len())];
+        let version = std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u64>().ok());
+        Ok(version.map(|v| (id, v)))
+    }
+}
+
 /// Opens a feed and reads it into `seen` until the connection ends.
 ///
 /// The readers share the machine with the server they measure, so each
-/// chunk is scanned once, front to back, and `seen` is locked once per
-/// chunk: the cost of reading stays linear in what arrives.
-async fn read_feed(client: reqwest::Client, url: String, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
+/// chunk is scanned once, front to back, nothing is allocated per event,
+/// and `seen` is locked once per chunk.
+async fn read_feed(client: reqwest::Client, url: String, ids: Ids, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
     let mut r = client.get(&url).timeout(Duration::from_secs(3600)).send().await?;
     if !r.status().is_success() {
         bail!("{url} answered {}", r.status());
     }
     seen.lock().unwrap_or_else(|p| p.into_inner()).connected = true;
+    let patterns = Patterns::new();
     let mut buffer: Vec<u8> = Vec::new();
-    let mut found: Vec<(String, u64)> = Vec::new();
+    let mut found: Vec<(usize, u64)> = Vec::new();
     while let Some(chunk) = r.chunk().await? {
         let at = Instant::now();
         buffer.extend_from_slice(&chunk);
         let mut start = 0;
-        while let Some(len) = buffer[start..].windows(2).position(|w| w == b"\n\n") {
-            let block = String::from_utf8_lossy(&buffer[start..start + len]);
+        while let Some(len) = patterns.end.find(&buffer[start..]) {
+            let block = &buffer[start..start + len];
             start += len + 2;
-            if block.lines().any(|l| l == "event: reset" || l == "event:reset") {
-                bail!("a feed was reset (too slow a reader)");
+            let Some((id, version)) = patterns.event(block)? else { continue };
+            if let Some(&index) = std::str::from_utf8(id).ok().and_then(|id| ids.get(id)) {
+                found.push((index, version));
             }
-            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
-            // The two fields the check needs, without decoding the row.
-            let (Some(id), Some(version)) = (field(data, "\"id\":\"", '"'), field(data, "\"version\":", ',')) else {
-                continue;
-            };
-            let Ok(version) = version.trim_end_matches('}').parse::<u64>() else { continue };
-            found.push((id.to_owned(), version));
         }
         buffer.drain(..start);
         if found.is_empty() {
             continue;
         }
         let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, version) in found.drain(..) {
-            match seen.latest.get_mut(&id) {
-                Some(latest) => *latest = version,
-                None => {
-                    seen.latest.insert(id.clone(), version);
-                }
-            }
-            seen.arrived.push(((id, version), at));
+        if seen.latest.len() < ids.len() {
+            seen.latest.resize(ids.len(), 0);
+        }
+        for (index, version) in found.drain(..) {
+            seen.latest[index] = version;
+            seen.arrived.push((index, version, at));
         }
     }
     Ok(())
-}
-
-/// The text after `key` in `data`, up to `end` (or the end).
-fn field<'a>(data: &'a str, key: &str, end: char) -> Option<&'a str> {
-    let rest = &data[data.find(key)? + key.len()..];
-    Some(rest.find(end).map_or(rest, |i| &rest[..i]))
 }
 
 /// The `p`-th percentile of sorted `values` (milliseconds).
@@ -152,10 +179,16 @@ async fn with_feeds(
     duration: Duration,
     latencies: &mut Vec<f64>,
 ) -> anyhow::Result<f64> {
+    let ids: Ids = Arc::new(
+        urls.iter().enumerate().map(|(i, url)| (url.rsplit('/').next().unwrap_or_default().to_owned(), i)).collect(),
+    );
     let feeds: Vec<Arc<Mutex<Seen>>> = (0..FEEDS).map(|_| Arc::default()).collect();
     let readers: Vec<_> = feeds
         .iter()
-        .map(|seen| tokio::spawn(read_feed(client.clone(), format!("{base}/projects/changes"), seen.clone())))
+        .map(|seen| {
+            let url = format!("{base}/projects/changes");
+            tokio::spawn(read_feed(client.clone(), url, ids.clone(), seen.clone()))
+        })
         .collect();
     let acks: Acks = Arc::default();
     let connected = Instant::now() + Duration::from_secs(30);
@@ -170,10 +203,15 @@ async fn with_feeds(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rate = patch_round(client, urls, duration, &acks).await?;
-    let acks = acks.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut last: HashMap<&str, u64> = HashMap::new();
-    for (id, version) in acks.keys() {
-        let v = last.entry(id.as_str()).or_insert(0);
+    let acks: HashMap<(usize, u64), Instant> = acks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(|((id, version), at)| Some(((*ids.get(id)?, *version), *at)))
+        .collect();
+    let mut last: HashMap<usize, u64> = HashMap::new();
+    for (index, version) in acks.keys() {
+        let v = last.entry(*index).or_insert(0);
         *v = (*v).max(*version);
     }
     // Every feed ends at every project's last acknowledged version.
@@ -183,7 +221,7 @@ async fn with_feeds(
             .iter()
             .filter(|f| {
                 let seen = f.lock().unwrap_or_else(|p| p.into_inner());
-                last.iter().any(|(id, v)| seen.latest.get(*id).copied().unwrap_or(0) < *v)
+                last.iter().any(|(index, v)| seen.latest.get(*index).copied().unwrap_or(0) < *v)
             })
             .count();
         if behind == 0 {
@@ -201,8 +239,8 @@ async fn with_feeds(
     }
     for seen in &feeds {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, at) in &seen.arrived {
-            if let Some(acked) = acks.get(key) {
+        for (index, version, at) in &seen.arrived {
+            if let Some(acked) = acks.get(&(*index, *version)) {
                 latencies.push(at.saturating_duration_since(*acked).as_secs_f64() * 1000.0);
             }
         }

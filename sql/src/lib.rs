@@ -179,6 +179,32 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// `From<&str>`, `From<String>` and `From<&String>` for a backend's
+/// config type through its `from_url`, so that `X::open` takes a bare URL
+/// as well as a config.
+#[macro_export]
+macro_rules! config_from_url {
+    ($config:ty) => {
+        impl From<&str> for $config {
+            fn from(url: &str) -> Self {
+                Self::from_url(url)
+            }
+        }
+
+        impl From<String> for $config {
+            fn from(url: String) -> Self {
+                Self::from_url(&url)
+            }
+        }
+
+        impl From<&String> for $config {
+            fn from(url: &String) -> Self {
+                Self::from_url(url)
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,23 +54,7 @@ impl fmt::Debug for SqlStoreConfig {
     }
 }
 
-impl From<&str> for SqlStoreConfig {
-    fn from(url: &str) -> Self {
-        Self::from_url(url)
-    }
-}
-
-impl From<String> for SqlStoreConfig {
-    fn from(url: String) -> Self {
-        Self::from_url(&url)
-    }
-}
-
-impl From<&String> for SqlStoreConfig {
-    fn from(url: &String) -> Self {
-        Self::from_url(url)
-    }
-}
+kes_sql::config_from_url!(SqlStoreConfig);
 
 impl SqlStoreConfig {
     /// The default settings for the database at `url` (`sqlite:PATH`,

@@ -157,23 +157,7 @@ impl std::fmt::Debug for SqlViewConfig {
     }
 }
 
-impl From<&str> for SqlViewConfig {
-    fn from(url: &str) -> Self {
-        Self::from_url(url)
-    }
-}
-
-impl From<String> for SqlViewConfig {
-    fn from(url: String) -> Self {
-        Self::from_url(&url)
-    }
-}
-
-impl From<&String> for SqlViewConfig {
-    fn from(url: &String) -> Self {
-        Self::from_url(url)
-    }
-}
+kes_sql::config_from_url!(SqlViewConfig);
 
 impl SqlViewConfig {
     /// The default settings for the database at `url` (`postgres://…` or
