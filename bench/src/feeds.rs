@@ -109,9 +109,11 @@ impl Patterns {
         }
         // The two fields the check needs, without decoding the row.
         let Some(data) = self.data.find(block).map(|at| &block[at..]) else { return Ok(None) };
-        let Some(id) = self.id.find(data).map(|at| &data[at + 6..]) else { return Ok(None) };
+        let Some(id) = self.id.find(data).map(|at| &data[at + self.id.needle().len()..]) else { return Ok(None) };
         let Some(id) = memchr::memchr(b'"', id).map(|end| &id[..end]) else { return Ok(None) };
-        let Some(digits) = self.version.find(data).map(|at| &data[at + 10..]) else { return Ok(None) };
+        let Some(digits) = self.version.find(data).map(|at| &data[at + self.version.needle().len()..]) else {
+            return Ok(None);
+        };
         let digits = &digits[..digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len())];
         let version = std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u64>().ok());
         Ok(version.map(|v| (id, v)))

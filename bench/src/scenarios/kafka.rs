@@ -14,7 +14,7 @@ use stats_alloc::Region;
 
 use crate::backends::Kafka;
 use crate::load::{self, Verb};
-use crate::{Better, GLOBAL, Measured, Missing, Outcome, Plan, Spec, median, outcome};
+use crate::{Better, GLOBAL, Measured, Missing, Outcome, Plan, Spec, median};
 
 use super::*;
 
@@ -139,36 +139,11 @@ pub(crate) async fn kafka_table(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Result
         better: Better::Lower,
         goal: 0.5,
     };
-    let kafka = match ctx.kafka() {
-        Ok(k) => Kafka { brokers: k.brokers.clone() },
-        Err(e) => {
-            let why = match &e {
-                Missing::Skip(w) => w.clone(),
-                Missing::Failed(e) => e.to_string(),
-            };
-            out.push(outcome(memory_spec, Err(Missing::Skip(why))));
-            return Err(e);
-        }
-    };
+    let kafka = ctx.kafka().map(|k| Kafka { brokers: k.brokers.clone() });
     // Bounded: a broker that stops answering must not hang the run.
     let limit = Duration::from_secs(if plan.quick { 60 } else { 600 });
-    let result = match tokio::time::timeout(limit, kafka_table_inner(&kafka, plan)).await {
-        Ok(r) => r,
-        Err(_) => Err(anyhow::anyhow!(
-            "timed out after {} s (seeding, waiting for the table topic, or reopening)",
-            limit.as_secs()
-        )),
-    };
-    match result {
-        Ok((rebuild, memory)) => {
-            out.push(outcome(memory_spec, Ok(memory)));
-            Ok(rebuild)
-        }
-        Err(e) => {
-            out.push(outcome(memory_spec, Err(Missing::Failed(anyhow::anyhow!("the table rebuild failed: {e:#}")))));
-            Err(Missing::Failed(e))
-        }
-    }
+    let doing = "seeding, waiting for the table topic, or reopening";
+    paired(kafka, memory_spec, out, limit, doing, |kafka| async move { kafka_table_inner(&kafka, plan).await }).await
 }
 
 // Kept in one piece: A scenario reads top to bottom (seed, measure KES, measure the baseline, clean up); split,
@@ -259,28 +234,10 @@ pub(crate) async fn kafka_history(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Resu
         better: Better::Lower,
         goal: 0.5,
     };
-    let kafka = match ctx.kafka() {
-        Ok(k) => Kafka { brokers: k.brokers.clone() },
-        Err(e) => {
-            out.push(outcome(store_spec, Err(Missing::Skip("no Kafka broker".into()))));
-            return Err(e);
-        }
-    };
+    let kafka = ctx.kafka().map(|k| Kafka { brokers: k.brokers.clone() });
     let limit = Duration::from_secs(if plan.quick { 180 } else { 900 });
-    let result = match tokio::time::timeout(limit, kafka_history_inner(&kafka, plan)).await {
-        Ok(r) => r,
-        Err(_) => Err(anyhow::anyhow!("timed out after {} s", limit.as_secs())),
-    };
-    match result {
-        Ok((view, store)) => {
-            out.push(outcome(store_spec, Ok(store)));
-            Ok(view)
-        }
-        Err(e) => {
-            out.push(outcome(store_spec, Err(Missing::Failed(anyhow::anyhow!("{e:#}")))));
-            Err(Missing::Failed(e))
-        }
-    }
+    let doing = "seeding or reading the history";
+    paired(kafka, store_spec, out, limit, doing, |kafka| async move { kafka_history_inner(&kafka, plan).await }).await
 }
 
 // Kept in one piece: A scenario reads top to bottom (seed, measure KES, measure the baseline, clean up); split,

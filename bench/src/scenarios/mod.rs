@@ -274,6 +274,49 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
     out
 }
 
+/// A scenario that measures two lines in one go on `service`, bounded by
+/// `limit` (`doing` says what it was at when time ran out): the first line
+/// is its answer, the second goes to `out` as `second`, skipped or failed
+/// along with the first.
+pub(crate) async fn paired<T, F, Fut>(
+    service: Result<T, Missing>,
+    second: Spec,
+    out: &mut Vec<Outcome>,
+    limit: Duration,
+    doing: &str,
+    run: F,
+) -> Result<Measured, Missing>
+where
+    F: FnOnce(T) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Measured, Measured)>>,
+{
+    let service = match service {
+        Ok(s) => s,
+        Err(e) => {
+            let why = match &e {
+                Missing::Skip(w) => w.clone(),
+                Missing::Failed(e) => e.to_string(),
+            };
+            out.push(outcome(second, Err(Missing::Skip(why))));
+            return Err(e);
+        }
+    };
+    let result = match tokio::time::timeout(limit, run(service)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("timed out after {} s ({doing})", limit.as_secs())),
+    };
+    match result {
+        Ok((first, measured)) => {
+            out.push(outcome(second, Ok(measured)));
+            Ok(first)
+        }
+        Err(e) => {
+            out.push(outcome(second, Err(Missing::Failed(anyhow::anyhow!("{e:#}")))));
+            Err(Missing::Failed(e))
+        }
+    }
+}
+
 /// Alternates `rounds` rounds of `kes` and `base`; their medians.
 macro_rules! interleave {
     ($rounds:expr, $kes:expr, $base:expr) => {{
