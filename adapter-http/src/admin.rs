@@ -14,7 +14,18 @@
 //! - `GET /admin/reactions`: every reaction this process runs, with its
 //!   checkpoint, lag, lease, last error (a stopped reaction says why
 //!   here), what it sent, and its latest refused commands
-//!   (`?recent=N`, 20 by default, at most 100).
+//!   (`?recent=N`, 20 by default, at most 100);
+//! - `DELETE /subjects/{subject}`, when a vault is given
+//!   ([`Api::erasure`](crate::Api::erasure)): forgets a data subject, named
+//!   by its subject id or by the person reference its data was filed under
+//!   ([`kes_core::Personal::new`]). The subject's key is deleted, an
+//!   erasure marker kept, and every aggregate holding its data records the
+//!   erasure in its log, so that its ETag, list rows and feeds move. `200`
+//!   with the subject and the aggregates (each with the `KES-Position`
+//!   token of its erasure event, for reads that must see it); erasing again is `200` with
+//!   `"already_erased": true` and finishes what an interrupted erasure
+//!   left; `404` for a subject never known. Aggregates of types this
+//!   process does not mount are listed with `"recorded": false`.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -22,12 +33,12 @@ use std::time::UNIX_EPOCH;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use kes_core::{ProjectionError, ProjectionStatus, ReactionStatus};
+use kes_core::{ProjectionError, ProjectionStatus, ReactionStatus, Vault};
 use serde_json::{Value, json};
 
-use crate::api::{ProjectionStatusSource, ReactionStatusSource};
+use crate::api::{Mount, ProjectionStatusSource, ReactionStatusSource};
 use crate::auth::JwtAuth;
 use crate::error::{ConfigError, HttpError};
 use crate::request::json_response;
@@ -116,6 +127,15 @@ struct Admin {
     admins: Admins,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
     reactions: Vec<Arc<dyn ReactionStatusSource>>,
+    erasure: Option<Erasure>,
+}
+
+/// What `DELETE /subjects/{subject}` works with.
+pub(crate) struct Erasure {
+    /// Deletes keys.
+    pub(crate) vault: Arc<Vault>,
+    /// Record erasures in their aggregates.
+    pub(crate) mounts: Vec<Arc<dyn Mount>>,
 }
 
 impl Admin {
@@ -129,13 +149,56 @@ pub(crate) fn routes(
     admins: Admins,
     sources: Vec<Arc<dyn ProjectionStatusSource>>,
     reactions: Vec<Arc<dyn ReactionStatusSource>>,
+    erasure: Option<Erasure>,
 ) -> Router {
-    let admin = Arc::new(Admin { admins, sources, reactions });
-    Router::new()
+    let erases = erasure.is_some();
+    let admin = Arc::new(Admin { admins, sources, reactions, erasure });
+    let mut router = Router::new()
         .route("/admin/projections", get(list))
         .route("/admin/projections/{name}/rebuild", post(rebuild))
-        .route("/admin/reactions", get(list_reactions))
-        .with_state(admin)
+        .route("/admin/reactions", get(list_reactions));
+    if erases {
+        router = router.route("/subjects/{subject}", delete(erase_subject));
+    }
+    router.with_state(admin)
+}
+
+/// The longest subject reference `DELETE /subjects/{subject}` takes.
+const MAX_SUBJECT: usize = 255;
+
+async fn erase_subject(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Path(subject): Path<String>,
+) -> Result<Response, HttpError> {
+    admin.check(&headers)?;
+    let Some(erasure) = &admin.erasure else { return Err(HttpError::NotFound("no such route".into())) };
+    if subject.is_empty() || subject.len() > MAX_SUBJECT || subject.chars().any(char::is_control) {
+        return Err(HttpError::BadRequest(format!("a subject is 1 to {MAX_SUBJECT} bytes without control characters")));
+    }
+    let erased = erasure.vault.erase(&subject).await.map_err(|e| HttpError::from(kes_core::StoreError::from(e)))?;
+    // The reference may be a person's name: never echo it in errors or logs.
+    let Some(erased) = erased else { return Err(HttpError::NotFound("no such subject".into())) };
+    tracing::info!(subject = %erased.subject, aggregates = erased.aggregates.len(), "subject erased");
+    let mut aggregates = Vec::with_capacity(erased.aggregates.len());
+    for at in &erased.aggregates {
+        let mut recorded = false;
+        let mut position = None;
+        for mount in &erasure.mounts {
+            if let Some(result) = mount.record_erasure(&at.aggregate, &at.id, &erased.subject).await {
+                position = result?;
+                recorded = true;
+                break;
+            }
+        }
+        aggregates.push(json!({ "aggregate": at.aggregate, "id": at.id, "recorded": recorded, "position": position }));
+    }
+    let body = json!({
+        "subject": erased.subject,
+        "already_erased": !erased.first,
+        "aggregates": aggregates,
+    });
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// The query of `GET /admin/reactions`.

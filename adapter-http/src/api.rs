@@ -15,7 +15,7 @@ use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, header};
 use kes_core::{
     Aggregate, CatchUp, CommandBus, EventStore, History, ListView, ProjectionError, ProjectionRunner, ProjectionStatus,
-    ReactionRunner, ReactionStatus, StoreError, StoreGauge, StoredStatus,
+    ReactionRunner, ReactionStatus, StoreError, StoreGauge, StoredStatus, Vault,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use schemars::JsonSchema;
@@ -235,6 +235,14 @@ pub(crate) trait Mount: Describe + Send + Sync {
     async fn readiness(&self) -> Vec<(String, bool)>;
     /// The aggregate type and what its store reports for `/metrics`.
     fn store_gauges(&self) -> (&'static str, Vec<StoreGauge>);
+    /// Records the erasure of `subject` in aggregate `id` of type
+    /// `aggregate`; `None` when this mount is of another type.
+    async fn record_erasure(
+        &self,
+        aggregate: &str,
+        id: &str,
+        subject: &str,
+    ) -> Option<Result<Option<String>, HttpError>>;
 }
 
 /// The REST API: aggregates mounted under their plural names, plus
@@ -279,6 +287,7 @@ pub struct Api {
     checks: Vec<(String, Arc<dyn Readiness>)>,
     admin: Option<AdminToken>,
     admin_role: String,
+    vault: Option<Arc<Vault>>,
     auth: Option<Arc<JwtAuth>>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -307,6 +316,7 @@ impl Api {
             checks: Vec::new(),
             admin: None,
             admin_role: "admin".to_owned(),
+            vault: None,
             auth: None,
             stop: Arc::new(tokio::sync::watch::channel(false).0),
         }
@@ -426,6 +436,15 @@ impl Api {
         self
     }
 
+    /// Serves `DELETE /subjects/{subject}` (an admin endpoint, see
+    /// [`Api::admin`]): erases a data subject's personal data with `vault`
+    /// and records the erasure in every mounted aggregate holding it.
+    /// Without this call there is no such route.
+    pub fn erasure(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = Some(vault);
+        self
+    }
+
     /// The role a JWT must grant for the admin endpoints (`admin` by
     /// default); see [`Api::authenticate`].
     pub fn admin_role(mut self, role: impl Into<String>) -> Self {
@@ -477,7 +496,8 @@ impl Api {
         });
         let document = Arc::new(openapi::document(&shared.config, &self.mounts, self.auth.is_some()));
         let admins = admin::Admins { token: self.admin, jwt: self.auth.clone().map(|auth| (auth, self.admin_role)) };
-        let admin = admins.any().then(|| admin::routes(admins, self.sources.clone(), self.reactions.clone()));
+        let erasure = self.vault.map(|vault| admin::Erasure { vault, mounts: self.mounts.clone() });
+        let admin = admins.any().then(|| admin::routes(admins, self.sources.clone(), self.reactions.clone(), erasure));
         let service = Arc::new(Service {
             mounts: self.mounts,
             sources: self.sources,

@@ -107,7 +107,7 @@ impl Service<Request> for Edge {
         let span = tracing::debug_span!(
             "request",
             method = %request.method(),
-            uri = %request.uri(),
+            path = %loggable_path(request.uri()),
             version = ?request.version(),
         );
         let limit = edge.body_limit;
@@ -229,6 +229,14 @@ fn finished(response: &Response, started: Instant) {
 
 /// `/a//b/` → `/a//b`, `//a` → `/a`, `/` stays: leading and trailing
 /// slashes collapse to one leading slash; the query is kept.
+/// The part of `uri` that may be logged: the path without the query (a
+/// filter or a search may name a person) and without the subject an
+/// erasure names (it may be a person's name). Ids in paths are opaque.
+fn loggable_path(uri: &Uri) -> &str {
+    let path = uri.path();
+    if path.starts_with("/subjects/") { "/subjects/{subject}" } else { path }
+}
+
 fn trim_trailing_slash(uri: &mut Uri) {
     let path = uri.path();
     if path.len() <= 1 || (!path.ends_with('/') && !path.starts_with("//")) {

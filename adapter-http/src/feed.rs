@@ -51,16 +51,16 @@ const FEED_BUFFER: usize = 4096;
 /// as slow.
 const FEED_BYTES: usize = 256 * 1024;
 /// Records the pump handles at once.
-const PUMP_BATCH: usize = 256;
+const PUMP_BATCH: usize = 512;
 /// How long the pump gathers records after a broadcast before the next
 /// one, so that a busy log reaches every feed in fewer, larger writes:
 /// [`LINGER_PER_FEED`] per open feed, within these bounds. Every broadcast
 /// costs one write per feed, so the writes per second stay near
-/// `1 / LINGER_PER_FEED` (2,000) however many feeds are open; after a
+/// `1 / LINGER_PER_FEED` (1,000) however many feeds are open; after a
 /// quiet spell nothing waits.
 const LINGER_MIN: Duration = Duration::from_millis(10);
-const LINGER_MAX: Duration = Duration::from_millis(100);
-const LINGER_PER_FEED: Duration = Duration::from_micros(500);
+const LINGER_MAX: Duration = Duration::from_millis(200);
+const LINGER_PER_FEED: Duration = Duration::from_millis(1);
 
 /// How long the pump gathers records with `feeds` feeds open.
 fn linger(feeds: usize) -> Duration {
@@ -581,7 +581,16 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 .id(document.version.to_string())
                 .data(json!({ "version": document.version }).to_string())
         } else {
-            let state: serde_json::Value = serde_json::from_slice(&document.json).map_err(|_| FeedEnd::Unavailable)?;
+            // Personal values opened, or erased, as every read shows them.
+            let json = match self.bus.vault().filter(|_| A::PERSONAL_DATA) {
+                Some(vault) => vault
+                    .render_bytes(&kes_core::AggregateRef::new(A::NAME, id), &document.json)
+                    .await
+                    .map_err(|_| FeedEnd::Unavailable)?
+                    .unwrap_or(document.json),
+                None => document.json,
+            };
+            let state: serde_json::Value = serde_json::from_slice(&json).map_err(|_| FeedEnd::Unavailable)?;
             let data =
                 json!({ "version": document.version, "etag": format!("\"{}\"", document.version), "state": state });
             Event::default().event("state").id(document.version.to_string()).data(data.to_string())
@@ -921,7 +930,7 @@ mod tests {
     fn the_linger_grows_with_the_open_feeds_within_bounds() {
         assert_eq!(linger(0), LINGER_MIN);
         assert_eq!(linger(1), LINGER_MIN);
-        assert_eq!(linger(40), Duration::from_millis(20));
+        assert_eq!(linger(40), Duration::from_millis(40));
         assert_eq!(linger(200), LINGER_MAX);
         assert_eq!(linger(usize::MAX), LINGER_MAX);
     }

@@ -8,12 +8,12 @@ use async_trait::async_trait;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
-use kes_core::{Aggregate, CommandBus, EventStore, ListView, StoreError, StoreGauge};
+use kes_core::{Aggregate, CommandBus, CommandError, EventStore, ListView, StoreError, StoreGauge};
 use schemars::JsonSchema;
 use serde_json::{Map, Value, json};
 
 use crate::api::{Mount, ProjectionStatusSource, ReactionStatusSource, Readiness, Shared};
-use crate::error::RETRY_AFTER_SECS;
+use crate::error::{HttpError, RETRY_AFTER_SECS};
 use crate::request::json_response;
 use crate::resource::Resource;
 
@@ -77,11 +77,16 @@ pub(crate) async fn metrics_text(State(service): State<Arc<Service>>) -> Respons
     response
 }
 
-/// Pings the store behind a bus, without knowing `S`.
+/// The bus of a mount, without knowing `S`: pings its store, records
+/// erasures.
 #[async_trait]
 pub(crate) trait Ping: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
     fn gauges(&self) -> Vec<StoreGauge>;
+    /// Appends the erasure of `subject` to aggregate `id`: the position
+    /// token of the append, `None` when the aggregate does not exist or
+    /// was deleted.
+    async fn record_erasure(&self, id: &str, subject: &str) -> Result<Option<String>, HttpError>;
 }
 
 pub(crate) struct StorePing<A: Aggregate, S> {
@@ -96,6 +101,14 @@ impl<A: Aggregate, S: EventStore<A>> Ping for StorePing<A, S> {
 
     fn gauges(&self) -> Vec<StoreGauge> {
         self.bus.store().gauges()
+    }
+
+    async fn record_erasure(&self, id: &str, subject: &str) -> Result<Option<String>, HttpError> {
+        match self.bus.record_erasure(id, subject).await {
+            Ok(appended) => Ok(appended.map(|a| crate::request::position_text(A::NAME, a.position))),
+            Err(CommandError::Store(e)) => Err(HttpError::from(e)),
+            Err(other) => Err(HttpError::Internal(other.to_string())),
+        }
     }
 }
 
@@ -115,6 +128,18 @@ impl<A: Aggregate + JsonSchema> Mount for MountedDescription<A> {
 
     fn store_gauges(&self) -> (&'static str, Vec<StoreGauge>) {
         (A::NAME, self.bus_store.gauges())
+    }
+
+    async fn record_erasure(
+        &self,
+        aggregate: &str,
+        id: &str,
+        subject: &str,
+    ) -> Option<Result<Option<String>, HttpError>> {
+        if aggregate != A::NAME {
+            return None;
+        }
+        Some(self.bus_store.record_erasure(id, subject).await)
     }
 
     async fn readiness(&self) -> Vec<(String, bool)> {

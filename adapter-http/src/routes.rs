@@ -11,8 +11,8 @@ use axum::routing::{MethodRouter, get, post};
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 use kes_core::{
-    Aggregate, CatchUp, CommandBus, CommandError, CommandOutcome, EventStore, ExpectedVersion, History, HistoryError,
-    ListQuery, ListView, Metadata, QueryError,
+    Aggregate, AggregateRef, CatchUp, CommandBus, CommandError, CommandOutcome, EventStore, ExpectedVersion, History,
+    HistoryError, ListQuery, ListView, Metadata, QueryError, StoreError, Vault,
 };
 use serde_json::{Map, Value};
 
@@ -20,8 +20,8 @@ use crate::api::{CONSISTENCY_HEADER, MAX_SEARCH, POSITION_HEADER, REPLAYED_HEADE
 use crate::error::HttpError;
 use crate::feed::{self, Hub};
 use crate::request::{
-    check_id, etag, history_paging, if_match, json_response, metadata, none_match, position_text, position_token,
-    read_body,
+    check_id, etag, history_paging, if_match, json_bytes, json_response, metadata, none_match, position_text,
+    position_token, read_body,
 };
 use crate::resource::{Operation, Resource, id_for_key};
 
@@ -145,7 +145,33 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
             return Ok(r);
         }
         let done = result.map_err(|e| command_error::<A>(e, &id, if_match, matches!(kind, Write::Create)))?;
-        Ok(self.written(&kind, &id, done))
+        let body = match kind {
+            Write::Delete => Vec::new(),
+            _ => self.rendered(&id, &done.state).await?,
+        };
+        Ok(self.written(&kind, &id, done, body))
+    }
+
+    /// The vault that opens this aggregate's personal data, if it has any.
+    pub(crate) fn vault(&self) -> Option<&Arc<Vault>> {
+        self.bus.vault().filter(|_| A::PERSONAL_DATA)
+    }
+
+    /// The JSON of `state` as readers see it: personal values opened, or
+    /// `null` and listed in `_erased` once their subject is erased.
+    async fn rendered(&self, id: &str, state: &A) -> Result<Vec<u8>, HttpError> {
+        let json =
+            serde_json::to_vec(state).map_err(|e| HttpError::Internal(format!("cannot serialise the answer: {e}")))?;
+        self.rendered_bytes(id, json).await
+    }
+
+    /// `json`, a stored document of aggregate `id`, as readers see it.
+    pub(crate) async fn rendered_bytes(&self, id: &str, json: Vec<u8>) -> Result<Vec<u8>, HttpError> {
+        let Some(vault) = self.vault() else { return Ok(json) };
+        match vault.render_bytes(&AggregateRef::new(A::NAME, id), &json).await {
+            Ok(rendered) => Ok(rendered.unwrap_or(json)),
+            Err(e) => Err(HttpError::from(StoreError::from(e))),
+        }
     }
 
     /// The id a write goes to, the version it expects, and whether the
@@ -178,10 +204,10 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     }
 
     /// The answer to a write that the bus accepted.
-    fn written(&self, kind: &Write, id: &str, done: CommandOutcome<A>) -> Response {
+    fn written(&self, kind: &Write, id: &str, done: CommandOutcome<A>, body: Vec<u8>) -> Response {
         let mut response = match kind {
-            Write::Create => json_response(StatusCode::CREATED, &done.state),
-            Write::Update => json_response(StatusCode::OK, &done.state),
+            Write::Create => json_bytes(StatusCode::CREATED, body),
+            Write::Update => json_bytes(StatusCode::OK, body),
             Write::Delete => StatusCode::NO_CONTENT.into_response(),
         };
         let headers = response.headers_mut();
@@ -233,8 +259,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
             r.headers_mut().insert(header::ETAG, etag(document.version));
             return Ok(r);
         }
-        let mut r = (StatusCode::OK, document.json).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut r = json_bytes(StatusCode::OK, self.rendered_bytes(&id, document.json).await?);
         r.headers_mut().insert(header::ETAG, etag(document.version));
         r.headers_mut().insert(CONSISTENCY_HEADER, HeaderValue::from_static(consistency));
         Ok(r)
@@ -290,7 +315,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
                 }
             }
         };
-        let page = match &self.history {
+        let mut page = match &self.history {
             None => kes_core::store_page(self.bus.store(), &id, after, size).await?,
             Some(h) => h.page(&id, after, size).await.map_err(|e| match e {
                 HistoryError::Store(e) => HttpError::from(e),
@@ -298,6 +323,12 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
                 other => HttpError::Internal(other.to_string()),
             })?,
         };
+        if let Some(vault) = self.vault() {
+            let at = AggregateRef::new(A::NAME, &id);
+            let mut docs: Vec<(AggregateRef, &mut Value)> =
+                page.items.iter_mut().map(|item| (at.clone(), &mut item.payload)).collect();
+            vault.render_all(&mut docs).await.map_err(|e| HttpError::from(StoreError::from(e)))?;
+        }
         let mut r = if after == 0 && page.items.is_empty() {
             HttpError::NotFound(format!("no {} {id}", A::NAME)).into_response()
         } else {

@@ -79,6 +79,8 @@ pub async fn measure(
     let what = match verb {
         Verb::Get => "GET /projects/{id}",
         Verb::PatchName => "PATCH /projects/{id} {\"name\"}",
+        Verb::PatchOwner => "PATCH /projects/{id} {\"owner\"}",
+        Verb::PatchDescription => "PATCH /projects/{id} {\"description\"}",
     };
     Ok(Measured {
         kes: median(kes),

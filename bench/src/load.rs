@@ -45,12 +45,18 @@ pub fn client(clients: usize) -> anyhow::Result<reqwest::Client> {
 }
 
 /// What to send.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
     /// `PATCH {base}/{path}/{id}` with `{"name": "n<counter>"}` (a new name each time, so each one is a Renamed).
     PatchName,
     /// `GET {base}/{path}/{id}`.
     Get,
+    /// `PATCH` with `{"owner": "person <n mod 10>"}`: a personal field,
+    /// sealed before the append and opened in the answer.
+    PatchOwner,
+    /// `PATCH` with `{"description": "person <n mod 10>"}`: the same bytes
+    /// in a plain field.
+    PatchDescription,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -63,6 +69,12 @@ async fn one(client: &reqwest::Client, verb: Verb, url: &str) -> anyhow::Result<
             client.patch(url).header("content-type", "application/json").body(body).send().await?
         }
         Verb::Get => client.get(url).send().await?,
+        Verb::PatchOwner | Verb::PatchDescription => {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let field = if verb == Verb::PatchOwner { "owner" } else { "description" };
+            let body = format!("{{\"{field}\":\"person {}\"}}", n % 10);
+            client.patch(url).header("content-type", "application/json").body(body).send().await?
+        }
     };
     let status = response.status();
     let body = response.bytes().await?;

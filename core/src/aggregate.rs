@@ -50,6 +50,26 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + Send + Syn
     fn upcasters() -> crate::codec::Upcasters {
         crate::codec::Upcasters::new()
     }
+
+    /// The data-free event that records, in an aggregate holding personal
+    /// data of `subject`, that the subject was erased (see
+    /// [`crate::Personal`]): appended by [`crate::CommandBus::record_erasure`]
+    /// so that the aggregate's version, table row, list rows and feeds move
+    /// with the erasure. Aggregates that declare
+    /// [`Aggregate::PERSONAL_DATA`] must return one; `apply` usually
+    /// leaves the state as it is (its values of the subject now open as
+    /// erased).
+    fn subject_erased(subject: &str) -> Option<Self> {
+        let _ = subject;
+        None
+    }
+
+    /// The subject this event records the erasure of, when it is the
+    /// event [`DomainEvent::subject_erased`] made. Readers of the log drop
+    /// the subject's key from their caches when they meet it.
+    fn erased_subject(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A consistency boundary: one thing whose rules are checked together,
@@ -106,6 +126,13 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Clone + Debug + Se
     /// built by another one is rebuilt from the log at the next start, as
     /// list views are when their schema version changes.
     const STATE_VERSION: u32 = 1;
+
+    /// Whether the state or the events hold [`crate::Personal`] values. The
+    /// command bus then opens the state before `guard` and `handle` and
+    /// seals new events before the append, with its [`crate::Vault`].
+    /// Forgetting it is safe, never silent: a new personal value refuses
+    /// to be encoded for a store.
+    const PERSONAL_DATA: bool = false;
 
     /// What a caller asks the aggregate to do. `Clone`, because a command
     /// that lost a race against another writer is decided again on the

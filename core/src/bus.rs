@@ -4,13 +4,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::marker::PhantomData;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::aggregate::Aggregate;
 use crate::envelope::{Metadata, Position};
 use crate::locks::KeyedLocks;
 use crate::store::{Appended, EventStore, ExpectedVersion, StoreError};
+use crate::vault::{AggregateRef, Vault};
 
 /// Why a command produced no events.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +128,7 @@ pub struct CommandBus<A: Aggregate, S> {
     conflict_retry_for: Duration,
     locks: KeyedLocks,
     recent: Mutex<IdempotencyCache>,
+    vault: Option<Arc<Vault>>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -143,8 +145,21 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
             conflict_retry_for: config.conflict_retry_for,
             locks: KeyedLocks::new(config.lock_shards),
             recent: Mutex::new(IdempotencyCache::new(config.idempotency_capacity, config.idempotency_ttl)),
+            vault: None,
             _aggregate: PhantomData,
         }
+    }
+
+    /// Seals and opens the aggregate's personal data with `vault` (see
+    /// [`Aggregate::PERSONAL_DATA`]).
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = Some(vault);
+        self
+    }
+
+    /// The vault this bus seals personal data with, if any.
+    pub fn vault(&self) -> Option<&Arc<Vault>> {
+        self.vault.as_ref()
     }
 
     /// The store behind this bus.
@@ -230,14 +245,18 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
                 current = true;
                 continue;
             }
-            if let Err(reason) = guard(&state, &command) {
+            // Guards and `handle` see personal values opened; the state
+            // the events are applied to stays sealed.
+            let opened = self.open(id, &state).await?;
+            let decided_on = opened.as_ref().unwrap_or(&state);
+            if let Err(reason) = guard(decided_on, &command) {
                 if current {
                     return Err(CommandError::Forbidden(reason));
                 }
                 current = true;
                 continue;
             }
-            let events = match state.handle(command.clone()) {
+            let events = match decided_on.handle(command.clone()) {
                 Ok(events) => events,
                 // Decided on what `load` gave, which may be stale (another
                 // process's appends not seen yet): reject only on what the
@@ -251,6 +270,7 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
             if events.is_empty() {
                 return Ok(CommandOutcome { state, version, position: None, events: 0, deduplicated: false });
             }
+            let events = self.seal(id, events).await?;
             let mut next = state;
             for event in &events {
                 next.apply(event);
@@ -295,6 +315,74 @@ impl<A: Aggregate, S: EventStore<A>> CommandBus<A, S> {
                 deduplicated: false,
             });
         }
+    }
+
+    /// `state` with its personal values opened, when the aggregate has any
+    /// and the bus a vault.
+    async fn open(&self, id: &str, state: &A) -> Result<Option<A>, CommandError<A::Error>> {
+        match &self.vault {
+            Some(vault) if A::PERSONAL_DATA => vault
+                .open(&AggregateRef::new(A::NAME, id), state)
+                .await
+                .map(Some)
+                .map_err(|e| CommandError::Store(e.into())),
+            _ => Ok(None),
+        }
+    }
+
+    /// `events` with their new personal values sealed.
+    async fn seal(&self, id: &str, events: Vec<A::Event>) -> Result<Vec<A::Event>, CommandError<A::Error>> {
+        match &self.vault {
+            Some(vault) if A::PERSONAL_DATA => {
+                vault.seal(&AggregateRef::new(A::NAME, id), events).await.map_err(|e| CommandError::Store(e.into()))
+            }
+            _ => Ok(events),
+        }
+    }
+
+    /// Records in aggregate `id` that `subject` was erased: appends the
+    /// event [`crate::DomainEvent::subject_erased`] makes, so that the
+    /// aggregate's version (its ETag), table row, list rows and feeds move
+    /// with the erasure, and tells the key store it is done. Answers
+    /// `None` when the aggregate does not exist or was deleted (nothing to
+    /// move). Retrying is safe: the append carries the idempotency key
+    /// `erase:{subject}`.
+    pub async fn record_erasure(&self, id: &str, subject: &str) -> Result<Option<Appended>, CommandError<A::Error>> {
+        let event = <A::Event as crate::DomainEvent>::subject_erased(subject).ok_or_else(|| {
+            CommandError::Store(StoreError::Invalid(format!("{} declares no subject-erased event", A::NAME)))
+        })?;
+        let _turn = self.locks.lock(id).await;
+        let key = format!("erase:{subject}");
+        let metadata = Metadata { idempotency_key: Some(key.clone()), ..Metadata::default() };
+        let deadline = Instant::now() + self.conflict_retry_for;
+        let mut races = 0;
+        let appended = loop {
+            if let Some(first) = self.recall(id, &key).await? {
+                break Some(first);
+            }
+            let snapshot = self.store.load_current(id).await.map_err(|e| CommandError::from_store(A::NAME, e))?;
+            let Some(snapshot) = snapshot.filter(|s| s.version > 0 && !s.state.is_deleted()) else { break None };
+            match self
+                .store
+                .append(id, ExpectedVersion::Exact(snapshot.version), vec![event.clone()], metadata.clone())
+                .await
+            {
+                Ok(appended) => break Some(appended),
+                Err(StoreError::Conflict { .. }) if Instant::now() < deadline => {
+                    races += 1;
+                    tokio::time::sleep(contention_pause(races)).await;
+                }
+                Err(e) => return Err(CommandError::from_store(A::NAME, e)),
+            }
+        };
+        if let Some(vault) = &self.vault {
+            vault
+                .key_store()
+                .erasure_recorded(subject, &AggregateRef::new(A::NAME, id))
+                .await
+                .map_err(|e| CommandError::Store(crate::VaultError::from(e).into()))?;
+        }
+        Ok(appended)
     }
 
     /// Whether a command expecting `expected` may run on `state` at

@@ -106,10 +106,12 @@ mod envelope;
 mod history;
 mod locks;
 mod memory;
+mod personal;
 mod projection;
 mod reaction;
 mod store;
 mod testkit;
+mod vault;
 mod view;
 
 pub use aggregate::{Aggregate, DomainEvent};
@@ -122,6 +124,7 @@ pub use history::{
 };
 pub use locks::{KeyedGuard, KeyedLocks};
 pub use memory::{InMemoryStore, InMemoryView};
+pub use personal::{ERASED_FIELD, PERSONAL_NODE, Personal};
 pub use projection::{
     CatchUp, Projection, ProjectionError, ProjectionRunner, ProjectionStatus, RebuildProgress, RebuildReport,
     RebuildState, RowFn, RunnerConfig, StoredCatchUp, StoredStatus, ViewProjection,
@@ -135,6 +138,10 @@ pub use store::{
     Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StateDocument, StoreError, StoreGauge,
 };
 pub use testkit::{TestFramework, TestOutcome};
+pub use vault::{
+    AggregateRef, Erasure, InMemoryKeyStore, KeyLookup, KeyRequest, KeyStore, KeyStoreError, MasterKey, Vault,
+    VaultError, WrappedKey,
+};
 pub use view::{
     Cond, Cursor, Field, FieldType, FieldValue, Filter, FilterOp, ID_FIELD, Lease, ListItem, ListQuery, ListView, Page,
     QueryError, Row, RowChange, SchemaError, SortKey, StoredState, ValidFilter, ValidQuery, ValidSort, ViewCopy,

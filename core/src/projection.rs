@@ -10,9 +10,10 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::aggregate::Aggregate;
+use crate::aggregate::{Aggregate, DomainEvent};
 use crate::envelope::{Checkpoint, Envelope, Position};
 use crate::store::{EventStore, Logged, StoreError};
+use crate::vault::{AggregateRef, Vault, VaultError};
 use crate::view::{Lease, ListView, Row, RowChange, ViewCopy, ViewError, ViewProgress, ViewStore};
 
 /// Why a projection could not apply a batch.
@@ -173,12 +174,22 @@ pub type RowFn<A> = Arc<dyn Fn(&A) -> Row + Send + Sync>;
 pub struct ViewProjection<A: Aggregate> {
     view: Arc<dyn ViewStore>,
     to_row: RowFn<A>,
+    vault: Option<Arc<Vault>>,
 }
 
 impl<A: Aggregate> ViewProjection<A> {
     /// A projection writing `to_row(state)` of every aggregate into `view`.
     pub fn new(view: Arc<dyn ViewStore>, to_row: impl Fn(&A) -> Row + Send + Sync + 'static) -> Self {
-        Self { view, to_row: Arc::new(to_row) }
+        Self { view, to_row: Arc::new(to_row), vault: None }
+    }
+
+    /// Opens personal values with `vault` before `to_row` sees a state
+    /// (see [`Aggregate::PERSONAL_DATA`]): the rows hold the plain values,
+    /// or none for an erased subject; the states kept beside them stay
+    /// sealed.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = Some(vault);
+        self
     }
 }
 
@@ -267,6 +278,10 @@ impl<A: Aggregate> ViewProjection<A> {
         }
         let mut touched: Vec<&str> = Vec::new();
         for envelope in batch {
+            // Drop an erased subject's key before any state is opened.
+            if let (Some(vault), Some(subject)) = (&self.vault, envelope.payload.erased_subject()) {
+                vault.forget(subject);
+            }
             let (version, state) = states.entry(envelope.aggregate_id.as_str()).or_insert_with(|| (0, A::default()));
             // Replays after a crash may repeat events the view already has.
             if envelope.version <= *version {
@@ -285,14 +300,30 @@ impl<A: Aggregate> ViewProjection<A> {
         }
         touched.sort_unstable();
         touched.dedup();
+        let opened = self.open(&touched, &states).await?;
         let mut changes = Vec::with_capacity(touched.len());
-        for id in touched {
+        for (i, id) in touched.into_iter().enumerate() {
             let (version, state) = &states[id];
             let json = serde_json::to_value(state).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))?;
-            let row = if state.is_deleted() { None } else { Some((self.to_row)(state)) };
+            let row =
+                if state.is_deleted() { None } else { Some((self.to_row)(opened.as_ref().map_or(state, |o| &o[i]))) };
             changes.push(RowChange { id: id.to_owned(), version: *version, state: json, row });
         }
         Ok(changes)
+    }
+}
+
+impl<A: Aggregate> ViewProjection<A> {
+    /// The states of `ids` opened, in that order, with one key lookup.
+    async fn open(&self, ids: &[&str], states: &HashMap<&str, (u64, A)>) -> Result<Option<Vec<A>>, ProjectionError> {
+        let Some(vault) = self.vault.as_ref().filter(|_| A::PERSONAL_DATA) else { return Ok(None) };
+        let items: Vec<(AggregateRef, &A)> =
+            ids.iter().map(|id| (AggregateRef::new(A::NAME, *id), &states[id].1)).collect();
+        let opened = vault.open_all(&items).await.map_err(|e| match e {
+            VaultError::Unavailable(m) => ViewError::Unavailable(m),
+            other => ViewError::Backend(other.to_string()),
+        })?;
+        Ok(Some(opened))
     }
 }
 

@@ -71,7 +71,7 @@ pub const OWNER_RULE: &str = "only the project's owner or an admin may do this (
 /// Whether `who` may change `project`: [`TEAM_RULE`].
 pub fn in_team(who: &Principal, project: &Project) -> bool {
     let unclaimed = project.owner.is_none() && project.members.is_empty();
-    unclaimed || owns(who, project) || project.members.contains(&who.subject)
+    unclaimed || owns(who, project) || project.has_member(&who.subject)
 }
 
 /// Whether `command` would give `project` another owner.
@@ -81,14 +81,17 @@ pub fn gives_another_owner(project: &Project, command: &ProjectCommand) -> bool 
         ProjectCommand::Update(fields) => fields.owner.clone().map(Some),
         _ => None,
     };
-    asked.is_some_and(|owner| owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()) != project.owner)
+    asked.is_some_and(|owner| {
+        owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).as_ref() != project.owner_name()
+    })
 }
 
 /// Whether `who` may archive, restore or delete `project`: [`OWNER_RULE`].
 pub fn owns(who: &Principal, project: &Project) -> bool {
     match &project.owner {
         None => true,
-        Some(owner) => *owner == who.subject || who.has_role(ADMIN_ROLE),
+        // An erased owner's project is an admin's to archive or delete.
+        Some(owner) => owner.value() == Some(&who.subject) || who.has_role(ADMIN_ROLE),
     }
 }
 
@@ -164,7 +167,7 @@ pub fn project_row(p: &Project) -> Row {
     }
     row.insert("status".into(), p.status.as_str().into());
     row.insert("budget".into(), p.budget.into());
-    if let Some(owner) = &p.owner {
+    if let Some(owner) = p.owner_name() {
         row.insert("owner".into(), owner.as_str().into());
     }
     row.insert("members".into(), FieldValue::Integer(p.members.len() as i64));
@@ -192,7 +195,7 @@ pub fn task_row(t: &Task) -> Row {
     row.insert("title".into(), t.title.as_str().into());
     row.insert("project_id".into(), t.project_id.as_str().into());
     row.insert("status".into(), t.status.as_str().into());
-    if let Some(a) = &t.assignee {
+    if let Some(a) = t.assignee.as_ref().and_then(|a| a.value()) {
         row.insert("assignee".into(), a.as_str().into());
     }
     row
@@ -213,6 +216,8 @@ mod tests {
         task_view().check_row(&task_row(&Task::default())).unwrap();
     }
 
+    use kes_core::Personal;
+
     #[test]
     fn owners_members_and_admins_may_change_a_project() {
         let who = |name: &str, roles: &[&str]| Principal {
@@ -221,8 +226,8 @@ mod tests {
         };
         let unclaimed = Project::default();
         assert!(in_team(&who("zoe", &[]), &unclaimed) && owns(&who("zoe", &[]), &unclaimed));
-        let mut p = Project { owner: Some("ann".into()), ..Project::default() };
-        p.members.insert("bob".into());
+        let mut p = Project { owner: Some(Personal::new("ann", "ann".into())), ..Project::default() };
+        p.members.push(Personal::new("bob", "bob".into()));
         assert!(in_team(&who("ann", &[]), &p) && owns(&who("ann", &[]), &p));
         assert!(in_team(&who("bob", &[]), &p), "members may change it");
         assert!(!owns(&who("bob", &[]), &p), "members may not archive it");
@@ -233,7 +238,7 @@ mod tests {
     #[test]
     fn only_a_change_of_owner_counts_as_giving_it_away() {
         use crate::domain::ProjectFields;
-        let p = Project { owner: Some("ann".into()), ..Project::default() };
+        let p = Project { owner: Some(Personal::new("ann", "ann".into())), ..Project::default() };
         let update = |owner: Option<&str>| {
             ProjectCommand::Update(ProjectFields { owner: owner.map(str::to_owned), ..ProjectFields::default() })
         };

@@ -1,19 +1,21 @@
 //! Wiring: stores and views chosen by URL, the projection runners, the
 //! router, and the rebuild command.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use axum::Router;
 use kes_core::{
-    Aggregate, CatchUp, CommandBus, CommandRouter, CommandSink, EventStore, HistoryProjection, ListView, Projection,
-    ProjectionRunner, ReactionConfig, ReactionProjection, ReactionRunner, RebuildReport, Row, RunnerConfig,
-    StoredCatchUp, StoredStatus, ViewHistory, ViewProjection, ViewSchema, ViewStore, history_schema, journal_schema,
+    Aggregate, CatchUp, CommandBus, CommandRouter, CommandSink, EventStore, HistoryProjection, KeyStore, ListView,
+    MasterKey, Projection, ProjectionRunner, ReactionConfig, ReactionProjection, ReactionRunner, RebuildReport, Row,
+    RunnerConfig, StoredCatchUp, StoredStatus, Vault, ViewHistory, ViewProjection, ViewSchema, ViewStore,
+    history_schema, journal_schema,
 };
 use kes_http::{AdminToken, Api, HttpConfig, JwtAuth, Readiness, ShutdownHandle};
 #[cfg(feature = "kafka")]
 use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
-use kes_store_sql::{SqlStore, SqlStoreConfig};
+use kes_store_sql::{SqlKeyStore, SqlKeyStoreConfig, SqlStore, SqlStoreConfig};
 
 use crate::domain::{Project, Task};
 use crate::reactions::{PROJECT_TASKS, ProjectTasks};
@@ -54,6 +56,17 @@ pub struct Settings {
     /// the authenticated caller's name in (trusted-header mode). With
     /// neither, every request is `anonymous` (for trying it out).
     pub trusted_principal_header: Option<axum::http::HeaderName>,
+    /// The key store of personal data (`sqlite://PATH` or `postgres://…`);
+    /// `None`: derived from `store` by [`keys_url_for`].
+    pub keys: Option<String>,
+    /// The master key that wraps the keys of personal data, as 64 hex
+    /// digits; `None`: read from (or, the first time, written to)
+    /// `master_key_file`.
+    pub master_key: Option<String>,
+    /// Where the master key is kept when `master_key` is not given;
+    /// `None`: `master.key` beside a SQLite log, else
+    /// [`DEFAULT_MASTER_KEY_FILE`].
+    pub master_key_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -68,8 +81,108 @@ impl Default for Settings {
             db_connections: None,
             auth: None,
             trusted_principal_header: None,
+            keys: None,
+            master_key: None,
+            master_key_file: None,
         }
     }
+}
+
+/// Where the master key is kept when none is configured.
+pub const DEFAULT_MASTER_KEY_FILE: &str = "data/master.key";
+
+/// The SQL key store that goes with the SQL log at `store`: a SQLite file
+/// beside a SQLite log (`events.db` → `events-keys.db`), the schema
+/// `kes_keys` of a PostgreSQL log's database. (A Kafka log's keys are in
+/// its topic `{prefix}.keys`, see [`open_vault`].)
+pub fn keys_url_for(store: &str) -> String {
+    if store.starts_with("sqlite:") {
+        let (path, query) = store.split_once('?').map_or((store, None), |(p, q)| (p, Some(q)));
+        if path.contains(":memory:") {
+            return "sqlite::memory:".to_owned();
+        }
+        let path = match path.strip_suffix(".db") {
+            Some(stem) => format!("{stem}-keys.db"),
+            None => format!("{path}-keys"),
+        };
+        return query.map_or(path.clone(), |q| format!("{path}?{q}"));
+    }
+    if store.starts_with("postgres:") {
+        return store.to_owned();
+    }
+    "sqlite://data/keys.db".to_owned()
+}
+
+/// The key store `settings` name: `keys` when given, else the one that goes
+/// with the log (a compacted topic beside a Kafka log, a table beside a
+/// SQL one).
+async fn open_key_store(settings: &Settings) -> anyhow::Result<Arc<dyn KeyStore>> {
+    #[cfg(feature = "kafka")]
+    if settings.keys.is_none() && settings.store.starts_with("kafka:") {
+        let config = KafkaStoreConfig::from_url(&settings.store)?;
+        let keys = kes_store_kafka::KafkaKeyStore::open(&config).await.context("opening the keys topic")?;
+        return Ok(Arc::new(keys));
+    }
+    let url = settings.keys.clone().unwrap_or_else(|| keys_url_for(&settings.store));
+    let mut config = SqlKeyStoreConfig::from_url(&url);
+    if url.starts_with("postgres:") {
+        config = config.schema("kes_keys");
+    }
+    Ok(Arc::new(SqlKeyStore::open(config).await.context("opening the key store")?))
+}
+
+/// The vault of personal data: the key store `settings` name, and the
+/// master key wrapping its keys.
+pub async fn open_vault(settings: &Settings) -> anyhow::Result<Arc<Vault>> {
+    let keys = open_key_store(settings).await?;
+    let master = match &settings.master_key {
+        Some(hex) => MasterKey::from_hex(hex).context("the master key")?,
+        None => {
+            let file = settings.master_key_file.clone().unwrap_or_else(|| master_key_file_for(&settings.store));
+            master_key_from_file(&file)?
+        }
+    };
+    Ok(Arc::new(Vault::new(keys, master)))
+}
+
+/// Where the master key of the log at `store` is kept by default: beside a
+/// SQLite log's file, under `./data` otherwise.
+pub fn master_key_file_for(store: &str) -> PathBuf {
+    let path = store.strip_prefix("sqlite://").or_else(|| store.strip_prefix("sqlite:"));
+    match path.map(|p| p.split('?').next().unwrap_or(p)).filter(|p| !p.contains(":memory:")) {
+        Some(file) => std::path::Path::new(file).with_file_name("master.key"),
+        None => PathBuf::from(DEFAULT_MASTER_KEY_FILE),
+    }
+}
+
+/// The master key kept in `file`, made (readable by its owner only) when
+/// the file does not exist yet.
+fn master_key_from_file(file: &std::path::Path) -> anyhow::Result<MasterKey> {
+    match std::fs::read_to_string(file) {
+        Ok(hex) => MasterKey::from_hex(&hex).with_context(|| format!("the master key in {}", file.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let hex = MasterKey::generate_hex();
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            write_private(file, &hex).with_context(|| format!("writing {}", file.display()))?;
+            tracing::warn!(
+                file = %file.display(),
+                "made a new master key for personal data; keep it apart from the key store and its backups"
+            );
+            MasterKey::from_hex(&hex).context("the new master key")
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
+    }
+}
+
+fn write_private(file: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(file)?.write_all(text.as_bytes())
 }
 
 impl Settings {
@@ -226,13 +339,18 @@ pub fn history_from_view(store_url: &str) -> bool {
 }
 
 impl<A: Aggregate> Part<A> {
-    async fn open(settings: &Settings, schema: ViewSchema, to_row: fn(&A) -> Row) -> anyhow::Result<Self> {
+    async fn open(
+        settings: &Settings,
+        schema: ViewSchema,
+        to_row: fn(&A) -> Row,
+        vault: &Arc<Vault>,
+    ) -> anyhow::Result<Self> {
         let store = open_store_sized::<A>(&settings.store, settings.db_connections).await?;
         let read_only = settings.role == Role::Api;
         let view =
             open_view_sized(&settings.view, schema, read_only, settings.lease_ttl, settings.db_connections).await?;
         let mut projections: Vec<Arc<dyn Projection<A::Event>>> =
-            vec![Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row))];
+            vec![Arc::new(ViewProjection::<A>::new(Arc::clone(&view), to_row).with_vault(Arc::clone(vault)))];
         let history = if history_from_view(&settings.store) {
             let history = open_view_sized(
                 &settings.view,
@@ -250,7 +368,8 @@ impl<A: Aggregate> Part<A> {
             None
         };
         let runner = ProjectionRunner::new(Arc::clone(&store), projections, settings.runner_config());
-        Ok(Self { bus: Arc::new(CommandBus::new(Arc::clone(&store))), store, view, history, runner })
+        let bus = Arc::new(CommandBus::new(Arc::clone(&store)).with_vault(Arc::clone(vault)));
+        Ok(Self { bus, store, view, history, runner })
     }
 }
 
@@ -388,6 +507,8 @@ pub struct Service {
     pub tasks: Part<Task>,
     /// The reactions, in processes that run projections.
     pub reactions: Option<Reactions>,
+    /// Seals and opens personal data; erases data subjects.
+    pub vault: Arc<Vault>,
     http: HttpConfig,
     admin_token: Option<AdminToken>,
     auth: Option<Arc<JwtAuth>>,
@@ -400,8 +521,9 @@ impl Service {
     /// Opens stores and views; the SQL backends create missing files, their
     /// folders and their tables themselves.
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
-        let projects = Part::open(settings, resources::project_view(), resources::project_row).await?;
-        let tasks = Part::open(settings, resources::task_view(), resources::task_row).await?;
+        let vault = open_vault(settings).await?;
+        let projects = Part::open(settings, resources::project_view(), resources::project_row, &vault).await?;
+        let tasks = Part::open(settings, resources::task_view(), resources::task_row, &vault).await?;
         let reactions = if settings.role.runs_projections() {
             Some(Reactions::open(settings, &projects, &tasks).await.context("opening the reactions")?)
         } else {
@@ -411,6 +533,7 @@ impl Service {
             projects,
             tasks,
             reactions,
+            vault,
             http: settings.http.clone(),
             admin_token: settings.admin_token.clone(),
             auth: settings.auth.clone(),
@@ -495,7 +618,7 @@ impl Service {
             _ => api,
         };
         match &self.admin_token {
-            Some(token) if role.runs_projections() => api.admin(token.clone()),
+            Some(token) if role.runs_projections() => api.admin(token.clone()).erasure(Arc::clone(&self.vault)),
             _ => api,
         }
     }

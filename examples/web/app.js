@@ -348,8 +348,10 @@ function show(version, state) {
   $('member-form').querySelector('button').disabled = archived;
   $('members').replaceChildren(
     ...(state.members.length
-      ? state.members.map((m) =>
-        h('li', {}, m, ' ',
+      ? state.members.map((m) => m === null
+        // A member whose personal data was erased.
+        ? h('li', {}, h('em', {}, 'erased'))
+        : h('li', {}, m, ' ',
           h('button', { type: 'button', class: 'small', 'aria-label': `Remove ${m}`, disabled: archived,
             onclick: () => command('remove-member', { member: m }, `${m} removed.`) }, 'Remove')))
       : [h('li', {}, 'No members yet.')]),

@@ -221,6 +221,7 @@
 //! | `table_writer` | table records (delayed, one per aggregate at a time, retried) and `flush` |
 //! | `topics` | creating the topics, refusing unsafe configurations, partition counts |
 //! | `client` | librdkafka settings, the producer and the consumers |
+//! | `keys` | [`KafkaKeyStore`]: the keys of personal data in the compacted topic `{prefix}.keys` |
 //! | [`record`] | the JSON documents on both topics |
 
 mod append;
@@ -228,6 +229,7 @@ mod client;
 mod config;
 mod error;
 mod follower;
+mod keys;
 mod ownership;
 mod reads;
 pub mod record;
@@ -241,4 +243,5 @@ mod validity;
 pub use config::{KafkaStoreConfig, THOUSAND_YEARS_MS};
 pub use error::KafkaStoreError;
 pub use follower::{FollowerStats, HaltedPartition};
+pub use keys::KafkaKeyStore;
 pub use store::KafkaStore;

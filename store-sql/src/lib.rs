@@ -146,6 +146,7 @@ mod batch;
 mod cache;
 mod config;
 mod error;
+mod keys;
 mod sql;
 mod store;
 mod table;
@@ -154,4 +155,5 @@ mod writer;
 
 pub use config::SqlStoreConfig;
 pub use error::SqlStoreError;
+pub use keys::{SqlKeyStore, SqlKeyStoreConfig};
 pub use store::{Dialect, SqlStore};

@@ -79,6 +79,34 @@ pub(crate) async fn pg_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
     })
 }
 
+/// The cost of personal data on the command path: PATCHes of a personal
+/// field (sealed with the owner's key before the append, opened for the
+/// answer) against PATCHes of a plain field with the same bytes, on the
+/// same service in the same run.
+pub(crate) async fn pg_personal(ctx: &mut Ctx) -> Result<Measured, Missing> {
+    let (plan, client) = (ctx.plan, ctx.client.clone());
+    let urls = ctx.pg_live().await?.urls();
+    for verb in [Verb::PatchOwner, Verb::PatchDescription] {
+        // Warm-up: every person gets its key, and every (person, project)
+        // pair its link in the key store, here: a first use pays a key-store
+        // round trip once.
+        load::concurrent(&client, verb, &urls, CLIENTS, Duration::from_secs(10), CLIENTS as u64 * 32).await?;
+    }
+    let (k, b) = interleave!(
+        plan.rounds,
+        load::concurrent(&client, Verb::PatchOwner, &urls, CLIENTS, plan.round, u64::MAX).await?,
+        load::concurrent(&client, Verb::PatchDescription, &urls, CLIENTS, plan.round, u64::MAX).await?
+    );
+    Ok(Measured {
+        kes: k,
+        baseline: b,
+        note: "PATCH {\"owner\": \"person N\"} (personal data: sealed with XChaCha20-Poly1305 under one of 10 \
+               persons' keys, their keys cached, and opened for the answer) on 64 projects over HTTP; baseline: \
+               PATCH {\"description\": \"person N\"}, the same bytes in a plain field, same service"
+            .into(),
+    })
+}
+
 pub(crate) async fn pg_feeds(ctx: &mut Ctx) -> Result<Measured, Missing> {
     let (plan, client) = (ctx.plan, ctx.client.clone());
     // A service of its own, with its projections running: feeds show what
@@ -172,6 +200,54 @@ pub(crate) async fn sql_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
                INSERT … SELECT FROM UNNEST in batches of 1000 rows of the same ids, states and row values"
             .into(),
     })
+}
+
+/// The cost of personal data on a rebuild: the projects view rebuilt from a
+/// log whose every project has a sealed owner (opened with keys fetched in
+/// one lookup per batch, then cached) against the same log without owners.
+pub(crate) async fn personal_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
+    let (rounds, n) = (ctx.plan.rebuild_rounds, ctx.plan.aggregates);
+    let plain_url = ctx.seeded().await?.url.clone();
+    let sealed_url = ctx.pg()?.fresh("sealed").await?;
+    let settings = Settings::new(sealed_url.clone(), sealed_url.clone());
+    let vault = kes_examples::service::open_vault(&settings).await?;
+    let store = kes_examples::service::open_store::<Project>(&sealed_url).await?;
+    let started = Instant::now();
+    load::in_parallel((0..n).collect(), CLIENTS, |i| {
+        let (store, vault) = (Arc::clone(&store), Arc::clone(&vault));
+        async move {
+            let id = format!("r{i}");
+            let mut event = created(i);
+            if let ProjectEvent::Created { owner, .. } = &mut event {
+                let person = format!("owner{}", i % 50);
+                *owner = Some(kes_core::Personal::new(person.clone(), person));
+            }
+            let sealed = vault.seal(&kes_core::AggregateRef::new("project", &id), vec![event]).await?;
+            store.append(&id, ExpectedVersion::NoStream, sealed, Metadata::default()).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    eprintln!("  seeded {n} sealed aggregates in {:.1} s", started.elapsed().as_secs_f64());
+    let with_owners = Service::open(&settings).await?;
+    let without = Service::open(&Settings::new(plain_url.clone(), plain_url)).await?;
+    let (k, b) = interleave!(rounds, rebuild_rate(&with_owners).await?, rebuild_rate(&without).await?);
+    with_owners.shutdown().await;
+    without.shutdown().await;
+    Ok(Measured {
+        kes: k,
+        baseline: b,
+        note: "ProjectionRunner::rebuild of the projects view from a log whose every Created event carries an owner \
+               sealed with one of 50 persons' keys (opened for each row; keys looked up once per batch, then \
+               cached); baseline: the same rebuild of the same events without an owner"
+            .into(),
+    })
+}
+
+/// Rows per second of one rebuild of the projects view.
+async fn rebuild_rate(service: &Service) -> anyhow::Result<f64> {
+    let report = service.rebuild("projects", &|_, _| {}).await?;
+    Ok(report.events as f64 / report.elapsed.as_secs_f64())
 }
 
 pub(crate) fn text(row: &kes_core::Row, key: &str) -> Option<String> {

@@ -41,6 +41,17 @@ struct Cli {
     /// size them against the database's `max_connections`.
     #[arg(long, env = "KES_DB_CONNECTIONS", global = true, value_parser = clap::value_parser!(u32).range(1..))]
     db_connections: Option<u32>,
+    /// The key store of personal data (`sqlite://PATH` or `postgres://…`):
+    /// by default a SQLite file beside a SQLite log, the schema `kes_keys`
+    /// of a PostgreSQL log, the topic `{prefix}.keys` of a Kafka log.
+    #[arg(long, env = "KES_KEYS", global = true)]
+    keys: Option<String>,
+    /// A file holding the master key (64 hex digits) that wraps the keys
+    /// of personal data; made when missing. By default `master.key` beside
+    /// a SQLite log, else `data/master.key`. Keep it apart from the key
+    /// store and its backups.
+    #[arg(long, env = "KES_MASTER_KEY_FILE", global = true)]
+    master_key_file: Option<PathBuf>,
     /// `serve`'s flags, for `projects` without a command.
     #[command(flatten)]
     serve: ServeArgs,
@@ -156,6 +167,8 @@ async fn main() -> anyhow::Result<()> {
     let mut settings = Settings::new(cli.store, cli.view);
     settings.lease_ttl = Duration::from_millis(cli.lease_ttl_ms);
     settings.db_connections = cli.db_connections;
+    settings.keys = cli.keys;
+    settings.master_key_file = cli.master_key_file;
     if let Some(file) = &cli.admin_token_file {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("reading the admin token file {}", file.display()))?;

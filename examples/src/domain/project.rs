@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use chrono::NaiveDate;
-use kes_core::{Aggregate, DomainEvent, Upcast, Upcasters};
+use kes_core::{Aggregate, DomainEvent, Personal, Upcast, Upcasters};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -67,11 +67,12 @@ pub struct Project {
     /// The currency of the budget (ISO 4217).
     #[serde(default)]
     pub currency: String,
-    /// Who answers for it.
-    pub owner: Option<String>,
-    /// Who works on it; each member once.
+    /// Who answers for it: personal data of the owner.
+    pub owner: Option<Personal<String>>,
+    /// Who works on it, each member once, in the order they joined:
+    /// personal data of each member.
     #[serde(default)]
-    pub members: BTreeSet<String>,
+    pub members: Vec<Personal<String>>,
     /// Labels for finding it.
     #[serde(default)]
     pub tags: BTreeSet<String>,
@@ -97,9 +98,10 @@ pub enum ProjectCommand {
     Archive,
     /// Take it back out: archived → the status it had.
     Restore,
-    /// Add a member.
+    /// Add a member, by name.
     AddMember(String),
-    /// Remove a member.
+    /// Remove a member, by name or (once the member is erased) by
+    /// subject id.
     RemoveMember(String),
     /// Delete it.
     Delete,
@@ -146,7 +148,7 @@ pub enum ProjectEvent {
         /// Budget (a bare number before revision 2: see [`ProjectEvent::upcasters`]).
         budget: Money,
         /// Owner.
-        owner: Option<String>,
+        owner: Option<Personal<String>>,
         /// Tags.
         tags: BTreeSet<String>,
         /// Due date.
@@ -170,7 +172,7 @@ pub enum ProjectEvent {
     /// Its owner changed.
     OwnerChanged {
         /// The new owner, or none.
-        owner: Option<String>,
+        owner: Option<Personal<String>>,
     },
     /// Its tags were replaced.
     TagsSet {
@@ -191,15 +193,21 @@ pub enum ProjectEvent {
     /// A member joined.
     MemberAdded {
         /// Who.
-        member: String,
+        member: Personal<String>,
     },
     /// A member left.
     MemberRemoved {
         /// Who.
-        member: String,
+        member: Personal<String>,
     },
     /// It was deleted.
     Deleted,
+    /// A person whose data it holds was forgotten: their values now read
+    /// as erased. Holds no personal data.
+    SubjectErased {
+        /// The erased subject's id.
+        subject: String,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -218,6 +226,18 @@ impl DomainEvent for ProjectEvent {
             Self::MemberAdded { .. } => "ProjectMemberAdded",
             Self::MemberRemoved { .. } => "ProjectMemberRemoved",
             Self::Deleted => "ProjectDeleted",
+            Self::SubjectErased { .. } => "ProjectSubjectErased",
+        }
+    }
+
+    fn subject_erased(subject: &str) -> Option<Self> {
+        Some(Self::SubjectErased { subject: subject.to_owned() })
+    }
+
+    fn erased_subject(&self) -> Option<&str> {
+        match self {
+            Self::SubjectErased { subject } => Some(subject),
+            _ => None,
         }
     }
 
@@ -283,12 +303,13 @@ pub enum ProjectError {
     /// Activating a project without a name.
     #[error("name the project before activating it")]
     Unnamed,
-    /// Adding a member twice.
-    #[error("{0} is already a member")]
-    AlreadyMember(String),
+    /// Adding a member twice. (Errors never quote personal data: they may
+    /// be logged.)
+    #[error("already a member")]
+    AlreadyMember,
     /// Removing someone who is not a member.
-    #[error("{0} is not a member")]
-    NotMember(String),
+    #[error("not a member")]
+    NotMember,
     /// A blank member name.
     #[error("a member name cannot be blank")]
     BlankMember,
@@ -348,8 +369,8 @@ impl Project {
         let owner = if replace { Some(fields.owner) } else { fields.owner.map(Some) };
         if let Some(owner) = owner {
             let owner = owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty());
-            if owner != self.owner {
-                events.push(ProjectEvent::OwnerChanged { owner });
+            if owner.as_ref() != self.owner_name() || self.owner.as_ref().is_some_and(Personal::is_erased) {
+                events.push(ProjectEvent::OwnerChanged { owner: owner.map(person) });
             }
         }
         if let Some(tags) = or_clear(replace, fields.tags, BTreeSet::new()) {
@@ -368,6 +389,23 @@ impl Project {
     }
 }
 
+/// A name as personal data of the person it names.
+fn person(name: String) -> Personal<String> {
+    Personal::new(name.clone(), name)
+}
+
+impl Project {
+    /// The owner's name, while it is readable.
+    pub fn owner_name(&self) -> Option<&String> {
+        self.owner.as_ref().and_then(Personal::value)
+    }
+
+    /// Whether `name` is a member.
+    pub fn has_member(&self, name: &str) -> bool {
+        self.members.iter().any(|m| m.value().is_some_and(|v| v == name))
+    }
+}
+
 /// Tags without surrounding blanks; empty ones dropped.
 fn clean_tags(tags: BTreeSet<String>) -> BTreeSet<String> {
     tags.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect()
@@ -378,6 +416,8 @@ impl Aggregate for Project {
     /// 2: states have a `currency`. A state of version 1 would still
     /// decode, with no currency, so tables built by it are rebuilt.
     const STATE_VERSION: u32 = 2;
+    /// Owners and members are personal data.
+    const PERSONAL_DATA: bool = true;
     type Command = ProjectCommand;
     type Event = ProjectEvent;
     type Error = ProjectError;
@@ -394,7 +434,7 @@ impl Aggregate for Project {
                     amount: check_budget(f.budget.unwrap_or(0))?,
                     currency: check_currency(f.currency.unwrap_or_else(|| DEFAULT_CURRENCY.to_owned()))?,
                 },
-                owner: f.owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()),
+                owner: f.owner.map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).map(person),
                 tags: f.tags.map(clean_tags).unwrap_or_default(),
                 due: f.due,
             }]);
@@ -424,18 +464,17 @@ impl Aggregate for Project {
                 let member = member.trim().to_owned();
                 if member.is_empty() {
                     Err(ProjectError::BlankMember)
-                } else if self.members.contains(&member) {
-                    Err(ProjectError::AlreadyMember(member))
+                } else if self.has_member(&member) {
+                    Err(ProjectError::AlreadyMember)
                 } else {
-                    Ok(vec![ProjectEvent::MemberAdded { member }])
+                    Ok(vec![ProjectEvent::MemberAdded { member: person(member) }])
                 }
             }
             ProjectCommand::RemoveMember(member) => {
-                let member = member.trim().to_owned();
-                if self.members.contains(&member) {
-                    Ok(vec![ProjectEvent::MemberRemoved { member }])
-                } else {
-                    Err(ProjectError::NotMember(member))
+                // By name, or by subject id once the name is erased.
+                match self.members.iter().find(|m| m.is(member.trim())) {
+                    Some(found) => Ok(vec![ProjectEvent::MemberRemoved { member: found.clone() }]),
+                    None => Err(ProjectError::NotMember),
                 }
             }
             ProjectCommand::Delete => Ok(vec![ProjectEvent::Deleted]),
@@ -470,12 +509,15 @@ impl Aggregate for Project {
             }
             ProjectEvent::Restored => self.status = self.archived_from.take().unwrap_or(Status::Active),
             ProjectEvent::MemberAdded { member } => {
-                self.members.insert(member.clone());
+                if !self.members.contains(member) {
+                    self.members.push(member.clone());
+                }
             }
-            ProjectEvent::MemberRemoved { member } => {
-                self.members.remove(member);
-            }
+            ProjectEvent::MemberRemoved { member } => self.members.retain(|m| m != member),
             ProjectEvent::Deleted => self.deleted = true,
+            // The values stay sealed; their key is gone, so every read
+            // shows them erased.
+            ProjectEvent::SubjectErased { .. } => {}
         }
     }
 
@@ -572,12 +614,21 @@ mod tests {
 
     #[test]
     fn a_member_is_added_once() {
-        TestFramework::<Project>::given(vec![created(Some("x")), ProjectEvent::MemberAdded { member: "ann".into() }])
-            .when(ProjectCommand::AddMember(" ann ".into()))
-            .then_expect_error(ProjectError::AlreadyMember("ann".into()));
+        TestFramework::<Project>::given(vec![
+            created(Some("x")),
+            ProjectEvent::MemberAdded { member: person("ann".into()) },
+        ])
+        .when(ProjectCommand::AddMember(" ann ".into()))
+        .then_expect_error(ProjectError::AlreadyMember);
         TestFramework::<Project>::given(vec![created(Some("x"))])
             .when(ProjectCommand::RemoveMember("bob".into()))
-            .then_expect_error(ProjectError::NotMember("bob".into()));
+            .then_expect_error(ProjectError::NotMember);
+        TestFramework::<Project>::given(vec![
+            created(Some("x")),
+            ProjectEvent::MemberAdded { member: person("ann".into()) },
+        ])
+        .when(ProjectCommand::RemoveMember("ann".into()))
+        .then_expect_events(vec![ProjectEvent::MemberRemoved { member: person("ann".into()) }]);
     }
 
     #[test]
@@ -597,12 +648,12 @@ mod tests {
             name: Some("x".into()),
             description: "d".into(),
             budget: Money { amount: 3, currency: "USD".into() },
-            owner: Some("ann".into()),
+            owner: Some(person("ann".into())),
             tags: BTreeSet::from(["t".to_owned()]),
             due: None,
         };
         TestFramework::<Project>::given(vec![start]).when(ProjectCommand::Replace(named("x"))).then_expect_state(|p| {
-            assert_eq!((p.description.as_str(), p.budget, p.owner.as_deref()), ("", 0, None));
+            assert_eq!((p.description.as_str(), p.budget, p.owner_name().map(String::as_str)), ("", 0, None));
             assert_eq!(p.currency, DEFAULT_CURRENCY, "a PUT without a currency goes back to the default");
             assert!(p.tags.is_empty());
         });
@@ -642,6 +693,26 @@ mod tests {
         assert!(codec.decode("ProjectBudgetSet", 2, current).is_ok());
         let err = codec.decode("ProjectBudgetSet", 1, br#"{"BudgetSet":{"budget":"secret"}}"#).unwrap_err();
         assert!(err.reason.contains("BudgetSet.budget") && !err.reason.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn upcasters_carry_personal_data_nodes_whole() {
+        use kes_core::{Codec, JsonCodec};
+        let codec = JsonCodec::<ProjectEvent>::default();
+        // A revision 1 event whose owner was sealed, then erased: the
+        // upcaster rewrites the budget and leaves the nodes alone.
+        let sealed = r#"{"$p":{"s":"s1","k":"k1","f":"/Created/owner","n":"bm9uY2U","c":"Y2lwaGVy"}}"#;
+        let erased = r#"{"$p":{"s":"s2","x":true}}"#;
+        for node in [sealed, erased] {
+            let payload = format!(
+                r#"{{"Created":{{"name":"a","description":"","budget":5,"owner":{node},"tags":[],"due":null}}}}"#
+            );
+            let event = codec.decode("ProjectCreated", 1, payload.as_bytes()).expect("an upcast r1 event");
+            let ProjectEvent::Created { owner: Some(owner), budget, .. } = event else { panic!("{event:?}") };
+            assert_eq!(budget, Money { amount: 5, currency: "EUR".into() });
+            assert_eq!(owner.value(), None);
+            assert_eq!(serde_json::to_value(&owner).unwrap(), serde_json::from_str::<serde_json::Value>(node).unwrap());
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! created. Cancelled is final for the reactions: restoring the project
 //! does not reopen its cancelled tasks (a user may reopen one).
 
-use kes_core::{Aggregate, DomainEvent};
+use kes_core::{Aggregate, DomainEvent, Personal};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +59,8 @@ pub struct Task {
     /// Open or done.
     #[serde(default)]
     pub status: TaskStatus,
-    /// Who does it.
-    pub assignee: Option<String>,
+    /// Who does it: personal data of the assignee.
+    pub assignee: Option<Personal<String>>,
     /// Why it was cancelled, while it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_reason: Option<String>,
@@ -120,7 +120,7 @@ pub enum TaskEvent {
     /// It was assigned (or unassigned).
     Assigned {
         /// Who, or nobody.
-        assignee: Option<String>,
+        assignee: Option<Personal<String>>,
     },
     /// It was done.
     Completed,
@@ -133,6 +133,11 @@ pub enum TaskEvent {
     },
     /// It was deleted.
     Deleted,
+    /// A person whose data it holds was forgotten. Holds no personal data.
+    SubjectErased {
+        /// The erased subject's id.
+        subject: String,
+    },
 }
 
 impl DomainEvent for TaskEvent {
@@ -145,6 +150,18 @@ impl DomainEvent for TaskEvent {
             Self::Reopened => "TaskReopened",
             Self::Cancelled { .. } => "TaskCancelled",
             Self::Deleted => "TaskDeleted",
+            Self::SubjectErased { .. } => "TaskSubjectErased",
+        }
+    }
+
+    fn subject_erased(subject: &str) -> Option<Self> {
+        Some(Self::SubjectErased { subject: subject.to_owned() })
+    }
+
+    fn erased_subject(&self) -> Option<&str> {
+        match self {
+            Self::SubjectErased { subject } => Some(subject),
+            _ => None,
         }
     }
 }
@@ -172,6 +189,8 @@ pub enum TaskError {
 
 impl Aggregate for Task {
     const NAME: &'static str = "task";
+    /// Assignees are personal data.
+    const PERSONAL_DATA: bool = true;
     type Command = TaskCommand;
     type Event = TaskEvent;
     type Error = TaskError;
@@ -191,7 +210,7 @@ impl Aggregate for Task {
             }
             let mut events = vec![TaskEvent::Created { project_id, title: title_of(title)? }];
             if let Some(assignee) = assignee.map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()) {
-                events.push(TaskEvent::Assigned { assignee: Some(assignee) });
+                events.push(TaskEvent::Assigned { assignee: Some(Personal::new(assignee.clone(), assignee)) });
             }
             return Ok(events);
         }
@@ -209,8 +228,11 @@ impl Aggregate for Task {
                 }
                 if let Some(assignee) = assignee {
                     let assignee = Some(assignee.trim().to_owned()).filter(|a| !a.is_empty());
-                    if assignee != self.assignee {
-                        events.push(TaskEvent::Assigned { assignee });
+                    let current = self.assignee.as_ref();
+                    if assignee.as_ref() != current.and_then(Personal::value)
+                        || current.is_some_and(Personal::is_erased)
+                    {
+                        events.push(TaskEvent::Assigned { assignee: assignee.map(|a| Personal::new(a.clone(), a)) });
                     }
                 }
                 events
@@ -255,6 +277,7 @@ impl Aggregate for Task {
                 self.cancel_reason = Some(reason.clone());
             }
             TaskEvent::Deleted => self.deleted = true,
+            TaskEvent::SubjectErased { .. } => {}
         }
     }
 
@@ -284,7 +307,10 @@ mod tests {
             .then_expect_error(TaskError::BlankTitle);
         TestFramework::<Task>::given_no_previous_events()
             .when(TaskCommand::Create { project_id: "p".into(), title: "t".into(), assignee: Some("ann".into()) })
-            .then_expect_events(vec![created(), TaskEvent::Assigned { assignee: Some("ann".into()) }]);
+            .then_expect_events(vec![
+                created(),
+                TaskEvent::Assigned { assignee: Some(Personal::new("ann", "ann".into())) },
+            ]);
     }
 
     #[test]

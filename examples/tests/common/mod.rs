@@ -31,18 +31,35 @@ impl Server {
 
     /// `projects serve --role ROLE` with more environment.
     pub async fn start_with(dir: &Path, store: &str, view: &str, role: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_logged(dir, store, view, role, env, None).await
+    }
+
+    /// `projects serve --role ROLE` with more environment, its output
+    /// (stdout and stderr) appended to `log` when given.
+    pub async fn start_logged(
+        dir: &Path,
+        store: &str,
+        view: &str,
+        role: &str,
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .current_dir(dir)
+            .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .env("KES_ROLE", role)
             .env("KES_LISTEN", format!("127.0.0.1:{port}"))
             .env("KES_STORE", store)
             .env("KES_VIEW", view)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the projects binary");
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("the log file");
+            command.stdout(file.try_clone().expect("the log file")).stderr(file);
+        }
+        let child = command.spawn().expect("start the projects binary");
         let server = Self { child, base: format!("http://127.0.0.1:{port}") };
         let client = reqwest::Client::new();
         let started = Instant::now();
