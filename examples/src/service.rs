@@ -156,24 +156,36 @@ pub fn master_key_file_for(store: &str) -> PathBuf {
 }
 
 /// The master key kept in `file`, made (readable by its owner only) when
-/// the file does not exist yet.
+/// the file does not exist yet. Processes starting together agree: the key
+/// is written to a file of its own and linked into place, which fails for
+/// all but the first; the others read the winner's.
 fn master_key_from_file(file: &std::path::Path) -> anyhow::Result<MasterKey> {
-    match std::fs::read_to_string(file) {
-        Ok(hex) => MasterKey::from_hex(&hex).with_context(|| format!("the master key in {}", file.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let hex = MasterKey::generate_hex();
-            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            }
-            write_private(file, &hex).with_context(|| format!("writing {}", file.display()))?;
-            tracing::warn!(
-                file = %file.display(),
-                "made a new master key for personal data; keep it apart from the key store and its backups"
-            );
-            MasterKey::from_hex(&hex).context("the new master key")
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
+    let read = |file: &std::path::Path| {
+        let hex = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        MasterKey::from_hex(&hex).with_context(|| format!("the master key in {}", file.display()))
+    };
+    if file.exists() {
+        return read(file);
     }
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    static DRAFTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = DRAFTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let draft = file.with_extension(format!("new-{}-{n}", std::process::id()));
+    write_private(&draft, &MasterKey::generate_hex()).with_context(|| format!("writing {}", draft.display()))?;
+    let linked = std::fs::hard_link(&draft, file);
+    // The draft's only purpose was the link; a leftover is harmless.
+    let _ = std::fs::remove_file(&draft);
+    match linked {
+        Ok(()) => tracing::warn!(
+            file = %file.display(),
+            "made a new master key for personal data; keep it apart from the key store and its backups"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("writing {}", file.display())),
+    }
+    read(file)
 }
 
 fn write_private(file: &std::path::Path, text: &str) -> std::io::Result<()> {
@@ -182,7 +194,35 @@ fn write_private(file: &std::path::Path, text: &str) -> std::io::Result<()> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(file)?.write_all(text.as_bytes())
+    let mut out = options.open(file)?;
+    out.write_all(text.as_bytes())?;
+    out.sync_all()
+}
+
+#[cfg(test)]
+mod master_key_tests {
+    use super::*;
+
+    #[test]
+    fn processes_making_the_master_key_at_once_agree_on_one() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let file = dir.path().join("keys").join("master.key");
+        let made: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| master_key_from_file(&file).map(|_| std::fs::read_to_string(&file))))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a thread").expect("a key").expect("the file")).collect()
+        });
+        assert!(made.windows(2).all(|w| w[0] == w[1]), "one key for all");
+        let left: Vec<_> = std::fs::read_dir(file.parent().expect("a folder")).expect("the folder").collect();
+        assert_eq!(left.len(), 1, "no drafts left behind");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).expect("the file").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
 }
 
 impl Settings {
