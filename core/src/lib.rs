@@ -139,8 +139,8 @@ pub use store::{
 };
 pub use testkit::{TestFramework, TestOutcome};
 pub use vault::{
-    AggregateRef, Erasure, InMemoryKeyStore, KeyLookup, KeyRequest, KeyStore, KeyStoreError, MasterKey, Vault,
-    VaultError, WrappedKey,
+    AggregateRef, DEFAULT_KEY_TTL, Erasure, InMemoryKeyStore, KeyLookup, KeyRequest, KeyStore, KeyStoreError,
+    MasterKey, Vault, VaultError, WrappedKey,
 };
 pub use view::{
     Cond, Cursor, Field, FieldType, FieldValue, Filter, FilterOp, ID_FIELD, Lease, ListItem, ListQuery, ListView, Page,

@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -323,7 +324,20 @@ struct SubjectKey {
     subject: String,
     key_id: String,
     cipher: XChaCha20Poly1305,
+    /// When the key store handed it out: a cached key older than the
+    /// vault's key TTL is asked for again.
+    fetched: Instant,
 }
+
+impl SubjectKey {
+    fn fresh(&self, ttl: Duration) -> bool {
+        self.fetched.elapsed() < ttl
+    }
+}
+
+/// How long a vault trusts a cached key by default (see
+/// [`Vault::with_key_ttl`]).
+pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(60);
 
 struct Caches {
     by_person: LruCache<String, Arc<SubjectKey>>,
@@ -355,13 +369,17 @@ impl Caches {
 /// One per process, shared by the command buses (which seal), the
 /// projections and the HTTP adapter (which open). It caches keys, erased
 /// subjects and the subject → aggregate links it has recorded, so that a
-/// warm command path makes no key-store round trip; an erasure made by
-/// another process reaches this cache through the erasure event (see
-/// [`Vault::forget`]).
+/// warm command path makes no key-store round trip. An erasure made by
+/// another process reaches this cache through the erasure event where this
+/// process projects (see [`Vault::forget`]), and in any process once the
+/// cached key is older than the key TTL ([`Vault::with_key_ttl`]): from
+/// then on its reads show the subject erased, and a value named after the
+/// person again gets a new subject rather than the erased key.
 pub struct Vault {
     store: Arc<dyn KeyStore>,
     master: MasterKey,
     cache: Mutex<Caches>,
+    key_ttl: Duration,
 }
 
 impl fmt::Debug for Vault {
@@ -382,7 +400,16 @@ impl Vault {
     /// A vault over `store`, whose keys are wrapped by `master`.
     pub fn new(store: Arc<dyn KeyStore>, master: MasterKey) -> Self {
         let entries = NonZeroUsize::new(CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
-        Self { store, master, cache: Mutex::new(Caches::new(entries)) }
+        Self { store, master, cache: Mutex::new(Caches::new(entries)), key_ttl: DEFAULT_KEY_TTL }
+    }
+
+    /// How long a cached key is used before the key store is asked again
+    /// ([`DEFAULT_KEY_TTL`] by default): the longest another process's
+    /// erasure goes unnoticed here when this process does not project the
+    /// aggregate. Zero asks every time.
+    pub fn with_key_ttl(mut self, ttl: Duration) -> Self {
+        self.key_ttl = ttl;
+        self
     }
 
     /// The key store behind this vault.
@@ -527,7 +554,7 @@ impl Vault {
         let mut wanted = Vec::new();
         let mut cache = self.caches();
         for person in persons {
-            let known = cache.by_person.get(&person).cloned();
+            let known = cache.by_person.get(&person).filter(|k| k.fresh(self.key_ttl)).cloned();
             match known {
                 Some(key) if cache.linked.get(&(key.subject.clone(), at.clone())).is_some() => {
                     by_person.insert(person, key);
@@ -543,7 +570,7 @@ impl Vault {
                 by_subject.insert(subject, None);
                 continue;
             }
-            let known = cache.current.get(&subject).cloned();
+            let known = cache.current.get(&subject).filter(|k| k.fresh(self.key_ttl)).cloned();
             match known {
                 Some(key) if cache.linked.get(&(subject.clone(), at.clone())).is_some() => {
                     by_subject.insert(subject, Some(key));
@@ -567,7 +594,12 @@ impl Vault {
 
     fn learn(&self, cache: &mut Caches, wrapped: &WrappedKey) -> Result<Arc<SubjectKey>, VaultError> {
         let cipher = self.master.unwrap(wrapped)?;
-        let key = Arc::new(SubjectKey { subject: wrapped.subject.clone(), key_id: wrapped.key_id.clone(), cipher });
+        let key = Arc::new(SubjectKey {
+            subject: wrapped.subject.clone(),
+            key_id: wrapped.key_id.clone(),
+            cipher,
+            fetched: Instant::now(),
+        });
         cache.learn(&key);
         Ok(key)
     }
@@ -694,7 +726,7 @@ impl Vault {
                     }
                     if cache.erased.get(&id.0).is_some() {
                         ring.erased.insert(id.0);
-                    } else if let Some(key) = cache.by_id.get(&id) {
+                    } else if let Some(key) = cache.by_id.get(&id).filter(|k| k.fresh(self.key_ttl)) {
                         ring.keys.insert(id, Arc::clone(key));
                     } else {
                         wanted.insert(id);

@@ -109,6 +109,7 @@ fn master() -> MasterKey {
 struct Setup {
     store: InMemoryStore<Member>,
     keys: Arc<InMemoryKeyStore>,
+    master: MasterKey,
     vault: Arc<Vault>,
     bus: CommandBus<Member, InMemoryStore<Member>>,
 }
@@ -116,9 +117,10 @@ struct Setup {
 fn setup() -> Setup {
     let store = InMemoryStore::new();
     let keys = Arc::new(InMemoryKeyStore::new());
-    let vault = Arc::new(Vault::new(keys.clone(), master()));
+    let master = master();
+    let vault = Arc::new(Vault::new(keys.clone(), master.clone()));
     let bus = CommandBus::new(store.clone()).with_vault(vault.clone());
-    Setup { store, keys, vault, bus }
+    Setup { store, keys, master, vault, bus }
 }
 
 fn register(name: &str, mentor: &str) -> Cmd {
@@ -337,4 +339,28 @@ async fn list_rows_hold_the_opened_values_and_lose_them_on_erasure() {
     // The key store forgot the link once the erasure was recorded.
     let again = s.keys.erase(&erasure.subject).await.unwrap().unwrap();
     assert!(again.aggregates.is_empty());
+}
+
+#[tokio::test]
+async fn another_processs_erasure_reaches_a_vault_once_its_cached_keys_expire() {
+    let s = setup();
+    // Another process: its own vault and bus on the same log and key store,
+    // trusting cached keys for no time at all.
+    let other_vault = Arc::new(Vault::new(s.keys.clone(), s.master.clone()).with_key_ttl(Duration::ZERO));
+    let other = CommandBus::new(s.store.clone()).with_vault(other_vault.clone());
+    other.execute("m1", register(ADA, BOB), ExpectedVersion::NoStream, Metadata::default()).await.unwrap();
+    let at = AggregateRef::new("member", "m1");
+    let state = |store: InMemoryStore<Member>| async move { store.load("m1").await.unwrap().unwrap().state };
+    let mut doc = serde_json::to_value(state(s.store.clone()).await).unwrap();
+    other_vault.render(&at, &mut doc).await.unwrap();
+    assert_eq!(doc["name"], json!(ADA), "its cache holds Ada's key");
+
+    // This process erases Ada; the other one projects nothing.
+    s.vault.erase(ADA).await.unwrap().unwrap();
+    let mut doc = serde_json::to_value(state(s.store.clone()).await).unwrap();
+    other_vault.render(&at, &mut doc).await.unwrap();
+    assert_eq!(doc["name"], Value::Null, "a stale cached key is not used");
+    // Naming Ada again there makes a new subject, readable everywhere.
+    other.execute("m1", Cmd::Rename(ADA.into()), ExpectedVersion::Any, Metadata::default()).await.unwrap();
+    assert_eq!(rendered_state(&s, "m1").await["name"], json!(ADA));
 }
