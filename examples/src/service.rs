@@ -93,24 +93,21 @@ pub const DEFAULT_MASTER_KEY_FILE: &str = "data/master.key";
 
 /// The SQL key store that goes with the SQL log at `store`: a SQLite file
 /// beside a SQLite log (`events.db` → `events-keys.db`), the schema
-/// `kes_keys` of a PostgreSQL log's database. (A Kafka log's keys are in
-/// its topic `{prefix}.keys`, see [`open_vault`].)
-pub fn keys_url_for(store: &str) -> String {
+/// `kes_keys` of a PostgreSQL log's database. `None` for a Kafka log, whose
+/// keys are in its topic `{prefix}.keys` (see [`open_vault`]).
+pub fn keys_url_for(store: &str) -> Option<String> {
     if store.starts_with("sqlite:") {
         let (path, query) = store.split_once('?').map_or((store, None), |(p, q)| (p, Some(q)));
         if path.contains(":memory:") {
-            return "sqlite::memory:".to_owned();
+            return Some("sqlite::memory:".to_owned());
         }
         let path = match path.strip_suffix(".db") {
             Some(stem) => format!("{stem}-keys.db"),
             None => format!("{path}-keys"),
         };
-        return query.map_or(path.clone(), |q| format!("{path}?{q}"));
+        return Some(query.map_or(path.clone(), |q| format!("{path}?{q}")));
     }
-    if store.starts_with("postgres:") {
-        return store.to_owned();
-    }
-    "sqlite://data/keys.db".to_owned()
+    store.starts_with("postgres:").then(|| store.to_owned())
 }
 
 /// The key store `settings` name: `keys` when given, else the one that goes
@@ -123,7 +120,11 @@ async fn open_key_store(settings: &Settings) -> anyhow::Result<Arc<dyn KeyStore>
         let keys = kes_store_kafka::KafkaKeyStore::open(&config).await.context("opening the keys topic")?;
         return Ok(Arc::new(keys));
     }
-    let url = settings.keys.clone().unwrap_or_else(|| keys_url_for(&settings.store));
+    let url = settings
+        .keys
+        .clone()
+        .or_else(|| keys_url_for(&settings.store))
+        .context("no key store goes with this kind of store URL: set KES_KEYS")?;
     let mut config = SqlKeyStoreConfig::from_url(&url);
     if url.starts_with("postgres:") {
         config = config.schema("kes_keys");

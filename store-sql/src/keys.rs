@@ -195,15 +195,13 @@ impl SqlKeyStore {
         Arg::Time(Utc::now())
     }
 
-    /// The key of `subject`, when it has one.
-    async fn key_of(tx: &mut Tx, subject: &str) -> Result<Option<WrappedKey>, KeyStoreError> {
-        let row = tx
-            .fetch_optional(
-                &Statement::new("SELECT subject, key_id, wrapped FROM kes_subject_keys WHERE subject = $1")
-                    .text(subject),
-            )
-            .await
-            .map_err(failed)?;
+    /// The key whose `column` (`subject` or `person`) is `value`, if any.
+    async fn key_by(tx: &mut Tx, column: KeyColumn, value: &str) -> Result<Option<WrappedKey>, KeyStoreError> {
+        let sql = match column {
+            KeyColumn::Subject => "SELECT subject, key_id, wrapped FROM kes_subject_keys WHERE subject = $1",
+            KeyColumn::Person => "SELECT subject, key_id, wrapped FROM kes_subject_keys WHERE person = $1",
+        };
+        let row = tx.fetch_optional(&Statement::new(sql).text(value)).await.map_err(failed)?;
         row.map(|row| wrapped_of(&row)).transpose()
     }
 
@@ -217,6 +215,13 @@ impl SqlKeyStore {
             .map_err(failed)?;
         Ok(if erased.is_some() { KeyLookup::Erased } else { KeyLookup::Missing })
     }
+}
+
+/// The columns a key is looked up by.
+#[derive(Debug, Clone, Copy)]
+enum KeyColumn {
+    Subject,
+    Person,
 }
 
 fn wrapped_of(row: &kes_sql::DbRow) -> Result<WrappedKey, KeyStoreError> {
@@ -253,19 +258,12 @@ impl KeyStore for SqlKeyStore {
                     .arg(Arg::String(Some(B64.encode(&candidate.wrapped))))
                     .arg(self.now());
                     tx.execute(&insert).await.map_err(failed)?;
-                    let row = tx
-                        .fetch_optional(
-                            &Statement::new("SELECT subject, key_id, wrapped FROM kes_subject_keys WHERE person = $1")
-                                .text(person),
-                        )
-                        .await
-                        .map_err(failed)?;
-                    match row {
-                        Some(row) => KeyLookup::Key(wrapped_of(&row)?),
+                    match Self::key_by(&mut tx, KeyColumn::Person, person).await? {
+                        Some(key) => KeyLookup::Key(key),
                         None => KeyLookup::Missing,
                     }
                 }
-                KeyRequest::Subject(subject) => match Self::key_of(&mut tx, subject).await? {
+                KeyRequest::Subject(subject) => match Self::key_by(&mut tx, KeyColumn::Subject, subject).await? {
                     Some(key) => KeyLookup::Key(key),
                     None => Self::keyless(&mut tx, subject).await?,
                 },
