@@ -241,20 +241,8 @@ impl SqlStoreConfig {
     }
 
     async fn open_postgres(&self) -> Result<Pools, SqlStoreError> {
-        let mut options = PgConnectOptions::from_str(&self.url)
-            .map_err(|e| SqlStoreError::Url { url: redact(&self.url), reason: e.to_string() })?
-            .statement_cache_capacity(STATEMENT_CACHE);
-        if let Some(schema) = &self.schema {
-            check_schema_name(schema)?;
-            let mut conn = options.connect().await.map_err(SqlStoreError::Connect)?;
-            conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
-                .await
-                .map_err(SqlStoreError::Database)?;
-            conn.close().await.map_err(SqlStoreError::Connect)?;
-            // A startup parameter: every connection of the pool, including
-            // ones opened after a reconnect, lands in the schema.
-            options = options.options([("search_path", schema.as_str())]);
-        }
+        let options =
+            postgres_options(&self.url, self.schema.as_deref()).await?.statement_cache_capacity(STATEMENT_CACHE);
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
@@ -264,6 +252,24 @@ impl SqlStoreConfig {
         sqlx::migrate!("./migrations/postgres").run(&pool).await.map_err(SqlStoreError::Migrate)?;
         Ok(Pools { writer: Pool::Postgres(pool.clone()), reader: Pool::Postgres(pool) })
     }
+}
+
+/// The connect options of the PostgreSQL database at `url`; with a
+/// `schema`, the schema is created when missing and every connection of a
+/// pool made with them lands in it.
+pub(crate) async fn postgres_options(url: &str, schema: Option<&str>) -> Result<PgConnectOptions, SqlStoreError> {
+    let options =
+        PgConnectOptions::from_str(url).map_err(|e| SqlStoreError::Url { url: redact(url), reason: e.to_string() })?;
+    let Some(schema) = schema else { return Ok(options) };
+    check_schema_name(schema)?;
+    let mut conn = options.connect().await.map_err(SqlStoreError::Connect)?;
+    conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+        .await
+        .map_err(SqlStoreError::Database)?;
+    conn.close().await.map_err(SqlStoreError::Connect)?;
+    // A startup parameter: every connection of the pool, including ones
+    // opened after a reconnect, lands in the schema.
+    Ok(options.options([("search_path", schema)]))
 }
 
 /// Schema names are spliced into `CREATE SCHEMA` and the search path, so

@@ -15,7 +15,6 @@
 //! database keep erased keys until they age out: keep them short-lived.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,11 +23,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use chrono::Utc;
 use kes_core::{AggregateRef, Erasure, KeyLookup, KeyRequest, KeyStore, KeyStoreError, WrappedKey};
 use kes_sql::{Arg, Dialect, Pool, Statement, Tx};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::Executor;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{ConnectOptions, Connection, Executor};
 
-use crate::config::check_schema_name;
+use crate::config::postgres_options;
 use crate::error::{SqlStoreError, redact};
 
 /// How a [`SqlKeyStore`] is configured.
@@ -161,17 +160,7 @@ impl SqlKeyStore {
     }
 
     async fn open_postgres(config: &SqlKeyStoreConfig) -> Result<Pool, SqlStoreError> {
-        let mut options = PgConnectOptions::from_str(&config.url)
-            .map_err(|e| SqlStoreError::Url { url: redact(&config.url), reason: e.to_string() })?;
-        if let Some(schema) = &config.schema {
-            check_schema_name(schema)?;
-            let mut conn = options.connect().await.map_err(SqlStoreError::Connect)?;
-            conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
-                .await
-                .map_err(SqlStoreError::Database)?;
-            conn.close().await.map_err(SqlStoreError::Connect)?;
-            options = options.options([("search_path", schema.as_str())]);
-        }
+        let options = postgres_options(&config.url, config.schema.as_deref()).await?;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .connect_with(options)
