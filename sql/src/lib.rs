@@ -11,6 +11,7 @@
 //! - [`is_transient`]: which driver errors mean "the database cannot serve
 //!   us now, retry later" (503 and back-off rather than a failure).
 //! - [`redact`]: a URL without its password, for messages and logs.
+//! - [`pg_pool_options`]: how a PostgreSQL pool checks its connections.
 //! - [`Pool`], [`Tx`], [`DbRow`] and [`Statement`]: one code path for both
 //!   databases — each operation is written once, and the `match` on the
 //!   dialect per primitive lives here.
@@ -64,6 +65,29 @@ pub enum Durability {
     /// the last commits, and since a view's checkpoint is written in the
     /// same transaction as its rows, it then simply projects them again.
     Rebuildable,
+}
+
+/// A connection idle for longer than this is pinged before a PostgreSQL
+/// pool hands it out.
+pub const PG_PING_AFTER_IDLE: Duration = Duration::from_secs(10);
+
+/// The options every PostgreSQL pool of KES starts from. sqlx pings each
+/// connection before handing it out by default, a round trip that costs a
+/// lone append or read as much as one of its statements; here only a
+/// connection idle for longer than [`PG_PING_AFTER_IDLE`] is pinged (one
+/// that fails is closed and another taken), which is where a server restart
+/// or a dropped link leaves dead connections. A connection that dies while
+/// in steady use fails the statement on it as transient, and the pool drops
+/// it.
+pub fn pg_pool_options() -> sqlx::postgres::PgPoolOptions {
+    sqlx::postgres::PgPoolOptions::new().test_before_acquire(false).before_acquire(|conn, meta| {
+        Box::pin(async move {
+            if meta.idle_for > PG_PING_AFTER_IDLE {
+                sqlx::Connection::ping(conn).await?;
+            }
+            Ok(true)
+        })
+    })
 }
 
 /// How long a SQLite connection waits for another writer before `BUSY`.

@@ -125,6 +125,17 @@ impl<A: Clone> StateCache<A> {
         found.map(|cached| A::clone(&cached.state))
     }
 
+    /// The cached version and state of `id`, however old the entry: a
+    /// guess at the stream's current state, for a write that checks the
+    /// version under the append lock before it uses the guess.
+    pub(crate) fn latest(&self, id: &str) -> Option<(u64, A)> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let found = self.slots().touch(id).map(|s| (s.version, Arc::clone(&s.state)));
+        found.map(|(version, cached)| (version, A::clone(&cached.state)))
+    }
+
     /// Records that `id` was at `version` with `state` at `known_at`. An
     /// entry for a later version is kept (a read that started before one of
     /// this store's commits must not overwrite it).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kes_core::{Aggregate, Codec};
 use kes_sql::Dialect;
 use kes_sql::{Pool, Statement};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{ConnectOptions, Connection, Executor};
 use tokio::sync::watch;
@@ -243,7 +243,7 @@ impl SqlStoreConfig {
     async fn open_postgres(&self) -> Result<Pools, SqlStoreError> {
         let options =
             postgres_options(&self.url, self.schema.as_deref()).await?.statement_cache_capacity(STATEMENT_CACHE);
-        let pool = PgPoolOptions::new()
+        let pool = kes_sql::pg_pool_options()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
             .connect_with(options)

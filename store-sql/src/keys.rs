@@ -24,7 +24,6 @@ use chrono::Utc;
 use kes_core::{AggregateRef, Erasure, KeyLookup, KeyRequest, KeyStore, KeyStoreError, WrappedKey};
 use kes_sql::{Arg, Dialect, Pool, Statement, Tx};
 use sqlx::Executor;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqlitePoolOptions;
 
 use crate::config::postgres_options;
@@ -161,7 +160,7 @@ impl SqlKeyStore {
 
     async fn open_postgres(config: &SqlKeyStoreConfig) -> Result<Pool, SqlStoreError> {
         let options = postgres_options(&config.url, config.schema.as_deref()).await?;
-        let pool = PgPoolOptions::new()
+        let pool = kes_sql::pg_pool_options()
             .max_connections(config.max_connections)
             .connect_with(options)
             .await

@@ -94,6 +94,23 @@
 //! still succeed. If the commit itself fails, every append of the batch
 //! gets that error, as it would alone.
 //!
+//! ## One round trip for a lone append (PostgreSQL)
+//!
+//! A batch's transaction costs four round trips (`BEGIN` with the lock,
+//! the batch read, the write, `COMMIT`). When a batch holds one append and
+//! the store already holds the stream's state — its cache, or the empty
+//! state of a stream the caller expects not to exist — the append is one
+//! call of the server function `kes_append_current` (made by the
+//! migration `0003_append_function`): it takes the same advisory lock,
+//! checks that the stream is still at the cached version and that the
+//! retry key is unused, writes the events and the table row, and commits.
+//! When a check fails it writes nothing and the append is decided on the
+//! general path above, which reads the stream; a stale cache therefore
+//! costs one more round trip, never a wrong answer. The pools ping a
+//! connection before use only when it idled for over 10 s
+//! ([`kes_sql::pg_pool_options`]), so a lone append on a busy pool is one
+//! round trip in all.
+//!
 //! ## State cache
 //!
 //! The store keeps the latest version and state of recently used aggregates

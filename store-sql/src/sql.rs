@@ -68,6 +68,12 @@ pub(crate) fn pg_append_lock(name: &str) -> String {
     )
 }
 
+/// PostgreSQL only: one append whose state the writer already holds, in one
+/// call (the function is made by the migration `0003_append_function`).
+/// Returns the first position written, or -1 when the stream was not at the
+/// version given or the retry key was used.
+pub(crate) const APPEND_CURRENT: &str = "SELECT kes_append_current($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
 /// Columns of one inserted event (see [`insert_events`]).
 pub(crate) const INSERT_COLUMNS: usize = 12;
 

@@ -4,9 +4,9 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use kes_core::{Aggregate, Appended, EventStore, StoreError};
+use kes_core::{Aggregate, Appended, EventStore, ExpectedVersion, Position, StoreError};
 use kes_sql::Dialect;
-use kes_sql::{Arg, Statement, Tx};
+use kes_sql::{Arg, Pool, Statement, Tx};
 use tokio::sync::oneshot;
 
 use crate::batch::{Decider, EventRow, PrepareRow, Request, Settled, StateRow};
@@ -208,6 +208,10 @@ impl<A: Aggregate> SqlStore<A> {
     /// against a foreign writer; `true` when the database failed it
     /// transiently.
     pub(crate) async fn append_alone(&self, request: &Request<A>) -> (Result<Appended, StoreError>, bool) {
+        if let Some(outcome) = self.append_current(request).await {
+            let down = outcome.as_ref().is_err_and(StoreError::is_transient);
+            return (outcome, down);
+        }
         match self.commit(std::slice::from_ref(request)).await {
             Ok(outcomes) => {
                 let outcome = outcomes.into_iter().next().unwrap_or_else(|| {
@@ -224,6 +228,73 @@ impl<A: Aggregate> SqlStore<A> {
                 (Err(e), down)
             }
         }
+    }
+
+    /// PostgreSQL: one append in one round trip (`kes_append_current`, see
+    /// the migration) when this store holds a guess at the stream's state —
+    /// its cached entry, or the empty state of a stream it is asked to
+    /// create. The call takes the append lock, checks that the stream is
+    /// still at the guessed version and that the retry key is unused, and
+    /// writes the events and the table row in its own transaction.
+    ///
+    /// `None` when the fast path does not apply or its check failed: nothing
+    /// was written, and [`Self::commit`] decides the append from what the
+    /// database holds (conflicts, retries, a stale cache). An error that
+    /// leaves the outcome unknown (the connection dropped while the call
+    /// ran) is the answer, as a failed `COMMIT` is on the general path.
+    pub(crate) async fn append_current(&self, request: &Request<A>) -> Option<Result<Appended, StoreError>> {
+        let Pool::Postgres(pool) = &self.inner.pools.writer else { return None };
+        let cache = &self.inner.cache;
+        let (version, state) = match cache.latest(&request.id) {
+            Some(found) => found,
+            // A stream the caller expects not to exist yet.
+            None if matches!(request.expected, ExpectedVersion::NoStream | ExpectedVersion::Exact(0)) => {
+                (0, A::default())
+            }
+            None => return None,
+        };
+        if request.events.is_empty() || !request.expected.admits(version) {
+            return None;
+        }
+        let mut next = state;
+        for event in &request.events {
+            next.apply(event);
+        }
+        let json = serde_json::to_value(&next).ok()?;
+        let count = request.events.len() as u64;
+        let known_at = cache.now();
+        let called = sqlx::query_scalar::<_, i64>(sql::APPEND_CURRENT)
+            .bind(A::NAME)
+            .bind(request.id.as_str())
+            .bind(version_param(version))
+            .bind(request.key.as_deref())
+            .bind(request.encoded.iter().map(|e| e.event_id).collect::<Vec<_>>())
+            .bind(request.encoded.iter().map(|e| e.event_type).collect::<Vec<_>>())
+            .bind(request.encoded.iter().map(|e| i64::from(e.revision)).collect::<Vec<_>>())
+            .bind(request.encoded.iter().map(|e| e.payload.as_str()).collect::<Vec<_>>())
+            .bind(sqlx::types::Json(&request.metadata))
+            .bind(request.recorded_at)
+            .bind(sqlx::types::Json(&json))
+            .fetch_one(pool)
+            .await;
+        let first = match called {
+            Ok(first) => u64::try_from(first).ok(),
+            // The server refused the call (a unique key, a missing function):
+            // its transaction rolled back, nothing was written.
+            Err(sqlx::Error::Database(e)) => {
+                tracing::debug!(aggregate = A::NAME, error = %e, "one-round-trip append refused; deciding it in full");
+                None
+            }
+            Err(e) => return Some(Err(db(e))),
+        };
+        let Some(first) = first else {
+            cache.evict(&request.id);
+            return None;
+        };
+        let end = version + count;
+        let settled = Settled { id: request.id.as_str(), appended: Some((end, next)), conflicted: false };
+        self.settle(vec![settled], known_at);
+        Some(Ok(Appended { version: end, position: Position::new(0, first + count - 1), deduplicated: false }))
     }
 
     /// The answer to an append whose insert hit a unique key. The

@@ -13,7 +13,7 @@ use kes_core::{
 use kes_core::{Cursor, SchemaError, ViewProgress};
 use kes_sql::{DbRow, Pool, Statement, Tx};
 use sqlx::Row as _;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqlitePoolOptions;
 
 use crate::error::SqlViewError;
@@ -317,7 +317,7 @@ impl SqlView {
             }
             let idle = options.idle_in_transaction_timeout.unwrap_or(DEFAULT_IDLE_IN_TRANSACTION);
             connect = connect.options([("idle_in_transaction_session_timeout", idle.as_millis().max(1).to_string())]);
-            let pool = PgPoolOptions::new()
+            let pool = kes_sql::pg_pool_options()
                 .max_connections(max)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(connect)
