@@ -317,6 +317,19 @@ impl<T: schemars::JsonSchema> schemars::JsonSchema for Personal<T> {
 
 /// Calls `f` with the JSON pointer and the inner object of every
 /// personal-data node in `value`, depth first, in document order.
+/// Whether `value` holds a personal node anywhere (the nodes
+/// [`for_each_node`] visits).
+pub(crate) fn holds_node(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => match map.get(PERSONAL_NODE) {
+            Some(inner) if map.len() == 1 => inner.is_object(),
+            _ => map.values().any(holds_node),
+        },
+        Value::Array(items) => items.iter().any(holds_node),
+        _ => false,
+    }
+}
+
 pub(crate) fn for_each_node(value: &mut Value, f: &mut impl FnMut(&str, &mut Value)) {
     let mut path = String::new();
     walk(value, &mut path, f);

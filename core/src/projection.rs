@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -272,7 +273,7 @@ impl<A: Aggregate> ViewProjection<A> {
         let stored = self.view.states(copy, &ids).await?;
         let mut states: HashMap<&str, (u64, A)> = HashMap::with_capacity(ids.len());
         for (id, s) in &stored {
-            let state = serde_json::from_value(s.state.clone())
+            let state = <A as serde::Deserialize>::deserialize(&s.state)
                 .map_err(|e| ViewError::Corrupt { id: id.clone(), reason: format!("stored state: {e}") })?;
             states.insert(id.as_str(), (s.version, state));
         }
@@ -300,13 +301,20 @@ impl<A: Aggregate> ViewProjection<A> {
         }
         touched.sort_unstable();
         touched.dedup();
-        let opened = self.open(&touched, &states).await?;
+        // Each state's JSON is made once: it is what the view stores, and
+        // what the vault opens where it holds personal values.
+        let mut jsons = Vec::with_capacity(touched.len());
+        for id in &touched {
+            let json =
+                serde_json::to_value(&states[id].1).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))?;
+            jsons.push(json);
+        }
+        let opened = self.open(&touched, &jsons).await?;
         let mut changes = Vec::with_capacity(touched.len());
-        for (i, id) in touched.into_iter().enumerate() {
+        for ((i, id), json) in touched.into_iter().enumerate().zip(jsons) {
             let (version, state) = &states[id];
-            let json = serde_json::to_value(state).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))?;
-            let row =
-                if state.is_deleted() { None } else { Some((self.to_row)(opened.as_ref().map_or(state, |o| &o[i]))) };
+            let opened = opened.get(i).and_then(Option::as_ref);
+            let row = if state.is_deleted() { None } else { Some((self.to_row)(opened.unwrap_or(state))) };
             changes.push(RowChange { id: id.to_owned(), version: *version, state: json, row });
         }
         Ok(changes)
@@ -314,16 +322,17 @@ impl<A: Aggregate> ViewProjection<A> {
 }
 
 impl<A: Aggregate> ViewProjection<A> {
-    /// The states of `ids` opened, in that order, with one key lookup.
-    async fn open(&self, ids: &[&str], states: &HashMap<&str, (u64, A)>) -> Result<Option<Vec<A>>, ProjectionError> {
-        let Some(vault) = self.vault.as_ref().filter(|_| A::PERSONAL_DATA) else { return Ok(None) };
-        let items: Vec<(AggregateRef, &A)> =
-            ids.iter().map(|id| (AggregateRef::new(A::NAME, *id), &states[id].1)).collect();
-        let opened = vault.open_all(&items).await.map_err(|e| match e {
+    /// The states of `ids` (whose JSON is `jsons`) opened, in that order,
+    /// with one key lookup: `None` for a state without personal values
+    /// (and for all of them without a vault).
+    async fn open(&self, ids: &[&str], jsons: &[Value]) -> Result<Vec<Option<A>>, ProjectionError> {
+        let Some(vault) = self.vault.as_ref().filter(|_| A::PERSONAL_DATA) else { return Ok(Vec::new()) };
+        let docs: Vec<(AggregateRef, &Value)> =
+            ids.iter().zip(jsons).map(|(id, json)| (AggregateRef::new(A::NAME, *id), json)).collect();
+        Ok(vault.open_documents(&docs).await.map_err(|e| match e {
             VaultError::Unavailable(m) => ViewError::Unavailable(m),
             other => ViewError::Backend(other.to_string()),
-        })?;
-        Ok(Some(opened))
+        })?)
     }
 }
 
@@ -883,7 +892,10 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         projection.begin_rebuild_fenced(lease).await?;
         let head = self.store.head().await?;
         let total = Checkpoint::start().lag_behind(&head);
-        let mut stream = self.store.subscribe(Checkpoint::start()).await?.ready_chunks(self.config.batch_size);
+        // The log is read by a task of its own, a few batches ahead, so that
+        // reading and decoding it overlaps writing the copy.
+        let mut stream =
+            ReadAhead::spawn(self.store.subscribe(Checkpoint::start()).await?, self.config.batch_size, READ_AHEAD);
         let mut checkpoint = Checkpoint::start();
         let mut events = 0u64;
         while !checkpoint.covers_all(&head) {
@@ -1120,5 +1132,49 @@ impl<A: Aggregate, S: EventStore<A> + Clone> CatchUp for ProjectionRunner<A, S> 
         tokio::time::timeout(timeout, futures::future::join_all(waits))
             .await
             .is_ok_and(|all| all.into_iter().all(|ok| ok))
+    }
+}
+
+/// Batches a rebuild reads ahead of the batch it writes.
+const READ_AHEAD: usize = 4;
+
+/// A subscription read by a task of its own, in chunks of up to `batch`
+/// records (as many as are ready), at most `depth` chunks ahead of the
+/// reader of this stream: a rebuild writes one batch while the next ones
+/// are read and decoded. The task stops when the stream is dropped.
+struct ReadAhead<E> {
+    chunks: tokio::sync::mpsc::Receiver<Vec<Result<Logged<E>, StoreError>>>,
+    reader: JoinHandle<()>,
+}
+
+impl<E: Send + 'static> ReadAhead<E> {
+    fn spawn(stream: crate::store::EventStream<E>, batch: usize, depth: usize) -> Self {
+        let (sender, chunks) = tokio::sync::mpsc::channel(depth.max(1));
+        let reader = tokio::spawn(async move {
+            let mut stream = stream.ready_chunks(batch.max(1));
+            while let Some(chunk) = stream.next().await {
+                if sender.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Self { chunks, reader }
+    }
+}
+
+impl<E> futures::Stream for ReadAhead<E> {
+    type Item = Vec<Result<Logged<E>, StoreError>>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.get_mut().chunks.poll_recv(cx)
+    }
+}
+
+impl<E> Drop for ReadAhead<E> {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }

@@ -626,37 +626,49 @@ impl Vault {
         for (at, item) in items {
             let doc = serde_json::to_value(item)
                 .map_err(|e| VaultError::Backend(format!("a document of {at} does not serialize: {e}")))?;
-            docs.push(doc);
+            docs.push((at.clone(), doc));
         }
-        let keys = self.keys_of(docs.iter_mut()).await?;
-        let mut out = Vec::with_capacity(items.len());
-        for ((at, item), mut doc) in items.iter().zip(docs) {
+        let refs: Vec<(AggregateRef, &Value)> = docs.iter().map(|(at, doc)| (at.clone(), doc)).collect();
+        let opened = self.open_documents(&refs).await?;
+        Ok(items.iter().zip(opened).map(|((_, item), opened)| opened.unwrap_or_else(|| (*item).clone())).collect())
+    }
+
+    /// [`Vault::open_all`] for values already serialized: `docs` are their
+    /// JSON (the stored form), each opened and decoded into a `T`, with one
+    /// key lookup for the whole batch; `None` for a document that holds no
+    /// personal value (the caller's typed value is already the opened one),
+    /// so that a batch without personal data decodes nothing.
+    pub async fn open_documents<T: DeserializeOwned>(
+        &self,
+        docs: &[(AggregateRef, &Value)],
+    ) -> Result<Vec<Option<T>>, VaultError> {
+        let mut sealed: Vec<Option<Value>> =
+            docs.iter().map(|(_, doc)| crate::personal::holds_node(doc).then(|| (*doc).clone())).collect();
+        let keys = self.keys_of(sealed.iter_mut().flatten()).await?;
+        let mut out = Vec::with_capacity(docs.len());
+        for ((at, _), doc) in docs.iter().zip(sealed) {
+            let Some(mut doc) = doc else {
+                out.push(None);
+                continue;
+            };
             let origin = at.to_string();
-            let mut found = false;
             let mut failure = None;
-            for_each_node(&mut doc, &mut |path, node| {
-                found = true;
-                match open_node(at, path, node, &keys) {
-                    Ok(Opened::Value(inner, value)) => {
-                        let mut inner = inner;
-                        inner.insert("v".into(), value);
-                        inner.insert("o".into(), Value::String(origin.clone()));
-                        *node = single(inner);
-                    }
-                    Ok(Opened::Erased(subject)) => *node = single(erased_inner(&subject)),
-                    Err(e) => failure = Some(e),
+            for_each_node(&mut doc, &mut |path, node| match open_node(at, path, node, &keys) {
+                Ok(Opened::Value(inner, value)) => {
+                    let mut inner = inner;
+                    inner.insert("v".into(), value);
+                    inner.insert("o".into(), Value::String(origin.clone()));
+                    *node = single(inner);
                 }
+                Ok(Opened::Erased(subject)) => *node = single(erased_inner(&subject)),
+                Err(e) => failure = Some(e),
             });
             if let Some(e) = failure {
                 return Err(e);
             }
-            if !found {
-                out.push((*item).clone());
-                continue;
-            }
             let opened = serde_json::from_value(doc)
                 .map_err(|e| VaultError::Backend(format!("an opened document of {at} does not decode: {e}")))?;
-            out.push(opened);
+            out.push(Some(opened));
         }
         Ok(out)
     }
