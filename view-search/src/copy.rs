@@ -52,8 +52,9 @@ struct Writing {
 #[derive(Default)]
 struct Deferred {
     /// The stored state of every id written since the last commit (the
-    /// last write of an id wins).
-    states: HashMap<String, StoredState>,
+    /// last write of an id wins), as its version and JSON text: a rebuild
+    /// rarely reads one back, so it is kept compact and parsed on demand.
+    states: HashMap<String, (u64, Box<str>)>,
     /// Every id written to the copy: the copy starts empty, so a document
     /// whose id is not here replaces nothing and needs no delete (deletes
     /// are applied at each commit, one term lookup each).
@@ -210,7 +211,15 @@ impl IndexCopy {
         checkpoint: &Checkpoint,
         schema_version: u32,
     ) -> Result<(), SearchViewError> {
-        let docs = changes.iter().map(|c| self.layout.document(c)).collect::<Result<Vec<_>, _>>()?;
+        let texts = changes
+            .iter()
+            .map(|c| serde_json::to_string(&c.state).map_err(SearchViewError::Json))
+            .collect::<Result<Vec<_>, _>>()?;
+        let docs = changes
+            .iter()
+            .zip(&texts)
+            .map(|(c, text)| self.layout.document_with_state(c, text))
+            .collect::<Result<Vec<_>, _>>()?;
         let checkpoint_json: serde_json::Value =
             serde_json::from_str(&checkpoint.to_json()).map_err(SearchViewError::Json)?;
         let payload = json!({ "checkpoint": checkpoint_json, "schema_version": schema_version }).to_string();
@@ -224,9 +233,8 @@ impl IndexCopy {
             let result = (|| -> Result<(), SearchViewError> {
                 let written = &mut deferred.written;
                 add(writer, self.layout.id, changes, docs, |id| !written.insert(id.to_owned()))?;
-                for change in changes {
-                    let state = StoredState { version: change.version, state: change.state.clone() };
-                    deferred.states.insert(change.id.clone(), state);
+                for (change, text) in changes.iter().zip(texts) {
+                    deferred.states.insert(change.id.clone(), (change.version, text.into_boxed_str()));
                 }
                 deferred.docs += changes.len();
                 deferred.payload = Some(payload);
@@ -344,8 +352,9 @@ impl IndexCopy {
             ids.iter().partition(|id| deferred.states.contains_key(*id));
         let mut states = self.committed_states(rest.into_iter())?;
         for id in buffered {
-            if let Some(state) = deferred.states.get(id) {
-                states.insert(id.clone(), state.clone());
+            if let Some((version, text)) = deferred.states.get(id) {
+                let state = serde_json::from_str(text).map_err(SearchViewError::Json)?;
+                states.insert(id.clone(), StoredState { version: *version, state });
             }
         }
         Ok(states)
