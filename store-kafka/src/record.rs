@@ -29,9 +29,9 @@
 //! ```
 //!
 //! A codec whose content type is not JSON stores `payload_base64` instead of
-//! `payload`. Headers repeat what a router needs without parsing the value:
-//! `kes.event_types` (comma separated), `kes.versions` (`first-last`), and
-//! when present `kes.correlation_id` and `kes.idempotency_key`. The
+//! `payload`. One header, `kes`, repeats what a router needs without parsing
+//! the value: `v=3-4;t=Renamed,Closed;c=req-9` (the version range, the event
+//! types, and the correlation id when there is one, always last). The
 //! aggregate type is the topic's; the value is always JSON.
 //!
 //! ## Table topic: latest state per aggregate
@@ -90,6 +90,9 @@ pub(crate) const EVENTS_FORMAT: &str = "kes.events.v1";
 /// The `format` of table records written by this version.
 pub(crate) const TABLE_FORMAT: &str = "kes.table.v1";
 const JSON: &str = "application/json";
+
+/// The key of the one header of an events record (see [`EventsDoc::headers`]).
+pub const EVENTS_HEADER: &str = "kes";
 
 /// The value of one events record: all events of one command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,21 +202,31 @@ impl EventsDoc {
         })
     }
 
-    /// The headers that travel with the record: few, because some brokers
-    /// (Tansu 0.6.0) pay for every stored header on every record they serve.
+    /// The one header that travels with the record, `kes`: what a router
+    /// needs without parsing the value, as
+    /// `v=FIRST-LAST;t=TYPE,TYPE…` and, when the command had one,
+    /// `;c=CORRELATION` (last, so that it may hold any character). One
+    /// short header, because some brokers (Tansu 0.6.0) store each header
+    /// as a row of its own and pay for every one on every record they
+    /// write and serve. The retry key stays in the value's metadata.
     pub fn headers(&self) -> OwnedHeaders {
-        let types = self.events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>().join(",");
-        let versions = format!("{}-{}", self.first_version, self.last_version);
-        let mut h = OwnedHeaders::new()
-            .insert(Header { key: "kes.event_types", value: Some(&types) })
-            .insert(Header { key: "kes.versions", value: Some(&versions) });
+        let mut value = String::with_capacity(64);
+        value.push_str("v=");
+        value.push_str(&self.first_version.to_string());
+        value.push('-');
+        value.push_str(&self.last_version.to_string());
+        value.push_str(";t=");
+        for (i, event) in self.events.iter().enumerate() {
+            if i > 0 {
+                value.push(',');
+            }
+            value.push_str(&event.event_type);
+        }
         if let Some(c) = &self.metadata.correlation_id {
-            h = h.insert(Header { key: "kes.correlation_id", value: Some(c) });
+            value.push_str(";c=");
+            value.push_str(c);
         }
-        if let Some(k) = &self.metadata.idempotency_key {
-            h = h.insert(Header { key: "kes.idempotency_key", value: Some(k) });
-        }
-        h
+        OwnedHeaders::new_with_capacity(1).insert(Header { key: EVENTS_HEADER, value: Some(&value) })
     }
 
     /// Reads a record's key and value, checking everything a reader relies
@@ -488,6 +501,16 @@ mod tests {
         ];
         let metadata = Metadata { correlation_id: Some("c".into()), ..Metadata::default() };
         EventsDoc::new("ledger", "l-1", 3, Some(Uuid::now_v7()), JSON, events, metadata).unwrap()
+    }
+
+    #[test]
+    fn an_events_record_carries_one_short_header() {
+        use rdkafka::message::Headers as _;
+        let headers = doc().headers();
+        assert_eq!(headers.count(), 1);
+        let header = headers.get(0);
+        assert_eq!(header.key, EVENTS_HEADER);
+        assert_eq!(header.value, Some(&b"v=3-4;t=Opened,Closed;c=c"[..]));
     }
 
     #[test]

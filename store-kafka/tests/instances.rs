@@ -117,10 +117,8 @@ async fn produce_record(
     }
     let value = serde_json::to_vec(&doc).expect("the record as JSON");
     let types = events.iter().map(|e| e.event_type).collect::<Vec<_>>().join(",");
-    let versions = format!("{first_version}-{last_version}");
-    let headers = OwnedHeaders::new()
-        .insert(Header { key: "kes.event_types", value: Some(&types) })
-        .insert(Header { key: "kes.versions", value: Some(&versions) });
+    let header = format!("v={first_version}-{last_version};t={types}");
+    let headers = OwnedHeaders::new().insert(Header { key: "kes", value: Some(&header) });
     let partition = store.partition_of(id);
     let record =
         FutureRecord::to(store.events_topic()).key(id).payload(&value).partition(partition as i32).headers(headers);
