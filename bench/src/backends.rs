@@ -14,7 +14,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
 /// A database created for one scenario, dropped by [`Postgres::drop_all`].
@@ -72,9 +71,18 @@ impl Postgres {
     }
 }
 
-/// A pool of `n` connections to `url`.
+/// A pool of `n` connections to `url` as postgres-es makes its own
+/// (`default_postgress_pool`: sqlx's defaults, a ping before every use), for
+/// the cqrs-es baseline, which is measured as its documentation sets it up.
+pub async fn peer_pool(url: &str, n: u32) -> anyhow::Result<PgPool> {
+    sqlx::postgres::PgPoolOptions::new().max_connections(n).connect(url).await.context("connecting to PostgreSQL")
+}
+
+/// A pool of `n` connections to `url`, checked before use as KES's own
+/// pools are (a ping only after the connection idled), so that no side
+/// pays a round trip the other does not.
 pub async fn pool(url: &str, n: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new().max_connections(n).connect(url).await.context("connecting to PostgreSQL")
+    kes_sql::pg_pool_options().max_connections(n).connect(url).await.context("connecting to PostgreSQL")
 }
 
 /// The Kafka broker from `KES_TEST_KAFKA_BROKERS`.

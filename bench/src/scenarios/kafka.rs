@@ -137,7 +137,7 @@ pub(crate) async fn kafka_table(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Result
         name: format!("table memory, {}k aggregates (Kafka store)", plan.aggregates / 1000),
         unit: "bytes",
         better: Better::Lower,
-        goal: 0.5,
+        goal: 0.8,
     };
     let kafka = ctx.kafka().map(|k| Kafka { brokers: k.brokers.clone() });
     // Bounded: a broker that stops answering must not hang the run.

@@ -212,7 +212,7 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         format!("Kafka table rebuild, {thousands} aggregates"),
         "records/s",
         Better::Higher,
-        0.5,
+        0.9,
         kafka_table(&mut ctx, &mut out)
     );
     run!(
@@ -222,7 +222,7 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         0.5,
         kafka_history(&mut ctx, &mut out)
     );
-    run!("HTTP PATCH, 64 clients, Kafka store", "req/s", Better::Higher, 0.5, kafka_patch(&mut ctx));
+    run!("HTTP PATCH, 64 clients, Kafka store", "req/s", Better::Higher, 0.7, kafka_patch(&mut ctx));
     run!(
         format!("HTTP PATCH, 64 clients, Kafka, {} instances vs 1", crate::instances::INSTANCES),
         "req/s",
@@ -230,7 +230,7 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         0.5,
         kafka_patch_instances(&mut ctx)
     );
-    run!("HTTP PATCH, 64 clients, PostgreSQL store", "req/s", Better::Higher, 2.0, pg_patch(&mut ctx));
+    run!("HTTP PATCH, 64 clients, PostgreSQL store", "req/s", Better::Higher, 3.0, pg_patch(&mut ctx));
     run!(
         format!("HTTP PATCH, 64 clients, PostgreSQL, {} change feeds open vs none", crate::feeds::FEEDS),
         "req/s",
@@ -245,10 +245,10 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         0.9,
         pg_personal(&mut ctx)
     );
-    run!("seed loop: sequential PATCH, PostgreSQL", "ms/req", Better::Lower, 0.67, pg_seed_loop(&mut ctx));
-    run!("seed loop: sequential PATCH, Kafka", "ms/req", Better::Lower, 0.67, kafka_seed_loop(&mut ctx));
-    run!("GET by id, 64 clients, PostgreSQL store", "req/s", Better::Higher, 0.8, pg_get(&mut ctx));
-    run!("GET by id, 64 clients, Kafka store", "req/s", Better::Higher, 0.8, kafka_get(&mut ctx));
+    run!("seed loop: sequential PATCH, PostgreSQL", "ms/req", Better::Lower, 0.8, pg_seed_loop(&mut ctx));
+    run!("seed loop: sequential PATCH, Kafka", "ms/req", Better::Lower, 0.9, kafka_seed_loop(&mut ctx));
+    run!("GET by id, 64 clients, PostgreSQL store", "req/s", Better::Higher, 0.9, pg_get(&mut ctx));
+    run!("GET by id, 64 clients, Kafka store", "req/s", Better::Higher, 0.9, kafka_get(&mut ctx));
     run!(
         "JWT verification: GET by id, 64 clients, PostgreSQL",
         "req/s",
@@ -267,7 +267,7 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         format!("SQL view rebuild (PostgreSQL), {thousands} rows"),
         "rows/s",
         Better::Higher,
-        0.5,
+        0.8,
         sql_rebuild(&mut ctx)
     );
     run!(
@@ -277,7 +277,7 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         0.8,
         personal_rebuild(&mut ctx)
     );
-    run!(format!("Tantivy view rebuild, {thousands} rows"), "rows/s", Better::Higher, 0.5, tantivy_rebuild(&mut ctx));
+    run!(format!("Tantivy view rebuild, {thousands} rows"), "rows/s", Better::Higher, 0.7, tantivy_rebuild(&mut ctx));
     if let Some(live) = ctx.pg_live.take() {
         live.service.shutdown().await;
     }

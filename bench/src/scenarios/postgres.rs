@@ -12,7 +12,7 @@ use kes_examples::resources;
 use kes_examples::service::{Service, Settings};
 use sqlx::PgPool;
 
-use crate::backends::{CqrsProject, cqrs_tables, pool};
+use crate::backends::{CqrsProject, cqrs_tables, peer_pool, pool};
 use crate::load::{self, Verb};
 use crate::{Measured, Missing, median};
 
@@ -23,7 +23,7 @@ pub(crate) async fn pg_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
     let client = ctx.client.clone();
     let cqrs_url = ctx.pg()?.fresh("cqrs").await?;
     let urls = ctx.pg_live().await?.urls();
-    let cqrs_pool: PgPool = pool(&cqrs_url, 10).await?;
+    let cqrs_pool: PgPool = peer_pool(&cqrs_url, 10).await?;
     cqrs_tables(&cqrs_pool).await?;
     let cqrs = Arc::new(postgres_es::postgres_aggregate_cqrs::<CqrsProject>(cqrs_pool, vec![], ()));
     let ids: Vec<String> = (0..CLIENTS).map(|i| format!("c{i}")).collect();
@@ -85,17 +85,26 @@ pub(crate) async fn pg_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
 /// same service in the same run.
 pub(crate) async fn pg_personal(ctx: &mut Ctx) -> Result<Measured, Missing> {
     let (plan, client) = (ctx.plan, ctx.client.clone());
-    let urls = ctx.pg_live().await?.urls();
+    // A service of its own: the projects get owners here, and the scenarios
+    // after this one act as a caller who owns none of them.
+    let url = ctx.pg()?.fresh("personal").await?;
+    let live = Live::open(url.clone(), Some(url), "o").await?;
+    let measured = personal_inner(plan, &client, &live.urls()).await;
+    live.service.shutdown().await;
+    Ok(measured?)
+}
+
+async fn personal_inner(plan: Plan, client: &reqwest::Client, urls: &[String]) -> anyhow::Result<Measured> {
     for verb in [Verb::PatchOwner, Verb::PatchDescription] {
         // Warm-up: every person gets its key, and every (person, project)
         // pair its link in the key store, here: a first use pays a key-store
         // round trip once.
-        load::concurrent(&client, verb, &urls, CLIENTS, Duration::from_secs(10), CLIENTS as u64 * 32).await?;
+        load::concurrent(client, verb, urls, CLIENTS, Duration::from_secs(10), CLIENTS as u64 * 32).await?;
     }
     let (k, b) = interleave!(
         plan.rounds,
-        load::concurrent(&client, Verb::PatchOwner, &urls, CLIENTS, plan.round, u64::MAX).await?,
-        load::concurrent(&client, Verb::PatchDescription, &urls, CLIENTS, plan.round, u64::MAX).await?
+        load::concurrent(client, Verb::PatchOwner, urls, CLIENTS, plan.round, u64::MAX).await?,
+        load::concurrent(client, Verb::PatchDescription, urls, CLIENTS, plan.round, u64::MAX).await?
     );
     Ok(Measured {
         kes: k,
