@@ -14,6 +14,7 @@ mod auth;
 mod backends;
 mod feeds;
 mod instances;
+mod lag;
 mod load;
 mod scenarios;
 
@@ -135,7 +136,13 @@ fn outcome(spec: Spec, result: Result<Measured, Missing>) -> Outcome {
                 Better::Higher => m.kes / m.baseline,
                 Better::Lower => m.baseline / m.kes,
             };
-            let status = if ratio >= spec.goal { "met".to_owned() } else { "not met".to_owned() };
+            let status = if spec.goal <= 0.0 {
+                "measured (no goal)".to_owned()
+            } else if ratio >= spec.goal {
+                "met".to_owned()
+            } else {
+                "not met".to_owned()
+            };
             (Some(m.kes), Some(m.baseline), Some(ratio), status, m.note)
         }
         Err(Missing::Skip(why)) => (None, None, None, format!("skipped: {why}"), String::new()),
@@ -172,13 +179,13 @@ fn print_table(outcomes: &[Outcome]) {
     println!("|---|---|---|---|---|---|---|");
     for o in outcomes {
         println!(
-            "| {} | {} | {} | {} | {} | ≥ {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             o.scenario,
             o.unit,
             figure(o.kes),
             figure(o.baseline),
             o.ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
-            o.goal,
+            if o.goal > 0.0 { format!("≥ {}", o.goal) } else { "-".to_owned() },
             o.status
         );
     }

@@ -18,7 +18,7 @@ use kes_examples::domain::{Project, ProjectCommand, ProjectEvent, ProjectFields}
 use kes_examples::service::{Service, Settings};
 
 use kafka::{kafka_get, kafka_history, kafka_patch, kafka_patch_instances, kafka_seed_loop, kafka_table};
-use postgres::{personal_rebuild, pg_feeds, pg_get, pg_jwt, pg_patch, pg_personal, pg_seed_loop, sql_rebuild};
+use postgres::{personal_rebuild, pg_feeds, pg_get, pg_jwt, pg_lag, pg_patch, pg_personal, pg_seed_loop, sql_rebuild};
 use search::tantivy_rebuild;
 
 use crate::backends::{Kafka, Postgres};
@@ -237,6 +237,13 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         Better::Higher,
         0.9,
         pg_feeds(&mut ctx)
+    );
+    run!(
+        "projection lag p99 at 50 % of write capacity, PostgreSQL: split roles vs one process",
+        "ms",
+        Better::Lower,
+        0.0,
+        pg_lag(&mut ctx)
     );
     run!(
         "HTTP PATCH, 64 clients, PostgreSQL: a personal field vs a plain one",

@@ -128,6 +128,13 @@ pub(crate) async fn pg_feeds(ctx: &mut Ctx) -> Result<Measured, Missing> {
     Ok(measured?)
 }
 
+pub(crate) async fn pg_lag(ctx: &mut Ctx) -> Result<Measured, Missing> {
+    let plan = ctx.plan;
+    let single = ctx.pg()?.fresh("lag1").await?;
+    let split = ctx.pg()?.fresh("lag2").await?;
+    Ok(crate::lag::measure(plan, single, split).await?)
+}
+
 pub(crate) async fn pg_seed_loop(ctx: &mut Ctx) -> Result<Measured, Missing> {
     let raw_url = ctx.pg()?.fresh("rawseed").await?;
     let kes_url = ctx.pg_live().await?.urls()[0].clone();
