@@ -68,17 +68,19 @@ pub enum Durability {
 }
 
 /// A connection idle for longer than this is pinged before a PostgreSQL
-/// pool hands it out.
-pub const PG_PING_AFTER_IDLE: Duration = Duration::from_secs(10);
+/// pool hands it out. Short, so that connections a server restart or an
+/// outage left dead are caught by the ping rather than by a request;
+/// a busy pool reuses its connections far more often than this.
+pub const PG_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// The options every PostgreSQL pool of KES starts from. sqlx pings each
 /// connection before handing it out by default, a round trip that costs a
 /// lone append or read as much as one of its statements; here only a
 /// connection idle for longer than [`PG_PING_AFTER_IDLE`] is pinged (one
 /// that fails is closed and another taken), which is where a server restart
-/// or a dropped link leaves dead connections. A connection that dies while
-/// in steady use fails the statement on it as transient, and the pool drops
-/// it.
+/// or a dropped link leaves dead connections. A connection that dies within
+/// that second of its last use fails the statement on it as transient (a
+/// 503 that the client may retry), and the pool drops it.
 pub fn pg_pool_options() -> sqlx::postgres::PgPoolOptions {
     sqlx::postgres::PgPoolOptions::new().test_before_acquire(false).before_acquire(|conn, meta| {
         Box::pin(async move {

@@ -107,7 +107,7 @@
 //! When a check fails it writes nothing and the append is decided on the
 //! general path above, which reads the stream; a stale cache therefore
 //! costs one more round trip, never a wrong answer. The pools ping a
-//! connection before use only when it idled for over 10 s
+//! connection before use only when it idled for over a second
 //! ([`kes_sql::pg_pool_options`]), so a lone append on a busy pool is one
 //! round trip in all.
 //!
