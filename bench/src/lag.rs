@@ -17,7 +17,7 @@ use kes_core::{CatchUp, ExpectedVersion, Metadata};
 use kes_examples::domain::ProjectCommand;
 use kes_examples::service::{Role, Service, Settings};
 
-use crate::scenarios::named;
+use crate::scenarios::{create_projects, named};
 use crate::{Measured, Plan, median};
 
 const CLIENTS: usize = 64;
@@ -34,7 +34,7 @@ struct Lags {
 pub async fn measure(plan: Plan, single_url: String, split_url: String) -> anyhow::Result<Measured> {
     let single = Service::open(&Settings::new(single_url.clone(), single_url)).await?;
     single.start_projections().await?;
-    let ids = create(&single, "l").await?;
+    let ids = create_projects(&single, "l").await?;
     let capacity = capacity(&single, &ids, plan.round).await?;
     let rate = capacity / 2.0;
     let length = plan.round * plan.rounds as u32;
@@ -49,7 +49,7 @@ pub async fn measure(plan: Plan, single_url: String, split_url: String) -> anyho
     let mut api_settings = Settings::new(split_url.clone(), split_url);
     api_settings.role = Role::Api;
     let api = Service::open(&api_settings).await?;
-    let split_lags = match create(&api, "s").await {
+    let split_lags = match create_projects(&api, "s").await {
         Ok(ids) => paced(&api, projector.projects.runner.clone(), &ids, rate, length).await,
         Err(e) => Err(e),
     };
@@ -69,19 +69,6 @@ pub async fn measure(plan: Plan, single_url: String, split_url: String) -> anyho
             split_lags.p50, split_lags.p99, split_lags.commands, single_lags.p50, single_lags.p99, single_lags.commands,
         ),
     })
-}
-
-/// Creates the 64 projects the writers change.
-async fn create(service: &Service, tag: &str) -> anyhow::Result<Vec<String>> {
-    let ids: Vec<String> = (0..CLIENTS).map(|i| format!("{tag}{i}")).collect();
-    for id in &ids {
-        service
-            .projects
-            .bus
-            .execute(id, ProjectCommand::Create(named(id)), ExpectedVersion::NoStream, Metadata::default())
-            .await?;
-    }
-    Ok(ids)
 }
 
 /// Commands per second that 64 unpaced writers reach for `length`.

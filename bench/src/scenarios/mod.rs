@@ -41,21 +41,28 @@ impl Live {
         let view = view.unwrap_or_else(|| format!("sqlite://{}/views.db", dir.path().display()));
         let service = Service::open(&Settings::new(store, view)).await?;
         let server = load::serve(service.router()?).await?;
-        let ids: Vec<String> = (0..CLIENTS).map(|i| format!("{tag}{i}")).collect();
-        for id in &ids {
-            service
-                .projects
-                .bus
-                .execute(id, ProjectCommand::Create(named(id)), ExpectedVersion::NoStream, Metadata::default())
-                .await
-                .with_context(|| format!("creating project {id}"))?;
-        }
+        let ids = create_projects(&service, tag).await?;
         Ok(Self { service, server, ids, _dir: dir })
     }
 
     pub(crate) fn urls(&self) -> Vec<String> {
         self.ids.iter().map(|id| format!("{}/projects/{id}", self.server.base)).collect()
     }
+}
+
+/// Creates 64 projects named `{tag}0`…`{tag}63` through `service`'s bus;
+/// their ids.
+pub(crate) async fn create_projects(service: &Service, tag: &str) -> anyhow::Result<Vec<String>> {
+    let ids: Vec<String> = (0..CLIENTS).map(|i| format!("{tag}{i}")).collect();
+    for id in &ids {
+        service
+            .projects
+            .bus
+            .execute(id, ProjectCommand::Create(named(id)), ExpectedVersion::NoStream, Metadata::default())
+            .await
+            .with_context(|| format!("creating project {id}"))?;
+    }
+    Ok(ids)
 }
 
 pub(crate) fn named(name: &str) -> ProjectFields {
