@@ -83,6 +83,7 @@ pub async fn measure(
         Verb::PatchDescription => "PATCH /projects/{id} {\"description\"}",
     };
     Ok(Measured {
+        smaller: None,
         kes: median(kes),
         baseline: median(baseline),
         note: format!(

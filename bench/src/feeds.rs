@@ -272,6 +272,7 @@ pub async fn measure(plan: Plan, client: &reqwest::Client, base: &str, urls: &[S
     }
     latencies.sort_by(f64::total_cmp);
     Ok(Measured {
+        smaller: None,
         kes: median(kes),
         baseline: median(baseline),
         note: format!(

@@ -164,6 +164,7 @@ async fn measure(plan: Plan, client: &reqwest::Client, kafka: &Kafka) -> anyhow:
         "PATCH without If-Match answered 409/412: {many_conflicts} times on 3 instances, {one_conflicts} on 1"
     );
     Ok(Measured {
+        smaller: None,
         kes: median(many_rates),
         baseline: median(one_rates),
         note: format!(

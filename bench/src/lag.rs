@@ -57,6 +57,7 @@ pub async fn measure(plan: Plan, single_url: String, split_url: String) -> anyho
     projector.shutdown().await;
     let split_lags = split_lags?;
     Ok(Measured {
+        smaller: None,
         kes: split_lags.p99,
         baseline: single_lags.p99,
         note: format!(

@@ -14,6 +14,7 @@ mod auth;
 mod backends;
 mod feeds;
 mod instances;
+mod ladder;
 mod lag;
 mod load;
 mod scenarios;
@@ -101,6 +102,9 @@ pub struct Measured {
     pub baseline: f64,
     /// Method notes.
     pub note: String,
+    /// The size it ran at and why, when smaller than its name says (see
+    /// [`ladder`]).
+    pub smaller: Option<String>,
 }
 
 /// Why a scenario produced no figure.
@@ -136,13 +140,16 @@ fn outcome(spec: Spec, result: Result<Measured, Missing>) -> Outcome {
                 Better::Higher => m.kes / m.baseline,
                 Better::Lower => m.baseline / m.kes,
             };
-            let status = if spec.goal <= 0.0 {
+            let mut status = if spec.goal <= 0.0 {
                 "measured (no goal)".to_owned()
             } else if ratio >= spec.goal {
                 "met".to_owned()
             } else {
                 "not met".to_owned()
             };
+            if let Some(smaller) = &m.smaller {
+                status = format!("{status}, {smaller}");
+            }
             (Some(m.kes), Some(m.baseline), Some(ratio), status, m.note)
         }
         Err(Missing::Skip(why)) => (None, None, None, format!("skipped: {why}"), String::new()),

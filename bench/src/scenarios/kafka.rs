@@ -13,6 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use stats_alloc::Region;
 
 use crate::backends::Kafka;
+use crate::ladder::{Served, largest_served, thousands};
 use crate::load::{self, Verb};
 use crate::{Better, GLOBAL, Measured, Missing, Outcome, Plan, Spec, median};
 
@@ -78,6 +79,7 @@ pub(crate) async fn kafka_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
     );
     live.service.shutdown().await;
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: format!(
@@ -112,6 +114,7 @@ pub(crate) async fn kafka_seed_loop(ctx: &mut Ctx) -> Result<Measured, Missing> 
     });
     let (k, b) = seed_loop(ctx, &kes_url, raw_append_router(append)).await?;
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: format!(
@@ -130,7 +133,9 @@ pub(crate) async fn kafka_get(ctx: &mut Ctx) -> Result<Measured, Missing> {
     Ok(result?)
 }
 
-/// The Kafka table rebuild, and the table-memory line it also measures.
+/// The Kafka table rebuild, and the table-memory line it also measures. A
+/// full run climbs to `plan.aggregates` through smaller sizes and keeps the
+/// largest the broker serves (see [`crate::ladder`]).
 pub(crate) async fn kafka_table(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Result<Measured, Missing> {
     let plan = ctx.plan;
     let memory_spec = Spec {
@@ -140,20 +145,45 @@ pub(crate) async fn kafka_table(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Result
         goal: 0.8,
     };
     let kafka = ctx.kafka().map(|k| Kafka { brokers: k.brokers.clone() });
+    let sizes = if plan.quick { vec![plan.aggregates] } else { ladder_to(plan.aggregates, &[5_000, 20_000, 50_000]) };
     // Bounded: a broker that stops answering must not hang the run.
-    let limit = Duration::from_secs(if plan.quick { 60 } else { 600 });
+    let bound = Duration::from_secs(if plan.quick { 60 } else { 300 });
     let doing = "seeding, waiting for the table topic, or reopening";
-    paired(kafka, memory_spec, out, limit, doing, |kafka| async move { kafka_table_inner(&kafka, plan).await }).await
+    paired(kafka, memory_spec, out, bound * sizes.len() as u32, doing, |kafka| async move {
+        let kafka = &kafka;
+        let served = largest_served(&sizes, bound, |n| kafka_table_inner(kafka, plan, n)).await?;
+        Ok(smaller(served))
+    })
+    .await
+}
+
+/// `sizes` below `target`, then `target`.
+fn ladder_to(target: usize, sizes: &[usize]) -> Vec<usize> {
+    sizes.iter().copied().filter(|s| *s < target).chain([target]).collect()
+}
+
+/// The two lines of a laddered scenario, each saying at which size it ran
+/// when that is not the largest.
+fn smaller(served: Served<(Measured, Measured)>) -> (Measured, Measured) {
+    let (mut first, mut second) = served.value;
+    let note = served.short.map(|why| format!("ran at {} ({why})", thousands(served.size)));
+    first.smaller.clone_from(&note);
+    second.smaller = note;
+    (first, second)
 }
 
 // Kept in one piece: A scenario reads top to bottom (seed, measure KES, measure the baseline, clean up); split,
 // its steps would hand each other every local.
-pub(crate) async fn kafka_table_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measured, Measured)> {
+pub(crate) async fn kafka_table_inner(
+    kafka: &Kafka,
+    plan: Plan,
+    aggregates: usize,
+) -> anyhow::Result<(Measured, Measured)> {
     let config = KafkaStoreConfig::new(kafka.brokers.clone(), Kafka::prefix("table"));
     let table_topic = config.table_topic(Project::NAME);
     let states = {
         let store = KafkaStore::<Project>::open(config.clone()).await?;
-        let states = seed(Arc::new(store.clone()), plan.aggregates, "t").await?;
+        let states = seed(Arc::new(store.clone()), aggregates, "t").await?;
         // Table records wait a moment before they are written; a planned
         // shutdown writes them.
         store.flush(Duration::from_secs(30)).await?;
@@ -200,6 +230,7 @@ pub(crate) async fn kafka_table_inner(kafka: &Kafka, plan: Plan) -> anyhow::Resu
         }
     );
     let rebuild = Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: format!(
@@ -210,6 +241,7 @@ pub(crate) async fn kafka_table_inner(kafka: &Kafka, plan: Plan) -> anyhow::Resu
         ),
     };
     let memory = Measured {
+        smaller: None,
         kes: median(memory),
         baseline: raw_json as f64,
         note: "bytes still allocated (counting global allocator, stats_alloc) after KafkaStore::open rebuilt its \
@@ -235,16 +267,25 @@ pub(crate) async fn kafka_history(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Resu
         goal: 0.5,
     };
     let kafka = ctx.kafka().map(|k| Kafka { brokers: k.brokers.clone() });
-    let limit = Duration::from_secs(if plan.quick { 180 } else { 900 });
+    let sizes = if plan.quick { vec![10_000] } else { ladder_to(50_000, &[10_000]) };
+    let bound = Duration::from_secs(if plan.quick { 180 } else { 600 });
     let doing = "seeding or reading the history";
-    paired(kafka, store_spec, out, limit, doing, |kafka| async move { kafka_history_inner(&kafka, plan).await }).await
+    paired(kafka, store_spec, out, bound * sizes.len() as u32, doing, |kafka| async move {
+        let kafka = &kafka;
+        let served = largest_served(&sizes, bound, |others| kafka_history_inner(kafka, plan, others)).await?;
+        Ok(smaller(served))
+    })
+    .await
 }
 
 // Kept in one piece: A scenario reads top to bottom (seed, measure KES, measure the baseline, clean up); split,
 // its steps would hand each other every local.
-pub(crate) async fn kafka_history_inner(kafka: &Kafka, plan: Plan) -> anyhow::Result<(Measured, Measured)> {
+pub(crate) async fn kafka_history_inner(
+    kafka: &Kafka,
+    plan: Plan,
+    others: usize,
+) -> anyhow::Result<(Measured, Measured)> {
     const EVENTS: usize = 1_000;
-    let others = if plan.quick { 10_000 } else { 50_000 };
     let between = others / EVENTS;
     let url = format!("kafka://{}?prefix={}", kafka.brokers, Kafka::prefix("hist"));
     let config = KafkaStoreConfig::from_url(&url)?;
@@ -351,6 +392,7 @@ pub(crate) async fn kafka_history_inner(kafka: &Kafka, plan: Plan) -> anyhow::Re
         crate::backends::RAW_FETCH_WAIT_MS
     );
     let view = Measured {
+        smaller: None,
         kes: view_ms,
         baseline: view_raw_ms,
         note: format!(
@@ -359,6 +401,7 @@ pub(crate) async fn kafka_history_inner(kafka: &Kafka, plan: Plan) -> anyhow::Re
         ),
     };
     let store = Measured {
+        smaller: None,
         kes: store_ms,
         baseline: store_raw_ms,
         note: format!(

@@ -432,6 +432,7 @@ pub(crate) async fn get_by_id(ctx: &Ctx, live: &Live) -> anyhow::Result<Measured
         load::concurrent(&client, Verb::Get, &raw_urls, CLIENTS, plan.round, u64::MAX).await?
     );
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: "GET /projects/{id} on 64 projects, one per client; baseline: bare axum handler returning the same \

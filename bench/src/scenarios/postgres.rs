@@ -69,6 +69,7 @@ pub(crate) async fn pg_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
         cqrs_round(plan.round).await?
     );
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: "PATCH {\"name\"} over HTTP on 64 projects (store and view in one fresh database, pool of 10); \
@@ -107,6 +108,7 @@ async fn personal_inner(plan: Plan, client: &reqwest::Client, urls: &[String]) -
         load::concurrent(client, Verb::PatchDescription, urls, CLIENTS, plan.round, u64::MAX).await?
     );
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: "PATCH {\"owner\": \"person N\"} (personal data: sealed with XChaCha20-Poly1305 under one of 10 \
@@ -157,6 +159,7 @@ pub(crate) async fn pg_seed_loop(ctx: &mut Ctx) -> Result<Measured, Missing> {
     });
     let (k, b) = seed_loop(ctx, &kes_url, raw_append_router(append)).await?;
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: format!(
@@ -209,6 +212,7 @@ pub(crate) async fn sql_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
     );
     service.shutdown().await;
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: "ProjectionRunner::rebuild of the projects view (a fresh copy, filled from the log, swapped in); \
@@ -251,6 +255,7 @@ pub(crate) async fn personal_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing>
     with_owners.shutdown().await;
     without.shutdown().await;
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: "ProjectionRunner::rebuild of the projects view from a log whose every Created event carries an owner \

@@ -75,6 +75,7 @@ pub(crate) async fn tantivy_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> 
     );
     service.shutdown().await;
     Ok(Measured {
+        smaller: None,
         kes: k,
         baseline: b,
         note: "ProjectionRunner::rebuild of the projects view into a Tantivy index (kes-view-search), reading the \
