@@ -157,7 +157,7 @@ impl<A: Aggregate> Inner<A> {
             // The bytes are copied out and typed after the table is unlocked.
             (
                 row.map_or(0, |r| r.version),
-                row.filter(|r| r.version > 0).map(|r| r.state.clone()),
+                row.filter(|r| r.version > 0).map(|r| r.state.to_vec()),
                 row.and_then(|r| r.last_event_id),
             )
         };

@@ -135,7 +135,7 @@ impl<A: Aggregate> Inner<A> {
             table.logs[p].end = at.offset + 1;
             return Applied::Skipped;
         }
-        let tip = StreamTip::of(row.map(|r| &**r));
+        let tip = row.map_or_else(StreamTip::default, |r| r.tip());
         match judge(tip, doc.first_version, doc.previous_event_id) {
             Judgement::Gap if !gap_is_void => Applied::Gap,
             Judgement::Gap => {
@@ -146,7 +146,7 @@ impl<A: Aggregate> Inner<A> {
                 self.count_awaited(self.void(table, doc, at, why));
                 Applied::Void
             }
-            Judgement::Valid => match self.fold(table.rows.get(id).map(|r| &**r), doc) {
+            Judgement::Valid => match self.fold(table.rows.get(id).filter(|r| r.version > 0).map(|r| r.state), doc) {
                 Ok((state, deleted)) => {
                     self.count_awaited(self.settle_valid(table, doc, at, state, deleted, size, value));
                     Applied::Valid
@@ -176,8 +176,7 @@ impl<A: Aggregate> Inner<A> {
         if table.logs[p].halted.is_some() || table.logs[p].end != at.offset {
             return None;
         }
-        let row = table.rows.get(doc.aggregate_id.as_str());
-        let tip = StreamTip::of(row.map(|r| &**r));
+        let tip = table.rows.get(doc.aggregate_id.as_str()).map_or_else(StreamTip::default, |r| r.tip());
         let applied = match judge(tip, doc.first_version, doc.previous_event_id) {
             Judgement::Gap => return None,
             Judgement::Void(why) => {
@@ -222,12 +221,15 @@ impl<A: Aggregate> Inner<A> {
         }
     }
 
-    /// The state after the valid record `doc` on top of `row`: its events
-    /// decoded and applied. The reason when they do not decode or the held
-    /// state does not fit the model (the partition halts then).
-    fn fold(&self, row: Option<&TableRow>, doc: &EventsDoc) -> Result<(Box<[u8]>, bool), String> {
-        let mut state: A = match row {
-            Some(r) => r.typed().map_err(|e| format!("the table's state does not fit the aggregate's model: {e}"))?,
+    /// The state after the valid record `doc` on top of the state `held`
+    /// (its JSON; `None`: the default state, before a stream's first
+    /// record): its events decoded and applied. The reason when they do
+    /// not decode or the held state does not fit the model (the partition
+    /// halts then).
+    fn fold(&self, held: Option<&[u8]>, doc: &EventsDoc) -> Result<(Box<[u8]>, bool), String> {
+        let mut state: A = match held {
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map_err(|e| format!("the table's state does not fit the aggregate's model: {e}"))?,
             None => A::default(),
         };
         for e in &doc.events {
@@ -258,13 +260,22 @@ impl<A: Aggregate> Inner<A> {
     ) -> bool {
         let id = doc.aggregate_id.as_str();
         let retention = self.key_retention();
-        let row = table.rows.entry(id.into()).or_insert_with(|| Box::new(TableRow::new(at)));
+        let mut row = match table.rows.get(id) {
+            Some(r) => r.to_row(),
+            None => {
+                // The read cache holds the whole history of a stream that
+                // starts now.
+                table.histories.insert(id.into(), Vec::new());
+                TableRow::new(at)
+            }
+        };
         row.advance(state, deleted, doc.last_version, at, size);
         row.last_event_id = doc.last_event_id();
         if let Some(key) = &doc.metadata.idempotency_key {
             let recorded_ms = doc.recorded_at.timestamp_millis();
             row.remember_key(key.clone(), doc.last_version, at.offset, recorded_ms, retention);
         }
+        table.rows.insert(id, &row);
         table.cache(id, value, self.config.read_cache_bytes);
         let log = &mut table.logs[at.partition as usize];
         log.end = at.offset + 1;
@@ -334,17 +345,16 @@ impl<A: Aggregate> Inner<A> {
             }
             let at = Position::new(p, m.offset() as u64);
             let Ok(doc) = EventsDoc::decode(&topic, at, m.key(), m.payload()) else { return Ok(()) };
-            let tip = StreamTip::of(row.as_ref());
+            let tip = row.as_ref().map_or_else(StreamTip::default, TableRow::tip);
             if judge(tip, doc.first_version, doc.previous_event_id) != Judgement::Valid {
                 return Ok(());
             }
-            match self.fold(row.as_ref(), &doc) {
+            match self.fold(row.as_ref().filter(|r| r.version > 0).map(|r| &*r.state), &doc) {
                 Ok((state, deleted)) => {
                     let value = m.payload().unwrap_or_default();
                     let r = row.get_or_insert_with(|| TableRow::new(at));
                     r.advance(state, deleted, doc.last_version, at, (id.len() + value.len()) as u64);
                     r.last_event_id = doc.last_event_id();
-                    r.history = None;
                     if let Some(key) = doc.metadata.idempotency_key {
                         r.remember_key(key, doc.last_version, at.offset, doc.recorded_at.timestamp_millis(), retention);
                     }
@@ -369,20 +379,22 @@ impl<A: Aggregate> Inner<A> {
     }
 
     /// Puts a rebuilt row in place of the table's, keeping the keys and
-    /// reaction marks the table remembered.
+    /// reaction marks the table remembered. The read cache no longer holds
+    /// its history.
     pub(crate) fn replace_row(&self, table: &mut Table<A>, id: &str, mut rebuilt: TableRow) {
         let retention = self.key_retention();
         if let Some(old) = table.rows.get(id) {
-            for k in old.keys.as_deref().into_iter().flatten() {
+            for k in old.keys() {
                 if rebuilt.key(&k.key).is_none() {
-                    rebuilt.remember_key(k.key.clone(), k.version, k.offset, k.recorded_ms, retention);
+                    rebuilt.remember_key(k.key, k.version, k.offset, k.recorded_ms, retention);
                 }
             }
-            for m in old.marks.as_deref().into_iter().flatten() {
-                rebuilt.keep_mark(m);
+            for m in old.marks() {
+                rebuilt.keep_mark(&m);
             }
         }
-        table.rows.insert(id.into(), Box::new(rebuilt));
+        table.forget_history(id);
+        table.rows.insert(id, &rebuilt);
     }
 
     /// Starts the follower: a task that reads every events partition from

@@ -217,7 +217,8 @@
 //! | `ownership` | the consumer group choosing each partition's table-record writer; epoch markers and fencing |
 //! | `reads` | watermarks, bounded reads, a stream's pages, subscriptions (trailing the follower) |
 //! | `recovery` | the start-up load (fenced) and catch-up |
-//! | `table` | the in-memory table: rows, record offsets, per-partition progress, the read cache |
+//! | `table` | the in-memory table: a row taken out to change, per-partition progress, the read cache |
+//! | `rows` | the table's rows, packed into one allocation each and found by id |
 //! | `table_writer` | table records (delayed, one per aggregate at a time, retried) and `flush` |
 //! | `topics` | creating the topics, refusing unsafe configurations, partition counts |
 //! | `client` | librdkafka settings, the producer and the consumers |
@@ -234,6 +235,7 @@ mod ownership;
 mod reads;
 pub mod record;
 mod recovery;
+mod rows;
 mod store;
 mod table;
 mod table_writer;

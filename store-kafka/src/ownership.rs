@@ -332,8 +332,8 @@ impl<A: Aggregate> Inner<A> {
         let stale: Vec<(u64, String)> = table
             .rows
             .iter()
-            .filter(|(_, r)| r.partition == p && r.version > 0 && r.last_offset >= claim)
-            .map(|(id, r)| (r.last_offset, id.to_string()))
+            .filter(|r| r.partition == p && r.version > 0 && r.last_offset >= claim)
+            .map(|r| (r.last_offset, r.id.to_owned()))
             .collect();
         let log = &mut table.logs[p as usize];
         for (offset, id) in &stale {

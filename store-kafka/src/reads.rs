@@ -248,12 +248,13 @@ impl<A: Aggregate> Inner<A> {
     /// What the table knows of the records of `id`, copied out so that the
     /// table is unlocked while they are read.
     fn stream_records(&self, id: &str) -> Option<StreamRecords> {
-        self.table().rows.get(id).map(|r| StreamRecords {
+        let table = self.table();
+        table.rows.get(id).map(|r| StreamRecords {
             from: r.first_offset,
             to: r.last_offset + 1,
             version: r.version,
-            offsets: r.offsets.to_vec(r.first_offset),
-            history: r.history.as_deref().cloned(),
+            offsets: r.offsets_vec(),
+            history: table.histories.get(id).cloned(),
         })
     }
 

@@ -12,12 +12,13 @@ use rdkafka::message::Message;
 use crate::error::KafkaStoreError;
 use crate::follower::Applied;
 use crate::record::{EventsDoc, TableDoc};
+use crate::rows::Rows;
 use crate::store::Inner;
 use crate::table::{TableRow, encode_state};
 
 /// The rows read from the table topic, and per events partition the offset
 /// from which the events topic must be replayed.
-type LoadedRows = (HashMap<Box<str>, Box<TableRow>>, Vec<u64>);
+type LoadedRows = (Rows, Vec<u64>);
 
 impl<A: Aggregate> Inner<A> {
     /// Start-up: the table from the table topic (by the fencing rule of
@@ -35,6 +36,7 @@ impl<A: Aggregate> Inner<A> {
         let changed = self.catch_up_from_events(&from, distrusted).await?;
         {
             let mut table = self.table();
+            table.rows.shrink_to_fit();
             for (log, claimed) in table.logs.iter_mut().zip(&from) {
                 log.unsaved.clear();
                 log.claimed = *claimed;
@@ -70,16 +72,15 @@ impl<A: Aggregate> Inner<A> {
     /// record was made by another [`Aggregate::STATE_VERSION`], or a state
     /// no longer fits the aggregate's model.
     fn rows_from_table_records(&self, docs: Option<HashMap<String, TableDoc>>) -> LoadedRows {
-        let mut rows: HashMap<Box<str>, Box<TableRow>> = HashMap::new();
         let mut from = vec![0u64; self.partitions as usize];
-        let Some(docs) = docs else { return (rows, from) };
+        let Some(docs) = docs else { return (Rows::default(), from) };
         if let Some(other) = docs.values().map(|d| d.state_version).find(|v| *v != A::STATE_VERSION) {
             tracing::info!(topic = %self.table_topic, from = other, to = A::STATE_VERSION,
                 "table records were built by another state version; rebuilding the table from the events topic");
             self.table_rebuilt_from.store(other.max(1), std::sync::atomic::Ordering::Relaxed);
-            return (rows, from);
+            return (Rows::default(), from);
         }
-        rows.reserve(docs.len());
+        let mut rows = Rows::with_capacity(docs.len());
         let mut scratch = Vec::with_capacity(1024);
         for (id, mut doc) in docs {
             // Typed once to check that it fits the model, then kept as
@@ -94,7 +95,7 @@ impl<A: Aggregate> Inner<A> {
             };
             let slot = &mut from[doc.events_partition as usize];
             *slot = (*slot).max(doc.reflected_below);
-            rows.insert(id.into_boxed_str(), Box::new(TableRow::from_table_doc(doc, state, deleted)));
+            rows.insert(&id, &TableRow::from_table_doc(doc, state, deleted));
         }
         (rows, from)
     }

@@ -240,7 +240,7 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         let p = self.inner.partition_checked(id)?;
         self.inner.partition_ready(p)?;
         // The bytes are copied out and typed after the table is unlocked.
-        let Some((bytes, version)) = self.inner.table().rows.get(id).map(|r| (r.state.clone(), r.version)) else {
+        let Some((bytes, version)) = self.inner.table().rows.get(id).map(|r| (r.state.to_vec(), r.version)) else {
             return Ok(None);
         };
         let state = if version == 0 { A::default() } else { typed_state::<A>(id, &bytes)? };

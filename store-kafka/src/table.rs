@@ -11,14 +11,18 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::record::{KeyDoc, MarkDoc, TableDoc};
+use crate::rows::Rows;
+use crate::validity::StreamTip;
 
 /// The in-memory table and, per events partition, what this process knows
 /// about the partition's progress.
 pub(crate) struct Table<A: Aggregate> {
-    /// Every aggregate of the type; a row is boxed so that the map's empty
-    /// slots (up to half of them, as the map grows by doubling) cost a
-    /// pointer rather than a whole row.
-    pub(crate) rows: HashMap<Box<str>, Box<TableRow>>,
+    /// Every aggregate of the type, packed (see `rows`).
+    pub(crate) rows: Rows,
+    /// The values of every events record of the rows whose whole history
+    /// is in the read cache (rows created since this process started, until
+    /// evicted).
+    pub(crate) histories: HashMap<Box<str>, Vec<Arc<[u8]>>>,
     /// What this process knows of each events partition, by partition.
     pub(crate) logs: Vec<PartitionLog>,
     /// Bytes held by the rows' `history` caches.
@@ -32,7 +36,8 @@ impl<A: Aggregate> Table<A> {
     /// An empty table for an events topic of `partitions` partitions.
     pub(crate) fn new(partitions: u32) -> Self {
         Self {
-            rows: HashMap::new(),
+            rows: Rows::default(),
+            histories: HashMap::new(),
             logs: (0..partitions).map(|_| PartitionLog::default()).collect(),
             cache_bytes: 0,
             cache_order: VecDeque::new(),
@@ -43,8 +48,7 @@ impl<A: Aggregate> Table<A> {
     /// Adds one events record to the cached history of `id` (if it holds
     /// the whole history), then evicts whole histories down to `budget`.
     pub(crate) fn cache(&mut self, id: &str, value: &[u8], budget: usize) {
-        let Some(row) = self.rows.get_mut(id) else { return };
-        let Some(history) = row.history.as_mut() else { return };
+        let Some(history) = self.histories.get_mut(id) else { return };
         if history.is_empty() {
             self.cache_order.push_back(id.to_owned());
         }
@@ -52,21 +56,26 @@ impl<A: Aggregate> Table<A> {
         self.cache_bytes += value.len();
         while self.cache_bytes > budget {
             let Some(victim) = self.cache_order.pop_front() else { break };
-            if let Some(dropped) = self.rows.get_mut(victim.as_str()).and_then(|r| r.history.take()) {
-                self.cache_bytes -= dropped.iter().map(|v| v.len()).sum::<usize>();
-            }
+            self.forget_history(&victim);
+        }
+    }
+
+    /// The read cache no longer holds the history of `id` (and never will
+    /// again).
+    pub(crate) fn forget_history(&mut self, id: &str) {
+        if let Some(dropped) = self.histories.remove(id) {
+            self.cache_bytes -= dropped.iter().map(|v| v.len()).sum::<usize>();
         }
     }
 }
 
-/// One aggregate of the table. The table holds every aggregate of its type,
-/// so a row is kept small: the state as its compact JSON (a typed state
-/// with strings and sets takes several times the bytes of its JSON; `load`
-/// and `append` deserialise it), and what most rows lack (idempotency
-/// keys, several records, a cached history) behind a pointer or not at all.
+/// One aggregate of the table, taken out of it to be changed (the table
+/// holds its rows packed: see `rows`). The state is kept as its compact
+/// JSON: a typed state with strings and sets takes several times the bytes
+/// of its JSON; `load` and `append` deserialise it.
 #[expect(
     clippy::box_collection,
-    reason = "a boxed collection takes 8 bytes of every row instead of 24 or 32; most rows have none"
+    reason = "an absent collection takes 8 bytes of a row instead of 24 or 32; most rows have none"
 )]
 pub(crate) struct TableRow {
     /// The state, serialised with `serde_json` (compact).
@@ -89,9 +98,6 @@ pub(crate) struct TableRow {
     /// How far each reaction's commands reached on it; `None` when no
     /// reaction's did.
     pub(crate) marks: Option<Box<Vec<MarkDoc>>>,
-    /// Its events records' values, all of them, while they fit the read
-    /// cache; `None` once evicted or for rows loaded from the table topic.
-    pub(crate) history: Option<Box<Vec<Arc<[u8]>>>>,
     /// [`Aggregate::is_deleted`] of the state.
     pub(crate) deleted: bool,
     /// A table record of this row is in flight (see `save_row`).
@@ -156,14 +162,19 @@ impl TableRow {
             offsets: Offsets::First,
             keys: None,
             marks: None,
-            history: Some(Box::default()),
             deleted: false,
             table_writing: false,
             table_stale: false,
         }
     }
 
+    /// Where the row's valid stream stands.
+    pub(crate) fn tip(&self) -> StreamTip {
+        StreamTip { version: self.version, last_event_id: self.last_event_id }
+    }
+
     /// The state, typed (the default one for a row no record reached yet).
+    #[cfg(test)]
     pub(crate) fn typed<A: Aggregate>(&self) -> Result<A, serde_json::Error> {
         if self.version == 0 { Ok(A::default()) } else { serde_json::from_slice(&self.state) }
     }
@@ -201,7 +212,6 @@ impl TableRow {
             offsets: Offsets::from_vec(doc.offsets, doc.first_offset),
             keys: (!keys.is_empty()).then(|| Box::new(keys)),
             marks: (!marks.is_empty()).then(|| Box::new(marks)),
-            history: None,
             deleted,
             table_writing: false,
             table_stale: false,
@@ -213,18 +223,11 @@ impl TableRow {
         self.keys.as_deref().and_then(|keys| keys.iter().find(|k| k.key == key))
     }
 
-    /// The version and record offset the append with idempotency key `key`
-    /// answered: from the recent keys, or, for a reaction's command
-    /// ([`ReactionKey`]), from its sequence's mark when the command is at or
-    /// before it (see [`MarkDoc`]).
+    /// [`recall_in`] on this row.
+    #[cfg(test)]
     pub(crate) fn recall(&self, key: &str) -> Option<(u64, u64)> {
-        if let Some(k) = self.key(key) {
-            return Some((k.version, k.offset));
-        }
-        let key = ReactionKey::parse(key)?;
-        let sequence = key.sequence();
-        let mark = self.marks.as_deref()?.iter().find(|m| m.sequence == sequence)?;
-        (key.order() <= (mark.source_offset, mark.index)).then_some((mark.version, mark.offset))
+        let marks = self.marks.as_deref().map_or(&[][..], Vec::as_slice);
+        recall_in(self.keys.as_deref().into_iter().flatten(), marks, key)
     }
 
     /// Moves the mark of the reaction sequence of `key` (when it is a
@@ -250,18 +253,6 @@ impl TableRow {
             Some(m) if (m.source_offset, m.index) >= (mark.source_offset, mark.index) => {}
             Some(m) => *m = mark.clone(),
             None => marks.push(mark.clone()),
-        }
-    }
-
-    /// Whether the valid record at `offset` is one of this row's.
-    pub(crate) fn holds_record(&self, offset: u64, last_version: u64) -> bool {
-        match &self.offsets {
-            Offsets::First => self.version > 0 && offset == self.first_offset,
-            Offsets::Many(all) => all.binary_search(&offset).is_ok(),
-            // A row from an older table record: its records are not listed,
-            // so only versions can tell (records of one version are judged
-            // the same way by the follower, which never passes a void one).
-            Offsets::Unknown => last_version <= self.version && offset <= self.last_offset,
         }
     }
 
@@ -295,6 +286,24 @@ impl TableRow {
             keys.pop_front();
         }
     }
+}
+
+/// The version and record offset the append with idempotency key `key`
+/// answered, from a row's recent `keys` and reaction `marks`: from the
+/// recent keys, or, for a reaction's command ([`ReactionKey`]), from its
+/// sequence's mark when the command is at or before it (see [`MarkDoc`]).
+pub(crate) fn recall_in<'k>(
+    mut keys: impl Iterator<Item = &'k KeyDoc>,
+    marks: &[MarkDoc],
+    key: &str,
+) -> Option<(u64, u64)> {
+    if let Some(k) = keys.find(|k| k.key == key) {
+        return Some((k.version, k.offset));
+    }
+    let key = ReactionKey::parse(key)?;
+    let sequence = key.sequence();
+    let mark = marks.iter().find(|m| m.sequence == sequence)?;
+    (key.order() <= (mark.source_offset, mark.index)).then_some((mark.version, mark.offset))
 }
 
 /// How long a row remembers idempotency keys (see [`TableRow::remember_key`]).
@@ -573,15 +582,5 @@ mod tests {
         }
         assert_eq!(row.keys.as_deref().map(|k| k.len()), Some(4), "never more than the maximum");
         assert!(row.key("k9").is_some());
-    }
-
-    #[test]
-    fn a_row_knows_its_own_records() {
-        let mut row = TableRow::new(Position::new(0, 4));
-        assert!(!row.holds_record(4, 1), "no record applied yet");
-        row.advance(Box::from(&b"{}"[..]), false, 1, Position::new(0, 4), 10);
-        assert!(row.holds_record(4, 1) && !row.holds_record(5, 2));
-        row.advance(Box::from(&b"{}"[..]), false, 2, Position::new(0, 9), 10);
-        assert!(row.holds_record(9, 2) && !row.holds_record(6, 2));
     }
 }

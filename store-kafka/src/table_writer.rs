@@ -12,6 +12,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::error::KafkaStoreError;
 use crate::record::{TableDoc, partition_for};
+use crate::rows::WriteMarks;
 use crate::store::Inner;
 use crate::table::{PartitionLog, Table};
 
@@ -93,10 +94,8 @@ impl<A: Aggregate> Inner<A> {
                 let log = &table.logs[p];
                 let behind = log.tenure.is_some() && log.reflected_below() > log.claimed;
                 if let Some(id) = log.last_id.clone().filter(|_| behind)
-                    && let Some(row) = table.rows.get_mut(id.as_str())
-                    && !row.table_writing
+                    && table.rows.mark_writes(&id, |m| !std::mem::replace(&mut m.writing, true)) == Some(true)
                 {
-                    row.table_writing = true;
                     self.table_writes.pending_records.fetch_add(1, Ordering::AcqRel);
                     marks.push(id);
                 }
@@ -114,7 +113,7 @@ impl<A: Aggregate> Inner<A> {
         let row = table.rows.get(id)?;
         let p = row.partition;
         // The table wrote these bytes from a typed state: they are JSON.
-        let state = serde_json::from_slice(&row.state).unwrap_or(serde_json::Value::Null);
+        let state = serde_json::from_slice(row.state).unwrap_or(serde_json::Value::Null);
         Some((
             TableDoc {
                 format: Some(crate::record::TABLE_FORMAT.to_owned()),
@@ -127,13 +126,13 @@ impl<A: Aggregate> Inner<A> {
                 events_partition: p,
                 first_offset: row.first_offset,
                 last_offset: row.last_offset,
-                offsets: row.offsets.to_vec(row.first_offset),
+                offsets: row.offsets_vec(),
                 max_record_bytes: u64::from(row.max_bytes),
                 reflected_below: table.logs.get(p as usize).map_or(0, PartitionLog::reflected_below),
                 last_event_id: row.last_event_id,
                 epoch: table.logs.get(p as usize).and_then(|l| l.tenure).map_or(0, |t| t.epoch),
-                idempotency_keys: row.keys.as_deref().cloned().unwrap_or_default(),
-                reaction_marks: row.marks.as_deref().cloned().unwrap_or_default(),
+                idempotency_keys: row.keys(),
+                reaction_marks: row.marks(),
                 updated_at: chrono::Utc::now(),
             },
             p,
@@ -175,13 +174,18 @@ impl<A: Aggregate> Inner<A> {
         if table.logs.get(row.partition as usize).is_none_or(|l| l.tenure.is_none()) {
             return;
         }
-        let Some(row) = table.rows.get_mut(id) else { return };
-        if row.table_writing {
-            row.table_stale = true;
+        let started = table.rows.mark_writes(id, |m| {
+            if m.writing {
+                m.stale = true;
+                false
+            } else {
+                *m = WriteMarks { writing: true, stale: false };
+                true
+            }
+        });
+        if started != Some(true) {
             return;
         }
-        row.table_writing = true;
-        row.table_stale = false;
         self.table_writes.pending_records.fetch_add(1, Ordering::AcqRel);
         let delay = self.config.table_write_delay;
         if delay.is_zero() || self.table_writes.flushes_running.load(Ordering::Acquire) > 0 {
@@ -208,14 +212,14 @@ impl<A: Aggregate> Inner<A> {
     /// `pending_records` already.
     fn send_row(self: &Arc<Self>, table: &mut Table<A>, id: &str) {
         let owned = table.rows.get(id).is_some_and(|r| table.logs[r.partition as usize].tenure.is_some());
-        if let Some(row) = table.rows.get_mut(id) {
+        table.rows.mark_writes(id, |m| {
             // The record carries whatever arrived while it waited.
-            row.table_stale = false;
+            m.stale = false;
             if !owned {
                 // The tenure ended while it waited: the new owner writes it.
-                row.table_writing = false;
+                m.writing = false;
             }
-        }
+        });
         if !owned {
             self.table_writes.pending_records.fetch_sub(1, Ordering::AcqRel);
             return;
@@ -260,10 +264,10 @@ impl<A: Aggregate> Inner<A> {
         let log = &mut table.logs[p as usize];
         log.claimed = log.claimed.max(claims);
         log.forget_saved(id, last);
-        let again = table.rows.get_mut(id).is_some_and(|r| {
-            r.table_writing = false;
-            std::mem::take(&mut r.table_stale)
-        });
+        let again = table.rows.mark_writes(id, |m| {
+            m.writing = false;
+            std::mem::take(&mut m.stale)
+        }) == Some(true);
         if again {
             self.save_row(&mut table, id);
         }

@@ -32,14 +32,6 @@ pub(crate) struct StreamTip {
     pub(crate) last_event_id: Option<Uuid>,
 }
 
-impl StreamTip {
-    /// Where the valid stream of a table row stands (the start of a stream
-    /// for a row not in the table).
-    pub(crate) fn of(row: Option<&crate::table::TableRow>) -> Self {
-        row.map(|r| Self { version: r.version, last_event_id: r.last_event_id }).unwrap_or_default()
-    }
-}
-
 /// What the rule says about one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Judgement {
