@@ -217,6 +217,7 @@ impl Kafka {
                     None => {}
                 }
             }
+            detach(consumer);
             Ok(read)
         })
         .await?
@@ -279,22 +280,32 @@ impl Kafka {
                     Some(Ok(m)) => {
                         let offset = u64::try_from(m.offset()).unwrap_or(0);
                         if offset >= to {
-                            return Ok(found);
+                            break;
                         }
                         if m.key() == Some(key.as_slice()) {
                             found += 1;
                         }
                         if offset + 1 >= to {
-                            return Ok(found);
+                            break;
                         }
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => {}
                 }
             }
+            detach(consumer);
+            Ok(found)
         })
         .await?
     }
+}
+
+/// Destroys a raw consumer on a thread of its own, as KafkaStore does with
+/// the clients of its bounded reads: librdkafka's destroy joins the
+/// client's threads (up to about 100 ms), which a reader that has its
+/// records does not wait for.
+fn detach(consumer: BaseConsumer) {
+    std::thread::spawn(move || drop(consumer));
 }
 
 fn raw_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {

@@ -95,6 +95,40 @@ pub(crate) fn create_consumer(config: &KafkaStoreConfig, eof: bool, wait_ms: u32
     c.create_with_context(ReadContext).map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
 }
 
+/// A librdkafka client destroyed away from its owner's task. librdkafka's
+/// destroy joins the client's threads, each of which notices at its next
+/// wake-up: dropping a client takes up to about 100 ms. A bounded read, or
+/// a start-up done with its admin client, hands the client to a blocking
+/// thread to be destroyed there instead of waiting for it.
+pub(crate) struct Detached<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Detached<T> {
+    pub(crate) fn new(client: T) -> Self {
+        Self(Some(client))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for Detached<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // Taken only by `drop`.
+        self.0.as_ref().unwrap_or_else(|| unreachable!("a detached client is present until dropped"))
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || drop(client));
+            }
+            Err(_) => drop(client),
+        }
+    }
+}
+
 /// The store's assign + seek consumers.
 pub(crate) type Reader = StreamConsumer<ReadContext>;
 
@@ -156,5 +190,49 @@ impl ProducerSlot {
                 Err(e) => tracing::error!(error = %e, "cannot replace the failed producer"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::Detached;
+
+    /// Stands for a client whose destroy blocks until `release` answers
+    /// (or 5 s pass).
+    struct SlowDestroy {
+        release: mpsc::Receiver<()>,
+        destroyed: mpsc::Sender<()>,
+    }
+
+    impl Drop for SlowDestroy {
+        fn drop(&mut self) {
+            let _ = self.release.recv_timeout(std::time::Duration::from_secs(5));
+            let _ = self.destroyed.send(());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_detached_client_is_destroyed_without_holding_up_its_owner() {
+        let (release_tx, release) = mpsc::channel();
+        let (destroyed, destroyed_rx) = mpsc::channel();
+        let client = Detached::new(SlowDestroy { release, destroyed });
+        // Were the destroy run here, it would wait out the 5 s and report
+        // itself destroyed before `release` is sent.
+        drop(client);
+        assert!(destroyed_rx.try_recv().is_err(), "not destroyed yet: it waits for its release");
+        release_tx.send(()).unwrap();
+        let done = tokio::task::spawn_blocking(move || destroyed_rx.recv()).await.unwrap();
+        assert!(done.is_ok(), "destroyed on a blocking thread once released");
+    }
+
+    #[test]
+    fn outside_a_runtime_a_detached_client_is_destroyed_in_place() {
+        let (release_tx, release) = mpsc::channel();
+        let (destroyed, destroyed_rx) = mpsc::channel();
+        release_tx.send(()).unwrap();
+        drop(Detached::new(SlowDestroy { release, destroyed }));
+        assert!(destroyed_rx.try_recv().is_ok());
     }
 }

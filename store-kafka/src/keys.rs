@@ -42,7 +42,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reader, client_config, create_consumer, create_producer};
+use crate::client::{Detached, FOLLOWER_FETCH_WAIT_MS, Reader, client_config, create_consumer, create_producer};
 use crate::config::KafkaStoreConfig;
 use crate::error::KafkaStoreError;
 
@@ -408,6 +408,7 @@ async fn follow(consumer: Reader, state: Arc<Mutex<Keys>>, applied: watch::Sende
 async fn create_topic(config: &KafkaStoreConfig, topic: &str) -> Result<(), KafkaStoreError> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(config).create().map_err(|e| KafkaStoreError::from_kafka("admin client", &e))?;
+    let admin = Detached::new(admin);
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(config.replication_factor))
         .set("cleanup.policy", "compact")
         .set("segment.ms", COMPACTION_BOUND_MS)

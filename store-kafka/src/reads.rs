@@ -16,7 +16,7 @@ use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::client::{BOUNDED_FETCH_WAIT_MS, FOLLOW_FETCH_WAIT_MS, Reader, create_consumer};
+use crate::client::{BOUNDED_FETCH_WAIT_MS, Detached, FOLLOW_FETCH_WAIT_MS, Reader, create_consumer};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -96,7 +96,7 @@ impl<A: Aggregate> Inner<A> {
         if open.is_empty() {
             return Ok(());
         }
-        let consumer = create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS)?;
+        let consumer = Detached::new(create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS)?);
         assign_ranges(&consumer, topic, ranges)?;
         let idle = self.config.request_timeout;
         let mut deadline = Instant::now() + idle;
@@ -149,7 +149,7 @@ impl<A: Aggregate> Inner<A> {
         mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
     ) -> Result<(), KafkaStoreError> {
         let Some(first) = offsets.first() else { return Ok(()) };
-        let consumer = create_consumer(&self.config, false, BOUNDED_FETCH_WAIT_MS)?;
+        let consumer = Detached::new(create_consumer(&self.config, false, BOUNDED_FETCH_WAIT_MS)?);
         assign_at(&consumer, topic, partition, *first)?;
         let idle = self.config.request_timeout;
         let mut deadline = Instant::now() + idle;

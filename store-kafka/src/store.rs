@@ -20,7 +20,7 @@ use crate::follower::{FollowerCounters, FollowerStats};
 use crate::record::partition_for;
 use crate::table::{Table, typed_state};
 use crate::table_writer::TableWrites;
-use crate::topics::{partition_count, prepare_topics};
+use crate::topics::prepare_topics;
 
 /// Shards of the per-id lock table: enough that appends to unrelated ids
 /// rarely meet on one shard's map lookup.
@@ -102,10 +102,10 @@ impl<A: Aggregate> KafkaStore<A> {
         config.validate()?;
         let events_topic = config.events_topic(A::NAME);
         let table_topic = config.table_topic(A::NAME);
-        prepare_topics(&config, &events_topic, &table_topic).await?;
+        // The producer first: an idempotent producer's start (its producer
+        // id) takes a while, and goes on beside the topics' preparation.
         let producer = Arc::new(create_producer(&config)?);
-        let partitions = partition_count(&producer, &events_topic, config.request_timeout).await?;
-        let table_partitions = partition_count(&producer, &table_topic, config.request_timeout).await?;
+        let (partitions, table_partitions) = prepare_topics(&config, &events_topic, &table_topic).await?;
         if partitions != config.partitions {
             tracing::warn!(topic = %events_topic, partitions, configured = config.partitions,
                 "the events topic exists with another partition count; using the topic's");

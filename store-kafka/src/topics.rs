@@ -10,25 +10,28 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::util::Timeout;
 
-use crate::client::client_config;
+use crate::client::{Detached, client_config};
 use crate::config::KafkaStoreConfig;
 use crate::error::KafkaStoreError;
 
 /// Creates the events topic `events` and the table topic `table` when
-/// missing, then refuses them when their configuration could lose events
-/// or table rows (see [`check_topics`]).
+/// missing, refuses them when their configuration could lose events or
+/// table rows (see [`check_topics`]), and answers their partition counts.
 pub(crate) async fn prepare_topics(
     config: &KafkaStoreConfig,
     events: &str,
     table: &str,
-) -> Result<(), KafkaStoreError> {
+) -> Result<(u32, u32), KafkaStoreError> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(config).create().map_err(|e| KafkaStoreError::from_kafka("admin client", &e))?;
+    let admin = Detached::new(Arc::new(admin));
     ensure_topics(&admin, config, events, table).await?;
-    check_topics(&admin, config, events, table).await
+    check_topics(&admin, config, events, table).await?;
+    let partitions = partition_count(&admin, events, config.request_timeout).await?;
+    let table_partitions = partition_count(&admin, table, config.request_timeout).await?;
+    Ok((partitions, table_partitions))
 }
 
 /// Creates the two topics with their configs; an existing topic is fine
@@ -185,17 +188,17 @@ fn check_table_config(topic: &str, entries: &HashMap<String, Option<String>>) ->
 
 /// The partition count of `topic`, waiting (bounded) for a topic created a
 /// moment ago to show up in the metadata.
-pub(crate) async fn partition_count(
-    producer: &Arc<FutureProducer>,
+async fn partition_count(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
     topic: &str,
     timeout: Duration,
 ) -> Result<u32, KafkaStoreError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let p = Arc::clone(producer);
+        let a = Arc::clone(admin);
         let t = topic.to_owned();
         let result = tokio::task::spawn_blocking(move || {
-            p.client().fetch_metadata(Some(&t), Timeout::After(timeout)).map(|m| {
+            a.inner().fetch_metadata(Some(&t), Timeout::After(timeout)).map(|m| {
                 m.topics().iter().find(|x| x.name() == t && x.error().is_none()).map_or(0, |x| x.partitions().len())
             })
         })
