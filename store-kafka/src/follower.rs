@@ -260,8 +260,8 @@ impl<A: Aggregate> Inner<A> {
     ) -> bool {
         let id = doc.aggregate_id.as_str();
         let retention = self.key_retention();
-        let mut row = match table.rows.get(id) {
-            Some(r) => r.to_row(),
+        let mut row = match table.rows.take(id) {
+            Some(r) => r,
             None => {
                 // The read cache holds the whole history of a stream that
                 // starts now.
@@ -275,7 +275,7 @@ impl<A: Aggregate> Inner<A> {
             let recorded_ms = doc.recorded_at.timestamp_millis();
             row.remember_key(key.clone(), doc.last_version, at.offset, recorded_ms, retention);
         }
-        table.rows.insert(id, &row);
+        table.rows.insert(id, row);
         table.cache(id, value, self.config.read_cache_bytes);
         let log = &mut table.logs[at.partition as usize];
         log.end = at.offset + 1;
@@ -386,15 +386,15 @@ impl<A: Aggregate> Inner<A> {
         if let Some(old) = table.rows.get(id) {
             for k in old.keys() {
                 if rebuilt.key(&k.key).is_none() {
-                    rebuilt.remember_key(k.key, k.version, k.offset, k.recorded_ms, retention);
+                    rebuilt.remember_key(k.key.clone(), k.version, k.offset, k.recorded_ms, retention);
                 }
             }
             for m in old.marks() {
-                rebuilt.keep_mark(&m);
+                rebuilt.keep_mark(m);
             }
         }
         table.forget_history(id);
-        table.rows.insert(id, &rebuilt);
+        table.rows.insert(id, rebuilt);
     }
 
     /// Starts the follower: a task that reads every events partition from

@@ -95,7 +95,7 @@ impl<A: Aggregate> Inner<A> {
             };
             let slot = &mut from[doc.events_partition as usize];
             *slot = (*slot).max(doc.reflected_below);
-            rows.insert(&id, &TableRow::from_table_doc(doc, state, deleted));
+            rows.insert(&id, TableRow::from_table_doc(doc, state, deleted));
         }
         (rows, from)
     }

@@ -1,30 +1,32 @@
 //! The table's rows, packed. The table holds every aggregate of its type in
 //! memory, so each row is one allocation of bytes: a few flags, its id, its
-//! numbers as variable-length integers, its last event id, what most rows
-//! lack (a list of records, idempotency keys, reaction marks) only when
-//! present, and its state's JSON last. An index of 4-byte slots finds a row
-//! by its id. A row of one record costs about 30 bytes beside its id and
-//! state, and 24 bytes of slots, where a struct per row in a map of boxed
-//! ids cost about 165.
+//! numbers as variable-length integers, its last event id, the list of its
+//! records when it has more than one, and its state's JSON last. An index
+//! of 4-byte slots finds a row by its id. A row of one record costs about
+//! 30 bytes beside its id and state, and 24 bytes of slots, where a struct
+//! per row in a map of boxed ids cost about 165.
 //!
-//! [`RowView`] reads a packed row in place; [`TableRow`] is a row taken out
-//! to be changed, and [`Rows::insert`] packs it back. The cached history of
-//! a row is not part of it (see `Table::histories`).
+//! What most rows lack and some change on every command, their recent
+//! idempotency keys and reaction marks, live beside the packed rows, by
+//! slot: a command on a row with a thousand recent keys moves them, it does
+//! not decode and encode them.
+//!
+//! [`RowView`] reads a row in place; [`Rows::take`] takes a row out as a
+//! [`TableRow`] to be changed, and [`Rows::insert`] puts it back. The cached
+//! history of a row is not part of it (see `Table::histories`).
 //!
 //! Layout of a packed row:
 //!
 //! ```text
-//! flags      u8       DELETED, WRITING, STALE, EVENT_ID, KEYS, MARKS, offsets kind (2 bits)
+//! flags      u8       DELETED, WRITING, STALE, EVENT_ID, EXTRAS, offsets kind (2 bits)
 //! id         varint length, UTF-8 bytes
 //! version, partition, first_offset, zigzag(last_offset - first_offset), max_bytes   varints
 //! event id   16 bytes                         when EVENT_ID
 //! offsets    varint count, count × u64 LE     when the kind is Many
-//! keys       varint count, count × (varint length, bytes, varint version, varint offset, zigzag recorded_ms)   when KEYS
-//! marks      varint count, count × (varint length, bytes, varint source_offset, index, version, offset)       when MARKS
 //! state      the rest
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
@@ -38,8 +40,8 @@ const DELETED: u8 = 1;
 const WRITING: u8 = 1 << 1;
 const STALE: u8 = 1 << 2;
 const EVENT_ID: u8 = 1 << 3;
-const KEYS: u8 = 1 << 4;
-const MARKS: u8 = 1 << 5;
+/// The row has keys or marks in `Rows::extras`.
+const EXTRAS: u8 = 1 << 4;
 const OFFSETS_SHIFT: u8 = 6;
 const OFFSETS_FIRST: u8 = 0;
 const OFFSETS_UNKNOWN: u8 = 1;
@@ -52,13 +54,27 @@ pub(crate) struct Rows {
     packed: Vec<Box<[u8]>>,
     /// Indexes into `packed`, by the hash of the row's id.
     index: HashTable<u32>,
+    /// The keys and marks of the rows that have any, by index.
+    extras: HashMap<u32, Extras>,
     hasher: RandomState,
+}
+
+/// A row's recent idempotency keys (oldest first) and reaction marks.
+#[derive(Debug, Default)]
+pub(crate) struct Extras {
+    keys: VecDeque<KeyDoc>,
+    marks: Vec<MarkDoc>,
 }
 
 impl Rows {
     /// An empty table with room for `n` rows.
     pub(crate) fn with_capacity(n: usize) -> Self {
-        Self { packed: Vec::with_capacity(n), index: HashTable::with_capacity(n), hasher: RandomState::new() }
+        Self {
+            packed: Vec::with_capacity(n),
+            index: HashTable::with_capacity(n),
+            extras: HashMap::new(),
+            hasher: RandomState::new(),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -70,26 +86,55 @@ impl Rows {
         self.index.find(hash, |&i| id_of(&self.packed[i as usize]) == id).map(|&i| i as usize)
     }
 
+    fn view(&self, i: usize) -> RowView<'_> {
+        let packed = &self.packed[i];
+        let extras = if packed[0] & EXTRAS != 0 { self.extras.get(&(i as u32)) } else { None };
+        RowView::parse(packed, extras)
+    }
+
     /// The row of `id`, read in place.
     pub(crate) fn get(&self, id: &str) -> Option<RowView<'_>> {
-        self.slot(id).map(|i| RowView::parse(&self.packed[i]))
+        self.slot(id).map(|i| self.view(i))
+    }
+
+    /// The row of `id`, taken out to be changed and put back with
+    /// [`Rows::insert`]: its keys and marks move out of the table meanwhile.
+    pub(crate) fn take(&mut self, id: &str) -> Option<TableRow> {
+        let i = self.slot(id)?;
+        let mut row = RowView::parse(&self.packed[i], None).to_row();
+        if let Some(extras) = self.extras.remove(&(i as u32)) {
+            row.keys = (!extras.keys.is_empty()).then(|| Box::new(extras.keys));
+            row.marks = (!extras.marks.is_empty()).then(|| Box::new(extras.marks));
+        }
+        Some(row)
     }
 
     /// Puts `row` as the row of `id`, in place of the one it had.
     ///
     /// # Panics
     /// When the table would hold more than `u32::MAX` rows.
-    pub(crate) fn insert(&mut self, id: &str, row: &TableRow) {
-        let packed = pack(id, row);
-        match self.slot(id) {
-            Some(i) => self.packed[i] = packed,
+    pub(crate) fn insert(&mut self, id: &str, mut row: TableRow) {
+        let keys = row.keys.take().map(|k| *k).unwrap_or_default();
+        let marks = row.marks.take().map(|m| *m).unwrap_or_default();
+        let extras = (!keys.is_empty() || !marks.is_empty()).then_some(Extras { keys, marks });
+        let packed = pack(id, &row, extras.is_some());
+        let i = match self.slot(id) {
+            Some(i) => {
+                self.packed[i] = packed;
+                i as u32
+            }
             None => {
                 let i = u32::try_from(self.packed.len()).expect("a table holds at most u32::MAX rows");
                 self.packed.push(packed);
                 let (packed, hasher) = (&self.packed, &self.hasher);
                 self.index.insert_unique(hasher.hash_one(id), i, |&j| hasher.hash_one(id_of(&packed[j as usize])));
+                i
             }
-        }
+        };
+        match extras {
+            Some(extras) => self.extras.insert(i, extras),
+            None => self.extras.remove(&i),
+        };
     }
 
     /// Changes the table-record marks of the row of `id` in place; what `f`
@@ -107,12 +152,13 @@ impl Rows {
 
     /// Every row, in the order they first came.
     pub(crate) fn iter(&self) -> impl Iterator<Item = RowView<'_>> {
-        self.packed.iter().map(|p| RowView::parse(p))
+        (0..self.packed.len()).map(|i| self.view(i))
     }
 
     pub(crate) fn clear(&mut self) {
         self.packed.clear();
         self.index.clear();
+        self.extras.clear();
     }
 
     /// Gives back the room grown beyond the rows held (after a start-up
@@ -121,6 +167,7 @@ impl Rows {
         self.packed.shrink_to_fit();
         let (packed, hasher) = (&self.packed, &self.hasher);
         self.index.shrink_to_fit(|&j| hasher.hash_one(id_of(&packed[j as usize])));
+        self.extras.shrink_to_fit();
     }
 }
 
@@ -151,14 +198,11 @@ pub(crate) struct RowView<'a> {
     offsets_kind: u8,
     /// `count × u64 LE` when the kind is Many.
     offsets: &'a [u8],
-    /// The keys section after its count, and the count.
-    keys: (usize, &'a [u8]),
-    /// The marks section after its count, and the count.
-    marks: (usize, &'a [u8]),
+    extras: Option<&'a Extras>,
 }
 
 impl<'a> RowView<'a> {
-    fn parse(bytes: &'a [u8]) -> Self {
+    fn parse(bytes: &'a [u8], extras: Option<&'a Extras>) -> Self {
         let flags = bytes[0];
         let mut r = Reader { bytes, at: 1 };
         let id = r.str();
@@ -175,8 +219,6 @@ impl<'a> RowView<'a> {
         } else {
             &[]
         };
-        let keys = if flags & KEYS != 0 { r.section(Reader::skip_key) } else { (0, &[][..]) };
-        let marks = if flags & MARKS != 0 { r.section(Reader::skip_mark) } else { (0, &[][..]) };
         Self {
             id,
             version,
@@ -191,8 +233,7 @@ impl<'a> RowView<'a> {
             state: &bytes[r.at..],
             offsets_kind,
             offsets,
-            keys,
-            marks,
+            extras,
         }
     }
 
@@ -245,44 +286,24 @@ impl<'a> RowView<'a> {
     }
 
     /// Its recent idempotency keys, oldest first.
-    pub(crate) fn keys(&self) -> VecDeque<KeyDoc> {
-        let mut r = Reader { bytes: self.keys.1, at: 0 };
-        (0..self.keys.0)
-            .map(|_| KeyDoc {
-                key: r.str().to_owned(),
-                version: r.varint(),
-                offset: r.varint(),
-                recorded_ms: unzigzag(r.varint()),
-            })
-            .collect()
+    pub(crate) fn keys(&self) -> &'a VecDeque<KeyDoc> {
+        static NONE: VecDeque<KeyDoc> = VecDeque::new();
+        self.extras.map_or(&NONE, |e| &e.keys)
     }
 
     /// Its reaction marks.
-    pub(crate) fn marks(&self) -> Vec<MarkDoc> {
-        let mut r = Reader { bytes: self.marks.1, at: 0 };
-        (0..self.marks.0)
-            .map(|_| MarkDoc {
-                sequence: r.str().to_owned(),
-                source_offset: r.varint(),
-                index: r.varint() as u32,
-                version: r.varint(),
-                offset: r.varint(),
-            })
-            .collect()
+    pub(crate) fn marks(&self) -> &'a [MarkDoc] {
+        self.extras.map_or(&[], |e| &e.marks)
     }
 
-    /// [`recall_in`] on this row, read in place.
+    /// [`recall_in`] on this row.
     pub(crate) fn recall(&self, key: &str) -> Option<(u64, u64)> {
-        if self.keys.0 == 0 && self.marks.0 == 0 {
-            return None;
-        }
-        recall_in(self.keys().iter(), &self.marks(), key)
+        recall_in(self.keys().iter(), self.marks(), key)
     }
 
-    /// The row, taken out to be changed.
-    pub(crate) fn to_row(&self) -> TableRow {
-        let keys = self.keys();
-        let marks = self.marks();
+    /// The packed part of the row, copied out (no keys or marks: see
+    /// [`Rows::take`]).
+    fn to_row(&self) -> TableRow {
         TableRow {
             state: Box::from(self.state),
             version: self.version,
@@ -292,8 +313,8 @@ impl<'a> RowView<'a> {
             last_event_id: self.last_event_id,
             max_bytes: self.max_bytes,
             offsets: self.offsets(),
-            keys: (!keys.is_empty()).then(|| Box::new(keys)),
-            marks: (!marks.is_empty()).then(|| Box::new(marks)),
+            keys: None,
+            marks: None,
             deleted: self.deleted,
             table_writing: self.table_writing,
             table_stale: self.table_stale,
@@ -306,10 +327,9 @@ fn id_of(packed: &[u8]) -> &str {
     Reader { bytes: packed, at: 1 }.str()
 }
 
-/// `row` of `id`, packed.
-fn pack(id: &str, row: &TableRow) -> Box<[u8]> {
-    let keys = row.keys.as_deref().filter(|k| !k.is_empty());
-    let marks = row.marks.as_deref().filter(|m| !m.is_empty());
+/// `row` of `id`, packed (its keys and marks are not: `extras` says
+/// whether it has any beside).
+fn pack(id: &str, row: &TableRow, extras: bool) -> Box<[u8]> {
     let (kind, many) = match &row.offsets {
         Offsets::First => (OFFSETS_FIRST, None),
         Offsets::Unknown => (OFFSETS_UNKNOWN, None),
@@ -320,8 +340,7 @@ fn pack(id: &str, row: &TableRow) -> Box<[u8]> {
         | if row.table_writing { WRITING } else { 0 }
         | if row.table_stale { STALE } else { 0 }
         | if row.last_event_id.is_some() { EVENT_ID } else { 0 }
-        | if keys.is_some() { KEYS } else { 0 }
-        | if marks.is_some() { MARKS } else { 0 };
+        | if extras { EXTRAS } else { 0 };
     let mut out = Vec::with_capacity(48 + id.len() + row.state.len() + many.map_or(0, |m| 2 + m.len() * 8));
     out.push(flags);
     put_str(&mut out, id);
@@ -337,25 +356,6 @@ fn pack(id: &str, row: &TableRow) -> Box<[u8]> {
         put_varint(&mut out, all.len() as u64);
         for offset in all {
             out.extend_from_slice(&offset.to_le_bytes());
-        }
-    }
-    if let Some(keys) = keys {
-        put_varint(&mut out, keys.len() as u64);
-        for k in keys {
-            put_str(&mut out, &k.key);
-            put_varint(&mut out, k.version);
-            put_varint(&mut out, k.offset);
-            put_varint(&mut out, zigzag(k.recorded_ms));
-        }
-    }
-    if let Some(marks) = marks {
-        put_varint(&mut out, marks.len() as u64);
-        for m in marks {
-            put_str(&mut out, &m.sequence);
-            put_varint(&mut out, m.source_offset);
-            put_varint(&mut out, u64::from(m.index));
-            put_varint(&mut out, m.version);
-            put_varint(&mut out, m.offset);
         }
     }
     out.extend_from_slice(&row.state);
@@ -422,31 +422,6 @@ impl<'a> Reader<'a> {
         // `pack` wrote it from a `&str`.
         std::str::from_utf8(self.take(n)).unwrap_or_default()
     }
-
-    /// A counted section whose entries `skip` steps over: its count and
-    /// its bytes after the count.
-    fn section(&mut self, skip: fn(&mut Self)) -> (usize, &'a [u8]) {
-        let n = self.varint() as usize;
-        let start = self.at;
-        for _ in 0..n {
-            skip(self);
-        }
-        (n, &self.bytes[start..self.at])
-    }
-
-    fn skip_key(&mut self) {
-        self.str();
-        for _ in 0..3 {
-            self.varint();
-        }
-    }
-
-    fn skip_mark(&mut self) {
-        self.str();
-        for _ in 0..4 {
-            self.varint();
-        }
-    }
 }
 
 #[cfg(test)]
@@ -499,19 +474,26 @@ mod tests {
         unknown.state = Box::default();
         unknown.table_stale = true;
         for (id, r) in [("p-1", &plain), ("", &full), ("u", &unknown)] {
-            rows.insert(id, r);
+            rows.insert(id, r.clone());
         }
         assert_eq!(rows.iter().count(), 3);
         for (id, r) in [("p-1", &plain), ("", &full), ("u", &unknown)] {
             let view = rows.get(id).unwrap();
             assert_eq!(view.id, id);
-            same(&view.to_row(), r);
+            assert_eq!(view.keys(), &r.keys.as_deref().cloned().unwrap_or_default());
+            assert_eq!(view.marks(), r.marks.as_deref().map_or(&[][..], Vec::as_slice));
             assert_eq!(view.offsets_vec(), r.offsets.to_vec(r.first_offset));
+            let taken = rows.take(id).unwrap();
+            same(&taken, r);
+            rows.insert(id, taken);
         }
         assert!(rows.get("p-2").is_none());
-        // A row put again replaces the one it had.
-        rows.insert("p-1", &full);
-        same(&rows.get("p-1").unwrap().to_row(), &full);
+        // A row put again replaces the one it had, keys and marks included.
+        rows.insert("p-1", full.clone());
+        same(&rows.take("p-1").unwrap(), &full);
+        rows.insert("p-1", plain.clone());
+        assert!(rows.get("p-1").unwrap().keys().is_empty() && rows.get("p-1").unwrap().marks().is_empty());
+        same(&rows.take("p-1").unwrap(), &plain);
         assert_eq!(rows.iter().count(), 3);
         let ids: Vec<&str> = rows.iter().map(|v| v.id).collect();
         assert_eq!(ids, ["p-1", "", "u"]);
@@ -521,12 +503,12 @@ mod tests {
     fn a_row_knows_its_own_records() {
         let mut row = TableRow::new(Position::new(0, 4));
         let mut rows = Rows::default();
-        rows.insert("a", &row);
+        rows.insert("a", row.clone());
         assert!(!rows.get("a").unwrap().holds_record(4, 1), "no record applied yet");
         let mut mine = Vec::new();
         for (version, offset) in [(1, 4), (2, 9), (5, 12)] {
             row.advance(Box::from(&b"{}"[..]), false, version, Position::new(0, offset), 10);
-            rows.insert("a", &row);
+            rows.insert("a", row.clone());
             mine.push(offset);
             let view = rows.get("a").unwrap();
             for probe in 0..15 {
@@ -537,7 +519,7 @@ mod tests {
         // versions and its last offset.
         let mut unknown = row;
         unknown.offsets = Offsets::Unknown;
-        rows.insert("a", &unknown);
+        rows.insert("a", unknown);
         let view = rows.get("a").unwrap();
         assert!(view.holds_record(3, 5) && view.holds_record(12, 4));
         assert!(!view.holds_record(13, 5) && !view.holds_record(3, 6));
@@ -549,17 +531,24 @@ mod tests {
         let mut rows = Rows::default();
         let retention = crate::table::KeyRetention { at_least: 1, at_most: 2, window_ms: 0 };
         row.remember_key("k".into(), 5, 12, 0, retention);
-        rows.insert("a", &row);
+        rows.insert("a", row.clone());
         let view = rows.get("a").unwrap();
         assert_eq!(view.recall("k"), Some((5, 12)));
         assert_eq!(view.recall("other"), None);
         assert_eq!(view.recall("k"), row.recall("k"));
+        // Taken out, changed and put back, the keys move with the row.
+        let mut taken = rows.take("a").unwrap();
+        assert_eq!(rows.get("a").unwrap().recall("k"), None, "out of the table while taken");
+        taken.remember_key("l".into(), 6, 13, 0, retention);
+        rows.insert("a", taken);
+        let view = rows.get("a").unwrap();
+        assert_eq!((view.recall("k"), view.recall("l")), (Some((5, 12)), Some((6, 13))));
     }
 
     #[test]
     fn write_marks_change_in_place() {
         let mut rows = Rows::default();
-        rows.insert("a", &row(1, 1, 1));
+        rows.insert("a", row(1, 1, 1));
         let before = rows.get("a").unwrap().to_row();
         let was = rows.mark_writes("a", |m| {
             let was = *m;
@@ -580,7 +569,7 @@ mod tests {
     fn many_rows_are_found_after_growing_and_shrinking() {
         let mut rows = Rows::default();
         for i in 0..5_000u64 {
-            rows.insert(&format!("id-{i}"), &row(i + 1, i, i));
+            rows.insert(&format!("id-{i}"), row(i + 1, i, i));
         }
         rows.shrink_to_fit();
         for i in (0..5_000u64).step_by(7) {
@@ -596,7 +585,7 @@ mod tests {
         let mut r = row(1, 123_456, 123_456);
         r.last_event_id = Some(Uuid::new_v4());
         r.max_bytes = 400;
-        let packed = pack("t1234", &r);
+        let packed = pack("t1234", &r, false);
         let overhead = packed.len() - "t1234".len() - r.state.len();
         assert!(overhead <= 30, "{overhead} bytes");
     }

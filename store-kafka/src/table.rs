@@ -77,6 +77,7 @@ impl<A: Aggregate> Table<A> {
     clippy::box_collection,
     reason = "an absent collection takes 8 bytes of a row instead of 24 or 32; most rows have none"
 )]
+#[derive(Clone)]
 pub(crate) struct TableRow {
     /// The state, serialised with `serde_json` (compact).
     pub(crate) state: Box<[u8]>,
