@@ -41,7 +41,7 @@ pub fn project(steps: &[(usize, f64)], next: usize) -> Option<f64> {
 
 /// A size in thousands, as the scenario names print it.
 pub fn thousands(n: usize) -> String {
-    if n % 1000 == 0 { format!("{}k", n / 1000) } else { n.to_string() }
+    if n.is_multiple_of(1000) { format!("{}k", n / 1000) } else { n.to_string() }
 }
 
 /// Runs `run` at each of `sizes` (ascending), each within `bound`, and keeps
@@ -56,23 +56,19 @@ where
     let mut steps: Vec<(usize, f64)> = Vec::new();
     let mut best: Option<Served<T>> = None;
     for &size in sizes {
-        if let Some(projected) = project(&steps, size) {
-            if projected > bound.as_secs_f64() {
-                let why = format!(
-                    "{} not run: this broker took {} ({}), which projects {projected:.0} s for {}, past the \
+        if let Some(projected) = project(&steps, size)
+            && projected > bound.as_secs_f64()
+        {
+            let why = format!(
+                "{} not run: this broker took {} ({}), which projects {projected:.0} s for {}, past the \
                      scenario's bound of {:.0} s",
-                    thousands(size),
-                    steps.iter().map(|(s, t)| format!("{t:.0} s for {}", thousands(*s))).collect::<Vec<_>>().join(", "),
-                    if steps.len() > 1 {
-                        "growth measured between the last two sizes"
-                    } else {
-                        "growth assumed square"
-                    },
-                    thousands(size),
-                    bound.as_secs_f64()
-                );
-                return finish(best, why);
-            }
+                thousands(size),
+                steps.iter().map(|(s, t)| format!("{t:.0} s for {}", thousands(*s))).collect::<Vec<_>>().join(", "),
+                if steps.len() > 1 { "growth measured between the last two sizes" } else { "growth assumed square" },
+                thousands(size),
+                bound.as_secs_f64()
+            );
+            return finish(best, why);
         }
         eprintln!("  size {}", thousands(size));
         let started = Instant::now();

@@ -303,7 +303,7 @@ impl<'a> RowView<'a> {
 
     /// The packed part of the row, copied out (no keys or marks: see
     /// [`Rows::take`]).
-    fn to_row(&self) -> TableRow {
+    fn to_row(self) -> TableRow {
         TableRow {
             state: Box::from(self.state),
             version: self.version,
