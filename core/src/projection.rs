@@ -164,6 +164,31 @@ pub trait Projection<E>: Send + Sync {
         let _ = lease;
         self.swap().await
     }
+
+    /// [`Projection::apply_fenced`] into the shadow copy, for a rebuild:
+    /// it may return before `batch` is written, once the batch of the call
+    /// before it is, so that the rebuild reads and folds the next batch
+    /// while the view writes this one. A failed write is reported by the
+    /// next call, or by [`Projection::finish_ahead`], which waits for the
+    /// last write; every other call that touches the shadow waits for it
+    /// too. The default writes before it returns.
+    async fn apply_ahead(
+        &self,
+        batch: &[Envelope<E>],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ProjectionError>
+    where
+        E: Sync,
+    {
+        self.apply_fenced(ViewCopy::Shadow, batch, checkpoint, lease).await
+    }
+
+    /// Waits for the write that [`Projection::apply_ahead`] left running,
+    /// and reports its failure. The default has none to wait for.
+    async fn finish_ahead(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 }
 
 /// Turns an aggregate's state into its list row.
@@ -176,12 +201,57 @@ pub struct ViewProjection<A: Aggregate> {
     view: Arc<dyn ViewStore>,
     to_row: RowFn<A>,
     vault: Option<Arc<Vault>>,
+    shadow_ids: Mutex<ShadowIds>,
+    ahead: tokio::sync::Mutex<Ahead<A>>,
+}
+
+/// The shadow write a rebuild left running ([`Projection::apply_ahead`]),
+/// and the states of the aggregates it writes: the next batch folds onto
+/// those, since the view may not hold them yet.
+struct Ahead<A> {
+    pending: Option<JoinHandle<Result<(), ViewError>>>,
+    carry: HashMap<String, (u64, A)>,
+}
+
+impl<A> Default for Ahead<A> {
+    fn default() -> Self {
+        Self { pending: None, carry: HashMap::new() }
+    }
+}
+
+/// The aggregates that a rebuild begun through this projection folded into
+/// the shadow copy so far, as 64-bit hashes of their ids.
+///
+/// A shadow starts empty ([`ViewStore::begin_rebuild`]), so an id not in
+/// the set has no state there yet: its fold starts from the default state
+/// without asking the view. A rebuild reads every aggregate once, mostly
+/// for the first time, and this saves the view a lookup per batch. Two ids
+/// of one hash only cost a lookup; the set may hold more than the shadow
+/// (a batch whose write failed), never less. Forgotten (`None`: every fold
+/// asks the view) when the shadow is swapped in or a write into it fails,
+/// since another runner may then fill a shadow of its own.
+#[derive(Default)]
+struct ShadowIds(Option<std::collections::HashSet<u64>>);
+
+impl ShadowIds {
+    fn hash(id: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        id.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 impl<A: Aggregate> ViewProjection<A> {
     /// A projection writing `to_row(state)` of every aggregate into `view`.
     pub fn new(view: Arc<dyn ViewStore>, to_row: impl Fn(&A) -> Row + Send + Sync + 'static) -> Self {
-        Self { view, to_row: Arc::new(to_row), vault: None }
+        Self {
+            view,
+            to_row: Arc::new(to_row),
+            vault: None,
+            shadow_ids: Mutex::default(),
+            ahead: tokio::sync::Mutex::default(),
+        }
     }
 
     /// Opens personal values with `vault` before `to_row` sees a state
@@ -214,9 +284,12 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         batch: &[Envelope<A::Event>],
         checkpoint: &Checkpoint,
     ) -> Result<(), ProjectionError> {
-        let changes = self.fold(copy, batch).await?;
-        self.view.write(copy, &changes, checkpoint).await?;
-        Ok(())
+        if copy == ViewCopy::Shadow {
+            self.finish_ahead().await?;
+        }
+        let (changes, _) = self.fold(copy, batch, None).await?;
+        let written = self.view.write(copy, &changes, checkpoint).await;
+        self.after_write(copy, written)
     }
 
     async fn apply_fenced(
@@ -226,9 +299,36 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         checkpoint: &Checkpoint,
         lease: &Lease,
     ) -> Result<(), ProjectionError> {
-        let changes = self.fold(copy, batch).await?;
-        self.view.write_fenced(copy, &changes, checkpoint, lease).await?;
+        if copy == ViewCopy::Shadow {
+            self.finish_ahead().await?;
+        }
+        let (changes, _) = self.fold(copy, batch, None).await?;
+        let written = self.view.write_fenced(copy, &changes, checkpoint, lease).await;
+        self.after_write(copy, written)
+    }
+
+    async fn apply_ahead(
+        &self,
+        batch: &[Envelope<A::Event>],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ProjectionError> {
+        let mut ahead = self.ahead.lock().await;
+        let (changes, states) = self.fold(ViewCopy::Shadow, batch, Some(&ahead.carry)).await?;
+        // One write at a time, in the order of the log.
+        self.settle(&mut ahead).await?;
+        let (view, checkpoint, lease) = (Arc::clone(&self.view), checkpoint.clone(), lease.clone());
+        ahead.pending =
+            Some(tokio::spawn(async move { view.write_fenced(ViewCopy::Shadow, &changes, &checkpoint, &lease).await }));
+        ahead.carry = states;
         Ok(())
+    }
+
+    async fn finish_ahead(&self) -> Result<(), ProjectionError> {
+        let mut ahead = self.ahead.lock().await;
+        let settled = self.settle(&mut ahead).await;
+        ahead.carry.clear();
+        settled
     }
 
     async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ProjectionError> {
@@ -244,34 +344,114 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
     }
 
     async fn swap_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        self.finish_ahead().await?;
+        self.set_shadow_ids(None);
         Ok(self.view.swap_fenced(lease).await?)
     }
 
     async fn begin_rebuild(&self) -> Result<(), ProjectionError> {
-        Ok(self.view.begin_rebuild().await?)
+        self.drop_ahead().await;
+        self.view.begin_rebuild().await?;
+        self.set_shadow_ids(Some(Default::default()));
+        Ok(())
     }
 
     async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ProjectionError> {
-        Ok(self.view.begin_rebuild_fenced(lease).await?)
+        self.drop_ahead().await;
+        self.view.begin_rebuild_fenced(lease).await?;
+        self.set_shadow_ids(Some(Default::default()));
+        Ok(())
     }
 
     async fn prepare_swap(&self) -> Result<(), ProjectionError> {
+        self.finish_ahead().await?;
         Ok(self.view.prepare_swap().await?)
     }
 
     async fn swap(&self) -> Result<(), ProjectionError> {
+        self.finish_ahead().await?;
+        self.set_shadow_ids(None);
         Ok(self.view.swap().await?)
     }
 }
 
 impl<A: Aggregate> ViewProjection<A> {
-    /// The row changes `batch` makes to `copy`, folded onto the stored states.
-    async fn fold(&self, copy: ViewCopy, batch: &[Envelope<A::Event>]) -> Result<Vec<RowChange>, ProjectionError> {
+    fn set_shadow_ids(&self, ids: Option<std::collections::HashSet<u64>>) {
+        self.shadow_ids.lock().unwrap_or_else(|p| p.into_inner()).0 = ids;
+    }
+
+    /// Waits for the shadow write left running, if any; its failure
+    /// forgets the states it carried (and, like any failed shadow write,
+    /// the shadow's ids).
+    async fn settle(&self, ahead: &mut Ahead<A>) -> Result<(), ProjectionError> {
+        let Some(pending) = ahead.pending.as_mut() else { return Ok(()) };
+        // Awaited in place: a caller cancelled meanwhile leaves the handle
+        // for the next call (a new shadow waits for it), not a write
+        // running loose.
+        let written = pending
+            .await
+            .unwrap_or_else(|e| Err(ViewError::Backend(format!("a rebuild's write of the shadow copy stopped: {e}"))));
+        ahead.pending = None;
+        if written.is_err() {
+            ahead.carry.clear();
+        }
+        self.after_write(ViewCopy::Shadow, written)
+    }
+
+    /// Before a new shadow: waits out the old one's last write (so that it
+    /// cannot land in the new copy), whatever its outcome, and forgets
+    /// what the old shadow held.
+    async fn drop_ahead(&self) {
+        let mut ahead = self.ahead.lock().await;
+        let _ = self.settle(&mut ahead).await;
+        ahead.carry.clear();
+        self.set_shadow_ids(None);
+    }
+
+    /// A failed write into the shadow forgets its ids (see [`ShadowIds`]).
+    fn after_write(&self, copy: ViewCopy, written: Result<(), ViewError>) -> Result<(), ProjectionError> {
+        if written.is_err() && copy == ViewCopy::Shadow {
+            self.set_shadow_ids(None);
+        }
+        Ok(written?)
+    }
+
+    /// Of `ids`, those whose stored state in `copy` must be read: all of
+    /// them, except in a shadow this projection began, where only those
+    /// folded into it before; the others are noted as folded now.
+    fn stored_ids(&self, copy: ViewCopy, ids: Vec<String>) -> Vec<String> {
+        if copy != ViewCopy::Shadow {
+            return ids;
+        }
+        let mut shadow = self.shadow_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(seen) = shadow.0.as_mut() else { return ids };
+        // `insert` is false for an id seen before (or one sharing its hash).
+        ids.into_iter().filter(|id| !seen.insert(ShadowIds::hash(id))).collect()
+    }
+
+    /// The row changes `batch` makes to `copy`, folded onto the stored
+    /// states, or onto those of `carry` (a write still running) where it
+    /// has them; with a `carry`, also the states after the batch.
+    async fn fold(
+        &self,
+        copy: ViewCopy,
+        batch: &[Envelope<A::Event>],
+        carry: Option<&HashMap<String, (u64, A)>>,
+    ) -> Result<(Vec<RowChange>, HashMap<String, (u64, A)>), ProjectionError> {
         let mut ids: Vec<String> = batch.iter().map(|e| e.aggregate_id.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let stored = self.view.states(copy, &ids).await?;
         let mut states: HashMap<&str, (u64, A)> = HashMap::with_capacity(ids.len());
+        if let Some(carry) = carry {
+            for e in batch {
+                if let Some((version, state)) = carry.get(e.aggregate_id.as_str()) {
+                    states.entry(e.aggregate_id.as_str()).or_insert_with(|| (*version, state.clone()));
+                }
+            }
+            ids.retain(|id| !states.contains_key(id.as_str()));
+        }
+        let ids = self.stored_ids(copy, ids);
+        let stored = if ids.is_empty() { HashMap::new() } else { self.view.states(copy, &ids).await? };
         for (id, s) in &stored {
             let state = <A as serde::Deserialize>::deserialize(&s.state)
                 .map_err(|e| ViewError::Corrupt { id: id.clone(), reason: format!("stored state: {e}") })?;
@@ -311,13 +491,22 @@ impl<A: Aggregate> ViewProjection<A> {
         }
         let opened = self.open(&touched, &jsons).await?;
         let mut changes = Vec::with_capacity(touched.len());
-        for ((i, id), json) in touched.into_iter().enumerate().zip(jsons) {
+        for ((i, id), json) in touched.iter().enumerate().zip(jsons) {
             let (version, state) = &states[id];
             let opened = opened.get(i).and_then(Option::as_ref);
             let row = if state.is_deleted() { None } else { Some((self.to_row)(opened.unwrap_or(state))) };
-            changes.push(RowChange { id: id.to_owned(), version: *version, state: json, row });
+            changes.push(RowChange { id: (*id).to_owned(), version: *version, state: json, row });
         }
-        Ok(changes)
+        let mut after = HashMap::new();
+        if carry.is_some() {
+            after.reserve(touched.len());
+            for id in touched {
+                if let Some(s) = states.remove(id) {
+                    after.insert(id.to_owned(), s);
+                }
+            }
+        }
+        Ok((changes, after))
     }
 }
 
@@ -334,6 +523,16 @@ impl<A: Aggregate> ViewProjection<A> {
             other => ViewError::Backend(other.to_string()),
         })?)
     }
+}
+
+/// Where [`ProjectionRunner`] writes a batch.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// Into this copy, written before the call returns.
+    Now(ViewCopy),
+    /// Into the shadow copy, written while the next batch is folded
+    /// ([`Projection::apply_ahead`]).
+    ShadowAhead,
 }
 
 /// Tunables of a [`ProjectionRunner`].
@@ -793,7 +992,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
     async fn apply(
         &self,
         slot: &Slot<A::Event>,
-        copy: ViewCopy,
+        target: Target,
         batch: Vec<Envelope<A::Event>>,
         checkpoint: &Checkpoint,
         lease: &Lease,
@@ -802,7 +1001,11 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         // Each round fills one aggregate's gap; a batch holds at most
         // `batch_size` records, so this ends.
         for _ in 0..=batch.len() {
-            let (id, have, next) = match slot.projection.apply_fenced(copy, &batch, checkpoint, lease).await {
+            let applied = match target {
+                Target::Now(copy) => slot.projection.apply_fenced(copy, &batch, checkpoint, lease).await,
+                Target::ShadowAhead => slot.projection.apply_ahead(&batch, checkpoint, lease).await,
+            };
+            let (id, have, next) = match applied {
                 Err(ProjectionError::Gap { id, have, next }) => (id, have, next),
                 other => return other,
             };
@@ -902,7 +1105,9 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
             let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
             self.keep_lease(slot, lease, &mut renew_at).await?;
             events += batch.len() as u64;
-            self.apply(slot, ViewCopy::Shadow, batch, &next, lease).await?;
+            // Written while the next batch is folded; the progress shown
+            // may run one batch ahead of the shadow, which no reader sees.
+            self.apply(slot, Target::ShadowAhead, batch, &next, lease).await?;
             checkpoint = next;
             let done = total - checkpoint.lag_behind(&head).min(total);
             slot.update_rebuild(|r| {
@@ -913,6 +1118,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
             });
             progress(done, total);
         }
+        projection.finish_ahead().await?;
         // Indexes and the like before the pause, so the pause stays short.
         projection.prepare_swap().await?;
         self.keep_lease(slot, lease, &mut renew_at).await?;
@@ -924,7 +1130,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
             let (batch, next) = self.next_batch(&mut stream, &checkpoint).await?;
             self.keep_lease(slot, lease, &mut renew_at).await?;
             events += batch.len() as u64;
-            self.apply(slot, ViewCopy::Shadow, batch, &next, lease).await?;
+            self.apply(slot, Target::Now(ViewCopy::Shadow), batch, &next, lease).await?;
             checkpoint = next;
         }
         projection.swap_fenced(lease).await?;
@@ -1110,7 +1316,7 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
             if *gate != generation {
                 return Ok(Interrupt::Swapped);
             }
-            self.apply(slot, ViewCopy::Live, batch, &next, lease).await?;
+            self.apply(slot, Target::Now(ViewCopy::Live), batch, &next, lease).await?;
             drop(gate);
             checkpoint = next;
             slot.progress.send_replace(checkpoint.clone());

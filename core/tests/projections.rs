@@ -221,3 +221,202 @@ async fn nothing_projected_is_never_caught_up_and_stored_checkpoints_are_waited_
     assert!(stored.wait_for(p, Duration::from_secs(5)).await, "the stored checkpoint was not waited for");
     s.runner.shutdown().await;
 }
+
+/// An in-memory view that records which ids each `states` call of the
+/// shadow copy asks for and which ids went into it, and can fail the next
+/// shadow write.
+struct Recording {
+    inner: InMemoryView,
+    asked: std::sync::Mutex<Vec<String>>,
+    written: std::sync::Mutex<std::collections::HashSet<String>>,
+    asked_unwritten: std::sync::Mutex<Vec<String>>,
+    fail_next_shadow_write: std::sync::atomic::AtomicBool,
+    /// Each shadow write takes a permit first.
+    shadow_writes: tokio::sync::Semaphore,
+}
+
+impl Recording {
+    fn new() -> Self {
+        Self {
+            inner: InMemoryView::new(schema()).unwrap(),
+            asked: Default::default(),
+            written: Default::default(),
+            asked_unwritten: Default::default(),
+            fail_next_shadow_write: Default::default(),
+            shadow_writes: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
+        }
+    }
+
+    /// Shadow writes wait until [`Recording::shadow_writes`] gets permits.
+    fn held() -> Self {
+        Self { shadow_writes: tokio::sync::Semaphore::new(0), ..Self::new() }
+    }
+}
+
+#[async_trait::async_trait]
+impl ListView for Recording {
+    fn schema(&self) -> &ViewSchema {
+        self.inner.schema()
+    }
+    async fn list(&self, query: &ListQuery) -> Result<kes_core::Page, kes_core::ViewError> {
+        self.inner.list(query).await
+    }
+    async fn position(&self) -> Result<kes_core::Checkpoint, kes_core::ViewError> {
+        self.inner.position().await
+    }
+}
+
+#[async_trait::async_trait]
+impl ViewStore for Recording {
+    async fn progress(&self, copy: ViewCopy) -> Result<Option<kes_core::ViewProgress>, kes_core::ViewError> {
+        self.inner.progress(copy).await
+    }
+    async fn states(
+        &self,
+        copy: ViewCopy,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, kes_core::StoredState>, kes_core::ViewError> {
+        if copy == ViewCopy::Shadow {
+            let written = self.written.lock().unwrap();
+            self.asked.lock().unwrap().extend(ids.iter().cloned());
+            let unwritten = ids.iter().filter(|id| !written.contains(*id)).cloned();
+            self.asked_unwritten.lock().unwrap().extend(unwritten);
+        }
+        self.inner.states(copy, ids).await
+    }
+    async fn write(
+        &self,
+        copy: ViewCopy,
+        changes: &[RowChange],
+        checkpoint: &kes_core::Checkpoint,
+    ) -> Result<(), kes_core::ViewError> {
+        if copy == ViewCopy::Shadow {
+            self.shadow_writes.acquire().await.unwrap().forget();
+            if self.fail_next_shadow_write.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(kes_core::ViewError::Unavailable("injected".into()));
+            }
+            self.written.lock().unwrap().extend(changes.iter().map(|c| c.id.clone()));
+        }
+        self.inner.write(copy, changes, checkpoint).await
+    }
+    async fn begin_rebuild(&self) -> Result<(), kes_core::ViewError> {
+        self.written.lock().unwrap().clear();
+        self.inner.begin_rebuild().await
+    }
+    async fn swap(&self) -> Result<(), kes_core::ViewError> {
+        self.inner.swap().await
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event() {
+    let store = InMemoryStore::new();
+    // Aggregates whose events spread over several batches of 5.
+    let mut last = Position::new(0, 0);
+    for i in 0..120 {
+        last = add(&store, &format!("l-{}", i % 11), &[i]).await;
+    }
+    let view = Arc::new(Recording::new());
+    let s = setup(store.clone(), Arc::new(InMemoryView::new(schema()).unwrap()), 5);
+    let projection: Arc<dyn Projection<LedgerEvent>> = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
+    let config = RunnerConfig { batch_size: 5, ..RunnerConfig::default() };
+    let runner = ProjectionRunner::new(store.clone(), vec![projection], config);
+    let report = runner.rebuild("ledgers", &|_, _| {}).await.unwrap();
+    assert_eq!(report.events, 131);
+    // The states of aggregates met again were read back and folded onto…
+    assert!(!view.asked.lock().unwrap().is_empty(), "no state was ever read back from the shadow");
+    // …but an aggregate met for the first time was not looked up.
+    assert_eq!(*view.asked_unwritten.lock().unwrap(), Vec::<String>::new());
+    // The rebuilt rows are those of a plain follow of the same log.
+    s.runner.start().await.unwrap();
+    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
+    assert_eq!(totals(&view.inner).await, totals(&s.view).await);
+    s.runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_failed_shadow_write_every_fold_asks_the_view_again() {
+    let store = InMemoryStore::<Ledger>::new();
+    let mut positions = Vec::new();
+    for id in ["a", "b", "c"] {
+        positions.push(add(&store, id, &[]).await);
+    }
+    let view = Arc::new(Recording::new());
+    let projection = ViewProjection::<Ledger>::new(view.clone(), row);
+    projection.begin_rebuild().await.unwrap();
+    let mut checkpoint = kes_core::Checkpoint::start();
+    let mut apply = async |id: &str, at: Position| {
+        let batch = store.read_page(id, 0, 10).await.unwrap();
+        checkpoint.advance(at);
+        projection.apply(ViewCopy::Shadow, &batch, &checkpoint).await
+    };
+    apply("a", positions[0]).await.unwrap();
+    assert!(view.asked.lock().unwrap().is_empty(), "a fresh shadow was asked for an aggregate it cannot hold");
+    view.fail_next_shadow_write.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(apply("b", positions[1]).await.is_err());
+    // Another runner may fill the shadow from here on: nothing is assumed.
+    apply("c", positions[2]).await.unwrap();
+    assert_eq!(*view.asked.lock().unwrap(), vec!["c".to_owned()]);
+}
+
+#[tokio::test]
+async fn a_rebuild_folds_the_next_batch_while_the_view_writes_the_last() {
+    let store = InMemoryStore::<Ledger>::new();
+    let first = add(&store, "a", &[1]).await;
+    let second = add(&store, "a", &[2]).await;
+    let view = Arc::new(Recording::held());
+    let projection = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
+    let lease = kes_core::Lease { owner: "me".into(), fence: 0 };
+    projection.begin_rebuild().await.unwrap();
+    let mut at_first = kes_core::Checkpoint::start();
+    at_first.advance(first);
+    let mut at_second = at_first.clone();
+    at_second.advance(second);
+    // Versions 1–2, then 3, of one aggregate, in two batches.
+    let opened = store.read_page("a", 0, 2).await.unwrap();
+    let added = store.read_page("a", 2, 10).await.unwrap();
+    assert_eq!(added.len(), 1);
+    // The first batch's write waits for a permit, and the call returns anyway.
+    tokio::time::timeout(Duration::from_secs(5), projection.apply_ahead(&opened, &at_first, &lease))
+        .await
+        .expect("apply_ahead waited for its own write")
+        .unwrap();
+    let next = {
+        let (projection, lease) = (projection.clone(), lease.clone());
+        tokio::spawn(async move { projection.apply_ahead(&added, &at_second, &lease).await })
+    };
+    // The second batch is folded onto the state the running write carries,
+    // not onto the view's (which does not have it yet), and waits for that
+    // write before it starts its own.
+    tokio::task::yield_now().await;
+    assert!(!next.is_finished(), "the second batch did not wait for the first one's write");
+    view.shadow_writes.add_permits(2);
+    next.await.unwrap().unwrap();
+    projection.finish_ahead().await.unwrap();
+    assert!(view.asked.lock().unwrap().is_empty(), "the view was asked for a state it was still writing");
+    let states = view.inner.states(ViewCopy::Shadow, &["a".to_owned()]).await.unwrap();
+    assert_eq!(states["a"].version, 3);
+    projection.swap().await.unwrap();
+    assert_eq!(totals(&view.inner).await[0].1.get("total"), Some(&FieldValue::Integer(3)));
+}
+
+#[tokio::test]
+async fn a_failed_write_ahead_is_reported_by_the_next_call() {
+    let store = InMemoryStore::<Ledger>::new();
+    let first = add(&store, "a", &[]).await;
+    let second = add(&store, "b", &[]).await;
+    let view = Arc::new(Recording::new());
+    let projection = ViewProjection::<Ledger>::new(view.clone(), row);
+    let lease = kes_core::Lease { owner: "me".into(), fence: 0 };
+    projection.begin_rebuild().await.unwrap();
+    let mut checkpoint = kes_core::Checkpoint::start();
+    checkpoint.advance(first);
+    view.fail_next_shadow_write.store(true, std::sync::atomic::Ordering::SeqCst);
+    projection.apply_ahead(&store.read_page("a", 0, 10).await.unwrap(), &checkpoint, &lease).await.unwrap();
+    checkpoint.advance(second);
+    let e = projection.apply_ahead(&store.read_page("b", 0, 10).await.unwrap(), &checkpoint, &lease).await;
+    assert!(matches!(e, Err(kes_core::ProjectionError::View(kes_core::ViewError::Unavailable(_)))), "{e:?}");
+    // Nothing is left running, and the shadow holds neither batch.
+    projection.finish_ahead().await.unwrap();
+    assert!(view.inner.states(ViewCopy::Shadow, &["a".to_owned(), "b".to_owned()]).await.unwrap().is_empty());
+}
