@@ -1071,6 +1071,22 @@ impl SqlView {
     /// Builds the shadow copy's secondary indexes (and, on PostgreSQL, its
     /// planner statistics) unless it has them: one pass over the filled
     /// table, done before the swap pauses the live copy's writer.
+    /// `ANALYZE` of the columns that lists filter and sort on: the id, the
+    /// live flag, and the filterable or sortable fields. The state, the
+    /// fields only shown and the search text are left out: they are most
+    /// of the table's bytes, and no index serves them (a search is a
+    /// substring match). Autovacuum's own analyze covers them later.
+    fn analyze_sql(&self, table: &str) -> String {
+        let mut columns = vec!["id".to_owned(), "_live".to_owned()];
+        for field in self.schema.fields.iter().filter(|f| f.filterable || f.sortable) {
+            let column = sql::column(field);
+            if !columns.contains(&column) {
+                columns.push(column);
+            }
+        }
+        format!("ANALYZE {table} ({})", columns.join(", "))
+    }
+
     async fn index_shadow(&self) -> Result<(), SqlViewError> {
         let exists = self.exists_sql(&self.shadow);
         let count_indexes = self.count_indexes_sql(&self.shadow);
@@ -1086,7 +1102,7 @@ impl SqlView {
         }
         tx.commit().await?;
         if self.dialect == Dialect::Postgres {
-            self.write.execute(&Statement::new(format!("ANALYZE {}", self.shadow))).await?;
+            self.write.execute(&Statement::new(self.analyze_sql(&self.shadow))).await?;
         }
         Ok(())
     }
@@ -1136,7 +1152,7 @@ impl SqlView {
             if self.dialect == Dialect::Postgres {
                 // Fresh planner statistics, or the first queries on the new
                 // copy may be planned as if it were empty.
-                tx.execute(&Statement::new(format!("ANALYZE {}", self.shadow))).await?;
+                tx.execute(&Statement::new(self.analyze_sql(&self.shadow))).await?;
             }
         }
         for statement in ddl {
