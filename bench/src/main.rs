@@ -1,7 +1,8 @@
-//! `kes-bench [--quick] [--json FILE] [--only TEXT[,TEXT…]]`: KES against
+//! `kes-bench [--quick] [--json FILE] [--only TEXT[;TEXT…]]…`: KES against
 //! plain baselines, side by side in one process, so every figure is a
 //! same-run ratio. `--only` runs the scenarios whose name contains one of
-//! the texts (case-insensitive).
+//! the texts (case-insensitive); texts are separated by `;` (scenario
+//! names hold commas), and `--only` may be given more than once.
 //!
 //! Each scenario alternates rounds of the KES path and of its baseline and
 //! keeps the median of each. Load comes from a keep-alive HTTP client in
@@ -10,6 +11,7 @@
 //! `KES_TEST_KAFKA_BROKERS`; a scenario whose service is absent is reported
 //! as skipped, with the reason.
 
+mod alloc;
 mod auth;
 mod backends;
 mod feeds;
@@ -19,16 +21,14 @@ mod lag;
 mod load;
 mod scenarios;
 
-use std::alloc::System;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
-/// Counts every allocation of the process, for the table-memory scenario.
+/// The system's allocator, counting only for the table-memory scenario.
 #[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 /// Sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -202,6 +202,12 @@ fn print_table(outcomes: &[Outcome]) {
     }
 }
 
+/// The texts of one `--only` value: separated by `;`, since scenario names
+/// hold commas; lower case, blanks trimmed.
+fn only_texts(value: &str) -> impl Iterator<Item = String> + '_ {
+    value.split(';').map(|t| t.trim().to_lowercase()).filter(|t| !t.is_empty())
+}
+
 /// Texts from `--only`; empty runs every scenario.
 static ONLY: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
@@ -211,7 +217,7 @@ pub fn selected(name: &str) -> bool {
     ONLY.get().is_none_or(|only| only.is_empty() || only.iter().any(|t| name.contains(t.as_str())))
 }
 
-const USAGE: &str = "kes-bench [--quick] [--json FILE] [--only TEXT[,TEXT...]]";
+const USAGE: &str = "kes-bench [--quick] [--json FILE] [--only TEXT[;TEXT...]]...";
 
 fn parse_args() -> anyhow::Result<(bool, Option<String>)> {
     let mut quick = false;
@@ -223,8 +229,8 @@ fn parse_args() -> anyhow::Result<(bool, Option<String>)> {
             "--quick" => quick = true,
             "--json" => json = Some(args.next().context("--json needs a file name")?),
             "--only" => {
-                let texts = args.next().context("--only needs a comma-separated list of texts")?;
-                only.extend(texts.split(',').map(|t| t.trim().to_lowercase()).filter(|t| !t.is_empty()));
+                let texts = args.next().context("--only needs a text (or several, separated by ';')")?;
+                only.extend(only_texts(&texts));
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -250,4 +256,15 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {path}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_texts;
+
+    #[test]
+    fn only_splits_at_semicolons_and_keeps_the_commas_of_scenario_names() {
+        let texts: Vec<String> = only_texts("GET by id, 64 clients, Kafka store; table ;;").collect();
+        assert_eq!(texts, ["get by id, 64 clients, kafka store", "table"]);
+    }
 }

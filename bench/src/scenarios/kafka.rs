@@ -10,12 +10,12 @@ use kes_examples::domain::{Project, ProjectEvent};
 use kes_examples::service::{Service, Settings};
 use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use stats_alloc::Region;
 
+use crate::alloc::Region;
 use crate::backends::Kafka;
 use crate::ladder::{Served, largest_served, thousands};
 use crate::load::{self, Verb};
-use crate::{Better, GLOBAL, Measured, Missing, Outcome, Plan, Spec, median};
+use crate::{Better, Measured, Missing, Outcome, Plan, Spec, median};
 
 use super::*;
 
@@ -205,15 +205,15 @@ pub(crate) async fn kafka_table_inner(
     let (k, b) = interleave!(
         plan.rebuild_rounds,
         {
-            let region = Region::new(GLOBAL);
+            let region = Region::start();
             let started = Instant::now();
             let store = KafkaStore::<Project>::open(config.clone()).await?;
             let secs = started.elapsed().as_secs_f64();
             // Everything the open store still holds: allocated minus freed
-            // since just before it was opened (stats_alloc already counts
-            // a realloc's growth as allocated and its shrinking as freed).
-            let change = region.change();
-            let held = change.bytes_allocated as f64 - change.bytes_deallocated as f64;
+            // since just before it was opened (a realloc's growth counts as
+            // allocated, its shrinking as freed).
+            let held = region.held() as f64;
+            drop(region);
             let last = format!("t{}", states.len() - 1);
             anyhow::ensure!(store.load(&last).await?.is_some(), "the reopened table lacks {last}");
             drop(store);
@@ -244,7 +244,7 @@ pub(crate) async fn kafka_table_inner(
         smaller: None,
         kes: median(memory),
         baseline: raw_json as f64,
-        note: "bytes still allocated (counting global allocator, stats_alloc) after KafkaStore::open rebuilt its \
+        note: "bytes still allocated (counting global allocator) after KafkaStore::open rebuilt its \
                table, measured while the store is open; baseline: the summed serde_json bytes of the same states \
                (librdkafka's own C buffers are not counted: they bypass the Rust allocator)"
             .into(),
