@@ -191,9 +191,7 @@ impl Layout {
             return Ok(doc);
         };
         doc.add_bool(self.listed, true);
-        let json: serde_json::Map<String, serde_json::Value> =
-            row.iter().map(|(name, value)| (name.clone(), value.to_json())).collect();
-        doc.add_text(self.row, serde_json::Value::Object(json).to_string());
+        doc.add_text(self.row, serde_json::to_string(&RowJson(row)).map_err(SearchViewError::Json)?);
         for (name, value) in row {
             if let Some(raw) = self.raw.get(name) {
                 match value {
@@ -209,6 +207,29 @@ impl Layout {
             }
         }
         Ok(doc)
+    }
+}
+
+/// A row as the JSON object [`read_row`] reads (each value as
+/// [`FieldValue::to_json`] makes it), written straight to text: no
+/// `serde_json::Value` tree, no copy of the names and texts.
+struct RowJson<'a>(&'a Row);
+
+impl serde::Serialize for RowJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            match value {
+                FieldValue::Bool(b) => map.serialize_entry(name, b)?,
+                FieldValue::Integer(i) => map.serialize_entry(name, i)?,
+                FieldValue::Text(t) => map.serialize_entry(name, t)?,
+                // RFC 3339 with microseconds, and `null` for a float JSON
+                // cannot hold: as `to_json` has them.
+                FieldValue::Float(_) | FieldValue::Timestamp(_) => map.serialize_entry(name, &value.to_json())?,
+            }
+        }
+        map.end()
     }
 }
 
@@ -233,4 +254,30 @@ pub(crate) fn read_row(view: &ViewSchema, id: &str, text: &str) -> Result<Row, S
         }
     }
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use kes_core::{FieldValue, Row};
+
+    use super::RowJson;
+
+    #[test]
+    fn a_row_is_written_as_the_json_object_of_its_values() {
+        let mut row = Row::new();
+        row.insert("done".into(), FieldValue::Bool(true));
+        row.insert("budget".into(), FieldValue::Integer(-42));
+        row.insert("ratio".into(), FieldValue::Float(0.1));
+        row.insert("nan".into(), FieldValue::Float(f64::NAN));
+        row.insert("name".into(), FieldValue::Text("Grüße \"quoted\"\n\u{1}".into()));
+        let due = chrono::Utc.timestamp_opt(1_767_225_600, 123_456_789).single().expect("a time");
+        row.insert("due".into(), FieldValue::Timestamp(due));
+        let through_values: serde_json::Map<String, serde_json::Value> =
+            row.iter().map(|(name, value)| (name.clone(), value.to_json())).collect();
+        let expected = serde_json::Value::Object(through_values).to_string();
+        assert_eq!(serde_json::to_string(&RowJson(&row)).expect("serialise"), expected);
+        assert!(expected.contains(r#""due":"2026-01-01T00:00:00.123456Z""#), "{expected}");
+        assert!(expected.contains(r#""nan":null"#), "{expected}");
+    }
 }
