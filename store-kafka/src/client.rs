@@ -6,6 +6,7 @@
 use std::sync::{Arc, RwLock};
 
 use rdkafka::ClientContext;
+use rdkafka::Offset;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -93,6 +94,19 @@ pub(crate) fn create_consumer(config: &KafkaStoreConfig, eof: bool, wait_ms: u32
         .set("enable.partition.eof", if eof { "true" } else { "false" })
         .set("fetch.wait.max.ms", wait_ms.to_string());
     c.create_with_context(ReadContext).map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
+}
+
+/// Where a reader assigned to a partition starts: `next`, as a concrete
+/// offset even when it is 0. A logical offset (`Offset::Beginning`) has to
+/// be looked up at the partition's leader, and a new client that does not
+/// know the leader yet puts that lookup off by half a second; every
+/// start-up scan, catch-up and subscription from the start of a topic
+/// paid it. Offset 0 is the start of every partition whose records were
+/// never deleted; where the oldest were (retention), the fetch is out of
+/// range and `auto.offset.reset = earliest` moves the reader to the first
+/// record left, as `Offset::Beginning` would have.
+pub(crate) fn start_at(next: u64) -> Offset {
+    Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX))
 }
 
 /// A librdkafka client destroyed away from its owner's task. librdkafka's
@@ -197,7 +211,18 @@ impl ProducerSlot {
 mod tests {
     use std::sync::mpsc;
 
-    use super::Detached;
+    use rdkafka::Offset;
+
+    use super::{Detached, start_at};
+
+    #[test]
+    fn readers_start_at_concrete_offsets_even_at_the_start() {
+        // A logical offset would cost every new reader from the start of a
+        // partition half a second before its first fetch.
+        assert_eq!(start_at(0), Offset::Offset(0));
+        assert_eq!(start_at(41), Offset::Offset(41));
+        assert_eq!(start_at(u64::MAX), Offset::Offset(i64::MAX));
+    }
 
     /// Stands for a client whose destroy blocks until `release` answers
     /// (or 5 s pass).

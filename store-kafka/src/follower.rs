@@ -21,12 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kes_core::{Aggregate, Position, StoreError};
-use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
-use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reader, create_consumer};
+use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reader, create_consumer, start_at};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -406,8 +405,7 @@ impl<A: Aggregate> Inner<A> {
         {
             let table = self.table();
             for (p, log) in table.logs.iter().enumerate() {
-                let offset = if log.end == 0 { Offset::Beginning } else { Offset::Offset(log.end as i64) };
-                tpl.add_partition_offset(&self.events_topic, p as i32, offset)
+                tpl.add_partition_offset(&self.events_topic, p as i32, start_at(log.end))
                     .map_err(|e| KafkaStoreError::from_kafka("follow", &e))?;
             }
         }

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use kes_core::{AggregateRef, Erasure, KeyLookup, KeyRequest, KeyStore, KeyStoreError, WrappedKey};
+use rdkafka::TopicPartitionList;
 use rdkafka::admin::{AdminClient, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
@@ -38,11 +39,12 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::client::{Detached, FOLLOWER_FETCH_WAIT_MS, Reader, client_config, create_consumer, create_producer};
+use crate::client::{
+    Detached, FOLLOWER_FETCH_WAIT_MS, Reader, client_config, create_consumer, create_producer, start_at,
+};
 use crate::config::KafkaStoreConfig;
 use crate::error::KafkaStoreError;
 
@@ -184,8 +186,7 @@ impl KafkaKeyStore {
         let producer = create_producer(config)?;
         let consumer = create_consumer(config, false, FOLLOWER_FETCH_WAIT_MS)?;
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(&topic, 0, Offset::Beginning)
-            .map_err(|e| KafkaStoreError::from_kafka("keys topic", &e))?;
+        list.add_partition_offset(&topic, 0, start_at(0)).map_err(|e| KafkaStoreError::from_kafka("keys topic", &e))?;
         consumer.assign(&list).map_err(|e| KafkaStoreError::from_kafka("keys topic", &e))?;
         let (applied_tx, applied) = watch::channel(0);
         let state = Arc::new(Mutex::new(Keys::default()));

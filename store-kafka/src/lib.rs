@@ -165,6 +165,13 @@
 //! - `subscribe(checkpoint)` assigns every events partition and seeks to the
 //!   checkpoint's next offset (owned by the caller, never by consumer-group
 //!   commits); one item per record, per-partition order, endless.
+//! - Every reader (start-up scans, the follower, reads, subscriptions, the
+//!   keys topic) is assigned a concrete offset, 0 for the start of a
+//!   partition, never `Offset::Beginning`: a new librdkafka consumer looks
+//!   a logical offset up only once it knows the partition's leader, half a
+//!   second later, and a store's open used to pay that on every scan. Where
+//!   retention removed the oldest records, the read at 0 is out of range and
+//!   `auto.offset.reset = earliest` moves it to the first record left.
 //! - `head` asks for the high watermarks.
 //!
 //! ## Example

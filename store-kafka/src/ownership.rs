@@ -400,7 +400,7 @@ mod tests {
             aggregate_id: id.into(),
             version,
             deleted: false,
-            state: serde_json::json!({}),
+            state: crate::record::StateJson::from_bytes(b"{}"),
             state_version: 1,
             events_partition: 0,
             first_offset: 3,

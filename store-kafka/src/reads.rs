@@ -5,18 +5,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::stream;
 use kes_core::{Aggregate, Checkpoint, Codec, Envelope, EventStream, Logged, Position, StoreError};
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
-use rdkafka::{Offset, TopicPartitionList};
 
-use crate::client::{BOUNDED_FETCH_WAIT_MS, Detached, FOLLOW_FETCH_WAIT_MS, Reader, create_consumer};
+use crate::client::{BOUNDED_FETCH_WAIT_MS, Detached, FOLLOW_FETCH_WAIT_MS, Reader, create_consumer, start_at};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -32,26 +32,10 @@ const READ_THROUGH_RECORDS: u64 = 2048;
 
 impl<A: Aggregate> Inner<A> {
     /// High watermarks of the events topic's partitions (or, at start, of
-    /// the table topic's): `partitions` of them, of `topic`.
+    /// the table topic's): `partitions` of them, of `topic`. Each partition
+    /// is asked on a thread of its own, so the answers' round trips overlap.
     pub(crate) async fn high_watermarks(&self, topic: &str, partitions: u32) -> Result<Vec<u64>, KafkaStoreError> {
-        let producer = self.producer();
-        let topic = topic.to_owned();
-        let timeout = self.config.request_timeout;
-        let started = Instant::now();
-        let marks = tokio::task::spawn_blocking(move || {
-            (0..partitions)
-                .map(|p| {
-                    let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
-                    producer
-                        .client()
-                        .fetch_watermarks(&topic, p as i32, Timeout::After(left))
-                        .map(|(_, high)| u64::try_from(high).unwrap_or(0))
-                })
-                .collect::<Result<Vec<u64>, KafkaError>>()
-        })
-        .await
-        .map_err(|e| KafkaStoreError::Broker(format!("watermarks: {e}")))?;
-        marks.map_err(|e| KafkaStoreError::from_kafka("watermarks", &e))
+        futures::future::try_join_all((0..partitions).map(|p| self.high_watermark(topic, p))).await
     }
 
     /// The high watermark of partition `p` of `topic`.
@@ -265,9 +249,7 @@ impl<A: Aggregate> Inner<A> {
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
             let next = from.next_offset(p);
-            let offset =
-                if next == 0 { Offset::Beginning } else { Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX)) };
-            tpl.add_partition_offset(&self.events_topic, p as i32, offset)
+            tpl.add_partition_offset(&self.events_topic, p as i32, start_at(next))
                 .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
         }
         consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
@@ -298,8 +280,8 @@ impl<A: Aggregate> Inner<A> {
 fn assign_ranges(consumer: &Reader, topic: &str, ranges: &[(u32, u64, u64)]) -> Result<(), KafkaStoreError> {
     let mut tpl = TopicPartitionList::new();
     for (p, from, _) in ranges.iter().filter(|(_, from, to)| from < to) {
-        let offset = if *from == 0 { Offset::Beginning } else { Offset::Offset(*from as i64) };
-        tpl.add_partition_offset(topic, *p as i32, offset).map_err(|e| KafkaStoreError::from_kafka("assign", &e))?;
+        tpl.add_partition_offset(topic, *p as i32, start_at(*from))
+            .map_err(|e| KafkaStoreError::from_kafka("assign", &e))?;
     }
     consumer.assign(&tpl).map_err(|e| KafkaStoreError::from_kafka("assign", &e))
 }
@@ -308,7 +290,7 @@ fn assign_ranges(consumer: &Reader, topic: &str, ranges: &[(u32, u64, u64)]) -> 
 /// (a seek that drops what was prefetched).
 fn assign_at(consumer: &Reader, topic: &str, partition: u32, at: u64) -> Result<(), KafkaStoreError> {
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition as i32, Offset::Offset(at as i64))
+    tpl.add_partition_offset(topic, partition as i32, start_at(at))
         .and_then(|()| consumer.assign(&tpl))
         .map_err(|e| KafkaStoreError::from_kafka("assign", &e))
 }

@@ -81,6 +81,7 @@ use kes_core::{Envelope, Metadata, Position, RawEnvelope};
 use rdkafka::message::{Header, OwnedHeaders};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::error::KafkaStoreError;
@@ -343,6 +344,32 @@ pub(crate) struct MarkDoc {
     pub offset: u64,
 }
 
+/// An aggregate's state in a table record, as JSON text: read without
+/// building a tree of it, typed only when the table takes the record, and
+/// written from the table's bytes without parsing them into one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct StateJson(Box<RawValue>);
+
+impl StateJson {
+    /// The state JSON `bytes` hold; `null` when they are not JSON.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Self {
+        let text = std::str::from_utf8(bytes).ok().and_then(|s| RawValue::from_string(s.to_owned()).ok());
+        Self(text.unwrap_or_else(|| RawValue::NULL.to_owned()))
+    }
+
+    /// The JSON text.
+    pub(crate) fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for StateJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
 /// The value of one table record.
 ///
 /// A deleted aggregate is written like any other (with `deleted: true`),
@@ -358,7 +385,7 @@ pub(crate) struct TableDoc {
     pub version: u64,
     #[serde(default)]
     pub deleted: bool,
-    pub state: Value,
+    pub state: StateJson,
     /// The [`kes_core::Aggregate::STATE_VERSION`] that made `state` (1 in
     /// records of versions that did not record it).
     #[serde(default = "first_state_version")]
@@ -563,6 +590,40 @@ mod tests {
         missing.events[0].payload = None;
         let err = EventsDoc::decode("t", at, Some(b"l-1"), Some(&serde_json::to_vec(&missing).unwrap())).unwrap_err();
         assert!(err.to_string().contains("no payload"), "{err}");
+    }
+
+    #[test]
+    fn a_table_state_travels_as_the_json_text_it_was_written_from() {
+        let written = br#"{"name":"Apollo","tags":["a","b"],"budget":1.5e3}"#;
+        let doc = TableDoc {
+            format: Some(TABLE_FORMAT.to_owned()),
+            aggregate_type: "ledger".into(),
+            aggregate_id: "l-1".into(),
+            version: 2,
+            deleted: false,
+            state: StateJson::from_bytes(written),
+            state_version: 1,
+            events_partition: 0,
+            first_offset: 3,
+            last_offset: 4,
+            offsets: vec![3, 4],
+            max_record_bytes: 120,
+            reflected_below: 5,
+            epoch: 1,
+            last_event_id: None,
+            idempotency_keys: Default::default(),
+            reaction_marks: Vec::new(),
+            updated_at: Utc::now(),
+        };
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        let text: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(text["state"]["tags"][1], "b", "the state is embedded as JSON, not as a string");
+        let back = TableDoc::decode("t", Position::new(0, 7), Some(b"l-1"), Some(&bytes)).unwrap().unwrap();
+        assert_eq!(back.state.get().as_bytes(), written, "read back as the very text");
+        assert_eq!(back, doc);
+        // Bytes that are not JSON (never written by the table) become null.
+        assert_eq!(StateJson::from_bytes(b"{not json").get(), "null");
+        assert_eq!(StateJson::from_bytes(&[0xff, 0xfe]).get(), "null");
     }
 
     #[test]

@@ -82,11 +82,11 @@ impl<A: Aggregate> Inner<A> {
         }
         let mut rows = Rows::with_capacity(docs.len());
         let mut scratch = Vec::with_capacity(1024);
-        for (id, mut doc) in docs {
+        for (id, doc) in docs {
             // Typed once to check that it fits the model, then kept as
             // the JSON the model writes.
-            let encoded = serde_json::from_value::<A>(std::mem::take(&mut doc.state))
-                .and_then(|state| encode_state(&state, &mut scratch));
+            let encoded =
+                serde_json::from_str::<A>(doc.state.get()).and_then(|state| encode_state(&state, &mut scratch));
             let Ok((state, deleted)) = encoded else {
                 tracing::warn!(%id, "table state does not fit the aggregate's model; rebuilding from the events topic");
                 rows.clear();

@@ -113,7 +113,7 @@ impl<A: Aggregate> Inner<A> {
         let row = table.rows.get(id)?;
         let p = row.partition;
         // The table wrote these bytes from a typed state: they are JSON.
-        let state = serde_json::from_slice(row.state).unwrap_or(serde_json::Value::Null);
+        let state = crate::record::StateJson::from_bytes(row.state);
         Some((
             TableDoc {
                 format: Some(crate::record::TABLE_FORMAT.to_owned()),
