@@ -159,6 +159,7 @@ impl Kafka {
         tokio::task::spawn_blocking(move || {
             let consumer = raw_consumer(&brokers)?;
             let (parts, _) = watermarks(&consumer, &topic)?;
+            let parts: Vec<i32> = parts.into_iter().map(|(p, _)| p).collect();
             let mut list = TopicPartitionList::new();
             for p in parts {
                 list.add_partition_offset(&topic, p, Offset::OffsetTail(1))?;
@@ -177,7 +178,10 @@ impl Kafka {
     }
 
     /// Reads every record of `topic` from the beginning to its current end
-    /// with a plain consumer: the records read.
+    /// with a plain consumer: the records read. It starts at each
+    /// partition's low watermark, a concrete offset: assigned a logical one
+    /// (`Offset::Beginning`), a new librdkafka consumer waits half a second
+    /// before it looks it up, which KafkaStore's reads do not wait either.
     pub async fn read_all(&self, topic: &str) -> anyhow::Result<u64> {
         let brokers = self.brokers.clone();
         let topic = topic.to_owned();
@@ -187,9 +191,9 @@ impl Kafka {
             let mut list = TopicPartitionList::new();
             let mut remaining = 0usize;
             let mut ends = std::collections::HashMap::new();
-            for (p, high) in parts.iter().zip(&highs) {
-                if *high > 0 {
-                    list.add_partition_offset(&topic, *p, Offset::Beginning)?;
+            for ((p, low), high) in parts.iter().zip(&highs) {
+                if *high > *low {
+                    list.add_partition_offset(&topic, *p, Offset::Offset(*low))?;
                     ends.insert(*p, *high);
                     remaining += 1;
                 }
@@ -315,17 +319,21 @@ fn raw_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
+        // As KafkaStore's bounded reads: Tansu holds every fetch answer for
+        // the whole wait.
+        .set("fetch.wait.max.ms", RAW_FETCH_WAIT_MS.to_string())
         .create()?)
 }
 
-fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<(Vec<i32>, Vec<i64>)> {
+/// The partitions of `topic` with their low watermarks, and their high ones.
+fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<(Vec<(i32, i64)>, Vec<i64>)> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { bail!("topic {topic} not found") };
     let mut parts = Vec::new();
     let mut highs = Vec::new();
     for p in t.partitions() {
-        let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-        parts.push(p.id());
+        let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+        parts.push((p.id(), low));
         highs.push(high);
     }
     Ok((parts, highs))
