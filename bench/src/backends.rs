@@ -158,10 +158,9 @@ impl Kafka {
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer = raw_consumer(&brokers)?;
-            let (parts, _) = watermarks(&consumer, &topic)?;
-            let parts: Vec<i32> = parts.into_iter().map(|(p, _)| p).collect();
+            let parts = watermarks(&consumer, &topic)?;
             let mut list = TopicPartitionList::new();
-            for p in parts {
+            for (p, _, _) in parts {
                 list.add_partition_offset(&topic, p, Offset::OffsetTail(1))?;
             }
             consumer.assign(&list)?;
@@ -187,14 +186,14 @@ impl Kafka {
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer = raw_consumer(&brokers)?;
-            let (parts, highs) = watermarks(&consumer, &topic)?;
+            let parts = watermarks(&consumer, &topic)?;
             let mut list = TopicPartitionList::new();
             let mut remaining = 0usize;
             let mut ends = std::collections::HashMap::new();
-            for ((p, low), high) in parts.iter().zip(&highs) {
-                if *high > *low {
-                    list.add_partition_offset(&topic, *p, Offset::Offset(*low))?;
-                    ends.insert(*p, *high);
+            for (p, low, high) in parts {
+                if high > low {
+                    list.add_partition_offset(&topic, p, Offset::Offset(low))?;
+                    ends.insert(p, high);
                     remaining += 1;
                 }
             }
@@ -325,18 +324,16 @@ fn raw_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
         .create()?)
 }
 
-/// The partitions of `topic` with their low watermarks, and their high ones.
-fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<(Vec<(i32, i64)>, Vec<i64>)> {
+/// The partitions of `topic`, each with its low and high watermarks.
+fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { bail!("topic {topic} not found") };
     let mut parts = Vec::new();
-    let mut highs = Vec::new();
     for p in t.partitions() {
         let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-        parts.push((p.id(), low));
-        highs.push(high);
+        parts.push((p.id(), low, high));
     }
-    Ok((parts, highs))
+    Ok(parts)
 }
 
 /// The Project aggregate seen through cqrs-es: the same state, commands,
