@@ -14,7 +14,8 @@
 //! | Kafka broker | none by default | `KES_TEST_KAFKA_BROKERS` (`scripts/kafka-broker.sh start PORT DIR`) |
 
 use std::io::Write;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -72,18 +73,83 @@ pub async fn postgres() -> Option<String> {
 
 /// A new empty database on the PostgreSQL under test; its URL. `None` (by
 /// [`missing`]) when the server does not answer.
+///
+/// Its name is `kes_{tag}_{created}_{random}` (`created`: Unix seconds in 8
+/// hex digits; `random`: 16 hex digits). The first call of a process also
+/// drops the databases of that form created more than
+/// [`STALE_TEST_DATABASE`] ago that nobody is connected to: tests do not
+/// drop their databases (a failing test's is worth a look), so a machine
+/// that runs the suites again and again would otherwise pile them up.
 pub async fn fresh_postgres_database(tag: &str) -> Option<String> {
     let base = postgres().await?;
-    let name = format!("kes_{tag}_{}", uuid::Uuid::new_v4().simple());
+    let name = test_database_name(tag, unix_now());
     let mut conn = match PgConnection::connect(&base).await {
         Ok(conn) => conn,
         Err(e) => return missing("PostgreSQL", &e.to_string()),
     };
+    if !SWEPT.swap(true, Ordering::Relaxed) {
+        drop_stale_test_databases(&mut conn, unix_now()).await;
+    }
     if let Err(e) = conn.execute(format!("CREATE DATABASE {name}").as_str()).await {
         return missing("PostgreSQL", &format!("cannot create a database: {e}"));
     }
     let _ = conn.close().await;
     Some(with_database(&base, &name))
+}
+
+/// How old a test database must be before a later test run drops it.
+pub const STALE_TEST_DATABASE: Duration = Duration::from_secs(6 * 3600);
+
+/// Whether this process swept the stale test databases already.
+static SWEPT: AtomicBool = AtomicBool::new(false);
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The name of a test database tagged `tag`, created at `now` (Unix seconds).
+fn test_database_name(tag: &str, now: u64) -> String {
+    let random = uuid::Uuid::new_v4().as_u64_pair().0;
+    format!("kes_{tag}_{:08x}_{random:016x}", now & 0xffff_ffff)
+}
+
+/// When `name` is a test database made by [`fresh_postgres_database`]: the
+/// Unix second it was created at.
+fn test_database_created(name: &str) -> Option<u64> {
+    let mut parts = name.rsplitn(3, '_');
+    let random = parts.next()?;
+    let created = parts.next()?;
+    let head = parts.next()?;
+    let hex =
+        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !head.starts_with("kes_") || head.len() == "kes_".len() || !hex(random, 16) || !hex(created, 8) {
+        return None;
+    }
+    u64::from_str_radix(created, 16).ok()
+}
+
+/// Drops the test databases created before `now` - [`STALE_TEST_DATABASE`].
+/// One still in use is left (a plain `DROP DATABASE` refuses it); a failure
+/// only leaves a database behind, so it is reported and not raised.
+async fn drop_stale_test_databases(conn: &mut PgConnection, now: u64) {
+    let names: Vec<(String,)> = match sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'kes\\_%'")
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(names) => names,
+        Err(e) => {
+            eprintln!("test databases were not swept: {e}");
+            return;
+        }
+    };
+    let stale = now.saturating_sub(STALE_TEST_DATABASE.as_secs());
+    for (name,) in names {
+        if test_database_created(&name).is_some_and(|created| created < stale)
+            && let Err(e) = conn.execute(format!("DROP DATABASE IF EXISTS {name}").as_str()).await
+        {
+            eprintln!("stale test database {name} was not dropped: {e}");
+        }
+    }
 }
 
 /// `url` with its database replaced by `name` (query parameters kept).
@@ -185,5 +251,53 @@ mod tests {
         assert_eq!(with_database("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
         assert_eq!(with_database("postgres://u@h/test?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
         assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
+    }
+
+    #[test]
+    fn only_names_made_here_carry_a_creation_time() {
+        let now = 1_796_400_000;
+        let name = test_database_name("vsql_outage", now);
+        assert_eq!(test_database_created(&name), Some(now));
+        assert!(name.len() <= 63, "PostgreSQL cuts longer names: {name}");
+        for other in [
+            "test",
+            "postgres",
+            "kes_",
+            // The form before creation times: a tag, then 32 hex digits.
+            "kes_e2e_0123456789abcdef0123456789abcdef",
+            "kes_bench_4242_pg_patch",
+            "kes_e2e_6a8f0c11_0123456789abcdeg",
+            "kes_6a8f0c11_0123456789abcdef",
+            "app_e2e_6a8f0c11_0123456789abcdef",
+        ] {
+            assert_eq!(test_database_created(other), None, "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_test_database_is_dropped_and_a_recent_one_kept() {
+        let Some(base) = postgres().await else { return };
+        let mut conn = PgConnection::connect(&base).await.unwrap();
+        let now = unix_now();
+        let stale = test_database_name("sweep", now - STALE_TEST_DATABASE.as_secs() - 60);
+        let recent = test_database_name("sweep", now - STALE_TEST_DATABASE.as_secs() + 600);
+        for name in [&stale, &recent] {
+            conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+        }
+        // A stale database somebody is connected to stays too.
+        let busy = test_database_name("sweep", now - STALE_TEST_DATABASE.as_secs() - 60);
+        conn.execute(format!("CREATE DATABASE {busy}").as_str()).await.unwrap();
+        let user = PgConnection::connect(&with_database(&base, &busy)).await.unwrap();
+        drop_stale_test_databases(&mut conn, now).await;
+        let exists = |name: String| {
+            sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)").bind(name)
+        };
+        assert!(!exists(stale.clone()).fetch_one(&mut conn).await.unwrap(), "{stale} was dropped");
+        assert!(exists(recent.clone()).fetch_one(&mut conn).await.unwrap(), "{recent} is recent");
+        assert!(exists(busy.clone()).fetch_one(&mut conn).await.unwrap(), "{busy} is in use");
+        user.close().await.unwrap();
+        for name in [&recent, &busy] {
+            conn.execute(format!("DROP DATABASE {name}").as_str()).await.unwrap();
+        }
     }
 }
