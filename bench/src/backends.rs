@@ -178,9 +178,9 @@ impl Kafka {
 
     /// Reads every record of `topic` from the beginning to its current end
     /// with a plain consumer: the records read. It starts at each
-    /// partition's low watermark, a concrete offset: assigned a logical one
-    /// (`Offset::Beginning`), a new librdkafka consumer waits half a second
-    /// before it looks it up, which KafkaStore's reads do not wait either.
+    /// partition's low watermark, a concrete offset, as KafkaStore's reads
+    /// do: assigned a logical one (`Offset::Beginning`), a new librdkafka
+    /// consumer waits half a second before it looks it up.
     pub async fn read_all(&self, topic: &str) -> anyhow::Result<u64> {
         let brokers = self.brokers.clone();
         let topic = topic.to_owned();

@@ -209,7 +209,7 @@ pub(crate) async fn kafka_table_inner(
     // A reopen reads the table topic in about 0.15 s at the quick size, where
     // a broker's hiccup of a few tens of milliseconds moves a round's figure
     // by a fifth: three times the rounds of the other rebuilds, for a
-    // steadier median in about the time one of theirs takes.
+    // steadier median (about 17 s in all at the quick size, pauses included).
     let (k, b) = interleave!(
         plan.rebuild_rounds * 3,
         {
