@@ -25,7 +25,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
-use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reader, create_consumer, start_at};
+use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reach, Reader, create_consumer, start_at};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -338,7 +338,7 @@ impl<A: Aggregate> Inner<A> {
         let retention = self.key_retention();
         let mut row: Option<TableRow> = None;
         let mut unreadable = None;
-        self.scan(&topic, &[(p, from, to)], |m| {
+        self.scan(&topic, &[(p, from, to)], Reach::Within, |m| {
             if m.key() != Some(id.as_bytes()) || unreadable.is_some() {
                 return Ok(());
             }
@@ -400,7 +400,7 @@ impl<A: Aggregate> Inner<A> {
     /// where the table stands and applies each record. It ends when the
     /// store is dropped.
     pub(crate) fn start_following(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
-        let consumer = create_consumer(&self.config, false, FOLLOWER_FETCH_WAIT_MS)?;
+        let consumer = create_consumer(&self.config, false, FOLLOWER_FETCH_WAIT_MS, Reach::Within)?;
         let mut tpl = TopicPartitionList::new();
         {
             let table = self.table();

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::client::client_config;
+use crate::client::{Reach, client_config};
 use crate::error::KafkaStoreError;
 use crate::record::TableDoc;
 use crate::store::Inner;
@@ -240,7 +240,7 @@ impl<A: Aggregate> Inner<A> {
         let ranges: Vec<_> = high.iter().enumerate().map(|(tp, h)| (tp as u32, 0, *h)).collect();
         let topic = self.table_topic.clone();
         let mut scan = TableScan::default();
-        self.scan(&topic, &ranges, |m| {
+        self.scan(&topic, &ranges, Reach::ToTheHead, |m| {
             let at = Position::new(m.partition() as u32, m.offset() as u64);
             scan.take(&topic, at, m.key(), m.payload());
             Ok(())

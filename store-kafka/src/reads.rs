@@ -16,7 +16,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 
-use crate::client::{BOUNDED_FETCH_WAIT_MS, Detached, FOLLOW_FETCH_WAIT_MS, Reader, create_consumer, start_at};
+use crate::client::{BOUNDED_FETCH_WAIT_MS, Detached, FOLLOW_FETCH_WAIT_MS, Reach, Reader, create_consumer, start_at};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -67,12 +67,14 @@ impl<A: Aggregate> Inner<A> {
 
     /// Reads `topic` partition by partition from each start offset up to
     /// (excluding) each end offset, calling `f` on every record in order.
-    /// Fails with `Unavailable` when no record arrives for the request
-    /// timeout.
+    /// `reach` says whether the ends are the partitions' heads (larger
+    /// fetches then bring nothing unwanted). Fails with `Unavailable` when
+    /// no record arrives for the request timeout.
     pub(crate) async fn scan(
         &self,
         topic: &str,
         ranges: &[(u32, u64, u64)],
+        reach: Reach,
         mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
     ) -> Result<(), KafkaStoreError> {
         let mut open: HashMap<i32, u64> =
@@ -80,7 +82,7 @@ impl<A: Aggregate> Inner<A> {
         if open.is_empty() {
             return Ok(());
         }
-        let consumer = Detached::new(create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS)?);
+        let consumer = Detached::new(create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS, reach)?);
         assign_ranges(&consumer, topic, ranges)?;
         let idle = self.config.request_timeout;
         let mut deadline = Instant::now() + idle;
@@ -133,7 +135,7 @@ impl<A: Aggregate> Inner<A> {
         mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
     ) -> Result<(), KafkaStoreError> {
         let Some(first) = offsets.first() else { return Ok(()) };
-        let consumer = Detached::new(create_consumer(&self.config, false, BOUNDED_FETCH_WAIT_MS)?);
+        let consumer = Detached::new(create_consumer(&self.config, false, BOUNDED_FETCH_WAIT_MS, Reach::Within)?);
         assign_at(&consumer, topic, partition, *first)?;
         let idle = self.config.request_timeout;
         let mut deadline = Instant::now() + idle;
@@ -220,7 +222,10 @@ impl<A: Aggregate> Inner<A> {
             }
         } else if offsets.is_empty() {
             let range = [(p, records.from, records.to)];
-            self.scan(topic, &range, |m| page.keep(Position::new(p, m.offset() as u64), m.key(), m.payload())).await?;
+            self.scan(topic, &range, Reach::Within, |m| {
+                page.keep(Position::new(p, m.offset() as u64), m.key(), m.payload())
+            })
+            .await?;
         } else {
             let selected = offsets.get(pick.skip..pick.take).unwrap_or_default();
             self.fetch_at(topic, p, selected, |m| page.keep(Position::new(p, m.offset() as u64), m.key(), m.payload()))
@@ -245,7 +250,7 @@ impl<A: Aggregate> Inner<A> {
     /// An endless stream of the events topic's records from `from` on (see
     /// [`Subscription`]).
     pub(crate) fn subscribe(self: &Arc<Self>, from: &Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
-        let consumer = create_consumer(&self.config, false, FOLLOW_FETCH_WAIT_MS)?;
+        let consumer = create_consumer(&self.config, false, FOLLOW_FETCH_WAIT_MS, Reach::Within)?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
             let next = from.next_offset(p);

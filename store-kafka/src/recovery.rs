@@ -9,6 +9,7 @@ use std::sync::Arc;
 use kes_core::{Aggregate, Position};
 use rdkafka::message::Message;
 
+use crate::client::Reach;
 use crate::error::KafkaStoreError;
 use crate::follower::Applied;
 use crate::record::{EventsDoc, TableDoc};
@@ -134,7 +135,7 @@ impl<A: Aggregate> Inner<A> {
         let mut changed = HashSet::new();
         let mut gaps: HashSet<(u32, String)> = distrusted.iter().map(|(id, (p, _))| (*p, id.clone())).collect();
         let topic = self.events_topic.clone();
-        self.scan(&topic, ranges, |m| {
+        self.scan(&topic, ranges, Reach::ToTheHead, |m| {
             let at = Position::new(m.partition() as u32, m.offset() as u64);
             let mut table = self.table();
             let doc = match EventsDoc::decode(&topic, at, m.key(), m.payload()) {

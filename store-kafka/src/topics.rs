@@ -28,9 +28,14 @@ pub(crate) async fn prepare_topics(
         client_config(config).create().map_err(|e| KafkaStoreError::from_kafka("admin client", &e))?;
     let admin = Detached::new(Arc::new(admin));
     ensure_topics(&admin, config, events, table).await?;
-    check_topics(&admin, config, events, table).await?;
-    let partitions = partition_count(&admin, events, config.request_timeout).await?;
-    let table_partitions = partition_count(&admin, table, config.request_timeout).await?;
+    // Three independent questions, asked side by side: a start-up waits for
+    // the slowest answer, not for the sum.
+    let ((), partitions, table_partitions) = futures::future::try_join3(
+        check_topics(&admin, config, events, table),
+        partition_count(&admin, events, config.request_timeout),
+        partition_count(&admin, table, config.request_timeout),
+    )
+    .await?;
     Ok((partitions, table_partitions))
 }
 
