@@ -176,17 +176,22 @@ impl Kafka {
         .await?
     }
 
-    /// Reads every record of `topic` from the beginning to its current end
-    /// with a plain consumer: the records read. It starts at each
-    /// partition's low watermark, a concrete offset, as KafkaStore's reads
-    /// do: assigned a logical one (`Offset::Beginning`), a new librdkafka
-    /// consumer waits half a second before it looks it up.
-    pub async fn read_all(&self, topic: &str) -> anyhow::Result<u64> {
+    /// Reads every record of `topic` (of `partitions` partitions) from the
+    /// beginning to its current end with a plain consumer: the records read.
+    /// It starts at each partition's low watermark, a concrete offset, as
+    /// KafkaStore's reads do: assigned a logical one (`Offset::Beginning`),
+    /// a new librdkafka consumer waits half a second before it looks it up.
+    /// It is told the partition count rather than asking for the topic's
+    /// metadata: a new client's first metadata request races librdkafka's
+    /// retirement of its bootstrap connection (about every other time the
+    /// request fails there, and the retry waits 50 ms), which KafkaStore's
+    /// reads never meet, since they ask a running client for the watermarks.
+    pub async fn read_all(&self, topic: &str, partitions: i32) -> anyhow::Result<u64> {
         let brokers = self.brokers.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer = raw_consumer(&brokers)?;
-            let parts = watermarks(&consumer, &topic)?;
+            let parts = partition_watermarks(&consumer, &topic, 0..partitions)?;
             let mut list = TopicPartitionList::new();
             let mut remaining = 0usize;
             let mut ends = std::collections::HashMap::new();
@@ -328,12 +333,37 @@ fn raw_consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
 fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { bail!("topic {topic} not found") };
+    partition_watermarks(consumer, topic, t.partitions().iter().map(|p| p.id()))
+}
+
+/// Partitions `partitions` of `topic`, each with its low and high
+/// watermarks.
+fn partition_watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: impl IntoIterator<Item = i32>,
+) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let mut parts = Vec::new();
-    for p in t.partitions() {
-        let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-        parts.push((p.id(), low, high));
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        parts.push((p, low, high));
     }
     Ok(parts)
+}
+
+impl Kafka {
+    /// The partition count of `topic`.
+    pub async fn partitions(&self, topic: &str) -> anyhow::Result<i32> {
+        let brokers = self.brokers.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer = raw_consumer(&brokers)?;
+            let parts = watermarks(&consumer, &topic)?;
+            detach(consumer);
+            Ok(i32::try_from(parts.len())?)
+        })
+        .await?
+    }
 }
 
 /// The Project aggregate seen through cqrs-es: the same state, commands,

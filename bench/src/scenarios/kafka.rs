@@ -198,34 +198,30 @@ pub(crate) async fn kafka_table_inner(
     // The table topic holds at least one record per aggregate; wait for them.
     let deadline = Instant::now() + Duration::from_secs(30);
     eprintln!("  waiting for the table topic");
-    let mut records = kafka.read_all(&table_topic).await?;
+    let partitions = kafka.partitions(&table_topic).await?;
+    let mut records = kafka.read_all(&table_topic, partitions).await?;
     eprintln!("  table topic: {records} records");
     while (records as usize) < states.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        records = kafka.read_all(&table_topic).await?;
+        records = kafka.read_all(&table_topic, partitions).await?;
     }
     anyhow::ensure!(records as usize >= states.len(), "the table topic holds {records} of {} records", states.len());
-    let mut memory = Vec::new();
+    let last = format!("t{}", states.len() - 1);
     // A reopen reads the table topic in about 0.15 s at the quick size, where
     // a broker's hiccup of a few tens of milliseconds moves a round's figure
     // by a fifth: three times the rounds of the other rebuilds, for a
     // steadier median (about 17 s in all at the quick size, pauses included).
+    // The timed opens count no allocations: counting puts atomic updates of
+    // shared counters on every allocation and free, which no service pays
+    // and which threads allocating side by side contend on.
     let (k, b) = interleave!(
         plan.rebuild_rounds * 3,
         {
-            let region = Region::start();
             let started = Instant::now();
             let store = KafkaStore::<Project>::open(config.clone()).await?;
             let secs = started.elapsed().as_secs_f64();
-            // Everything the open store still holds: allocated minus freed
-            // since just before it was opened (a realloc's growth counts as
-            // allocated, its shrinking as freed).
-            let held = region.held() as f64;
-            drop(region);
-            let last = format!("t{}", states.len() - 1);
             anyhow::ensure!(store.load(&last).await?.is_some(), "the reopened table lacks {last}");
             drop(store);
-            memory.push(held);
             eprintln!("  KES reopen: {secs:.2} s");
             // A dropped store's tasks and clients end in the background (its
             // follower, the owners' group); the next round, of either side,
@@ -235,7 +231,7 @@ pub(crate) async fn kafka_table_inner(
         },
         {
             let started = Instant::now();
-            let read = kafka.read_all(&table_topic).await?;
+            let read = kafka.read_all(&table_topic, partitions).await?;
             anyhow::ensure!(read == records, "the raw consumer read {read} of {records} records");
             let secs = started.elapsed().as_secs_f64();
             eprintln!("  raw read: {secs:.2} s");
@@ -243,6 +239,21 @@ pub(crate) async fn kafka_table_inner(
             records as f64 / secs
         }
     );
+    // The memory figure comes from opens of their own, untimed.
+    let mut memory = Vec::new();
+    for _ in 0..plan.rebuild_rounds {
+        let region = Region::start();
+        let store = KafkaStore::<Project>::open(config.clone()).await?;
+        // Everything the open store still holds: allocated minus freed since
+        // just before it was opened (a realloc's growth counts as allocated,
+        // its shrinking as freed).
+        let held = region.held() as f64;
+        drop(region);
+        anyhow::ensure!(store.load(&last).await?.is_some(), "the reopened table lacks {last}");
+        drop(store);
+        memory.push(held);
+        tokio::time::sleep(SETTLE).await;
+    }
     let rebuild = Measured {
         smaller: None,
         kes: k,
@@ -250,7 +261,8 @@ pub(crate) async fn kafka_table_inner(
         note: format!(
             "KafkaStore::open on existing topics ({records} table records for {} aggregates, 3 partitions), \
              until it takes commands; baseline: a plain rdkafka BaseConsumer reading the same table topic from each \
-             partition's low watermark to its end (fetch.wait.max.ms=5, as KES's bounded reads)",
+             partition's low watermark to its end (fetch.wait.max.ms=5, as KES's bounded reads; told the partition \
+             count instead of asking a new client for the topic's metadata)",
             states.len()
         ),
     };
