@@ -236,20 +236,29 @@ impl Kafka {
     /// How many records `topic` holds: the sum over its partitions of high
     /// minus low watermark.
     pub async fn records(&self, topic: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .topic_watermarks(topic)
+            .await?
+            .iter()
+            .map(|(_, low, high)| u64::try_from(high - low).unwrap_or(0))
+            .sum())
+    }
+
+    /// The partition count of `topic`.
+    pub async fn partitions(&self, topic: &str) -> anyhow::Result<i32> {
+        Ok(i32::try_from(self.topic_watermarks(topic).await?.len())?)
+    }
+
+    /// The partitions of `topic` with their low and high watermarks, asked
+    /// by a consumer of their own.
+    async fn topic_watermarks(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
         let brokers = self.brokers.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer = raw_consumer(&brokers)?;
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-                bail!("topic {topic} not found")
-            };
-            let mut records = 0u64;
-            for p in t.partitions() {
-                let (low, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-                records += u64::try_from(high - low).unwrap_or(0);
-            }
-            Ok(records)
+            let parts = watermarks(&consumer, &topic);
+            detach(consumer);
+            parts
         })
         .await?
     }
@@ -349,21 +358,6 @@ fn partition_watermarks(
         parts.push((p, low, high));
     }
     Ok(parts)
-}
-
-impl Kafka {
-    /// The partition count of `topic`.
-    pub async fn partitions(&self, topic: &str) -> anyhow::Result<i32> {
-        let brokers = self.brokers.clone();
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer = raw_consumer(&brokers)?;
-            let parts = watermarks(&consumer, &topic)?;
-            detach(consumer);
-            Ok(i32::try_from(parts.len())?)
-        })
-        .await?
-    }
 }
 
 /// The Project aggregate seen through cqrs-es: the same state, commands,

@@ -50,8 +50,8 @@ const FETCH_MAX_BYTES: u64 = 1 << 20;
 /// partitions ([`Reach::ToTheHead`]): nothing lies past what it wants, so a
 /// large response brings nothing it does not read. Each fetch costs a
 /// broker that assembles whole responses (Tansu) a fixed overhead beside
-/// its per-record work: a store's open read its 3 MB table topic in three
-/// fetches of 1 MB in about 8 ms more than in one (median of eight reads
+/// its per-record work: a plain read of a 3 MB table topic took about 8 ms
+/// more in fetches of 1 MiB than in one fetch (medians of eight reads
 /// each). At Tansu's pace, about 40 ms per megabyte, a fetch of this bound
 /// is a silence of about a third of a second, far within the read's idle
 /// bound (the request timeout).
