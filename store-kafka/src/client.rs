@@ -68,12 +68,25 @@ pub(crate) enum Reach {
     Within,
 }
 
+/// What librdkafka adds to `fetch.max.bytes` for a response's protocol
+/// overhead when it checks it against `receive.message.max.bytes`.
+const RESPONSE_OVERHEAD_BYTES: u64 = 512;
+
 impl Reach {
-    /// `fetch.max.bytes` of a reader of this reach.
-    pub(crate) fn fetch_max_bytes(self) -> u64 {
-        match self {
+    /// `fetch.max.bytes` of a reader of this reach under `config`. A
+    /// `receive.message.max.bytes` the user set (librdkafka adjusts it only
+    /// when nobody did) caps a read to the head's bound, since librdkafka
+    /// refuses a consumer whose fetch bound does not fit in it; never
+    /// below [`FETCH_MAX_BYTES`], which every reader has always asked for.
+    pub(crate) fn fetch_max_bytes(self, config: &KafkaStoreConfig) -> u64 {
+        let bound = match self {
             Self::ToTheHead => TO_THE_HEAD_FETCH_MAX_BYTES,
             Self::Within => FETCH_MAX_BYTES,
+        };
+        let receive = config.client.get("receive.message.max.bytes").and_then(|v| v.trim().parse::<u64>().ok());
+        match receive {
+            Some(receive) => bound.min(receive.saturating_sub(RESPONSE_OVERHEAD_BYTES).max(FETCH_MAX_BYTES)),
+            None => bound,
         }
     }
 }
@@ -121,7 +134,7 @@ pub(crate) fn create_consumer(
     reach: Reach,
 ) -> Result<Reader, KafkaStoreError> {
     let mut c = client_config(config);
-    let fetch_max = reach.fetch_max_bytes();
+    let fetch_max = reach.fetch_max_bytes(config);
     c.set("max.partition.fetch.bytes", SCAN_FETCH_BYTES.clamp(1024, fetch_max).to_string())
         .set("fetch.max.bytes", fetch_max.to_string());
     // librdkafka wants a group id even for assign(); nothing is ever
@@ -252,18 +265,38 @@ mod tests {
 
     use rdkafka::Offset;
 
-    use super::{Detached, FETCH_MAX_BYTES, Reach, start_at};
+    use super::{BOUNDED_FETCH_WAIT_MS, Detached, FETCH_MAX_BYTES, Reach, create_consumer, start_at};
+    use crate::config::KafkaStoreConfig;
 
     #[test]
     fn only_reads_to_the_head_fetch_more_than_a_megabyte() {
         // A read that stops in the middle of a partition would make Tansu
         // gather the whole bound past its end; one to the head cannot
         // overshoot, and saves the broker a fetch per megabyte.
-        assert_eq!(Reach::Within.fetch_max_bytes(), FETCH_MAX_BYTES);
-        assert!(Reach::ToTheHead.fetch_max_bytes() >= 4 * FETCH_MAX_BYTES);
+        let config = KafkaStoreConfig::new("127.0.0.1:1", "kes-test");
+        assert_eq!(Reach::Within.fetch_max_bytes(&config), FETCH_MAX_BYTES);
+        assert!(Reach::ToTheHead.fetch_max_bytes(&config) >= 4 * FETCH_MAX_BYTES);
         // Both stay above the largest record a producer sends by default,
         // which a broker sizing by this bound would otherwise never return.
-        assert!(Reach::Within.fetch_max_bytes() > 1_000_000);
+        assert!(Reach::Within.fetch_max_bytes(&config) > 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn a_users_receive_bound_still_lets_every_reader_start() {
+        // librdkafka refuses a consumer whose fetch bound plus its protocol
+        // overhead passes an explicitly set `receive.message.max.bytes`.
+        let mut config = KafkaStoreConfig::new("127.0.0.1:1", "kes-test");
+        config.client.insert("receive.message.max.bytes".into(), "2000000".into());
+        for reach in [Reach::ToTheHead, Reach::Within] {
+            let consumer = create_consumer(&config, true, BOUNDED_FETCH_WAIT_MS, reach);
+            assert!(consumer.is_ok(), "{reach:?}: {:?}", consumer.err());
+        }
+        assert_eq!(Reach::ToTheHead.fetch_max_bytes(&config), 2_000_000 - 512);
+        // A bound below what readers always asked for is the user's to fix:
+        // it never shrinks the ordinary readers' bound.
+        config.client.insert("receive.message.max.bytes".into(), "100000".into());
+        assert_eq!(Reach::ToTheHead.fetch_max_bytes(&config), FETCH_MAX_BYTES);
+        assert_eq!(Reach::Within.fetch_max_bytes(&config), FETCH_MAX_BYTES);
     }
 
     #[test]

@@ -60,7 +60,11 @@ pub struct KafkaStoreConfig {
     pub min_retention_ms: i64,
     /// Extra librdkafka settings for every client (security, tuning), e.g.
     /// `security.protocol`, `linger.ms`. They override KES's defaults except
-    /// for `enable.idempotence` and `acks`, which stay as KES needs them.
+    /// for those KES's correctness or its reads rest on, which stay as KES
+    /// needs them: the producers' `enable.idempotence` and `acks`, and the
+    /// readers' group, offset, end-of-partition and fetch settings. A
+    /// `receive.message.max.bytes` set here caps the fetch bound of the
+    /// reads that go to the head of a topic (8 MiB otherwise).
     pub client: BTreeMap<String, String>,
 }
 
