@@ -110,7 +110,8 @@ impl<A: Aggregate> Inner<A> {
     ) -> Result<HashSet<String>, KafkaStoreError> {
         let events_high = self.high_watermarks(&self.events_topic, self.partitions).await?;
         let ranges: Vec<_> = events_high.iter().enumerate().map(|(p, h)| (p as u32, from[p], *h)).collect();
-        let changed = self.replay(&ranges, distrusted).await?;
+        // The ranges end at the watermarks just asked for.
+        let changed = self.replay(&ranges, Reach::ToTheHead, distrusted).await?;
         let mut table = self.table();
         for (p, high) in events_high.iter().enumerate() {
             // A halted partition stays where it stopped.
@@ -127,15 +128,17 @@ impl<A: Aggregate> Inner<A> {
     /// table record was older than the catch-up mark) is rebuilt from the
     /// log afterwards, as are the `distrusted` ones (id → partition and
     /// first offset); a record that cannot be read halts its partition.
+    /// `reach` is where the ranges end, which the caller knows.
     async fn replay(
         &self,
         ranges: &[(u32, u64, u64)],
+        reach: Reach,
         distrusted: HashMap<String, (u32, u64)>,
     ) -> Result<HashSet<String>, KafkaStoreError> {
         let mut changed = HashSet::new();
         let mut gaps: HashSet<(u32, String)> = distrusted.iter().map(|(id, (p, _))| (*p, id.clone())).collect();
         let topic = self.events_topic.clone();
-        self.scan(&topic, ranges, Reach::ToTheHead, |m| {
+        self.scan(&topic, ranges, reach, |m| {
             let at = Position::new(m.partition() as u32, m.offset() as u64);
             let mut table = self.table();
             let doc = match EventsDoc::decode(&topic, at, m.key(), m.payload()) {
