@@ -355,7 +355,12 @@ impl StateJson {
     /// The state JSON `bytes` hold; `null` when they are not JSON.
     pub(crate) fn from_bytes(bytes: &[u8]) -> Self {
         let text = std::str::from_utf8(bytes).ok().and_then(|s| RawValue::from_string(s.to_owned()).ok());
-        Self(text.unwrap_or_else(|| RawValue::NULL.to_owned()))
+        text.map_or_else(Self::null, Self)
+    }
+
+    /// JSON `null`: what a record's state is left as once it moved out.
+    pub(crate) fn null() -> Self {
+        Self(RawValue::NULL.to_owned())
     }
 
     /// The JSON text.
@@ -440,12 +445,13 @@ impl TableDoc {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) -> Result<Option<Self>, KafkaStoreError> {
-        let key = key.map(|k| String::from_utf8_lossy(k).into_owned());
         let Some(value) = value else { return Ok(None) };
+        // The key is only copied into an error: every table record of a
+        // start-up passes through here.
         let corrupt = |reason: String| KafkaStoreError::Corrupt {
             topic: topic.to_owned(),
             position: at,
-            aggregate_id: key.clone(),
+            aggregate_id: key.map(|k| String::from_utf8_lossy(k).into_owned()),
             version: 0,
             reason,
         };
@@ -454,7 +460,7 @@ impl TableDoc {
         if let Some(format) = doc.format.as_deref().filter(|f| *f != TABLE_FORMAT) {
             return Err(corrupt(format!("unknown format {format:?}")));
         }
-        if key.as_deref() != Some(doc.aggregate_id.as_str()) {
+        if key != Some(doc.aggregate_id.as_bytes()) {
             return Err(corrupt("record key differs from the aggregate id".into()));
         }
         if doc.version == 0 || doc.first_offset > doc.last_offset {
