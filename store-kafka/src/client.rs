@@ -63,13 +63,6 @@ pub(crate) enum Reach {
     /// At the partitions' high watermarks as they were just asked: a scan
     /// of a whole topic, or a catch-up to its head.
     ToTheHead,
-    /// As `ToTheHead`, for a reader with work to do on each partition once
-    /// it is read to its end (the start-up load types each table
-    /// partition's states then): fetches of the ordinary bound end the
-    /// partitions one after another, and that work goes on while the broker
-    /// gathers the next fetch, where one large fetch would end them all at
-    /// once and leave all of it for after the last record.
-    ToTheHeadStepwise,
     /// Anywhere: a stretch in the middle of a partition, or an endless
     /// subscription. A fetch past the read's end would be wasted.
     Within,
@@ -88,7 +81,7 @@ impl Reach {
     pub(crate) fn fetch_max_bytes(self, config: &KafkaStoreConfig) -> u64 {
         let bound = match self {
             Self::ToTheHead => TO_THE_HEAD_FETCH_MAX_BYTES,
-            Self::ToTheHeadStepwise | Self::Within => FETCH_MAX_BYTES,
+            Self::Within => FETCH_MAX_BYTES,
         };
         let receive = config.client.get("receive.message.max.bytes").and_then(|v| v.trim().parse::<u64>().ok());
         match receive {
@@ -283,9 +276,6 @@ mod tests {
         let config = KafkaStoreConfig::new("127.0.0.1:1", "kes-test");
         assert_eq!(Reach::Within.fetch_max_bytes(&config), FETCH_MAX_BYTES);
         assert!(Reach::ToTheHead.fetch_max_bytes(&config) >= 4 * FETCH_MAX_BYTES);
-        // A read to the head that works on each partition as it ends wants
-        // them to end one after another.
-        assert_eq!(Reach::ToTheHeadStepwise.fetch_max_bytes(&config), FETCH_MAX_BYTES);
         // Both stay above the largest record a producer sends by default,
         // which a broker sizing by this bound would otherwise never return.
         assert!(Reach::Within.fetch_max_bytes(&config) > 1_000_000);
@@ -297,7 +287,7 @@ mod tests {
         // overhead passes an explicitly set `receive.message.max.bytes`.
         let mut config = KafkaStoreConfig::new("127.0.0.1:1", "kes-test");
         config.client.insert("receive.message.max.bytes".into(), "2000000".into());
-        for reach in [Reach::ToTheHead, Reach::ToTheHeadStepwise, Reach::Within] {
+        for reach in [Reach::ToTheHead, Reach::Within] {
             let consumer = create_consumer(&config, true, BOUNDED_FETCH_WAIT_MS, reach);
             assert!(consumer.is_ok(), "{reach:?}: {:?}", consumer.err());
         }

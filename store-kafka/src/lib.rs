@@ -172,17 +172,12 @@
 //!   second later, and a store's open used to pay that on every scan. Where
 //!   retention removed the oldest records, the read at 0 is out of range and
 //!   `auto.offset.reset = earliest` moves it to the first record left.
-//! - Reads that end at the partitions' high watermarks (the catch-up from
-//!   the events topic, the owners' claim scans) fetch up to 8 MiB per
-//!   request, as nothing lies past what they want; every other reader
-//!   fetches up to 1 MiB, so that a read of a few records in the middle of
-//!   a partition does not make a broker that assembles whole responses
-//!   (Tansu) gather megabytes it then drops. The start-up scan of the
-//!   table topic also fetches up to 1 MiB, for another reason: it types
-//!   and packs each table partition's rows as soon as that partition is
-//!   read to its end, and fetches of that size end the partitions one
-//!   after another, so that work goes on while the broker gathers the next
-//!   fetch instead of all of it waiting for the last record.
+//! - Reads that end at the partitions' high watermarks (the start-up scan
+//!   of the table topic, the catch-up from the events topic, the owners'
+//!   claim scans) fetch up to 8 MiB per request, as nothing lies past what
+//!   they want; every other reader fetches up to 1 MiB, so that a read of a
+//!   few records in the middle of a partition does not make a broker that
+//!   assembles whole responses (Tansu) gather megabytes it then drops.
 //! - `head` asks for the high watermarks.
 //!
 //! ## Example

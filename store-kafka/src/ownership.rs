@@ -40,9 +40,7 @@ use uuid::Uuid;
 
 use crate::client::{Reach, client_config};
 use crate::error::KafkaStoreError;
-use crate::reads::ScanStep;
 use crate::record::TableDoc;
-use crate::rows::PackedRow;
 use crate::store::Inner;
 
 /// Keys of epoch markers start with a NUL byte, which aggregate ids never
@@ -97,7 +95,7 @@ pub(crate) struct Tenure {
 #[derive(Default)]
 pub(crate) struct TableScan {
     /// Latest trusted record per aggregate id.
-    pub(crate) docs: HashMap<String, ScannedDoc>,
+    pub(crate) docs: HashMap<String, TableDoc>,
     /// Aggregates whose last record came from a fenced-off tenure: events
     /// partition and first offset, to rebuild them from the events topic.
     pub(crate) distrusted: HashMap<String, (u32, u64)>,
@@ -116,39 +114,7 @@ pub(crate) struct TableScan {
     pub(crate) unreadable: usize,
 }
 
-/// A table record a scan keeps: the latest trusted one of its aggregate.
-pub(crate) struct ScannedDoc {
-    pub(crate) doc: TableDoc,
-    /// The table partition it was read from.
-    pub(crate) table_partition: u32,
-    /// Its state as the aggregate's model reads it, when the start-up load
-    /// already typed it (see [`TableScan::type_partition`]).
-    pub(crate) typed: Option<TypedState>,
-}
-
-/// A table record's state typed by the aggregate's model.
-pub(crate) enum TypedState {
-    /// It fits: the record's row, packed with the JSON the model writes
-    /// for its state.
-    Fits(PackedRow),
-    /// It no longer fits the model.
-    Unfit,
-}
-
 impl TableScan {
-    /// Types the state of every record kept from table partition `tp` that
-    /// is not typed yet, by `type_state` (`None`: not typed). Called once
-    /// `tp` is read to its end, nothing read later from `tp` can replace
-    /// them; a record of the same aggregate in another partition (after a
-    /// change of the partition count) replaces it untyped.
-    pub(crate) fn type_partition(&mut self, tp: u32, mut type_state: impl FnMut(&mut TableDoc) -> Option<TypedState>) {
-        for scanned in self.docs.values_mut() {
-            if scanned.table_partition == tp && scanned.typed.is_none() {
-                scanned.typed = type_state(&mut scanned.doc);
-            }
-        }
-    }
-
     /// Takes one table topic record (in offset order per partition):
     /// a marker, a table record, or something else.
     pub(crate) fn take(&mut self, topic: &str, at: Position, key: Option<&[u8]>, value: Option<&[u8]>) {
@@ -189,12 +155,12 @@ impl TableScan {
         }
         let claim = self.claims.entry(p).or_default();
         *claim = (*claim).max(doc.reflected_below);
-        let scanned = ScannedDoc { doc, table_partition, typed: None };
-        match self.docs.get_mut(&scanned.doc.aggregate_id) {
-            Some(old) if old.doc.version <= scanned.doc.version => *old = scanned,
+        // The id is copied only for an aggregate seen for the first time.
+        match self.docs.get_mut(&doc.aggregate_id) {
+            Some(old) if old.version <= doc.version => *old = doc,
             Some(_) => {}
             None => {
-                self.docs.insert(scanned.doc.aggregate_id.clone(), scanned);
+                self.docs.insert(doc.aggregate_id.clone(), doc);
             }
         }
     }
@@ -275,29 +241,13 @@ impl<A: Aggregate> Inner<A> {
 
     /// Reads the whole table topic by the fencing rule.
     pub(crate) async fn scan_table_topic(&self) -> Result<TableScan, KafkaStoreError> {
-        self.scan_table_topic_with(Reach::ToTheHead, |_, _| {}).await
-    }
-
-    /// [`Inner::scan_table_topic`], calling `ended(scan, tp)` as soon as
-    /// table partition `tp` is read to its end; `reach` is
-    /// [`Reach::ToTheHeadStepwise`] when `ended` has work to do.
-    pub(crate) async fn scan_table_topic_with(
-        &self,
-        reach: Reach,
-        mut ended: impl FnMut(&mut TableScan, u32),
-    ) -> Result<TableScan, KafkaStoreError> {
         let high = self.high_watermarks(&self.table_topic, self.table_partitions).await?;
         let ranges: Vec<_> = high.iter().enumerate().map(|(tp, h)| (tp as u32, 0, *h)).collect();
         let topic = self.table_topic.clone();
         let mut scan = TableScan::default();
-        self.scan_steps(&topic, &ranges, reach, |step| {
-            match step {
-                ScanStep::Record(m) => {
-                    let at = Position::new(m.partition() as u32, m.offset() as u64);
-                    scan.take(&topic, at, m.key(), m.payload());
-                }
-                ScanStep::Ended(tp) => ended(&mut scan, tp),
-            }
+        self.scan(&topic, &ranges, Reach::ToTheHead, |m| {
+            let at = Position::new(m.partition() as u32, m.offset() as u64);
+            scan.take(&topic, at, m.key(), m.payload());
             Ok(())
         })
         .await?;
@@ -505,58 +455,14 @@ mod tests {
     #[test]
     fn records_of_a_tenure_before_the_next_marker_and_newer_ones_are_trusted() {
         let s = scan(&[marker(0, 1, 1), record("k", 5, 1, 10), marker(0, 2, 2), record("k", 7, 2, 20)]);
-        assert_eq!(s.docs.get("k").map(|d| d.doc.version), Some(7));
+        assert_eq!(s.docs.get("k").map(|d| d.version), Some(7));
         assert!(s.distrusted.is_empty());
         // A distrusted key written again by the current owner is trusted again.
         let s = scan(&[marker(0, 2, 2), record("k", 5, 1, 10), record("k", 8, 2, 30)]);
-        assert_eq!(s.docs.get("k").map(|d| d.doc.version), Some(8));
+        assert_eq!(s.docs.get("k").map(|d| d.version), Some(8));
         assert!(s.distrusted.is_empty());
         // Records of older versions (epoch 0, no markers) are trusted.
         assert_eq!(scan(&[record("k", 3, 0, 4)]).docs.len(), 1);
-    }
-
-    /// Marks a typed record by its version, so a test sees which were typed.
-    fn type_by_version(doc: &mut TableDoc) -> Option<TypedState> {
-        Some(if doc.version.is_multiple_of(2) { TypedState::Unfit } else { TypedState::Fits(fits(doc)) })
-    }
-
-    fn fits(doc: &TableDoc) -> PackedRow {
-        let row = crate::table::TableRow::from_table_doc(&mut doc.clone(), Box::from(&b"{}"[..]), false);
-        PackedRow::new(&doc.aggregate_id, row)
-    }
-
-    #[test]
-    fn a_partition_read_to_its_end_has_its_records_typed_and_only_those() {
-        let mut s = TableScan::default();
-        let (a, b) = (record("a", 3, 0, 1), record("b", 4, 0, 2));
-        s.take("t", Position::new(0, 0), Some(a.0.as_bytes()), Some(&a.1));
-        s.take("t", Position::new(1, 0), Some(b.0.as_bytes()), Some(&b.1));
-        s.type_partition(0, type_by_version);
-        assert!(matches!(s.docs["a"].typed, Some(TypedState::Fits(_))));
-        assert!(s.docs["b"].typed.is_none(), "partition 1 is not read to its end yet");
-        // Typed once: ending the partition again changes nothing.
-        s.type_partition(0, |_| panic!("a typed record is not typed again"));
-        s.type_partition(1, type_by_version);
-        assert!(matches!(s.docs["b"].typed, Some(TypedState::Unfit)));
-    }
-
-    #[test]
-    fn a_newer_record_in_another_partition_replaces_a_typed_one_untyped() {
-        // After a change of the table topic's partition count, an
-        // aggregate's newer record can come from another partition.
-        let mut s = TableScan::default();
-        let (old, new) = (record("a", 3, 0, 1), record("a", 5, 0, 2));
-        s.take("t", Position::new(0, 0), Some(old.0.as_bytes()), Some(&old.1));
-        s.type_partition(0, type_by_version);
-        s.take("t", Position::new(1, 0), Some(new.0.as_bytes()), Some(&new.1));
-        assert_eq!((s.docs["a"].doc.version, s.docs["a"].table_partition), (5, 1));
-        assert!(s.docs["a"].typed.is_none(), "the newer record's state is not typed yet");
-        s.type_partition(1, type_by_version);
-        assert!(matches!(s.docs["a"].typed, Some(TypedState::Fits(_))));
-        // An older record read later keeps neither its state nor its partition.
-        let older = record("a", 1, 0, 0);
-        s.take("t", Position::new(2, 0), Some(older.0.as_bytes()), Some(&older.1));
-        assert_eq!((s.docs["a"].doc.version, s.docs["a"].table_partition), (5, 1));
     }
 
     #[test]

@@ -30,26 +30,6 @@ use crate::store::Inner;
 /// reading through 2,048 small records costs about a megabyte of transfer.
 const READ_THROUGH_RECORDS: u64 = 2048;
 
-/// Closes partition `p`'s range of a scan, telling `f` once.
-fn finish(
-    open: &mut HashMap<i32, u64>,
-    p: i32,
-    f: &mut impl FnMut(ScanStep<'_, '_>) -> Result<(), KafkaStoreError>,
-) -> Result<(), KafkaStoreError> {
-    match open.remove(&p) {
-        Some(_) => f(ScanStep::Ended(p as u32)),
-        None => Ok(()),
-    }
-}
-
-/// What [`Inner::scan_steps`] hands its caller: a record of a range, or
-/// the end of a partition's range (by its last record or the partition's
-/// end).
-pub(crate) enum ScanStep<'m, 'c> {
-    Record(&'m BorrowedMessage<'c>),
-    Ended(u32),
-}
-
 impl<A: Aggregate> Inner<A> {
     /// High watermarks of the events topic's partitions (or, at start, of
     /// the table topic's): `partitions` of them, of `topic`. Each partition
@@ -97,23 +77,6 @@ impl<A: Aggregate> Inner<A> {
         reach: Reach,
         mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
     ) -> Result<(), KafkaStoreError> {
-        self.scan_steps(topic, ranges, reach, |step| match step {
-            ScanStep::Record(m) => f(m),
-            ScanStep::Ended(_) => Ok(()),
-        })
-        .await
-    }
-
-    /// [`Inner::scan`], also telling `f` when each partition of `ranges`
-    /// is read to its end, so that work on a finished partition can go on
-    /// while the broker still sends the others.
-    pub(crate) async fn scan_steps(
-        &self,
-        topic: &str,
-        ranges: &[(u32, u64, u64)],
-        reach: Reach,
-        mut f: impl FnMut(ScanStep<'_, '_>) -> Result<(), KafkaStoreError>,
-    ) -> Result<(), KafkaStoreError> {
         let mut open: HashMap<i32, u64> =
             ranges.iter().filter(|(_, from, to)| from < to).map(|(p, _, to)| (*p as i32, *to)).collect();
         if open.is_empty() {
@@ -136,18 +99,20 @@ impl<A: Aggregate> Inner<A> {
                 Ok(Ok(message)) => {
                     deadline = Instant::now() + idle;
                     let p = message.partition();
-                    let Some(to) = open.get(&p).copied() else { continue };
+                    let Some(end) = open.get(&p).copied() else { continue };
                     let offset = u64::try_from(message.offset()).unwrap_or(0);
-                    if offset >= to {
-                        finish(&mut open, p, &mut f)?;
+                    if offset >= end {
+                        open.remove(&p);
                         continue;
                     }
-                    f(ScanStep::Record(&message))?;
-                    if offset + 1 >= to {
-                        finish(&mut open, p, &mut f)?;
+                    f(&message)?;
+                    if offset + 1 >= end {
+                        open.remove(&p);
                     }
                 }
-                Ok(Err(KafkaError::PartitionEOF(p))) => finish(&mut open, p, &mut f)?,
+                Ok(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
                 Ok(Err(e)) if e.rdkafka_error_code().is_some_and(is_transient) => {
                     tracing::debug!(topic, error = %e, "transient error while reading; librdkafka retries");
                 }

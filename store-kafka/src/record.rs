@@ -355,12 +355,7 @@ impl StateJson {
     /// The state JSON `bytes` hold; `null` when they are not JSON.
     pub(crate) fn from_bytes(bytes: &[u8]) -> Self {
         let text = std::str::from_utf8(bytes).ok().and_then(|s| RawValue::from_string(s.to_owned()).ok());
-        text.map_or_else(Self::null, Self)
-    }
-
-    /// JSON `null`: what a record's state is left as once it moved out.
-    pub(crate) fn null() -> Self {
-        Self(RawValue::NULL.to_owned())
+        Self(text.unwrap_or_else(|| RawValue::NULL.to_owned()))
     }
 
     /// The JSON text.

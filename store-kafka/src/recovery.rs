@@ -12,31 +12,10 @@ use rdkafka::message::Message;
 use crate::client::Reach;
 use crate::error::KafkaStoreError;
 use crate::follower::Applied;
-use crate::ownership::{ScannedDoc, TableScan, TypedState};
-use crate::record::{EventsDoc, StateJson, TableDoc};
-use crate::rows::{PackedRow, Rows};
+use crate::record::{EventsDoc, TableDoc};
+use crate::rows::Rows;
 use crate::store::Inner;
 use crate::table::{TableRow, encode_state};
-
-/// A table record's row, its state typed by `A`'s model: typed once to
-/// check that it fits, then kept as the JSON the model writes. `None` for
-/// a record of another [`Aggregate::STATE_VERSION`] (the table is rebuilt
-/// then). The record's lists and state move into the row; `scratch` is
-/// reused across records.
-fn type_state<A: Aggregate>(doc: &mut TableDoc, scratch: &mut Vec<u8>) -> Option<TypedState> {
-    if doc.state_version != A::STATE_VERSION {
-        return None;
-    }
-    let encoded = serde_json::from_str::<A>(doc.state.get()).and_then(|state| encode_state(&state, scratch));
-    Some(match encoded {
-        Ok((state, deleted)) => {
-            doc.state = StateJson::null();
-            let row = TableRow::from_table_doc(doc, state, deleted);
-            TypedState::Fits(PackedRow::new(&doc.aggregate_id, row))
-        }
-        Err(_) => TypedState::Unfit,
-    })
-}
 
 /// The rows read from the table topic, and per events partition the offset
 /// from which the events topic must be replayed.
@@ -48,14 +27,7 @@ impl<A: Aggregate> Inner<A> {
     /// rows this changed are written to the table topic by each
     /// partition's owner when its tenure starts.
     pub(crate) async fn recover(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
-        // Each table partition's rows are typed and packed as soon as it is
-        // read to its end, while the broker still gathers the others.
-        let mut scratch = Vec::with_capacity(1024);
-        let scan = self
-            .scan_table_topic_with(Reach::ToTheHeadStepwise, |scan, tp| {
-                scan.type_partition(tp, |doc| type_state::<A>(doc, &mut scratch));
-            })
-            .await?;
+        let scan = self.scan_table_topic().await?;
         let distrusted = scan.distrusted.clone();
         let docs = self.trusted_docs(scan);
         let (rows, from) = self.rows_from_table_records(docs);
@@ -82,13 +54,13 @@ impl<A: Aggregate> Inner<A> {
     /// trusted at all (unreadable, not written by KES, or for a partition
     /// the events topic lacks), so that the table is rebuilt from the
     /// events topic.
-    fn trusted_docs(&self, scan: TableScan) -> Option<HashMap<String, ScannedDoc>> {
+    fn trusted_docs(&self, scan: crate::ownership::TableScan) -> Option<HashMap<String, TableDoc>> {
         if scan.unreadable > 0 {
             tracing::warn!(topic = %self.table_topic, records = scan.unreadable,
                 "table records KES cannot read; rebuilding the table from the events topic");
             return None;
         }
-        if scan.docs.values().any(|d| d.doc.events_partition >= self.partitions) {
+        if scan.docs.values().any(|d| d.events_partition >= self.partitions) {
             tracing::warn!(topic = %self.table_topic, "table records for partitions the events topic lacks; rebuilding");
             return None;
         }
@@ -100,20 +72,23 @@ impl<A: Aggregate> Inner<A> {
     /// from the whole events topic) when there are no trustworthy records, a
     /// record was made by another [`Aggregate::STATE_VERSION`], or a state
     /// no longer fits the aggregate's model.
-    fn rows_from_table_records(&self, docs: Option<HashMap<String, ScannedDoc>>) -> LoadedRows {
+    fn rows_from_table_records(&self, docs: Option<HashMap<String, TableDoc>>) -> LoadedRows {
         let mut from = vec![0u64; self.partitions as usize];
         let Some(docs) = docs else { return (Rows::default(), from) };
-        if let Some(other) = docs.values().map(|d| d.doc.state_version).find(|v| *v != A::STATE_VERSION) {
+        if let Some(other) = docs.values().map(|d| d.state_version).find(|v| *v != A::STATE_VERSION) {
             tracing::info!(topic = %self.table_topic, from = other, to = A::STATE_VERSION,
                 "table records were built by another state version; rebuilding the table from the events topic");
             self.table_rebuilt_from.store(other.max(1), std::sync::atomic::Ordering::Relaxed);
             return (Rows::default(), from);
         }
         let mut rows = Rows::with_capacity(docs.len());
-        let mut scratch = Vec::new();
-        for (id, ScannedDoc { mut doc, typed, .. }) in docs {
-            let typed = typed.or_else(|| type_state::<A>(&mut doc, &mut scratch));
-            let Some(TypedState::Fits(row)) = typed else {
+        let mut scratch = Vec::with_capacity(1024);
+        for (id, doc) in docs {
+            // Typed once to check that it fits the model, then kept as
+            // the JSON the model writes.
+            let encoded =
+                serde_json::from_str::<A>(doc.state.get()).and_then(|state| encode_state(&state, &mut scratch));
+            let Ok((state, deleted)) = encoded else {
                 tracing::warn!(%id, "table state does not fit the aggregate's model; rebuilding from the events topic");
                 rows.clear();
                 from.iter_mut().for_each(|f| *f = 0);
@@ -121,7 +96,7 @@ impl<A: Aggregate> Inner<A> {
             };
             let slot = &mut from[doc.events_partition as usize];
             *slot = (*slot).max(doc.reflected_below);
-            rows.insert_packed(&id, row);
+            rows.insert(&id, TableRow::from_table_doc(doc, state, deleted));
         }
         (rows, from)
     }

@@ -59,22 +59,6 @@ pub(crate) struct Rows {
     hasher: RandomState,
 }
 
-/// A row packed for its id, with its keys and marks, not in a table yet.
-pub(crate) struct PackedRow {
-    packed: Box<[u8]>,
-    extras: Option<Extras>,
-}
-
-impl PackedRow {
-    /// `row`, packed as the row of `id`.
-    pub(crate) fn new(id: &str, mut row: TableRow) -> Self {
-        let keys = row.keys.take().map(|k| *k).unwrap_or_default();
-        let marks = row.marks.take().map(|m| *m).unwrap_or_default();
-        let extras = (!keys.is_empty() || !marks.is_empty()).then_some(Extras { keys, marks });
-        Self { packed: pack(id, &row, extras.is_some()), extras }
-    }
-}
-
 /// A row's recent idempotency keys (oldest first) and reaction marks.
 #[derive(Debug, Default)]
 pub(crate) struct Extras {
@@ -129,18 +113,11 @@ impl Rows {
     ///
     /// # Panics
     /// When the table would hold more than `u32::MAX` rows.
-    pub(crate) fn insert(&mut self, id: &str, row: TableRow) {
-        self.insert_packed(id, PackedRow::new(id, row));
-    }
-
-    /// [`Rows::insert`] of a row packed beforehand (the start-up load packs
-    /// each table partition's rows while the broker still sends the next).
-    ///
-    /// # Panics
-    /// When the table would hold more than `u32::MAX` rows.
-    pub(crate) fn insert_packed(&mut self, id: &str, row: PackedRow) {
-        let PackedRow { packed, extras } = row;
-        debug_assert_eq!(id_of(&packed), id, "a row is inserted under the id it was packed for");
+    pub(crate) fn insert(&mut self, id: &str, mut row: TableRow) {
+        let keys = row.keys.take().map(|k| *k).unwrap_or_default();
+        let marks = row.marks.take().map(|m| *m).unwrap_or_default();
+        let extras = (!keys.is_empty() || !marks.is_empty()).then_some(Extras { keys, marks });
+        let packed = pack(id, &row, extras.is_some());
         let i = match self.slot(id) {
             Some(i) => {
                 self.packed[i] = packed;

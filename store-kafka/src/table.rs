@@ -198,11 +198,10 @@ impl TableRow {
     }
 
     /// A row as a table record describes it, with its state already checked
-    /// against the model and encoded as the table keeps it. The record's
-    /// lists (offsets, keys, marks) move into the row.
-    pub(crate) fn from_table_doc(doc: &mut TableDoc, state: Box<[u8]>, deleted: bool) -> Self {
-        let keys = std::mem::take(&mut doc.idempotency_keys);
-        let marks = std::mem::take(&mut doc.reaction_marks);
+    /// against the model and encoded as the table keeps it.
+    pub(crate) fn from_table_doc(doc: TableDoc, state: Box<[u8]>, deleted: bool) -> Self {
+        let keys = doc.idempotency_keys;
+        let marks = doc.reaction_marks;
         Self {
             state,
             version: doc.version,
@@ -211,7 +210,7 @@ impl TableRow {
             partition: doc.events_partition,
             last_event_id: doc.last_event_id,
             max_bytes: u32::try_from(doc.max_record_bytes).unwrap_or(u32::MAX),
-            offsets: Offsets::from_vec(std::mem::take(&mut doc.offsets), doc.first_offset),
+            offsets: Offsets::from_vec(doc.offsets, doc.first_offset),
             keys: (!keys.is_empty()).then(|| Box::new(keys)),
             marks: (!marks.is_empty()).then(|| Box::new(marks)),
             deleted,
@@ -508,8 +507,8 @@ mod tests {
         let mut doc = doc;
         doc.reaction_marks.push(mark.clone());
         let text = serde_json::to_string(&doc).unwrap();
-        let mut back: TableDoc = serde_json::from_str(&text).unwrap();
-        let row = TableRow::from_table_doc(&mut back, Box::default(), false);
+        let back: TableDoc = serde_json::from_str(&text).unwrap();
+        let row = TableRow::from_table_doc(back, Box::default(), false);
         assert_eq!(row.marks.as_deref(), Some(&vec![mark]));
         assert_eq!(row.recall(&reaction_key("r", 0, 5, 0)), Some((2, 9)));
     }
