@@ -634,4 +634,29 @@ mod tests {
         let err = TableDoc::decode("t", at, Some(b"a"), Some(b"[]")).unwrap_err();
         assert!(matches!(err, KafkaStoreError::Corrupt { aggregate_id: Some(ref id), .. } if id == "a"));
     }
+
+    #[test]
+    fn a_table_record_is_read_only_under_its_aggregates_exact_id() {
+        let at = Position::new(0, 1);
+        let value = |id: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "format": TABLE_FORMAT, "aggregate_type": "ledger", "aggregate_id": id, "version": 1,
+                "state": {}, "events_partition": 0, "first_offset": 0, "last_offset": 0,
+                "updated_at": "2026-01-01T00:00:00Z"
+            }))
+            .unwrap()
+        };
+        assert!(TableDoc::decode("t", at, Some(b"l-1"), Some(&value("l-1"))).unwrap().is_some());
+        let refused = |key: Option<&[u8]>, id: &str| {
+            let err = TableDoc::decode("t", at, key, Some(&value(id))).unwrap_err();
+            assert!(matches!(err, KafkaStoreError::Corrupt { ref reason, .. } if reason.contains("differs")), "{err}");
+            err
+        };
+        refused(Some(b"l-2"), "l-1");
+        refused(None, "l-1");
+        // A key that is not UTF-8 never matches, not even an id equal to its
+        // lossy reading; the error still names it as best it can.
+        let err = refused(Some(b"l-\xff"), "l-\u{fffd}");
+        assert!(matches!(err, KafkaStoreError::Corrupt { aggregate_id: Some(ref id), .. } if id == "l-\u{fffd}"));
+    }
 }
