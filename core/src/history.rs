@@ -286,7 +286,7 @@ impl<A: Aggregate> HistoryProjection<A> {
             changes.push(RowChange {
                 id: history_row_id(&envelope.aggregate_id, envelope.version),
                 version: envelope.version,
-                state: serde_json::Value::Null,
+                state: serde_json::value::RawValue::NULL.to_owned(),
                 row: Some(row),
             });
         }
@@ -430,7 +430,7 @@ mod tests {
                 RowChange {
                     id: history_row_id("g", r.version),
                     version: r.version,
-                    state: serde_json::Value::Null,
+                    state: serde_json::value::RawValue::NULL.to_owned(),
                     row: Some(row),
                 }
             })

@@ -292,15 +292,21 @@ impl ViewStore for InMemoryView {
             }
         }
         let version = self.schema.version;
+        let states = changes
+            .iter()
+            .map(|c| {
+                serde_json::from_str(c.state.get())
+                    .map_err(|e| ViewError::Backend(format!("the state of {} is not JSON: {e}", c.id)))
+            })
+            .collect::<Result<Vec<serde_json::Value>, ViewError>>()?;
         self.with_copy(copy, |d| {
-            for c in changes {
+            for (c, state) in changes.iter().zip(states) {
                 // A row never moves back to an older version (a lagging
                 // second writer); an equal one is written again.
                 if d.rows.get(&c.id).is_some_and(|(stored, _)| stored.version > c.version) {
                     continue;
                 }
-                d.rows
-                    .insert(c.id.clone(), (StoredState { version: c.version, state: c.state.clone() }, c.row.clone()));
+                d.rows.insert(c.id.clone(), (StoredState { version: c.version, state }, c.row.clone()));
             }
             d.progress = Some(ViewProgress { checkpoint: checkpoint.clone(), schema_version: version });
         })

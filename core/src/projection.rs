@@ -319,7 +319,9 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         self.settle(&mut ahead).await?;
         let (view, checkpoint, lease) = (Arc::clone(&self.view), checkpoint.clone(), lease.clone());
         ahead.pending =
-            Some(tokio::spawn(async move { view.write_fenced(ViewCopy::Shadow, &changes, &checkpoint, &lease).await }));
+            Some(tokio::spawn(
+                async move { view.write_fenced_owned(ViewCopy::Shadow, changes, &checkpoint, &lease).await },
+            ));
         ahead.carry = states;
         Ok(())
     }
@@ -481,15 +483,16 @@ impl<A: Aggregate> ViewProjection<A> {
         }
         touched.sort_unstable();
         touched.dedup();
-        // Each state's JSON is made once: it is what the view stores, and
-        // what the vault opens where it holds personal values.
+        // Each state's JSON text is made once, straight from the typed
+        // state: it is what the view stores, and what the vault opens where
+        // it holds personal values.
         let mut jsons = Vec::with_capacity(touched.len());
         for id in &touched {
             let json =
-                serde_json::to_value(&states[id].1).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))?;
+                RowChange::state_of(&states[id].1).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))?;
             jsons.push(json);
         }
-        let opened = self.open(&touched, &jsons).await?;
+        let opened = self.open(&touched, &states).await?;
         let mut changes = Vec::with_capacity(touched.len());
         for ((i, id), json) in touched.iter().enumerate().zip(jsons) {
             let (version, state) = &states[id];
@@ -511,13 +514,20 @@ impl<A: Aggregate> ViewProjection<A> {
 }
 
 impl<A: Aggregate> ViewProjection<A> {
-    /// The states of `ids` (whose JSON is `jsons`) opened, in that order,
+    /// The states of `ids` (kept in `states`) opened, in that order,
     /// with one key lookup: `None` for a state without personal values
     /// (and for all of them without a vault).
-    async fn open(&self, ids: &[&str], jsons: &[Value]) -> Result<Vec<Option<A>>, ProjectionError> {
+    async fn open(&self, ids: &[&str], states: &HashMap<&str, (u64, A)>) -> Result<Vec<Option<A>>, ProjectionError> {
         let Some(vault) = self.vault.as_ref().filter(|_| A::PERSONAL_DATA) else { return Ok(Vec::new()) };
+        // The vault reads the sealed values out of JSON trees.
+        let trees = ids
+            .iter()
+            .map(|id| {
+                serde_json::to_value(&states[id].1).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))
+            })
+            .collect::<Result<Vec<Value>, ViewError>>()?;
         let docs: Vec<(AggregateRef, &Value)> =
-            ids.iter().zip(jsons).map(|(id, json)| (AggregateRef::new(A::NAME, *id), json)).collect();
+            ids.iter().zip(&trees).map(|(id, json)| (AggregateRef::new(A::NAME, *id), json)).collect();
         Ok(vault.open_documents(&docs).await.map_err(|e| match e {
             VaultError::Unavailable(m) => ViewError::Unavailable(m),
             other => ViewError::Backend(other.to_string()),

@@ -645,6 +645,8 @@ impl<A: Aggregate> ReactionProjection<A> {
         row.insert("error".into(), FieldValue::from(truncate(why, 1000)));
         row.insert("at".into(), FieldValue::from(at));
         let state = serde_json::json!({ "source_event_type": event.event_type, "source_version": event.version });
+        // A tree of a text and a number always serialises.
+        let state = RowChange::state_of(&state).unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
         RowChange { id: format!("{}:{index}", event.event_id), version: 1, state, row: Some(row) }
     }
 

@@ -135,7 +135,12 @@ async fn rebuild_serves_the_old_copy_then_swaps_in_an_equal_one() {
 #[tokio::test]
 async fn unreadable_view_state_is_reported_and_retried_not_panicked() {
     let s = setup(InMemoryStore::new(), Arc::new(InMemoryView::new(schema()).unwrap()), 8);
-    let bad = RowChange { id: "a".into(), version: 0, state: serde_json::json!("not a ledger"), row: None };
+    let bad = RowChange {
+        id: "a".into(),
+        version: 0,
+        state: kes_core::RowChange::state_of(&serde_json::json!("not a ledger")).expect("state JSON"),
+        row: None,
+    };
     s.view.write(ViewCopy::Live, &[bad], &kes_core::Checkpoint::start()).await.unwrap();
     s.runner.start().await.unwrap();
     let p = add(&s.store, "a", &[1]).await;
@@ -155,8 +160,12 @@ async fn unreadable_view_state_is_reported_and_retried_not_panicked() {
     let states = s.view.states(ViewCopy::Live, &["a".to_owned()]).await.unwrap();
     assert_eq!(states["a"].state, serde_json::json!("not a ledger"), "a corrupt state was silently overwritten");
     // Retried, not given up: once the state reads again, the runner goes on.
-    let repaired =
-        RowChange { id: "a".into(), version: 0, state: serde_json::to_value(Ledger::default()).unwrap(), row: None };
+    let repaired = RowChange {
+        id: "a".into(),
+        version: 0,
+        state: kes_core::RowChange::state_of(&Ledger::default()).unwrap(),
+        row: None,
+    };
     s.view.write(ViewCopy::Live, &[repaired], &kes_core::Checkpoint::start()).await.unwrap();
     assert!(s.runner.wait_for(p, Duration::from_secs(30)).await, "the runner stopped retrying");
     let status = s.runner.status().await.unwrap();
@@ -184,8 +193,12 @@ async fn a_view_that_missed_events_is_refolded_from_the_log() {
     let skipped = add(&store, "a", &[10, 100]).await; // versions 3, 4
     // The view holds `a` at version 2, yet its checkpoint is past 3 and 4.
     let stale = Ledger { open: true, closed: false, total: 1, entries: 1 };
-    let change =
-        RowChange { id: "a".into(), version: 2, state: serde_json::to_value(&stale).unwrap(), row: Some(row(&stale)) };
+    let change = RowChange {
+        id: "a".into(),
+        version: 2,
+        state: kes_core::RowChange::state_of(&stale).unwrap(),
+        row: Some(row(&stale)),
+    };
     let mut checkpoint = kes_core::Checkpoint::start();
     checkpoint.advance(skipped);
     view.write(ViewCopy::Live, &[change], &checkpoint).await.unwrap();

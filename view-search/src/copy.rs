@@ -211,15 +211,7 @@ impl IndexCopy {
         checkpoint: &Checkpoint,
         schema_version: u32,
     ) -> Result<(), SearchViewError> {
-        let texts = changes
-            .iter()
-            .map(|c| serde_json::to_string(&c.state).map_err(SearchViewError::Json))
-            .collect::<Result<Vec<_>, _>>()?;
-        let docs = changes
-            .iter()
-            .zip(&texts)
-            .map(|(c, text)| self.layout.document_with_state(c, text))
-            .collect::<Result<Vec<_>, _>>()?;
+        let docs = changes.iter().map(|c| self.layout.document(c)).collect::<Result<Vec<_>, _>>()?;
         let checkpoint_json: serde_json::Value =
             serde_json::from_str(&checkpoint.to_json()).map_err(SearchViewError::Json)?;
         let payload = json!({ "checkpoint": checkpoint_json, "schema_version": schema_version }).to_string();
@@ -233,8 +225,8 @@ impl IndexCopy {
             let result = (|| -> Result<(), SearchViewError> {
                 let written = &mut deferred.written;
                 add(writer, self.layout.id, changes, docs, |id| !written.insert(id.to_owned()))?;
-                for (change, text) in changes.iter().zip(texts) {
-                    deferred.states.insert(change.id.clone(), (change.version, text.into_boxed_str()));
+                for change in changes {
+                    deferred.states.insert(change.id.clone(), (change.version, Box::from(change.state.get())));
                 }
                 deferred.docs += changes.len();
                 deferred.payload = Some(payload);

@@ -176,16 +176,10 @@ impl Layout {
 
     /// The document `change` is stored as.
     pub fn document(&self, change: &RowChange) -> Result<TantivyDocument, SearchViewError> {
-        let state = serde_json::to_string(&change.state).map_err(SearchViewError::Json)?;
-        self.document_with_state(change, &state)
-    }
-
-    /// [`Layout::document`] with the state's JSON text already made.
-    pub fn document_with_state(&self, change: &RowChange, state: &str) -> Result<TantivyDocument, SearchViewError> {
         let mut doc = TantivyDocument::new();
         doc.add_text(self.id, &change.id);
         doc.add_u64(self.version, change.version);
-        doc.add_text(self.state, state);
+        doc.add_text(self.state, change.state.get());
         let Some(row) = &change.row else {
             doc.add_bool(self.listed, false);
             return Ok(doc);

@@ -19,7 +19,7 @@
 //!
 //! let mut row = Row::new();
 //! row.insert("name".into(), "Harbour Bridge Repainting".into());
-//! let change = RowChange { id: "p-1".into(), version: 1, state: serde_json::json!({}), row: Some(row) };
+//! let change = RowChange { id: "p-1".into(), version: 1, state: kes_core::RowChange::state_of(&serde_json::json!({})).expect("state JSON"), row: Some(row) };
 //! view.write(ViewCopy::Live, &[change], &Checkpoint::start()).await.unwrap();
 //!
 //! // A word inside the name finds the row, whatever its case or inflection.
@@ -391,17 +391,17 @@ impl SearchView {
     async fn write_with(
         &self,
         copy: ViewCopy,
-        changes: &[RowChange],
+        changes: Vec<RowChange>,
         checkpoint: &Checkpoint,
         lease: Option<Lease>,
     ) -> Result<(), ViewError> {
-        for change in changes {
+        for change in &changes {
             if let Some(row) = &change.row {
                 self.inner.schema.check_row(row)?;
             }
         }
         let inner = Arc::clone(&self.inner);
-        let (changes, checkpoint) = (changes.to_vec(), checkpoint.clone());
+        let checkpoint = checkpoint.clone();
         blocking(move || inner.write(copy, &changes, &checkpoint, lease.as_ref())).await
     }
 
@@ -952,13 +952,23 @@ impl ViewStore for SearchView {
     }
 
     async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
-        self.write_with(copy, changes, checkpoint, None).await
+        self.write_with(copy, changes.to_vec(), checkpoint, None).await
     }
 
     async fn write_fenced(
         &self,
         copy: ViewCopy,
         changes: &[RowChange],
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        self.write_with(copy, changes.to_vec(), checkpoint, Some(lease.clone())).await
+    }
+
+    async fn write_fenced_owned(
+        &self,
+        copy: ViewCopy,
+        changes: Vec<RowChange>,
         checkpoint: &Checkpoint,
         lease: &Lease,
     ) -> Result<(), ViewError> {

@@ -59,7 +59,8 @@ fn change(i: u64) -> RowChange {
     RowChange {
         id: format!("p{i:08}"),
         version: 1,
-        state: serde_json::json!({ "name": format!("project {i}"), "budget": i }),
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "name": format!("project {i}"), "budget": i }))
+            .expect("state JSON"),
         row: Some(row),
     }
 }
@@ -233,7 +234,7 @@ async fn rebuild_rate_against_raw_indexing() {
         let docs: Vec<TantivyDocument> = (0..rows)
             .map(|n| {
                 let mut c = change(n);
-                c.state = serde_json::json!({ "n": n });
+                c.state = kes_core::RowChange::state_of(&serde_json::json!({ "n": n })).expect("state JSON");
                 index_document(&schema, &c).expect("document")
             })
             .collect();

@@ -19,7 +19,12 @@ fn schema(version: u32) -> ViewSchema {
 fn change(id: &str, name: &str) -> RowChange {
     let mut row = Row::new();
     row.insert("name".into(), name.into());
-    RowChange { id: id.into(), version: 1, state: serde_json::json!({ "name": name }), row: Some(row) }
+    RowChange {
+        id: id.into(),
+        version: 1,
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "name": name })).expect("state JSON"),
+        row: Some(row),
+    }
 }
 
 fn at(offset: u64) -> Checkpoint {
@@ -104,7 +109,12 @@ async fn an_old_copy_serves_what_it_can_until_the_rebuild_swaps_in() {
     let mut row = Row::new();
     row.insert("name".into(), "alpha".into());
     row.insert("n".into(), 5.into());
-    let rebuilt = RowChange { id: "a".into(), version: 1, state: serde_json::json!({}), row: Some(row) };
+    let rebuilt = RowChange {
+        id: "a".into(),
+        version: 1,
+        state: kes_core::RowChange::state_of(&serde_json::json!({})).expect("state JSON"),
+        row: Some(row),
+    };
     view.write(ViewCopy::Shadow, &[rebuilt], &at(1)).await.expect("write shadow");
     view.swap().await.expect("swap");
     let page = view.list(&needs_n).await.expect("list after the rebuild");

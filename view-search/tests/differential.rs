@@ -129,7 +129,12 @@ async fn pages_equal_the_reference_view() {
             .map(|_| {
                 let id = format!("r{:03}", rng.below(60));
                 let row = if rng.below(8) == 0 { None } else { Some(random_row(&mut rng, &schema)) };
-                RowChange { id, version: batch + 1, state: serde_json::json!({ "batch": batch }), row }
+                RowChange {
+                    id,
+                    version: batch + 1,
+                    state: kes_core::RowChange::state_of(&serde_json::json!({ "batch": batch })).expect("state JSON"),
+                    row,
+                }
             })
             .collect();
         // The in-memory view keeps the last change of an id in a batch; so does the index.

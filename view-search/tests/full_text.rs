@@ -27,7 +27,12 @@ fn change(id: &str, version: u64, name: Option<&str>, tag: &str, budget: i64) ->
         row.insert("notes".into(), "bridge".into());
         row
     });
-    RowChange { id: id.into(), version, state: serde_json::json!({ "v": version }), row }
+    RowChange {
+        id: id.into(),
+        version,
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "v": version })).expect("state JSON"),
+        row,
+    }
 }
 
 fn at(offset: u64) -> Checkpoint {

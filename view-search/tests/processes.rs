@@ -39,7 +39,12 @@ fn change(id: &str, version: u64, name: &str) -> RowChange {
     let mut row = Row::new();
     row.insert("name".into(), name.into());
     row.insert("n".into(), (version as i64).into());
-    RowChange { id: id.into(), version, state: serde_json::json!({ "name": name }), row: Some(row) }
+    RowChange {
+        id: id.into(),
+        version,
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "name": name })).expect("state JSON"),
+        row: Some(row),
+    }
 }
 
 /// The checkpoint after the record at `offset` (partition 0).
@@ -413,6 +418,10 @@ async fn two_writer_opens_share_one_lease_through_the_lock() {
     fenced(second.write(ViewCopy::Live, &sneaky, &at(1)).await, "standby write");
     fenced(second.write_fenced(ViewCopy::Live, &sneaky, &at(1), &claimed).await, "standby fenced write");
     fenced(second.write_fenced(ViewCopy::Live, &sneaky, &at(1), &a).await, "standby write with the leader's lease");
+    fenced(
+        second.write_fenced_owned(ViewCopy::Live, sneaky.to_vec(), &at(1), &a).await,
+        "standby write of owned changes with the leader's lease",
+    );
     fenced(second.begin_rebuild().await, "standby rebuild");
     fenced(second.begin_rebuild_fenced(&claimed).await, "standby fenced rebuild");
     fenced(second.swap_fenced(&claimed).await, "standby swap");
@@ -429,6 +438,10 @@ async fn two_writer_opens_share_one_lease_through_the_lock() {
     let c = first.acquire_lease("c", TTL).await.expect("acquire").expect("an expired lease is taken over");
     assert!(c.fence > a.fence);
     fenced(first.write_fenced(ViewCopy::Live, &sneaky, &at(1), &a).await, "write with a lease taken over");
+    fenced(
+        first.write_fenced_owned(ViewCopy::Live, sneaky.to_vec(), &at(1), &a).await,
+        "write of owned changes with a lease taken over",
+    );
     assert!(!first.renew_lease(&a, TTL).await.expect("renew"));
     first.release_lease(&a).await.expect("releasing a lease taken over does nothing");
     assert!(first.holds_writer());

@@ -199,7 +199,12 @@ fn change(id: &str, version: u64, name: &str) -> RowChange {
     let mut row = Row::new();
     row.insert("name".into(), name.into());
     row.insert("n".into(), (version as i64).into());
-    RowChange { id: id.into(), version, state: serde_json::json!({ "name": name, "v": version }), row: Some(row) }
+    RowChange {
+        id: id.into(),
+        version,
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "name": name, "v": version })).expect("state JSON"),
+        row: Some(row),
+    }
 }
 
 async fn names(view: &dyn ListView) -> Vec<(String, String)> {

@@ -528,8 +528,7 @@ impl SqlView {
             for (n, change) in chunk.iter().enumerate() {
                 let version = i64::try_from(change.version)
                     .map_err(|_| SqlViewError::Corrupt { id: change.id.clone(), reason: "version too large".into() })?;
-                let state = serde_json::to_string(&change.state)
-                    .map_err(|e| SqlViewError::Corrupt { id: change.id.clone(), reason: e.to_string() })?;
+                let state = change.state.get().to_owned();
                 sql.push(if n == 0 { "(" } else { ", (" });
                 sql.arg(Arg::Text(Some(change.id.clone())))
                     .push(", ")
@@ -594,8 +593,7 @@ impl SqlView {
             for change in chunk {
                 let version = i64::try_from(change.version)
                     .map_err(|_| SqlViewError::Corrupt { id: change.id.clone(), reason: "version too large".into() })?;
-                let state = serde_json::to_string(&change.state)
-                    .map_err(|e| SqlViewError::Corrupt { id: change.id.clone(), reason: e.to_string() })?;
+                let state = change.state.get().to_owned();
                 ids.push(Some(change.id.clone()));
                 versions.push(Some(version));
                 states.push(Some(state));

@@ -102,7 +102,7 @@ async fn same_answers(view: SqlView) {
         .map(|i| RowChange {
             id: format!("{}{i:03}", ["r", "R", "s_", "é"][i % 4]),
             version: 1 + (i as u64 % 3),
-            state: serde_json::json!({ "i": i }),
+            state: kes_core::RowChange::state_of(&serde_json::json!({ "i": i })).expect("state JSON"),
             row: if i % 17 == 0 { None } else { Some(random_row(&mut rng)) },
         })
         .collect();

@@ -19,7 +19,12 @@ fn schema(version: u32) -> ViewSchema {
 fn change(id: &str, title: &str) -> RowChange {
     let mut row = Row::new();
     row.insert("title".into(), title.into());
-    RowChange { id: id.into(), version: 1, state: serde_json::json!({ "title": title }), row: Some(row) }
+    RowChange {
+        id: id.into(),
+        version: 1,
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "title": title })).expect("state JSON"),
+        row: Some(row),
+    }
 }
 
 fn at(offset: u64) -> Checkpoint {
@@ -101,7 +106,12 @@ async fn an_old_copy_answers_under_a_new_schema_until_rebuilt() {
         let mut row = Row::new();
         row.insert("title".into(), "first".into());
         row.insert("stars".into(), FieldValue::Integer(4));
-        let c = RowChange { id: "n1".into(), version: 1, state: serde_json::json!({}), row: Some(row.clone()) };
+        let c = RowChange {
+            id: "n1".into(),
+            version: 1,
+            state: kes_core::RowChange::state_of(&serde_json::json!({})).expect("state JSON"),
+            row: Some(row.clone()),
+        };
         v2.write(ViewCopy::Shadow, &[c], &at(0)).await.expect("write shadow");
         v2.swap().await.expect("swap");
         assert_eq!(v2.list(&ListQuery::new()).await.expect("list").items[0].row, row);

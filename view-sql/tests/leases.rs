@@ -336,7 +336,7 @@ fn change(id: &str, version: u64) -> RowChange {
     RowChange {
         id: id.to_owned(),
         version,
-        state: serde_json::to_value(&project).expect("state"),
+        state: kes_core::RowChange::state_of(&project).expect("state"),
         row: Some(to_row(&project)),
     }
 }

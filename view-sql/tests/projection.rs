@@ -311,7 +311,12 @@ fn change(id: &str, version: u64, name: &str) -> RowChange {
     let mut row = Row::new();
     row.insert("name".into(), name.into());
     row.insert("budget".into(), (version as i64).into());
-    RowChange { id: id.into(), version, state: serde_json::json!({ "name": name }), row: Some(row) }
+    RowChange {
+        id: id.into(),
+        version,
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "name": name })).expect("state JSON"),
+        row: Some(row),
+    }
 }
 
 fn at(offset: u64) -> Checkpoint {

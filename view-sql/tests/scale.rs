@@ -88,7 +88,12 @@ fn page_query() -> ListQuery {
 async fn load_directly(view: &SqlView) {
     view.begin_rebuild().await.expect("begin");
     let changes: Vec<RowChange> = (0..ROWS as u64)
-        .map(|n| RowChange { id: id_of(n), version: 1, state: serde_json::json!({ "n": n }), row: Some(row_of(n)) })
+        .map(|n| RowChange {
+            id: id_of(n),
+            version: 1,
+            state: kes_core::RowChange::state_of(&serde_json::json!({ "n": n })).expect("state JSON"),
+            row: Some(row_of(n)),
+        })
         .collect();
     let mut checkpoint = Checkpoint::start();
     for chunk in changes.chunks(2_000) {

@@ -18,7 +18,12 @@ fn schema() -> ViewSchema {
 fn change(version: u64, name: &str) -> RowChange {
     let mut row = Row::new();
     row.insert("name".into(), FieldValue::Text(name.into()));
-    RowChange { id: "r-1".into(), version, state: serde_json::json!({ "name": name }), row: Some(row) }
+    RowChange {
+        id: "r-1".into(),
+        version,
+        state: kes_core::RowChange::state_of(&serde_json::json!({ "name": name })).expect("state JSON"),
+        row: Some(row),
+    }
 }
 
 fn at(offset: u64) -> Checkpoint {

@@ -29,7 +29,7 @@ pub(crate) async fn tantivy_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> 
                 let change = RowChange {
                     id: id.clone(),
                     version: 1,
-                    state: serde_json::to_value(p)?,
+                    state: kes_core::RowChange::state_of(&p)?,
                     row: Some(resources::project_row(p)),
                 };
                 Ok(kes_view_search::index_document(&view, &change)?)

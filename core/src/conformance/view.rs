@@ -82,7 +82,12 @@ fn row_of(f: &Fixture) -> Row {
 }
 
 fn change(id: &str, version: u64, row: Option<Row>) -> RowChange {
-    RowChange { id: id.to_owned(), version, state: serde_json::json!({ "id": id, "v": version }), row }
+    RowChange {
+        id: id.to_owned(),
+        version,
+        state: RowChange::state_of(&serde_json::json!({ "id": id, "v": version })).expect("state JSON"),
+        row,
+    }
 }
 
 fn checkpoint(offset: u64) -> Checkpoint {

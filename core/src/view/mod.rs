@@ -117,17 +117,37 @@ pub struct StoredState {
 }
 
 /// A change to one row, produced by a projection.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RowChange {
     /// The aggregate id (the row's key).
     pub id: String,
     /// The aggregate version after the change.
     pub version: u64,
-    /// The aggregate state after the change.
-    pub state: serde_json::Value,
+    /// The aggregate state after the change, as compact JSON text: views
+    /// store it as text, so it is written once from the typed state,
+    /// without a `serde_json::Value` tree in between ([`RowChange::state_of`]).
+    pub state: Box<serde_json::value::RawValue>,
     /// The row to show, or `None` when the aggregate was deleted (the row
     /// disappears from lists; its state is kept).
     pub row: Option<Row>,
+}
+
+impl RowChange {
+    /// The JSON text of `state`, as [`RowChange::state`] holds it.
+    pub fn state_of(state: &impl Serialize) -> Result<Box<serde_json::value::RawValue>, serde_json::Error> {
+        serde_json::value::to_raw_value(state)
+    }
+}
+
+/// Two changes are equal when their ids, versions, rows and state texts
+/// are (a state written twice from equal values gives the same text).
+impl PartialEq for RowChange {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.version == other.version
+            && self.state.get() == other.state.get()
+            && self.row == other.row
+    }
 }
 
 /// What a view copy remembers of its progress.
@@ -210,6 +230,21 @@ pub trait ViewStore: ListView {
     ) -> Result<(), ViewError> {
         let _ = lease;
         self.write(copy, changes, checkpoint).await
+    }
+
+    /// [`ViewStore::write_fenced`] handed the changes to keep: a backend
+    /// that writes off the async executor (on a blocking thread) moves them
+    /// there instead of copying every state and row. A rebuild's bulk
+    /// writes come this way. The default lends them to
+    /// [`ViewStore::write_fenced`].
+    async fn write_fenced_owned(
+        &self,
+        copy: ViewCopy,
+        changes: Vec<RowChange>,
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        self.write_fenced(copy, &changes, checkpoint, lease).await
     }
 
     /// [`ViewStore::swap`] by the holder of `lease`, fenced like
