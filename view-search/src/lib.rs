@@ -19,7 +19,8 @@
 //!
 //! let mut row = Row::new();
 //! row.insert("name".into(), "Harbour Bridge Repainting".into());
-//! let change = RowChange { id: "p-1".into(), version: 1, state: kes_core::RowChange::state_of(&serde_json::json!({})).expect("state JSON"), row: Some(row) };
+//! let state = RowChange::state_of(&serde_json::json!({})).unwrap();
+//! let change = RowChange { id: "p-1".into(), version: 1, state, row: Some(row) };
 //! view.write(ViewCopy::Live, &[change], &Checkpoint::start()).await.unwrap();
 //!
 //! // A word inside the name finds the row, whatever its case or inflection.

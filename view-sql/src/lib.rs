@@ -99,7 +99,8 @@
 //! let mut row = Row::new();
 //! row.insert("name".into(), "Apollo".into());
 //! row.insert("budget".into(), 250.into());
-//! let change = RowChange { id: "p-1".into(), version: 1, state: kes_core::RowChange::state_of(&serde_json::json!({})).expect("state JSON"), row: Some(row) };
+//! let state = RowChange::state_of(&serde_json::json!({}))?;
+//! let change = RowChange { id: "p-1".into(), version: 1, state, row: Some(row) };
 //! view.write(ViewCopy::Live, &[change], &Checkpoint::start()).await?;
 //!
 //! let page = view.list(&ListQuery::new().filter("budget", FilterOp::Gte, "100").sort_by("-budget")).await?;
