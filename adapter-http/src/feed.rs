@@ -587,7 +587,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                     .render_bytes(&kes_core::AggregateRef::new(A::NAME, id), &document.json)
                     .await
                     .map_err(|_| FeedEnd::Unavailable)?
-                    .unwrap_or(document.json),
+                    .map_or(document.json, Bytes::from),
                 None => document.json,
             };
             let state: serde_json::Value = serde_json::from_slice(&json).map_err(|_| FeedEnd::Unavailable)?;

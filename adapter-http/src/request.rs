@@ -27,7 +27,7 @@ pub(crate) fn json_response(status: StatusCode, value: &impl serde::Serialize) -
 }
 
 /// An answer whose body is JSON already serialised.
-pub(crate) fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
+pub(crate) fn json_bytes(status: StatusCode, body: Bytes) -> Response {
     let mut r = (status, body).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r

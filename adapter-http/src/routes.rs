@@ -8,6 +8,7 @@ use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
+use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 use kes_core::{
@@ -146,7 +147,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         }
         let done = result.map_err(|e| command_error::<A>(e, &id, if_match, matches!(kind, Write::Create)))?;
         let body = match kind {
-            Write::Delete => Vec::new(),
+            Write::Delete => Bytes::new(),
             _ => self.rendered(&id, &done.state).await?,
         };
         Ok(self.written(&kind, &id, done, body))
@@ -159,17 +160,18 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
 
     /// The JSON of `state` as readers see it: personal values opened, or
     /// `null` and listed in `_erased` once their subject is erased.
-    async fn rendered(&self, id: &str, state: &A) -> Result<Vec<u8>, HttpError> {
+    async fn rendered(&self, id: &str, state: &A) -> Result<Bytes, HttpError> {
         let json =
             serde_json::to_vec(state).map_err(|e| HttpError::Internal(format!("cannot serialise the answer: {e}")))?;
-        self.rendered_bytes(id, json).await
+        self.rendered_bytes(id, json.into()).await
     }
 
-    /// `json`, a stored document of aggregate `id`, as readers see it.
-    pub(crate) async fn rendered_bytes(&self, id: &str, json: Vec<u8>) -> Result<Vec<u8>, HttpError> {
+    /// `json`, a stored document of aggregate `id`, as readers see it:
+    /// the same buffer when nothing in it is personal.
+    pub(crate) async fn rendered_bytes(&self, id: &str, json: Bytes) -> Result<Bytes, HttpError> {
         let Some(vault) = self.vault() else { return Ok(json) };
         match vault.render_bytes(&AggregateRef::new(A::NAME, id), &json).await {
-            Ok(rendered) => Ok(rendered.unwrap_or(json)),
+            Ok(rendered) => Ok(rendered.map_or(json, Bytes::from)),
             Err(e) => Err(HttpError::from(StoreError::from(e))),
         }
     }
@@ -204,7 +206,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     }
 
     /// The answer to a write that the bus accepted.
-    fn written(&self, kind: &Write, id: &str, done: CommandOutcome<A>, body: Vec<u8>) -> Response {
+    fn written(&self, kind: &Write, id: &str, done: CommandOutcome<A>, body: Bytes) -> Response {
         let mut response = match kind {
             Write::Create => json_bytes(StatusCode::CREATED, body),
             Write::Update => json_bytes(StatusCode::OK, body),

@@ -71,8 +71,10 @@ pub struct Snapshot<A> {
 /// on, such as `GET` by id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateDocument {
-    /// The state as compact JSON.
-    pub json: Vec<u8>,
+    /// The state as compact JSON. A shared buffer: a store that keeps the
+    /// document (the SQL store's state cache) hands out a reference to it,
+    /// and a response body can be the same buffer, not a copy.
+    pub json: bytes::Bytes,
     /// The version of the last event (≥ 1).
     pub version: u64,
     /// [`Aggregate::is_deleted`] of the state.
@@ -281,7 +283,7 @@ pub trait EventStore<A: Aggregate>: Send + Sync + 'static {
         let Some(snapshot) = self.load(id).await? else { return Ok(None) };
         let json = serde_json::to_vec(&snapshot.state)
             .map_err(|e| StoreError::Backend(format!("{} {id}: the state does not serialise: {e}", A::NAME)))?;
-        Ok(Some(StateDocument { json, version: snapshot.version, deleted: snapshot.state.is_deleted() }))
+        Ok(Some(StateDocument { json: json.into(), version: snapshot.version, deleted: snapshot.state.is_deleted() }))
     }
 
     /// The whole stream of `id`, oldest first (the audit history).

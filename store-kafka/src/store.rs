@@ -268,13 +268,17 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
         let table = self.inner.table();
         let Some(row) = table.rows.get(id) else { return Ok(None) };
         if row.version > 0 {
-            return Ok(Some(StateDocument { json: row.state.to_vec(), version: row.version, deleted: row.deleted }));
+            return Ok(Some(StateDocument {
+                json: bytes::Bytes::copy_from_slice(row.state),
+                version: row.version,
+                deleted: row.deleted,
+            }));
         }
         // As `load`: a row without events stands for the default state.
         drop(table);
         let state = A::default();
         let json = serde_json::to_vec(&state).map_err(|e| StoreError::Backend(format!("{} {id}: {e}", A::NAME)))?;
-        Ok(Some(StateDocument { json, version: 0, deleted: state.is_deleted() }))
+        Ok(Some(StateDocument { json: json.into(), version: 0, deleted: state.is_deleted() }))
     }
 
     async fn read(&self, id: &str) -> Result<Vec<Envelope<A::Event>>, StoreError> {

@@ -42,7 +42,7 @@ struct Slots<A> {
 /// A cached state and, once a reader asked for it, its JSON document.
 pub(crate) struct Cached<A> {
     pub(crate) state: A,
-    pub(crate) json: OnceLock<Vec<u8>>,
+    pub(crate) json: OnceLock<bytes::Bytes>,
 }
 
 struct Slot<A> {

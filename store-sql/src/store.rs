@@ -227,6 +227,7 @@ impl<A: Aggregate> EventStore<A> for SqlStore<A> {
     async fn load_document(&self, id: &str) -> Result<Option<StateDocument>, StoreError> {
         let encode = |state: &A| {
             serde_json::to_vec(state)
+                .map(bytes::Bytes::from)
                 .map_err(|e| StoreError::Backend(format!("{} {id}: the state does not serialise: {e}", A::NAME)))
         };
         // A fresh cached state keeps its document, made once for all reads
