@@ -49,6 +49,23 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
 /// The request id (set by the server when the client sent none).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The header names the routes read and write, parsed once: a name given
+/// as text is parsed (and a custom one hashed byte by byte) on every use.
+pub(crate) mod names {
+    use http::{HeaderName, header};
+
+    pub(crate) static POSITION: HeaderName = HeaderName::from_static(super::POSITION_HEADER);
+    pub(crate) static CONSISTENCY: HeaderName = HeaderName::from_static(super::CONSISTENCY_HEADER);
+    pub(crate) static REPLAYED: HeaderName = HeaderName::from_static(super::REPLAYED_HEADER);
+    pub(crate) static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static(super::IDEMPOTENCY_KEY_HEADER);
+    pub(crate) static CORRELATION: HeaderName = HeaderName::from_static(super::CORRELATION_HEADER);
+    pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static(super::REQUEST_ID_HEADER);
+    pub(crate) static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+    pub(crate) static IF_MATCH: HeaderName = header::IF_MATCH;
+    pub(crate) static IF_NONE_MATCH: HeaderName = header::IF_NONE_MATCH;
+    pub(crate) static CONTENT_TYPE: HeaderName = header::CONTENT_TYPE;
+}
+
 /// Longest accepted id, idempotency key, principal or correlation id.
 pub(crate) const MAX_TOKEN: usize = 255;
 /// Longest accepted full-text query.
@@ -289,6 +306,8 @@ pub struct Api {
     admin_role: String,
     vault: Option<Arc<Vault>>,
     auth: Option<Arc<JwtAuth>>,
+    /// The application's own routes, served behind the same edge.
+    own: Option<Router>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -318,6 +337,7 @@ impl Api {
             admin_role: "admin".to_owned(),
             vault: None,
             auth: None,
+            own: None,
             stop: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
@@ -481,8 +501,39 @@ impl Api {
         self
     }
 
-    /// The finished router, with every layer applied.
+    /// Serves `routes` (the application's own: a web page, a webhook)
+    /// beside the API, behind the same edge: they get request ids, the
+    /// body limit, the timeout, panic catching, compression and CORS, and
+    /// their paths lose a trailing slash before routing as the API's do.
+    /// They are not behind [`Api::authenticate`]: they check their own
+    /// callers. Several calls add up.
+    ///
+    /// # Panics
+    ///
+    /// When finished ([`Api::into_app`], [`Api::into_router`]), if a
+    /// route of `routes` overlaps one of the API's, as
+    /// [`Router::merge`] does.
+    pub fn merge(mut self, routes: Router) -> Self {
+        self.own = Some(match self.own.take() {
+            Some(own) => own.merge(routes),
+            None => routes,
+        });
+        self
+    }
+
+    /// The finished router, with every layer applied: [`Api::into_app`]
+    /// behind an axum router, for an application that nests or merges it
+    /// into a router of its own. The router in front routes every request
+    /// twice (once to reach the API, once inside it); [`Api::merge`] and
+    /// [`Api::into_app`] with [`serve`](crate::serve) route once.
     pub fn into_router(self) -> Router {
+        Router::new().fallback_service(self.into_app())
+    }
+
+    /// The finished API as one service, for [`serve`](crate::serve): the
+    /// edge (request ids, limits, timeout, panic catching, compression,
+    /// CORS) with the routes behind it.
+    pub fn into_app(self) -> App {
         let metrics = match self.prometheus {
             Some(handle) => Metrics::global(handle),
             None => Metrics::local(),
@@ -532,15 +583,47 @@ impl Api {
         if let Some(admin) = admin {
             router = router.merge(admin);
         }
+        if let Some(own) = self.own {
+            router = router.merge(own);
+        }
         let config = &shared.config;
         let routes = router
             .fallback(|| async { HttpError::NotFound("no such route".into()) })
             .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed });
         // Without allowed origins CORS has nothing to add.
         let cors = (!config.cors_origins.is_empty()).then(|| cors(config, &self.identity));
-        let edge = Edge::new(routes, cors, config.body_limit, config.request_timeout);
         // The edge sits outside the routes: routing must see the path without its slash.
-        Router::new().fallback_service(edge)
+        App(Edge::new(routes, cors, config.body_limit, config.request_timeout))
+    }
+}
+
+/// The finished API as one service ([`Api::into_app`]): what
+/// [`serve`](crate::serve) serves, or what a router takes with
+/// `fallback_service` ([`Api::into_router`] does that). Cheap to clone.
+#[derive(Clone)]
+pub struct App(Edge);
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for App
+where
+    B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        self.0.call(request.map(axum::body::Body::new))
     }
 }
 

@@ -6,7 +6,8 @@
 //!
 //! * trailing-slash normalisation (`/projects/` is `/projects`);
 //! * request ids: `x-request-id` is kept when the client sent one, made
-//!   from a counter otherwise, seen by the routes and echoed on the answer;
+//!   from a counter otherwise, seen by the routes that write (which record
+//!   it in the events' metadata) and echoed on every answer;
 //! * a tracing span per request, and a log record when it ends;
 //! * the body limit: a declared `Content-Length` above it is a 413 at once,
 //!   any other body is read through a limit;
@@ -21,7 +22,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::Write as _;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -100,7 +100,11 @@ impl Service<Request> for Edge {
             Some(given) => given.clone(),
             None => {
                 let made = edge.ids.next();
-                request.headers_mut().insert(REQUEST_ID, made.clone());
+                // Writes record the id in their events' metadata; reads do
+                // not look for it, and skip the insert.
+                if !request.method().is_safe() {
+                    request.headers_mut().insert(REQUEST_ID, made.clone());
+                }
                 made
             }
         };
@@ -143,9 +147,7 @@ impl Service<Request> for Edge {
                         Err(never) => match never {},
                     },
                 };
-                if !response.headers().contains_key(REQUEST_ID) {
-                    response.headers_mut().insert(REQUEST_ID, id);
-                }
+                response.headers_mut().entry(REQUEST_ID).or_insert(id);
                 finished(&response, started);
                 Ok(response)
             }
@@ -278,15 +280,22 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        // 16 hex digits, a dash and at most 16 more.
+        // 16 hex digits, a dash and at most 16 more, written by hand: this
+        // runs for almost every request.
+        let prefix = self.prefix.as_bytes();
         let mut text = [0u8; 40];
-        let mut out = &mut text[..];
-        let written = write!(out, "{}-{n:x}", self.prefix);
-        let len = 40 - out.len();
-        match written.ok().and_then(|()| HeaderValue::from_bytes(&text[..len]).ok()) {
-            Some(value) => value,
+        text[..prefix.len()].copy_from_slice(prefix);
+        text[prefix.len()] = b'-';
+        let digits = (64 - n.max(1).leading_zeros()).div_ceil(4) as usize;
+        let end = prefix.len() + 1 + digits;
+        for (i, slot) in text[prefix.len() + 1..end].iter_mut().enumerate() {
+            let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
+            *slot = b"0123456789abcdef"[nibble as usize];
+        }
+        match HeaderValue::from_bytes(&text[..end]) {
+            Ok(value) => value,
             // Unreachable with a hex prefix; a constant keeps the request going.
-            None => HeaderValue::from_static("unnumbered"),
+            Err(_) => HeaderValue::from_static("unnumbered"),
         }
     }
 }
@@ -367,5 +376,15 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 18);
         assert_eq!(&a[..17], &b[..17]);
+    }
+
+    #[test]
+    fn made_request_ids_end_in_the_counter_in_hex() {
+        let ids = RequestIds::new();
+        for n in [0, 1, 0xf, 0x10, 0xabc, 0x1234_5678, u64::MAX] {
+            ids.next.store(n, Ordering::Relaxed);
+            let id = ids.next();
+            assert_eq!(id.to_str().unwrap(), format!("{}-{n:x}", ids.prefix));
+        }
     }
 }

@@ -884,12 +884,14 @@ fn sse(rx: Outlet, heartbeat: Duration) -> Response {
 
 /// The resume point of a list feed: `Last-Event-ID`, else `?after=`.
 pub(crate) fn resume_of(headers: &HeaderMap, after: Option<&str>) -> Result<Option<Checkpoint>, HttpError> {
-    header_text(headers, "last-event-id")?.or(after).map(parse_token).transpose()
+    header_text(headers, &crate::api::names::LAST_EVENT_ID)?.or(after).map(parse_token).transpose()
 }
 
 /// The version a per-aggregate feed resumes after.
 pub(crate) fn seen_version(headers: &HeaderMap) -> Result<Option<u64>, HttpError> {
-    let Some(text) = header_text(headers, "last-event-id")?.filter(|t| !t.is_empty()) else { return Ok(None) };
+    let Some(text) = header_text(headers, &crate::api::names::LAST_EVENT_ID)?.filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
     text.parse().map(Some).map_err(|_| HttpError::InvalidHeader {
         name: "last-event-id",
         reason: "expected the version last received".into(),

@@ -21,10 +21,17 @@ pub(crate) const ID_RULE: &str = "an id is 1 to 255 characters without control c
 
 /// Whether `id` is an id: 1 to 255 characters matching [`ID_PATTERN`].
 pub(crate) fn is_valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && !id.starts_with('.')
-        && id.chars().count() <= MAX_ID_CHARS
-        && !id.chars().any(|c| c.is_control() || c == '/')
+    if id.is_empty() || id.starts_with('.') {
+        return false;
+    }
+    // Every read and write by id checks its id: ASCII ids (the usual kind)
+    // are checked byte by byte, without decoding characters.
+    if id.is_ascii() {
+        // Without an early exit, so that the loop is vectorised.
+        return id.len() <= MAX_ID_CHARS
+            && !id.bytes().fold(false, |bad, b| bad | (b < 0x20) | (b == 0x7f) | (b == b'/'));
+    }
+    id.chars().count() <= MAX_ID_CHARS && !id.chars().any(|c| c.is_control() || c == '/')
 }
 
 /// The id of another aggregate in a request body (a task's `project_id`),
@@ -90,12 +97,30 @@ mod tests {
         let schema = AggregateId::json_schema(&mut SchemaGenerator::default());
         let validator = jsonschema::validator_for(schema.as_value()).expect("the schema compiles");
         let long = "z".repeat(255);
-        for id in ["p-1", "01a2-…", "x y", "ünï", "a.b", "%41", long.as_str()] {
+        // Characters are counted, not bytes: 255 two-byte characters are an id.
+        let long_wide = "ü".repeat(255);
+        for id in ["p-1", "01a2-…", "x y", "ünï", "a.b", "%41", long.as_str(), long_wide.as_str()] {
             assert!(is_valid_id(id), "{id:?}");
             assert!(validator.is_valid(&id.into()), "{id:?}");
         }
         let longer = "z".repeat(256);
-        for id in ["", ".", "..", ".x", "a/b", "a\u{0}", "a\u{1f}", "a\u{7f}", "a\u{85}", longer.as_str()] {
+        let longer_wide = "ü".repeat(256);
+        let (longer, longer_wide) = (longer.as_str(), longer_wide.as_str());
+        for id in [
+            "",
+            ".",
+            "..",
+            ".x",
+            "a/b",
+            "ü/b",
+            "a\u{0}",
+            "ü\u{1f}",
+            "a\u{1f}",
+            "a\u{7f}",
+            "a\u{85}",
+            longer,
+            longer_wide,
+        ] {
             assert!(!is_valid_id(id), "{id:?}");
             assert!(!validator.is_valid(&id.into()), "{id:?}");
         }

@@ -188,7 +188,7 @@ mod server;
 pub use access::ANONYMOUS;
 pub use admin::AdminToken;
 pub use api::{
-    Api, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
+    Api, App, CONSISTENCY_HEADER, CORRELATION_HEADER, HttpConfig, IDEMPOTENCY_KEY_HEADER, POSITION_HEADER, PrincipalFn,
     ProjectionStatusSource, REPLAYED_HEADER, REQUEST_ID_HEADER, ReactionStatusSource, Readiness, ShutdownHandle,
 };
 pub use auth::{JwtAuth, Principal};

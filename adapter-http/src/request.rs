@@ -5,12 +5,12 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use kes_core::{ExpectedVersion, Metadata, Position};
 use serde_json::{Map, Value};
 
 use crate::access::ANONYMOUS;
-use crate::api::{CORRELATION_HEADER, IDEMPOTENCY_KEY_HEADER, MAX_TOKEN, POSITION_HEADER, REQUEST_ID_HEADER, Shared};
+use crate::api::{MAX_TOKEN, Shared, names};
 use crate::auth::Principal;
 use crate::error::HttpError;
 use crate::resource::Operation;
@@ -33,17 +33,32 @@ pub(crate) fn json_bytes(status: StatusCode, body: Bytes) -> Response {
     r
 }
 
+/// `"VERSION"`: written by hand, as this runs on every read by id.
 pub(crate) fn etag(version: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+    // 20 digits at most, between two quotes.
+    let mut text = [b'"'; 22];
+    let mut at = 21;
+    let mut rest = version;
+    loop {
+        at -= 1;
+        text[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    // Digits between quotes are always a valid header value.
+    HeaderValue::from_bytes(&text[at - 1..]).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
-pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, HttpError> {
+/// The text of header `name` (one of [`names`]), trimmed.
+pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &'static HeaderName) -> Result<Option<&'a str>, HttpError> {
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v
             .to_str()
             .map(|s| Some(s.trim()))
-            .map_err(|_| HttpError::InvalidHeader { name, reason: "not visible ASCII".into() }),
+            .map_err(|_| HttpError::InvalidHeader { name: name.as_str(), reason: "not visible ASCII".into() }),
     }
 }
 
@@ -51,7 +66,7 @@ pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Res
 /// must exist. One tag only: a version is a single point. Exactly what
 /// the OpenAPI document's pattern admits (`kes.IfMatch`).
 pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>, HttpError> {
-    let Some(text) = header_text(headers, "if-match")? else { return Ok(None) };
+    let Some(text) = header_text(headers, &names::IF_MATCH)? else { return Ok(None) };
     if text == "*" {
         return Ok(Some(ExpectedVersion::Exists));
     }
@@ -74,7 +89,7 @@ pub(crate) fn version_digits(text: &str) -> Option<u64> {
 
 /// Whether `If-None-Match` names `version` (weak comparison, as RFC 9110 asks).
 pub(crate) fn none_match(headers: &HeaderMap, version: u64) -> Result<bool, HttpError> {
-    let Some(text) = header_text(headers, "if-none-match")? else { return Ok(false) };
+    let Some(text) = header_text(headers, &names::IF_NONE_MATCH)? else { return Ok(false) };
     Ok(text.split(',').map(str::trim).any(|tag| {
         tag == "*" || {
             let tag = tag.strip_prefix("W/").unwrap_or(tag);
@@ -96,12 +111,12 @@ pub(crate) fn position_text(log: &str, position: Position) -> String {
 /// aggregate type: nothing here can wait for it), `Some(Some(position))`
 /// for one of `log` (or a bare `PARTITION:OFFSET`, taken to be of `log`).
 pub(crate) fn position_token(headers: &HeaderMap, log: &str) -> Result<Option<Option<Position>>, HttpError> {
-    let text = match header_text(headers, POSITION_HEADER)? {
+    let text = match header_text(headers, &names::POSITION)? {
         None | Some("") => return Ok(None),
         Some(text) => text,
     };
     let bad = || HttpError::InvalidHeader {
-        name: POSITION_HEADER,
+        name: names::POSITION.as_str(),
         reason: "expected LOG@PARTITION:OFFSET (a log name of letters, digits, _ . -; at most 9 and 19 digits)".into(),
     };
     let (named, position) = match text.split_once('@') {
@@ -135,21 +150,21 @@ pub(crate) fn check_id(id: &str) -> Result<(), HttpError> {
 /// An `Idempotency-Key` as the document's `kes.IdempotencyKey` says: 1 to
 /// 255 visible ASCII characters and inner spaces.
 pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, HttpError> {
-    let Some(key) = header_text(headers, IDEMPOTENCY_KEY_HEADER)? else { return Ok(None) };
+    let Some(key) = header_text(headers, &names::IDEMPOTENCY_KEY)? else { return Ok(None) };
     if key.is_empty() || key.len() > MAX_TOKEN || !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
         return Err(HttpError::InvalidHeader {
-            name: IDEMPOTENCY_KEY_HEADER,
+            name: names::IDEMPOTENCY_KEY.as_str(),
             reason: format!("a key is 1 to {MAX_TOKEN} visible ASCII characters (inner spaces allowed)"),
         });
     }
     Ok(Some(key.to_owned()))
 }
 
-pub(crate) fn bounded_token(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, HttpError> {
+pub(crate) fn bounded_token(headers: &HeaderMap, name: &'static HeaderName) -> Result<Option<String>, HttpError> {
     match header_text(headers, name)? {
         None | Some("") => Ok(None),
         Some(t) if t.len() > MAX_TOKEN => {
-            Err(HttpError::InvalidHeader { name, reason: format!("longer than {MAX_TOKEN} bytes") })
+            Err(HttpError::InvalidHeader { name: name.as_str(), reason: format!("longer than {MAX_TOKEN} bytes") })
         }
         Some(t) => Ok(Some(t.to_owned())),
     }
@@ -158,8 +173,8 @@ pub(crate) fn bounded_token(headers: &HeaderMap, name: &'static str) -> Result<O
 /// Who asked (`caller`, from [`Shared::caller`]), as part of what, under
 /// which retry key.
 pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Metadata, HttpError> {
-    let request_id = bounded_token(&parts.headers, REQUEST_ID_HEADER).ok().flatten();
-    let correlation_id = bounded_token(&parts.headers, CORRELATION_HEADER)?.or_else(|| request_id.clone());
+    let request_id = bounded_token(&parts.headers, &names::REQUEST_ID).ok().flatten();
+    let correlation_id = bounded_token(&parts.headers, &names::CORRELATION)?.or_else(|| request_id.clone());
     let mut extra = std::collections::BTreeMap::new();
     if let Some(r) = request_id {
         extra.insert("request_id".to_owned(), r);
@@ -195,7 +210,7 @@ pub(crate) async fn read_body<C>(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Object(Map::new()));
     }
-    let media = match header_text(&parts.headers, "content-type")? {
+    let media = match header_text(&parts.headers, &names::CONTENT_TYPE)? {
         None => "application/json".to_owned(),
         Some(t) => t.split(';').next().unwrap_or("").trim().to_ascii_lowercase(),
     };
@@ -254,4 +269,16 @@ pub(crate) fn history_paging(query: Option<&str>) -> Result<(u64, u32), HttpErro
         }
     }
     Ok((after, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_are_quoted_versions() {
+        for version in [0, 1, 9, 10, 4_096, 99_999, u64::MAX] {
+            assert_eq!(etag(version).to_str().expect("ASCII"), format!("\"{version}\""));
+        }
+    }
 }

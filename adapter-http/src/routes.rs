@@ -17,7 +17,7 @@ use kes_core::{
 };
 use serde_json::{Map, Value};
 
-use crate::api::{CONSISTENCY_HEADER, MAX_SEARCH, POSITION_HEADER, REPLAYED_HEADER, Shared};
+use crate::api::{MAX_SEARCH, Shared, names};
 use crate::error::HttpError;
 use crate::feed::{self, Hub};
 use crate::request::{
@@ -215,10 +215,10 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         let headers = response.headers_mut();
         headers.insert(header::ETAG, etag(done.version));
         if let Some(p) = done.position.and_then(|p| HeaderValue::from_str(&position_text(A::NAME, p)).ok()) {
-            headers.insert(POSITION_HEADER, p);
+            headers.insert(names::POSITION.clone(), p);
         }
         if done.deduplicated {
-            headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+            headers.insert(names::REPLAYED.clone(), HeaderValue::from_static("true"));
         }
         if matches!(kind, Write::Create)
             && let Ok(location) = HeaderValue::from_str(&format!("/{}/{id}", self.resource.plural))
@@ -263,7 +263,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         }
         let mut r = json_bytes(StatusCode::OK, self.rendered_bytes(&id, document.json).await?);
         r.headers_mut().insert(header::ETAG, etag(document.version));
-        r.headers_mut().insert(CONSISTENCY_HEADER, HeaderValue::from_static(consistency));
+        r.headers_mut().insert(names::CONSISTENCY.clone(), HeaderValue::from_static(consistency));
         Ok(r)
     }
 
@@ -296,7 +296,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         };
         let page = self.view.list(&query).await?;
         let mut r = json_response(StatusCode::OK, &page);
-        r.headers_mut().insert(CONSISTENCY_HEADER, HeaderValue::from_static(consistency));
+        r.headers_mut().insert(names::CONSISTENCY.clone(), HeaderValue::from_static(consistency));
         Ok(r)
     }
 
@@ -336,7 +336,7 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         } else {
             json_response(StatusCode::OK, &page)
         };
-        r.headers_mut().insert(CONSISTENCY_HEADER, HeaderValue::from_static(consistency));
+        r.headers_mut().insert(names::CONSISTENCY.clone(), HeaderValue::from_static(consistency));
         Ok(r)
     }
 }

@@ -20,11 +20,13 @@
 //! [`HttpConfig::request_timeout`](crate::HttpConfig::request_timeout)).
 //! TLS and HTTP/2 belong to the proxy in front of the service.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::response::Response;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -67,12 +69,19 @@ impl Default for ServerConfig {
 /// such as change feeds when shutdown begins
 /// ([`ShutdownHandle`](crate::ShutdownHandle)), or they hold the grace
 /// period open.
-pub async fn serve(
+///
+/// `app` is an [`App`](crate::App) ([`Api::into_app`](crate::Api::into_app))
+/// or any axum `Router`.
+pub async fn serve<S>(
     listener: TcpListener,
-    app: Router,
+    app: S,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tower::Service<http::Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)

@@ -2,6 +2,10 @@
 //! through the whole router against a bare axum handler that answers the
 //! same bytes from a map. A measurement, not a check of behaviour: run it
 //! with `cargo test --release -p kes-http --test overhead -- --ignored --nocapture`.
+//!
+//! For an instruction count (`valgrind --tool=callgrind`, repeatable where
+//! timings are not), `OVERHEAD_REQUESTS=20000` makes it one round of that
+//! many requests and `OVERHEAD_ONLY=kes` or `bare` runs one side only.
 
 mod common;
 
@@ -23,15 +27,15 @@ const ROUNDS: usize = 5;
 const PER_ROUND: usize = 50_000;
 
 /// Requests per second of `app` answering `GET {uri}`, best of a round.
-async fn rate(app: &Router, uri: &str) -> f64 {
+async fn rate(app: &Router, uri: &str, requests: usize) -> f64 {
     let started = Instant::now();
-    for _ in 0..PER_ROUND {
+    for _ in 0..requests {
         let response = app.clone().oneshot(empty("GET", uri)).await.expect("infallible");
         assert_eq!(response.status(), StatusCode::OK);
         let body = response.into_body().collect().await.expect("body").to_bytes();
         assert!(!body.is_empty());
     }
-    PER_ROUND as f64 / started.elapsed().max(Duration::from_nanos(1)).as_secs_f64()
+    requests as f64 / started.elapsed().max(Duration::from_nanos(1)).as_secs_f64()
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -55,10 +59,17 @@ async fn get_by_id_costs_little_more_than_a_bare_handler() {
         )
         .with_state(bodies);
     let raw_uri = format!("/raw/{id}");
+    let requests = std::env::var("OVERHEAD_REQUESTS").ok().and_then(|n| n.parse().ok());
+    let (rounds, requests) = requests.map_or((ROUNDS, PER_ROUND), |n| (1, n));
+    let only = std::env::var("OVERHEAD_ONLY").unwrap_or_default();
     let (mut kes, mut raw) = (0f64, 0f64);
-    for _ in 0..ROUNDS {
-        kes = kes.max(rate(&h.app, &uri).await);
-        raw = raw.max(rate(&bare, &raw_uri).await);
+    for _ in 0..rounds {
+        if only != "bare" {
+            kes = kes.max(rate(&h.app, &uri, requests).await);
+        }
+        if only != "kes" {
+            raw = raw.max(rate(&bare, &raw_uri, requests).await);
+        }
     }
     println!("kes {kes:.0} req/s, bare {raw:.0} req/s, ratio {:.2}", kes / raw);
 }

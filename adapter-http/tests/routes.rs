@@ -366,6 +366,21 @@ async fn requests_without_an_id_get_a_fresh_one_and_no_cors_headers_by_default()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_made_request_id_is_recorded_by_writes_and_echoed_by_reads() {
+    let h = harness().await;
+    let created = send(&h.app, json("POST", "/projects", json!({ "name": "Traced" }))).await;
+    let made = created.header("x-request-id").to_owned();
+    assert!(!made.is_empty(), "{:?}", created.headers);
+    let id = created.header("location").trim_start_matches("/projects/").to_owned();
+    let read = send(&h.app, empty("GET", &format!("/projects/{id}"))).await;
+    let read_id = read.header("x-request-id");
+    assert!(!read_id.is_empty() && read_id != made, "a read gets an id of its own: {read_id:?}");
+    let history = send(&h.app, empty("GET", &format!("/projects/{id}/events"))).await;
+    assert_eq!(history.body["items"][0]["metadata"]["correlation_id"], json!(made), "the write saw the made id");
+    assert_eq!(history.body["items"][0]["metadata"]["extra"]["request_id"], json!(made));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_history_carries_versions_types_times_and_metadata() {
     let h = build_with(HttpConfig::default(), true, resource(), |api| {
         api.trust_principal_header(http::HeaderName::from_static("x-principal"))

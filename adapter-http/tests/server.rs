@@ -200,3 +200,55 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     let head = store.head().await.expect("head");
     assert_eq!(head.iter().map(|(_, n)| n).sum::<u64>(), 1, "the request in flight was carried out");
 }
+
+/// Sends `request` whole and reads the whole answer (the server closes
+/// the connection after it: `connection: close`).
+async fn answer_text(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("send");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    read.expect("the server answers within 10 s").expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_is_served_without_a_router_in_front_and_the_applications_routes_sit_behind_its_edge() {
+    use axum::routing::get as route_get;
+
+    let h = harness().await;
+    let (id, _) = create(&h.app, "Served", 3).await;
+    let own = axum::Router::new().route("/hello", route_get(|| async { "hi" }));
+    let app = kes_http::Api::new(kes_http::HttpConfig::default())
+        .mount(
+            resource(),
+            std::sync::Arc::new(kes_core::CommandBus::new(h.store.clone())),
+            h.view.clone(),
+            h.runner.clone(),
+        )
+        .expect("mount")
+        .merge(own)
+        .into_app();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(kes_http::serve(listener, app, ServerConfig::default(), async move {
+        let _ = stopped.await;
+    }));
+
+    // The API's routes, straight on the edge.
+    let read = answer_text(addr, &get(&format!("/projects/{id}"))).await;
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    assert!(read.contains("\"Served\"") && read.to_ascii_lowercase().contains("etag: \"1\""), "{read}");
+    // The application's own route, behind the same edge: its trailing
+    // slash is trimmed before routing, and it gets a request id.
+    let hello = answer_text(addr, &get("/hello/")).await;
+    assert!(hello.starts_with("HTTP/1.1 200") && hello.ends_with("hi"), "{hello}");
+    assert!(hello.to_ascii_lowercase().contains("x-request-id: "), "{hello}");
+    // Neither knows the path: the API's problem answer.
+    let missing = answer_text(addr, &get("/nowhere")).await;
+    assert!(missing.starts_with("HTTP/1.1 404") && missing.contains("application/problem+json"), "{missing}");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").expect("task").expect("serve");
+}

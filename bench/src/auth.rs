@@ -26,7 +26,7 @@ pub async fn measure(
     ids: &[String],
     verb: Verb,
 ) -> anyhow::Result<Measured> {
-    let router = |auth: Option<JwtAuth>| -> anyhow::Result<axum::Router> {
+    let app = |auth: Option<JwtAuth>| -> anyhow::Result<kes_http::App> {
         let api = Api::new(HttpConfig::default()).mount(
             kes_examples::resources::projects(),
             Arc::clone(&service.projects.bus),
@@ -37,11 +37,11 @@ pub async fn measure(
             Some(auth) => api.authenticate(auth),
             None => api,
         }
-        .into_router())
+        .into_app())
     };
     let auth = JwtAuth::hs256(SECRET)?.issuer(ISSUER);
-    let guarded = load::serve(router(Some(auth))?).await?;
-    let open = load::serve(router(None)?).await?;
+    let guarded = load::serve(app(Some(auth))?).await?;
+    let open = load::serve(app(None)?).await?;
     let exp = chrono::Utc::now().timestamp() + 24 * 3600;
     let claims = serde_json::json!({ "sub": "bench", "iss": ISSUER, "exp": exp, "roles": ["member"] });
     let token = jsonwebtoken::encode(

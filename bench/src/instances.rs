@@ -56,7 +56,7 @@ impl Deployment {
             let service = Service::open(&Settings::new(store.clone(), view))
                 .await
                 .with_context(|| format!("opening instance {k}"))?;
-            let server = load::serve(service.router()?).await?;
+            let server = load::serve(service.app()?).await?;
             instances.push(Instance { service, server, _dir: dir });
         }
         let ids: Vec<String> = (0..CLIENTS).map(|i| format!("{tag}{i}")).collect();

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use axum::Router;
 use tokio::task::JoinHandle;
 
 /// A router served on 127.0.0.1:0 until dropped.
@@ -23,13 +22,23 @@ impl Drop for Server {
     }
 }
 
-/// Serves `router` on an ephemeral loopback port, with the server the
-/// projects service uses (KES routes and baselines alike).
-pub async fn serve(router: Router) -> anyhow::Result<Server> {
+/// Serves `app` (a KES [`kes_http::App`] or a baseline's router) on an
+/// ephemeral loopback port, with the server the projects service uses.
+pub async fn serve<S>(app: S) -> anyhow::Result<Server>
+where
+    S: tower::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding 127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let _ = kes_http::serve(listener, router, kes_http::ServerConfig::default(), std::future::pending()).await;
+        let _ = kes_http::serve(listener, app, kes_http::ServerConfig::default(), std::future::pending()).await;
     });
     Ok(Server { base: format!("http://{addr}"), task })
 }

@@ -12,7 +12,7 @@ use kes_core::{
     RunnerConfig, StoredCatchUp, StoredStatus, Vault, ViewHistory, ViewProjection, ViewSchema, ViewStore,
     history_schema, journal_schema,
 };
-use kes_http::{AdminToken, Api, HttpConfig, JwtAuth, Readiness, ShutdownHandle};
+use kes_http::{AdminToken, Api, App, HttpConfig, JwtAuth, Readiness, ShutdownHandle};
 #[cfg(feature = "kafka")]
 use kes_store_kafka::{KafkaStore, KafkaStoreConfig};
 use kes_store_sql::{SqlKeyStore, SqlKeyStoreConfig, SqlStore, SqlStoreConfig};
@@ -596,12 +596,18 @@ impl Service {
 
     /// The HTTP router of both aggregates, for a process that does it all.
     pub fn router(&self) -> anyhow::Result<Router> {
-        self.router_for(Role::All)
+        Ok(self.api_for(Role::All)?.into_router())
     }
 
-    /// The HTTP router of a process of `role`: the whole API (`all`,
-    /// `api`), or only `/health` and `/metrics` (`projector`).
-    pub fn router_for(&self, role: Role) -> anyhow::Result<Router> {
+    /// The HTTP API of both aggregates as one service, for
+    /// [`kes_http::serve`]: routed once, without a router in front.
+    pub fn app(&self) -> anyhow::Result<App> {
+        Ok(self.api_for(Role::All)?.into_app())
+    }
+
+    /// The HTTP API of a process of `role`, not yet finished: the whole
+    /// API (`all`, `api`), or only `/health` and `/metrics` (`projector`).
+    pub fn api_for(&self, role: Role) -> anyhow::Result<Api> {
         if role == Role::Projector {
             let api = self
                 .with_admin(Api::new(self.http.clone()), role)
@@ -611,7 +617,7 @@ impl Service {
                 .readiness("projects.view", Arc::new(ViewReady(self.projects.view.clone())))
                 .readiness("tasks.store", Arc::new(StoreReady(self.tasks.store.clone())))
                 .readiness("tasks.view", Arc::new(ViewReady(self.tasks.view.clone())));
-            return Ok(self.with_identity(api).into_router());
+            return Ok(self.with_identity(api));
         }
         let mut api = Api::new(self.http.clone())
             .mount(
@@ -638,7 +644,7 @@ impl Service {
             api = api.history("tasks", Arc::new(ViewHistory::new::<Task>(view.clone())))?;
         }
         self.feeds.lock().unwrap_or_else(|p| p.into_inner()).push(api.shutdown_handle());
-        Ok(api.into_router())
+        Ok(api)
     }
 
     /// `api` with the identity of its callers: bearer JWTs, a trusted

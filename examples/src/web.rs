@@ -8,11 +8,13 @@
 //! (`/projects/changes`, `/projects/{id}/changes`), and works without the
 //! feeds. It is served from the API's origin, so it needs no CORS.
 //!
-//! Mount it beside the API:
+//! Mount it beside the API, behind the API's edge (as the `projects`
+//! binary does):
 //!
 //! ```no_run
 //! # async fn run(service: kes_examples::service::Service) -> anyhow::Result<()> {
-//! let app = service.router()?.merge(kes_examples::web::router());
+//! use kes_examples::service::Role;
+//! let app = service.api_for(Role::All)?.merge(kes_examples::web::router()).into_app();
 //! # Ok(()) }
 //! ```
 //!

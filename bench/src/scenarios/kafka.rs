@@ -351,7 +351,7 @@ pub(crate) async fn kafka_history_inner(
     let dir = tempfile::tempdir()?;
     let view = format!("sqlite://{}/views.db", dir.path().display());
     let service = Service::open(&Settings::new(url.clone(), view)).await?;
-    let server = load::serve(service.router()?).await?;
+    let server = load::serve(service.app()?).await?;
     let caught = Instant::now();
     service.start_projections().await?;
     let head = kes_core::Position::new(partition, last);

@@ -40,7 +40,7 @@ impl Live {
         let dir = tempfile::tempdir()?;
         let view = view.unwrap_or_else(|| format!("sqlite://{}/views.db", dir.path().display()));
         let service = Service::open(&Settings::new(store, view)).await?;
-        let server = load::serve(service.router()?).await?;
+        let server = load::serve(service.app()?).await?;
         let ids = create_projects(&service, tag).await?;
         Ok(Self { service, server, ids, _dir: dir })
     }

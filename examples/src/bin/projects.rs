@@ -199,10 +199,10 @@ async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
     if role.runs_projections() {
         service.start_projections().await?;
     }
-    let mut router = service.router_for(role)?;
+    let mut api = service.api_for(role)?;
     if role != Role::Projector {
-        // The demo page, served beside the API it uses.
-        router = router.merge(kes_examples::web::router());
+        // The demo page, served beside the API it uses, behind the same edge.
+        api = api.merge(kes_examples::web::router());
     }
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, store = %settings.store, ?role, "projects service listening");
@@ -213,7 +213,7 @@ async fn serve(settings: Settings, listen: SocketAddr) -> anyhow::Result<()> {
     };
     // Header timeouts, header size and connection limits against slow or
     // hostile clients (see kes_http::serve).
-    kes_http::serve(listener, router, kes_http::ServerConfig::default(), stopping).await.context("serving")?;
+    kes_http::serve(listener, api.into_app(), kes_http::ServerConfig::default(), stopping).await.context("serving")?;
     tracing::info!("in-flight requests finished; stopping projections");
     service.shutdown().await;
     Ok(())
