@@ -1,15 +1,18 @@
 //! The adapter's cost per request, without a network: `GET /projects/{id}`
-//! through the whole router against a bare axum handler that answers the
-//! same bytes from a map. A measurement, not a check of behaviour: run it
+//! through the whole API (the [`kes_http::App`] that `serve` serves, and
+//! the same behind a router, [`kes_http::Api::into_router`]) against a bare
+//! axum handler that answers the same bytes from a map. A measurement, not a check of behaviour: run it
 //! with `cargo test --release -p kes-http --test overhead -- --ignored --nocapture`.
 //!
 //! For an instruction count (`valgrind --tool=callgrind`, repeatable where
 //! timings are not), `OVERHEAD_REQUESTS=20000` makes it one round of that
-//! many requests and `OVERHEAD_ONLY=kes` or `bare` runs one side only.
+//! many requests and `OVERHEAD_ONLY=app`, `router` or `bare` runs one of
+//! the three only.
 
 mod common;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +30,10 @@ const ROUNDS: usize = 5;
 const PER_ROUND: usize = 50_000;
 
 /// Requests per second of `app` answering `GET {uri}`, best of a round.
-async fn rate(app: &Router, uri: &str, requests: usize) -> f64 {
+async fn rate<S>(app: &S, uri: &str, requests: usize) -> f64
+where
+    S: tower::Service<http::Request<axum::body::Body>, Response = axum::response::Response, Error = Infallible> + Clone,
+{
     let started = Instant::now();
     for _ in 0..requests {
         let response = app.clone().oneshot(empty("GET", uri)).await.expect("infallible");
@@ -59,17 +65,30 @@ async fn get_by_id_costs_little_more_than_a_bare_handler() {
         )
         .with_state(bodies);
     let raw_uri = format!("/raw/{id}");
+    // The same API as the harness's router, served as `serve` serves it.
+    let app = kes_http::Api::new(kes_http::HttpConfig::default())
+        .mount(resource(), Arc::new(kes_core::CommandBus::new(h.store.clone())), h.view.clone(), h.runner.clone())
+        .expect("mount")
+        .into_app();
     let requests = std::env::var("OVERHEAD_REQUESTS").ok().and_then(|n| n.parse().ok());
     let (rounds, requests) = requests.map_or((ROUNDS, PER_ROUND), |n| (1, n));
     let only = std::env::var("OVERHEAD_ONLY").unwrap_or_default();
-    let (mut kes, mut raw) = (0f64, 0f64);
+    let runs = |side: &str| only.is_empty() || only == side;
+    let (mut served, mut routed, mut raw) = (0f64, 0f64, 0f64);
     for _ in 0..rounds {
-        if only != "bare" {
-            kes = kes.max(rate(&h.app, &uri, requests).await);
+        if runs("app") {
+            served = served.max(rate(&app, &uri, requests).await);
         }
-        if only != "kes" {
+        if runs("router") {
+            routed = routed.max(rate(&h.app, &uri, requests).await);
+        }
+        if runs("bare") {
             raw = raw.max(rate(&bare, &raw_uri, requests).await);
         }
     }
-    println!("kes {kes:.0} req/s, bare {raw:.0} req/s, ratio {:.2}", kes / raw);
+    println!(
+        "kes app {served:.0} req/s (ratio {:.2}), kes behind a router {routed:.0} req/s ({:.2}), bare {raw:.0} req/s",
+        served / raw,
+        routed / raw
+    );
 }
