@@ -506,7 +506,8 @@ impl Api {
     /// body limit, the timeout, panic catching, compression and CORS, and
     /// their paths lose a trailing slash before routing as the API's do.
     /// They are not behind [`Api::authenticate`]: they check their own
-    /// callers. Several calls add up.
+    /// callers. A fallback of theirs gives way to the API's (an unknown
+    /// path is a problem 404). Several calls add up.
     ///
     /// # Panics
     ///
