@@ -218,7 +218,7 @@ async fn an_app_is_served_without_a_router_in_front_and_the_applications_routes_
 
     let h = harness().await;
     let (id, _) = create(&h.app, "Served", 3).await;
-    let own = axum::Router::new().route("/hello", route_get(|| async { "hi" }));
+    let own = axum::Router::new().route("/hello", route_get(|| async { "hi" })).fallback(|| async { "own fallback" });
     let app = kes_http::Api::new(kes_http::HttpConfig::default())
         .mount(
             resource(),
@@ -245,7 +245,8 @@ async fn an_app_is_served_without_a_router_in_front_and_the_applications_routes_
     let hello = answer_text(addr, &get("/hello/")).await;
     assert!(hello.starts_with("HTTP/1.1 200") && hello.ends_with("hi"), "{hello}");
     assert!(hello.to_ascii_lowercase().contains("x-request-id: "), "{hello}");
-    // Neither knows the path: the API's problem answer.
+    // Neither knows the path: the API's problem answer, not the merged
+    // routes' fallback.
     let missing = answer_text(addr, &get("/nowhere")).await;
     assert!(missing.starts_with("HTTP/1.1 404") && missing.contains("application/problem+json"), "{missing}");
 
