@@ -36,16 +36,15 @@ use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use futures::FutureExt;
 use http::uri::PathAndQuery;
-use http::{HeaderName, HeaderValue, StatusCode, Uri, header};
+use http::{HeaderValue, StatusCode, Uri, header};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
 use tracing::Instrument;
 
+use crate::api::names;
 use crate::error::{PROBLEM_JSON, problem_response, problem_type};
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What a panic or a bare answer is told.
 const INTERNAL_DETAIL: &str = "the server failed to answer; the failure was logged";
@@ -96,14 +95,14 @@ impl Service<Request> for Edge {
         let started = Instant::now();
         trim_trailing_slash(request.uri_mut());
         let edge = &*self.0;
-        let id = match request.headers().get(REQUEST_ID) {
+        let id = match request.headers().get(&names::REQUEST_ID) {
             Some(given) => given.clone(),
             None => {
                 let made = edge.ids.next();
                 // Writes record the id in their events' metadata; reads do
                 // not look for it, and skip the insert.
                 if !request.method().is_safe() {
-                    request.headers_mut().insert(REQUEST_ID, made.clone());
+                    request.headers_mut().insert(names::REQUEST_ID.clone(), made.clone());
                 }
                 made
             }
@@ -147,7 +146,7 @@ impl Service<Request> for Edge {
                         Err(never) => match never {},
                     },
                 };
-                response.headers_mut().entry(REQUEST_ID).or_insert(id);
+                response.headers_mut().entry(&names::REQUEST_ID).or_insert(id);
                 finished(&response, started);
                 Ok(response)
             }
