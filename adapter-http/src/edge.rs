@@ -8,7 +8,10 @@
 //! * request ids: `x-request-id` is kept when the client sent one, made
 //!   from a counter otherwise, seen by the routes that write (which record
 //!   it in the events' metadata) and echoed on every answer;
-//! * a tracing span per request, and a log record when it ends;
+//! * a tracing span per request (with the request id), and a log record
+//!   when it ends; a failure of the server (an internal error, a backend
+//!   outage, a panic) is one record at warn or error level that names the
+//!   request id the client was given, whatever level the span is at;
 //! * the body limit: a declared `Content-Length` above it is a 413 at once,
 //!   any other body is read through a limit;
 //! * the request timeout (503 `timeout`); the timer is only armed when the
@@ -43,8 +46,8 @@ use tower_http::compression::CompressionLayer;
 use tower_http::cors::CorsLayer;
 use tracing::Instrument;
 
-use crate::api::names;
-use crate::error::{PROBLEM_JSON, problem_response, problem_type};
+use crate::api::{MAX_TOKEN, names};
+use crate::error::{Failure, FailureKind, PROBLEM_JSON, problem_response, problem_type};
 
 /// What a panic or a bare answer is told.
 const INTERNAL_DETAIL: &str = "the server failed to answer; the failure was logged";
@@ -112,6 +115,7 @@ impl Service<Request> for Edge {
             method = %request.method(),
             path = %loggable_path(request.uri()),
             version = ?request.version(),
+            request_id = loggable_id(&id),
         );
         let limit = edge.body_limit;
         let declared = request
@@ -146,8 +150,8 @@ impl Service<Request> for Edge {
                         Err(never) => match never {},
                     },
                 };
+                finished(&mut response, started, &id);
                 response.headers_mut().entry(&names::REQUEST_ID).or_insert(id);
-                finished(&response, started);
                 Ok(response)
             }
             .instrument(span),
@@ -222,19 +226,20 @@ impl Service<Request> for Guard {
     }
 }
 
-/// The end of a request in the log: its status and latency at debug level,
-/// server errors at error level.
-fn finished(response: &Response, started: Instant) {
+/// The end of a request in the log: its status and latency at debug level
+/// (the span names the request); a failure of the server at warn or error
+/// level, naming the request id itself, since the span may be disabled.
+fn finished(response: &mut Response, started: Instant, id: &HeaderValue) {
     let status = response.status().as_u16();
-    if response.status().is_server_error() {
-        tracing::error!(status, latency = ?started.elapsed(), "request failed");
+    if let Some(failure) = response.extensions_mut().remove::<Failure>() {
+        failure.log(Some(loggable_id(id)));
+    } else if response.status().is_server_error() {
+        tracing::error!(status, request_id = loggable_id(id), latency = ?started.elapsed(), "request failed");
     } else {
         tracing::debug!(status, latency = ?started.elapsed(), "finished processing request");
     }
 }
 
-/// `/a//b/` → `/a//b`, `//a` → `/a`, `/` stays: leading and trailing
-/// slashes collapse to one leading slash; the query is kept.
 /// The part of `uri` that may be logged: the path without the query (a
 /// filter or a search may name a person) and without the subject an
 /// erasure names (it may be a person's name). Ids in paths are opaque.
@@ -243,6 +248,18 @@ fn loggable_path(uri: &Uri) -> &str {
     if path.starts_with("/subjects/") { "/subjects/{subject}" } else { path }
 }
 
+/// The request id as it may be logged: a client's id that is not text or
+/// is longer than a retry key may be (and so is not recorded by writes
+/// either) is replaced by a fixed word.
+fn loggable_id(id: &HeaderValue) -> &str {
+    match id.to_str() {
+        Ok(text) if text.len() <= MAX_TOKEN => text,
+        _ => "(unreadable)",
+    }
+}
+
+/// `/a//b/` → `/a//b`, `//a` → `/a`, `/` stays: leading and trailing
+/// slashes collapse to one leading slash; the query is kept.
 fn trim_trailing_slash(uri: &mut Uri) {
     let path = uri.path();
     if path.len() <= 1 || (!path.ends_with('/') && !path.starts_with("//")) {
@@ -299,15 +316,18 @@ impl RequestIds {
     }
 }
 
-/// A panic in a handler: logged with its message, answered with a bare 500.
+/// A panic in a handler: answered with a bare 500; its message goes to the
+/// log with the request id (see [`finished`]).
 fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let message = panic
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("(no message)");
-    tracing::error!(panic = message, "a request handler panicked");
-    problem_response(StatusCode::INTERNAL_SERVER_ERROR, problem_type::INTERNAL, INTERNAL_DETAIL.into())
+    let mut response =
+        problem_response(StatusCode::INTERNAL_SERVER_ERROR, problem_type::INTERNAL, INTERNAL_DETAIL.into());
+    response.extensions_mut().insert(Failure::new(FailureKind::Panic, message.to_owned()));
+    response
 }
 
 /// Gives error answers made by axum itself (empty or plain-text 404, 405,

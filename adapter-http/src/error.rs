@@ -1,6 +1,9 @@
 //! The one place where failures become HTTP answers: RFC 9457 problem
 //! documents with a stable `type` per kind.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use kes_core::{QueryError, StoreError, ViewError};
@@ -59,8 +62,10 @@ pub mod problem_type {
 ///
 /// Each variant maps to exactly one status and problem type
 /// ([`HttpError::status`], [`HttpError::problem_type`]). Variants that carry
-/// internal detail ([`HttpError::Unavailable`], [`HttpError::Internal`]) log
-/// it and show the client a fixed text instead.
+/// internal detail ([`HttpError::Unavailable`], [`HttpError::Internal`]) show
+/// the client a fixed text instead and log the detail once: the API's edge
+/// writes the record when the answer leaves, naming the request id the
+/// client got; an answer made outside the API's edge logs it when dropped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpError {
@@ -249,14 +254,78 @@ pub(crate) fn problem_response(status: StatusCode, kind: &'static str, detail: S
     response
 }
 
+/// Why an answer is a failure of the server, carried on the response (an
+/// extension) to the edge, which logs it in one record with the request id
+/// (see [`crate::edge`]). The detail is for the operator; the client never
+/// sees it.
+///
+/// Logged exactly once: by [`Failure::log`], or, when the response never
+/// meets the edge (a route of the application's own outside the API), when
+/// the last copy is dropped.
+#[derive(Clone)]
+pub(crate) struct Failure(Arc<Cause>);
+
+struct Cause {
+    kind: FailureKind,
+    detail: String,
+    logged: AtomicBool,
+}
+
+/// What failed: a backend that cannot be reached (warn), the server itself
+/// (error), or a handler that panicked (error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    Outage,
+    Internal,
+    Panic,
+}
+
+impl Failure {
+    pub(crate) fn new(kind: FailureKind, detail: String) -> Self {
+        Self(Arc::new(Cause { kind, detail, logged: AtomicBool::new(false) }))
+    }
+
+    /// Writes the log record, naming `request_id` when there is one.
+    pub(crate) fn log(&self, request_id: Option<&str>) {
+        if !self.0.logged.swap(true, Ordering::Relaxed) {
+            self.0.write(request_id);
+        }
+    }
+}
+
+impl Cause {
+    fn write(&self, request_id: Option<&str>) {
+        let detail = self.detail.as_str();
+        match self.kind {
+            FailureKind::Outage => tracing::warn!(request_id, error = detail, "backend unavailable"),
+            FailureKind::Internal => tracing::error!(request_id, error = detail, "request failed"),
+            FailureKind::Panic => tracing::error!(request_id, panic = detail, "a request handler panicked"),
+        }
+    }
+}
+
+impl Drop for Cause {
+    fn drop(&mut self) {
+        if !*self.logged.get_mut() {
+            self.write(None);
+        }
+    }
+}
+
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        match &self {
-            Self::Internal(_) => tracing::error!(error = %self, "request failed"),
-            Self::Unavailable(_) | Self::Timeout => tracing::warn!(error = %self, "backend unavailable"),
-            _ => tracing::debug!(error = %self, "request refused"),
-        }
+        let failure = match &self {
+            Self::Internal(_) => Some(FailureKind::Internal),
+            Self::Unavailable(_) | Self::Timeout => Some(FailureKind::Outage),
+            _ => {
+                tracing::debug!(error = %self, "request refused");
+                None
+            }
+        };
         let mut response = problem_response(self.status(), self.problem_type(), self.detail());
+        if let Some(kind) = failure {
+            response.extensions_mut().insert(Failure::new(kind, self.to_string()));
+        }
         if let Self::Unauthorized { realm, invalid_token } = &self
             && let Ok(challenge) = HeaderValue::from_str(&if *invalid_token {
                 format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
@@ -282,6 +351,28 @@ mod tests {
         let e = HttpError::from(ViewError::Unavailable("connection refused 10.0.0.3:5432".into()));
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(!e.detail().contains("5432"));
+    }
+
+    #[test]
+    fn a_failure_is_logged_once_with_the_request_id_or_when_its_answer_is_dropped() {
+        let (log, _guard) = kes_test_support::CapturedLog::start();
+        // Met by the edge: one record, with the id; dropping adds none.
+        let response = HttpError::Internal("disk full on /var/db".into()).into_response();
+        let failure = response.extensions().get::<Failure>().cloned().expect("a failure travels with the answer");
+        failure.log(Some("req-7"));
+        failure.log(Some("req-7"));
+        drop((response, failure));
+        // Never met by an edge: logged when the answer is dropped.
+        drop(HttpError::Unavailable("connection refused 10.0.0.3:5432".into()).into_response());
+        // Refusals are the client's doing: nothing at INFO or above.
+        drop(HttpError::NotFound("no such project".into()).into_response());
+        let failed = log.lines_with("request failed");
+        assert_eq!(failed.len(), 1, "{}", log.text());
+        assert!(failed[0].contains("ERROR") && failed[0].contains("req-7") && failed[0].contains("disk full"));
+        let outage = log.lines_with("backend unavailable");
+        assert_eq!(outage.len(), 1, "{}", log.text());
+        assert!(outage[0].contains("WARN") && outage[0].contains("10.0.0.3") && !outage[0].contains("request_id"));
+        assert_eq!(log.text().lines().count(), 2, "{}", log.text());
     }
 
     #[test]

@@ -453,6 +453,31 @@ async fn a_panicking_handler_is_a_500_without_its_message_and_the_service_goes_o
     assert_eq!(after.status, StatusCode::OK);
 }
 
+// On this thread's runtime, so that the log of this thread is the request's.
+#[tokio::test]
+async fn a_failed_requests_log_record_names_the_request_id_its_client_got() {
+    let (log, _guard) = kes_test_support::CapturedLog::start();
+    let h = harness().await;
+    let (id, _) = create(&h.app, "Stable", 1).await;
+    let explode = || json("POST", &format!("/projects/{id}/explode"), json!({}));
+    let made = send(&h.app, explode()).await;
+    made.assert_problem(500, "internal");
+    let made = made.header("x-request-id").to_owned();
+    assert!(!made.is_empty());
+    let given = send(&h.app, with_header(explode(), "x-request-id", "client-chose-7")).await;
+    given.assert_problem(500, "internal");
+    assert_eq!(given.header("x-request-id"), "client-chose-7");
+    let records = log.lines_with("a request handler panicked");
+    assert_eq!(records.len(), 2, "{}", log.text());
+    for (record, request_id) in records.iter().zip([&made, "client-chose-7"]) {
+        assert!(record.contains("ERROR") && record.contains(request_id), "{record}");
+        // The operator reads the cause; the client did not.
+        assert!(record.contains("secret detail 42"), "{record}");
+    }
+    // One record per failure: no second, vaguer one.
+    assert!(log.lines_with("request failed").is_empty(), "{}", log.text());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_is_200_when_store_and_views_answer() {
     let h = harness().await;
