@@ -6,7 +6,7 @@ use kes_http::{AggregateId, Principal, Resource};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::domain::{Project, ProjectCommand, Task, TaskCommand};
+use crate::domain::{NOT_BLANK, Project, ProjectCommand, Task, TaskCommand};
 
 /// A command that takes no body.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -18,6 +18,7 @@ pub struct NoBody {}
 #[serde(deny_unknown_fields)]
 pub struct MemberBody {
     /// The member's name.
+    #[schemars(extend("pattern" = NOT_BLANK))]
     pub member: String,
 }
 
@@ -35,8 +36,12 @@ pub struct CancelBody {
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
     /// The project it belongs to.
+    // An id may be blank; a task's project may not. `allOf` keeps the id
+    // rule's own pattern.
+    #[schemars(extend("allOf" = [{ "pattern": NOT_BLANK }]))]
     pub project_id: AggregateId,
     /// What is to be done.
+    #[schemars(extend("pattern" = NOT_BLANK))]
     pub title: String,
     /// Who does it.
     #[serde(default)]
@@ -49,6 +54,7 @@ pub struct CreateTask {
 pub struct UpdateTask {
     /// The new title.
     #[serde(default)]
+    #[schemars(extend("pattern" = NOT_BLANK))]
     pub title: Option<String>,
     /// The new assignee.
     #[serde(default)]
@@ -204,6 +210,46 @@ pub fn task_row(t: &Task) -> Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The compiled body schema of `B`.
+    fn validator<B: JsonSchema>() -> jsonschema::Validator {
+        jsonschema::draft202012::new(schemars::schema_for!(B).as_value()).expect("the schema compiles")
+    }
+
+    #[test]
+    fn the_body_schemas_admit_exactly_the_texts_the_rules_accept() {
+        use crate::domain::{ProjectError, TaskError};
+        use kes_core::Aggregate;
+        let (create, update) = (validator::<CreateTask>(), validator::<UpdateTask>());
+        let fields = validator::<crate::domain::ProjectFields>();
+        // Every character of the first planes where white space lives, and
+        // the byte-order mark, which is white space to ECMA-262 only.
+        let texts = (0..=0x3100u32)
+            .chain([0xfeff, 0x1_0000])
+            .filter_map(char::from_u32)
+            .flat_map(|c| [c.to_string(), format!("{c}{c}")])
+            .chain(["".to_owned(), " x ".to_owned(), "\u{3000}\t\u{85}".to_owned()]);
+        for text in texts {
+            let task = TaskCommand::Create { project_id: "p".into(), title: text.clone(), assignee: None };
+            let accepted = !matches!(Task::default().handle(task), Err(TaskError::BlankTitle));
+            let body = serde_json::json!({ "project_id": "p", "title": text });
+            assert_eq!(create.is_valid(&body), accepted, "title {text:?}");
+            assert_eq!(update.is_valid(&serde_json::json!({ "title": text })), accepted, "title {text:?}");
+            let task = TaskCommand::Create { project_id: text.clone(), title: "t".into(), assignee: None };
+            let accepted = !matches!(Task::default().handle(task), Err(TaskError::NoProject));
+            // The id rule refuses more (control characters, `/`): only
+            // what it admits is compared.
+            if AggregateId::new(text.clone()).is_some() {
+                let body = serde_json::json!({ "project_id": text, "title": "t" });
+                assert_eq!(create.is_valid(&body), accepted, "project_id {text:?}");
+            }
+            let named =
+                ProjectCommand::Create(crate::domain::ProjectFields { name: Some(text.clone()), ..Default::default() });
+            let accepted = !matches!(Project::default().handle(named), Err(ProjectError::BlankName));
+            let body = serde_json::json!({ "name": text });
+            assert_eq!(fields.is_valid(&body), accepted, "name {text:?}");
+        }
+    }
 
     #[test]
     fn rows_fit_their_schemas() {

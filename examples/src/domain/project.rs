@@ -113,6 +113,7 @@ pub enum ProjectCommand {
 pub struct ProjectFields {
     /// The name; never blank.
     #[serde(default)]
+    #[schemars(extend("pattern" = super::NOT_BLANK))]
     pub name: Option<String>,
     /// Free text.
     #[serde(default)]
