@@ -170,8 +170,30 @@ pub(crate) fn bounded_token(headers: &HeaderMap, name: &'static HeaderName) -> R
     }
 }
 
+/// What separates a retry key from its caller in the stored key: never in
+/// a key (visible ASCII), so the client's part is unambiguous.
+const KEY_SCOPE: char = '\u{b7}';
+
+/// A retry key as the store keeps it: an anonymous caller's key as sent;
+/// an identified caller's followed by `·` and the caller's subject. A
+/// retry is the same caller sending the same key: another caller who sends
+/// that key (guessed, or its own by chance) runs its command, and meets the
+/// resource's rules, instead of being answered with the first caller's
+/// write.
+fn scoped_key(key: String, caller: Option<&Principal>) -> String {
+    match caller {
+        Some(caller) if caller.subject != ANONYMOUS => format!("{key}{KEY_SCOPE}{}", caller.subject),
+        _ => key,
+    }
+}
+
+/// The key the client sent, from the key as the store keeps it.
+pub(crate) fn client_key(stored: &str) -> &str {
+    stored.split(KEY_SCOPE).next().unwrap_or(stored)
+}
+
 /// Who asked (`caller`, from [`Shared::caller`]), as part of what, under
-/// which retry key.
+/// which retry key (scoped to the caller, see [`scoped_key`]).
 pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Metadata, HttpError> {
     let request_id = bounded_token(&parts.headers, &names::REQUEST_ID).ok().flatten();
     let correlation_id = bounded_token(&parts.headers, &names::CORRELATION)?.or_else(|| request_id.clone());
@@ -183,7 +205,7 @@ pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Meta
         correlation_id,
         causation_id: None,
         principal: Some(caller.map_or_else(|| ANONYMOUS.to_owned(), |c| c.subject.clone())),
-        idempotency_key: idempotency_key(&parts.headers)?,
+        idempotency_key: idempotency_key(&parts.headers)?.map(|key| scoped_key(key, caller)),
         extra,
     })
 }

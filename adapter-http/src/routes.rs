@@ -21,8 +21,8 @@ use crate::api::{MAX_SEARCH, Shared, names};
 use crate::error::HttpError;
 use crate::feed::{self, Hub};
 use crate::request::{
-    check_id, etag, history_paging, if_match, json_bytes, json_response, metadata, none_match, position_text,
-    position_token, read_body,
+    check_id, client_key, etag, history_paging, if_match, json_bytes, json_response, metadata, none_match,
+    position_text, position_token, read_body,
 };
 use crate::resource::{Operation, Resource, id_for_key};
 
@@ -188,7 +188,8 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
         Ok(match (kind, id) {
             (Write::Create, _) => {
                 let id = match &meta.idempotency_key {
-                    Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), key),
+                    // Ids made before keys were scoped stay the same.
+                    Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), client_key(key)),
                     None => self.resource.ids.next(),
                 };
                 // A custom id strategy could make ids a URL cannot carry.

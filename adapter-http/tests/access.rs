@@ -77,6 +77,48 @@ async fn a_refused_write_is_403_naming_the_rule_and_appends_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_retry_key_replays_only_its_own_callers_write() {
+    let h = build_with(HttpConfig::default(), true, guarded(), trusted).await;
+    let created = send(&h.app, as_(json("POST", "/projects", json!({ "name": "Keyed" })), "ann")).await;
+    let id = created.header("location").trim_start_matches("/projects/").to_owned();
+    let archive = |who: &str| {
+        let request = as_(json("POST", &format!("/projects/{id}/archive"), json!({})), who);
+        with_header(request, "idempotency-key", "archive-1")
+    };
+    let first = send(&h.app, archive("ann")).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    // Bob may not archive: the same key does not make ann's write his.
+    let other = send(&h.app, archive("bob")).await;
+    other.assert_problem(403, "forbidden");
+    assert!(other.headers.get("idempotent-replayed").is_none());
+    // Ann's retry is one.
+    let retry = send(&h.app, archive("ann")).await;
+    assert_eq!(retry.status, StatusCode::OK, "{}", retry.body);
+    assert_eq!(retry.header("idempotent-replayed"), "true");
+    assert_eq!(retry.header("etag"), first.header("etag"));
+    assert_eq!(events_of(&h, &id).await, 2, "created, archived once");
+    // The history shows the key the client sent, with whose it is.
+    let history = h.store.read(&id).await.unwrap();
+    assert_eq!(history[1].metadata.idempotency_key.as_deref(), Some("archive-1\u{b7}ann"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_create_makes_one_aggregate_per_caller() {
+    let h = build_with(HttpConfig::default(), true, guarded(), trusted).await;
+    let create = |who: &str| {
+        with_header(as_(json("POST", "/projects", json!({ "name": "Once" })), who), "idempotency-key", "create-1")
+    };
+    let first = send(&h.app, create("ann")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let again = send(&h.app, create("ann")).await;
+    assert_eq!(again.header("location"), first.header("location"));
+    assert_eq!(again.header("idempotent-replayed"), "true");
+    let bobs = send(&h.app, create("bob")).await;
+    assert_eq!(bobs.status, StatusCode::CREATED, "{}", bobs.body);
+    assert_ne!(bobs.header("location"), first.header("location"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_rule_decides_on_the_aggregates_current_state() {
     let h = build_with(HttpConfig::default(), true, guarded(), trusted).await;
     let created = send(&h.app, as_(json("POST", "/projects", json!({ "name": "Moving" })), "ann")).await;
