@@ -74,6 +74,13 @@ pub(crate) fn pg_append_lock(name: &str) -> String {
 /// version given or the retry key was used.
 pub(crate) const APPEND_CURRENT: &str = "SELECT kes_append_current($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
+/// Several appends in one round trip: the batch form of
+/// [`APPEND_CURRENT`] (see the migration `0004_append_batch_function`).
+/// Returns the first position written, or -1 when any stream was not at
+/// the version given or any retry key was used.
+pub(crate) const APPEND_BATCH: &str =
+    "SELECT kes_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+
 /// Columns of one inserted event (see [`insert_events`]).
 pub(crate) const INSERT_COLUMNS: usize = 12;
 

@@ -4,7 +4,8 @@
 //! path such appends take, and that it never acts on a stale guess: a
 //! stream moved by another process, a retry key already used and an
 //! expected version that does not hold all fall back to the general path
-//! and answer exactly as it does.
+//! and answer exactly as it does. A batch of such appends (many clients)
+//! is one call of `kes_append_batch`, under the same rules.
 
 use std::time::{Duration, Instant};
 
@@ -34,14 +35,19 @@ async fn counted_database(tag: &str) -> Option<String> {
 /// How many times the one-round-trip function ran, once the sessions that
 /// called it have reported (they do so when idle, within about a second).
 async fn calls_reach(url: &str, at_least: i64) -> i64 {
+    function_calls_reach(url, "kes_append_current", at_least).await
+}
+
+/// How many times the function `name` ran (see [`calls_reach`]).
+async fn function_calls_reach(url: &str, name: &str, at_least: i64) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut conn = PgConnection::connect(url).await.expect("connect");
     loop {
-        let calls: Option<i64> =
-            sqlx::query_scalar("SELECT calls FROM pg_stat_user_functions WHERE funcname = 'kes_append_current'")
-                .fetch_optional(&mut conn)
-                .await
-                .expect("read the function statistics");
+        let calls: Option<i64> = sqlx::query_scalar("SELECT calls FROM pg_stat_user_functions WHERE funcname = $1")
+            .bind(name)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the function statistics");
         let calls = calls.unwrap_or(0);
         if calls >= at_least || Instant::now() >= deadline {
             return calls;
@@ -99,4 +105,64 @@ async fn appends_on_a_known_state_take_one_call_and_stale_guesses_fall_back() {
     .expect("the table row");
     let state: Ledger = serde_json::from_str(&state).expect("the table's state");
     assert_eq!((version, state.total, state.entries), (5, 113, 4));
+}
+
+/// Appends one `add(amount)` to each of `ids` at once, so that the writer
+/// takes them as batches; their answers in the order of `ids`.
+async fn add_to_all(
+    store: &SqlStore<Ledger>,
+    ids: &[String],
+    expected: ExpectedVersion,
+    amount: i64,
+) -> Vec<Result<kes_core::Appended, StoreError>> {
+    let appends = ids.iter().map(|id| store.append(id, expected, add(amount), Metadata::default()));
+    futures::future::join_all(appends).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_known_states_take_one_call_and_a_stale_guess_falls_back() {
+    let Some(url) = counted_database("batchcall").await else { return };
+    let a = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the first store");
+    let b = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the second store");
+    let ids: Vec<String> = (0..40).map(|i| format!("b-{i}")).collect();
+
+    // New streams, then appends on the states the store just wrote.
+    let opened = futures::future::join_all(
+        ids.iter().map(|id| a.append(id, ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default())),
+    )
+    .await;
+    assert!(opened.iter().all(|o| o.as_ref().is_ok_and(|o| o.version == 1)), "{opened:?}");
+    let added = add_to_all(&a, &ids, ExpectedVersion::Exact(1), 5).await;
+    assert!(added.iter().all(|o| o.as_ref().is_ok_and(|o| o.version == 2)), "{added:?}");
+    assert!(function_calls_reach(&url, "kes_append_batch", 1).await >= 1, "no batch took the one-call path");
+
+    // Another process moves one stream: the batch's guess for it is stale,
+    // the call writes nothing, and the general path decides every append.
+    let moved = b.append("b-7", ExpectedVersion::Exact(2), add(100), Metadata::default()).await.expect("b appends");
+    assert_eq!(moved.version, 3);
+    let again = add_to_all(&a, &ids, ExpectedVersion::Any, 1).await;
+    for (id, outcome) in ids.iter().zip(&again) {
+        let expected = if id == "b-7" { 4 } else { 3 };
+        assert_eq!(outcome.as_ref().map(|o| o.version).ok(), Some(expected), "{id}: {outcome:?}");
+    }
+    let conflicts = add_to_all(&a, &ids[..4], ExpectedVersion::Exact(2), 1).await;
+    assert!(conflicts.iter().all(|o| matches!(o, Err(StoreError::Conflict { actual: 3, .. }))), "{conflicts:?}");
+
+    // What a third process reads: every event once, positions without a
+    // gap across all streams, each answer's position its last event's, and
+    // table rows that fold every event.
+    let c = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the third store");
+    let mut positions = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let events = c.read(id).await.expect("read");
+        let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
+        let (total, count) = if id == "b-7" { (106, 4) } else { (6, 3) };
+        assert_eq!(versions, (1..=count).collect::<Vec<_>>(), "{id}");
+        assert_eq!(events[1].position, added[i].as_ref().expect("added").position, "{id}");
+        positions.extend(events.iter().map(|e| e.position.offset));
+        let snapshot = c.load(id).await.expect("load").expect("the stream exists");
+        assert_eq!((snapshot.version, snapshot.state.total), (count, total), "{id}");
+    }
+    positions.sort_unstable();
+    assert_eq!(positions, (0..positions.len() as u64).collect::<Vec<_>>(), "positions without gaps or repeats");
 }
