@@ -50,8 +50,12 @@ const FEED_BUFFER: usize = 4096;
 /// Bytes of events a feed's connection may have queued before it counts
 /// as slow.
 const FEED_BYTES: usize = 256 * 1024;
-/// Records the pump handles at once.
+/// Records the pump takes from the log at once.
 const PUMP_BATCH: usize = 512;
+/// Most records one broadcast gathers: enough that the linger, not this
+/// bound, sets the pace at several thousand appends a second (the 200 ms
+/// linger of 200 open feeds at 10,000 appends a second is 2,000 records).
+const PUMP_GATHER: usize = 8192;
 /// How long the pump gathers records after a broadcast before the next
 /// one, so that a busy log reaches every feed in fewer, larger writes:
 /// [`LINGER_PER_FEED`] per open feed, within these bounds. Every broadcast
@@ -349,7 +353,7 @@ impl<A: Aggregate, S: EventStore<A> + 'static> Hub<A, S> {
                 // broadcast goes out with it: every feed then gets fewer,
                 // larger writes. After a quiet spell nothing waits.
                 let until = last_broadcast + linger(self.sender.receiver_count());
-                while records.len() < PUMP_BATCH {
+                while records.len() < PUMP_GATHER {
                     match tokio::time::timeout_at(until, stream.next()).await {
                         Ok(Some(chunk)) => {
                             if !take_chunk(chunk, &mut records) {
