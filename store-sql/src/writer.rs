@@ -262,21 +262,7 @@ impl<A: Aggregate> SqlStore<A> {
     pub(crate) async fn append_current(&self, request: &Request<A>) -> Option<Result<Appended, StoreError>> {
         let Pool::Postgres(pool) = &self.inner.pools.writer else { return None };
         let cache = &self.inner.cache;
-        let (version, state) = match cache.latest(&request.id) {
-            Some(found) => found,
-            // A stream the caller expects not to exist yet.
-            None if matches!(request.expected, ExpectedVersion::NoStream | ExpectedVersion::Exact(0)) => {
-                (0, A::default())
-            }
-            None => return None,
-        };
-        if request.events.is_empty() || !request.expected.admits(version) {
-            return None;
-        }
-        let mut next = state;
-        for event in &request.events {
-            next.apply(event);
-        }
+        let (version, next) = self.guess(request)?;
         let json = serde_json::to_value(&next).ok()?;
         let count = request.events.len() as u64;
         let known_at = cache.now();
@@ -314,6 +300,29 @@ impl<A: Aggregate> SqlStore<A> {
         Some(Ok(Appended { version: end, position: Position::new(0, first + count - 1), deduplicated: false }))
     }
 
+    /// The version and the state after it that a one-call append of
+    /// `request` assumes: the cached state (or the empty state of a stream
+    /// the caller expects not to exist yet) with the request's events
+    /// applied. `None` when there is no guess, no event, or the expected
+    /// version refuses the guess.
+    fn guess(&self, request: &Request<A>) -> Option<(u64, A)> {
+        let (version, state) = match self.inner.cache.latest(&request.id) {
+            Some(found) => found,
+            None if matches!(request.expected, ExpectedVersion::NoStream | ExpectedVersion::Exact(0)) => {
+                (0, A::default())
+            }
+            None => return None,
+        };
+        if request.events.is_empty() || !request.expected.admits(version) {
+            return None;
+        }
+        let mut next = state;
+        for event in &request.events {
+            next.apply(event);
+        }
+        Some((version, next))
+    }
+
     /// PostgreSQL: a batch of appends in one round trip
     /// (`kes_append_batch`, see the migration), when this store holds a
     /// guess at every stream's state, as [`Self::append_current`] does for
@@ -335,24 +344,10 @@ impl<A: Aggregate> SqlStore<A> {
         let mut seen = std::collections::HashSet::with_capacity(requests.len());
         let mut guesses = Vec::with_capacity(requests.len());
         for request in requests {
-            if !seen.insert(request.id.as_str()) || request.events.is_empty() {
+            if !seen.insert(request.id.as_str()) {
                 return None;
             }
-            let (version, state) = match cache.latest(&request.id) {
-                Some(found) => found,
-                None if matches!(request.expected, ExpectedVersion::NoStream | ExpectedVersion::Exact(0)) => {
-                    (0, A::default())
-                }
-                None => return None,
-            };
-            if !request.expected.admits(version) {
-                return None;
-            }
-            let mut next = state;
-            for event in &request.events {
-                next.apply(event);
-            }
-            guesses.push((version, next));
+            guesses.push(self.guess(request)?);
         }
         let states = guesses
             .iter()
