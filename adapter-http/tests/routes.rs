@@ -467,9 +467,13 @@ async fn a_failed_requests_log_record_names_the_request_id_its_client_got() {
     let given = send(&h.app, with_header(explode(), "x-request-id", "client-chose-7")).await;
     given.assert_problem(500, "internal");
     assert_eq!(given.header("x-request-id"), "client-chose-7");
+    // Through the compression layer too.
+    let compressed =
+        send(&h.app, with_header(with_header(explode(), "x-request-id", "zipped-8"), "accept-encoding", "gzip")).await;
+    assert_eq!(compressed.status, StatusCode::INTERNAL_SERVER_ERROR);
     let records = log.lines_with("a request handler panicked");
-    assert_eq!(records.len(), 2, "{}", log.text());
-    for (record, request_id) in records.iter().zip([&made, "client-chose-7"]) {
+    assert_eq!(records.len(), 3, "{}", log.text());
+    for (record, request_id) in records.iter().zip([&made, "client-chose-7", "zipped-8"]) {
         assert!(record.contains("ERROR") && record.contains(request_id), "{record}");
         // The operator reads the cause; the client did not.
         assert!(record.contains("secret detail 42"), "{record}");
