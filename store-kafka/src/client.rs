@@ -19,16 +19,14 @@ use crate::error::KafkaStoreError;
 const SCAN_FETCH_BYTES: u64 = 1 << 20;
 
 /// `fetch.wait.max.ms` of reads that know where they end (start-up scans,
-/// `read`): the data is there, so a fetch has no reason to wait. It matters
-/// on brokers that hold every fetch answer for the whole wait even when
-/// they have data (Tansu 0.6 does): there each fetch of a bounded read
-/// would cost the wait. Subscriptions, which wait at the head of the log
-/// for new records, keep [`FOLLOW_FETCH_WAIT_MS`].
+/// `read`, a subscription's reads below the partitions' tails): the data
+/// is there, so a fetch has no reason to wait. It matters on brokers that
+/// hold every fetch answer for the whole wait even when they have data
+/// (Tansu 0.6 does): there each fetch of a bounded read would cost the
+/// wait. Only the follower waits at the head of the log for new records
+/// ([`FOLLOWER_FETCH_WAIT_MS`]); subscriptions at the head take them from
+/// the follower (see `tail`).
 pub(crate) const BOUNDED_FETCH_WAIT_MS: u32 = 5;
-
-/// `fetch.wait.max.ms` of subscriptions: how long an idle subscription's
-/// fetch waits at the head of the log (latency of a new record at worst).
-pub(crate) const FOLLOW_FETCH_WAIT_MS: u32 = 100;
 
 /// `fetch.wait.max.ms` of the store's own follower, which every read of
 /// another instance's write waits for: shorter than a subscription's, as
@@ -126,7 +124,7 @@ pub(crate) fn create_producer(config: &KafkaStoreConfig) -> Result<FutureProduce
 /// prefetch queue, so that fetches overlap with the caller's work (a
 /// shallow queue starves on brokers with slow fetches). `wait_ms` is its
 /// `fetch.wait.max.ms` ([`BOUNDED_FETCH_WAIT_MS`] or
-/// [`FOLLOW_FETCH_WAIT_MS`]); `reach` sizes its fetches.
+/// [`FOLLOWER_FETCH_WAIT_MS`]); `reach` sizes its fetches.
 pub(crate) fn create_consumer(
     config: &KafkaStoreConfig,
     eof: bool,

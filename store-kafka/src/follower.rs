@@ -58,6 +58,8 @@ pub(crate) struct FollowerCounters {
     pub(crate) fast_path_appends: AtomicU64,
     pub(crate) awaited_appends: AtomicU64,
     pub(crate) lost_races: AtomicU64,
+    pub(crate) subscribed_from_tail: AtomicU64,
+    pub(crate) subscribed_from_broker: AtomicU64,
 }
 
 /// What a [`crate::KafkaStore`] reports of its follower and its appends.
@@ -76,6 +78,11 @@ pub struct FollowerStats {
     pub awaited_appends: u64,
     /// Appends answered `Conflict` because their record was void.
     pub lost_races: u64,
+    /// Records subscriptions took from the partitions' tails in memory.
+    pub subscribed_from_tail: u64,
+    /// Records subscriptions read from the broker (below the tails: old
+    /// checkpoints, rebuilds, subscribers that fell behind).
+    pub subscribed_from_broker: u64,
     /// Partitions stopped at a record this version cannot read.
     pub halted: Vec<HaltedPartition>,
 }
@@ -275,7 +282,7 @@ impl<A: Aggregate> Inner<A> {
             row.remember_key(key.clone(), doc.last_version, at.offset, recorded_ms, retention);
         }
         table.rows.insert(id, row);
-        table.cache(id, value, self.config.read_cache_bytes);
+        table.applied_valid(id, at, value, self.config.read_cache_bytes);
         let log = &mut table.logs[at.partition as usize];
         log.end = at.offset + 1;
         log.last_id = Some(id.to_owned());
@@ -288,6 +295,7 @@ impl<A: Aggregate> Inner<A> {
     /// Records a void record: progress, count, one log line, and the answer
     /// to the append waiting for it (`true` when one was).
     fn void(&self, table: &mut Table<A>, doc: &EventsDoc, at: Position, why: &str) -> bool {
+        table.applied_void(at);
         let log = &mut table.logs[at.partition as usize];
         log.end = at.offset + 1;
         let decided = doc.first_event_id().is_some_and(|first| log.decide(first, Verdict::Void));
@@ -403,7 +411,8 @@ impl<A: Aggregate> Inner<A> {
         let consumer = create_consumer(&self.config, false, FOLLOWER_FETCH_WAIT_MS, Reach::Within)?;
         let mut tpl = TopicPartitionList::new();
         {
-            let table = self.table();
+            let mut table = self.table();
+            table.keep_tails();
             for (p, log) in table.logs.iter().enumerate() {
                 tpl.add_partition_offset(&self.events_topic, p as i32, start_at(log.end))
                     .map_err(|e| KafkaStoreError::from_kafka("follow", &e))?;
@@ -537,6 +546,8 @@ impl<A: Aggregate> Inner<A> {
             fast_path_appends: c.fast_path_appends.load(Ordering::Relaxed),
             awaited_appends: c.awaited_appends.load(Ordering::Relaxed),
             lost_races: c.lost_races.load(Ordering::Relaxed),
+            subscribed_from_tail: c.subscribed_from_tail.load(Ordering::Relaxed),
+            subscribed_from_broker: c.subscribed_from_broker.load(Ordering::Relaxed),
             halted: table
                 .logs
                 .iter()

@@ -162,9 +162,19 @@
 //!   serves audit histories should serve them from a history view
 //!   (`kes_core::HistoryProjection`), as the projects example does on
 //!   Kafka: one indexed query per page, whatever the log holds.
-//! - `subscribe(checkpoint)` assigns every events partition and seeks to the
-//!   checkpoint's next offset (owned by the caller, never by consumer-group
-//!   commits); one item per record, per-partition order, endless.
+//! - `subscribe(checkpoint)` delivers every events record from the
+//!   checkpoint's next offsets on (owned by the caller, never by
+//!   consumer-group commits); one item per record, per-partition order,
+//!   endless, each once the follower judged it. At the head of the log the
+//!   records come from each partition's tail in memory, which the follower
+//!   and the appends fill (the last 4,096 records of each partition, at
+//!   most 8 MiB of values per store): the broker serves each record once
+//!   to the follower, however many projections, reactions and change feeds
+//!   subscribe, and a subscriber sees a record as soon as the table applied
+//!   it. A partition whose next record lies below its tail (an old
+//!   checkpoint, a rebuild, a subscriber that fell behind) is read from the
+//!   broker by a consumer of the subscription's own until it reaches the
+//!   tail.
 //! - Every reader (start-up scans, the follower, reads, subscriptions, the
 //!   keys topic) is assigned a concrete offset, 0 for the start of a
 //!   partition, never `Offset::Beginning`: a new librdkafka consumer looks
@@ -229,6 +239,7 @@
 //! | `follower` | the in-order applier of each partition (start-up, follower task, fast path), gaps, halts |
 //! | `ownership` | the consumer group choosing each partition's table-record writer; epoch markers and fencing |
 //! | `reads` | watermarks, bounded reads, a stream's pages, subscriptions (trailing the follower) |
+//! | `tail` | each partition's last applied records, which subscriptions at the head take |
 //! | `recovery` | the start-up load (fenced) and catch-up |
 //! | `table` | the in-memory table: a row taken out to change, per-partition progress, the read cache |
 //! | `rows` | the table's rows, packed into one allocation each and found by id |
@@ -252,6 +263,7 @@ mod rows;
 mod store;
 mod table;
 mod table_writer;
+mod tail;
 mod topics;
 mod validity;
 

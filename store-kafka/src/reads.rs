@@ -3,8 +3,9 @@
 //! its records), and the endless subscription to the events topic.
 //! Nothing here changes the table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures::stream;
@@ -16,10 +17,11 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::Producer;
 use rdkafka::util::Timeout;
 
-use crate::client::{BOUNDED_FETCH_WAIT_MS, Detached, FOLLOW_FETCH_WAIT_MS, Reach, Reader, create_consumer, start_at};
+use crate::client::{BOUNDED_FETCH_WAIT_MS, Detached, Reach, Reader, create_consumer, start_at};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
+use crate::tail::{Standing, TailRecord};
 
 /// `read` fetches a stream's records by offset; from one of them to the
 /// next it reads through up to this many other records rather than seek.
@@ -250,16 +252,15 @@ impl<A: Aggregate> Inner<A> {
     /// An endless stream of the events topic's records from `from` on (see
     /// [`Subscription`]).
     pub(crate) fn subscribe(self: &Arc<Self>, from: &Checkpoint) -> Result<EventStream<A::Event>, StoreError> {
-        let consumer = create_consumer(&self.config, false, FOLLOW_FETCH_WAIT_MS, Reach::Within)?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..self.partitions {
-            let next = from.next_offset(p);
-            tpl.add_partition_offset(&self.events_topic, p as i32, start_at(next))
-                .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
-        }
-        consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
-        let reader = Subscription { consumer, store: Arc::clone(self) };
-        let stream = stream::unfold(reader, |reader| async move {
+        let reader = Subscription {
+            next: (0..self.partitions).map(|p| from.next_offset(p)).collect(),
+            ready: VecDeque::new(),
+            turn: 0,
+            below: None,
+            progress: self.progress.subscribe(),
+            store: Arc::clone(self),
+        };
+        let stream = stream::unfold(reader, |mut reader| async move {
             let item = reader.next().await;
             Some((item, reader))
         });
@@ -409,41 +410,168 @@ impl<E: kes_core::DomainEvent> PageCollector<'_, E> {
     }
 }
 
-/// The consumer behind one subscription. It trails the store's follower:
-/// each record is delivered once the follower judged it, with its events
-/// when it is valid and without them when it is void (so that projections
-/// never see a record that lost a race, yet their checkpoints pass it).
+/// Most records a subscription takes from one partition's tail at a time
+/// (under one lock of the table).
+const TAKE_AT_ONCE: usize = 256;
+
+/// One subscription. It trails the store's follower: each record is
+/// delivered once the follower judged it, with its events when it is valid
+/// and without them when it is void (so that projections never see a
+/// record that lost a race, yet their checkpoints pass it).
+///
+/// At the head of the log the records come from the partitions' tails
+/// (see `tail`), which the follower and the appends fill: the broker
+/// serves them once, to the follower. Only a partition whose next record
+/// lies below its tail (a subscription from an old checkpoint, a rebuild,
+/// one that fell behind) is read from the broker, by a consumer of the
+/// subscription's own that exists while any partition needs it.
 struct Subscription<A: Aggregate> {
-    consumer: Reader,
     store: Arc<Inner<A>>,
+    /// Per partition, the offset of the next record to deliver.
+    next: Vec<u64>,
+    /// Records taken from the tails, delivered in this order.
+    ready: VecDeque<(Position, TailRecord)>,
+    /// The partition whose tail is taken from first next time (each gets
+    /// its turn).
+    turn: usize,
+    /// The consumer of the partitions below their tails, and which those
+    /// are.
+    below: Option<(Detached<Reader>, Vec<u32>)>,
+    progress: tokio::sync::watch::Receiver<u64>,
+}
+
+/// What a subscription waited for.
+enum Woken {
+    Progress,
+    /// A record of a partition below its tail, decoded.
+    Record(Result<(Position, Box<Result<EventsDoc, KafkaStoreError>>), KafkaError>),
 }
 
 impl<A: Aggregate> Subscription<A> {
     /// The next record. Transient consumer errors are left to librdkafka,
     /// which reconnects by itself; the stream just waits.
-    async fn next(&self) -> Result<Logged<A::Event>, StoreError> {
-        let topic = &self.store.events_topic;
+    async fn next(&mut self) -> Result<Logged<A::Event>, StoreError> {
         loop {
-            match self.consumer.recv().await {
-                Ok(m) => {
-                    let at = Position::new(m.partition() as u32, m.offset() as u64);
-                    let doc = EventsDoc::decode(topic, at, m.key(), m.payload())?;
-                    if !self.store.judged_valid(at, &doc.aggregate_id, doc.last_version).await? {
-                        return Ok(Logged::void(at));
+            if let Some((at, record)) = self.ready.pop_front() {
+                self.store.counters.subscribed_from_tail.fetch_add(1, Ordering::Relaxed);
+                return self.deliver_taken(at, record);
+            }
+            let below = self.take_from_tails();
+            if !self.ready.is_empty() {
+                continue;
+            }
+            self.read_below(below)?;
+            let woken = match &self.below {
+                Some((consumer, _)) => tokio::select! {
+                    _ = self.progress.changed() => Woken::Progress,
+                    m = consumer.recv() => Woken::Record(m.map(|m| {
+                        let at = Position::new(m.partition() as u32, m.offset() as u64);
+                        (at, Box::new(EventsDoc::decode(&self.store.events_topic, at, m.key(), m.payload())))
+                    })),
+                },
+                None => {
+                    // The sender lives as long as the store this holds.
+                    let _ = self.progress.changed().await;
+                    Woken::Progress
+                }
+            };
+            match woken {
+                Woken::Progress => {}
+                Woken::Record(Ok((at, doc))) => {
+                    let p = at.partition as usize;
+                    // Records of a partition that no longer reads from the
+                    // broker, or that were fetched before a seek, are
+                    // passed over.
+                    if self.next.get(p) == Some(&at.offset) {
+                        self.next[p] = at.offset + 1;
+                        self.store.counters.subscribed_from_broker.fetch_add(1, Ordering::Relaxed);
+                        return self.deliver_read(at, (*doc)?).await;
                     }
-                    let events = doc
-                        .into_raw(topic, at)?
-                        .into_iter()
-                        .map(|raw| raw.decode(&*self.store.codec))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    return Ok(Logged { position: at, events });
                 }
-                Err(e) if e.rdkafka_error_code().is_some_and(is_transient) => {
-                    tracing::debug!(topic = %topic, error = %e, "subscription waiting for the broker");
+                Woken::Record(Err(e)) if e.rdkafka_error_code().is_some_and(is_transient) => {
+                    tracing::debug!(topic = %self.store.events_topic, error = %e, "subscription waiting for the broker");
                 }
-                Err(e) => return Err(KafkaStoreError::from_kafka("subscription", &e).into()),
+                Woken::Record(Err(e)) => return Err(KafkaStoreError::from_kafka("subscription", &e).into()),
             }
         }
+    }
+
+    /// Takes the next records of every partition its tail holds into
+    /// `ready`; returns the partitions whose next record is to be read from
+    /// the broker: below the tail, applied without going to it (at
+    /// start-up), or where the partition halted (the record then answers
+    /// as it did to the follower: `Corrupt` when it is no events record,
+    /// `Unavailable` when its events cannot be decoded).
+    fn take_from_tails(&mut self) -> Vec<u32> {
+        let mut below = Vec::new();
+        let table = self.store.table();
+        let partitions = self.next.len();
+        for i in 0..partitions {
+            let p = (self.turn + i) % partitions;
+            let log = &table.logs[p];
+            let next = self.next[p];
+            match log.tail.take_from(p as u32, next, TAKE_AT_ONCE, &mut self.ready) {
+                Standing::Taken(n) => self.next[p] = next + n as u64,
+                Standing::Below => below.push(p as u32),
+                Standing::Past if next < log.end || log.halted.as_ref().is_some_and(|h| h.offset <= next) => {
+                    below.push(p as u32);
+                }
+                Standing::Past => {}
+            }
+        }
+        self.turn = (self.turn + 1) % partitions.max(1);
+        below
+    }
+
+    /// Makes the subscription's consumer read exactly the partitions in
+    /// `below`, each from its next record; drops it when there are none.
+    fn read_below(&mut self, below: Vec<u32>) -> Result<(), StoreError> {
+        if self.below.as_ref().is_some_and(|(_, now)| *now == below) {
+            return Ok(());
+        }
+        if below.is_empty() {
+            self.below = None;
+            return Ok(());
+        }
+        let consumer = match self.below.take() {
+            Some((consumer, _)) => consumer,
+            // Its records lie below the partitions' applied ends: they are
+            // there, so its fetches need not wait at the head.
+            None => Detached::new(create_consumer(&self.store.config, false, BOUNDED_FETCH_WAIT_MS, Reach::Within)?),
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in &below {
+            tpl.add_partition_offset(&self.store.events_topic, *p as i32, start_at(self.next[*p as usize]))
+                .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
+        }
+        consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
+        self.below = Some((consumer, below));
+        Ok(())
+    }
+
+    /// A record taken from a tail: judged already.
+    fn deliver_taken(&self, at: Position, record: TailRecord) -> Result<Logged<A::Event>, StoreError> {
+        let Some(record) = record else { return Ok(Logged::void(at)) };
+        let topic = &self.store.events_topic;
+        let doc = EventsDoc::decode(topic, at, Some(record.key.as_bytes()), Some(&record.value))?;
+        self.events_of(at, doc)
+    }
+
+    /// A record read from the broker, delivered once the follower judged it.
+    async fn deliver_read(&self, at: Position, doc: EventsDoc) -> Result<Logged<A::Event>, StoreError> {
+        if !self.store.judged_valid(at, &doc.aggregate_id, doc.last_version).await? {
+            return Ok(Logged::void(at));
+        }
+        self.events_of(at, doc)
+    }
+
+    fn events_of(&self, at: Position, doc: EventsDoc) -> Result<Logged<A::Event>, StoreError> {
+        let events = doc
+            .into_raw(&self.store.events_topic, at)?
+            .into_iter()
+            .map(|raw| raw.decode(&*self.store.codec))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Logged { position: at, events })
     }
 }
 

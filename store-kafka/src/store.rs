@@ -317,6 +317,8 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             count("fast_path_appends", "appends judged as soon as acknowledged", stats.fast_path_appends),
             count("awaited_appends", "appends that waited for the follower's verdict", stats.awaited_appends),
             count("lost_races", "appends answered Conflict because their record was void", stats.lost_races),
+            count("subscribed_from_tail", "records subscriptions took from memory", stats.subscribed_from_tail),
+            count("subscribed_from_broker", "records subscriptions read from the broker", stats.subscribed_from_broker),
         ];
         gauges.extend(StoreGauge::state_version::<A>(
             self.inner.table_rebuilt_from.load(std::sync::atomic::Ordering::Relaxed),

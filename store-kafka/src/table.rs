@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::record::{KeyDoc, MarkDoc, TableDoc};
 use crate::rows::Rows;
+use crate::tail::{Applied, TAIL_BYTES, Tail, TailRecord};
 use crate::validity::StreamTip;
 
 /// The in-memory table and, per events partition, what this process knows
@@ -29,6 +30,9 @@ pub(crate) struct Table<A: Aggregate> {
     cache_bytes: usize,
     /// Ids whose history is cached, oldest first (evicted first).
     cache_order: VecDeque<String>,
+    /// Whether applied records go to the partitions' tails (from the
+    /// moment the follower starts; not during start-up).
+    keeps_tails: bool,
     model: std::marker::PhantomData<fn() -> A>,
 }
 
@@ -41,19 +45,59 @@ impl<A: Aggregate> Table<A> {
             logs: (0..partitions).map(|_| PartitionLog::default()).collect(),
             cache_bytes: 0,
             cache_order: VecDeque::new(),
+            keeps_tails: false,
             model: std::marker::PhantomData,
+        }
+    }
+
+    /// From now on every record applied goes to its partition's tail.
+    pub(crate) fn keep_tails(&mut self) {
+        self.keeps_tails = true;
+    }
+
+    /// The valid record of `id` at `at` (its value `value`) was applied:
+    /// into the cached history of `id` (if it holds the whole history, then
+    /// whole histories are evicted down to `budget`) and the partition's
+    /// tail.
+    pub(crate) fn applied_valid(&mut self, id: &str, at: Position, value: &[u8], budget: usize) {
+        let cached = self.histories.contains_key(id);
+        if !cached && !self.keeps_tails {
+            return;
+        }
+        let value: Arc<[u8]> = Arc::from(value);
+        if self.keeps_tails {
+            let record = Some(Arc::new(Applied { key: id.into(), value: Arc::clone(&value) }));
+            self.push_tail(at, record);
+        }
+        if cached {
+            self.cache(id, value, budget);
+        }
+    }
+
+    /// The void record at `at` was applied: into the partition's tail.
+    pub(crate) fn applied_void(&mut self, at: Position) {
+        if self.keeps_tails {
+            self.push_tail(at, None);
+        }
+    }
+
+    fn push_tail(&mut self, at: Position, record: TailRecord) {
+        let share = TAIL_BYTES / self.logs.len().max(1);
+        if let Some(log) = self.logs.get_mut(at.partition as usize) {
+            log.tail.push(at.offset, record, share);
         }
     }
 
     /// Adds one events record to the cached history of `id` (if it holds
     /// the whole history), then evicts whole histories down to `budget`.
-    pub(crate) fn cache(&mut self, id: &str, value: &[u8], budget: usize) {
+    fn cache(&mut self, id: &str, value: Arc<[u8]>, budget: usize) {
         let Some(history) = self.histories.get_mut(id) else { return };
         if history.is_empty() {
             self.cache_order.push_back(id.to_owned());
         }
-        history.push(Arc::from(value));
-        self.cache_bytes += value.len();
+        let len = value.len();
+        history.push(value);
+        self.cache_bytes += len;
         while self.cache_bytes > budget {
             let Some(victim) = self.cache_order.pop_front() else { break };
             self.forget_history(&victim);
@@ -376,6 +420,9 @@ pub(crate) struct PartitionLog {
     /// This instance's tenure as the partition's table-record writer
     /// (`None`: another instance writes them; see `ownership`).
     pub(crate) tenure: Option<crate::ownership::Tenure>,
+    /// The records applied last, for subscriptions at the head (see
+    /// `tail`).
+    pub(crate) tail: Tail,
 }
 
 /// One of this process's records, acknowledged, with the state it leads to

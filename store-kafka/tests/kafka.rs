@@ -205,6 +205,114 @@ async fn several_partitions_keep_each_aggregate_in_order() {
     assert_eq!(resumed.len(), expected.len(), "the resumed subscription missed records");
 }
 
+/// The records of `stream` up to `head`: per partition, (offset, aggregate,
+/// version) of every event, in the order delivered.
+async fn subscribed_up_to(
+    stream: &mut kes_core::EventStream<LedgerEvent>,
+    from: Checkpoint,
+    head: &Checkpoint,
+) -> std::collections::BTreeMap<u32, Vec<(u64, String, u64)>> {
+    let mut seen: std::collections::BTreeMap<u32, Vec<(u64, String, u64)>> = Default::default();
+    let mut checkpoint = from;
+    while !checkpoint.covers_all(head) {
+        let item =
+            tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time").expect("endless");
+        let logged = item.expect("item");
+        assert!(
+            logged.position.offset >= checkpoint.next_offset(logged.position.partition),
+            "{:?} delivered twice or out of order",
+            logged.position
+        );
+        for e in &logged.events {
+            seen.entry(e.position.partition).or_default().push((e.position.offset, e.aggregate_id.clone(), e.version));
+        }
+        checkpoint.advance(logged.position);
+    }
+    seen
+}
+
+/// Per partition, (offset, aggregate, version) of every event `read` gives
+/// for `ids`, in log order.
+async fn logged_events(
+    store: &KafkaStore<Ledger>,
+    ids: &[String],
+) -> std::collections::BTreeMap<u32, Vec<(u64, String, u64)>> {
+    let mut all: std::collections::BTreeMap<u32, Vec<(u64, String, u64)>> = Default::default();
+    for id in ids {
+        for e in store.read(id).await.expect("read") {
+            all.entry(e.position.partition).or_default().push((e.position.offset, e.aggregate_id.clone(), e.version));
+        }
+    }
+    for events in all.values_mut() {
+        events.sort();
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_at_the_head_take_records_from_memory_and_older_ones_from_the_broker() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 3);
+    let Some(writer) = common::connect(config.clone()).await else { return };
+    let ids: Vec<String> = (0..9).map(|i| format!("t-{i}")).collect();
+    let write = |round: i64| {
+        let writer = writer.clone();
+        let ids = ids.clone();
+        async move {
+            for id in &ids {
+                let events =
+                    if round == 0 { vec![LedgerEvent::Opened] } else { vec![LedgerEvent::Added { amount: round }] };
+                writer.append(id, ExpectedVersion::Any, events, Metadata::default()).await.expect("append");
+            }
+        }
+    };
+    write(0).await;
+    write(1).await;
+    // A second instance opens after those 18 records: its follower starts
+    // past them, so its tails do not hold them.
+    let reader = KafkaStore::<Ledger>::open(config).await.expect("second instance");
+    let before = reader.follower_stats();
+    let mut from_start = reader.subscribe(Checkpoint::start()).await.expect("subscribe");
+    let head = reader.head().await.expect("head");
+    let old = subscribed_up_to(&mut from_start, Checkpoint::start(), &head).await;
+    let stats = reader.follower_stats();
+    assert_eq!(stats.subscribed_from_broker - before.subscribed_from_broker, 18, "below the tails: from the broker");
+    assert_eq!(stats.subscribed_from_tail, before.subscribed_from_tail);
+
+    // At the head, records written through the other instance come from the
+    // reader's tails, to both the subscription that read the old ones and a
+    // new one from the head.
+    let mut at_head = reader.subscribe(head.clone()).await.expect("subscribe");
+    write(2).await;
+    write(3).await;
+    let new_head = writer.head().await.expect("head");
+    let newer = subscribed_up_to(&mut from_start, head.clone(), &new_head).await;
+    let newer_at_head = subscribed_up_to(&mut at_head, head.clone(), &new_head).await;
+    assert_eq!(newer, newer_at_head, "both subscriptions deliver the same records");
+    let stats_after = reader.follower_stats();
+    assert_eq!(stats_after.subscribed_from_broker, stats.subscribed_from_broker, "nothing more from the broker");
+    assert_eq!(stats_after.subscribed_from_tail - stats.subscribed_from_tail, 36, "18 records, to two subscriptions");
+
+    // Together they are exactly the log: every event once, in each
+    // partition's order.
+    let mut delivered = old;
+    for (p, events) in newer {
+        delivered.entry(p).or_default().extend(events);
+    }
+    assert_eq!(delivered, logged_events(&reader, &ids).await);
+    assert!(delivered.values().map(Vec::len).sum::<usize>() == 36);
+
+    // A subscription from the start now reads below the tails from the
+    // broker, then goes on from them without a repeat or a gap.
+    let mut late = reader.subscribe(Checkpoint::start()).await.expect("subscribe");
+    let all = subscribed_up_to(&mut late, Checkpoint::start(), &new_head).await;
+    assert_eq!(all, delivered);
+    let stats_late = reader.follower_stats();
+    assert_eq!(stats_late.subscribed_from_broker - stats_after.subscribed_from_broker, 18);
+    assert_eq!(stats_late.subscribed_from_tail - stats_after.subscribed_from_tail, 18);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_events_topic_that_could_lose_events_is_refused_by_setting() {
     let Some(brokers) = common::brokers() else { return };

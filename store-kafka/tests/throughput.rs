@@ -147,3 +147,40 @@ async fn follow_lag_between_two_instances() {
         stats.fast_path_appends + stats.awaited_appends,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+async fn subscription_lag_after_the_acknowledgement() {
+    use kes_core::EventStore;
+    use kes_core::conformance::LedgerEvent;
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let Some(store) = common::connect(common::config(&brokers, 3)).await else { return };
+    let head = store.head().await.expect("head");
+    let mut stream = store.subscribe(head).await.expect("subscribe");
+    let mut lags = Vec::new();
+    for i in 0..300u64 {
+        let id = format!("sub-lag-{}", i % 30);
+        let events = if i < 30 { vec![LedgerEvent::Opened] } else { vec![LedgerEvent::Added { amount: 1 }] };
+        let appended = store.append(&id, ExpectedVersion::Any, events, Metadata::default()).await.expect("append");
+        let acknowledged = Instant::now();
+        loop {
+            let item = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("in time");
+            let logged = item.expect("endless").expect("item");
+            if logged.position == appended.position {
+                break;
+            }
+        }
+        lags.push(acknowledged.elapsed());
+    }
+    lags.sort();
+    let pct = |q: f64| lags[((lags.len() as f64 - 1.0) * q).round() as usize];
+    let stats = store.follower_stats();
+    println!(
+        "subscription lag after the acknowledgement p50 {:?} p99 {:?}; records from memory {}, from the broker {}",
+        pct(0.5),
+        pct(0.99),
+        stats.subscribed_from_tail,
+        stats.subscribed_from_broker,
+    );
+}
