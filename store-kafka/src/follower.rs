@@ -60,6 +60,7 @@ pub(crate) struct FollowerCounters {
     pub(crate) lost_races: AtomicU64,
     pub(crate) subscribed_from_tail: AtomicU64,
     pub(crate) subscribed_from_broker: AtomicU64,
+    pub(crate) table_records_scanned: AtomicU64,
 }
 
 /// What a [`crate::KafkaStore`] reports of its follower and its appends.
@@ -83,6 +84,10 @@ pub struct FollowerStats {
     /// Records subscriptions read from the broker (below the tails: old
     /// checkpoints, rebuilds, subscribers that fell behind).
     pub subscribed_from_broker: u64,
+    /// Records read from the table topic: the start-up load, then what the
+    /// claims of tenures read past it (each goes on from where the reading
+    /// before it stopped).
+    pub table_records_scanned: u64,
     /// Partitions stopped at a record this version cannot read.
     pub halted: Vec<HaltedPartition>,
 }
@@ -548,6 +553,7 @@ impl<A: Aggregate> Inner<A> {
             lost_races: c.lost_races.load(Ordering::Relaxed),
             subscribed_from_tail: c.subscribed_from_tail.load(Ordering::Relaxed),
             subscribed_from_broker: c.subscribed_from_broker.load(Ordering::Relaxed),
+            table_records_scanned: c.table_records_scanned.load(Ordering::Relaxed),
             halted: table
                 .logs
                 .iter()

@@ -188,6 +188,12 @@
 //!   they want; every other reader fetches up to 1 MiB, so that a read of a
 //!   few records in the middle of a partition does not make a broker that
 //!   assembles whole responses (Tansu) gather megabytes it then drops.
+//! - The table topic is read in full once per start, by the start-up load.
+//!   Claiming a tenure reads it before and after writing its markers, but
+//!   each of those reads goes on from where the reading before it stopped
+//!   (the load's, then the last claim's), so a claim reads what the topic
+//!   gained since: the markers and table records written meanwhile
+//!   ([`FollowerStats::table_records_scanned`] counts them all).
 //! - `head` asks for the high watermarks.
 //!
 //! ## Example

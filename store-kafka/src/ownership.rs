@@ -92,6 +92,11 @@ pub(crate) struct Tenure {
 /// trusted record of each aggregate, the aggregates whose latest record is
 /// distrusted, and per events partition the highest epoch and the highest
 /// trusted claim (`reflected_below`).
+///
+/// A scan can go on from where it stopped ([`Inner::read_table_topic`]):
+/// the start-up load hands its scan, without the records, to the owners'
+/// task ([`TableScan::for_claims`]), whose claims then read only what the
+/// table topic gained since, not the whole topic again.
 #[derive(Default)]
 pub(crate) struct TableScan {
     /// Latest trusted record per aggregate id.
@@ -112,11 +117,25 @@ pub(crate) struct TableScan {
     newest_marker: HashMap<(u32, u32), u64>,
     /// Records of KES's table that could not be read.
     pub(crate) unreadable: usize,
+    /// Per table partition, the offset the next read starts at (what the
+    /// scan read so far ends before).
+    ends: Vec<u64>,
+    /// Only the markers and claims are kept (`docs` and `distrusted` stay
+    /// empty): a claim's scan needs no records.
+    claims_only: bool,
 }
 
 impl TableScan {
     /// Takes one table topic record (in offset order per partition):
     /// a marker, a table record, or something else.
+    /// The scan without its records, to go on with for claims.
+    pub(crate) fn for_claims(mut self) -> Self {
+        self.docs = HashMap::new();
+        self.distrusted = HashMap::new();
+        self.claims_only = true;
+        self
+    }
+
     pub(crate) fn take(&mut self, topic: &str, at: Position, key: Option<&[u8]>, value: Option<&[u8]>) {
         let table_partition = at.partition;
         if EpochMarker::is_marker_key(key) {
@@ -142,6 +161,9 @@ impl TableScan {
         let p = doc.events_partition;
         let newest = self.newest_marker.get(&(table_partition, p)).copied().unwrap_or(0);
         if doc.epoch < newest {
+            if self.claims_only {
+                return;
+            }
             // Written by an owner whose tenure had ended: whatever it says
             // may be older than what the new owner wrote before it.
             tracing::info!(topic, position = %at, aggregate_id = %doc.aggregate_id, epoch = doc.epoch, newer = newest,
@@ -155,6 +177,9 @@ impl TableScan {
         }
         let claim = self.claims.entry(p).or_default();
         *claim = (*claim).max(doc.reflected_below);
+        if self.claims_only {
+            return;
+        }
         // The id is copied only for an aggregate seen for the first time.
         match self.docs.get_mut(&doc.aggregate_id) {
             Some(old) if old.version <= doc.version => *old = doc,
@@ -203,7 +228,8 @@ impl<A: Aggregate> ConsumerContext for OwnerContext<A> {
 impl<A: Aggregate> Inner<A> {
     /// Joins the owners' group; partitions it is assigned are claimed and
     /// then written by this instance. The task ends with the store.
-    pub(crate) fn start_owning(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
+    /// `scan` is the start-up load's, which the claims go on from.
+    pub(crate) fn start_owning(self: &Arc<Self>, scan: TableScan) -> Result<(), KafkaStoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let context = OwnerContext { store: Arc::downgrade(self), assigned: tx };
         let mut c = client_config(&self.config);
@@ -216,7 +242,7 @@ impl<A: Aggregate> Inner<A> {
         let consumer: StreamConsumer<OwnerContext<A>> =
             c.create_with_context(context).map_err(|e| KafkaStoreError::from_kafka("owners' group", &e))?;
         consumer.subscribe(&[&self.events_topic]).map_err(|e| KafkaStoreError::from_kafka("owners' group", &e))?;
-        tokio::spawn(own(Arc::downgrade(self), consumer, rx));
+        tokio::spawn(own(Arc::downgrade(self), consumer, rx, scan.for_claims()));
         Ok(())
     }
 
@@ -239,50 +265,61 @@ impl<A: Aggregate> Inner<A> {
         if self.table_partitions == self.partitions { vec![p] } else { (0..self.table_partitions).collect() }
     }
 
-    /// Reads the whole table topic by the fencing rule.
-    pub(crate) async fn scan_table_topic(&self) -> Result<TableScan, KafkaStoreError> {
+    /// Reads the table topic by the fencing rule into `scan`, from where
+    /// `scan` stopped (the beginning, for a new one) to the partitions'
+    /// current ends.
+    pub(crate) async fn read_table_topic(&self, scan: &mut TableScan) -> Result<(), KafkaStoreError> {
         let high = self.high_watermarks(&self.table_topic, self.table_partitions).await?;
-        let ranges: Vec<_> = high.iter().enumerate().map(|(tp, h)| (tp as u32, 0, *h)).collect();
+        scan.ends.resize(high.len(), 0);
+        let ranges: Vec<_> = high.iter().zip(&scan.ends).enumerate().map(|(tp, (h, e))| (tp as u32, *e, *h)).collect();
         let topic = self.table_topic.clone();
-        let mut scan = TableScan::default();
+        let mut read = 0u64;
         self.scan(&topic, &ranges, Reach::ToTheHead, |m| {
             let at = Position::new(m.partition() as u32, m.offset() as u64);
             scan.take(&topic, at, m.key(), m.payload());
+            read += 1;
             Ok(())
         })
         .await?;
-        Ok(scan)
+        self.counters.table_records_scanned.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+        // A partition's end only moves forward (a compacted topic keeps its
+        // offsets), so the next read starts where this one stopped.
+        for (end, h) in scan.ends.iter_mut().zip(high) {
+            *end = (*end).max(h);
+        }
+        Ok(())
     }
 
     /// Claims the next epoch of each partition in `partitions` and starts
     /// writing their table records: first every row that changed since the
     /// partition's last trusted claim. One read of the table topic before
-    /// the markers and one after, whatever the number of partitions; a
-    /// partition whose epoch another instance took first is tried again
-    /// with the next one.
-    async fn claim_tenures(self: &Arc<Self>, partitions: &[u32]) -> Result<(), KafkaStoreError> {
+    /// the markers and one after, whatever the number of partitions, each
+    /// going on with `scan` from where it stopped (so only what the topic
+    /// gained since is read); a partition whose epoch another instance took
+    /// first is tried again with the next one.
+    async fn claim_tenures(self: &Arc<Self>, scan: &mut TableScan, partitions: &[u32]) -> Result<(), KafkaStoreError> {
         let mut todo: Vec<u32> = partitions.to_vec();
         for _ in 0..CLAIM_ATTEMPTS {
             if todo.is_empty() {
                 return Ok(());
             }
-            let before = self.scan_table_topic().await?;
+            self.read_table_topic(scan).await?;
             let mut claims = Vec::new();
             for &p in &todo {
-                let epoch = before.epochs.get(&p).copied().unwrap_or(0) + 1;
+                let epoch = scan.epochs.get(&p).copied().unwrap_or(0) + 1;
                 self.write_marker(p, epoch).await?;
                 claims.push((p, epoch));
             }
             // The first marker of an epoch in every table partition decides.
-            let after = self.scan_table_topic().await?;
+            self.read_table_topic(scan).await?;
             todo.clear();
             for (p, epoch) in claims {
                 let won = self
                     .table_partitions_of(p)
                     .iter()
-                    .all(|tp| after.first_markers.get(&(*tp, p, epoch)) == Some(&self.instance));
+                    .all(|tp| scan.first_markers.get(&(*tp, p, epoch)) == Some(&self.instance));
                 if won {
-                    self.begin_tenure(p, epoch, after.claims.get(&p).copied().unwrap_or(0));
+                    self.begin_tenure(p, epoch, scan.claims.get(&p).copied().unwrap_or(0));
                 } else {
                     tracing::info!(topic = %self.events_topic, partition = p, epoch,
                         "epoch taken by another instance; trying the next");
@@ -358,6 +395,7 @@ async fn own<A: Aggregate>(
     store: Weak<Inner<A>>,
     consumer: StreamConsumer<OwnerContext<A>>,
     mut assigned: mpsc::UnboundedReceiver<Vec<u32>>,
+    mut scan: TableScan,
 ) {
     loop {
         tokio::select! {
@@ -371,7 +409,7 @@ async fn own<A: Aggregate>(
                 let Some(inner) = store.upgrade() else { return };
                 let mut todo = partitions;
                 todo.sort_unstable();
-                if let Err(e) = inner.claim_tenures(&todo).await {
+                if let Err(e) = inner.claim_tenures(&mut scan, &todo).await {
                     tracing::warn!(partitions = ?todo, error = %e, "could not claim the partitions' table records");
                 }
                 inner.owners_settled.send_replace(true);

@@ -12,6 +12,7 @@ use rdkafka::message::Message;
 use crate::client::Reach;
 use crate::error::KafkaStoreError;
 use crate::follower::Applied;
+use crate::ownership::TableScan;
 use crate::record::{EventsDoc, TableDoc};
 use crate::rows::Rows;
 use crate::store::Inner;
@@ -25,11 +26,13 @@ impl<A: Aggregate> Inner<A> {
     /// Start-up: the table from the table topic (by the fencing rule of
     /// `ownership`), then every events record it does not reflect yet. The
     /// rows this changed are written to the table topic by each
-    /// partition's owner when its tenure starts.
-    pub(crate) async fn recover(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
-        let scan = self.scan_table_topic().await?;
-        let distrusted = scan.distrusted.clone();
-        let docs = self.trusted_docs(scan);
+    /// partition's owner when its tenure starts. Returns the scan of the
+    /// table topic, which the owners' claims go on from.
+    pub(crate) async fn recover(self: &Arc<Self>) -> Result<TableScan, KafkaStoreError> {
+        let mut scan = TableScan::default();
+        self.read_table_topic(&mut scan).await?;
+        let distrusted = std::mem::take(&mut scan.distrusted);
+        let docs = self.trusted_docs(&mut scan);
         let (rows, from) = self.rows_from_table_records(docs);
         let rebuild_all = rows.is_empty();
         self.table().rows = rows;
@@ -47,14 +50,14 @@ impl<A: Aggregate> Inner<A> {
         if !changed.is_empty() {
             tracing::info!(aggregates = changed.len(), topic = %self.events_topic, "table caught up from the events topic");
         }
-        Ok(())
+        Ok(scan)
     }
 
     /// The table records a start can build on; `None` when one cannot be
     /// trusted at all (unreadable, not written by KES, or for a partition
     /// the events topic lacks), so that the table is rebuilt from the
     /// events topic.
-    fn trusted_docs(&self, scan: crate::ownership::TableScan) -> Option<HashMap<String, TableDoc>> {
+    fn trusted_docs(&self, scan: &mut TableScan) -> Option<HashMap<String, TableDoc>> {
         if scan.unreadable > 0 {
             tracing::warn!(topic = %self.table_topic, records = scan.unreadable,
                 "table records KES cannot read; rebuilding the table from the events topic");
@@ -64,7 +67,7 @@ impl<A: Aggregate> Inner<A> {
             tracing::warn!(topic = %self.table_topic, "table records for partitions the events topic lacks; rebuilding");
             return None;
         }
-        Some(scan.docs)
+        Some(std::mem::take(&mut scan.docs))
     }
 
     /// The rows the table records describe, and per events partition the

@@ -128,9 +128,9 @@ impl<A: Aggregate> KafkaStore<A> {
             heads: (0..partitions).map(|_| tokio::sync::Mutex::new(None)).collect(),
             table_rebuilt_from: std::sync::atomic::AtomicU32::new(0),
         });
-        inner.recover().await?;
+        let scan = inner.recover().await?;
         inner.start_following()?;
-        inner.start_owning()?;
+        inner.start_owning(scan)?;
         Ok(Self { inner })
     }
 
@@ -319,6 +319,11 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             count("lost_races", "appends answered Conflict because their record was void", stats.lost_races),
             count("subscribed_from_tail", "records subscriptions took from memory", stats.subscribed_from_tail),
             count("subscribed_from_broker", "records subscriptions read from the broker", stats.subscribed_from_broker),
+            count(
+                "table_records_scanned",
+                "table topic records read (start-up and tenure claims)",
+                stats.table_records_scanned,
+            ),
         ];
         gauges.extend(StoreGauge::state_version::<A>(
             self.inner.table_rebuilt_from.load(std::sync::atomic::Ordering::Relaxed),

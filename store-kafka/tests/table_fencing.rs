@@ -223,3 +223,48 @@ async fn each_partition_has_one_table_writer_and_a_departed_owners_partitions_mo
     a.flush(WAIT).await.expect("flush a");
     b.flush(WAIT).await.expect("flush b");
 }
+
+/// Claiming a tenure reads only what the table topic gained since the
+/// instance's start-up load (the markers and records written meanwhile),
+/// not the whole topic again: a claim goes on from the load's reading. It
+/// read the whole topic twice per claim before, before and after its
+/// markers, which on a large table is most of what a start asks of the
+/// broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claiming_a_tenure_reads_only_what_the_table_topic_gained_since_the_start() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 3);
+    let Some(a) = common::connect(config.clone()).await else { return };
+    settled_owners(&[&a], 3, WAIT).await;
+    const AGGREGATES: u64 = 60;
+    for i in 0..AGGREGATES {
+        write(&a, &format!("held-{i}"), 1).await;
+    }
+    a.flush(WAIT).await.expect("flush");
+    // A second instance loads the table (every aggregate's record and a's
+    // three markers), joins the owners' group and claims its share; `a`
+    // gives its share up and claims again.
+    let b = KafkaStore::<Ledger>::open(config).await.expect("b");
+    let loaded = b.follower_stats().table_records_scanned;
+    assert!(loaded >= AGGREGATES, "the start-up load reads every table record ({loaded})");
+    let owners = settled_owners(&[&a, &b], 3, WAIT).await;
+    let scanned = b.follower_stats().table_records_scanned;
+    // Each claim reads the markers written since (a few per instance and
+    // rebalance), never the aggregates' records again.
+    assert!(
+        scanned < loaded + AGGREGATES / 2,
+        "b read {scanned} table records to claim its tenures after loading {loaded} ({owners:?})"
+    );
+    // `a` loaded an empty topic; its claims read its own markers, then,
+    // after the rebalance, what was written since its first claim: its
+    // records once (twice per claim before).
+    let by_a = a.follower_stats().table_records_scanned;
+    assert!(by_a < 2 * AGGREGATES, "a read {by_a} table records for its claims");
+    // The tenures hold: the owners write the table records of new commands.
+    for i in 0..6 {
+        write(&b, &format!("after-{i}"), 2).await;
+    }
+    a.flush(WAIT).await.expect("flush a");
+    b.flush(WAIT).await.expect("flush b");
+}
