@@ -61,6 +61,7 @@ pub(crate) struct FollowerCounters {
     pub(crate) subscribed_from_tail: AtomicU64,
     pub(crate) subscribed_from_broker: AtomicU64,
     pub(crate) table_records_scanned: AtomicU64,
+    pub(crate) subscription_seeks: AtomicU64,
 }
 
 /// What a [`crate::KafkaStore`] reports of its follower and its appends.
@@ -84,6 +85,11 @@ pub struct FollowerStats {
     /// Records subscriptions read from the broker (below the tails: old
     /// checkpoints, rebuilds, subscribers that fell behind).
     pub subscribed_from_broker: u64,
+    /// Times a subscription pointed its broker reader at the partitions
+    /// below their tails, each from its next record (dropping what it had
+    /// fetched ahead): once when it starts reading from the broker, then
+    /// once per partition that reaches its tail.
+    pub subscription_seeks: u64,
     /// Records read from the table topic: the start-up load, then what the
     /// claims of tenures read past it (each goes on from where the reading
     /// before it stopped).
@@ -554,6 +560,7 @@ impl<A: Aggregate> Inner<A> {
             subscribed_from_tail: c.subscribed_from_tail.load(Ordering::Relaxed),
             subscribed_from_broker: c.subscribed_from_broker.load(Ordering::Relaxed),
             table_records_scanned: c.table_records_scanned.load(Ordering::Relaxed),
+            subscription_seeks: c.subscription_seeks.load(Ordering::Relaxed),
             halted: table
                 .logs
                 .iter()

@@ -520,6 +520,9 @@ impl<A: Aggregate> Subscription<A> {
             }
         }
         self.turn = (self.turn + 1) % partitions.max(1);
+        // In partition order, whatever the turn: the consumer is pointed
+        // again (dropping what it fetched ahead) only when the set changes.
+        below.sort_unstable();
         below
     }
 
@@ -545,6 +548,7 @@ impl<A: Aggregate> Subscription<A> {
                 .map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
         }
         consumer.assign(&tpl).map_err(|e| StoreError::from(KafkaStoreError::from_kafka("subscribe", &e)))?;
+        self.store.counters.subscription_seeks.fetch_add(1, Ordering::Relaxed);
         self.below = Some((consumer, below));
         Ok(())
     }

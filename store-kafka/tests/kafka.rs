@@ -279,6 +279,11 @@ async fn subscriptions_at_the_head_take_records_from_memory_and_older_ones_from_
     let stats = reader.follower_stats();
     assert_eq!(stats.subscribed_from_broker - before.subscribed_from_broker, 18, "below the tails: from the broker");
     assert_eq!(stats.subscribed_from_tail, before.subscribed_from_tail);
+    // Its broker reader was pointed at the three partitions once, then
+    // again as each reached its end: never once per record, which would
+    // drop what it fetched ahead and fetch every record on its own.
+    let seeks = stats.subscription_seeks - before.subscription_seeks;
+    assert!((1..=3).contains(&seeks), "{seeks} seeks for 18 records on 3 partitions");
 
     // At the head, records written through the other instance come from the
     // reader's tails, to both the subscription that read the old ones and a
@@ -311,6 +316,8 @@ async fn subscriptions_at_the_head_take_records_from_memory_and_older_ones_from_
     let stats_late = reader.follower_stats();
     assert_eq!(stats_late.subscribed_from_broker - stats_after.subscribed_from_broker, 18);
     assert_eq!(stats_late.subscribed_from_tail - stats_after.subscribed_from_tail, 18);
+    let seeks = stats_late.subscription_seeks - stats_after.subscription_seeks;
+    assert!((1..=3).contains(&seeks), "{seeks} seeks for 18 records on 3 partitions");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
