@@ -16,12 +16,19 @@ pub(crate) const MAX_ID_CHARS: usize = 255;
 /// regular-expression dialect reads the same way.
 pub(crate) const ID_PATTERN: &str = "^[^/.\u{0}-\u{1f}\u{7f}-\u{9f}][^/\u{0}-\u{1f}\u{7f}-\u{9f}]*$";
 
-/// The id rule in words, for refusals.
-pub(crate) const ID_RULE: &str = "an id is 1 to 255 characters without control characters or /, not starting with .";
+/// The one id the pattern admits that is not an id: `/{plural}/changes` is
+/// the list's change feed, so an aggregate of that id could never be read
+/// by `GET /{plural}/{id}`.
+pub(crate) const RESERVED_ID: &str = "changes";
 
-/// Whether `id` is an id: 1 to 255 characters matching [`ID_PATTERN`].
+/// The id rule in words, for refusals.
+pub(crate) const ID_RULE: &str =
+    "an id is 1 to 255 characters without control characters or /, not starting with ., and not `changes`";
+
+/// Whether `id` is an id: 1 to 255 characters matching [`ID_PATTERN`],
+/// other than [`RESERVED_ID`].
 pub(crate) fn is_valid_id(id: &str) -> bool {
-    if id.is_empty() || id.starts_with('.') {
+    if id.is_empty() || id.starts_with('.') || id == RESERVED_ID {
         return false;
     }
     // Every read and write by id checks its id: ASCII ids (the usual kind)
@@ -81,7 +88,9 @@ impl JsonSchema for AggregateId {
             "minLength": 1,
             "maxLength": MAX_ID_CHARS,
             "pattern": ID_PATTERN,
-            "description": "An aggregate id: 1 to 255 characters, no / and no control character, not starting with a dot."
+            "not": { "const": RESERVED_ID },
+            "description": "An aggregate id: 1 to 255 characters, no / and no control character, not starting with a dot, \
+                            and not `changes` (the path of the list's change feed)."
         })
     }
 }
@@ -118,6 +127,7 @@ mod tests {
             "a\u{1f}",
             "a\u{7f}",
             "a\u{85}",
+            "changes",
             longer,
             longer_wide,
         ] {
@@ -125,6 +135,11 @@ mod tests {
             assert!(!validator.is_valid(&id.into()), "{id:?}");
         }
         assert!(serde_json::from_str::<AggregateId>("\"a/b\"").is_err());
+        assert!(serde_json::from_str::<AggregateId>("\"changes\"").is_err());
+        for id in ["Changes", "changes-1", "x.changes"] {
+            assert!(is_valid_id(id), "{id:?}");
+            assert!(validator.is_valid(&id.into()), "{id:?}");
+        }
         assert!(ID_RULE.contains(&MAX_ID_CHARS.to_string()), "the words say the same length");
         assert_eq!(serde_json::from_str::<AggregateId>("\"p-1\"").unwrap().as_str(), "p-1");
     }

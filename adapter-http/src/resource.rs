@@ -575,7 +575,7 @@ impl<A: Aggregate> Resource<A> {
                     "command name {name:?} would share its rules with the {name} operation"
                 )));
             }
-            if name == "changes" {
+            if name == crate::id::RESERVED_ID {
                 return Err(ConfigError("command name \"changes\" is taken by the change feed".into()));
             }
         }

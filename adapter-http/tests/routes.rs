@@ -75,6 +75,19 @@ async fn get_by_id_answers_with_etag_and_304_when_unchanged() {
     assert_eq!(older.status, StatusCode::OK);
 }
 
+/// `/projects/changes` is the list's change feed, so no aggregate may
+/// take the id `changes`: `GET /projects/{id}` could never reach it. An id
+/// strategy that makes it is a server error and writes nothing; the other
+/// routes of an id refuse it as they refuse any malformed id.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_id_changes_is_refused_since_it_is_the_change_feeds_path() {
+    let h = build(HttpConfig::default(), true, IdStrategy::Custom(Arc::new(|| "changes".to_owned()))).await;
+    send(&h.app, json("POST", "/projects", json!({ "name": "Feed" }))).await.assert_problem(500, "internal");
+    assert!(h.store.read("changes").await.unwrap().is_empty(), "nothing was appended");
+    send(&h.app, empty("GET", "/projects/changes/events")).await.assert_problem(400, "bad-request");
+    send(&h.app, empty("GET", "/projects/changes/changes")).await.assert_problem(400, "bad-request");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_ids_and_routes_are_404_problems() {
     let h = harness().await;
