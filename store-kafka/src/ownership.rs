@@ -126,8 +126,6 @@ pub(crate) struct TableScan {
 }
 
 impl TableScan {
-    /// Takes one table topic record (in offset order per partition):
-    /// a marker, a table record, or something else.
     /// The scan without its records, to go on with for claims.
     pub(crate) fn for_claims(mut self) -> Self {
         self.docs = HashMap::new();
@@ -136,6 +134,9 @@ impl TableScan {
         self
     }
 
+    /// Takes one table topic record (in offset order per partition):
+    /// a marker, a table record, or something else. Taking a record twice
+    /// (a read that failed half-way is read again) changes nothing.
     pub(crate) fn take(&mut self, topic: &str, at: Position, key: Option<&[u8]>, value: Option<&[u8]>) {
         let table_partition = at.partition;
         if EpochMarker::is_marker_key(key) {
@@ -228,7 +229,8 @@ impl<A: Aggregate> ConsumerContext for OwnerContext<A> {
 impl<A: Aggregate> Inner<A> {
     /// Joins the owners' group; partitions it is assigned are claimed and
     /// then written by this instance. The task ends with the store.
-    /// `scan` is the start-up load's, which the claims go on from.
+    /// `scan` is the start-up load's ([`TableScan::for_claims`]), which the
+    /// claims go on from.
     pub(crate) fn start_owning(self: &Arc<Self>, scan: TableScan) -> Result<(), KafkaStoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let context = OwnerContext { store: Arc::downgrade(self), assigned: tx };
@@ -242,7 +244,7 @@ impl<A: Aggregate> Inner<A> {
         let consumer: StreamConsumer<OwnerContext<A>> =
             c.create_with_context(context).map_err(|e| KafkaStoreError::from_kafka("owners' group", &e))?;
         consumer.subscribe(&[&self.events_topic]).map_err(|e| KafkaStoreError::from_kafka("owners' group", &e))?;
-        tokio::spawn(own(Arc::downgrade(self), consumer, rx, scan.for_claims()));
+        tokio::spawn(own(Arc::downgrade(self), consumer, rx, scan));
         Ok(())
     }
 

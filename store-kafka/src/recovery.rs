@@ -31,8 +31,10 @@ impl<A: Aggregate> Inner<A> {
     pub(crate) async fn recover(self: &Arc<Self>) -> Result<TableScan, KafkaStoreError> {
         let mut scan = TableScan::default();
         self.read_table_topic(&mut scan).await?;
+        // The records leave the scan, which goes on to the claims with only
+        // its markers and claims.
         let distrusted = std::mem::take(&mut scan.distrusted);
-        let docs = self.trusted_docs(&mut scan);
+        let docs = self.trusted_docs(std::mem::take(&mut scan.docs), scan.unreadable);
         let (rows, from) = self.rows_from_table_records(docs);
         let rebuild_all = rows.is_empty();
         self.table().rows = rows;
@@ -50,24 +52,24 @@ impl<A: Aggregate> Inner<A> {
         if !changed.is_empty() {
             tracing::info!(aggregates = changed.len(), topic = %self.events_topic, "table caught up from the events topic");
         }
-        Ok(scan)
+        Ok(scan.for_claims())
     }
 
     /// The table records a start can build on; `None` when one cannot be
     /// trusted at all (unreadable, not written by KES, or for a partition
     /// the events topic lacks), so that the table is rebuilt from the
     /// events topic.
-    fn trusted_docs(&self, scan: &mut TableScan) -> Option<HashMap<String, TableDoc>> {
-        if scan.unreadable > 0 {
-            tracing::warn!(topic = %self.table_topic, records = scan.unreadable,
+    fn trusted_docs(&self, docs: HashMap<String, TableDoc>, unreadable: usize) -> Option<HashMap<String, TableDoc>> {
+        if unreadable > 0 {
+            tracing::warn!(topic = %self.table_topic, records = unreadable,
                 "table records KES cannot read; rebuilding the table from the events topic");
             return None;
         }
-        if scan.docs.values().any(|d| d.events_partition >= self.partitions) {
+        if docs.values().any(|d| d.events_partition >= self.partitions) {
             tracing::warn!(topic = %self.table_topic, "table records for partitions the events topic lacks; rebuilding");
             return None;
         }
-        Some(std::mem::take(&mut scan.docs))
+        Some(docs)
     }
 
     /// The rows the table records describe, and per events partition the
