@@ -281,9 +281,9 @@ fn add_service_paths(paths: &mut Map<String, Value>, bearer: bool) {
 fn parameters() -> Value {
     json!({
         "kes.Id": { "name": "id", "in": "path", "required": true,
-                    "description": "The aggregate id: 1 to 255 characters, no / and no control character, not starting with a dot, and not `changes` (the path of the list's change feed).",
+                    "description": "The aggregate id: 1 to 255 characters, no / and no control character, not starting with a dot. No aggregate has the id `changes`: `/{plural}/changes` is the list's change feed, a concrete path that is matched before this template.",
                     "schema": { "type": "string", "minLength": 1, "maxLength": crate::id::MAX_ID_CHARS,
-                                "pattern": crate::id::ID_PATTERN, "not": { "const": crate::id::RESERVED_ID } } },
+                                "pattern": crate::id::ID_PATTERN } },
         "kes.IfMatch": { "name": "If-Match", "in": "header", "required": false,
                          "description": "The version the write expects (an ETag such as \"3\", or *). 412 when stale.",
                          "schema": { "type": "string", "pattern": "^(\\*|[1-9][0-9]{0,18}|\"[1-9][0-9]{0,18}\")$" } },
