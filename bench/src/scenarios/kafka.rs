@@ -90,6 +90,43 @@ pub(crate) async fn kafka_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
     })
 }
 
+/// Kafka PATCH through a service whose projections run (the list views of
+/// projects and tasks, the history views and the reactions, on SQLite)
+/// against the same service without them, each on topics of its own: what
+/// a deployment that runs its projections in the HTTP process pays for
+/// them. Their subscriptions take the records from the partitions' tails
+/// in memory; a regression there (a subscription fetching every record
+/// again, or looping) shows here as a falling ratio.
+pub(crate) async fn kafka_projections(ctx: &mut Ctx) -> Result<Measured, Missing> {
+    let plan = ctx.plan;
+    let brokers = ctx.kafka()?.brokers.clone();
+    let store_url = |tag: &str| format!("kafka://{brokers}?prefix={}", Kafka::prefix(tag));
+    let projected = Live::open(store_url("projected"), None, "kj").await?;
+    projected.service.start_projections().await?;
+    let plain = Live::open(store_url("plain"), None, "kn").await?;
+    let (with, without) = (projected.urls(), plain.urls());
+    let client = ctx.client.clone();
+    for urls in [&with, &without] {
+        load::concurrent(&client, Verb::PatchName, urls, CLIENTS, Duration::from_secs(10), CLIENTS as u64 * 4).await?;
+    }
+    let (k, b) = interleave!(
+        plan.rounds,
+        load::concurrent(&client, Verb::PatchName, &with, CLIENTS, plan.round, u64::MAX).await?,
+        load::concurrent(&client, Verb::PatchName, &without, CLIENTS, plan.round, u64::MAX).await?
+    );
+    projected.service.shutdown().await;
+    plain.service.shutdown().await;
+    Ok(Measured {
+        smaller: None,
+        kes: k,
+        baseline: b,
+        note: "PATCH {\"name\"} (one Renamed) on 64 projects, one per client, through the projects service on Kafka \
+               with its projections running (list and history views on SQLite, reactions); baseline: the same \
+               service on topics of its own without them, rounds alternated"
+            .into(),
+    })
+}
+
 pub(crate) async fn kafka_patch_instances(ctx: &mut Ctx) -> Result<Measured, Missing> {
     let kafka = Kafka { brokers: ctx.kafka()?.brokers.clone() };
     crate::instances::kafka_patch_instances(ctx.plan, &ctx.client, &kafka).await

@@ -17,7 +17,9 @@ use kes_core::{Aggregate, EventStore, ExpectedVersion, Metadata};
 use kes_examples::domain::{Project, ProjectCommand, ProjectEvent, ProjectFields};
 use kes_examples::service::{Service, Settings};
 
-use kafka::{kafka_get, kafka_history, kafka_patch, kafka_patch_instances, kafka_seed_loop, kafka_table};
+use kafka::{
+    kafka_get, kafka_history, kafka_patch, kafka_patch_instances, kafka_projections, kafka_seed_loop, kafka_table,
+};
 use postgres::{personal_rebuild, pg_feeds, pg_get, pg_jwt, pg_lag, pg_patch, pg_personal, pg_seed_loop, sql_rebuild};
 use search::tantivy_rebuild;
 
@@ -236,6 +238,13 @@ pub async fn run_all(plan: Plan) -> Vec<Outcome> {
         Better::Higher,
         0.5,
         kafka_patch_instances(&mut ctx)
+    );
+    run!(
+        "HTTP PATCH, 64 clients, Kafka: projections running vs none",
+        "req/s",
+        Better::Higher,
+        0.0,
+        kafka_projections(&mut ctx)
     );
     run!("HTTP PATCH, 64 clients, PostgreSQL store", "req/s", Better::Higher, 3.0, pg_patch(&mut ctx));
     run!(
