@@ -142,13 +142,15 @@ impl Kafka {
         Ok(())
     }
 
-    /// An idempotent producer with `acks=all`, as the KES store's.
+    /// An idempotent producer with `acks=all`, configured as the KES
+    /// store's (no linger, as many requests in flight).
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
         Ok(ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "0")
+            .set("max.in.flight.requests.per.connection", kes_store_kafka::PRODUCER_IN_FLIGHT.to_string())
             .create()?)
     }
 

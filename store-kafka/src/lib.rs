@@ -194,6 +194,11 @@
 //!   (the load's, then the last claim's), so a claim reads what the topic
 //!   gained since: the markers and table records written meanwhile
 //!   ([`FollowerStats::table_records_scanned`] counts them all).
+//! - The events producer sends without lingering and keeps at most
+//!   [`PRODUCER_IN_FLIGHT`] requests in flight per broker (five would be
+//!   librdkafka's bound with idempotence): under load the appends that wait
+//!   share the next request, so the broker serves fewer, larger requests.
+//!   Both can be set through [`KafkaStoreConfig::client`].
 //! - `head` asks for the high watermarks.
 //!
 //! ## Example
@@ -273,6 +278,7 @@ mod tail;
 mod topics;
 mod validity;
 
+pub use client::PRODUCER_IN_FLIGHT;
 pub use config::{KafkaStoreConfig, THOUSAND_YEARS_MS};
 pub use error::KafkaStoreError;
 pub use follower::{FollowerStats, HaltedPartition};

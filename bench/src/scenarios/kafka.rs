@@ -84,8 +84,10 @@ pub(crate) async fn kafka_patch(ctx: &mut Ctx) -> Result<Measured, Missing> {
         baseline: b,
         note: format!(
             "PATCH {{\"name\"}} (one Renamed) on 64 projects, one per client; baseline: rdkafka FutureProducer \
-             (idempotent, acks=all, linger.ms=0), 64 sends in flight, records of {key_len} + {value_len} bytes \
-             (the size of a KES events record), same broker, 3 partitions"
+             (idempotent, acks=all, linger.ms=0, {in_flight} requests in flight per broker, as KES's), 64 sends in \
+             flight, records of {key_len} + {value_len} bytes (the size of a KES events record), same broker, 3 \
+             partitions",
+            in_flight = kes_store_kafka::PRODUCER_IN_FLIGHT
         ),
     })
 }
