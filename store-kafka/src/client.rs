@@ -128,7 +128,7 @@ fn producer_config(config: &KafkaStoreConfig) -> ClientConfig {
     // At most two produce requests in flight per broker (five by default
     // with idempotence): under load the records that wait share the next
     // request, so a command costs the broker fewer requests. On Tansu this
-    // raised the rate of 64 concurrent PATCHes by about half (see
+    // raised the rate of 64 concurrent PATCHes by about 40 % (see
     // docs/BENCHMARKS.md); a lone append is sent at once either way.
     if !config.client.contains_key(MAX_IN_FLIGHT) {
         c.set(MAX_IN_FLIGHT, PRODUCER_IN_FLIGHT.to_string());
@@ -287,10 +287,11 @@ mod tests {
         BOUNDED_FETCH_WAIT_MS, Detached, FETCH_MAX_BYTES, MAX_IN_FLIGHT, PRODUCER_IN_FLIGHT, Reach, create_consumer,
         producer_config, start_at,
     };
+    use crate::config::KafkaStoreConfig;
 
     #[test]
     fn the_producer_keeps_two_requests_in_flight_unless_told_otherwise() {
-        let mut config = crate::KafkaStoreConfig::new("127.0.0.1:1", "t");
+        let mut config = KafkaStoreConfig::new("127.0.0.1:1", "t");
         let defaults = producer_config(&config);
         assert_eq!(defaults.get(MAX_IN_FLIGHT), Some(PRODUCER_IN_FLIGHT.to_string().as_str()));
         assert_eq!(defaults.get("enable.idempotence"), Some("true"));
@@ -298,7 +299,6 @@ mod tests {
         config.client.insert(MAX_IN_FLIGHT.to_owned(), "5".to_owned());
         assert_eq!(producer_config(&config).get(MAX_IN_FLIGHT), Some("5"), "a client setting wins");
     }
-    use crate::config::KafkaStoreConfig;
 
     #[test]
     fn only_reads_to_the_head_fetch_more_than_a_megabyte() {

@@ -320,6 +320,11 @@ impl<A: Aggregate> EventStore<A> for KafkaStore<A> {
             count("subscribed_from_tail", "records subscriptions took from memory", stats.subscribed_from_tail),
             count("subscribed_from_broker", "records subscriptions read from the broker", stats.subscribed_from_broker),
             count(
+                "subscription_seeks",
+                "times subscriptions pointed their broker reader anew",
+                stats.subscription_seeks,
+            ),
+            count(
                 "table_records_scanned",
                 "table topic records read (start-up and tenure claims)",
                 stats.table_records_scanned,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::record::{KeyDoc, MarkDoc, TableDoc};
 use crate::rows::Rows;
-use crate::tail::{Applied, TAIL_BYTES, Tail, TailRecord};
+use crate::tail::{KeptRecord, TAIL_BYTES, Tail, TailRecord};
 use crate::validity::StreamTip;
 
 /// The in-memory table and, per events partition, what this process knows
@@ -66,7 +66,7 @@ impl<A: Aggregate> Table<A> {
         }
         let value: Arc<[u8]> = Arc::from(value);
         if self.keeps_tails {
-            let record = Some(Arc::new(Applied { key: id.into(), value: Arc::clone(&value) }));
+            let record = Some(Arc::new(KeptRecord { key: id.into(), value: Arc::clone(&value) }));
             self.push_tail(at, record);
         }
         if cached {

@@ -33,11 +33,11 @@ pub(crate) const TAIL_BYTES: usize = 8 << 20;
 
 /// One applied record of the tail: the values of a valid one, nothing of a
 /// void one (a subscription only passes its position).
-pub(crate) type TailRecord = Option<Arc<Applied>>;
+pub(crate) type TailRecord = Option<Arc<KeptRecord>>;
 
 /// A valid record's key and value, as read from the log.
 #[derive(Debug)]
-pub(crate) struct Applied {
+pub(crate) struct KeptRecord {
     pub(crate) key: Box<str>,
     pub(crate) value: Arc<[u8]>,
 }
@@ -118,7 +118,7 @@ mod tests {
     use super::*;
 
     fn valid(key: &str, value: &[u8]) -> TailRecord {
-        Some(Arc::new(Applied { key: key.into(), value: Arc::from(value) }))
+        Some(Arc::new(KeptRecord { key: key.into(), value: Arc::from(value) }))
     }
 
     fn offsets(out: &VecDeque<(Position, TailRecord)>) -> Vec<u64> {

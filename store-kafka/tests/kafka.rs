@@ -318,6 +318,10 @@ async fn subscriptions_at_the_head_take_records_from_memory_and_older_ones_from_
     assert_eq!(stats_late.subscribed_from_tail - stats_after.subscribed_from_tail, 18);
     let seeks = stats_late.subscription_seeks - stats_after.subscription_seeks;
     assert!((1..=3).contains(&seeks), "{seeks} seeks for 18 records on 3 partitions");
+    // The counters are the store's gauges too (`/metrics`).
+    let gauge = |name: &str| reader.gauges().into_iter().find(|g| g.name == name).map(|g| g.value);
+    assert_eq!(gauge("subscription_seeks"), Some(stats_late.subscription_seeks as f64));
+    assert_eq!(gauge("subscribed_from_broker"), Some(stats_late.subscribed_from_broker as f64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

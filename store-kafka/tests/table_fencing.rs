@@ -259,6 +259,8 @@ async fn claiming_a_tenure_reads_only_what_the_table_topic_gained_since_the_star
     // `a` loaded an empty topic; its claims read its own markers, then,
     // after the rebalance, what was written since its first claim: its
     // records once (twice per claim before).
+    let gauge = b.gauges().into_iter().find(|g| g.name == "table_records_scanned").map(|g| g.value);
+    assert!(gauge.is_some_and(|v| v >= scanned as f64), "the count is a gauge too ({gauge:?})");
     let by_a = a.follower_stats().table_records_scanned;
     assert!(by_a < 2 * AGGREGATES, "a read {by_a} table records for its claims");
     // The tenures hold: the owners write the table records of new commands.
