@@ -24,15 +24,16 @@ const SCAN_FETCH_BYTES: u64 = 1 << 20;
 /// hold every fetch answer for the whole wait even when they have data
 /// (Tansu 0.6 does): there each fetch of a bounded read would cost the
 /// wait. Only the follower waits at the head of the log for new records
-/// ([`FOLLOWER_FETCH_WAIT_MS`]); subscriptions at the head take them from
+/// ([`follow_wait_ms`]); subscriptions at the head take them from
 /// the follower (see `tail`).
 pub(crate) const BOUNDED_FETCH_WAIT_MS: u32 = 5;
 
-/// `fetch.wait.max.ms` of the store's own follower, which every read of
-/// another instance's write waits for: shorter than a subscription's, as
-/// brokers that hold every fetch for the whole wait (Tansu) add it to the
-/// follow lag. One consumer per store, so the extra idle fetches stay few.
-pub(crate) const FOLLOWER_FETCH_WAIT_MS: u32 = 20;
+/// `fetch.wait.max.ms` of a reader at the head of a log (the store's
+/// follower, the key store's reader): the configured
+/// [`KafkaStoreConfig::follow_wait`], in whole milliseconds.
+pub(crate) fn follow_wait_ms(config: &KafkaStoreConfig) -> u32 {
+    u32::try_from(config.follow_wait.as_millis()).unwrap_or(u32::MAX)
+}
 
 /// Upper bound of one fetch response, over all partitions. Kafka brokers
 /// size a response by `max.partition.fetch.bytes`; some compatible brokers
@@ -144,13 +145,21 @@ fn producer_config(config: &KafkaStoreConfig) -> ClientConfig {
 /// prefetch queue, so that fetches overlap with the caller's work (a
 /// shallow queue starves on brokers with slow fetches). `wait_ms` is its
 /// `fetch.wait.max.ms` ([`BOUNDED_FETCH_WAIT_MS`] or
-/// [`FOLLOWER_FETCH_WAIT_MS`]); `reach` sizes its fetches.
+/// [`follow_wait_ms`]); `reach` sizes its fetches.
 pub(crate) fn create_consumer(
     config: &KafkaStoreConfig,
     eof: bool,
     wait_ms: u32,
     reach: Reach,
 ) -> Result<Reader, KafkaStoreError> {
+    consumer_config(config, eof, wait_ms, reach)
+        .create_with_context(ReadContext)
+        .map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
+}
+
+/// The settings of [`create_consumer`]: `config`'s client settings, then
+/// those the reads rest on.
+fn consumer_config(config: &KafkaStoreConfig, eof: bool, wait_ms: u32, reach: Reach) -> ClientConfig {
     let mut c = client_config(config);
     let fetch_max = reach.fetch_max_bytes(config);
     c.set("max.partition.fetch.bytes", SCAN_FETCH_BYTES.clamp(1024, fetch_max).to_string())
@@ -163,7 +172,7 @@ pub(crate) fn create_consumer(
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", if eof { "true" } else { "false" })
         .set("fetch.wait.max.ms", wait_ms.to_string());
-    c.create_with_context(ReadContext).map_err(|e| KafkaStoreError::from_kafka("consumer", &e))
+    c
 }
 
 /// Where a reader assigned to a partition starts: `next`, as a concrete
@@ -284,8 +293,8 @@ mod tests {
     use rdkafka::Offset;
 
     use super::{
-        BOUNDED_FETCH_WAIT_MS, Detached, FETCH_MAX_BYTES, MAX_IN_FLIGHT, PRODUCER_IN_FLIGHT, Reach, create_consumer,
-        producer_config, start_at,
+        BOUNDED_FETCH_WAIT_MS, Detached, FETCH_MAX_BYTES, MAX_IN_FLIGHT, PRODUCER_IN_FLIGHT, Reach, consumer_config,
+        create_consumer, follow_wait_ms, producer_config, start_at,
     };
     use crate::config::KafkaStoreConfig;
 
@@ -298,6 +307,20 @@ mod tests {
         assert_eq!(defaults.get("linger.ms"), Some("0"));
         config.client.insert(MAX_IN_FLIGHT.to_owned(), "5".to_owned());
         assert_eq!(producer_config(&config).get(MAX_IN_FLIGHT), Some("5"), "a client setting wins");
+    }
+
+    #[test]
+    fn readers_at_the_head_wait_as_configured_and_bounded_reads_do_not() {
+        let mut config = KafkaStoreConfig::new("127.0.0.1:1", "t");
+        let wait = |c: &KafkaStoreConfig, ms| {
+            consumer_config(c, false, ms, Reach::Within).get("fetch.wait.max.ms").map(str::to_owned)
+        };
+        assert_eq!(wait(&config, follow_wait_ms(&config)).as_deref(), Some("20"));
+        config.follow_wait = std::time::Duration::from_millis(500);
+        // A client setting does not move it: the follow lag rests on it.
+        config.client.insert("fetch.wait.max.ms".to_owned(), "3000".to_owned());
+        assert_eq!(wait(&config, follow_wait_ms(&config)).as_deref(), Some("500"));
+        assert_eq!(wait(&config, BOUNDED_FETCH_WAIT_MS).as_deref(), Some("5"));
     }
 
     #[test]

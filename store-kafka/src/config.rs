@@ -10,6 +10,10 @@ use crate::error::KafkaStoreError;
 /// some Kafka-compatible brokers (Tansu 0.6.0) delete such topics' records.
 pub const THOUSAND_YEARS_MS: i64 = 1000 * 365 * 24 * 3600 * 1000;
 
+/// [`KafkaStoreConfig::follow_wait`] unless set: short, for brokers that
+/// hold every fetch for its whole wait.
+pub const DEFAULT_FOLLOW_WAIT: Duration = Duration::from_millis(20);
+
 /// Settings of a [`crate::KafkaStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaStoreConfig {
@@ -56,6 +60,18 @@ pub struct KafkaStoreConfig {
     /// dead instance keeps its partitions (their table records wait, the
     /// events do not).
     pub owner_session_timeout: Duration,
+    /// How long a fetch of the store's follower (and of the key store's
+    /// reader) may wait at the head of the log for new records
+    /// (`fetch.wait.max.ms`). Every read of another instance's write waits
+    /// for the follower, so on brokers that hold every fetch for the whole
+    /// wait even when records come (Tansu 0.6) this is added to the follow
+    /// lag; there a follower at the head of an idle log also asks once per
+    /// wait, and an idle `projects` service kept Tansu busy at 27–32 % of a
+    /// core with the default, 4 % with 200 ms (docs/BENCHMARKS.md). Brokers
+    /// that answer as soon as records come (Apache Kafka) lose no latency
+    /// with a longer wait and get fewer idle requests. From 1 ms to 10 s,
+    /// and shorter than `request_timeout`.
+    pub follow_wait: Duration,
     /// The shortest `retention.ms` of the events topic KES accepts.
     pub min_retention_ms: i64,
     /// Extra librdkafka settings for every client (security, tuning), e.g.
@@ -82,12 +98,13 @@ impl KafkaStoreConfig {
             owner_session_timeout: Duration::from_secs(6),
             read_cache_bytes: 64 << 20,
             table_write_delay: Duration::from_millis(250),
+            follow_wait: DEFAULT_FOLLOW_WAIT,
             min_retention_ms: THOUSAND_YEARS_MS,
             client: BTreeMap::new(),
         }
     }
 
-    /// Reads `kafka://host:port[,host:port…][?prefix=P&partitions=N&replication=R&timeout_ms=T&table_delay_ms=D]`,
+    /// Reads `kafka://host:port[,host:port…][?prefix=P&partitions=N&replication=R&timeout_ms=T&table_delay_ms=D&follow_wait_ms=W]`,
     /// the form the example service takes as its store URL. The prefix
     /// defaults to `kes`.
     pub fn from_url(url: &str) -> Result<Self, KafkaStoreError> {
@@ -110,6 +127,9 @@ impl KafkaStoreConfig {
                 "timeout_ms" => config.request_timeout = Duration::from_millis(u64::try_from(number()?).unwrap_or(0)),
                 "table_delay_ms" => {
                     config.table_write_delay = Duration::from_millis(u64::try_from(number()?).unwrap_or(u64::MAX))
+                }
+                "follow_wait_ms" => {
+                    config.follow_wait = Duration::from_millis(u64::try_from(number()?).unwrap_or(u64::MAX))
                 }
                 _ => return Err(KafkaStoreError::Config(format!("unknown kafka:// URL parameter {pair:?}"))),
             }
@@ -141,6 +161,12 @@ impl KafkaStoreConfig {
         if self.table_write_delay > Duration::from_secs(60) {
             return bad("the table write delay must be at most 60 s");
         }
+        let follow_ok = self.follow_wait >= Duration::from_millis(1)
+            && self.follow_wait <= Duration::from_secs(10)
+            && self.follow_wait < self.request_timeout;
+        if !follow_ok {
+            return bad("the follow wait must be from 1 ms to 10 s and shorter than the request timeout");
+        }
         Ok(())
     }
 
@@ -167,6 +193,9 @@ mod tests {
         assert_eq!(KafkaStoreConfig::from_url("kafka://a:1,b:2/").unwrap().brokers, "a:1,b:2");
         let c = KafkaStoreConfig::from_url("kafka://h:1?table_delay_ms=0").unwrap();
         assert_eq!(c.table_write_delay, Duration::ZERO);
+        assert_eq!(c.follow_wait, DEFAULT_FOLLOW_WAIT);
+        let c = KafkaStoreConfig::from_url("kafka://h:1?follow_wait_ms=500").unwrap();
+        assert_eq!(c.follow_wait, Duration::from_millis(500));
         for bad in [
             "http://x",
             "kafka://",
@@ -175,6 +204,10 @@ mod tests {
             "kafka://h:1?x=1",
             "kafka://h:1?table_delay_ms=-1",
             "kafka://h:1?table_delay_ms=600000",
+            "kafka://h:1?follow_wait_ms=-1",
+            "kafka://h:1?follow_wait_ms=0",
+            "kafka://h:1?follow_wait_ms=10001",
+            "kafka://h:1?timeout_ms=500&follow_wait_ms=500",
         ] {
             assert!(KafkaStoreConfig::from_url(bad).is_err(), "{bad}");
         }

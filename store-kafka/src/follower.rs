@@ -25,7 +25,7 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
-use crate::client::{FOLLOWER_FETCH_WAIT_MS, Reach, Reader, create_consumer, start_at};
+use crate::client::{Reach, Reader, create_consumer, follow_wait_ms, start_at};
 use crate::error::{KafkaStoreError, is_transient};
 use crate::record::EventsDoc;
 use crate::store::Inner;
@@ -419,7 +419,7 @@ impl<A: Aggregate> Inner<A> {
     /// where the table stands and applies each record. It ends when the
     /// store is dropped.
     pub(crate) fn start_following(self: &Arc<Self>) -> Result<(), KafkaStoreError> {
-        let consumer = create_consumer(&self.config, false, FOLLOWER_FETCH_WAIT_MS, Reach::Within)?;
+        let consumer = create_consumer(&self.config, false, follow_wait_ms(&self.config), Reach::Within)?;
         let mut tpl = TopicPartitionList::new();
         {
             let mut table = self.table();

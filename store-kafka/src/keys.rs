@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::client::{
-    Detached, FOLLOWER_FETCH_WAIT_MS, Reach, Reader, client_config, create_consumer, create_producer, start_at,
+    Detached, Reach, Reader, client_config, create_consumer, create_producer, follow_wait_ms, start_at,
 };
 use crate::config::KafkaStoreConfig;
 use crate::error::KafkaStoreError;
@@ -184,7 +184,7 @@ impl KafkaKeyStore {
         let topic = format!("{}.keys", config.topic_prefix);
         create_topic(config, &topic).await?;
         let producer = create_producer(config)?;
-        let consumer = create_consumer(config, false, FOLLOWER_FETCH_WAIT_MS, Reach::Within)?;
+        let consumer = create_consumer(config, false, follow_wait_ms(config), Reach::Within)?;
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&topic, 0, start_at(0)).map_err(|e| KafkaStoreError::from_kafka("keys topic", &e))?;
         consumer.assign(&list).map_err(|e| KafkaStoreError::from_kafka("keys topic", &e))?;

@@ -37,8 +37,9 @@
 //! - **Every instance follows every partition.** A follower task applies
 //!   each events record, in log order, to the instance's in-memory table,
 //!   so a write made through one instance is readable through every other
-//!   after the follow lag (one fetch: about `fetch.wait.max.ms` on an idle
-//!   partition). A read that names a position
+//!   after the follow lag (one fetch: at most
+//!   [`KafkaStoreConfig::follow_wait`], 20 ms unless set, on brokers that
+//!   hold a fetch for its whole wait). A read that names a position
 //!   ([`kes_core::EventStore::wait_for_position`], the HTTP adapter's
 //!   `KES-Position`) waits, bounded, until this instance applied it.
 //! - **The validity rule.** Kafka has no conditional append, so two
@@ -279,7 +280,7 @@ mod topics;
 mod validity;
 
 pub use client::PRODUCER_IN_FLIGHT;
-pub use config::{KafkaStoreConfig, THOUSAND_YEARS_MS};
+pub use config::{DEFAULT_FOLLOW_WAIT, KafkaStoreConfig, THOUSAND_YEARS_MS};
 pub use error::KafkaStoreError;
 pub use follower::{FollowerStats, HaltedPartition};
 pub use keys::KafkaKeyStore;
