@@ -23,9 +23,9 @@ const SCAN_FETCH_BYTES: u64 = 1 << 20;
 /// is there, so a fetch has no reason to wait. It matters on brokers that
 /// hold every fetch answer for the whole wait even when they have data
 /// (Tansu 0.6 does): there each fetch of a bounded read would cost the
-/// wait. Only the follower waits at the head of the log for new records
-/// ([`follow_wait_ms`]); subscriptions at the head take them from
-/// the follower (see `tail`).
+/// wait. Only the follower and the key store's reader wait at the head of
+/// a log for new records ([`follow_wait_ms`]); subscriptions at the head
+/// take them from the follower (see `tail`).
 pub(crate) const BOUNDED_FETCH_WAIT_MS: u32 = 5;
 
 /// `fetch.wait.max.ms` of a reader at the head of a log (the store's
