@@ -131,8 +131,8 @@ pub use projection::{
 };
 pub use reaction::{
     CommandRouter, CommandSink, Commands, REACTION_METADATA_KEY, Reaction, ReactionConfig, ReactionCounts,
-    ReactionError, ReactionKey, ReactionOutcome, ReactionProjection, ReactionRunner, ReactionStats, ReactionStatus,
-    ReactionTest, Refusal, Sent, journal_schema,
+    ReactionError, ReactionKey, ReactionOutcome, ReactionProjection, ReactionRunner, ReactionStart, ReactionStats,
+    ReactionStatus, ReactionTest, Refusal, Sent, journal_schema,
 };
 pub use store::{
     Appended, EventStore, EventStream, ExpectedVersion, Logged, Snapshot, StateDocument, StoreError, StoreGauge,

@@ -92,6 +92,17 @@ pub trait Projection<E>: Send + Sync {
     /// rebuilds it from the log.
     fn version(&self) -> u32;
 
+    /// Whether a live copy with no stored progress starts at the head of
+    /// the log (the runner stores the log's head as its first checkpoint)
+    /// instead of at its beginning: for a consumer that acts on what
+    /// happens from now on, and must not act on the past (a new
+    /// [reaction](crate::ReactionStart)). A copy that has progress goes on
+    /// from it either way, and a rebuild still reads the whole log. The
+    /// default is the beginning.
+    fn starts_at_head(&self) -> bool {
+        false
+    }
+
     /// The stored progress of `copy`.
     async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ProjectionError>;
 
@@ -1282,15 +1293,27 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         lease: &Lease,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Interrupt, ProjectionError> {
-        if let Some(p) = slot.projection.progress(ViewCopy::Live).await? {
-            if let Some(e) = self.outdated(slot, p.schema_version) {
-                return Err(e);
+        match slot.projection.progress(ViewCopy::Live).await? {
+            Some(p) => {
+                if let Some(e) = self.outdated(slot, p.schema_version) {
+                    return Err(e);
+                }
+                if p.schema_version != slot.projection.version() {
+                    let name = slot.projection.name().to_owned();
+                    let r = self.rebuild_with(slot, lease, &|_, _| {}).await?;
+                    tracing::info!(projection = %name, events = r.events, "rebuilt for the new version");
+                }
             }
-            if p.schema_version != slot.projection.version() {
-                let name = slot.projection.name().to_owned();
-                let r = self.rebuild_with(slot, lease, &|_, _| {}).await?;
-                tracing::info!(projection = %name, events = r.events, "rebuilt for the new version");
+            None if slot.projection.starts_at_head() => {
+                // Its first checkpoint is the log's head, stored (fenced)
+                // before anything is applied: a restart goes on from there,
+                // never from the beginning.
+                let head = self.store.head().await?;
+                self.apply(slot, Target::Now(ViewCopy::Live), Vec::new(), &head, lease).await?;
+                tracing::info!(projection = slot.projection.name(), checkpoint = ?head,
+                    "started at the head of the log: earlier events are not applied");
             }
+            None => {}
         }
         loop {
             match self.follow_once(slot, lease, stop).await? {

@@ -43,7 +43,9 @@
 //!
 //! A reaction is never rebuilt: replaying the whole log would decide
 //! commands on today's states for events of long ago. Its journal view
-//! refuses a rebuild ([`ProjectionError::NotRebuildable`]).
+//! refuses a rebuild ([`ProjectionError::NotRebuildable`]). For the same
+//! reason a reaction added to a running system can start at the log's head
+//! ([`ReactionStart::Head`]) instead of its beginning.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -427,12 +429,38 @@ pub struct ReactionConfig {
     /// follower to reach the head of the log), so a lagging reaction
     /// catches up by overlapping those waits.
     pub concurrency: usize,
+    /// Where a reaction that never ran starts: at the log's beginning (the
+    /// default: it acts on every event ever stored), or at its head (it
+    /// acts only on what happens from its first start on). A reaction that
+    /// has run goes on from its checkpoint either way.
+    pub start: ReactionStart,
 }
 
 impl Default for ReactionConfig {
     fn default() -> Self {
-        Self { retry_first: Duration::from_millis(50), retry_attempts: 6, concurrency: 64 }
+        Self {
+            retry_first: Duration::from_millis(50),
+            retry_attempts: 6,
+            concurrency: 64,
+            start: ReactionStart::Beginning,
+        }
     }
+}
+
+/// Where a reaction with no checkpoint yet starts ([`ReactionConfig::start`]).
+///
+/// A reaction added to a system that has been running decides on today's
+/// states: started at the beginning, it would send commands for events of
+/// long ago (a welcome message for every customer ever registered).
+/// `Head` makes it act on new events only; its journal stores the log's
+/// head as its first checkpoint, so a restart does not go back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReactionStart {
+    /// Every event in the log, oldest first.
+    #[default]
+    Beginning,
+    /// Only events stored after the reaction first started.
+    Head,
 }
 
 /// Counters of one reaction, shared with whoever reports them.
@@ -730,6 +758,10 @@ impl<A: Aggregate> Projection<A::Event> for ReactionProjection<A> {
 
     fn version(&self) -> u32 {
         self.journal.schema().version
+    }
+
+    fn starts_at_head(&self) -> bool {
+        self.config.start == ReactionStart::Head
     }
 
     async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ProjectionError> {

@@ -12,7 +12,8 @@ use kes_core::conformance::{Ledger, LedgerCommand, LedgerEvent};
 use kes_core::{
     Appended, CatchUp, Checkpoint, CommandBus, CommandRouter, CommandSink, Commands, Envelope, EventStore, EventStream,
     ExpectedVersion, InMemoryStore, InMemoryView, Metadata, Position, Reaction, ReactionConfig, ReactionError,
-    ReactionKey, ReactionProjection, ReactionRunner, ReactionTest, RunnerConfig, Snapshot, StoreError, journal_schema,
+    ReactionKey, ReactionProjection, ReactionRunner, ReactionStart, ReactionTest, RunnerConfig, Snapshot, StoreError,
+    journal_schema,
 };
 
 /// Mirrors every entry added to ledger `x` into ledger `mirror-x`.
@@ -99,11 +100,24 @@ impl World {
     /// A reaction runner with a journal of its own (a fresh one starts
     /// from the beginning of the log).
     async fn runner(&self, journal: Arc<InMemoryView>) -> ReactionRunner<Ledger, InMemoryStore<Ledger>> {
+        self.runner_starting(journal, ReactionStart::Beginning).await
+    }
+
+    /// [`World::runner`], a fresh journal starting at `start`.
+    async fn runner_starting(
+        &self,
+        journal: Arc<InMemoryView>,
+        start: ReactionStart,
+    ) -> ReactionRunner<Ledger, InMemoryStore<Ledger>> {
         let target = Outage { store: self.store.clone(), fail: Arc::clone(&self.fail) };
         let bus: Arc<dyn CommandSink<Ledger>> = Arc::new(CommandBus::new(target));
         let router = CommandRouter::new().route::<Ledger>(bus);
-        let config =
-            ReactionConfig { retry_first: Duration::from_millis(1), retry_attempts: 3, ..ReactionConfig::default() };
+        let config = ReactionConfig {
+            retry_first: Duration::from_millis(1),
+            retry_attempts: 3,
+            start,
+            ..ReactionConfig::default()
+        };
         let projection = ReactionProjection::new(self.mirror.clone(), router, journal, config).unwrap();
         let runner_config = RunnerConfig { retry_delay: Duration::from_millis(10), ..RunnerConfig::default() };
         let runner = ReactionRunner::new(self.store.clone(), vec![projection], runner_config);
@@ -156,6 +170,31 @@ async fn each_event_becomes_one_command_that_names_its_cause() {
     assert_eq!(status[0].counts.sent, 10);
     assert_eq!(status[0].status.name, "reaction_mirror_ledger");
     runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_reaction_started_at_the_head_leaves_the_past_alone_and_then_keeps_its_place() {
+    let w = World::new();
+    w.run("mirror-a", LedgerCommand::Open, Metadata::default()).await;
+    w.run("a", LedgerCommand::Open, Metadata::default()).await;
+    w.run("a", LedgerCommand::Add(5), Metadata::default()).await;
+    let before = w.run("a", LedgerCommand::Add(6), Metadata::default()).await;
+    let journal = journal();
+    let runner = w.runner_starting(Arc::clone(&journal), ReactionStart::Head).await;
+    // Its first checkpoint, the head, covers every event so far.
+    caught_up(&runner, before).await;
+    let last = w.run("a", LedgerCommand::Add(7), Metadata::default()).await;
+    caught_up(&runner, last).await;
+    assert_eq!(w.ledger("mirror-a").await, (2, 7), "the reaction acted on events from before its start");
+    assert_eq!(runner.status(0).await.unwrap()[0].counts.sent, 1);
+    runner.shutdown().await;
+    // Started again, it goes on from its checkpoint, not from the new head:
+    // what happened while it was stopped is not lost.
+    let missed = w.run("a", LedgerCommand::Add(8), Metadata::default()).await;
+    let again = w.runner_starting(journal, ReactionStart::Head).await;
+    caught_up(&again, missed).await;
+    assert_eq!(w.ledger("mirror-a").await, (3, 15), "a restart skipped an event");
+    again.shutdown().await;
 }
 
 #[tokio::test]

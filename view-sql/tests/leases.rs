@@ -51,6 +51,8 @@ struct Probe {
     fenced: AtomicUsize,
     pause: watch::Sender<bool>,
     stalled: AtomicBool,
+    /// [`Projection::starts_at_head`].
+    head: AtomicBool,
 }
 
 impl Probe {
@@ -62,6 +64,7 @@ impl Probe {
             fenced: AtomicUsize::new(0),
             pause: watch::channel(false).0,
             stalled: AtomicBool::new(false),
+            head: AtomicBool::new(false),
         })
     }
 
@@ -82,6 +85,10 @@ impl Projection<ProjectEvent> for Probe {
 
     fn version(&self) -> u32 {
         self.inner.version()
+    }
+
+    fn starts_at_head(&self) -> bool {
+        self.head.load(Ordering::SeqCst)
     }
 
     async fn progress(&self, copy: ViewCopy) -> Result<Option<ViewProgress>, ProjectionError> {
@@ -398,6 +405,36 @@ async fn a_copy_behind_the_live_one_is_not_swapped_in_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_behind_the_live_one_is_not_swapped_in_on_postgres() {
     a_copy_behind_the_live_one_is_not_swapped_in(true).await;
+}
+
+/// A projection that starts at the head of the log: its first write, to an
+/// SQL view, is the head as its checkpoint with no row: nothing of the past
+/// is applied. (That a restart goes on from that checkpoint is shown with a
+/// reaction in kes-core's tests.)
+async fn a_projection_started_at_the_head_stores_the_head_first(postgres: bool) {
+    let Some((test_store, place, view, _)) = fixture(postgres).await else { return };
+    let store = test_store.store.clone();
+    let (past, head) = load(store.as_ref(), 61, 60, 20).await;
+    let probe = Probe::new(view.clone(), Arc::new(Shared::default()));
+    probe.head.store(true, Ordering::SeqCst);
+    let first = runner(&store, &probe);
+    first.start().await.expect("start");
+    until("the head stored as the first checkpoint", PATIENCE, || covers(view.as_ref(), &head)).await;
+    assert_eq!(probe.applied(), 1, "more than the head's checkpoint was written");
+    let rows = view.states(ViewCopy::Live, &past).await.expect("states");
+    assert!(rows.is_empty(), "events from before the start were applied: {} rows", rows.len());
+    first.shutdown().await;
+    clean(place).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_started_at_the_head_stores_the_head_first_on_sqlite() {
+    a_projection_started_at_the_head_stores_the_head_first(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_started_at_the_head_stores_the_head_first_on_postgres() {
+    a_projection_started_at_the_head_stores_the_head_first(true).await;
 }
 
 fn schema_v(version: u32) -> ViewSchema {
