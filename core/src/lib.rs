@@ -10,18 +10,18 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`aggregate`] | [`Aggregate`] (commands decide, events record) and [`DomainEvent`] |
-//! | [`envelope`] | [`Envelope`], [`Metadata`], [`Position`], [`Checkpoint`] |
-//! | [`codec`] | the payload [`Codec`] seam, [`JsonCodec`], upcasters |
-//! | [`store`] | the [`EventStore`] contract, [`ExpectedVersion`], [`StoreError`] |
-//! | [`bus`] | [`CommandBus`]: one command at a time per aggregate, idempotent retries |
-//! | [`locks`] | [`KeyedLocks`]: one turn at a time per key (the bus's per-aggregate lock table, shared with stores) |
-//! | [`history`] | the audit history page by page: [`StoreHistory`], or a [`HistoryProjection`] read by [`ViewHistory`] |
-//! | [`view`] | [`ViewSchema`], [`ListQuery`], [`Page`], the [`ListView`] / [`ViewStore`] contracts |
-//! | [`projection`] | [`Projection`], [`ViewProjection`], [`ProjectionRunner`] (batches, checkpoints, rebuild, lag) |
-//! | [`reaction`] | [`Reaction`]s (process managers): events that send commands, exactly once in effect, with their [`ReactionProjection`], [`CommandRouter`] and [`ReactionTest`] |
-//! | [`memory`] | [`InMemoryStore`], [`InMemoryView`]: real in-memory backends |
-//! | [`testkit`] | given / when / then tests for aggregates |
+//! | `aggregate` | [`Aggregate`] (commands decide, events record) and [`DomainEvent`] |
+//! | `envelope` | [`Envelope`], [`Metadata`], [`Position`], [`Checkpoint`] |
+//! | `codec` | the payload [`Codec`] seam, [`JsonCodec`], upcasters |
+//! | `store` | the [`EventStore`] contract, [`ExpectedVersion`], [`StoreError`] |
+//! | `bus` | [`CommandBus`]: one command at a time per aggregate, idempotent retries |
+//! | `locks` | [`KeyedLocks`]: one turn at a time per key (the bus's per-aggregate lock table, shared with stores) |
+//! | `history` | the audit history page by page: [`StoreHistory`], or a [`HistoryProjection`] read by [`ViewHistory`] |
+//! | `view` | [`ViewSchema`], [`ListQuery`], [`Page`], the [`ListView`] / [`ViewStore`] contracts |
+//! | `projection` | [`Projection`], [`ViewProjection`], [`ProjectionRunner`] (batches, checkpoints, rebuild, lag) |
+//! | `reaction` | [`Reaction`]s (process managers): events that send commands, exactly once in effect, with their [`ReactionProjection`], [`CommandRouter`] and [`ReactionTest`] |
+//! | `memory` | [`InMemoryStore`], [`InMemoryView`]: real in-memory backends |
+//! | `testkit` | given / when / then tests for aggregates |
 //! | `conformance` | (feature `testing`) the suites every backend runs |
 //!
 //! ## Features

@@ -92,7 +92,7 @@ pub(crate) const EVENTS_FORMAT: &str = "kes.events.v1";
 pub(crate) const TABLE_FORMAT: &str = "kes.table.v1";
 const JSON: &str = "application/json";
 
-/// The key of the one header of an events record (see [`EventsDoc::headers`]).
+/// The key of the one header of an events record (see `EventsDoc::headers`).
 pub const EVENTS_HEADER: &str = "kes";
 
 /// The value of one events record: all events of one command.

@@ -3,7 +3,7 @@
 //! List views of KES in a [Tantivy](https://docs.rs/tantivy) index, with
 //! full-text search. [`SearchView`] implements [`kes_core::ViewStore`] and
 //! [`kes_core::ListView`] and is interchangeable with the SQL list backend:
-//! the same [`ListQuery`](kes_core::ListQuery) gives the same rows in the
+//! the same [`ListQuery`] gives the same rows in the
 //! same order (the ListView conformance suite of `kes-core` checks it),
 //! plus `q`, a Tantivy full-text query over the searchable fields, sorted
 //! by relevance unless the query names a sort.
@@ -35,7 +35,7 @@
 //! holds one Tantivy index per copy, `copy-NNNNNN/`, a file `CURRENT`
 //! naming the live one, and `.kes-writer.lock`, the writer lock (below). A
 //! rebuild writes a new copy beside the live one, which keeps answering;
-//! [`ViewStore::swap`](kes_core::ViewStore::swap) rewrites `CURRENT`
+//! [`ViewStore::swap`] rewrites `CURRENT`
 //! atomically (write, fsync, rename) and deletes the old copy. When a view
 //! takes the writer lock (at open, or at a takeover), copies `CURRENT` does
 //! not name (an unfinished rebuild) are deleted.
@@ -110,8 +110,8 @@
 //! writer's garbage collection from deleting files while a reader opens
 //! them.
 //!
-//! The Tantivy schema is derived from the [`ViewSchema`](kes_core::ViewSchema)
-//! ([`index_schema`] has the table). Each [`ViewStore::write`](kes_core::ViewStore::write)
+//! The Tantivy schema is derived from the [`ViewSchema`]
+//! ([`index_schema`] has the table). Each [`ViewStore::write`]
 //! to the live copy is one Tantivy commit whose payload holds the
 //! checkpoint and the schema version, so the index and its checkpoint
 //! always agree after a crash; the reader is reloaded right after the
@@ -122,12 +122,12 @@
 //! commit flushes a segment and syncs its files): the index writer buffers
 //! them, and the copy commits every
 //! [`SearchViewConfig::rebuild_commit_docs`] documents and once more in
-//! [`ViewStore::swap`](kes_core::ViewStore::swap), before `CURRENT` names
+//! [`ViewStore::swap`], before `CURRENT` names
 //! it. Each of these commits carries the checkpoint of the last write it
-//! holds. Until a write is committed, [`ViewStore::states`](kes_core::ViewStore::states)
+//! holds. Until a write is committed, [`ViewStore::states`]
 //! answers for it from memory, so that the next batch of the rebuild
 //! folds its events into the right states, and
-//! [`ViewStore::progress`](kes_core::ViewStore::progress) of the shadow
+//! [`ViewStore::progress`] of the shadow
 //! reports the checkpoint of the last write. A crash loses only the
 //! unfinished shadow, which the next open deletes anyway (the rebuild
 //! starts over); a write that fails midway marks the shadow broken (it
@@ -254,7 +254,7 @@ impl SearchViewConfig {
 
     /// During a rebuild, how many documents the shadow copy buffers before
     /// it commits (and at most how many states it keeps in memory for
-    /// [`ViewStore::states`](kes_core::ViewStore::states)); the rest is
+    /// [`ViewStore::states`]); the rest is
     /// committed at the swap. Default 50 000.
     pub fn rebuild_commit_docs(mut self, docs: usize) -> Self {
         self.rebuild_commit_docs = docs.max(1);
