@@ -120,17 +120,16 @@ impl KafkaStoreConfig {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let number = || value.parse::<i64>().map_err(|_| KafkaStoreError::Config(format!("{name}={value:?}")));
+            // A negative count of milliseconds becomes one too long for
+            // every bound `validate` checks, so it is refused there.
+            let millis = || number().map(|n| Duration::from_millis(u64::try_from(n).unwrap_or(u64::MAX)));
             match name {
                 "prefix" if !value.is_empty() => config.topic_prefix = value.to_owned(),
                 "partitions" => config.partitions = u32::try_from(number()?).unwrap_or(0),
                 "replication" => config.replication_factor = i32::try_from(number()?).unwrap_or(0),
-                "timeout_ms" => config.request_timeout = Duration::from_millis(u64::try_from(number()?).unwrap_or(0)),
-                "table_delay_ms" => {
-                    config.table_write_delay = Duration::from_millis(u64::try_from(number()?).unwrap_or(u64::MAX))
-                }
-                "follow_wait_ms" => {
-                    config.follow_wait = Duration::from_millis(u64::try_from(number()?).unwrap_or(u64::MAX))
-                }
+                "timeout_ms" => config.request_timeout = millis()?,
+                "table_delay_ms" => config.table_write_delay = millis()?,
+                "follow_wait_ms" => config.follow_wait = millis()?,
                 _ => return Err(KafkaStoreError::Config(format!("unknown kafka:// URL parameter {pair:?}"))),
             }
         }
@@ -208,6 +207,7 @@ mod tests {
             "kafka://h:1?follow_wait_ms=0",
             "kafka://h:1?follow_wait_ms=10001",
             "kafka://h:1?timeout_ms=500&follow_wait_ms=500",
+            "kafka://h:1?timeout_ms=-1",
         ] {
             assert!(KafkaStoreConfig::from_url(bad).is_err(), "{bad}");
         }
