@@ -126,7 +126,10 @@ fn shared_schemas(schemas: &mut Map<String, Value>) {
                 "correlation_id": { "type": "string" },
                 "causation_id": { "type": "string" },
                 "principal": { "type": "string" },
-                "idempotency_key": { "type": "string" },
+                "idempotency_key": {
+                    "type": "string",
+                    "description": "The write's Idempotency-Key as stored: `sha256:` and the unpadded base64url SHA-256 of the key as sent (for an identified caller, of the key, `·` and the caller's subject); never the key itself"
+                },
                 "extra": { "type": "object", "additionalProperties": { "type": "string" } }
             }
         }),

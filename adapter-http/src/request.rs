@@ -170,30 +170,41 @@ pub(crate) fn bounded_token(headers: &HeaderMap, name: &'static HeaderName) -> R
     }
 }
 
-/// What separates a retry key from its caller in the stored key: never in
+/// What separates a retry key from its caller in what is hashed: never in
 /// a key (visible ASCII), so the client's part is unambiguous.
-const KEY_SCOPE: char = '\u{b7}';
+const KEY_SCOPE: &str = "\u{b7}";
 
-/// A retry key as the store keeps it: an anonymous caller's key as sent;
-/// an identified caller's followed by `·` and the caller's subject. A
-/// retry is the same caller sending the same key: another caller who sends
-/// that key (guessed, or its own by chance) runs its command, and meets the
-/// resource's rules, instead of being answered with the first caller's
-/// write.
-fn scoped_key(key: String, caller: Option<&Principal>) -> String {
-    match caller {
-        Some(caller) if caller.subject != ANONYMOUS => format!("{key}{KEY_SCOPE}{}", caller.subject),
-        _ => key,
+/// What a stored retry key starts with: the digest's name.
+pub(crate) const STORED_KEY_PREFIX: &str = "sha256:";
+
+/// A retry key as the store keeps it: `sha256:` and the unpadded base64url
+/// SHA-256 of the key the client sent, followed, for an identified caller,
+/// by `·` and the caller's subject.
+///
+/// The caller's part makes a retry the same caller sending the same key:
+/// another caller who sends that key (guessed, or its own by chance) runs
+/// its command, and meets the resource's rules, instead of being answered
+/// with the first caller's write. The digest keeps the key itself out of
+/// the log, the table and the views, where it would stay readable forever:
+/// clients put order numbers, dates and names in their keys. A store
+/// compares stored keys only for equality, so it needs no more.
+pub(crate) fn stored_key(key: &str, caller: Option<&Principal>) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(key.as_bytes());
+    if let Some(caller) = caller.filter(|c| c.subject != ANONYMOUS) {
+        digest.update(KEY_SCOPE.as_bytes());
+        digest.update(caller.subject.as_bytes());
     }
-}
-
-/// The key the client sent, from the key as the store keeps it.
-pub(crate) fn client_key(stored: &str) -> &str {
-    stored.split(KEY_SCOPE).next().unwrap_or(stored)
+    let mut stored = String::with_capacity(STORED_KEY_PREFIX.len() + 43);
+    stored.push_str(STORED_KEY_PREFIX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(digest.finalize(), &mut stored);
+    stored
 }
 
 /// Who asked (`caller`, from [`Shared::caller`]), as part of what, under
-/// which retry key (scoped to the caller, see [`scoped_key`]).
+/// which retry key (hashed with the caller, see [`stored_key`]).
 pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Metadata, HttpError> {
     let request_id = bounded_token(&parts.headers, &names::REQUEST_ID).ok().flatten();
     let correlation_id = bounded_token(&parts.headers, &names::CORRELATION)?.or_else(|| request_id.clone());
@@ -205,7 +216,7 @@ pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Meta
         correlation_id,
         causation_id: None,
         principal: Some(caller.map_or_else(|| ANONYMOUS.to_owned(), |c| c.subject.clone())),
-        idempotency_key: idempotency_key(&parts.headers)?.map(|key| scoped_key(key, caller)),
+        idempotency_key: idempotency_key(&parts.headers)?.map(|key| stored_key(&key, caller)),
         extra,
     })
 }

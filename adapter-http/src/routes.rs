@@ -21,7 +21,7 @@ use crate::api::{MAX_SEARCH, Shared, names};
 use crate::error::HttpError;
 use crate::feed::{self, Hub};
 use crate::request::{
-    check_id, client_key, etag, history_paging, if_match, json_bytes, json_response, metadata, none_match,
+    check_id, etag, history_paging, idempotency_key, if_match, json_bytes, json_response, metadata, none_match,
     position_text, position_token, read_body,
 };
 use crate::resource::{Operation, Resource, id_for_key};
@@ -187,9 +187,10 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     ) -> Result<(String, ExpectedVersion, bool), HttpError> {
         Ok(match (kind, id) {
             (Write::Create, _) => {
-                let id = match &meta.idempotency_key {
-                    // Ids made before keys were scoped stay the same.
-                    Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), client_key(key)),
+                // From the key the client sent (the metadata holds its
+                // digest), as ids were made before keys were hashed.
+                let id = match idempotency_key(&parts.headers)? {
+                    Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), &key),
                     None => self.resource.ids.next(),
                 };
                 // A custom id strategy could make ids a URL cannot carry.
