@@ -9,8 +9,10 @@
 //! - bearer JWTs ([`Api::authenticate`]): the token's subject and roles;
 //! - a trusted header ([`Api::trust_principal_header`]): the header's value,
 //!   for a service behind a gateway that authenticates and removes the
-//!   header from what clients send. Anyone who can reach the service
-//!   directly can claim any name, which is why it is off unless asked for;
+//!   header from what clients send, with roles from a second header when
+//!   [`Api::trust_roles_header`] names one. Anyone who can reach the
+//!   service directly can claim any name and role, which is why it is off
+//!   unless asked for;
 //! - a function of the request ([`Api::principal`]), for anything else.
 //!
 //! **Rules.** A [`Resource`](crate::Resource) says who may run each write
@@ -29,6 +31,7 @@
 //! [`Api`]: crate::Api
 //! [`Api::authenticate`]: crate::Api::authenticate
 //! [`Api::trust_principal_header`]: crate::Api::trust_principal_header
+//! [`Api::trust_roles_header`]: crate::Api::trust_roles_header
 //! [`Api::principal`]: crate::Api::principal
 
 use std::collections::BTreeMap;

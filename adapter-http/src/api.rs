@@ -175,8 +175,9 @@ impl<A: Aggregate, S: EventStore<A>> ProjectionStatusSource for StoredStatus<A, 
 enum Identity {
     /// Everyone is [`ANONYMOUS`]; rules are not asked.
     Anonymous,
-    /// The value of a header set by a gateway that authenticates.
-    TrustedHeader(HeaderName),
+    /// The values of headers set by a gateway that authenticates: the
+    /// principal's, and (when named) its roles'.
+    TrustedHeader { principal: HeaderName, roles: Option<HeaderName> },
     /// A function of the request.
     Custom(PrincipalFn),
     /// A bearer JWT, verified by the authentication layer.
@@ -220,28 +221,80 @@ impl Shared {
                 };
             }
             Identity::Custom(f) => f(parts),
-            Identity::TrustedHeader(name) => match parts.headers.get(name) {
-                None => None,
-                Some(v) => Some(
-                    v.to_str()
-                        .map_err(|_| HttpError::InvalidHeader {
-                            name: "principal",
-                            reason: "not visible ASCII".into(),
-                        })?
-                        .trim()
-                        .to_owned(),
-                ),
-            },
+            Identity::TrustedHeader { principal, roles } => {
+                let subject = match parts.headers.get(principal) {
+                    None => None,
+                    Some(v) => Some(
+                        v.to_str()
+                            .map_err(|_| HttpError::InvalidHeader {
+                                name: "principal",
+                                reason: "not visible ASCII".into(),
+                            })?
+                            .trim()
+                            .to_owned(),
+                    ),
+                };
+                // Roles belong to a named principal: a request the gateway
+                // let through without a name is anonymous, with none.
+                if let (Some(subject), Some(roles)) = (&subject, roles)
+                    && !subject.is_empty()
+                {
+                    check_subject(subject)?;
+                    let roles = trusted_roles(parts.headers.get(roles))?;
+                    return Ok(Some(Principal { subject: subject.clone(), roles }));
+                }
+                subject
+            }
         };
         match subject {
-            Some(p) if p.len() > MAX_TOKEN => {
-                Err(HttpError::InvalidHeader { name: "principal", reason: format!("longer than {MAX_TOKEN} bytes") })
+            Some(p) if !p.is_empty() => {
+                check_subject(&p)?;
+                Ok(Some(Principal { subject: p, roles: Vec::new() }))
             }
-            Some(p) if !p.is_empty() => Ok(Some(Principal { subject: p, roles: Vec::new() })),
             // A gateway that let a request through without a name.
             _ => Ok(Some(Principal { subject: ANONYMOUS.to_owned(), roles: Vec::new() })),
         }
     }
+}
+
+/// A principal's name from outside: at most [`MAX_TOKEN`] bytes.
+fn check_subject(subject: &str) -> Result<(), HttpError> {
+    if subject.len() > MAX_TOKEN {
+        return Err(HttpError::InvalidHeader { name: "principal", reason: format!("longer than {MAX_TOKEN} bytes") });
+    }
+    Ok(())
+}
+
+/// Most roles a trusted roles header may give.
+const MAX_TRUSTED_ROLES: usize = 32;
+
+/// The roles a gateway's header gives: names separated by commas (spaces
+/// around them ignored), each 1 to 64 letters, digits or `_-.:/`, at most
+/// [`MAX_TRUSTED_ROLES`]. No header, or an empty one, gives none; anything
+/// else is refused rather than read in part, since a role dropped or
+/// misread would change what the caller may do.
+fn trusted_roles(value: Option<&HeaderValue>) -> Result<Vec<String>, HttpError> {
+    let bad = |reason: String| HttpError::InvalidHeader { name: "roles", reason };
+    let Some(value) = value else { return Ok(Vec::new()) };
+    let text = value.to_str().map_err(|_| bad("not visible ASCII".into()))?.trim();
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut roles: Vec<String> = Vec::new();
+    for role in text.split(',').map(str::trim) {
+        let valid = (1..=64).contains(&role.len())
+            && role.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'));
+        if !valid {
+            return Err(bad("roles are 1 to 64 letters, digits or `_-.:/`, separated by commas".into()));
+        }
+        if !roles.iter().any(|r| r == role) {
+            roles.push(role.to_owned());
+        }
+    }
+    if roles.len() > MAX_TRUSTED_ROLES {
+        return Err(bad(format!("more than {MAX_TRUSTED_ROLES} roles")));
+    }
+    Ok(roles)
 }
 
 /// One mounted aggregate, seen without its types.
@@ -295,6 +348,8 @@ pub(crate) trait Mount: Describe + Send + Sync {
 pub struct Api {
     config: HttpConfig,
     identity: Identity,
+    /// Where trusted-header mode reads roles from ([`Api::trust_roles_header`]).
+    roles_header: Option<HeaderName>,
     prometheus: Option<PrometheusHandle>,
     routes: Vec<Box<dyn FnOnce(Arc<Shared>) -> Router + Send>>,
     mounts: Vec<Arc<dyn Mount>>,
@@ -326,6 +381,7 @@ impl Api {
         Self {
             config,
             identity: Identity::Anonymous,
+            roles_header: None,
             prometheus: None,
             routes: Vec::new(),
             mounts: Vec::new(),
@@ -420,13 +476,39 @@ impl Api {
     /// **Trusted-header mode**: the principal of each request is the value
     /// of header `name` (e.g. `x-principal`), as set by a gateway in front
     /// of the service that authenticates callers and removes the header
-    /// from what they send; resource rules apply to it, with no roles. Off
+    /// from what they send; resource rules apply to it, with no roles
+    /// unless [`Api::trust_roles_header`] names where they come from. Off
     /// by default, because anyone who reaches the service without passing
     /// the gateway can name themselves anyone. A request without the
     /// header is [`ANONYMOUS`].
     pub fn trust_principal_header(mut self, name: HeaderName) -> Self {
-        self.identity = Identity::TrustedHeader(name);
+        self.identity = Identity::TrustedHeader { principal: name, roles: None };
         self
+    }
+
+    /// In trusted-header mode, the roles of each request's principal are
+    /// the value of header `name` (e.g. `x-roles`), set by the same
+    /// gateway: role names separated by commas. The gateway must remove
+    /// this header from what callers send too. A request without the
+    /// principal header is [`ANONYMOUS`] with no roles, whatever this
+    /// header says; a malformed value is a `400` and runs nothing. It
+    /// applies in trusted-header mode only ([`Api::trust_principal_header`],
+    /// before or after this call). Admin endpoints keep their own token or
+    /// JWT role.
+    pub fn trust_roles_header(mut self, name: HeaderName) -> Self {
+        self.roles_header = Some(name);
+        self
+    }
+
+    /// Where each request's principal comes from: the mode chosen, with the
+    /// roles header in trusted-header mode.
+    fn identity(&self) -> Identity {
+        match &self.identity {
+            Identity::TrustedHeader { principal, .. } => {
+                Identity::TrustedHeader { principal: principal.clone(), roles: self.roles_header.clone() }
+            }
+            other => other.clone(),
+        }
     }
 
     /// Adds a dependency that `/health` reports as `name` (`up`/`down`)
@@ -535,13 +617,14 @@ impl Api {
     /// edge (request ids, limits, timeout, panic catching, compression,
     /// CORS) with the routes behind it.
     pub fn into_app(self) -> App {
+        let identity = self.identity();
         let metrics = match self.prometheus {
             Some(handle) => Metrics::global(handle),
             None => Metrics::local(),
         };
         let shared = Arc::new(Shared {
             config: self.config,
-            identity: self.identity.clone(),
+            identity: identity.clone(),
             metrics,
             histories: self.histories,
             stop: self.stop.subscribe(),
@@ -592,7 +675,7 @@ impl Api {
             .fallback(|| async { HttpError::NotFound("no such route".into()) })
             .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed });
         // Without allowed origins CORS has nothing to add.
-        let cors = (!config.cors_origins.is_empty()).then(|| cors(config, &self.identity));
+        let cors = (!config.cors_origins.is_empty()).then(|| cors(config, &identity));
         // The edge sits outside the routes: routing must see the path without its slash.
         App(Edge::new(routes, cors, config.body_limit, config.request_timeout))
     }
@@ -636,8 +719,8 @@ fn cors(config: &HttpConfig, identity: &Identity) -> CorsLayer {
     };
     let h = |s: &'static str| HeaderName::from_static(s);
     let trusted = match identity {
-        Identity::TrustedHeader(name) => Some(name.clone()),
-        _ => None,
+        Identity::TrustedHeader { principal, roles } => [Some(principal.clone()), roles.clone()],
+        _ => [None, None],
     };
     CorsLayer::new()
         .allow_origin(origin)
@@ -654,7 +737,7 @@ fn cors(config: &HttpConfig, identity: &Identity) -> CorsLayer {
                 h(REQUEST_ID_HEADER),
             ]
             .into_iter()
-            .chain(trusted)
+            .chain(trusted.into_iter().flatten())
             .collect::<Vec<_>>(),
         )
         .expose_headers([

@@ -76,6 +76,72 @@ async fn a_refused_write_is_403_naming_the_rule_and_appends_nothing() {
     assert_eq!(history[1].metadata.principal.as_deref(), Some("ann"), "the principal is the trusted header");
 }
 
+/// Trusted-header mode with roles from `x-roles` (named before the
+/// principal header, which the builder accepts in either order).
+fn trusted_with_roles(api: Api) -> Api {
+    api.trust_roles_header(HeaderName::from_static("x-roles"))
+        .trust_principal_header(HeaderName::from_static("x-principal"))
+}
+
+fn with_roles(request: http::Request<axum::body::Body>, roles: &str) -> http::Request<axum::body::Body> {
+    with_header(request, "x-roles", roles)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_roles_header_gives_the_named_caller_its_roles() {
+    let h = build_with(HttpConfig::default(), true, guarded(), trusted_with_roles).await;
+    let created = send(&h.app, as_(json("POST", "/projects", json!({ "name": "Roles" })), "bob")).await;
+    let id = created.header("location").trim_start_matches("/projects/").to_owned();
+    let archive = || as_(json("POST", &format!("/projects/{id}/archive"), json!({})), "bob");
+
+    // Without the role bob may not archive; with another role neither.
+    send(&h.app, archive()).await.assert_problem(403, "forbidden");
+    send(&h.app, with_roles(archive(), "viewer, editor")).await.assert_problem(403, "forbidden");
+    assert_eq!(events_of(&h, &id).await, 1);
+    // As an auditor (among other roles, spaces around commas) he may.
+    let allowed = send(&h.app, with_roles(archive(), " viewer ,auditor")).await;
+    assert_eq!(allowed.status, StatusCode::OK, "{}", allowed.body);
+    // An archived project changes only by an admin: the admin passes the
+    // rule and meets the aggregate's own (archived projects do not change).
+    let patch = || as_(json("PATCH", &format!("/projects/{id}"), json!({ "budget": 5 })), "bob");
+    send(&h.app, patch()).await.assert_problem(403, "forbidden");
+    send(&h.app, with_roles(patch(), "admin")).await.assert_problem(422, "rejected");
+    assert_eq!(events_of(&h, &id).await, 2);
+
+    // Roles belong to a named caller: without the principal header the
+    // request is anonymous, with none, whatever the roles header says.
+    let anonymous = with_roles(json("PATCH", &format!("/projects/{id}"), json!({ "budget": 6 })), "admin");
+    send(&h.app, anonymous).await.assert_problem(403, "forbidden");
+    assert_eq!(events_of(&h, &id).await, 2, "nothing appended");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_roles_header_is_refused_whole_and_runs_nothing() {
+    let h = build_with(HttpConfig::default(), true, guarded(), trusted_with_roles).await;
+    let created = send(&h.app, as_(json("POST", "/projects", json!({ "name": "Roles" })), "bob")).await;
+    let id = created.header("location").trim_start_matches("/projects/").to_owned();
+    let many = (0..33).map(|i| format!("r{i}")).collect::<Vec<_>>().join(",");
+    let long = format!("auditor,{}", "x".repeat(65));
+    for bad in ["auditor,,admin", "auditor, ", "aud itor", "auditor;admin", "admin,\"", long.as_str(), many.as_str()] {
+        let request = with_roles(as_(json("POST", &format!("/projects/{id}/archive"), json!({})), "bob"), bad);
+        let r = send(&h.app, request).await;
+        r.assert_problem(400, "invalid-header");
+        assert!(r.body["detail"].as_str().is_some_and(|d| d.contains("roles")), "{bad:?}: {}", r.body);
+    }
+    // Bytes that are not visible ASCII.
+    let mut request = as_(json("POST", &format!("/projects/{id}/archive"), json!({})), "bob");
+    request.headers_mut().insert("x-roles", http::HeaderValue::from_bytes(b"audit\xc3\xa9r").expect("a header value"));
+    send(&h.app, request).await.assert_problem(400, "invalid-header");
+    assert_eq!(events_of(&h, &id).await, 1, "nothing appended");
+    // Thirty-two distinct roles (repeats counted once) and an empty header
+    // are fine.
+    let most = (0..32).map(|i| format!("r{i}")).chain(["r0".to_owned()]).collect::<Vec<_>>().join(",");
+    let read = with_roles(as_(empty("GET", &format!("/projects/{id}")), "bob"), &most);
+    assert_eq!(send(&h.app, read).await.status, StatusCode::OK);
+    let read = with_roles(as_(empty("GET", &format!("/projects/{id}")), "bob"), "");
+    assert_eq!(send(&h.app, read).await.status, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_key_replays_only_its_own_callers_write() {
     let h = build_with(HttpConfig::default(), true, guarded(), trusted).await;

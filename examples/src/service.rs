@@ -56,6 +56,9 @@ pub struct Settings {
     /// the authenticated caller's name in (trusted-header mode). With
     /// neither, every request is `anonymous` (for trying it out).
     pub trusted_principal_header: Option<axum::http::HeaderName>,
+    /// In trusted-header mode: the header the gateway puts the caller's
+    /// roles in, separated by commas (`admin` passes every project rule).
+    pub trusted_roles_header: Option<axum::http::HeaderName>,
     /// The key store of personal data (`sqlite://PATH` or `postgres://…`);
     /// `None`: derived from `store` by [`keys_url_for`].
     pub keys: Option<String>,
@@ -81,6 +84,7 @@ impl Default for Settings {
             db_connections: None,
             auth: None,
             trusted_principal_header: None,
+            trusted_roles_header: None,
             keys: None,
             master_key: None,
             master_key_file: None,
@@ -554,6 +558,7 @@ pub struct Service {
     admin_token: Option<AdminToken>,
     auth: Option<Arc<JwtAuth>>,
     trusted_principal_header: Option<axum::http::HeaderName>,
+    trusted_roles_header: Option<axum::http::HeaderName>,
     /// Ends the change feeds of the routers made so far.
     feeds: std::sync::Mutex<Vec<ShutdownHandle>>,
 }
@@ -579,6 +584,7 @@ impl Service {
             admin_token: settings.admin_token.clone(),
             auth: settings.auth.clone(),
             trusted_principal_header: settings.trusted_principal_header.clone(),
+            trusted_roles_header: settings.trusted_roles_header.clone(),
             feeds: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -652,7 +658,10 @@ impl Service {
     fn with_identity(&self, api: Api) -> Api {
         match (&self.auth, &self.trusted_principal_header) {
             (Some(auth), _) => api.authenticate(Arc::clone(auth)).admin_role(resources::ADMIN_ROLE),
-            (None, Some(header)) => api.trust_principal_header(header.clone()),
+            (None, Some(header)) => match &self.trusted_roles_header {
+                Some(roles) => api.trust_principal_header(header.clone()).trust_roles_header(roles.clone()),
+                None => api.trust_principal_header(header.clone()),
+            },
             (None, None) => api,
         }
     }

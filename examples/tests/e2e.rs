@@ -589,3 +589,46 @@ async fn the_service_requires_tokens_when_asked_to() {
     assert_eq!(c.get(s.url("/health")).send().await.expect("health").status(), StatusCode::OK, "health stays open");
     s.stop();
 }
+
+/// Behind a gateway (`KES_TRUST_PRINCIPAL_HEADER`, `KES_TRUST_ROLES_HEADER`):
+/// the principal and roles are the headers' values, the example's rules
+/// answer from them, and a malformed roles header runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_gateway_the_caller_and_roles_come_from_trusted_headers() {
+    let dir = tempfile::tempdir().expect("a work dir");
+    let env = [("KES_TRUST_PRINCIPAL_HEADER", "x-principal"), ("KES_TRUST_ROLES_HEADER", "x-roles")];
+    let s = Server::start_with(dir.path(), "sqlite://data/events.db", "sqlite://data/views.db", "all", &env).await;
+    let c = reqwest::Client::new();
+    let as_ = |who: &str, roles: Option<&str>, method: reqwest::Method, path: &str| {
+        let r = c.request(method, s.url(path)).header("x-principal", who);
+        match roles {
+            Some(roles) => r.header("x-roles", roles),
+            None => r,
+        }
+    };
+    let r = as_("ann", None, reqwest::Method::POST, "/projects").json(&json!({ "name": "gated", "owner": "ann" }));
+    let r = r.send().await.expect("POST");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let owned = r.headers()["location"].to_str().expect("location").to_owned();
+    let archive = format!("{owned}/archive");
+    let r = as_("bob", None, reqwest::Method::POST, &archive).json(&json!({})).send().await.expect("POST");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "bob is neither its owner nor an admin");
+    let r = as_("bob", Some("admin,reader"), reqwest::Method::POST, &archive).json(&json!({})).send().await;
+    let r = r.expect("POST");
+    assert_eq!(r.status(), StatusCode::OK, "an admin may archive it");
+    let restore = format!("{owned}/restore");
+    let r = as_("carol", Some("admin;reader"), reqwest::Method::POST, &restore).json(&json!({})).send().await;
+    let r = r.expect("POST");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "a malformed roles header");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let history =
+        json_of(as_("ann", None, reqwest::Method::GET, &format!("{owned}/events")).send().await.expect("GET"));
+    let who: Vec<String> = history.await["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["metadata"]["principal"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(who, ["ann", "bob"], "the refused and the malformed requests left nothing");
+    s.stop();
+}

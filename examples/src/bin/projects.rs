@@ -89,6 +89,11 @@ struct ServeArgs {
     /// name: off unless given, and ignored with an auth flag.
     #[arg(long, env = "KES_TRUST_PRINCIPAL_HEADER", conflicts_with_all = ["auth_hs256_secret_file", "auth_jwks"])]
     trust_principal_header: Option<axum::http::HeaderName>,
+    /// With --trust-principal-header: the caller's roles are the value of
+    /// this header (e.g. x-roles), comma-separated, set by the same gateway
+    /// (`admin` passes every project rule).
+    #[arg(long, env = "KES_TRUST_ROLES_HEADER", requires = "trust_principal_header")]
+    trust_roles_header: Option<axum::http::HeaderName>,
     /// What this process does: `all` (API and projections), `api` (the API,
     /// reading views that projector processes keep) or `projector`
     /// (projections, with only /health and /metrics).
@@ -178,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             settings.auth = authentication(&args)?.map(Arc::new);
             settings.trusted_principal_header = args.trust_principal_header;
+            settings.trusted_roles_header = args.trust_roles_header;
             settings.http.cors_origins = args.cors_origins;
             settings.role = args.role.into();
             serve(settings, args.listen).await
