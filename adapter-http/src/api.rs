@@ -221,48 +221,36 @@ impl Shared {
                 };
             }
             Identity::Custom(f) => f(parts),
-            Identity::TrustedHeader { principal, roles } => {
-                let subject = match parts.headers.get(principal) {
-                    None => None,
-                    Some(v) => Some(
-                        v.to_str()
-                            .map_err(|_| HttpError::InvalidHeader {
-                                name: "principal",
-                                reason: "not visible ASCII".into(),
-                            })?
-                            .trim()
-                            .to_owned(),
-                    ),
-                };
-                // Roles belong to a named principal: a request the gateway
-                // let through without a name is anonymous, with none.
-                if let (Some(subject), Some(roles)) = (&subject, roles)
-                    && !subject.is_empty()
-                {
-                    check_subject(subject)?;
-                    let roles = trusted_roles(parts.headers.get(roles))?;
-                    return Ok(Some(Principal { subject: subject.clone(), roles }));
-                }
-                subject
-            }
+            Identity::TrustedHeader { principal, .. } => match parts.headers.get(principal) {
+                None => None,
+                Some(v) => Some(
+                    v.to_str()
+                        .map_err(|_| HttpError::InvalidHeader {
+                            name: "principal",
+                            reason: "not visible ASCII".into(),
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+            },
         };
-        match subject {
-            Some(p) if !p.is_empty() => {
-                check_subject(&p)?;
-                Ok(Some(Principal { subject: p, roles: Vec::new() }))
-            }
-            // A gateway that let a request through without a name.
-            _ => Ok(Some(Principal { subject: ANONYMOUS.to_owned(), roles: Vec::new() })),
+        let Some(subject) = subject.filter(|s| !s.is_empty()) else {
+            // A gateway that let a request through without a name: no
+            // roles either, whatever a roles header says.
+            return Ok(Some(Principal { subject: ANONYMOUS.to_owned(), roles: Vec::new() }));
+        };
+        if subject.len() > MAX_TOKEN {
+            return Err(HttpError::InvalidHeader {
+                name: "principal",
+                reason: format!("longer than {MAX_TOKEN} bytes"),
+            });
         }
+        let roles = match &self.identity {
+            Identity::TrustedHeader { roles: Some(header), .. } => trusted_roles(parts.headers.get(header))?,
+            _ => Vec::new(),
+        };
+        Ok(Some(Principal { subject, roles }))
     }
-}
-
-/// A principal's name from outside: at most [`MAX_TOKEN`] bytes.
-fn check_subject(subject: &str) -> Result<(), HttpError> {
-    if subject.len() > MAX_TOKEN {
-        return Err(HttpError::InvalidHeader { name: "principal", reason: format!("longer than {MAX_TOKEN} bytes") });
-    }
-    Ok(())
 }
 
 /// Most roles a trusted roles header may give.
@@ -288,11 +276,13 @@ fn trusted_roles(value: Option<&HeaderValue>) -> Result<Vec<String>, HttpError> 
             return Err(bad("roles are 1 to 64 letters, digits or `_-.:/`, separated by commas".into()));
         }
         if !roles.iter().any(|r| r == role) {
+            // Refused as soon as there are too many, so that a long
+            // header costs no more than the limit.
+            if roles.len() == MAX_TRUSTED_ROLES {
+                return Err(bad(format!("more than {MAX_TRUSTED_ROLES} roles")));
+            }
             roles.push(role.to_owned());
         }
-    }
-    if roles.len() > MAX_TRUSTED_ROLES {
-        return Err(bad(format!("more than {MAX_TRUSTED_ROLES} roles")));
     }
     Ok(roles)
 }
