@@ -175,11 +175,11 @@ pub(crate) fn bounded_token(headers: &HeaderMap, name: &'static HeaderName) -> R
 const KEY_SCOPE: &str = "\u{b7}";
 
 /// What a stored retry key starts with: the digest's name.
-pub(crate) const STORED_KEY_PREFIX: &str = "sha256:";
+const STORED_KEY_PREFIX: &str = "sha256:";
 
 /// A retry key as the store keeps it: `sha256:` and the unpadded base64url
-/// SHA-256 of the key the client sent, followed, for an identified caller,
-/// by `·` and the caller's subject.
+/// SHA-256 of the key the client sent (for an identified caller, of the
+/// key, `·` and the caller's subject).
 ///
 /// The caller's part makes a retry the same caller sending the same key:
 /// another caller who sends that key (guessed, or its own by chance) runs
