@@ -427,7 +427,7 @@ async fn the_history_carries_versions_types_times_and_metadata() {
     assert_eq!(items[1]["metadata"]["correlation_id"], "flow-9");
     // The key is kept as its digest, never as sent (an anonymous caller:
     // the key alone).
-    assert_eq!(items[1]["metadata"]["idempotency_key"], sha256_key("key-1"));
+    assert_eq!(items[1]["metadata"]["idempotency_key"], stored_key("key-1"));
     assert!(
         items[1]["metadata"]["extra"]["request_id"].as_str().is_some_and(|r| !r.is_empty()),
         "a request id was made"
@@ -623,12 +623,4 @@ async fn position_tokens_name_their_log_and_a_foreign_one_is_not_waited_for() {
     for bad in ["project@", "@0:1", "project@0", "project@a:b"] {
         send(&h.app, read(bad)).await.assert_problem(400, "invalid-header");
     }
-}
-
-/// What the adapter stores for retry key `text`: its SHA-256, unpadded
-/// base64url, named.
-fn sha256_key(text: &str) -> String {
-    use base64::Engine;
-    use sha2::Digest;
-    format!("sha256:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(text)))
 }

@@ -279,3 +279,12 @@ pub async fn create(app: &Router, name: &str, budget: i64) -> (String, Reply) {
     let id = reply.header("location").trim_start_matches("/projects/").to_owned();
     (id, reply)
 }
+
+/// What the adapter stores for a retry key: `sha256:` and the unpadded
+/// base64url SHA-256 of `hashed` (the key; for an identified caller, the
+/// key, `·` and the caller's subject), computed here independently.
+pub fn stored_key(hashed: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    format!("sha256:{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(hashed)))
+}
