@@ -204,8 +204,9 @@ pub(crate) fn stored_key(key: &str, caller: Option<&Principal>) -> String {
 }
 
 /// Who asked (`caller`, from [`Shared::caller`]), as part of what, under
-/// which retry key (hashed with the caller, see [`stored_key`]).
-pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Metadata, HttpError> {
+/// which retry key (`key`, the request's [`idempotency_key`], stored
+/// hashed with the caller: see [`stored_key`]).
+pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>, key: Option<&str>) -> Result<Metadata, HttpError> {
     let request_id = bounded_token(&parts.headers, &names::REQUEST_ID).ok().flatten();
     let correlation_id = bounded_token(&parts.headers, &names::CORRELATION)?.or_else(|| request_id.clone());
     let mut extra = std::collections::BTreeMap::new();
@@ -216,7 +217,7 @@ pub(crate) fn metadata(parts: &Parts, caller: Option<&Principal>) -> Result<Meta
         correlation_id,
         causation_id: None,
         principal: Some(caller.map_or_else(|| ANONYMOUS.to_owned(), |c| c.subject.clone())),
-        idempotency_key: idempotency_key(&parts.headers)?.map(|key| stored_key(&key, caller)),
+        idempotency_key: key.map(|key| stored_key(key, caller)),
         extra,
     })
 }

@@ -122,8 +122,11 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     ) -> Result<Response, HttpError> {
         let (parts, body) = request.into_parts();
         let caller = self.shared.caller(&parts)?;
-        let meta = metadata(&parts, caller.as_ref())?;
-        let (id, expected, if_match) = self.target(&kind, id, &parts, &meta)?;
+        // Read once: the metadata keeps its digest, a create's id is made
+        // from the key as sent.
+        let key = idempotency_key(&parts.headers)?;
+        let meta = metadata(&parts, caller.as_ref(), key.as_deref())?;
+        let (id, expected, if_match) = self.target(&kind, id, &parts, &meta, key.as_deref())?;
         let value = match kind {
             Write::Delete => Value::Object(Map::new()),
             _ => read_body(&self.shared, &parts, body, op).await?,
@@ -177,20 +180,21 @@ impl<A: Aggregate, S: EventStore<A>> Mounted<A, S> {
     }
 
     /// The id a write goes to, the version it expects, and whether the
-    /// client named that version (`If-Match`).
+    /// client named that version (`If-Match`). A create with retry key
+    /// `key` (as the client sent it, not its stored digest: ids were made
+    /// from it before keys were hashed) gets the id derived from it.
     fn target(
         &self,
         kind: &Write,
         id: Option<String>,
         parts: &Parts,
         meta: &Metadata,
+        key: Option<&str>,
     ) -> Result<(String, ExpectedVersion, bool), HttpError> {
         Ok(match (kind, id) {
             (Write::Create, _) => {
-                // From the key the client sent (the metadata holds its
-                // digest), as ids were made before keys were hashed.
-                let id = match idempotency_key(&parts.headers)? {
-                    Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), &key),
+                let id = match key {
+                    Some(key) => id_for_key(&self.resource.plural, meta.principal.as_deref(), key),
                     None => self.resource.ids.next(),
                 };
                 // A custom id strategy could make ids a URL cannot carry.
