@@ -658,10 +658,13 @@ impl Service {
     fn with_identity(&self, api: Api) -> Api {
         match (&self.auth, &self.trusted_principal_header) {
             (Some(auth), _) => api.authenticate(Arc::clone(auth)).admin_role(resources::ADMIN_ROLE),
-            (None, Some(header)) => match &self.trusted_roles_header {
-                Some(roles) => api.trust_principal_header(header.clone()).trust_roles_header(roles.clone()),
-                None => api.trust_principal_header(header.clone()),
-            },
+            (None, Some(header)) => {
+                let api = api.trust_principal_header(header.clone());
+                match &self.trusted_roles_header {
+                    Some(roles) => api.trust_roles_header(roles.clone()),
+                    None => api,
+                }
+            }
             (None, None) => api,
         }
     }
