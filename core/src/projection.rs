@@ -298,7 +298,7 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         if copy == ViewCopy::Shadow {
             self.finish_ahead().await?;
         }
-        let (changes, _) = self.fold(copy, batch, None).await?;
+        let changes = self.fold(copy, batch, None).await?.changes;
         let written = self.view.write(copy, &changes, checkpoint).await;
         self.after_write(copy, written)
     }
@@ -313,7 +313,7 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         if copy == ViewCopy::Shadow {
             self.finish_ahead().await?;
         }
-        let (changes, _) = self.fold(copy, batch, None).await?;
+        let changes = self.fold(copy, batch, None).await?.changes;
         let written = self.view.write_fenced(copy, &changes, checkpoint, lease).await;
         self.after_write(copy, written)
     }
@@ -325,15 +325,24 @@ impl<A: Aggregate> Projection<A::Event> for ViewProjection<A> {
         lease: &Lease,
     ) -> Result<(), ProjectionError> {
         let mut ahead = self.ahead.lock().await;
-        let (changes, states) = self.fold(ViewCopy::Shadow, batch, Some(&ahead.carry)).await?;
+        let Folded { changes, new, after } = self.fold(ViewCopy::Shadow, batch, Some(&ahead.carry)).await?;
+        // Both in id order, so one pass sorts the changes out.
+        let (mut fresh, mut known) = (Vec::with_capacity(new.len()), Vec::new());
+        let mut new = new.iter().peekable();
+        for change in changes {
+            while new.next_if(|id| **id < change.id).is_some() {}
+            if new.next_if(|id| **id == change.id).is_some() {
+                fresh.push(change);
+            } else {
+                known.push(change);
+            }
+        }
         // One write at a time, in the order of the log.
         self.settle(&mut ahead).await?;
         let (view, checkpoint, lease) = (Arc::clone(&self.view), checkpoint.clone(), lease.clone());
         ahead.pending =
-            Some(tokio::spawn(
-                async move { view.write_fenced_owned(ViewCopy::Shadow, changes, &checkpoint, &lease).await },
-            ));
-        ahead.carry = states;
+            Some(tokio::spawn(async move { view.write_shadow_fenced(fresh, known, &checkpoint, &lease).await }));
+        ahead.carry = after;
         Ok(())
     }
 
@@ -429,17 +438,19 @@ impl<A: Aggregate> ViewProjection<A> {
         Ok(written?)
     }
 
-    /// Of `ids`, those whose stored state in `copy` must be read: all of
-    /// them, except in a shadow this projection began, where only those
-    /// folded into it before; the others are noted as folded now.
-    fn stored_ids(&self, copy: ViewCopy, ids: Vec<String>) -> Vec<String> {
+    /// Splits `ids` into those whose stored state in `copy` must be read
+    /// and those the copy holds no row of. All must be read, except in a
+    /// shadow this projection began, where only those folded into it
+    /// before are; the others are new to it, and noted as folded now.
+    /// Both keep the order of `ids`.
+    fn stored_ids(&self, copy: ViewCopy, ids: Vec<String>) -> (Vec<String>, Vec<String>) {
         if copy != ViewCopy::Shadow {
-            return ids;
+            return (ids, Vec::new());
         }
         let mut shadow = self.shadow_ids.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(seen) = shadow.0.as_mut() else { return ids };
+        let Some(seen) = shadow.0.as_mut() else { return (ids, Vec::new()) };
         // `insert` is false for an id seen before (or one sharing its hash).
-        ids.into_iter().filter(|id| !seen.insert(ShadowIds::hash(id))).collect()
+        ids.into_iter().partition(|id| !seen.insert(ShadowIds::hash(id)))
     }
 
     /// The row changes `batch` makes to `copy`, folded onto the stored
@@ -450,7 +461,7 @@ impl<A: Aggregate> ViewProjection<A> {
         copy: ViewCopy,
         batch: &[Envelope<A::Event>],
         carry: Option<&HashMap<String, (u64, A)>>,
-    ) -> Result<(Vec<RowChange>, HashMap<String, (u64, A)>), ProjectionError> {
+    ) -> Result<Folded<A>, ProjectionError> {
         let mut ids: Vec<String> = batch.iter().map(|e| e.aggregate_id.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -463,7 +474,7 @@ impl<A: Aggregate> ViewProjection<A> {
             }
             ids.retain(|id| !states.contains_key(id.as_str()));
         }
-        let ids = self.stored_ids(copy, ids);
+        let (ids, new) = self.stored_ids(copy, ids);
         let stored = if ids.is_empty() { HashMap::new() } else { self.view.states(copy, &ids).await? };
         for (id, s) in &stored {
             let state = <A as serde::Deserialize>::deserialize(&s.state)
@@ -520,8 +531,19 @@ impl<A: Aggregate> ViewProjection<A> {
                 }
             }
         }
-        Ok((changes, after))
+        Ok(Folded { changes, new, after })
     }
+}
+
+/// What [`ViewProjection::fold`] makes of a batch.
+struct Folded<A> {
+    /// One change per aggregate the batch touched, in id order.
+    changes: Vec<RowChange>,
+    /// The ids, in order, of those changes that the copy holds no row of
+    /// (known only in a shadow the projection began; empty otherwise).
+    new: Vec<String>,
+    /// With a carry, the states after the batch.
+    after: HashMap<String, (u64, A)>,
 }
 
 impl<A: Aggregate> ViewProjection<A> {

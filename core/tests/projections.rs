@@ -236,13 +236,18 @@ async fn nothing_projected_is_never_caught_up_and_stored_checkpoints_are_waited_
 }
 
 /// An in-memory view that records which ids each `states` call of the
-/// shadow copy asks for and which ids went into it, and can fail the next
-/// shadow write.
+/// shadow copy asks for, which ids went into it and which were handed to
+/// it as new to it, and can fail the next shadow write.
 struct Recording {
     inner: InMemoryView,
     asked: std::sync::Mutex<Vec<String>>,
     written: std::sync::Mutex<std::collections::HashSet<String>>,
     asked_unwritten: std::sync::Mutex<Vec<String>>,
+    /// Ids a rebuild's batch named as new to the shadow, and as known.
+    named_new: std::sync::Mutex<Vec<String>>,
+    named_known: std::sync::Mutex<Vec<String>>,
+    /// Ids named new that the shadow held already: none may be.
+    new_but_written: std::sync::Mutex<Vec<String>>,
     fail_next_shadow_write: std::sync::atomic::AtomicBool,
     /// Each shadow write takes a permit first.
     shadow_writes: tokio::sync::Semaphore,
@@ -255,6 +260,9 @@ impl Recording {
             asked: Default::default(),
             written: Default::default(),
             asked_unwritten: Default::default(),
+            named_new: Default::default(),
+            named_known: Default::default(),
+            new_but_written: Default::default(),
             fail_next_shadow_write: Default::default(),
             shadow_writes: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
         }
@@ -312,6 +320,24 @@ impl ViewStore for Recording {
         }
         self.inner.write(copy, changes, checkpoint).await
     }
+    async fn write_shadow_fenced(
+        &self,
+        new: Vec<RowChange>,
+        known: Vec<RowChange>,
+        checkpoint: &kes_core::Checkpoint,
+        _: &kes_core::Lease,
+    ) -> Result<(), kes_core::ViewError> {
+        {
+            let written = self.written.lock().unwrap();
+            let doubled = new.iter().filter(|c| written.contains(&c.id)).map(|c| c.id.clone());
+            self.new_but_written.lock().unwrap().extend(doubled);
+        }
+        self.named_new.lock().unwrap().extend(new.iter().map(|c| c.id.clone()));
+        self.named_known.lock().unwrap().extend(known.iter().map(|c| c.id.clone()));
+        let mut changes = new;
+        changes.extend(known);
+        self.write(ViewCopy::Shadow, &changes, checkpoint).await
+    }
     async fn begin_rebuild(&self) -> Result<(), kes_core::ViewError> {
         self.written.lock().unwrap().clear();
         self.inner.begin_rebuild().await
@@ -340,6 +366,15 @@ async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event()
     assert!(!view.asked.lock().unwrap().is_empty(), "no state was ever read back from the shadow");
     // …but an aggregate met for the first time was not looked up.
     assert_eq!(*view.asked_unwritten.lock().unwrap(), Vec::<String>::new());
+    // Each aggregate was handed to the shadow as new once, in its first
+    // batch, and as known in every later one: never as new once there.
+    let mut named_new = view.named_new.lock().unwrap().clone();
+    named_new.sort();
+    let mut expected: Vec<String> = (0..11).map(|i| format!("l-{i}")).collect();
+    expected.sort();
+    assert_eq!(named_new, expected);
+    assert_eq!(*view.new_but_written.lock().unwrap(), Vec::<String>::new());
+    assert!(!view.named_known.lock().unwrap().is_empty(), "no batch met an aggregate again");
     // The rebuilt rows are those of a plain follow of the same log.
     s.runner.start().await.unwrap();
     assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);

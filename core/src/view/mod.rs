@@ -247,6 +247,28 @@ pub trait ViewStore: ListView {
         self.write_fenced(copy, &changes, checkpoint, lease).await
     }
 
+    /// A rebuild's batch for the shadow copy ([`ViewStore::write_fenced_owned`]
+    /// into [`ViewCopy::Shadow`]), with the rows of aggregates that the
+    /// shadow holds no row of yet (`new`) apart from the rest (`known`).
+    /// Most of a rebuild is `new`: each aggregate meets the shadow once.
+    ///
+    /// A backend may insert `new` with a bulk path that cannot update a row
+    /// (PostgreSQL's `COPY`). Should the shadow hold a row of `new` after
+    /// all, the write must not keep both: it fails, or it writes the batch
+    /// as [`ViewStore::write_fenced_owned`] would. The default does the
+    /// latter for every batch.
+    async fn write_shadow_fenced(
+        &self,
+        new: Vec<RowChange>,
+        known: Vec<RowChange>,
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        let mut changes = new;
+        changes.extend(known);
+        self.write_fenced_owned(ViewCopy::Shadow, changes, checkpoint, lease).await
+    }
+
     /// [`ViewStore::swap`] by the holder of `lease`, fenced like
     /// [`ViewStore::write_fenced`]. The default swaps unconditionally.
     async fn swap_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
