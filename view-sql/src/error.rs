@@ -56,6 +56,13 @@ impl SqlViewError {
         matches!(self, Self::Database(e) if kes_sql::is_transient(e))
     }
 
+    /// Whether the database refused a row that a unique index already
+    /// holds (PostgreSQL's `unique_violation`).
+    pub(crate) fn is_unique_violation(&self) -> bool {
+        let Self::Database(sqlx::Error::Database(db)) = self else { return false };
+        db.code().as_deref() == Some("23505")
+    }
+
     /// Whether the database said a table does not exist (a copy that was
     /// dropped or never created).
     pub(crate) fn is_missing_table(&self) -> bool {

@@ -45,7 +45,12 @@
 //!   PostgreSQL, its transactions commit without waiting for the WAL flush
 //!   (`synchronous_commit = off`: a crash may lose the last batches, whole,
 //!   rows and checkpoint together, and the next rebuild drops the shadow
-//!   anyway). [`kes_core::ViewStore::swap`] then creates the `(field, id)`
+//!   anyway). On PostgreSQL the rows of aggregates new to the shadow, most
+//!   of a rebuild, go in by `COPY … FROM STDIN`
+//!   ([`kes_core::ViewStore::write_shadow_fenced`]), the others by the
+//!   upsert, in the batch's one transaction; a row the shadow holds after
+//!   all fails the `COPY` on the primary key, and the batch is written
+//!   again as upserts. [`kes_core::ViewStore::swap`] then creates the `(field, id)`
 //!   indexes over the full table (cheaper than keeping them up to date row
 //!   by row), analyses it (PostgreSQL), drops the live table and renames
 //!   the shadow, in one transaction whose synchronous commit also makes
@@ -115,6 +120,7 @@
 //! |---|---|
 //! | (none) | both dialects are always built: the workspace's sqlx carries the `postgres` and `sqlite` drivers |
 
+mod copy;
 mod error;
 mod sql;
 mod view;

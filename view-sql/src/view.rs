@@ -16,6 +16,7 @@ use sqlx::Row as _;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqlitePoolOptions;
 
+use crate::copy;
 use crate::error::SqlViewError;
 use crate::sql::{self, Arg, Dialect, Sql};
 
@@ -509,12 +510,21 @@ impl SqlView {
         self.dialect != Dialect::Postgres || !text.contains('\0')
     }
 
+    /// A copy's columns in the order its writes bind them: the id, the
+    /// version, the state, the live flag, the fields, then the searchable
+    /// fields' lower-cased copies.
+    fn columns(&self) -> Vec<String> {
+        let fields = &self.schema.fields;
+        let mut columns = vec!["id".to_owned(), "_version".into(), "_state".into(), "_live".into()];
+        columns.extend(fields.iter().map(sql::column));
+        columns.extend(fields.iter().filter(|f| f.searchable).map(sql::search_column));
+        columns
+    }
+
     fn upserts(&self, table: &str, changes: &[&RowChange]) -> Result<Vec<Sql>, SqlViewError> {
         let fields = &self.schema.fields;
         let searchable: Vec<_> = fields.iter().filter(|f| f.searchable).collect();
-        let mut columns = vec!["id".to_owned(), "_version".into(), "_state".into(), "_live".into()];
-        columns.extend(fields.iter().map(sql::column));
-        columns.extend(searchable.iter().map(|f| sql::search_column(f)));
+        let columns = self.columns();
         let head = format!("INSERT INTO {table} ({}) VALUES ", columns.join(", "));
         let tail = format!(
             " ON CONFLICT (id) DO UPDATE SET {} WHERE {}",
@@ -562,9 +572,7 @@ impl SqlView {
     fn pg_upserts(&self, table: &str, changes: &[&RowChange]) -> Result<Vec<PgUpsert>, SqlViewError> {
         let fields = &self.schema.fields;
         let searchable: Vec<_> = fields.iter().filter(|f| f.searchable).collect();
-        let mut columns = vec!["id".to_owned(), "_version".into(), "_state".into(), "_live".into()];
-        columns.extend(fields.iter().map(sql::column));
-        columns.extend(searchable.iter().map(|f| sql::search_column(f)));
+        let columns = self.columns();
         let mut types = vec!["text[]", "bigint[]", "text[]", "boolean[]"];
         types.extend(fields.iter().map(|f| match f.ty {
             FieldType::Text | FieldType::Keyword => "text[]",
@@ -801,14 +809,43 @@ impl SqlView {
         Ok(())
     }
 
+    /// A rebuild's batch ([`ViewStore::write_shadow_fenced`]): on
+    /// PostgreSQL the rows new to the shadow go in by `COPY`. Should the
+    /// shadow hold one of them after all, its primary key fails the
+    /// `COPY`, the transaction is rolled back, and the whole batch is
+    /// written again as upserts.
+    async fn write_shadow(
+        &self,
+        new: Vec<RowChange>,
+        known: Vec<RowChange>,
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), SqlViewError> {
+        if self.dialect == Dialect::Postgres && !new.is_empty() {
+            match self.write_copy(ViewCopy::Shadow, &known, &new, checkpoint, Some(lease)).await {
+                Err(e) if e.is_unique_violation() => {
+                    tracing::debug!(view = %self.schema.name, "a row new to the shadow copy was there: upserting the batch");
+                }
+                written => return written,
+            }
+        }
+        let mut changes = new;
+        changes.extend(known);
+        self.write_copy(ViewCopy::Shadow, &changes, &[], checkpoint, Some(lease)).await
+    }
+
+    /// Writes `changes` (upserts) and `new` (rows `copy` does not hold,
+    /// copied in; PostgreSQL only) with `checkpoint`, in one transaction.
     async fn write_copy(
         &self,
         copy: ViewCopy,
         changes: &[RowChange],
+        new: &[RowChange],
         checkpoint: &Checkpoint,
         lease: Option<&Lease>,
     ) -> Result<(), SqlViewError> {
         self.checks(changes)?;
+        self.checks(new)?;
         let fence = lease.map(|l| self.fence_sql(l)).transpose()?;
         let stored = self.stored_checkpoint_sql(copy);
         let last = newest_per_id(changes);
@@ -819,6 +856,13 @@ impl SqlView {
         let upserts = match self.dialect {
             Dialect::Postgres => Upserts::Arrays(self.pg_upserts(table, &last)?),
             Dialect::Sqlite => Upserts::Rows(self.upserts(table, &last)?),
+        };
+        let copied = match (self.dialect, new) {
+            (_, []) => None,
+            (Dialect::Postgres, new) => Some(copy::copy_rows(table, &self.columns(), &self.schema, new)?),
+            (Dialect::Sqlite, _) => {
+                return Err(SqlViewError::Database(sqlx::Error::Protocol("COPY is PostgreSQL's".into())));
+            }
         };
         let mut tx = self.write.begin_write(None).await?;
         if let (Some(fence), Some(lease)) = (&fence, lease) {
@@ -835,17 +879,44 @@ impl SqlView {
                 // whole batches, rows and checkpoint together.
                 tx.execute(&Statement::new("SET LOCAL synchronous_commit = off")).await?;
             }
-            // A PostgreSQL upsert into a missing shadow fails as such; with
-            // nothing to upsert, or on SQLite, look first.
+            // A PostgreSQL upsert or copy into a missing shadow fails as
+            // such; with nothing to write, or on SQLite, look first.
             let has_arrays = matches!(&upserts, Upserts::Arrays(a) if !a.is_empty());
-            if !has_arrays && count(&mut tx, &exists).await? == 0 {
+            if !has_arrays && copied.is_none() && count(&mut tx, &exists).await? == 0 {
                 return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
             }
+        }
+        if let Some(copied) = copied {
+            self.run_copy(copy, copied, &mut tx).await?;
         }
         self.run_upserts(copy, &upserts, &mut tx).await?;
         tx.execute(&checkpoint.statement()).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Runs a batch's `COPY` in `tx`; into a shadow that is gone, that is
+    /// [`SqlViewError::NoRebuild`].
+    async fn run_copy(&self, copy: ViewCopy, copied: copy::CopyRows, tx: &mut Tx) -> Result<(), SqlViewError> {
+        let Tx::Postgres(pg) = tx else {
+            return Err(SqlViewError::Database(sqlx::Error::Protocol("COPY is PostgreSQL's".into())));
+        };
+        let sent = async {
+            let mut sink = pg.copy_in_raw(&copied.statement).await?;
+            sink.send(copied.data).await?;
+            sink.finish().await
+        };
+        match sent.await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = SqlViewError::from(e);
+                Err(if copy == ViewCopy::Shadow && e.is_missing_table() {
+                    SqlViewError::NoRebuild(self.schema.name.clone())
+                } else {
+                    e
+                })
+            }
+        }
     }
 
     /// Runs a batch's upserts in `tx`; into a shadow that is gone, that is
@@ -1195,7 +1266,7 @@ impl ViewStore for SqlView {
     }
 
     async fn write(&self, copy: ViewCopy, changes: &[RowChange], checkpoint: &Checkpoint) -> Result<(), ViewError> {
-        Ok(self.write_copy(copy, changes, checkpoint, None).await?)
+        Ok(self.write_copy(copy, changes, &[], checkpoint, None).await?)
     }
 
     async fn write_fenced(
@@ -1205,7 +1276,17 @@ impl ViewStore for SqlView {
         checkpoint: &Checkpoint,
         lease: &Lease,
     ) -> Result<(), ViewError> {
-        Ok(self.write_copy(copy, changes, checkpoint, Some(lease)).await?)
+        Ok(self.write_copy(copy, changes, &[], checkpoint, Some(lease)).await?)
+    }
+
+    async fn write_shadow_fenced(
+        &self,
+        new: Vec<RowChange>,
+        known: Vec<RowChange>,
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        Ok(self.write_shadow(new, known, checkpoint, lease).await?)
     }
 
     async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ViewError> {

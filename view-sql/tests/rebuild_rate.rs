@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kes_core::{
-    Aggregate, Checkpoint, DomainEvent, EventStore, ExpectedVersion, Field, FieldValue, InMemoryStore, ListQuery,
-    ListView, Metadata, Page, ProjectionRunner, Row, RowChange, RunnerConfig, StoredState, ViewCopy, ViewError,
-    ViewProgress, ViewProjection, ViewSchema, ViewStore,
+    Aggregate, Checkpoint, DomainEvent, EventStore, ExpectedVersion, Field, FieldValue, InMemoryStore, Lease,
+    ListQuery, ListView, Metadata, Page, ProjectionRunner, Row, RowChange, RunnerConfig, StoredState, ViewCopy,
+    ViewError, ViewProgress, ViewProjection, ViewSchema, ViewStore,
 };
 use kes_view_sql::SqlView;
 use serde::{Deserialize, Serialize};
@@ -132,6 +132,18 @@ impl ViewStore for Timed {
         self.spent.add("write", t);
         r
     }
+    async fn write_shadow_fenced(
+        &self,
+        new: Vec<RowChange>,
+        known: Vec<RowChange>,
+        checkpoint: &Checkpoint,
+        lease: &Lease,
+    ) -> Result<(), ViewError> {
+        let t = Instant::now();
+        let r = self.view.write_shadow_fenced(new, known, checkpoint, lease).await;
+        self.spent.add("write", t);
+        r
+    }
     async fn begin_rebuild(&self) -> Result<(), ViewError> {
         let t = Instant::now();
         let r = self.view.begin_rebuild().await;
@@ -141,6 +153,33 @@ impl ViewStore for Timed {
     async fn swap(&self) -> Result<(), ViewError> {
         let t = Instant::now();
         let r = self.view.swap().await;
+        self.spent.add("swap", t);
+        r
+    }
+    async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Option<Lease>, ViewError> {
+        self.view.acquire_lease(owner, ttl).await
+    }
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, ViewError> {
+        self.view.renew_lease(lease, ttl).await
+    }
+    async fn release_lease(&self, lease: &Lease) -> Result<(), ViewError> {
+        self.view.release_lease(lease).await
+    }
+    async fn begin_rebuild_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        let t = Instant::now();
+        let r = self.view.begin_rebuild_fenced(lease).await;
+        self.spent.add("begin_rebuild", t);
+        r
+    }
+    async fn prepare_swap(&self) -> Result<(), ViewError> {
+        let t = Instant::now();
+        let r = self.view.prepare_swap().await;
+        self.spent.add("prepare_swap", t);
+        r
+    }
+    async fn swap_fenced(&self, lease: &Lease) -> Result<(), ViewError> {
+        let t = Instant::now();
+        let r = self.view.swap_fenced(lease).await;
         self.spent.add("swap", t);
         r
     }
