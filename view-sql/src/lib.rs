@@ -50,11 +50,15 @@
 //!   ([`kes_core::ViewStore::write_shadow_fenced`]), the others by the
 //!   upsert, in the batch's one transaction; a row the shadow holds after
 //!   all fails the `COPY` on the primary key, and the batch is written
-//!   again as upserts. [`kes_core::ViewStore::swap`] then creates the `(field, id)`
-//!   indexes over the full table (cheaper than keeping them up to date row
-//!   by row), analyses it (PostgreSQL), drops the live table and renames
-//!   the shadow, in one transaction whose synchronous commit also makes
-//!   the shadow's earlier batches durable.
+//!   again as upserts. [`kes_core::ViewStore::prepare_swap`] then creates
+//!   the `(field, id)` indexes over the full table (cheaper than keeping
+//!   them up to date row by row; on PostgreSQL two at a time, on two
+//!   connections, named after the table's OID and made `IF NOT EXISTS` so
+//!   that a second call completes what a first one cut short) and analyses
+//!   it (PostgreSQL). [`kes_core::ViewStore::swap`] (which makes the
+//!   indexes itself when none were) drops the live table and renames the
+//!   shadow, in one transaction whose synchronous commit also makes the
+//!   shadow's earlier batches and indexes durable.
 //! - **Queries**: identifiers come only from the validated schema, every
 //!   value is a bound parameter; text compares by code point (`COLLATE "C"`
 //!   in PostgreSQL, `BINARY` in SQLite), missing values sort last in both

@@ -1157,6 +1157,9 @@ impl SqlView {
     }
 
     async fn index_shadow(&self) -> Result<(), SqlViewError> {
+        if self.dialect == Dialect::Postgres {
+            return self.index_pg_shadow().await;
+        }
         let exists = self.exists_sql(&self.shadow);
         let count_indexes = self.count_indexes_sql(&self.shadow);
         let create_indexes = self.create_indexes(&self.shadow);
@@ -1170,9 +1173,59 @@ impl SqlView {
             }
         }
         tx.commit().await?;
-        if self.dialect == Dialect::Postgres {
-            self.write.execute(&Statement::new(self.analyze_sql(&self.shadow))).await?;
+        Ok(())
+    }
+
+    /// [`SqlView::index_shadow`] on PostgreSQL: the indexes are built two
+    /// at a time, each half in a transaction of its own connection, then
+    /// the statistics are gathered. An index build is a scan and a sort on
+    /// one core, and a rebuild's table is mostly too small for PostgreSQL's
+    /// own parallel builds (two workers by default). The indexes are named after the
+    /// shadow table's OID and made `IF NOT EXISTS`, so a call cut short
+    /// between the transactions is completed by the next one, and another
+    /// shadow's names never clash. Like the shadow's batches, the
+    /// transactions do not wait for the WAL flush; the swap's does.
+    async fn index_pg_shadow(&self) -> Result<(), SqlViewError> {
+        let mut oid = Sql::new(
+            "SELECT COALESCE((SELECT c.oid::bigint FROM pg_class c WHERE c.relname = $1 \
+             AND c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'), 0)",
+        );
+        oid.args.push(Arg::Text(Some(self.shadow.clone())));
+        let mut tx = self.write.begin_write(None).await?;
+        let oid = count(&mut tx, &oid).await?;
+        tx.commit().await?;
+        if oid == 0 {
+            return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
         }
+        let statements: Vec<String> = self
+            .schema
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.filterable || f.sortable)
+            .map(|(i, f)| {
+                format!(
+                    "CREATE INDEX IF NOT EXISTS \"ix_{oid}_{i}_{}\" ON {} ({}, id)",
+                    self.schema.name,
+                    self.shadow,
+                    sql::column(f)
+                )
+            })
+            .collect();
+        let build = async |share: usize| -> Result<(), SqlViewError> {
+            let mine: Vec<&String> = statements.iter().skip(share).step_by(2).collect();
+            if mine.is_empty() {
+                return Ok(());
+            }
+            let mut tx = self.write.begin_write(Some("SET LOCAL synchronous_commit = off")).await?;
+            for statement in mine {
+                tx.execute(&Statement::new(statement.as_str())).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        };
+        tokio::try_join!(build(0), build(1))?;
+        self.write.execute(&Statement::new(self.analyze_sql(&self.shadow))).await?;
         Ok(())
     }
 

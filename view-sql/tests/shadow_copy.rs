@@ -198,3 +198,41 @@ async fn a_row_wrongly_named_new_is_upserted_on_sqlite() {
     a_row_wrongly_named_new_is_upserted(view).await;
 }
 
+/// The shadow's secondary indexes, by name.
+async fn shadow_indexes(namespace: &str) -> Vec<String> {
+    let pool = sqlx::PgPool::connect(&common::pg_url()).await.expect("connect");
+    let names: Vec<(String,)> = sqlx::query_as(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 AND tablename = 'shadow_items' \
+         AND indexname NOT LIKE '%pkey' ORDER BY indexname",
+    )
+    .bind(namespace)
+    .fetch_all(&pool)
+    .await
+    .expect("read the indexes");
+    pool.close().await;
+    names.into_iter().map(|(name,)| name).collect()
+}
+
+#[tokio::test]
+async fn indexing_a_shadow_again_completes_its_indexes_and_adds_none() {
+    let namespace = common::fresh_pg_schema();
+    let Some(view) = common::pg_in(&namespace, schema()).await else { return };
+    let lease = view.acquire_lease("rebuilder", Duration::from_secs(30)).await.expect("lease").expect("free");
+    view.begin_rebuild_fenced(&lease).await.expect("begin");
+    view.write_shadow_fenced(awkward(), Vec::new(), &at(1), &lease).await.expect("copy the rows");
+    view.prepare_swap().await.expect("index");
+    let built = shadow_indexes(&namespace).await;
+    // One per filterable or sortable field: all six.
+    assert_eq!(built.len(), 6, "{built:?}");
+    // A preparation cut short between its transactions left some out.
+    let pool = sqlx::PgPool::connect(&common::pg_url()).await.expect("connect");
+    for name in &built[..2] {
+        sqlx::query(&format!("DROP INDEX \"{namespace}\".\"{name}\"")).execute(&pool).await.expect("drop an index");
+    }
+    pool.close().await;
+    view.prepare_swap().await.expect("index again");
+    assert_eq!(shadow_indexes(&namespace).await, built);
+    view.swap_fenced(&lease).await.expect("swap");
+    assert_eq!(view.list(&ListQuery::new().sort_by("-count")).await.expect("list").total, awkward().len() as u64 - 1);
+    common::drop_pg_schema(&namespace).await;
+}
