@@ -405,19 +405,24 @@ impl SqlView {
     }
 
     /// The statements creating the `(field, id)` indexes of the filterable
-    /// and sortable fields on copy `table`.
-    fn create_indexes(&self, table: &str) -> Vec<String> {
-        // Index names are unique per database in SQLite and survive a
-        // rename: a fresh token per copy keeps a shadow's names clear of
-        // the live copy's.
-        let token = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    /// and sortable fields on copy `table`, each `IF NOT EXISTS` and named
+    /// `ix_{token}_{n}_{view}`. Index names are unique per schema in
+    /// PostgreSQL and per database in SQLite, and survive a rename: the
+    /// token keeps a copy's names clear of another copy's
+    /// ([`fresh_token`], or the shadow table's OID). The view's name comes
+    /// last, where PostgreSQL's limit of 63 bytes would cut it.
+    fn create_indexes(&self, table: &str, token: &str) -> Vec<String> {
         self.schema
             .fields
             .iter()
             .enumerate()
             .filter(|(_, f)| f.filterable || f.sortable)
-            .map(|(i, f)| {
-                format!("CREATE INDEX \"ix_{}_{token}_{i}\" ON {table} ({}, id)", self.schema.name, sql::column(f))
+            .map(|(n, f)| {
+                format!(
+                    "CREATE INDEX IF NOT EXISTS \"ix_{token}_{n}_{}\" ON {table} ({}, id)",
+                    self.schema.name,
+                    sql::column(f)
+                )
             })
             .collect()
     }
@@ -467,7 +472,7 @@ impl SqlView {
         tx.execute(&Statement::new(leases)).await?;
         if count(&mut tx, &exists).await? == 0 {
             let mut statements = vec![self.create_table(&self.live)];
-            statements.extend(self.create_indexes(&self.live));
+            statements.extend(self.create_indexes(&self.live, &fresh_token()));
             for statement in statements {
                 tx.execute(&Statement::new(statement)).await?;
             }
@@ -1162,7 +1167,7 @@ impl SqlView {
         }
         let exists = self.exists_sql(&self.shadow);
         let count_indexes = self.count_indexes_sql(&self.shadow);
-        let create_indexes = self.create_indexes(&self.shadow);
+        let create_indexes = self.create_indexes(&self.shadow, &fresh_token());
         let mut tx = self.write.begin_write(None).await?;
         if count(&mut tx, &exists).await? == 0 {
             return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
@@ -1197,21 +1202,7 @@ impl SqlView {
         if oid == 0 {
             return Err(SqlViewError::NoRebuild(self.schema.name.clone()));
         }
-        let statements: Vec<String> = self
-            .schema
-            .fields
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.filterable || f.sortable)
-            .map(|(i, f)| {
-                format!(
-                    "CREATE INDEX IF NOT EXISTS \"ix_{oid}_{i}_{}\" ON {} ({}, id)",
-                    self.schema.name,
-                    self.shadow,
-                    sql::column(f)
-                )
-            })
-            .collect();
+        let statements = self.create_indexes(&self.shadow, &oid.to_string());
         let build = async |share: usize| -> Result<(), SqlViewError> {
             let mine: Vec<&String> = statements.iter().skip(share).step_by(2).collect();
             if mine.is_empty() {
@@ -1240,7 +1231,7 @@ impl SqlView {
         ));
         promote.args.push(name);
         let count_indexes = self.count_indexes_sql(&self.shadow);
-        let create_indexes = self.create_indexes(&self.shadow);
+        let create_indexes = self.create_indexes(&self.shadow, &fresh_token());
         let live_checkpoint = self.stored_checkpoint_sql(ViewCopy::Live);
         let shadow_checkpoint = self.stored_checkpoint_sql(ViewCopy::Shadow);
         let ddl = [
@@ -1373,6 +1364,11 @@ impl ViewStore for SqlView {
     async fn swap(&self) -> Result<(), ViewError> {
         Ok(self.swap_copies(None).await?)
     }
+}
+
+/// A token for index names that no other copy's share.
+fn fresh_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..6].to_owned()
 }
 
 /// One change per id, as if applied one by one: the newest version

@@ -123,7 +123,8 @@ async fn postgres_filtered_sorted_page_uses_an_index_at_100k_rows() {
 
     for query in [page_query(), page_query().after(page.next.expect("a second page"))] {
         let plan = view.explain(&query).await.expect("explain");
-        assert!(plan.contains("Index") && plan.contains("ix_tasks_"), "no index of the view in the plan:\n{plan}");
+        let of_view = plan.split_whitespace().any(|word| word.starts_with("ix_") && word.ends_with("_tasks"));
+        assert!(plan.contains("Index") && of_view, "no index of the view in the plan:\n{plan}");
         assert!(!plan.contains("Seq Scan"), "the plan scans the whole table:\n{plan}");
     }
     // The swap left planner statistics for the columns lists filter and
