@@ -1135,13 +1135,19 @@ impl<A: Aggregate, S: EventStore<A> + Clone> ProjectionRunner<A, S> {
         let mut renew_at = tokio::time::Instant::now() + self.config.lease_renew;
         let started = Instant::now();
         let projection = &slot.projection;
-        projection.begin_rebuild_fenced(lease).await?;
-        let head = self.store.head().await?;
-        let total = Checkpoint::start().lag_behind(&head);
         // The log is read by a task of its own, a few batches ahead, so that
-        // reading and decoding it overlaps writing the copy.
-        let mut stream =
-            ReadAhead::spawn(self.store.subscribe(Checkpoint::start()).await?, self.config.batch_size, READ_AHEAD);
+        // reading and decoding it overlaps writing the copy. It starts while
+        // the view makes the fresh copy: the first batches are ready when
+        // the copy is.
+        let read = async {
+            let head = self.store.head().await?;
+            let stream = self.store.subscribe(Checkpoint::start()).await?;
+            Ok::<_, ProjectionError>((head, ReadAhead::spawn(stream, self.config.batch_size, READ_AHEAD)))
+        };
+        let (begun, read) = tokio::join!(projection.begin_rebuild_fenced(lease), read);
+        begun?;
+        let (head, mut stream) = read?;
+        let total = Checkpoint::start().lag_behind(&head);
         let mut checkpoint = Checkpoint::start();
         let mut events = 0u64;
         while !checkpoint.covers_all(&head) {

@@ -237,7 +237,8 @@ async fn nothing_projected_is_never_caught_up_and_stored_checkpoints_are_waited_
 
 /// An in-memory view that records which ids each `states` call of the
 /// shadow copy asks for, which ids went into it and which were handed to
-/// it as new to it, and can fail the next shadow write.
+/// it as new to it, and can fail the next shadow write or the next start
+/// of a shadow copy.
 struct Recording {
     inner: InMemoryView,
     asked: std::sync::Mutex<Vec<String>>,
@@ -249,6 +250,7 @@ struct Recording {
     /// Ids named new that the shadow held already: none may be.
     new_but_written: std::sync::Mutex<Vec<String>>,
     fail_next_shadow_write: std::sync::atomic::AtomicBool,
+    fail_next_begin: std::sync::atomic::AtomicBool,
     /// Each shadow write takes a permit first.
     shadow_writes: tokio::sync::Semaphore,
 }
@@ -264,6 +266,7 @@ impl Recording {
             named_known: Default::default(),
             new_but_written: Default::default(),
             fail_next_shadow_write: Default::default(),
+            fail_next_begin: Default::default(),
             shadow_writes: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
         }
     }
@@ -339,6 +342,9 @@ impl ViewStore for Recording {
         self.write(ViewCopy::Shadow, &changes, checkpoint).await
     }
     async fn begin_rebuild(&self) -> Result<(), kes_core::ViewError> {
+        if self.fail_next_begin.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(kes_core::ViewError::Unavailable("injected".into()));
+        }
         self.written.lock().unwrap().clear();
         self.inner.begin_rebuild().await
     }
@@ -376,6 +382,32 @@ async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event()
     assert_eq!(*view.new_but_written.lock().unwrap(), Vec::<String>::new());
     assert!(!view.named_known.lock().unwrap().is_empty(), "no batch met an aggregate again");
     // The rebuilt rows are those of a plain follow of the same log.
+    s.runner.start().await.unwrap();
+    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
+    assert_eq!(totals(&view.inner).await, totals(&s.view).await);
+    s.runner.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rebuild_whose_copy_cannot_be_started_fails_and_the_next_one_completes() {
+    let store = InMemoryStore::new();
+    let mut last = Position::new(0, 0);
+    for i in 0..30 {
+        last = add(&store, &format!("l-{}", i % 7), &[i]).await;
+    }
+    let view = Arc::new(Recording::new());
+    view.fail_next_begin.store(true, std::sync::atomic::Ordering::SeqCst);
+    let projection: Arc<dyn Projection<LedgerEvent>> = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
+    let config = RunnerConfig { batch_size: 5, ..RunnerConfig::default() };
+    let runner = ProjectionRunner::new(store.clone(), vec![projection], config);
+    // The log is read while the copy is started: the failure still ends
+    // the rebuild, and nothing of the read is left behind.
+    let failed = runner.rebuild("ledgers", &|_, _| {}).await.expect_err("the copy could not be started");
+    assert!(failed.to_string().contains("injected"), "{failed}");
+    assert!(view.named_new.lock().unwrap().is_empty(), "a batch was written without a fresh copy");
+    let report = runner.rebuild("ledgers", &|_, _| {}).await.unwrap();
+    assert_eq!(report.events, 37);
+    let s = setup(store.clone(), Arc::new(InMemoryView::new(schema()).unwrap()), 5);
     s.runner.start().await.unwrap();
     assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
     assert_eq!(totals(&view.inner).await, totals(&s.view).await);

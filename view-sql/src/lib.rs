@@ -42,7 +42,8 @@
 //!   Plain [`kes_core::ViewStore::write`] stays unfenced (one writer).
 //! - **Rebuilds**: a fresh shadow table is filled while the live one keeps
 //!   answering. It has only its primary key while it is filled, and, in
-//!   PostgreSQL, its transactions commit without waiting for the WAL flush
+//!   PostgreSQL, its transactions (the one that makes it, its batches, its
+//!   indexes and statistics) commit without waiting for the WAL flush
 //!   (`synchronous_commit = off`: a crash may lose the last batches, whole,
 //!   rows and checkpoint together, and the next rebuild drops the shadow
 //!   anyway). On PostgreSQL the rows of aggregates new to the shadow, most
@@ -58,7 +59,7 @@
 //!   it (PostgreSQL). [`kes_core::ViewStore::swap`] (which makes the
 //!   indexes itself when none were) drops the live table and renames the
 //!   shadow, in one transaction whose synchronous commit also makes the
-//!   shadow's earlier batches and indexes durable.
+//!   shadow's earlier transactions durable.
 //! - **Queries**: identifiers come only from the validated schema, every
 //!   value is a bound parameter; text compares by code point (`COLLATE "C"`
 //!   in PostgreSQL, `BINARY` in SQLite), missing values sort last in both

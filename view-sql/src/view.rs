@@ -53,6 +53,10 @@ const MAX_ROWS_PER_ARRAY_STATEMENT: usize = 10_000;
 /// database: concurrent `CREATE … IF NOT EXISTS` can otherwise collide.
 const SETUP_LOCK: i64 = 0x6b65_735f_7669_6577;
 
+/// Run after `BEGIN` by the transactions that fill or prepare a shadow copy
+/// on PostgreSQL: they need not wait for the WAL flush (SQLite ignores it).
+const ASYNC_COMMIT: &str = "SET LOCAL synchronous_commit = off";
+
 /// One column of a PostgreSQL upsert, bound as an array.
 #[derive(Debug)]
 enum PgArray {
@@ -869,21 +873,19 @@ impl SqlView {
                 return Err(SqlViewError::Database(sqlx::Error::Protocol("COPY is PostgreSQL's".into())));
             }
         };
-        let mut tx = self.write.begin_write(None).await?;
+        // A shadow is dropped by the next `begin_rebuild` whatever a crash
+        // left of it, so its batches need not wait for the WAL flush; the
+        // swap's synchronous commit flushes them all before the copy goes
+        // live. Still atomic: a crash loses whole batches, rows and
+        // checkpoint together.
+        let settings = (copy == ViewCopy::Shadow).then_some(ASYNC_COMMIT);
+        let mut tx = self.write.begin_write(settings).await?;
         if let (Some(fence), Some(lease)) = (&fence, lease) {
             check_fence(self, &mut tx, fence, lease).await?;
             let found = stored_checkpoint(&mut tx, &stored).await?;
             self.check_forward(found, next)?;
         }
         if copy == ViewCopy::Shadow {
-            if self.dialect == Dialect::Postgres {
-                // A shadow is dropped by the next `begin_rebuild` whatever
-                // a crash left of it, so its batches need not wait for the
-                // WAL flush; the swap's synchronous commit flushes them all
-                // before the copy goes live. Still atomic: a crash loses
-                // whole batches, rows and checkpoint together.
-                tx.execute(&Statement::new("SET LOCAL synchronous_commit = off")).await?;
-            }
             // A PostgreSQL upsert or copy into a missing shadow fails as
             // such; with nothing to write, or on SQLite, look first.
             let has_arrays = matches!(&upserts, Upserts::Arrays(a) if !a.is_empty());
@@ -1130,7 +1132,9 @@ impl SqlView {
         statements.push(self.create_table(&self.shadow));
         let mut forget = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'shadow'"));
         forget.args.push(Arg::Text(Some(self.schema.name.clone())));
-        let mut tx = self.write.begin_write(None).await?;
+        // Like the batches that follow, a fresh shadow need not wait for the
+        // WAL flush: the log orders them after it.
+        let mut tx = self.write.begin_write(Some(ASYNC_COMMIT)).await?;
         if let (Some(fence), Some(lease)) = (&fence, lease) {
             check_fence(self, &mut tx, fence, lease).await?;
         }
@@ -1208,7 +1212,7 @@ impl SqlView {
             if mine.is_empty() {
                 return Ok(());
             }
-            let mut tx = self.write.begin_write(Some("SET LOCAL synchronous_commit = off")).await?;
+            let mut tx = self.write.begin_write(Some(ASYNC_COMMIT)).await?;
             for statement in mine {
                 tx.execute(&Statement::new(statement.as_str())).await?;
             }
@@ -1216,7 +1220,9 @@ impl SqlView {
             Ok(())
         };
         tokio::try_join!(build(0), build(1))?;
-        self.write.execute(&Statement::new(self.analyze_sql(&self.shadow))).await?;
+        let mut tx = self.write.begin_write(Some(ASYNC_COMMIT)).await?;
+        tx.execute(&Statement::new(self.analyze_sql(&self.shadow))).await?;
+        tx.commit().await?;
         Ok(())
     }
 
