@@ -353,6 +353,25 @@ impl ViewStore for Recording {
     }
 }
 
+/// A runner of one projection into `view`, in batches of 5.
+fn recording_runner(
+    store: &InMemoryStore<Ledger>,
+    view: &Arc<Recording>,
+) -> Arc<ProjectionRunner<Ledger, InMemoryStore<Ledger>>> {
+    let projection: Arc<dyn Projection<LedgerEvent>> = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
+    ProjectionRunner::new(store.clone(), vec![projection], RunnerConfig { batch_size: 5, ..RunnerConfig::default() })
+}
+
+/// Checks that `view` holds the rows a plain follow of `store` up to
+/// `last` makes.
+async fn assert_rows_of_a_follow(store: &InMemoryStore<Ledger>, last: Position, view: &InMemoryView) {
+    let s = setup(store.clone(), Arc::new(InMemoryView::new(schema()).unwrap()), 5);
+    s.runner.start().await.unwrap();
+    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
+    assert_eq!(totals(view).await, totals(&s.view).await);
+    s.runner.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event() {
     let store = InMemoryStore::new();
@@ -362,10 +381,7 @@ async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event()
         last = add(&store, &format!("l-{}", i % 11), &[i]).await;
     }
     let view = Arc::new(Recording::new());
-    let s = setup(store.clone(), Arc::new(InMemoryView::new(schema()).unwrap()), 5);
-    let projection: Arc<dyn Projection<LedgerEvent>> = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
-    let config = RunnerConfig { batch_size: 5, ..RunnerConfig::default() };
-    let runner = ProjectionRunner::new(store.clone(), vec![projection], config);
+    let runner = recording_runner(&store, &view);
     let report = runner.rebuild("ledgers", &|_, _| {}).await.unwrap();
     assert_eq!(report.events, 131);
     // The states of aggregates met again were read back and folded onto…
@@ -382,10 +398,7 @@ async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event()
     assert_eq!(*view.new_but_written.lock().unwrap(), Vec::<String>::new());
     assert!(!view.named_known.lock().unwrap().is_empty(), "no batch met an aggregate again");
     // The rebuilt rows are those of a plain follow of the same log.
-    s.runner.start().await.unwrap();
-    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
-    assert_eq!(totals(&view.inner).await, totals(&s.view).await);
-    s.runner.shutdown().await;
+    assert_rows_of_a_follow(&store, last, &view.inner).await;
 }
 
 #[tokio::test]
@@ -397,9 +410,7 @@ async fn a_rebuild_whose_copy_cannot_be_started_fails_and_the_next_one_completes
     }
     let view = Arc::new(Recording::new());
     view.fail_next_begin.store(true, std::sync::atomic::Ordering::SeqCst);
-    let projection: Arc<dyn Projection<LedgerEvent>> = Arc::new(ViewProjection::<Ledger>::new(view.clone(), row));
-    let config = RunnerConfig { batch_size: 5, ..RunnerConfig::default() };
-    let runner = ProjectionRunner::new(store.clone(), vec![projection], config);
+    let runner = recording_runner(&store, &view);
     // The log is read while the copy is started: the failure still ends
     // the rebuild, and nothing of the read is left behind.
     let failed = runner.rebuild("ledgers", &|_, _| {}).await.expect_err("the copy could not be started");
@@ -407,11 +418,7 @@ async fn a_rebuild_whose_copy_cannot_be_started_fails_and_the_next_one_completes
     assert!(view.named_new.lock().unwrap().is_empty(), "a batch was written without a fresh copy");
     let report = runner.rebuild("ledgers", &|_, _| {}).await.unwrap();
     assert_eq!(report.events, 37);
-    let s = setup(store.clone(), Arc::new(InMemoryView::new(schema()).unwrap()), 5);
-    s.runner.start().await.unwrap();
-    assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
-    assert_eq!(totals(&view.inner).await, totals(&s.view).await);
-    s.runner.shutdown().await;
+    assert_rows_of_a_follow(&store, last, &view.inner).await;
 }
 
 #[tokio::test]

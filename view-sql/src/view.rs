@@ -1133,7 +1133,8 @@ impl SqlView {
         let mut forget = Sql::new(format!("DELETE FROM {CHECKPOINTS} WHERE view_name = $1 AND view_copy = 'shadow'"));
         forget.args.push(Arg::Text(Some(self.schema.name.clone())));
         // Like the batches that follow, a fresh shadow need not wait for the
-        // WAL flush: the log orders them after it.
+        // WAL flush: they come after it in the WAL, so a crash never keeps a
+        // batch and loses the start of its copy.
         let mut tx = self.write.begin_write(Some(ASYNC_COMMIT)).await?;
         if let (Some(fence), Some(lease)) = (&fence, lease) {
             check_fence(self, &mut tx, fence, lease).await?;
