@@ -58,9 +58,9 @@ pub(crate) fn copy_rows(
         }
         for field in &searchable {
             data.push(b'\t');
-            match change.row.as_ref().and_then(|r| r.get(&field.name)) {
-                Some(FieldValue::Text(t)) => text(&mut data, &t.to_lowercase()),
-                _ => data.extend_from_slice(NULL),
+            match crate::sql::search_value(change.row.as_ref(), field) {
+                Some(lowered) => text(&mut data, &lowered),
+                None => data.extend_from_slice(NULL),
             }
         }
         data.push(b'\n');

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use kes_core::{Cond, Cursor, Field, ID_FIELD, ValidFilter, ValidQuery};
-use kes_core::{FieldType, FieldValue, FilterOp, ViewSchema};
+use kes_core::{FieldType, FieldValue, FilterOp, Row, ViewSchema};
 
 pub use kes_sql::Dialect;
 use kes_sql::Statement;
@@ -97,6 +97,16 @@ pub(crate) fn column(field: &Field) -> String {
 /// semantics (Unicode, not only ASCII) in both dialects.
 pub(crate) fn search_column(field: &Field) -> String {
     format!("\"_lc_{}\"", field.name)
+}
+
+/// What a row stores in the search column of `field` (see
+/// [`search_column`]): its text lower-cased, or NULL. Every writer (the
+/// upserts and the rebuild's `COPY`) takes it from here.
+pub(crate) fn search_value(row: Option<&Row>, field: &Field) -> Option<String> {
+    match row?.get(&field.name) {
+        Some(FieldValue::Text(t)) => Some(t.to_lowercase()),
+        _ => None,
+    }
 }
 
 /// The SQL type of a field's column.

@@ -561,11 +561,7 @@ impl SqlView {
                     sql.push(", ").arg(value.map_or_else(|| Arg::null(f.ty), Arg::of));
                 }
                 for f in &searchable {
-                    let value = match change.row.as_ref().and_then(|r| r.get(&f.name)) {
-                        Some(FieldValue::Text(t)) => Some(t.to_lowercase()),
-                        _ => None,
-                    };
-                    sql.push(", ").arg(Arg::Text(value));
+                    sql.push(", ").arg(Arg::Text(sql::search_value(change.row.as_ref(), f)));
                 }
                 sql.push(")");
             }
@@ -619,10 +615,7 @@ impl SqlView {
                     array.push(change.row.as_ref().and_then(|r| r.get(&f.name)));
                 }
                 for (f, array) in searchable.iter().zip(&mut lowered) {
-                    array.push(match change.row.as_ref().and_then(|r| r.get(&f.name)) {
-                        Some(FieldValue::Text(t)) => Some(t.to_lowercase()),
-                        _ => None,
-                    });
+                    array.push(sql::search_value(change.row.as_ref(), f));
                 }
             }
             let mut arrays =
