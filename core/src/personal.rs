@@ -383,18 +383,6 @@ pub(crate) fn node_inner(node: &mut Value) -> Option<&mut Map<String, Value>> {
     node.get_mut(PERSONAL_NODE).and_then(Value::as_object_mut)
 }
 
-/// A sealed node's fields read from its inner object.
-pub(crate) fn sealed_of(inner: &Map<String, Value>) -> Option<SealedNode> {
-    let text = |key: &str| inner.get(key).and_then(Value::as_str).map(str::to_owned);
-    Some(SealedNode {
-        subject: text("s")?,
-        key_id: text("k")?,
-        field: text("f")?,
-        nonce: text("n")?,
-        ciphertext: text("c")?,
-    })
-}
-
 /// Whether `bytes` (a stored document) may hold a personal-data node:
 /// a cheap test that lets documents without one skip the tree walk.
 pub(crate) fn may_hold_nodes(bytes: &[u8]) -> bool {

@@ -552,16 +552,17 @@ impl<A: Aggregate> ViewProjection<A> {
     /// (and for all of them without a vault).
     async fn open(&self, ids: &[&str], states: &HashMap<&str, (u64, A)>) -> Result<Vec<Option<A>>, ProjectionError> {
         let Some(vault) = self.vault.as_ref().filter(|_| A::PERSONAL_DATA) else { return Ok(Vec::new()) };
-        // The vault reads the sealed values out of JSON trees.
-        let trees = ids
+        // The vault reads the sealed values out of JSON trees, opened in
+        // place.
+        let docs = ids
             .iter()
             .map(|id| {
-                serde_json::to_value(&states[id].1).map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))
+                let tree = serde_json::to_value(&states[id].1)
+                    .map_err(|e| ViewError::Backend(format!("state of {id}: {e}")))?;
+                Ok((AggregateRef::new(A::NAME, *id), tree))
             })
-            .collect::<Result<Vec<Value>, ViewError>>()?;
-        let docs: Vec<(AggregateRef, &Value)> =
-            ids.iter().zip(&trees).map(|(id, json)| (AggregateRef::new(A::NAME, *id), json)).collect();
-        Ok(vault.open_documents(&docs).await.map_err(|e| match e {
+            .collect::<Result<Vec<(AggregateRef, Value)>, ViewError>>()?;
+        Ok(vault.open_documents(docs).await.map_err(|e| match e {
             VaultError::Unavailable(m) => ViewError::Unavailable(m),
             other => ViewError::Backend(other.to_string()),
         })?)

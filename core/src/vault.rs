@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
-use crate::personal::{self, ERASED_FIELD, PERSONAL_NODE, SealedNode, for_each_node, node_inner, sealed_of};
+use crate::personal::{self, ERASED_FIELD, PERSONAL_NODE, SealedNode, for_each_node, node_inner};
 use crate::store::StoreError;
 
 /// One aggregate: its type name and id.
@@ -616,8 +616,8 @@ impl Vault {
         opened.pop().ok_or_else(|| VaultError::Backend("opening lost an item".into()))
     }
 
-    /// Like [`Vault::open`], for many items at once, with one key-store
-    /// round trip for every key not cached (rebuilds, projection batches).
+    /// Like [`Vault::open`], for many items at once, with one key-store round
+    /// trip for every key not cached (rebuilds, projection batches).
     pub async fn open_all<T: Serialize + DeserializeOwned + Clone>(
         &self,
         items: &[(AggregateRef, &T)],
@@ -628,37 +628,44 @@ impl Vault {
                 .map_err(|e| VaultError::Backend(format!("a document of {at} does not serialize: {e}")))?;
             docs.push((at.clone(), doc));
         }
-        let refs: Vec<(AggregateRef, &Value)> = docs.iter().map(|(at, doc)| (at.clone(), doc)).collect();
-        let opened = self.open_documents(&refs).await?;
+        let opened = self.open_documents(docs).await?;
         Ok(items.iter().zip(opened).map(|((_, item), opened)| opened.unwrap_or_else(|| (*item).clone())).collect())
     }
 
     /// [`Vault::open_all`] for values already serialized: `docs` are their
-    /// JSON (the stored form), each opened and decoded into a `T`, with one
-    /// key lookup for the whole batch; `None` for a document that holds no
-    /// personal value (the caller's typed value is already the opened one),
-    /// so that a batch without personal data decodes nothing.
+    /// JSON trees (the stored form), each opened in place and decoded into
+    /// a `T`, with one key lookup for the whole batch; `None` for a
+    /// document that holds no personal value (the caller's typed value is
+    /// already the opened one), so that a batch without personal data
+    /// decodes nothing.
     pub async fn open_documents<T: DeserializeOwned>(
         &self,
-        docs: &[(AggregateRef, &Value)],
+        docs: Vec<(AggregateRef, Value)>,
     ) -> Result<Vec<Option<T>>, VaultError> {
-        let mut sealed: Vec<Option<Value>> =
-            docs.iter().map(|(_, doc)| crate::personal::holds_node(doc).then(|| (*doc).clone())).collect();
-        let keys = self.keys_of(sealed.iter_mut().flatten()).await?;
-        let mut out = Vec::with_capacity(docs.len());
-        for ((at, _), doc) in docs.iter().zip(sealed) {
+        let mut sealed: Vec<(AggregateRef, Option<Value>)> = docs
+            .into_iter()
+            .map(|(at, doc)| {
+                let holds = crate::personal::holds_node(&doc);
+                (at, holds.then_some(doc))
+            })
+            .collect();
+        let keys = self.keys_of(sealed.iter_mut().filter_map(|(_, doc)| doc.as_mut())).await?;
+        let mut out = Vec::with_capacity(sealed.len());
+        for (at, doc) in sealed {
             let Some(mut doc) = doc else {
                 out.push(None);
                 continue;
             };
-            let origin = at.to_string();
+            let origin = Value::String(at.to_string());
             let mut failure = None;
-            for_each_node(&mut doc, &mut |path, node| match open_node(at, path, node, &keys) {
-                Ok(Opened::Value(inner, value)) => {
-                    let mut inner = inner;
-                    inner.insert("v".into(), value);
-                    inner.insert("o".into(), Value::String(origin.clone()));
-                    *node = single(inner);
+            for_each_node(&mut doc, &mut |path, node| match open_node(&at, path, node, &keys) {
+                Ok(Opened::Value(value)) => {
+                    // The node keeps its sealed fields (a `Personal` stores
+                    // them as they came) beside the plain value.
+                    if let Some(inner) = node_inner(node) {
+                        inner.insert("v".into(), value);
+                        inner.insert("o".into(), origin.clone());
+                    }
                 }
                 Ok(Opened::Erased(subject)) => *node = single(erased_inner(&subject)),
                 Err(e) => failure = Some(e),
@@ -702,7 +709,7 @@ impl Vault {
             let mut erased = Vec::new();
             let mut failure = None;
             for_each_node(doc, &mut |path, node| match open_node(at, path, node, &keys) {
-                Ok(Opened::Value(_, value)) => *node = value,
+                Ok(Opened::Value(value)) => *node = value,
                 Ok(Opened::Erased(_)) => {
                     *node = Value::Null;
                     erased.push(Value::String(path.to_owned()));
@@ -731,8 +738,11 @@ impl Vault {
             for doc in docs {
                 for_each_node(doc, &mut |_, node| {
                     let Some(inner) = node_inner(node) else { return };
-                    let Some(sealed) = sealed_of(inner) else { return };
-                    let id = (sealed.subject, sealed.key_id);
+                    let text = |key: &str| inner.get(key).and_then(Value::as_str);
+                    // Erased nodes name no key; a node lacking a field of a
+                    // sealed one fails as corrupt when it is opened.
+                    let (Some(subject), Some(key_id)) = (text("s"), text("k")) else { return };
+                    let id = (subject.to_owned(), key_id.to_owned());
                     if ring.keys.contains_key(&id) || ring.erased.contains(&id.0) {
                         return;
                     }
@@ -828,7 +838,8 @@ struct KeyRing {
 }
 
 enum Opened {
-    Value(Map<String, Value>, Value),
+    /// The plain value; the node is left as it was.
+    Value(Value),
     Erased(String),
 }
 
@@ -880,35 +891,41 @@ fn seal_value(at: &AggregateRef, path: &str, key: &SubjectKey, node: &mut Value)
     serde_json::to_value(sealed).map_err(|e| VaultError::Backend(e.to_string()))
 }
 
-/// Opens the node at `path` of a document of `at`: its plain value (and
-/// its stored fields), or the subject it was erased for.
+/// Opens the node at `path` of a document of `at`: its plain value, or
+/// the subject it was erased for. The node is only read.
 fn open_node(at: &AggregateRef, path: &str, node: &mut Value, keys: &KeyRing) -> Result<Opened, VaultError> {
     let corrupt = |reason| VaultError::Corrupt { aggregate: at.to_string(), field: path.to_owned(), reason };
     let inner = node_inner(node).ok_or_else(|| corrupt("not a personal-data node"))?;
+    let text = |key: &str| inner.get(key).and_then(Value::as_str);
     if inner.get("x") == Some(&Value::Bool(true)) {
-        let subject = inner.get("s").and_then(Value::as_str).unwrap_or_default();
-        return Ok(Opened::Erased(subject.to_owned()));
+        return Ok(Opened::Erased(text("s").unwrap_or_default().to_owned()));
     }
-    let sealed = sealed_of(inner).ok_or_else(|| corrupt("a sealed node lacks one of its fields"))?;
-    if keys.erased.contains(&sealed.subject) {
-        return Ok(Opened::Erased(sealed.subject));
+    let (Some(subject), Some(key_id), Some(field), Some(nonce), Some(ciphertext)) =
+        (text("s"), text("k"), text("f"), text("n"), text("c"))
+    else {
+        return Err(corrupt("a sealed node lacks one of its fields"));
+    };
+    if keys.erased.contains(subject) {
+        return Ok(Opened::Erased(subject.to_owned()));
     }
     let key = keys
         .keys
-        .get(&(sealed.subject.clone(), sealed.key_id.clone()))
-        .ok_or_else(|| VaultError::Unavailable(format!("no key {} for subject {}", sealed.key_id, sealed.subject)))?;
-    let nonce = B64.decode(&sealed.nonce).map_err(|_| corrupt("the nonce is not base64"))?;
-    if nonce.len() != 24 {
-        return Err(corrupt("the nonce is not 192 bits"));
+        .get(&(subject.to_owned(), key_id.to_owned()))
+        .ok_or_else(|| VaultError::Unavailable(format!("no key {key_id} for subject {subject}")))?;
+    let mut nonce_bytes = [0u8; 24];
+    match B64.decode_slice(nonce, &mut nonce_bytes) {
+        Ok(24) => {}
+        Ok(_) | Err(base64::DecodeSliceError::OutputSliceTooSmall) => return Err(corrupt("the nonce is not 192 bits")),
+        Err(base64::DecodeSliceError::DecodeError(_)) => return Err(corrupt("the nonce is not base64")),
     }
-    let ciphertext = B64.decode(&sealed.ciphertext).map_err(|_| corrupt("the ciphertext is not base64"))?;
-    let aad = value_aad(at, &sealed.field, &sealed.subject, &sealed.key_id);
+    let ciphertext = B64.decode(ciphertext).map_err(|_| corrupt("the ciphertext is not base64"))?;
+    let aad = value_aad(at, field, subject, key_id);
     let plain = key
         .cipher
-        .decrypt(XNonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: aad.as_bytes() })
+        .decrypt(XNonce::from_slice(&nonce_bytes), Payload { msg: &ciphertext, aad: aad.as_bytes() })
         .map_err(|_| corrupt("the ciphertext does not authenticate (wrong key, moved or truncated)"))?;
     let value = serde_json::from_slice(&plain).map_err(|_| corrupt("the plaintext is not JSON"))?;
-    Ok(Opened::Value(inner.clone(), value))
+    Ok(Opened::Value(value))
 }
 
 /// A key store in memory: for tests and the in-memory store. Everything

@@ -273,6 +273,27 @@ async fn wrong_keys_damaged_values_and_missing_keys_are_typed_errors() {
     let mut broken = doc.clone();
     broken["name"]["$p"]["n"] = json!("not base64!");
     assert!(matches!(s.vault.render(&at, &mut broken).await, Err(VaultError::Corrupt { .. })));
+    // Nonces of 16 and 32 bytes, valid base64 both, and a node without its
+    // field path: corrupt, whether rendered or opened into the typed state
+    // (which a node without its field path is not even decoded into).
+    let short = "A".repeat(22);
+    let long = "A".repeat(43);
+    for (field, value) in [("n", Some(short.as_str())), ("n", Some(long.as_str())), ("f", None)] {
+        let mut broken = doc.clone();
+        let inner = broken["name"]["$p"].as_object_mut().unwrap();
+        match value {
+            Some(v) => inner.insert(field.into(), json!(v)),
+            None => inner.remove(field),
+        };
+        let err = s.vault.render(&at, &mut broken.clone()).await.unwrap_err();
+        assert!(matches!(&err, VaultError::Corrupt { field, .. } if field == "/name"), "{err}");
+        let Ok(damaged) = serde_json::from_value::<Member>(broken) else {
+            assert_eq!(field, "f");
+            continue;
+        };
+        let err = s.vault.open(&at, &damaged).await.unwrap_err();
+        assert!(matches!(&err, VaultError::Corrupt { field, .. } if field == "/name"), "{err}");
+    }
 
     // A key store that never had the key: unavailable, not erased.
     let empty = Vault::new(Arc::new(InMemoryKeyStore::new()), master());
