@@ -246,15 +246,13 @@ pub(crate) async fn kafka_table_inner(
     }
     anyhow::ensure!(records as usize >= states.len(), "the table topic holds {records} of {} records", states.len());
     let last = format!("t{}", states.len() - 1);
-    // A reopen reads the table topic in about 0.15 s at the quick size, where
-    // a broker's hiccup of a few tens of milliseconds moves a round's figure
-    // by a fifth: three times the rounds of the other rebuilds, for a
-    // steadier median (about 17 s in all at the quick size, pauses included).
+    // A reopen reads the table topic in about 0.15 s at the quick size:
+    // short rounds (about 17 s in all at the quick size, pauses included).
     // The timed opens count no allocations: counting puts atomic updates of
     // shared counters on every allocation and free, which no service pays
     // and which threads allocating side by side contend on.
     let (k, b) = interleave!(
-        plan.rebuild_rounds * 3,
+        plan.short_rebuild_rounds(),
         {
             let started = Instant::now();
             let store = KafkaStore::<Project>::open(config.clone()).await?;

@@ -187,7 +187,7 @@ pub(crate) async fn pg_jwt(ctx: &mut Ctx, verb: Verb) -> Result<Measured, Missin
 }
 
 pub(crate) async fn sql_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
-    let rounds = ctx.plan.rebuild_rounds;
+    let rounds = ctx.plan.short_rebuild_rounds();
     let (url, rows) = {
         let seeded = ctx.seeded().await?;
         let rows: Vec<(String, String, kes_core::Row)> = seeded
@@ -226,7 +226,7 @@ pub(crate) async fn sql_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
 /// log whose every project has a sealed owner (opened with keys fetched in
 /// one lookup per batch, then cached) against the same log without owners.
 pub(crate) async fn personal_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> {
-    let (rounds, n) = (ctx.plan.rebuild_rounds, ctx.plan.aggregates);
+    let (rounds, n) = (ctx.plan.short_rebuild_rounds(), ctx.plan.aggregates);
     let plain_url = ctx.seeded().await?.url.clone();
     let sealed_url = ctx.pg()?.fresh("sealed").await?;
     let settings = Settings::new(sealed_url.clone(), sealed_url.clone());

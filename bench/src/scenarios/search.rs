@@ -18,7 +18,7 @@ pub(crate) async fn tantivy_rebuild(ctx: &mut Ctx) -> Result<Measured, Missing> 
     use kes_examples::resources;
     use tantivy::{Index, TantivyDocument};
 
-    let rounds = ctx.plan.rebuild_rounds;
+    let rounds = ctx.plan.short_rebuild_rounds();
     let view = resources::project_view();
     let (url, docs) = {
         let seeded = ctx.seeded().await?;
