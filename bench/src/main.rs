@@ -48,17 +48,6 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Alternating rounds of a rebuild whose round lasts a fraction of a
-    /// second at the quick size (the view and table rebuilds): there a
-    /// pause of a few tens of milliseconds, on either side, moves one
-    /// round's figure by a fifth, so they run three times the rounds of the
-    /// other rebuild scenarios, for a steadier median.
-    pub fn short_rebuild_rounds(&self) -> usize {
-        self.rebuild_rounds * 3
-    }
-}
-
-impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
             Self {
@@ -79,6 +68,15 @@ impl Plan {
                 rebuild_rounds: 3,
             }
         }
+    }
+
+    /// Alternating rounds of a rebuild whose round lasts a fraction of a
+    /// second at the quick size (the view and table rebuilds): there a
+    /// pause of a few tens of milliseconds, on either side, moves one
+    /// round's figure by a fifth, so they run three times the rounds of the
+    /// other rebuild scenarios, for a steadier median.
+    pub fn short_rebuild_rounds(&self) -> usize {
+        self.rebuild_rounds * 3
     }
 }
 

@@ -616,8 +616,8 @@ impl Vault {
         opened.pop().ok_or_else(|| VaultError::Backend("opening lost an item".into()))
     }
 
-    /// Like [`Vault::open`], for many items at once, with one key-store round
-    /// trip for every key not cached (rebuilds, projection batches).
+    /// Like [`Vault::open`], for many items at once, with one key-store
+    /// round trip for every key not cached (rebuilds, projection batches).
     pub async fn open_all<T: Serialize + DeserializeOwned + Clone>(
         &self,
         items: &[(AggregateRef, &T)],
@@ -892,10 +892,11 @@ fn seal_value(at: &AggregateRef, path: &str, key: &SubjectKey, node: &mut Value)
 }
 
 /// Opens the node at `path` of a document of `at`: its plain value, or
-/// the subject it was erased for. The node is only read.
-fn open_node(at: &AggregateRef, path: &str, node: &mut Value, keys: &KeyRing) -> Result<Opened, VaultError> {
+/// the subject it was erased for.
+fn open_node(at: &AggregateRef, path: &str, node: &Value, keys: &KeyRing) -> Result<Opened, VaultError> {
     let corrupt = |reason| VaultError::Corrupt { aggregate: at.to_string(), field: path.to_owned(), reason };
-    let inner = node_inner(node).ok_or_else(|| corrupt("not a personal-data node"))?;
+    let inner =
+        node.get(PERSONAL_NODE).and_then(Value::as_object).ok_or_else(|| corrupt("not a personal-data node"))?;
     let text = |key: &str| inner.get(key).and_then(Value::as_str);
     if inner.get("x") == Some(&Value::Bool(true)) {
         return Ok(Opened::Erased(text("s").unwrap_or_default().to_owned()));
