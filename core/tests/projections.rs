@@ -46,6 +46,16 @@ async fn add(store: &InMemoryStore<Ledger>, id: &str, amounts: &[i64]) -> Positi
     store.append(id, ExpectedVersion::Exact(version), events, Metadata::default()).await.unwrap().position
 }
 
+/// Appends `events` single-amount events (amounts 0, 1, …) round-robin over
+/// the ledgers `l-0`…`l-{ledgers - 1}`; the position of the last.
+async fn add_spread(store: &InMemoryStore<Ledger>, events: i64, ledgers: i64) -> Position {
+    let mut last = Position::new(0, 0);
+    for i in 0..events {
+        last = add(store, &format!("l-{}", i % ledgers), &[i]).await;
+    }
+    last
+}
+
 async fn totals(view: &InMemoryView) -> Vec<(String, Row)> {
     let page = view.list(&ListQuery::new().page_size(100)).await.unwrap();
     page.items.into_iter().map(|i| (i.id, i.row)).collect()
@@ -55,10 +65,7 @@ async fn totals(view: &InMemoryView) -> Vec<(String, Row)> {
 async fn follows_the_log_and_waits_for_a_position() {
     let s = setup(InMemoryStore::new(), Arc::new(InMemoryView::new(schema()).unwrap()), 4);
     s.runner.start().await.unwrap();
-    let mut last = Position::new(0, 0);
-    for i in 0..30 {
-        last = add(&s.store, &format!("l-{}", i % 5), &[i]).await;
-    }
+    let last = add_spread(&s.store, 30, 5).await;
     assert!(s.runner.wait_for(last, Duration::from_secs(5)).await, "the view never caught up");
     let rows = totals(&s.view).await;
     assert_eq!(rows.len(), 5);
@@ -98,10 +105,7 @@ async fn a_restarted_runner_resumes_from_its_checkpoint_without_double_applying(
 async fn rebuild_serves_the_old_copy_then_swaps_in_an_equal_one() {
     let s = setup(InMemoryStore::new(), Arc::new(InMemoryView::new(schema()).unwrap()), 7);
     s.runner.start().await.unwrap();
-    let mut last = Position::new(0, 0);
-    for i in 0..200 {
-        last = add(&s.store, &format!("l-{}", i % 13), &[i]).await;
-    }
+    let last = add_spread(&s.store, 200, 13).await;
     assert!(s.runner.wait_for(last, Duration::from_secs(5)).await);
     let before = totals(&s.view).await;
     // Writes keep coming while the rebuild runs.
@@ -376,10 +380,7 @@ async fn assert_rows_of_a_follow(store: &InMemoryStore<Ledger>, last: Position, 
 async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event() {
     let store = InMemoryStore::new();
     // Aggregates whose events spread over several batches of 5.
-    let mut last = Position::new(0, 0);
-    for i in 0..120 {
-        last = add(&store, &format!("l-{}", i % 11), &[i]).await;
-    }
+    let last = add_spread(&store, 120, 11).await;
     let view = Arc::new(Recording::new());
     let runner = recording_runner(&store, &view);
     let report = runner.rebuild("ledgers", &|_, _| {}).await.unwrap();
@@ -404,10 +405,7 @@ async fn a_rebuild_reads_back_only_states_it_wrote_and_still_folds_every_event()
 #[tokio::test]
 async fn a_rebuild_whose_copy_cannot_be_started_fails_and_the_next_one_completes() {
     let store = InMemoryStore::new();
-    let mut last = Position::new(0, 0);
-    for i in 0..30 {
-        last = add(&store, &format!("l-{}", i % 7), &[i]).await;
-    }
+    let last = add_spread(&store, 30, 7).await;
     let view = Arc::new(Recording::new());
     view.fail_next_begin.store(true, std::sync::atomic::Ordering::SeqCst);
     let runner = recording_runner(&store, &view);

@@ -54,7 +54,8 @@ const MAX_ROWS_PER_ARRAY_STATEMENT: usize = 10_000;
 const SETUP_LOCK: i64 = 0x6b65_735f_7669_6577;
 
 /// Run after `BEGIN` by the transactions that fill or prepare a shadow copy
-/// on PostgreSQL: they need not wait for the WAL flush (SQLite ignores it).
+/// on PostgreSQL: they need not wait for the WAL flush (`begin_write` sends
+/// it to PostgreSQL only).
 const ASYNC_COMMIT: &str = "SET LOCAL synchronous_commit = off";
 
 /// One column of a PostgreSQL upsert, bound as an array.
