@@ -195,6 +195,14 @@
 //!   (the load's, then the last claim's), so a claim reads what the topic
 //!   gained since: the markers and table records written meanwhile
 //!   ([`FollowerStats::table_records_scanned`] counts them all).
+//! - A start waits for few round trips in a row. A restart that finds both
+//!   topics asks for their metadata and configuration side by side and
+//!   creates nothing (the admin client never lets a metadata request create
+//!   a topic with the broker's defaults). The start-up reader of the table
+//!   topic connects and fetches while the topic's heads are asked for, and
+//!   the events topic's heads are asked while the table topic is read; they
+//!   are asked again when a table record read meanwhile (written by a
+//!   running instance) reflects events past them.
 //! - The events producer sends without lingering and keeps at most
 //!   [`PRODUCER_IN_FLIGHT`] requests in flight per broker (five would be
 //!   librdkafka's bound with idempotence): under load the appends that wait

@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use kes_core::{Aggregate, Position};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -271,18 +271,34 @@ impl<A: Aggregate> Inner<A> {
     /// `scan` stopped (the beginning, for a new one) to the partitions'
     /// current ends.
     pub(crate) async fn read_table_topic(&self, scan: &mut TableScan) -> Result<(), KafkaStoreError> {
-        let high = self.high_watermarks(&self.table_topic, self.table_partitions).await?;
-        scan.ends.resize(high.len(), 0);
-        let ranges: Vec<_> = high.iter().zip(&scan.ends).enumerate().map(|(tp, (h, e))| (tp as u32, *e, *h)).collect();
         let topic = self.table_topic.clone();
         let mut read = 0u64;
-        self.scan(&topic, &ranges, Reach::ToTheHead, |m| {
+        let ends = scan.ends.clone();
+        let mut take = |m: &BorrowedMessage<'_>| {
             let at = Position::new(m.partition() as u32, m.offset() as u64);
             scan.take(&topic, at, m.key(), m.payload());
             read += 1;
             Ok(())
-        })
-        .await?;
+        };
+        let high = if ends.is_empty() {
+            // The start-up's read of the whole topic: the reader connects
+            // while the heads are asked for.
+            let starts = vec![0; self.table_partitions as usize];
+            self.scan_to_heads(&topic, &starts, &mut take).await?
+        } else {
+            // A claim's read goes on from where the last stopped and often
+            // finds nothing new: no reader unless there is something to read.
+            let high = self.high_watermarks(&topic, self.table_partitions).await?;
+            let ranges: Vec<_> = high
+                .iter()
+                .zip(ends.iter().chain(std::iter::repeat(&0)))
+                .enumerate()
+                .map(|(tp, (h, e))| (tp as u32, *e, *h))
+                .collect();
+            self.scan(&topic, &ranges, Reach::ToTheHead, &mut take).await?;
+            high
+        };
+        scan.ends.resize(high.len(), 0);
         self.counters.table_records_scanned.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
         // A partition's end only moves forward (a compacted topic keeps its
         // offsets), so the next read starts where this one stopped.

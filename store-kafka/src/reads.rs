@@ -77,15 +77,58 @@ impl<A: Aggregate> Inner<A> {
         topic: &str,
         ranges: &[(u32, u64, u64)],
         reach: Reach,
-        mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
+        f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
     ) -> Result<(), KafkaStoreError> {
-        let mut open: HashMap<i32, u64> =
+        let open: HashMap<i32, u64> =
             ranges.iter().filter(|(_, from, to)| from < to).map(|(p, _, to)| (*p as i32, *to)).collect();
         if open.is_empty() {
             return Ok(());
         }
         let consumer = Detached::new(create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS, reach)?);
         assign_ranges(&consumer, topic, ranges)?;
+        self.consume_ranges(&consumer, topic, open, f).await
+    }
+
+    /// Reads every partition of `topic` from `starts` (one offset per
+    /// partition) to the partitions' current heads, calling `f` on every
+    /// record in order, and returns the heads it read to (high watermarks).
+    /// The reader connects and starts fetching while the heads are asked
+    /// for, so a start-up pays one round trip less than [`Inner::scan`]
+    /// after [`Inner::high_watermarks`]; records past a head, fetched
+    /// meanwhile, are skipped.
+    pub(crate) async fn scan_to_heads(
+        &self,
+        topic: &str,
+        starts: &[u64],
+        f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
+    ) -> Result<Vec<u64>, KafkaStoreError> {
+        let consumer = Detached::new(create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS, Reach::ToTheHead)?);
+        let unbounded: Vec<_> = starts.iter().enumerate().map(|(p, from)| (p as u32, *from, u64::MAX)).collect();
+        assign_ranges(&consumer, topic, &unbounded)?;
+        let partitions = u32::try_from(starts.len()).unwrap_or(u32::MAX);
+        let high = self.high_watermarks(topic, partitions).await?;
+        let open: HashMap<i32, u64> = starts
+            .iter()
+            .zip(&high)
+            .enumerate()
+            .filter(|(_, (from, to))| from < to)
+            .map(|(p, (_, to))| (p as i32, *to))
+            .collect();
+        if !open.is_empty() {
+            self.consume_ranges(&consumer, topic, open, f).await?;
+        }
+        Ok(high)
+    }
+
+    /// The reading loop of [`Inner::scan`]: records of the partitions in
+    /// `open` (partition → end offset, exclusive) until each reached its end.
+    async fn consume_ranges(
+        &self,
+        consumer: &Reader,
+        topic: &str,
+        mut open: HashMap<i32, u64>,
+        mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
+    ) -> Result<(), KafkaStoreError> {
         let idle = self.config.request_timeout;
         let mut deadline = Instant::now() + idle;
         while !open.is_empty() {

@@ -30,7 +30,11 @@ impl<A: Aggregate> Inner<A> {
     /// table topic, which the owners' claims go on from.
     pub(crate) async fn recover(self: &Arc<Self>) -> Result<TableScan, KafkaStoreError> {
         let mut scan = TableScan::default();
-        self.read_table_topic(&mut scan).await?;
+        // The events topic's heads are asked while the table topic is read.
+        let (read, events_high) =
+            tokio::join!(self.read_table_topic(&mut scan), self.high_watermarks(&self.events_topic, self.partitions));
+        read?;
+        let events_high = events_high?;
         // The records leave the scan, which goes on to the claims with only
         // its markers and claims.
         let distrusted = std::mem::take(&mut scan.distrusted);
@@ -39,7 +43,7 @@ impl<A: Aggregate> Inner<A> {
         let rebuild_all = rows.is_empty();
         self.table().rows = rows;
         let distrusted = if rebuild_all { HashMap::new() } else { distrusted };
-        let changed = self.catch_up_from_events(&from, distrusted).await?;
+        let changed = self.catch_up_from_events(&from, events_high, distrusted).await?;
         {
             let mut table = self.table();
             table.rows.shrink_to_fit();
@@ -106,14 +110,21 @@ impl<A: Aggregate> Inner<A> {
         (rows, from)
     }
 
-    /// Replays the events topic from `from` (per partition) to its head and
-    /// returns the ids whose rows moved.
+    /// Replays the events topic from `from` (per partition) to its head,
+    /// `events_high` (asked while the table topic was read), and returns the
+    /// ids whose rows moved.
     async fn catch_up_from_events(
         &self,
         from: &[u64],
+        mut events_high: Vec<u64>,
         distrusted: HashMap<String, (u32, u64)>,
     ) -> Result<HashSet<String>, KafkaStoreError> {
-        let events_high = self.high_watermarks(&self.events_topic, self.partitions).await?;
+        if from.iter().zip(&events_high).any(|(from, high)| from > high) {
+            // A table record written after the heads were asked for (by an
+            // instance running meanwhile) reflects events past them. Heads
+            // only grow: asked again, they cover every record read.
+            events_high = self.high_watermarks(&self.events_topic, self.partitions).await?;
+        }
         let ranges: Vec<_> = events_high.iter().enumerate().map(|(p, h)| (p as u32, from[p], *h)).collect();
         // The ranges end at the watermarks just asked for.
         let changed = self.replay(&ranges, Reach::ToTheHead, distrusted).await?;

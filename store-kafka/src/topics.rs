@@ -24,12 +24,27 @@ pub(crate) async fn prepare_topics(
     events: &str,
     table: &str,
 ) -> Result<(u32, u32), KafkaStoreError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(config).create().map_err(|e| KafkaStoreError::from_kafka("admin client", &e))?;
+    // Asking for a missing topic's metadata must not create it with the
+    // broker's defaults (a table topic that is not compacted).
+    let admin: AdminClient<DefaultClientContext> = client_config(config)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|e| KafkaStoreError::from_kafka("admin client", &e))?;
     let admin = Detached::new(Arc::new(admin));
+    // A restart finds both topics: three independent questions, asked side
+    // by side, answer it, and nothing is created. The configuration is only
+    // judged once both topics are known to exist.
+    let (checked, partitions, table_partitions) = futures::future::join3(
+        check_topics(&admin, config, events, table),
+        partitions_now(&admin, events, config.request_timeout),
+        partitions_now(&admin, table, config.request_timeout),
+    )
+    .await;
+    if let (Some(partitions), Some(table_partitions)) = (partitions?, table_partitions?) {
+        checked?;
+        return Ok((partitions, table_partitions));
+    }
     ensure_topics(&admin, config, events, table).await?;
-    // Three independent questions, asked side by side: a start-up waits for
-    // the slowest answer, not for the sum.
     let ((), partitions, table_partitions) = futures::future::try_join3(
         check_topics(&admin, config, events, table),
         partition_count(&admin, events, config.request_timeout),
@@ -200,25 +215,36 @@ async fn partition_count(
 ) -> Result<u32, KafkaStoreError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let a = Arc::clone(admin);
-        let t = topic.to_owned();
-        let result = tokio::task::spawn_blocking(move || {
-            a.inner().fetch_metadata(Some(&t), Timeout::After(timeout)).map(|m| {
-                m.topics().iter().find(|x| x.name() == t && x.error().is_none()).map_or(0, |x| x.partitions().len())
-            })
-        })
-        .await
-        .map_err(|e| KafkaStoreError::Broker(format!("metadata: {e}")))?;
-        match result {
-            Ok(n) if n > 0 => {
-                return u32::try_from(n).map_err(|_| KafkaStoreError::Broker("too many partitions".into()));
-            }
-            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            Ok(_) => {
+        match partitions_now(admin, topic, timeout).await? {
+            Some(n) => return Ok(n),
+            None if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            None => {
                 return Err(KafkaStoreError::Unavailable(format!("topic {topic} has no partitions in the metadata")));
             }
-            Err(e) => return Err(KafkaStoreError::from_kafka(&format!("metadata of {topic}"), &e)),
         }
+    }
+}
+
+/// The partition count of `topic` as the metadata has it now: `None` while
+/// the topic is missing (or has no partitions yet).
+async fn partitions_now(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<u32>, KafkaStoreError> {
+    let a = Arc::clone(admin);
+    let t = topic.to_owned();
+    let result = tokio::task::spawn_blocking(move || {
+        a.inner().fetch_metadata(Some(&t), Timeout::After(timeout)).map(|m| {
+            m.topics().iter().find(|x| x.name() == t && x.error().is_none()).map_or(0, |x| x.partitions().len())
+        })
+    })
+    .await
+    .map_err(|e| KafkaStoreError::Broker(format!("metadata: {e}")))?;
+    match result {
+        Ok(0) => Ok(None),
+        Ok(n) => u32::try_from(n).map(Some).map_err(|_| KafkaStoreError::Broker("too many partitions".into())),
+        Err(e) => Err(KafkaStoreError::from_kafka(&format!("metadata of {topic}"), &e)),
     }
 }
 

@@ -357,6 +357,36 @@ async fn an_events_topic_that_could_lose_events_is_refused_by_setting() {
     }
 }
 
+/// A restart finds both topics and creates nothing, but still judges their
+/// configuration: a table topic that deletes by age is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_topics_are_checked_before_the_store_starts() {
+    let Some(brokers) = common::brokers() else { return };
+    let _turn = common::turn().await;
+    let config = common::config(&brokers, 1);
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
+    let events_topic = config.events_topic("ledger");
+    let events = NewTopic::new(&events_topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "31536000000000")
+        .set("retention.bytes", "-1");
+    let table_topic = config.table_topic("ledger");
+    let table = NewTopic::new(&table_topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "delete");
+    for r in admin.create_topics([&events, &table], &AdminOptions::new()).await.expect("create") {
+        r.expect("topic created");
+    }
+    match KafkaStore::<Ledger>::open(config.clone()).await {
+        Err(KafkaStoreError::UnsafeTopic { topic, setting, value, .. }) => {
+            assert_eq!(
+                (topic.as_str(), setting.as_str(), value.as_str()),
+                (table_topic.as_str(), "cleanup.policy", "delete")
+            );
+        }
+        other => panic!("expected a refusal of the table topic's cleanup.policy, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_typed_errors_not_panics() {
     let Some(brokers) = common::brokers() else { return };
