@@ -27,19 +27,25 @@ const FIRST_EXPONENT: f64 = 2.0;
 
 /// The time a run at `next` is projected to take after runs at `steps`
 /// (size, seconds), smallest first: the last time, grown by the exponent of
-/// the last two (at least 1: nothing gets cheaper with size).
-pub fn project(steps: &[(usize, f64)], next: usize) -> Option<f64> {
+/// the last two (at least 1: nothing gets cheaper with size). `fixed`
+/// seconds of every run do not grow with the size (pauses between rounds):
+/// they are taken out before the growth is measured or applied, and added
+/// back.
+pub fn project(steps: &[(usize, f64)], next: usize, fixed: f64) -> Option<f64> {
+    let grows = |secs: f64| (secs - fixed).max(MIN_GROWING);
     let &(size, secs) = steps.last()?;
     let exponent = match steps {
-        [.., (s0, t0), (s1, t1)] if *s1 > *s0 && *t0 > 0.0 && *t1 > 0.0 => {
-            ((t1 / t0).ln() / (*s1 as f64 / *s0 as f64).ln()).max(1.0)
+        [.., (s0, t0), (s1, t1)] if *s1 > *s0 => {
+            ((grows(*t1) / grows(*t0)).ln() / (*s1 as f64 / *s0 as f64).ln()).max(1.0)
         }
         _ => FIRST_EXPONENT,
     };
-    Some(secs * (next as f64 / size as f64).powf(exponent))
+    Some(fixed + grows(secs) * (next as f64 / size as f64).powf(exponent))
 }
 
-/// A size in thousands, as the scenario names print it.
+/// The least part of a run's time counted as growing with its size.
+const MIN_GROWING: f64 = 1e-3;
+
 pub fn thousands(n: usize) -> String {
     if n.is_multiple_of(1000) { format!("{}k", n / 1000) } else { n.to_string() }
 }
@@ -48,7 +54,12 @@ pub fn thousands(n: usize) -> String {
 /// the largest that finished. The first size must finish: its error is the
 /// answer. A later size that fails or passes the bound ends the ladder, as
 /// does one projected to pass it.
-pub async fn largest_served<T, F, Fut>(sizes: &[usize], bound: Duration, mut run: F) -> anyhow::Result<Served<T>>
+pub async fn largest_served<T, F, Fut>(
+    sizes: &[usize],
+    bound: Duration,
+    fixed: Duration,
+    mut run: F,
+) -> anyhow::Result<Served<T>>
 where
     F: FnMut(usize) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
@@ -56,14 +67,19 @@ where
     let mut steps: Vec<(usize, f64)> = Vec::new();
     let mut best: Option<Served<T>> = None;
     for &size in sizes {
-        if let Some(projected) = project(&steps, size)
+        if let Some(projected) = project(&steps, size, fixed.as_secs_f64())
             && projected > bound.as_secs_f64()
         {
             let why = format!(
-                "{} not run: this broker took {} ({}), which projects {projected:.0} s for {}, past the \
+                "{} not run: this broker took {} ({}{}), which projects {projected:.0} s for {}, past the \
                      scenario's bound of {:.0} s",
                 thousands(size),
                 steps.iter().map(|(s, t)| format!("{t:.0} s for {}", thousands(*s))).collect::<Vec<_>>().join(", "),
+                if fixed.is_zero() {
+                    String::new()
+                } else {
+                    format!("{:.0} s of each in pauses; ", fixed.as_secs_f64())
+                },
                 if steps.len() > 1 { "growth measured between the last two sizes" } else { "growth assumed square" },
                 thousands(size),
                 bound.as_secs_f64()
@@ -101,33 +117,46 @@ mod tests {
 
     #[test]
     fn one_size_projects_the_square() {
-        let p = project(&[(5_000, 10.0)], 20_000).unwrap();
+        let p = project(&[(5_000, 10.0)], 20_000, 0.0).unwrap();
         assert!((p - 160.0).abs() < 1e-9, "{p}");
     }
 
     #[test]
     fn two_sizes_project_their_own_growth() {
         // Linear between 5k and 20k: 100k is five times 20k.
-        let p = project(&[(5_000, 10.0), (20_000, 40.0)], 100_000).unwrap();
+        let p = project(&[(5_000, 10.0), (20_000, 40.0)], 100_000, 0.0).unwrap();
         assert!((p - 200.0).abs() < 1e-6, "{p}");
         // Cubic growth is kept as measured.
-        let p = project(&[(1_000, 1.0), (2_000, 8.0)], 4_000).unwrap();
+        let p = project(&[(1_000, 1.0), (2_000, 8.0)], 4_000, 0.0).unwrap();
         assert!((p - 64.0).abs() < 1e-6, "{p}");
         // A size that took less than a smaller one grows linearly.
-        let p = project(&[(1_000, 8.0), (2_000, 4.0)], 4_000).unwrap();
+        let p = project(&[(1_000, 8.0), (2_000, 4.0)], 4_000, 0.0).unwrap();
         assert!((p - 8.0).abs() < 1e-6, "{p}");
     }
 
     #[test]
+    fn pauses_are_not_grown_with_the_size() {
+        // 19 s for 5k, 15 s of them pauses: the 4 s left grow, the pauses stay.
+        let p = project(&[(5_000, 19.0)], 20_000, 15.0).unwrap();
+        assert!((p - (15.0 + 4.0 * 16.0)).abs() < 1e-9, "{p}");
+        // Growth between two sizes is measured on the growing parts alone.
+        let p = project(&[(1_000, 12.0), (2_000, 14.0)], 4_000, 10.0).unwrap();
+        assert!((p - (10.0 + 8.0)).abs() < 1e-6, "{p}");
+        // A run no longer than its pauses still projects at least them.
+        let p = project(&[(1_000, 5.0)], 2_000, 10.0).unwrap();
+        assert!(p >= 10.0, "{p}");
+    }
+
+    #[test]
     fn nothing_measured_projects_nothing() {
-        assert!(project(&[], 5_000).is_none());
+        assert!(project(&[], 5_000, 0.0).is_none());
     }
 
     #[tokio::test]
     async fn the_ladder_stops_before_a_size_projected_past_the_bound() {
         let mut ran = Vec::new();
         // A size of n takes n ms: 1,000 is projected at about 1 s.
-        let served = largest_served(&[10, 20, 1_000], Duration::from_millis(500), |n| {
+        let served = largest_served(&[10, 20, 1_000], Duration::from_millis(500), Duration::ZERO, |n| {
             ran.push(n);
             async move {
                 tokio::time::sleep(Duration::from_millis(n as u64)).await;
@@ -143,7 +172,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_size_keeps_the_one_before_and_a_failed_first_size_fails() {
-        let served = largest_served(&[1, 2, 3], Duration::from_secs(60), |n| async move {
+        let served = largest_served(&[1, 2, 3], Duration::from_secs(60), Duration::ZERO, |n| async move {
             anyhow::ensure!(n < 2, "too big");
             Ok(n)
         })
@@ -151,7 +180,7 @@ mod tests {
         .unwrap();
         assert_eq!(served.size, 1);
         assert!(served.short.unwrap().contains("too big"));
-        let failed = largest_served(&[1, 2], Duration::from_secs(60), |_| async {
+        let failed = largest_served(&[1, 2], Duration::from_secs(60), Duration::ZERO, |_| async {
             anyhow::bail!("no broker") as anyhow::Result<()>
         })
         .await;
@@ -160,7 +189,8 @@ mod tests {
 
     #[tokio::test]
     async fn every_size_served_leaves_nothing_short() {
-        let served = largest_served(&[1, 2], Duration::from_secs(60), |n| async move { Ok(n) }).await.unwrap();
+        let served =
+            largest_served(&[1, 2], Duration::from_secs(60), Duration::ZERO, |n| async move { Ok(n) }).await.unwrap();
         assert_eq!(served.size, 2);
         assert!(served.short.is_none());
     }

@@ -190,7 +190,7 @@ pub(crate) async fn kafka_table(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Result
     let doing = "seeding, waiting for the table topic, or reopening";
     paired(kafka, memory_spec, out, bound * sizes.len() as u32, doing, |kafka| async move {
         let kafka = &kafka;
-        let served = largest_served(&sizes, bound, |n| kafka_table_inner(kafka, plan, n)).await?;
+        let served = largest_served(&sizes, bound, table_pauses(plan), |n| kafka_table_inner(kafka, plan, n)).await?;
         Ok(smaller(served))
     })
     .await
@@ -214,6 +214,13 @@ fn smaller(served: Served<(Measured, Measured)>) -> (Measured, Measured) {
 /// The pause after each round of the table rebuild, outside its timing:
 /// long enough for a dropped store's background tasks to notice and end.
 const SETTLE: Duration = Duration::from_millis(700);
+
+/// The pauses of one size of the table scenario ([`SETTLE`] after every
+/// timed round and every memory round): time that does not grow with the
+/// size, which the ladder leaves out of its projection.
+fn table_pauses(plan: Plan) -> Duration {
+    SETTLE * u32::try_from(2 * plan.short_rebuild_rounds() + plan.rebuild_rounds).unwrap_or(u32::MAX)
+}
 
 // Kept in one piece: A scenario reads top to bottom (seed, measure KES, measure the baseline, clean up); split,
 // its steps would hand each other every local.
@@ -335,7 +342,8 @@ pub(crate) async fn kafka_history(ctx: &mut Ctx, out: &mut Vec<Outcome>) -> Resu
     let doing = "seeding or reading the history";
     paired(kafka, store_spec, out, bound * sizes.len() as u32, doing, |kafka| async move {
         let kafka = &kafka;
-        let served = largest_served(&sizes, bound, |others| kafka_history_inner(kafka, plan, others)).await?;
+        let served =
+            largest_served(&sizes, bound, Duration::ZERO, |others| kafka_history_inner(kafka, plan, others)).await?;
         Ok(smaller(served))
     })
     .await
