@@ -11,8 +11,7 @@ use kes_core::conformance::{Ledger, LedgerCommand, LedgerEvent};
 use kes_core::{Checkpoint, CommandBus, EventStore, ExpectedVersion, Metadata, StoreError};
 use kes_store_kafka::{KafkaStore, KafkaStoreConfig, KafkaStoreError};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
@@ -329,16 +328,12 @@ async fn an_events_topic_that_could_lose_events_is_refused_by_setting() {
     let Some(brokers) = common::brokers() else { return };
     let _turn = common::turn().await;
     let config = common::config(&brokers, 1);
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
     let topic = config.events_topic("ledger");
     let forever = NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
         .set("cleanup.policy", "delete")
         .set("retention.ms", "-1")
         .set("retention.bytes", "-1");
-    for r in admin.create_topics([&forever], &AdminOptions::new()).await.expect("create") {
-        r.expect("topic created");
-    }
+    common::create_topics(&brokers, &[forever]).await;
     match KafkaStore::<Ledger>::open(config.clone()).await {
         Err(KafkaStoreError::UnsafeTopic { setting, value, .. }) => {
             assert_eq!((setting.as_str(), value.as_str()), ("retention.ms", "-1"));
@@ -348,9 +343,7 @@ async fn an_events_topic_that_could_lose_events_is_refused_by_setting() {
     let compacted = KafkaStoreConfig { topic_prefix: format!("{}-c", config.topic_prefix), ..config };
     let topic = compacted.events_topic("ledger");
     let compact = NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
-    for r in admin.create_topics([&compact], &AdminOptions::new()).await.expect("create") {
-        r.expect("topic created");
-    }
+    common::create_topics(&brokers, &[compact]).await;
     match KafkaStore::<Ledger>::open(compacted).await {
         Err(e @ KafkaStoreError::UnsafeTopic { .. }) => assert!(e.to_string().contains("cleanup.policy"), "{e}"),
         other => panic!("expected a refusal naming cleanup.policy, got {other:?}"),
@@ -364,8 +357,6 @@ async fn existing_topics_are_checked_before_the_store_starts() {
     let Some(brokers) = common::brokers() else { return };
     let _turn = common::turn().await;
     let config = common::config(&brokers, 1);
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
     let events_topic = config.events_topic("ledger");
     let events = NewTopic::new(&events_topic, 1, TopicReplication::Fixed(1))
         .set("cleanup.policy", "delete")
@@ -373,9 +364,7 @@ async fn existing_topics_are_checked_before_the_store_starts() {
         .set("retention.bytes", "-1");
     let table_topic = config.table_topic("ledger");
     let table = NewTopic::new(&table_topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "delete");
-    for r in admin.create_topics([&events, &table], &AdminOptions::new()).await.expect("create") {
-        r.expect("topic created");
-    }
+    common::create_topics(&brokers, &[events, table]).await;
     match KafkaStore::<Ledger>::open(config.clone()).await {
         Err(KafkaStoreError::UnsafeTopic { topic, setting, value, .. }) => {
             assert_eq!(

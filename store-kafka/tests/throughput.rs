@@ -14,8 +14,7 @@ use futures::StreamExt;
 use kes_core::conformance::LedgerCommand;
 use kes_core::{CommandBus, ExpectedVersion, Metadata};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const N: usize = 1000;
@@ -33,11 +32,8 @@ async fn command_throughput_against_raw_producer() {
     let config = common::config(&brokers, 1);
     // Raw baseline: the same producer settings KES uses (idempotent,
     // acks=all, no linger), a record of the same size, no KES.
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
     let raw_topic = format!("{}.raw", config.topic_prefix);
-    let topic = NewTopic::new(&raw_topic, 1, TopicReplication::Fixed(1));
-    admin.create_topics([&topic], &AdminOptions::new()).await.expect("create");
+    common::create_topics(&brokers, &[NewTopic::new(&raw_topic, 1, TopicReplication::Fixed(1))]).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("enable.idempotence", "true")

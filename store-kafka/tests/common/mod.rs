@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use kes_core::conformance::Ledger;
 use kes_store_kafka::{KafkaStore, KafkaStoreConfig, KafkaStoreError};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic};
+use rdkafka::client::DefaultClientContext;
 
 /// The broker under test, or `None` when there is none (skipped, or failed
 /// under CI, by the workspace's one rule in kes-test-support).
@@ -17,6 +20,16 @@ pub fn brokers() -> Option<String> {
 /// A topic prefix no other test uses.
 pub fn unique_prefix() -> String {
     kes_test_support::unique_prefix("kafka")
+}
+
+/// Creates `topics` on the test broker, as an operator would before a store
+/// starts; each must be created.
+pub async fn create_topics<'a>(brokers: &str, topics: &'a [NewTopic<'a>]) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin");
+    for r in admin.create_topics(topics, &AdminOptions::new()).await.expect("create") {
+        r.expect("topic created");
+    }
 }
 
 /// A configuration for fresh topics on the test broker.
