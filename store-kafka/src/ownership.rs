@@ -283,8 +283,7 @@ impl<A: Aggregate> Inner<A> {
         let high = if ends.is_empty() {
             // The start-up's read of the whole topic: the reader connects
             // while the heads are asked for.
-            let starts = vec![0; self.table_partitions as usize];
-            self.scan_to_heads(&topic, &starts, &mut take).await?
+            self.scan_to_heads(&topic, self.table_partitions, &mut take).await?
         } else {
             // A claim's read goes on from where the last stopped and often
             // finds nothing new: no reader unless there is something to read.

@@ -89,31 +89,25 @@ impl<A: Aggregate> Inner<A> {
         self.consume_ranges(&consumer, topic, open, f).await
     }
 
-    /// Reads every partition of `topic` from `starts` (one offset per
-    /// partition) to the partitions' current heads, calling `f` on every
-    /// record in order, and returns the heads it read to (high watermarks).
-    /// The reader connects and starts fetching while the heads are asked
-    /// for, so a start-up pays one round trip less than [`Inner::scan`]
-    /// after [`Inner::high_watermarks`]; records past a head, fetched
-    /// meanwhile, are skipped.
+    /// Reads `partitions` partitions of `topic` from their first records to
+    /// their current heads, calling `f` on every record in order, and
+    /// returns the heads it read to (high watermarks). The reader connects
+    /// and starts fetching while the heads are asked for, so a start-up
+    /// pays one round trip less than [`Inner::scan`] after
+    /// [`Inner::high_watermarks`]; records past a head, fetched meanwhile,
+    /// are skipped.
     pub(crate) async fn scan_to_heads(
         &self,
         topic: &str,
-        starts: &[u64],
+        partitions: u32,
         f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaStoreError>,
     ) -> Result<Vec<u64>, KafkaStoreError> {
         let consumer = Detached::new(create_consumer(&self.config, true, BOUNDED_FETCH_WAIT_MS, Reach::ToTheHead)?);
-        let unbounded: Vec<_> = starts.iter().enumerate().map(|(p, from)| (p as u32, *from, u64::MAX)).collect();
+        let unbounded: Vec<_> = (0..partitions).map(|p| (p, 0, u64::MAX)).collect();
         assign_ranges(&consumer, topic, &unbounded)?;
-        let partitions = u32::try_from(starts.len()).unwrap_or(u32::MAX);
         let high = self.high_watermarks(topic, partitions).await?;
-        let open: HashMap<i32, u64> = starts
-            .iter()
-            .zip(&high)
-            .enumerate()
-            .filter(|(_, (from, to))| from < to)
-            .map(|(p, (_, to))| (p as i32, *to))
-            .collect();
+        let open: HashMap<i32, u64> =
+            high.iter().enumerate().filter(|(_, to)| **to > 0).map(|(p, to)| (p as i32, *to)).collect();
         if !open.is_empty() {
             self.consume_ranges(&consumer, topic, open, f).await?;
         }
