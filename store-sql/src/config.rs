@@ -246,6 +246,7 @@ impl SqlStoreConfig {
         let pool = kes_sql::pg_pool_options()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
+            .after_connect(|conn, _| Box::pin(async move { conn.execute(sql::PG_INDEX_PLANS).await.map(drop) }))
             .connect_with(options)
             .await
             .map_err(SqlStoreError::Connect)?;

@@ -120,6 +120,24 @@
 //! instead of for four round trips; under many clients that lock is what
 //! bounds the appends a second.
 //!
+//! ## Plans that hold as the log grows (PostgreSQL)
+//!
+//! A PostgreSQL session keeps the plans of its prepared statements and of
+//! the server functions' statements once it has run them a few times. Made
+//! while `kes_events` was empty, or analysed empty, such a plan scans the
+//! table; made without statistics, it may join a batch's streams to every
+//! event of the type. Either would then cost each append or read as much
+//! as the log is long, until the table is analysed again (with autovacuum
+//! off: never) or the session replaced. So every statement of the store is
+//! one index lookup or range per stream, never a join (a sub-select per
+//! value instead), and the latest version or position is read as
+//! `ORDER BY … DESC LIMIT 1`, not `MAX`; the store's sessions and both
+//! server functions run with sequential and bitmap scans off (migration
+//! `0005_append_plans`), which leaves the planner those index paths
+//! whatever it believes about the table's size. `tests/plans.rs` grows the
+//! log behind sessions that planned on it empty and counts the tuples the
+//! next appends and reads touch.
+//!
 //! ## State cache
 //!
 //! The store keeps the latest version and state of recently used aggregates

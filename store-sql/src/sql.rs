@@ -28,7 +28,10 @@ const ENVELOPE_COLUMNS: &str = "position, aggregate_id, version, command_end, ev
 /// `$(2n+3)`. The latest version and position are read as `ORDER BY … DESC
 /// LIMIT 1` rather than `MAX`: both are one backward index step, but only
 /// this form keeps it in PostgreSQL's generic plan, so the prepared
-/// statement stops being planned again at every execution.
+/// statement stops being planned again at every execution. Each value is
+/// its own sub-select, one index lookup per request, rather than a join:
+/// without statistics PostgreSQL may join the requests to every event of
+/// the type (see the migration `0005_append_plans`).
 pub(crate) fn append_prepare(requests: usize) -> String {
     let mut sql = String::from("WITH req(n, id, k) AS (VALUES ");
     for n in 0..requests {
@@ -43,15 +46,25 @@ pub(crate) fn append_prepare(requests: usize) -> String {
           WHERE e.aggregate_type = $1 AND e.aggregate_id = req.id ORDER BY e.version DESC LIMIT 1), 0), \
          COALESCE((SELECT e.position + 1 FROM kes_events AS e \
           WHERE e.aggregate_type = $1 ORDER BY e.position DESC LIMIT 1), 0), \
-         kv.version, kv.position, s.version, CAST(s.state AS TEXT) \
-         FROM req \
-         LEFT JOIN kes_events AS kv ON kv.aggregate_type = $1 AND kv.aggregate_id = req.id \
-          AND kv.idempotency_key IS NOT NULL AND kv.idempotency_key = req.k \
-         LEFT JOIN kes_aggregates AS s ON s.aggregate_type = $1 AND s.aggregate_id = req.id \
-         ORDER BY req.n",
+         (SELECT kv.version FROM kes_events AS kv WHERE kv.aggregate_type = $1 AND kv.aggregate_id = req.id \
+          AND kv.idempotency_key IS NOT NULL AND kv.idempotency_key = req.k), \
+         (SELECT kv.position FROM kes_events AS kv WHERE kv.aggregate_type = $1 AND kv.aggregate_id = req.id \
+          AND kv.idempotency_key IS NOT NULL AND kv.idempotency_key = req.k), \
+         (SELECT s.version FROM kes_aggregates AS s WHERE s.aggregate_type = $1 AND s.aggregate_id = req.id), \
+         (SELECT CAST(s.state AS TEXT) FROM kes_aggregates AS s WHERE s.aggregate_type = $1 AND s.aggregate_id = req.id) \
+         FROM req ORDER BY req.n",
     );
     sql
 }
+
+/// Run by every PostgreSQL session of the store when it connects: its
+/// statements are planned with index paths only. Each of them is answered
+/// by an index; a plan a session cached while the log was empty or
+/// analysed empty (prepared statements settle on one after a few
+/// executions) would otherwise scan the whole log on every append or read
+/// until the table is analysed again, or the session replaced. The append
+/// functions carry the same settings (the migration `0005_append_plans`).
+pub(crate) const PG_INDEX_PLANS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off";
 
 /// Run right after `BEGIN` of an append transaction on PostgreSQL, in the
 /// same round trip (a simple-query batch, hence the name as a quoted
@@ -190,8 +203,12 @@ pub(crate) const STREAM_VERSION: &str =
 pub(crate) const WRITTEN_BETWEEN: &str = "SELECT aggregate_id, MAX(version), MAX(position) FROM kes_events \
      WHERE aggregate_type = $1 AND position >= $2 AND position <= $3 GROUP BY aggregate_id";
 
-/// The last position of the log (NULL when it is empty).
-pub(crate) const HEAD: &str = "SELECT MAX(position) FROM kes_events WHERE aggregate_type = $1";
+/// The last position of the log (NULL when it is empty). One backward
+/// step of the primary key, written as `ORDER BY … LIMIT 1` for the reason
+/// [`append_prepare`] gives: a generic plan of `MAX` reads every event of
+/// the type.
+pub(crate) const HEAD: &str =
+    "SELECT (SELECT position FROM kes_events WHERE aggregate_type = $1 ORDER BY position DESC LIMIT 1)";
 
 /// One stream, oldest first.
 pub(crate) fn read_stream() -> String {
