@@ -1,16 +1,21 @@
-//! PostgreSQL: the append functions read a handful of index entries per
-//! stream whatever the table held when their session planned them.
+//! PostgreSQL: the store's appends and reads touch a handful of index
+//! entries per stream whatever the log held when their session planned
+//! them.
 //!
-//! A session caches the plans of a function's statements. A plan made
-//! while `kes_events` was empty (never analysed, or analysed empty) and
-//! kept after the table grew can scan every event of the aggregate type on
-//! each call: with autovacuum off, or before its first analyse of a table
-//! growing from nothing, each append then costs as much as the log is long,
-//! under the type's append lock. These tests make the session keep the
-//! plans it makes on an empty table (`plan_cache_mode =
-//! force_generic_plan`, what the plan cache settles on after a few calls),
-//! grow the table behind its back, and count the tuples the next calls
-//! read, in their own transaction.
+//! A session caches the plans of its prepared statements and of a
+//! function's statements. A plan made while `kes_events` was empty
+//! (never analysed, or analysed empty) and kept after the table grew can
+//! scan every event of the aggregate type on each call: with autovacuum
+//! off, or before its first analyse of a table growing from nothing, each
+//! append then costs as much as the log is long, under the type's append
+//! lock. These tests make the sessions keep the plans they make on an
+//! empty log (`plan_cache_mode = force_generic_plan`, where the plan cache
+//! settles after a few executions), or leave the log without statistics,
+//! grow it behind their backs, and count the tuples the next calls read:
+//! in the calls' own transaction for the server functions, from the
+//! table's statistics once the sessions report them for the stores. The
+//! tables are never vacuumed, so index-only scans fetch from the heap too
+//! and every tuple read is counted.
 
 use kes_core::conformance::Ledger;
 use kes_store_sql::{SqlStore, SqlStoreConfig};
