@@ -46,6 +46,7 @@ pub fn project(steps: &[(usize, f64)], next: usize, fixed: f64) -> Option<f64> {
 /// The least part of a run's time counted as growing with its size.
 const MIN_GROWING: f64 = 1e-3;
 
+/// A size in thousands, as the scenario names print it.
 pub fn thousands(n: usize) -> String {
     if n.is_multiple_of(1000) { format!("{}k", n / 1000) } else { n.to_string() }
 }
