@@ -113,6 +113,16 @@ CREATE TABLE IF NOT EXISTS kes_subject_aggregates (
     PRIMARY KEY (subject, aggregate_type, aggregate_id)
 );";
 
+/// Run by every PostgreSQL session of the key store when it connects.
+/// Every statement of the key store asks for rows by a unique key (the
+/// subject, the person, a subject's aggregates): a plan a session cached
+/// while the tables were empty or analysed empty (prepared statements
+/// settle on one after a few executions) would otherwise scan every key on
+/// each lookup until the table is analysed again. Bitmap scans stay
+/// allowed: erasure's `subject = $1 OR person = $1` is answered by one
+/// over both unique indexes.
+const KEY_PLANS: &str = "SET enable_seqscan = off";
+
 fn failed(e: sqlx::Error) -> KeyStoreError {
     if kes_sql::is_transient(&e) {
         KeyStoreError::Unavailable(e.to_string())
@@ -162,6 +172,7 @@ impl SqlKeyStore {
         let options = postgres_options(&config.url, config.schema.as_deref()).await?;
         let pool = kes_sql::pg_pool_options()
             .max_connections(config.max_connections)
+            .after_connect(|conn, _| Box::pin(async move { conn.execute(KEY_PLANS).await.map(drop) }))
             .connect_with(options)
             .await
             .map_err(SqlStoreError::Connect)?;

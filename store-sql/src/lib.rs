@@ -134,9 +134,12 @@
 //! `ORDER BY … DESC LIMIT 1`, not `MAX`; the store's sessions and both
 //! server functions run with sequential and bitmap scans off (migration
 //! `0005_append_plans`), which leaves the planner those index paths
-//! whatever it believes about the table's size. `tests/plans.rs` grows the
-//! log behind sessions that planned on it empty and counts the tuples the
-//! next appends and reads touch.
+//! whatever it believes about the table's size. The key store
+//! ([`SqlKeyStore`]) asks only by unique keys, and its sessions run with
+//! sequential scans off for the same reason (bitmap scans stay: erasure
+//! looks a key up by subject or person). `tests/plans.rs` grows the log,
+//! or the keys, behind sessions that planned on them empty and counts the
+//! tuples the next calls touch.
 //!
 //! ## State cache
 //!

@@ -1,6 +1,6 @@
 //! PostgreSQL: the store's appends and reads touch a handful of index
-//! entries per stream whatever the log held when their session planned
-//! them.
+//! entries per stream, and the key store's lookups a handful per key,
+//! whatever the tables held when their session planned them.
 //!
 //! A session caches the plans of its prepared statements and of a
 //! function's statements. A plan made while `kes_events` was empty
@@ -18,7 +18,7 @@
 //! and every tuple read is counted.
 
 use kes_core::conformance::Ledger;
-use kes_store_sql::{SqlStore, SqlStoreConfig};
+use kes_store_sql::{SqlKeyStore, SqlKeyStoreConfig, SqlStore, SqlStoreConfig};
 use sqlx::{Connection, Executor, PgConnection};
 
 /// Events written behind the planning session's back.
@@ -132,24 +132,25 @@ async fn plans_made_on_a_log_analysed_empty_stay_on_the_indexes() {
     assert!(read < 1_000, "two appends read {read} tuples of a log of {GROWN} events");
 }
 
-/// The events of `kes_events` read and inserted so far, as the sessions
-/// have reported them (a session reports when idle, and when it ends).
-async fn log_counters(conn: &mut PgConnection) -> (i64, i64) {
+/// The tuples of `table` read and inserted so far, as the sessions have
+/// reported them (a session reports when idle, and when it ends).
+async fn table_counters(conn: &mut PgConnection, table: &str) -> (i64, i64) {
     sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *conn).await.expect("clear the snapshot");
     sqlx::query_as(
         "SELECT CAST(seq_tup_read + COALESCE(idx_tup_fetch, 0) AS BIGINT), CAST(n_tup_ins AS BIGINT) \
-         FROM pg_stat_user_tables WHERE relname = 'kes_events'",
+         FROM pg_stat_user_tables WHERE relname = $1",
     )
+    .bind(table)
     .fetch_one(&mut *conn)
     .await
     .expect("read the table statistics")
 }
 
-/// The counters once at least `inserted` insertions are reported.
-async fn counters_once_inserted(conn: &mut PgConnection, inserted: i64) -> (i64, i64) {
+/// The counters of `table` once at least `inserted` insertions are reported.
+async fn counters_once_inserted(conn: &mut PgConnection, table: &str, inserted: i64) -> (i64, i64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let counters = log_counters(conn).await;
+        let counters = table_counters(conn, table).await;
         if counters.1 >= inserted {
             return counters;
         }
@@ -195,13 +196,13 @@ async fn the_stores_sessions_keep_to_the_indexes_after_the_log_grows() {
     let b = SqlStore::<Ledger>::open(config()).await.expect("open the second store");
     general_path_appends(&a, &b, "early").await;
     grow(&url).await;
-    let before = counters_once_inserted(&mut watcher, 3 + GROWN).await;
+    let before = counters_once_inserted(&mut watcher, "kes_events", 3 + GROWN).await;
 
     general_path_appends(&a, &b, "late").await;
     // Ending the sessions makes them report everything they did.
     a.close().await;
     b.close().await;
-    let after = counters_once_inserted(&mut watcher, before.1 + 3).await;
+    let after = counters_once_inserted(&mut watcher, "kes_events", before.1 + 3).await;
     let read = after.0 - before.0;
     assert!(read < 1_000, "three appends read {read} tuples of a log of {GROWN} events");
 }
@@ -221,7 +222,7 @@ async fn a_batch_on_the_general_path_keeps_to_the_indexes_of_a_never_analysed_lo
     }
     b.close().await;
     let a = SqlStore::<Ledger>::open(SqlStoreConfig::from_url(&url).max_connections(1)).await.expect("open");
-    let before = counters_once_inserted(&mut watcher, GROWN + BATCH).await;
+    let before = counters_once_inserted(&mut watcher, "kes_events", GROWN + BATCH).await;
 
     let appends = streams.iter().map(|id| {
         let keyed = Metadata { idempotency_key: Some(format!("key-{id}")), ..Metadata::default() };
@@ -231,9 +232,59 @@ async fn a_batch_on_the_general_path_keeps_to_the_indexes_of_a_never_analysed_lo
         assert_eq!(appended.expect("a appends").version, 2);
     }
     a.close().await;
-    let after = counters_once_inserted(&mut watcher, before.1 + BATCH).await;
+    let after = counters_once_inserted(&mut watcher, "kes_events", before.1 + BATCH).await;
     let read = after.0 - before.0;
     // Per stream: its version, its retry key, the log's head. A join of the
     // batch to the log reads the GROWN events.
     assert!(read < 2_000, "{BATCH} appends read {read} tuples of a log of {GROWN} events");
+}
+
+/// The key store of personal data asks one question per key, by subject or
+/// by person, on every command that seals or opens a value: each is
+/// answered by a unique index, whatever the keys table held when the
+/// session planned it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_stores_lookups_stay_on_the_indexes_after_the_keys_grow() {
+    use kes_core::{AggregateRef, KeyLookup, KeyRequest, KeyStore, WrappedKey};
+    let Some(url) = kes_test_support::fresh_postgres_database("plans_keys").await else { return };
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let generic = format!("{url}{separator}options=-c%20plan_cache_mode%3Dforce_generic_plan");
+    let keys = SqlKeyStore::open(SqlKeyStoreConfig::from_url(&generic).max_connections(1)).await.expect("open");
+    let mut watcher = PgConnection::connect(&url).await.expect("connect");
+    for table in ["kes_subject_keys", "kes_subject_erasures", "kes_subject_aggregates"] {
+        watcher
+            .execute(format!("ALTER TABLE {table} SET (autovacuum_enabled = false); ANALYZE {table}").as_str())
+            .await
+            .expect("analyse the empty table, autovacuum off");
+    }
+    let seal = async |n: u32| {
+        let person = format!("person {n}");
+        let candidate = WrappedKey { subject: format!("s-{n}"), key_id: "k1".into(), wrapped: vec![7; 56] };
+        let wanted = [KeyRequest::Person { person, candidate }, KeyRequest::Subject(format!("s-{n}"))];
+        let found = keys.keys_for_sealing(&AggregateRef::new("project", "p"), &wanted).await.expect("seal");
+        assert!(found.iter().all(|k| matches!(k, KeyLookup::Key(_))), "{found:?}");
+        let opened = keys.lookup(&[(format!("s-{n}"), "k1".into()), ("nobody".into(), "k1".into())]).await;
+        assert!(matches!(opened.expect("open")[..], [KeyLookup::Key(_), KeyLookup::Missing]));
+    };
+    // The session's plans settle on the empty tables.
+    for n in 0..8 {
+        seal(n).await;
+    }
+    sqlx::query(
+        "INSERT INTO kes_subject_keys (subject, person, key_id, wrapped, created_at) \
+         SELECT 'grown-' || g, 'grown person ' || g, 'k1', 'AAAA', now() FROM generate_series(1, $1::bigint) AS g",
+    )
+    .bind(GROWN)
+    .execute(&mut watcher)
+    .await
+    .expect("grow the keys");
+    let before = counters_once_inserted(&mut watcher, "kes_subject_keys", 8 + GROWN).await;
+
+    for n in 100..104 {
+        seal(n).await;
+    }
+    keys.close().await;
+    let after = counters_once_inserted(&mut watcher, "kes_subject_keys", before.1 + 4).await;
+    let read = after.0 - before.0;
+    assert!(read < 1_000, "four seals and opens read {read} tuples of {GROWN} keys");
 }
