@@ -114,13 +114,13 @@ CREATE TABLE IF NOT EXISTS kes_subject_aggregates (
 );";
 
 /// Run by every PostgreSQL session of the key store when it connects.
-/// Every statement of the key store asks for rows by a unique key (the
-/// subject, the person, a subject's aggregates): a plan a session cached
-/// while the tables were empty or analysed empty (prepared statements
-/// settle on one after a few executions) would otherwise scan every key on
-/// each lookup until the table is analysed again. Bitmap scans stay
-/// allowed: erasure's `subject = $1 OR person = $1` is answered by one
-/// over both unique indexes.
+/// Every statement of the key store looks rows up by a key one of its
+/// indexes holds (the subject, the person, a subject's aggregates): a plan
+/// a session cached while the tables were empty or analysed empty
+/// (prepared statements settle on one after a few executions) would
+/// otherwise scan every key on each lookup until the table is analysed
+/// again. Bitmap scans stay allowed: erasure's `subject = $1 OR person =
+/// $1` is answered by one over both unique indexes.
 const KEY_PLANS: &str = "SET enable_seqscan = off";
 
 fn failed(e: sqlx::Error) -> KeyStoreError {
