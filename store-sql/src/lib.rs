@@ -135,11 +135,11 @@
 //! server functions run with sequential and bitmap scans off (migration
 //! `0005_append_plans`), which leaves the planner those index paths
 //! whatever it believes about the table's size. The key store
-//! ([`SqlKeyStore`]) looks rows up only by indexed keys, and its sessions run with
-//! sequential scans off for the same reason (bitmap scans stay: erasure
-//! looks a key up by subject or person). `tests/plans.rs` grows the log,
-//! or the keys, behind sessions that planned on them empty and counts the
-//! tuples the next calls touch.
+//! ([`SqlKeyStore`]) looks rows up only by indexed keys, and its sessions
+//! run with sequential scans off for the same reason (bitmap scans stay:
+//! erasure looks a key up by subject or person). `tests/plans.rs` grows
+//! the log, or the keys, behind sessions that planned on them empty and
+//! counts the tuples the next calls touch.
 //!
 //! ## State cache
 //!
