@@ -132,6 +132,14 @@ async fn plans_made_on_a_log_analysed_empty_stay_on_the_indexes() {
     assert!(read < 1_000, "two appends read {read} tuples of a log of {GROWN} events");
 }
 
+/// `url` with every session of a pool opened on it keeping the generic
+/// plans of its prepared statements, as the plan cache settles on after a
+/// few executions.
+fn generic_plans(url: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20plan_cache_mode%3Dforce_generic_plan")
+}
+
 /// The tuples of `table` read and inserted so far, as the sessions have
 /// reported them (a session reports when idle, and when it ends).
 async fn table_counters(conn: &mut PgConnection, table: &str) -> (i64, i64) {
@@ -187,8 +195,7 @@ async fn the_stores_sessions_keep_to_the_indexes_after_the_log_grows() {
     watcher.execute("ANALYZE kes_events").await.expect("analyse the empty log");
     // Every session of both stores keeps the plans it makes first, on the
     // empty log.
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let generic = format!("{url}{separator}options=-c%20plan_cache_mode%3Dforce_generic_plan");
+    let generic = generic_plans(&url);
     // One session each, so that the later appends meet the plans the first
     // ones made.
     let config = || SqlStoreConfig::from_url(&generic).max_connections(1);
@@ -247,8 +254,7 @@ async fn a_batch_on_the_general_path_keeps_to_the_indexes_of_a_never_analysed_lo
 async fn the_key_stores_lookups_stay_on_the_indexes_after_the_keys_grow() {
     use kes_core::{AggregateRef, KeyLookup, KeyRequest, KeyStore, WrappedKey};
     let Some(url) = kes_test_support::fresh_postgres_database("plans_keys").await else { return };
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let generic = format!("{url}{separator}options=-c%20plan_cache_mode%3Dforce_generic_plan");
+    let generic = generic_plans(&url);
     let keys = SqlKeyStore::open(SqlKeyStoreConfig::from_url(&generic).max_connections(1)).await.expect("open");
     let mut watcher = PgConnection::connect(&url).await.expect("connect");
     for table in ["kes_subject_keys", "kes_subject_erasures", "kes_subject_aggregates"] {
