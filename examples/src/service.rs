@@ -30,7 +30,7 @@ pub const DEFAULT_VIEW: &str = if cfg!(feature = "view-sql") { "sqlite://data/vi
 /// Where events and list views live.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// `sqlite://PATH`, `postgres://…` or `kafka://HOST:PORT[,HOST:PORT][/PREFIX]`.
+    /// `sqlite://PATH`, `postgres://…` or `kafka://HOST:PORT[,HOST:PORT][?prefix=PREFIX]`.
     pub store: String,
     /// With `view-sql`: `sqlite://PATH` or `postgres://…`; with
     /// `view-search`: an index directory.

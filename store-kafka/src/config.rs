@@ -116,6 +116,13 @@ impl KafkaStoreConfig {
         if hosts.is_empty() {
             return Err(KafkaStoreError::Config("the kafka:// URL names no broker".into()));
         }
+        // `kafka://h:9092/app` would otherwise reach librdkafka as the
+        // broker `h:9092/app`, and fail only when it cannot connect.
+        if let Some((_, path)) = hosts.split_once('/') {
+            return Err(KafkaStoreError::Config(format!(
+                "the kafka:// URL has a path ({path:?}); the topic prefix goes in the query: ?prefix=P"
+            )));
+        }
         let mut config = Self::new(hosts, "kes");
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -208,9 +215,13 @@ mod tests {
             "kafka://h:1?follow_wait_ms=10001",
             "kafka://h:1?timeout_ms=500&follow_wait_ms=500",
             "kafka://h:1?timeout_ms=-1",
+            "kafka://h:1/app",
+            "kafka://h:1,h:2/app/?partitions=3",
         ] {
             assert!(KafkaStoreConfig::from_url(bad).is_err(), "{bad}");
         }
         assert!(KafkaStoreConfig::new("h:1", "bad prefix").validate().is_err());
+        let path = KafkaStoreConfig::from_url("kafka://h:1/app").map(|_| ()).unwrap_err().to_string();
+        assert!(path.contains("?prefix="), "{path}");
     }
 }

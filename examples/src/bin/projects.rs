@@ -20,7 +20,7 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// Where the events live: sqlite://PATH, postgres://… or kafka://HOST:PORT[,HOST:PORT][/PREFIX].
+    /// Where the events live: sqlite://PATH, postgres://… or kafka://HOST:PORT[,HOST:PORT][?prefix=PREFIX].
     #[arg(long, env = "KES_STORE", default_value = DEFAULT_STORE, global = true)]
     store: String,
     /// Where the list views live: sqlite://PATH or postgres://… (view-sql), or an index directory (view-search).
