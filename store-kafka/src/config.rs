@@ -106,7 +106,8 @@ impl KafkaStoreConfig {
 
     /// Reads `kafka://host:port[,host:port…][?prefix=P&partitions=N&replication=R&timeout_ms=T&table_delay_ms=D&follow_wait_ms=W]`,
     /// the form the example service takes as its store URL. The prefix
-    /// defaults to `kes`.
+    /// defaults to `kes`; a path (`kafka://h:9092/app`) is refused, since
+    /// the prefix goes in the query.
     pub fn from_url(url: &str) -> Result<Self, KafkaStoreError> {
         let rest = url
             .strip_prefix("kafka://")
