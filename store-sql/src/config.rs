@@ -241,12 +241,12 @@ impl SqlStoreConfig {
     }
 
     async fn open_postgres(&self) -> Result<Pools, SqlStoreError> {
-        let options =
-            postgres_options(&self.url, self.schema.as_deref()).await?.statement_cache_capacity(STATEMENT_CACHE);
+        let options = postgres_options(&self.url, self.schema.as_deref(), sql::PG_INDEX_PLANS)
+            .await?
+            .statement_cache_capacity(STATEMENT_CACHE);
         let pool = kes_sql::pg_pool_options()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
-            .after_connect(|conn, _| Box::pin(async move { conn.execute(sql::PG_INDEX_PLANS).await.map(drop) }))
             .connect_with(options)
             .await
             .map_err(SqlStoreError::Connect)?;
@@ -255,22 +255,27 @@ impl SqlStoreConfig {
     }
 }
 
-/// The connect options of the PostgreSQL database at `url`; with a
-/// `schema`, the schema is created when missing and every connection of a
-/// pool made with them lands in it.
-pub(crate) async fn postgres_options(url: &str, schema: Option<&str>) -> Result<PgConnectOptions, SqlStoreError> {
+/// The connect options of the PostgreSQL database at `url`, with
+/// `settings` as startup parameters: every connection of a pool made with
+/// them, including ones opened after a reconnect, starts with them, and
+/// none pays a round trip for them (options the URL gives are kept). With
+/// a `schema`, the schema is created when missing and every connection
+/// lands in it.
+pub(crate) async fn postgres_options(
+    url: &str,
+    schema: Option<&str>,
+    settings: &[(&str, &str)],
+) -> Result<PgConnectOptions, SqlStoreError> {
     let options =
         PgConnectOptions::from_str(url).map_err(|e| SqlStoreError::Url { url: redact(url), reason: e.to_string() })?;
-    let Some(schema) = schema else { return Ok(options) };
+    let Some(schema) = schema else { return Ok(options.options(settings.iter().copied())) };
     check_schema_name(schema)?;
     let mut conn = options.connect().await.map_err(SqlStoreError::Connect)?;
     conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
         .await
         .map_err(SqlStoreError::Database)?;
     conn.close().await.map_err(SqlStoreError::Connect)?;
-    // A startup parameter: every connection of the pool, including ones
-    // opened after a reconnect, lands in the schema.
-    Ok(options.options([("search_path", schema)]))
+    Ok(options.options(settings.iter().copied().chain([("search_path", schema)])))
 }
 
 /// Schema names are spliced into `CREATE SCHEMA` and the search path, so

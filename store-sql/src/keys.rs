@@ -113,7 +113,7 @@ CREATE TABLE IF NOT EXISTS kes_subject_aggregates (
     PRIMARY KEY (subject, aggregate_type, aggregate_id)
 );";
 
-/// Run by every PostgreSQL session of the key store when it connects.
+/// Startup parameters of every PostgreSQL session of the key store.
 /// Every statement of the key store looks rows up by a key one of its
 /// indexes holds (the subject, the person, a subject's aggregates): a plan
 /// a session cached while the tables were empty or analysed empty
@@ -121,7 +121,7 @@ CREATE TABLE IF NOT EXISTS kes_subject_aggregates (
 /// otherwise scan every key on each lookup until the table is analysed
 /// again. Bitmap scans stay allowed: erasure's `subject = $1 OR person =
 /// $1` is answered by one over both unique indexes.
-const KEY_PLANS: &str = "SET enable_seqscan = off";
+const KEY_PLANS: &[(&str, &str)] = &[("enable_seqscan", "off")];
 
 fn failed(e: sqlx::Error) -> KeyStoreError {
     if kes_sql::is_transient(&e) {
@@ -169,10 +169,9 @@ impl SqlKeyStore {
     }
 
     async fn open_postgres(config: &SqlKeyStoreConfig) -> Result<Pool, SqlStoreError> {
-        let options = postgres_options(&config.url, config.schema.as_deref()).await?;
+        let options = postgres_options(&config.url, config.schema.as_deref(), KEY_PLANS).await?;
         let pool = kes_sql::pg_pool_options()
             .max_connections(config.max_connections)
-            .after_connect(|conn, _| Box::pin(async move { conn.execute(KEY_PLANS).await.map(drop) }))
             .connect_with(options)
             .await
             .map_err(SqlStoreError::Connect)?;

@@ -57,14 +57,14 @@ pub(crate) fn append_prepare(requests: usize) -> String {
     sql
 }
 
-/// Run by every PostgreSQL session of the store when it connects: its
+/// Startup parameters of every PostgreSQL session of the store: its
 /// statements are planned with index paths only. Each of them is answered
 /// by an index; a plan a session cached while the log was empty or
 /// analysed empty (prepared statements settle on one after a few
 /// executions) would otherwise scan the whole log on every append or read
 /// until the table is analysed again, or the session replaced. The append
 /// functions carry the same settings (the migration `0005_append_plans`).
-pub(crate) const PG_INDEX_PLANS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off";
+pub(crate) const PG_INDEX_PLANS: &[(&str, &str)] = &[("enable_seqscan", "off"), ("enable_bitmapscan", "off")];
 
 /// Run right after `BEGIN` of an append transaction on PostgreSQL, in the
 /// same round trip (a simple-query batch, hence the name as a quoted
