@@ -33,7 +33,9 @@ async fn counted_database(tag: &str) -> Option<String> {
 }
 
 /// How many times the one-round-trip function ran, once the sessions that
-/// called it have reported (they do so when idle, within about a second).
+/// called it have reported. A session reports when it ends; while it lives,
+/// only when idle, and up to ten seconds late when it reported less than a
+/// second before, so the tests close the stores whose calls they count.
 async fn calls_reach(url: &str, at_least: i64) -> i64 {
     function_calls_reach(url, "kes_append_current", at_least).await
 }
@@ -61,19 +63,25 @@ async fn function_calls_reach(url: &str, name: &str, at_least: i64) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_on_a_known_state_take_one_call_and_stale_guesses_fall_back() {
     let Some(url) = counted_database("onecall").await else { return };
-    let a = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the first store");
-    let b = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the second store");
 
     // A new stream, then appends on the state the store just wrote: each
     // is one call.
-    let opened = a.append("l-1", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default()).await;
-    assert_eq!(opened.expect("open").version, 1);
-    assert_eq!(a.append("l-1", ExpectedVersion::Exact(1), add(5), Metadata::default()).await.expect("add").version, 2);
-    assert_eq!(a.append("l-1", ExpectedVersion::Any, add(7), keyed("k-1")).await.expect("add").version, 3);
-    assert!(calls_reach(&url, 3).await >= 3, "the appends on a known state did not take the one-call path");
+    let counted = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the counted store");
+    let opened = counted.append("l-1", ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default());
+    assert_eq!(opened.await.expect("open").version, 1);
+    let added = counted.append("l-1", ExpectedVersion::Exact(1), add(5), Metadata::default()).await;
+    assert_eq!(added.expect("add").version, 2);
+    assert_eq!(counted.append("l-1", ExpectedVersion::Any, add(7), keyed("k-1")).await.expect("add").version, 3);
+    counted.close().await;
+    let first_calls = calls_reach(&url, 3).await;
+    assert!(first_calls >= 3, "the appends on a known state did not take the one-call path");
 
-    // Another process moves the stream: the first store's cached state is
-    // stale, the call finds out, and the general path decides.
+    // A store that read the stream holds its state too. Another process
+    // moves the stream: that cached state is stale, the call finds out,
+    // and the general path decides.
+    let a = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the first store");
+    let b = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the second store");
+    assert_eq!(a.load("l-1").await.expect("load").expect("the stream exists").version, 3);
     let by_b = b.append("l-1", ExpectedVersion::Exact(3), add(100), Metadata::default()).await.expect("b appends");
     assert_eq!(by_b.version, 4);
     let after = a.append("l-1", ExpectedVersion::Any, add(1), Metadata::default()).await.expect("a appends again");
@@ -105,6 +113,12 @@ async fn appends_on_a_known_state_take_one_call_and_stale_guesses_fall_back() {
     .expect("the table row");
     let state: Ledger = serde_json::from_str(&state).expect("the table's state");
     assert_eq!((version, state.total, state.entries), (5, 113, 4));
+
+    // The state the first store read was the guess its call acted on.
+    a.close().await;
+    b.close().await;
+    let calls = calls_reach(&url, first_calls + 1).await;
+    assert!(calls > first_calls, "a state read from the table was not used as the call's guess");
 }
 
 /// Appends one `add(amount)` to each of `ids` at once, so that the writer
@@ -122,22 +136,30 @@ async fn add_to_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_on_known_states_take_one_call_and_a_stale_guess_falls_back() {
     let Some(url) = counted_database("batchcall").await else { return };
-    let a = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the first store");
-    let b = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the second store");
     let ids: Vec<String> = (0..40).map(|i| format!("b-{i}")).collect();
 
     // New streams, then appends on the states the store just wrote.
+    let counted = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the counted store");
     let opened = futures::future::join_all(
-        ids.iter().map(|id| a.append(id, ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default())),
+        ids.iter()
+            .map(|id| counted.append(id, ExpectedVersion::NoStream, vec![LedgerEvent::Opened], Metadata::default())),
     )
     .await;
     assert!(opened.iter().all(|o| o.as_ref().is_ok_and(|o| o.version == 1)), "{opened:?}");
-    let added = add_to_all(&a, &ids, ExpectedVersion::Exact(1), 5).await;
+    let added = add_to_all(&counted, &ids, ExpectedVersion::Exact(1), 5).await;
     assert!(added.iter().all(|o| o.as_ref().is_ok_and(|o| o.version == 2)), "{added:?}");
-    assert!(function_calls_reach(&url, "kes_append_batch", 1).await >= 1, "no batch took the one-call path");
+    counted.close().await;
+    let first_calls = function_calls_reach(&url, "kes_append_batch", 1).await;
+    assert!(first_calls >= 1, "no batch took the one-call path");
 
-    // Another process moves one stream: the batch's guess for it is stale,
-    // the call writes nothing, and the general path decides every append.
+    // A store that read the streams holds their states too. Another process
+    // moves one stream: the batch's guess for it is stale, the call writes
+    // nothing, and the general path decides every append.
+    let a = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the first store");
+    let b = SqlStore::<Ledger>::open(url.as_str()).await.expect("open the second store");
+    for id in &ids {
+        assert_eq!(a.load(id).await.expect("load").expect("the stream exists").version, 2, "{id}");
+    }
     let moved = b.append("b-7", ExpectedVersion::Exact(2), add(100), Metadata::default()).await.expect("b appends");
     assert_eq!(moved.version, 3);
     let again = add_to_all(&a, &ids, ExpectedVersion::Any, 1).await;
@@ -165,4 +187,10 @@ async fn batches_on_known_states_take_one_call_and_a_stale_guess_falls_back() {
     }
     positions.sort_unstable();
     assert_eq!(positions, (0..positions.len() as u64).collect::<Vec<_>>(), "positions without gaps or repeats");
+
+    // The states the first store read were the guesses its batch acted on.
+    a.close().await;
+    b.close().await;
+    let calls = function_calls_reach(&url, "kes_append_batch", first_calls + 1).await;
+    assert!(calls > first_calls, "states read from the table were not used as the batch's guesses");
 }

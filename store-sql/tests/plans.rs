@@ -202,14 +202,17 @@ async fn the_stores_sessions_keep_to_the_indexes_after_the_log_grows() {
     let a = SqlStore::<Ledger>::open(config()).await.expect("open the first store");
     let b = SqlStore::<Ledger>::open(config()).await.expect("open the second store");
     general_path_appends(&a, &b, "early").await;
+    // The growth is reported when its session ends. The early appends'
+    // sessions may report them now or only at the end: what they read, on
+    // a log of three events, is then counted with the late appends.
     grow(&url).await;
-    let before = counters_once_inserted(&mut watcher, "kes_events", 3 + GROWN).await;
+    let before = counters_once_inserted(&mut watcher, "kes_events", GROWN).await;
 
     general_path_appends(&a, &b, "late").await;
     // Ending the sessions makes them report everything they did.
     a.close().await;
     b.close().await;
-    let after = counters_once_inserted(&mut watcher, "kes_events", before.1 + 3).await;
+    let after = counters_once_inserted(&mut watcher, "kes_events", GROWN + 6).await;
     let read = after.0 - before.0;
     assert!(read < 1_000, "three appends read {read} tuples of a log of {GROWN} events");
 }
@@ -284,13 +287,16 @@ async fn the_key_stores_lookups_stay_on_the_indexes_after_the_keys_grow() {
     .execute(&mut watcher)
     .await
     .expect("grow the keys");
-    let before = counters_once_inserted(&mut watcher, "kes_subject_keys", 8 + GROWN).await;
+    // The key store's session may report its early seals now or only at
+    // the end: what they read, on empty tables, is then counted with the
+    // late ones.
+    let before = counters_once_inserted(&mut watcher, "kes_subject_keys", GROWN).await;
 
     for n in 100..104 {
         seal(n).await;
     }
     keys.close().await;
-    let after = counters_once_inserted(&mut watcher, "kes_subject_keys", before.1 + 4).await;
+    let after = counters_once_inserted(&mut watcher, "kes_subject_keys", GROWN + 12).await;
     let read = after.0 - before.0;
     assert!(read < 1_000, "four seals and opens read {read} tuples of {GROWN} keys");
 }
