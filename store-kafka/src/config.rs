@@ -151,6 +151,9 @@ impl KafkaStoreConfig {
         if self.brokers.trim().is_empty() {
             return bad("no brokers");
         }
+        for broker in self.brokers.split(',') {
+            check_broker(broker.trim()).map_err(|why| KafkaStoreError::Config(format!("broker {broker:?}: {why}")))?;
+        }
         let prefix_ok = !self.topic_prefix.is_empty()
             && self.topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !prefix_ok {
@@ -188,6 +191,51 @@ impl KafkaStoreConfig {
     }
 }
 
+/// One entry of a broker list as librdkafka reads it:
+/// `[protocol://]host[:port]`, an IPv6 host in brackets. Checked here so
+/// that a typo is refused at start instead of surfacing as a connection
+/// that never succeeds.
+fn check_broker(broker: &str) -> Result<(), &'static str> {
+    let address = match broker.split_once("://") {
+        Some((protocol, rest))
+            if !protocol.is_empty() && protocol.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+        {
+            rest
+        }
+        Some(_) => return Err("not [protocol://]host[:port]"),
+        None => broker,
+    };
+    if address.is_empty() {
+        return Err("empty");
+    }
+    if address
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || matches!(b, b'/' | b'?' | b'#' | b'@'))
+    {
+        return Err("not [protocol://]host[:port]: a path, query, user or space");
+    }
+    let (host, port) = match address.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed.split_once(']').ok_or("an IPv6 host without its closing bracket")?;
+            match after {
+                "" => (host, None),
+                _ => (host, Some(after.strip_prefix(':').ok_or("not [host]:port")?)),
+            }
+        }
+        None => match address.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (address, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    match port.map(str::parse::<u16>) {
+        None | Some(Ok(1..)) => Ok(()),
+        Some(_) => Err("the port must be a number from 1 to 65535"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +270,15 @@ mod tests {
             assert!(KafkaStoreConfig::from_url(bad).is_err(), "{bad}");
         }
         assert!(KafkaStoreConfig::new("h:1", "bad prefix").validate().is_err());
+        for good in ["h", "h:9092", "10.0.0.1:9092, h2:9093", "[::1]:9092", "[::1]", "SASL_SSL://h:9093", "a:1,b:2"] {
+            assert!(KafkaStoreConfig::new(good, "kes").validate().is_ok(), "{good}");
+        }
+        for bad in ["h:9092/app", "h:0", "h:65536", "h:port", ":9092", "h:1,,h:2", "h :1", "[::1:9092", "[::1]9092"] {
+            let refused = KafkaStoreConfig::new(bad, "kes").validate().map_err(|e| e.to_string());
+            assert!(refused.as_ref().is_err_and(|e| e.contains("broker")), "{bad}: {refused:?}");
+        }
+        assert!(KafkaStoreConfig::new("://h:1", "kes").validate().is_err());
+        assert!(KafkaStoreConfig::new("u@h:1", "kes").validate().is_err());
         let path = KafkaStoreConfig::from_url("kafka://h:1/app").map(|_| ()).unwrap_err().to_string();
         assert!(path.contains("?prefix="), "{path}");
     }
