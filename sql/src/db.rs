@@ -10,6 +10,7 @@
 //! method of its own.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, PgPool, PgRow};
@@ -276,12 +277,43 @@ impl Pool {
         })
     }
 
-    /// Closes the pool; later operations fail.
+    /// Closes the pool and every connection it opened; later operations
+    /// fail.
+    ///
+    /// sqlx's own `close` can return while a connection is still on its
+    /// way back to the pool (it pings the server before it queues itself as
+    /// idle), and that connection then stays open, with whatever its
+    /// session has not reported to the server, until the pool is dropped.
+    /// This close repeats sqlx's until no connection is left, for at most
+    /// [`CLOSE_WAIT`]; a closed pool lends and opens none, so only the
+    /// connections already out can keep it waiting.
     pub async fn close(&self) {
         match self {
-            Self::Sqlite(pool) => pool.close().await,
-            Self::Postgres(pool) => pool.close().await,
+            Self::Sqlite(pool) => close_all(pool).await,
+            Self::Postgres(pool) => close_all(pool).await,
         }
+    }
+}
+
+/// The longest [`Pool::close`] waits for connections that are out of the
+/// pool to come back and be closed.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// See [`Pool::close`].
+async fn close_all<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) {
+    let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+    loop {
+        pool.close().await;
+        if pool.size() == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(open = pool.size(), "connections still out of the pool after it closed; left to the server");
+            return;
+        }
+        // sqlx tells no one when a returning connection lands in the idle
+        // queue: look again shortly.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -21,7 +21,7 @@
 
 mod db;
 
-pub use db::{Arg, Column, DbRow, Pool, Statement, Tx};
+pub use db::{Arg, CLOSE_WAIT, Column, DbRow, Pool, Statement, Tx};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
