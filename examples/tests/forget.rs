@@ -131,9 +131,11 @@ impl RawLog<'_> {
     }
 }
 
-/// Every key, value and header byte of the service's topics.
+/// Every key, value and header byte of the service's topics, up to the
+/// high watermarks they had when the read began.
 #[cfg(feature = "kafka")]
 fn kafka_bytes(brokers: &str, prefix: &str) -> Vec<u8> {
+    use std::collections::HashMap;
     use std::time::Duration;
 
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -143,37 +145,51 @@ fn kafka_bytes(brokers: &str, prefix: &str) -> Vec<u8> {
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("kes-forget-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
+        // The test broker can hold a fetch for its whole wait even with
+        // records to give (500 ms by default): keep the wait short.
+        .set("fetch.wait.max.ms", "10")
         .create()
         .expect("a consumer");
-    let mut bytes = Vec::new();
+    // Every partition with records, read side by side.
+    let mut ends = HashMap::new();
+    let mut list = TopicPartitionList::new();
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
     for topic in metadata.topics().iter().filter(|t| t.name().starts_with(prefix)) {
         for partition in topic.partitions() {
             let (low, high) =
                 consumer.fetch_watermarks(topic.name(), partition.id(), Duration::from_secs(10)).expect("watermarks");
-            if high <= low {
-                continue;
+            if high > low {
+                list.add_partition_offset(topic.name(), partition.id(), Offset::Offset(low)).expect("partition");
+                ends.insert((topic.name().to_owned(), partition.id()), high);
             }
-            let mut list = TopicPartitionList::new();
-            list.add_partition_offset(topic.name(), partition.id(), Offset::Offset(low)).expect("partition");
-            consumer.assign(&list).expect("assign");
-            let mut next = low;
-            while next < high {
-                let m = match consumer.poll(Duration::from_secs(10)) {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => panic!("reading {}: {e}", topic.name()),
-                    None => panic!("{} ended before {high}", topic.name()),
-                };
-                next = m.offset() + 1;
-                bytes.extend_from_slice(m.key().unwrap_or_default());
-                bytes.extend_from_slice(m.payload().unwrap_or_default());
-                if let Some(headers) = m.headers() {
-                    for h in headers.iter() {
-                        bytes.extend_from_slice(h.key.as_bytes());
-                        bytes.extend_from_slice(h.value.unwrap_or_default());
-                    }
-                }
+        }
+    }
+    let mut bytes = Vec::new();
+    if ends.is_empty() {
+        return bytes;
+    }
+    consumer.assign(&list).expect("assign");
+    while !ends.is_empty() {
+        let m = match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => panic!("reading the topics: {e}"),
+            None => panic!("the topics ended before their high watermarks: {ends:?}"),
+        };
+        let at = (m.topic().to_owned(), m.partition());
+        let Some(&high) = ends.get(&at) else { continue };
+        if m.offset() >= high {
+            continue;
+        }
+        bytes.extend_from_slice(m.key().unwrap_or_default());
+        bytes.extend_from_slice(m.payload().unwrap_or_default());
+        if let Some(headers) = m.headers() {
+            for h in headers.iter() {
+                bytes.extend_from_slice(h.key.as_bytes());
+                bytes.extend_from_slice(h.value.unwrap_or_default());
             }
+        }
+        if m.offset() + 1 >= high {
+            ends.remove(&at);
         }
     }
     bytes
